@@ -1,0 +1,3 @@
+"""ingest (see design.md)."""
+
+__all__: list[str] = []

@@ -1,0 +1,76 @@
+"""The ``portpulse`` command line. Settings are loaded once here and passed down."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from portpulse import __version__
+from portpulse.catalogue import load_catalogue
+from portpulse.errors import PortPulseError
+from portpulse.settings import Settings, load_settings
+
+__all__ = ["main"]
+
+#: Exit codes: 0 ok, 1 runtime failure, 2 usage/configuration error, 130 interrupted.
+EXIT_OK, EXIT_FAILURE, EXIT_CONFIG, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="portpulse",
+        description="Streaming ingestion for smart-port sensors: MQTT -> Kafka -> numpy windows -> InfluxDB.",
+        epilog="Configuration: environment PORTPULSE_* (nested with __) and an optional TOML file (--config).",
+    )
+    parser.add_argument("--version", action="version", version=f"portpulse {__version__}")
+    parser.add_argument("--config", type=Path, help="TOML settings file (environment variables win over it)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser("config", help="print the effective settings as JSON (secrets masked)")
+    cat = sub.add_parser("catalogue", help="print the metric catalogue")
+    cat.add_argument("--domain", help="only this domain")
+    return parser
+
+
+def _cmd_config(settings: Settings) -> int:
+    print(json.dumps(settings.model_dump(mode="json"), indent=2, ensure_ascii=False))
+    return EXIT_OK
+
+
+def _cmd_catalogue(domain: str | None) -> int:
+    catalogue = load_catalogue()
+    print(f"{'domain':8} {'metric':18} {'unit':8} {'min':>10} {'max':>12} {'max rate/s':>11}  description")
+    for (d, m), spec in sorted(catalogue.specs.items()):
+        if domain and d != domain:
+            continue
+        print(
+            f"{d:8} {m:18} {spec.unit:8} {spec.min:>10g} {spec.max:>12g} {spec.max_rate_per_s:>11g}  {spec.description}"
+        )
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``portpulse`` console script; returns the process exit code."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_CONFIG
+    try:
+        settings = load_settings(args.config)
+        if args.command == "config":
+            return _cmd_config(settings)
+        if args.command == "catalogue":
+            return _cmd_catalogue(args.domain)
+    except PortPulseError as exc:
+        print(f"portpulse: {exc}", file=sys.stderr)
+        return EXIT_CONFIG if not exc.retriable else EXIT_FAILURE
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    parser.error(f"unknown command {args.command}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

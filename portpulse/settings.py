@@ -1,0 +1,164 @@
+"""The one settings model. Load it once in ``main()`` with :func:`load_settings`.
+
+Sources, highest priority first: keyword arguments, environment (prefix ``PORTPULSE_``,
+nested with ``__``, e.g. ``PORTPULSE_KAFKA__BOOTSTRAP_SERVERS``), an optional TOML file,
+then the defaults below. Secrets are ``SecretStr`` and print as ``**********``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from portpulse.errors import ConfigError
+
+__all__ = [
+    "InfluxSettings",
+    "IngestSettings",
+    "KafkaSettings",
+    "MqttSettings",
+    "OpsSettings",
+    "Settings",
+    "load_settings",
+]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class MqttSettings(_Section):
+    """Connection to the MQTT broker the field gateways publish to."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(1883, ge=1, le=65535)
+    protocol: Literal["5", "3.1.1"] = "5"
+    client_id: str = "portpulse-bridge"
+    topic_prefix: str = "sensors"
+    subscriptions: tuple[str, ...] = ("sensors/#",)
+    shared_group: str | None = None
+    qos: Literal[0, 1, 2] = 1
+    username: str | None = None
+    password: SecretStr | None = None
+    tls: bool = False
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    keepalive_s: int = Field(30, ge=5)
+    session_expiry_s: int = Field(3600, ge=0)
+    reconnect_min_s: float = Field(0.5, gt=0)
+    reconnect_max_s: float = Field(30.0, gt=0)
+
+
+class KafkaSettings(_Section):
+    """Kafka cluster, topics and producer tuning."""
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    topic_prefix: str = "portpulse"
+    partitions: int = Field(4, ge=1)
+    replication_factor: int = Field(1, ge=1)
+    compression: Literal["lz4", "zstd", "gzip", "none"] = "lz4"
+    linger_ms: int = Field(5, ge=0)
+    max_batch_bytes: int = Field(1_048_576, ge=16_384)
+    request_timeout_ms: int = Field(30_000, ge=1000)
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_ca_file: Path | None = None
+    consumer_group: str = "portpulse-processor"
+
+
+class InfluxSettings(_Section):
+    """InfluxDB endpoint. For 1.8 the token is ``user:password`` and the bucket ``database/retention``."""
+
+    url: str = "http://127.0.0.1:8086"
+    token: SecretStr = SecretStr("")
+    org: str = "portpulse"
+    bucket: str = "portpulse/autogen"
+    timeout_ms: int = Field(10_000, ge=100)
+    verify_ssl: bool = True
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return v.rstrip("/")
+
+
+class IngestSettings(_Section):
+    """Bridge limits: what the bridge accepts and how much it holds while Kafka is away."""
+
+    max_payload_bytes: int = Field(256 * 1024, ge=64)
+    max_in_flight: int = Field(20_000, ge=1)
+    max_future_s: float = Field(300.0, ge=0)
+    max_past_s: float = Field(7 * 24 * 3600.0, ge=0)
+
+
+class OpsSettings(_Section):
+    """Logs and the metrics/health HTTP server."""
+
+    log_format: Literal["human", "json"] = "human"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(9464, ge=0, le=65535)
+
+
+class Settings(BaseSettings):
+    """Root configuration of every PortPulse process (frozen)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="PORTPULSE_",
+        env_nested_delimiter="__",
+        frozen=True,
+        extra="forbid",
+    )
+
+    mqtt: MqttSettings = MqttSettings()
+    kafka: KafkaSettings = KafkaSettings()
+    influx: InfluxSettings = InfluxSettings()
+    ingest: IngestSettings = IngestSettings()
+    ops: OpsSettings = OpsSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls), file_secret_settings)
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build the settings from the environment, an optional TOML file and keyword overrides.
+
+    Raises :class:`ConfigError` with every invalid field listed, never a bare traceback.
+    """
+    from pydantic import ValidationError
+
+    if config_file is not None and not config_file.is_file():
+        raise ConfigError(f"config file not found: {config_file}")
+
+    class _FileSettings(Settings):
+        model_config = SettingsConfigDict(toml_file=config_file)
+
+    try:
+        loaded = _FileSettings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors(include_input=False)
+        )
+        raise ConfigError(f"invalid configuration: {problems}") from None
+    return Settings.model_construct(**{name: getattr(loaded, name) for name in Settings.model_fields})

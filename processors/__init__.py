@@ -1,0 +1,3 @@
+"""processors (see design.md)."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""simulators (see design.md)."""
+
+__all__: list[str] = []

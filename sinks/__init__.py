@@ -1,0 +1,3 @@
+"""sinks (see design.md)."""
+
+__all__: list[str] = []

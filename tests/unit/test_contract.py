@@ -1,0 +1,159 @@
+"""The shared contract: settings, catalogue, topics, schema and the CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from portpulse import (
+    ConfigError,
+    DecodeError,
+    PortPulseError,
+    Reading,
+    ReadingColumns,
+    ServiceUnavailableError,
+    __version__,
+    dlq_topic,
+    late_topic,
+    load_catalogue,
+    load_settings,
+    parse_mqtt_topic,
+    readings_topic,
+)
+from portpulse.cli import main
+from portpulse.topics import MqttTopic
+
+
+def test_settings_env_nested_and_toml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    toml = tmp_path / "portpulse.toml"
+    toml.write_text('[kafka]\nbootstrap_servers = "file:9092"\npartitions = 6\n[influx]\nbucket = "from/file"\n')
+    monkeypatch.setenv("PORTPULSE_KAFKA__BOOTSTRAP_SERVERS", "env:9092")
+    monkeypatch.setenv("PORTPULSE_INFLUX__TOKEN", "user:s3cret")
+    settings = load_settings(toml)
+    assert settings.kafka.bootstrap_servers == "env:9092"  # environment wins over the file
+    assert settings.kafka.partitions == 6  # the file wins over defaults
+    assert settings.influx.bucket == "from/file"
+    assert settings.influx.token.get_secret_value() == "user:s3cret"
+    assert "s3cret" not in repr(settings) and "s3cret" not in settings.model_dump_json()
+
+
+def test_settings_are_frozen() -> None:
+    settings = load_settings()
+    with pytest.raises(Exception, match="frozen"):
+        settings.kafka.partitions = 3  # type: ignore[misc]
+
+
+def test_settings_errors_are_clear_and_hide_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PORTPULSE_MQTT__PORT", "99999")
+    monkeypatch.setenv("PORTPULSE_INFLUX__URL", "ftp://hunter2@host")
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    message = str(info.value)
+    assert "mqtt.port" in message and "influx.url" in message
+    assert "hunter2" not in message
+
+
+def test_missing_config_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_settings(tmp_path / "nope.toml")
+
+
+def test_catalogue_covers_the_three_domains() -> None:
+    catalogue = load_catalogue()
+    assert catalogue.domains() == ["air", "cell", "crane"]
+    assert {"no2", "pm25", "pm10", "o3", "so2", "temperature", "humidity"} <= set(catalogue.metrics("air"))
+    assert {"hoist_load", "wind_speed", "spreader_locked"} <= set(catalogue.metrics("crane"))
+    assert {"rsrp", "sinr", "connected_ues"} <= set(catalogue.metrics("cell"))
+    no2 = catalogue.get("air", "no2")
+    assert no2 is not None and no2.unit == "µg/m³" and no2.min == 0.0
+    assert no2.to_canonical(10.0, "ppb") == pytest.approx(18.8)
+    assert catalogue.get("air", "unknown-metric") is None
+
+
+def test_catalogue_rejects_bad_data(tmp_path: Path) -> None:
+    bad = tmp_path / "cat.toml"
+    bad.write_text("[air.no2]\nunit = 'x'\nmin = 5.0\nmax = 1.0\nmax_rate_per_s = 1.0\n")
+    with pytest.raises(ConfigError, match=r"\[air.no2\].*min < max"):
+        load_catalogue(bad)
+    bad.write_text("[air.no2]\nunit = 'x'\n")
+    with pytest.raises(ConfigError, match="missing"):
+        load_catalogue(bad)
+
+
+@pytest.mark.parametrize(
+    ("topic", "expected"),
+    [
+        ("sensors/air/quai-de-l-europe/no2-17", MqttTopic("air", "quai-de-l-europe", "no2-17")),
+        ("sensors/crane/terminal-de-france/sts-04", MqttTopic("crane", "terminal-de-france", "sts-04")),
+        ("sensors/new_domain/site/gw", MqttTopic("new_domain", "site", "gw")),
+        ("sensors/cell/port-2000", MqttTopic("cell", "port-2000", "")),
+    ],
+)
+def test_parse_mqtt_topic_accepts(topic: str, expected: MqttTopic) -> None:
+    assert parse_mqtt_topic(topic) == expected
+
+
+@pytest.mark.parametrize(
+    ("topic", "reason"),
+    [
+        ("other/air/site/s1", "prefix"),
+        ("sensors/air", "topic must be"),
+        ("sensors/Air/site/s1", "domain"),
+        ("sensors/air/si te/s1", "site"),
+        ("sensors/air/site/s1,evil=1", "sensor_id"),
+        ("sensors/air/site/s1/extra", "topic must be"),
+    ],
+)
+def test_parse_mqtt_topic_rejects_with_reason(topic: str, reason: str) -> None:
+    result = parse_mqtt_topic(topic)
+    assert isinstance(result, str) and reason in result
+
+
+def test_kafka_topic_names() -> None:
+    assert readings_topic("air") == "portpulse.readings.air"
+    assert readings_topic("cell", prefix="p") == "p.readings.cell"
+    assert dlq_topic() == "portpulse.dlq" and late_topic() == "portpulse.late"
+
+
+def test_reading_columns_round_trip_and_length_check() -> None:
+    rows = [Reading("s1", "site", "air", "no2", 1_000, 41.5), Reading("s2", "site", "air", "pm25", 2_000, 9.0, 1)]
+    cols = ReadingColumns.from_readings(rows)
+    assert len(cols) == 2 and cols.ts_ns.dtype == np.int64 and cols.flags.dtype == np.uint8
+    assert cols.rows() == rows
+    assert ReadingColumns.concat([cols, ReadingColumns.empty(), cols]).rows() == rows + rows
+    assert cols.take(np.array([False, True])).rows() == rows[1:]
+    with pytest.raises(ValueError, match="length"):
+        ReadingColumns(cols.sensor_id, cols.site, cols.domain, cols.metric, cols.ts_ns[:1], cols.value, cols.flags)
+
+
+def test_errors_carry_retriable_and_data() -> None:
+    assert ServiceUnavailableError("kafka", "down").retriable is True
+    assert ConfigError("x").retriable is False
+    err = DecodeError("malformed_json", "line 1")
+    assert isinstance(err, PortPulseError) and err.reason == "malformed_json"
+    assert PortPulseError("x", retriable=True).retriable is True
+
+
+def test_cli_version_and_help() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "portpulse.cli", "--version"], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == f"portpulse {__version__}"
+    out = subprocess.run([sys.executable, "-m", "portpulse.cli", "--help"], capture_output=True, text=True, check=True)
+    assert "PORTPULSE_" in out.stdout and "catalogue" in out.stdout
+
+
+def test_cli_config_masks_secrets_and_reports_bad_config(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("PORTPULSE_INFLUX__TOKEN", "tok-123")
+    assert main(["config"]) == 0
+    out = capsys.readouterr().out
+    assert "tok-123" not in out and "**********" in out
+    monkeypatch.setenv("PORTPULSE_KAFKA__PARTITIONS", "zero")
+    assert main(["config"]) == 2
+    assert "kafka.partitions" in capsys.readouterr().err
