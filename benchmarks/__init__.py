@@ -1,0 +1,1 @@
+"""Benchmarks against the real services (run as scripts: python -m benchmarks.NAME)."""

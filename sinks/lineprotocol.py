@@ -1,0 +1,409 @@
+"""Vectorised InfluxDB line protocol from columns. Pure: no I/O, no clocks.
+
+Each line is assembled from fixed-width byte matrices (one per piece: series key, each field,
+timestamp) plus a keep-mask; ``matrix[mask]`` then yields the concatenated lines in one numpy
+operation. Series keys are escaped once per distinct series, floats with few decimals are
+formatted with integer arithmetic (exact: the decimal parses back to the same float64), and only
+the remaining floats go through ``repr``.
+
+Escaping follows the InfluxDB line protocol reference: measurement ``,`` and space; tag keys,
+tag values and field keys ``,`` ``=`` and space; string field values ``"`` and ``\\``. Line
+protocol cannot carry a newline in a key or tag value, nor a backslash before a special character
+or at the end (a trailing one escapes the separator, and InfluxDB 1.x and 2.x disagree on
+``\\\\``), so such rows are *rejected* with a reason instead of being mangled: nothing a
+sensor id contains can inject a point or a tag.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = [
+    "PRECISION_NS",
+    "EncodedLines",
+    "Categorical",
+    "PointColumns",
+    "encode_lines",
+    "escape_key",
+    "escape_measurement",
+    "escape_string_field",
+]
+
+Precision = Literal["ns", "us", "ms", "s"]
+PRECISION_NS: Mapping[str, int] = {"ns": 1, "us": 1_000, "ms": 1_000_000, "s": 1_000_000_000}
+
+_MAX_EXACT = float(2**53)
+_MAX_DECIMALS = 6
+_POW10 = 10 ** np.arange(19, dtype=np.int64)[::-1]  # 10^18 .. 10^0
+_POW10_ASC = _POW10[::-1].copy()
+_FORBIDDEN = ("\n", "\r")
+_AMBIGUOUS_BACKSLASH = re.compile(r"\\(?=[\\ ,=\"]|$)")
+
+
+@dataclass(frozen=True, slots=True)
+class Categorical:
+    """A dictionary-encoded string column: row i is ``categories[codes[i]]``.
+
+    ``codes``: int64 ``(n,)`` in ``[0, k)``; ``categories``: object array of str ``(k,)``. Stages that
+    already grouped rows (the processors) pass tags this way and skip re-hashing every row.
+    """
+
+    codes: npt.NDArray[np.int64]
+    categories: npt.NDArray[np.object_]
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+
+@dataclass(frozen=True, slots=True)
+class PointColumns:
+    """Points as columns, all of shape ``(n,)``.
+
+    ``measurement``: object array of str, or one str for all rows; ``tags``: tag key -> object
+    array of str or :class:`Categorical` (an empty value omits the tag on that row); ``fields``: field key -> float64
+    array (NaN omits the field on that row) or object array of str (a string field; None omits);
+    ``ts_ns``: int64 ns since the Unix epoch.
+    """
+
+    measurement: npt.NDArray[np.object_] | str
+    tags: Mapping[str, npt.NDArray[np.object_] | Categorical]
+    fields: Mapping[str, npt.NDArray[np.float64] | npt.NDArray[np.object_]]
+    ts_ns: npt.NDArray[np.int64]
+
+    def __len__(self) -> int:
+        return len(self.ts_ns)
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedLines:
+    """Encoded points: ``body`` holds one line per accepted row, each ending in ``\\n``.
+
+    ``rows`` (int64, shape ``(k,)``) maps line j to its input row; ``line_ends`` (int64, ``(k,)``)
+    is the offset just past line j's newline, so lines i..j are ``body[start_i:line_ends[j]]``.
+    ``rejected`` maps an input row to the reason it could not be encoded.
+    """
+
+    body: bytes
+    rows: npt.NDArray[np.int64]
+    line_ends: npt.NDArray[np.int64]
+    rejected: Mapping[int, str] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def line_slice(self, start: int, stop: int) -> bytes:
+        """Bytes of lines ``start`` .. ``stop - 1``."""
+        begin = 0 if start == 0 else int(self.line_ends[start - 1])
+        return self.body[begin : int(self.line_ends[stop - 1])] if stop > start else b""
+
+
+# ---------------------------------------------------------------- escaping (scalar, used on distinct values)
+
+
+def escape_measurement(name: str) -> str:
+    return name.replace(",", "\\,").replace(" ", "\\ ")
+
+
+def escape_key(name: str) -> str:
+    """Tag key, tag value or field key."""
+    return name.replace(",", "\\,").replace("=", "\\=").replace(" ", "\\ ")
+
+
+def escape_string_field(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _bad_key(text: str) -> str | None:
+    if any(c in text for c in _FORBIDDEN):
+        return "newline in measurement, tag or field key/value"
+    if "\\" in text and _AMBIGUOUS_BACKSLASH.search(text):
+        # InfluxDB 1.x and 2.x read "\\," and "\\\\" differently; a trailing one would escape the separator.
+        return "backslash before a special character or at the end of a measurement, tag or field key/value"
+    return None
+
+
+# ---------------------------------------------------------------- byte matrices
+
+
+def _fixed_bytes(strings: list[bytes]) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.int64]]:
+    """Left-aligned (n, w) uint8 matrix of ``strings`` and their lengths."""
+    n = len(strings)
+    width = max((len(s) for s in strings), default=0) or 1
+    mat = np.frombuffer(np.array(strings, dtype=f"S{width}").tobytes(), dtype=np.uint8).reshape(n, width)
+    lengths = np.fromiter(map(len, strings), dtype=np.int64, count=n)
+    return mat, lengths
+
+
+def _left_mask(lengths: npt.NDArray[np.int64], width: int) -> npt.NDArray[np.bool_]:
+    return np.arange(width)[None, :] < lengths[:, None]
+
+
+def _digits(magnitude: npt.NDArray[np.int64], width: int = 19) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.int64]]:
+    """Right-aligned, zero-padded decimal digits of non-negative int64 values.
+
+    Returns the (n, width) ASCII matrix and each value's digit count (at least 1).
+    """
+    n = len(magnitude)
+    mat = np.full((n, width), 48, dtype=np.uint8)
+    top = int(magnitude.max()) if n else 0
+    needed = min(len(str(top)), width)
+    rest = magnitude
+    # Division by a scalar is vectorised (libdivide); by an array it is not.
+    for col in range(width - 1, width - 1 - needed, -1):
+        rest, digit = np.divmod(rest, 10)
+        mat[:, col] += digit.astype(np.uint8)
+    count = np.searchsorted(_POW10_ASC, magnitude, side="right").astype(np.int64)
+    return mat, np.maximum(count, 1)
+
+
+def _format_ints(values: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.bool_]]:
+    """Signed decimal of int64 values (above int64 min) as a right-aligned matrix and keep-mask."""
+    n = len(values)
+    lo, hi = (int(values.min()), int(values.max())) if n else (0, 0)
+    if lo >= 0 and len(str(hi)) == len(str(lo)):
+        # Timestamps of one batch share their leading digits: format those once and only the
+        # varying tail per row (about half the divisions for ns timestamps a few seconds apart).
+        text_hi, text_lo = str(hi), str(lo)
+        shared = next((i for i, (a, b) in enumerate(zip(text_hi, text_lo, strict=True)) if a != b), len(text_hi))
+        tail = len(text_hi) - shared
+        base = int(text_lo[:shared] + "0" * tail) if shared else 0
+        out = np.empty((n, len(text_hi)), dtype=np.uint8)
+        out[:, :shared] = np.frombuffer(text_lo[:shared].encode(), dtype=np.uint8)
+        if tail:
+            out[:, shared:] = _digits(values - base, tail)[0]
+        return out, np.ones((n, len(text_hi)), dtype=bool)
+    neg = values < 0
+    mat, count = _digits(np.abs(values))
+    width = mat.shape[1] + 1
+    out = np.empty((n, width), dtype=np.uint8)
+    out[:, 1:] = mat
+    out[:, 0] = ord("-")
+    keep = np.arange(width)[None, :] >= (width - count)[:, None]
+    keep[:, 0] = neg  # sign in column 0, then the right-aligned digits: mask order stays sign, digits
+    return out, keep
+
+
+def _format_floats(values: npt.NDArray[np.float64]) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.bool_]]:
+    """Finite float64 values as decimal text that parses back to exactly the same float64.
+
+    Values with at most ``_MAX_DECIMALS`` decimals (the usual sensor reading) take an integer
+    path with one common number of decimals ``k`` for the batch; the rest use ``repr``.
+    """
+    n = len(values)
+    scaled_ok = np.zeros(n, dtype=bool)
+    k_needed = np.full(n, -1, dtype=np.int64)
+    small = np.abs(values) < _MAX_EXACT / 10**_MAX_DECIMALS
+    for k in range(_MAX_DECIMALS + 1):
+        todo = small & ~scaled_ok
+        if not todo.any():
+            break
+        m = np.rint(values[todo] * 10.0**k)
+        exact = m / 10.0**k == values[todo]
+        idx = np.flatnonzero(todo)[exact]
+        scaled_ok[idx] = True
+        k_needed[idx] = k
+    k = int(k_needed[scaled_ok].max()) if scaled_ok.any() else 0
+    m_all = np.rint(np.where(scaled_ok, values, 0.0) * 10.0**k)
+    fast = scaled_ok & (m_all / 10.0**k == values)
+    m = m_all.astype(np.int64)
+    neg = fast & ((m < 0) | ((m == 0) & np.signbit(values)))
+    digits, count = _digits(np.abs(m))
+    count = np.maximum(count, k + 1)  # 0.05 with k=2 -> "0.05": at least one integer digit
+    # Layout (right-aligned): sign | integer digits | '.' | k fraction digits.
+    int_width, frac_width = 19 - k, k
+    width = 1 + int_width + (1 if k else 0) + frac_width
+    out = np.empty((n, width), dtype=np.uint8)
+    out[:, 0] = ord("-")
+    out[:, 1 : 1 + int_width] = digits[:, :int_width]
+    if k:
+        out[:, 1 + int_width] = ord(".")
+        out[:, 2 + int_width :] = digits[:, int_width:]
+    cols = np.arange(width)[None, :]
+    int_digits = (count - k)[:, None]
+    keep = (cols >= 1 + int_width - int_digits) & (cols < 1 + int_width)
+    if k:
+        keep[:, 1 + int_width :] = True
+    keep[:, 0] = neg
+    keep[~fast] = False
+    slow = np.flatnonzero(~fast)
+    if len(slow) == 0:
+        return out, keep
+    text, lengths = _fixed_bytes([repr(v).encode() for v in values[slow].tolist()])
+    full_mat = np.zeros((n, width + text.shape[1]), dtype=np.uint8)
+    full_keep = np.zeros((n, width + text.shape[1]), dtype=bool)
+    full_mat[:, :width], full_keep[:, :width] = out, keep
+    full_mat[slow, width:] = text
+    full_keep[slow, width:] = _left_mask(lengths, text.shape[1])
+    return full_mat, full_keep
+
+
+def _const(text: bytes, n: int) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.bool_]]:
+    mat = np.tile(np.frombuffer(text, dtype=np.uint8), (n, 1))  # a writable copy
+    return mat, np.ones((n, len(text)), dtype=bool)
+
+
+# ---------------------------------------------------------------- series keys
+
+
+def _factorise(column: npt.NDArray[np.object_] | Categorical, n: int) -> tuple[npt.NDArray[np.int64], list[object]]:
+    if isinstance(column, Categorical):
+        return column.codes.astype(np.int64, copy=False), column.categories.tolist()
+    items = column.tolist()
+    index = {value: i for i, value in enumerate(dict.fromkeys(items))}
+    return np.fromiter(map(index.__getitem__, items), dtype=np.int64, count=n), list(index)
+
+
+def _series_keys(
+    points: PointColumns, n: int, rejected: dict[int, str]
+) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Escaped ``measurement[,tag=value...]`` once per distinct series.
+
+    Returns the distinct keys as a left-aligned (k, w) byte matrix, their lengths ``(k,)`` and
+    each row's series index ``(n,)``; rows of unrepresentable series go to ``rejected``.
+    """
+    tag_names = sorted(points.tags)  # InfluxDB prefers tags sorted by key
+    for name in tag_names:
+        if reason := _bad_key(name):
+            raise ValueError(f"tag key {name!r}: {reason}")
+    measurement = points.measurement
+    columns: list[npt.NDArray[np.object_] | Categorical] = []
+    if isinstance(measurement, str):
+        const_measurement: str | None = measurement
+    else:
+        const_measurement = None
+        columns.append(measurement)
+    columns.extend(points.tags[name] for name in tag_names)
+    # Factorise each column (dict hashing beats sorting strings; categoricals come factorised),
+    # then fold the codes column by column, compressing after each so they never overflow.
+    series = np.zeros(n, dtype=np.int64)
+    keys: list[tuple[object, ...]] = [()]
+    for column in columns:
+        codes_col, values = _factorise(column, n)
+        width = max(len(values), 1)
+        folded = series * width + codes_col
+        if len(keys) == 1:
+            distinct, series = np.arange(width, dtype=np.int64), codes_col
+        elif len(keys) * width <= 8 * n:  # dense table: O(n), no sort
+            seen = np.zeros(len(keys) * width, dtype=bool)
+            seen[folded] = True
+            distinct = np.flatnonzero(seen)
+            remap = np.cumsum(seen) - 1
+            series = remap[folded]
+        else:
+            distinct, inverse = np.unique(folded, return_inverse=True)
+            series = inverse.astype(np.int64, copy=False).reshape(n)
+        keys = [(*keys[d // width], values[d % width]) for d in distinct.tolist()]
+    codes = {key: i for i, key in enumerate(keys)}
+    texts: list[bytes] = []
+    bad_series: dict[int, str] = {}
+    escaped_tag_names = [escape_key(t) for t in tag_names]
+    for key, code in codes.items():
+        values = list(key)
+        m = const_measurement if const_measurement is not None else values.pop(0)
+        parts: list[str] = []
+        reason = None
+        if not isinstance(m, str) or not m:
+            reason = "measurement must be a non-empty string"
+        else:
+            reason = _bad_key(m)
+            parts.append(escape_measurement(m))
+        for tag, value in zip(escaped_tag_names, values, strict=True):
+            if value is None or value == "":
+                continue  # InfluxDB has no empty tag values: the tag is absent on this row
+            if not isinstance(value, str):
+                reason = reason or f"tag {tag} is not a string"
+                continue
+            reason = reason or _bad_key(value)
+            parts.append(f"{tag}={escape_key(value)}")
+        if reason:
+            bad_series[code] = reason
+        texts.append(",".join(parts).encode())
+    if bad_series:
+        bad_codes = np.fromiter(bad_series, dtype=np.int64)
+        for row in np.flatnonzero(np.isin(series, bad_codes)).tolist():
+            rejected[row] = bad_series[int(series[row])]
+    mat, lengths = _fixed_bytes(texts)
+    return mat, lengths, series
+
+
+# ---------------------------------------------------------------- public
+
+#: Rows per assembly chunk: keeps the byte matrices in cache and their memory reused.
+CHUNK_ROWS = 16_384
+
+
+def encode_lines(points: PointColumns, precision: Precision = "ns") -> EncodedLines:
+    """Encode ``points`` as line protocol with timestamps in ``precision`` (floored).
+
+    Rows that cannot be represented (bad keys, no field left) are listed in ``rejected`` with
+    a reason; all other rows become exactly one line each, in input order.
+    """
+    n = len(points)
+    if n == 0:
+        return EncodedLines(b"", np.empty(0, np.int64), np.empty(0, np.int64))
+    if not points.fields:
+        raise ValueError("a point needs at least one field")
+    field_names = sorted(points.fields)
+    for name in field_names:
+        if reason := _bad_key(name):
+            raise ValueError(f"field key {name!r}: {reason}")
+    rejected: dict[int, str] = {}
+    key_mat, key_len, series = _series_keys(points, n, rejected)
+    divisor = PRECISION_NS[precision]
+    ts_all = points.ts_ns.astype(np.int64, copy=False)
+    if divisor != 1:
+        ts_all = np.floor_divide(ts_all, divisor)
+    accepted = np.ones(n, dtype=bool)
+    if rejected:
+        accepted[np.fromiter(rejected, dtype=np.int64)] = False
+    bodies: list[bytes] = []
+    line_lengths: list[npt.NDArray[np.int64]] = []
+    for begin in range(0, n, CHUNK_ROWS):
+        end = min(begin + CHUNK_ROWS, n)
+        rows = slice(begin, end)
+        m = end - begin
+        codes = series[rows]
+        mats = [key_mat[codes]]
+        keeps = [_left_mask(key_len[codes], key_mat.shape[1])]
+        any_field = np.zeros(m, dtype=bool)
+        for name in field_names:
+            column = points.fields[name][rows]
+            sep_mat, sep_keep = _const(b"," + escape_key(name).encode() + b"=", m)
+            if column.dtype == np.object_:
+                items = column.tolist()
+                present = np.fromiter((v is not None for v in items), dtype=bool, count=m)
+                val_mat, lengths = _fixed_bytes([escape_string_field(v).encode() if v is not None else b"" for v in items])
+                val_keep = _left_mask(lengths, val_mat.shape[1])
+            else:
+                values = np.asarray(column, dtype=np.float64)
+                present = np.isfinite(values)
+                val_mat, val_keep = _format_floats(np.where(present, values, 0.0))
+            val_keep &= present[:, None]
+            sep_keep &= present[:, None]
+            sep_mat[present & ~any_field, 0] = ord(" ")  # before the first field: a space, not a comma
+            any_field |= present
+            mats += [sep_mat, val_mat]
+            keeps += [sep_keep, val_keep]
+        ts_mat, ts_keep = _format_ints(ts_all[rows])
+        mats += [_const(b" ", m)[0], ts_mat, _const(b"\n", m)[0]]
+        keeps += [np.ones((m, 1), dtype=bool), ts_keep, np.ones((m, 1), dtype=bool)]
+        for row in np.flatnonzero(~any_field).tolist():
+            rejected.setdefault(begin + row, "no finite field value")
+            accepted[begin + row] = False
+        keep = np.hstack(keeps)
+        keep &= accepted[rows, None]
+        bodies.append(np.hstack(mats)[keep].tobytes())
+        line_lengths.append(keep.sum(axis=1)[accepted[rows]])
+    kept = np.flatnonzero(accepted).astype(np.int64)
+    return EncodedLines(
+        body=b"".join(bodies),
+        rows=kept,
+        line_ends=np.cumsum(np.concatenate(line_lengths)).astype(np.int64),
+        rejected=dict(sorted(rejected.items())),
+    )

@@ -1,0 +1,207 @@
+"""Line protocol encoding: property-tested by parsing the output back with a reference parser."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sinks.lineprotocol import Categorical, PointColumns, encode_lines
+
+
+def _split_unescaped(text: str, sep: str) -> list[str]:
+    """Split on ``sep`` not preceded by a backslash escape (the InfluxDB scanner's rule)."""
+    parts, cur, i = [], [], 0
+    while i < len(text):
+        c = text[i]
+        if c == "\\" and i + 1 < len(text):
+            cur.append(text[i : i + 2])
+            i += 2
+            continue
+        if c == sep:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(c)
+        i += 1
+    parts.append("".join(cur))
+    return parts
+
+
+def _unescape(text: str, specials: str) -> str:
+    out, i = [], 0
+    while i < len(text):
+        if text[i] == "\\" and i + 1 < len(text) and text[i + 1] in specials:
+            out.append(text[i + 1])
+            i += 2
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
+def parse_line(line: str) -> tuple[str, dict[str, str], dict[str, float | str], int]:
+    """Reference parser for the subset we emit (float and string fields)."""
+    # The key ends at the first unescaped space (quotes mean nothing there); the timestamp is
+    # the last space-separated token; the fields are in between.
+    i = 0
+    while line[i] != " ":
+        i += 2 if line[i] == "\\" else 1
+    key, rest = line[:i], line[i + 1 :]
+    fields_text, _, ts = rest.rpartition(" ")
+    key_parts = _split_unescaped(key, ",")
+    measurement = _unescape(key_parts[0], ", ")
+    tags = {}
+    for part in key_parts[1:]:
+        k, v = _split_unescaped(part, "=")
+        tags[_unescape(k, ",= ")] = _unescape(v, ",= ")
+    fields: dict[str, float | str] = {}
+    for part in _split_fields(fields_text):
+        k, _, v = part.partition("=")
+        name = _unescape(k, ",= ")
+        fields[name] = _unescape(v[1:-1], '"\\') if v.startswith('"') else float(v)
+    return measurement, tags, fields, int(ts)
+
+
+def _split_fields(text: str) -> list[str]:
+    parts, cur, i, quoted = [], [], 0, False
+    while i < len(text):
+        c = text[i]
+        if c == "\\" and i + 1 < len(text):
+            cur.append(text[i : i + 2])
+            i += 2
+            continue
+        if c == '"':
+            quoted = not quoted
+        if c == "," and not quoted:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(c)
+        i += 1
+    parts.append("".join(cur))
+    return parts
+
+
+# Hostile but representable text: commas, spaces, equals, quotes, backslashes (not trailing), unicode.
+_hostile = st.text(alphabet=st.sampled_from(list('ab ,="\\=é€🚢xyz0')), min_size=1, max_size=12).filter(
+    lambda s: not re.search(r"\\(?=[\\ ,=\"]|$)", s)
+)
+_floats = st.floats(allow_nan=False, allow_infinity=False, width=64)
+
+
+def _obj(values: list[str]) -> np.ndarray:
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rows=st.lists(
+        st.tuples(_hostile, _hostile, _hostile, _floats, st.one_of(_floats, st.just(math.nan)), st.integers(-(2**62), 2**62)),
+        min_size=1,
+        max_size=40,
+    ),
+    strings=st.lists(st.one_of(st.none(), st.text(max_size=8).filter(lambda s: "\n" not in s and "\r" not in s))),
+)
+def test_encoded_lines_parse_back_to_the_input(
+    rows: list[tuple[str, str, str, float, float, int]], strings: list[str | None]
+) -> None:
+    n = len(rows)
+    string_col = _obj([strings[i] if i < len(strings) else None for i in range(n)])  # type: ignore[list-item]
+    points = PointColumns(
+        measurement=_obj([r[0] for r in rows]),
+        tags={"sensor id": _obj([r[1] for r in rows]), "si=te": _obj([r[2] for r in rows])},
+        fields={"v,al": np.array([r[3] for r in rows]), "opt": np.array([r[4] for r in rows]), "note": string_col},
+        ts_ns=np.array([r[5] for r in rows], dtype=np.int64),
+    )
+    encoded = encode_lines(points)
+    assert encoded.rejected == {}
+    lines = encoded.body.decode().split("\n")
+    assert lines[-1] == ""
+    assert len(lines) - 1 == n == len(encoded.rows)
+    for i, line in enumerate(lines[:-1]):
+        m, tags, fields, ts = parse_line(line)
+        assert m == rows[i][0]
+        assert tags == {"sensor id": rows[i][1], "si=te": rows[i][2]}
+        expected: dict[str, float | str] = {"v,al": rows[i][3]}
+        if not math.isnan(rows[i][4]):
+            expected["opt"] = rows[i][4]
+        if string_col[i] is not None:
+            expected["note"] = string_col[i]
+        assert fields == expected  # floats compare exactly: the text round-trips bit for bit
+        assert ts == rows[i][5]
+        assert encoded.line_slice(i, i + 1).decode() == line + "\n"
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.floats(allow_nan=False, allow_infinity=False, width=64), min_size=1, max_size=300))
+def test_float_text_round_trips_exactly(values: list[float]) -> None:
+    points = PointColumns("m", {}, {"v": np.array(values)}, np.arange(len(values), dtype=np.int64))
+    texts = [line.split(" ")[1].removeprefix("v=") for line in encode_lines(points).body.decode().splitlines()]
+    assert [float(t) for t in texts] == values
+    assert all(math.copysign(1, float(t)) == math.copysign(1, v) for t, v in zip(texts, values, strict=True))
+
+
+@pytest.mark.parametrize(
+    ("sensor", "reason"),
+    [
+        ("evil\nair,sensor_id=x v=1 1", "newline"),
+        ("carriage\rreturn", "newline"),
+        ("ends-with\\", "backslash"),
+        ("esc\\,aped", "backslash"),
+    ],
+)
+def test_unrepresentable_tag_values_are_rejected_not_injected(sensor: str, reason: str) -> None:
+    points = PointColumns(
+        "air",
+        {"sensor_id": _obj(["ok-1", sensor, "ok-2"])},
+        {"no2": np.array([1.0, 2.0, 3.0])},
+        np.array([10, 20, 30], dtype=np.int64),
+    )
+    encoded = encode_lines(points)
+    assert list(encoded.rejected) == [1] and reason in encoded.rejected[1]
+    assert encoded.body == b"air,sensor_id=ok-1 no2=1 10\nair,sensor_id=ok-2 no2=3 30\n"
+    assert encoded.rows.tolist() == [0, 2]
+
+
+def test_rows_without_any_finite_field_are_rejected_and_empty_tags_omitted() -> None:
+    points = PointColumns(
+        "air",
+        {"site": _obj(["", "quai"])},
+        {"no2": np.array([np.nan, 5.5]), "pm25": np.array([np.inf, np.nan])},
+        np.array([1, 2], dtype=np.int64),
+    )
+    encoded = encode_lines(points)
+    assert encoded.rejected == {0: "no finite field value"}
+    assert encoded.body == b"air,site=quai no2=5.5 2\n"
+
+
+def test_categorical_tags_encode_like_plain_columns_and_precision_floors() -> None:
+    names = _obj(["s-a", "s-b"])
+    codes = np.array([1, 0, 1], dtype=np.int64)
+    ts = np.array([1_500_000_001, 2_999_999_999, -1], dtype=np.int64)
+    plain = PointColumns("air", {"sensor_id": names[codes]}, {"v": np.array([0.1, -2.0, 3e-7])}, ts)
+    cat = PointColumns("air", {"sensor_id": Categorical(codes, names)}, plain.fields, ts)
+    assert encode_lines(plain, "s").body == encode_lines(cat, "s").body
+    assert encode_lines(plain, "s").body == b"air,sensor_id=s-b v=0.1 1\nair,sensor_id=s-a v=-2.0 2\nair,sensor_id=s-b v=3e-07 -1\n"
+
+
+def test_many_rows_cross_chunk_boundaries() -> None:
+    n = 40_000
+    rng = np.random.default_rng(7)
+    values = rng.normal(40, 5, n).round(1)
+    ts = 1_700_000_000_000_000_000 + np.arange(n, dtype=np.int64) * 1_000_000
+    sensors = _obj([f"no2-{i % 97}" for i in range(n)])
+    encoded = encode_lines(PointColumns("air", {"sensor_id": sensors}, {"no2": values}, ts))
+    lines = encoded.body.decode().splitlines()
+    assert len(lines) == n
+    for i in (0, 16_383, 16_384, 32_768, n - 1):
+        assert lines[i] == f"air,sensor_id=no2-{i % 97} no2={float(lines[i].split('=')[2].split(' ')[0])!r} {ts[i]}"
+        assert float(lines[i].split("=")[2].split(" ")[0]) == values[i]
+    assert encoded.line_slice(5, 7) == ("\n".join(lines[5:7]) + "\n").encode()
