@@ -27,6 +27,7 @@ __all__ = [
     "MqttSettings",
     "OpsSettings",
     "Settings",
+    "SinkSettings",
     "load_settings",
 ]
 
@@ -95,6 +96,19 @@ class InfluxSettings(_Section):
         return v.rstrip("/")
 
 
+class SinkSettings(_Section):
+    """InfluxDB writer: batching, backpressure and retries."""
+
+    batch_lines: int = Field(10_000, ge=1)
+    flush_interval_ms: int = Field(250, ge=1)
+    max_pending_batches: int = Field(8, ge=1)
+    concurrency: int = Field(2, ge=1, le=32)
+    gzip: bool = False
+    precision: Literal["ns", "us", "ms", "s"] = "ns"
+    retry_initial_s: float = Field(0.2, gt=0)
+    retry_max_s: float = Field(10.0, gt=0)
+
+
 class IngestSettings(_Section):
     """Bridge limits: what the bridge accepts and how much it holds while Kafka is away."""
 
@@ -127,6 +141,7 @@ class Settings(BaseSettings):
     kafka: KafkaSettings = KafkaSettings()
     influx: InfluxSettings = InfluxSettings()
     ingest: IngestSettings = IngestSettings()
+    sink: SinkSettings = SinkSettings()
     ops: OpsSettings = OpsSettings()
 
     @classmethod

@@ -1,3 +1,16 @@
-"""sinks (see design.md)."""
+"""Sinks: InfluxDB line-protocol encoding (pure), the batching/retrying writer, analyst queries."""
 
-__all__: list[str] = []
+from sinks.lineprotocol import Categorical, EncodedLines, PointColumns, encode_lines
+from sinks.writer import InfluxTransport, InfluxWriter, LineTransport, WriteResult, WriteTicket
+
+__all__ = [
+    "Categorical",
+    "EncodedLines",
+    "InfluxTransport",
+    "InfluxWriter",
+    "LineTransport",
+    "PointColumns",
+    "WriteResult",
+    "WriteTicket",
+    "encode_lines",
+]

@@ -26,8 +26,8 @@ import numpy.typing as npt
 
 __all__ = [
     "PRECISION_NS",
-    "EncodedLines",
     "Categorical",
+    "EncodedLines",
     "PointColumns",
     "encode_lines",
     "escape_key",
@@ -378,7 +378,9 @@ def encode_lines(points: PointColumns, precision: Precision = "ns") -> EncodedLi
             if column.dtype == np.object_:
                 items = column.tolist()
                 present = np.fromiter((v is not None for v in items), dtype=bool, count=m)
-                val_mat, lengths = _fixed_bytes([escape_string_field(v).encode() if v is not None else b"" for v in items])
+                val_mat, lengths = _fixed_bytes(
+                    [escape_string_field(v).encode() if v is not None else b"" for v in items]
+                )
                 val_keep = _left_mask(lengths, val_mat.shape[1])
             else:
                 values = np.asarray(column, dtype=np.float64)

@@ -193,3 +193,36 @@ def influx_major(url: str) -> str:
     version = str(health.get("version", ""))
     # Our local 1.8 build reports "1.8.10"; 2.x reports "v2.7.x" or "2.7.x".
     return "2" if version.lstrip("v").startswith("2") else "1"
+
+
+def local_service_control(service: str, action: str) -> None:
+    """Stop, kill or start a service that scripts/services manages (fault tests only)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PORTPULSE_")}
+    result = subprocess.run(
+        [str(SERVICES_SCRIPT), action, service], capture_output=True, text=True, env=env, check=False
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"scripts/services {action} {service} failed:\n{result.stderr}")
+
+
+def is_local(service: str) -> bool:
+    """True when the tests use the service scripts/services runs (so a test may stop it)."""
+    var = {
+        "mqtt": "PORTPULSE_MQTT__HOST",
+        "kafka": "PORTPULSE_KAFKA__BOOTSTRAP_SERVERS",
+        "influx": "PORTPULSE_INFLUX__URL",
+    }
+    return not os.environ.get(var[service]) and not docker_answers()
+
+
+async def local_service_control_async(service: str, action: str) -> None:
+    """:func:`local_service_control` without blocking the event loop (and without a thread)."""
+    import asyncio
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PORTPULSE_")}
+    proc = await asyncio.create_subprocess_exec(
+        str(SERVICES_SCRIPT), action, service, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    _, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"scripts/services {action} {service} failed:\n{err.decode()}")

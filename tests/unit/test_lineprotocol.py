@@ -103,7 +103,9 @@ def _obj(values: list[str]) -> np.ndarray:
 @settings(max_examples=200, deadline=None)
 @given(
     rows=st.lists(
-        st.tuples(_hostile, _hostile, _hostile, _floats, st.one_of(_floats, st.just(math.nan)), st.integers(-(2**62), 2**62)),
+        st.tuples(
+            _hostile, _hostile, _hostile, _floats, st.one_of(_floats, st.just(math.nan)), st.integers(-(2**62), 2**62)
+        ),
         min_size=1,
         max_size=40,
     ),
@@ -113,7 +115,8 @@ def test_encoded_lines_parse_back_to_the_input(
     rows: list[tuple[str, str, str, float, float, int]], strings: list[str | None]
 ) -> None:
     n = len(rows)
-    string_col = _obj([strings[i] if i < len(strings) else None for i in range(n)])  # type: ignore[list-item]
+    string_col = np.empty(n, dtype=object)
+    string_col[:] = [strings[i] if i < len(strings) else None for i in range(n)]
     points = PointColumns(
         measurement=_obj([r[0] for r in rows]),
         tags={"sensor id": _obj([r[1] for r in rows]), "si=te": _obj([r[2] for r in rows])},
@@ -189,7 +192,10 @@ def test_categorical_tags_encode_like_plain_columns_and_precision_floors() -> No
     plain = PointColumns("air", {"sensor_id": names[codes]}, {"v": np.array([0.1, -2.0, 3e-7])}, ts)
     cat = PointColumns("air", {"sensor_id": Categorical(codes, names)}, plain.fields, ts)
     assert encode_lines(plain, "s").body == encode_lines(cat, "s").body
-    assert encode_lines(plain, "s").body == b"air,sensor_id=s-b v=0.1 1\nair,sensor_id=s-a v=-2.0 2\nair,sensor_id=s-b v=3e-07 -1\n"
+    assert (
+        encode_lines(plain, "s").body
+        == b"air,sensor_id=s-b v=0.1 1\nair,sensor_id=s-a v=-2.0 2\nair,sensor_id=s-b v=3e-07 -1\n"
+    )
 
 
 def test_many_rows_cross_chunk_boundaries() -> None:

@@ -1,0 +1,339 @@
+"""The InfluxDB writer: batching, backpressure, retries and poison isolation.
+
+``await writer.write(points)`` encodes, batches and *waits for queue space* (backpressure: the
+caller slows down, nothing is dropped) and returns a :class:`WriteTicket` that completes when
+every point is stored in InfluxDB or, if InfluxDB refused it as invalid, in the dead-letter
+topic with the server's message. Retriable failures (connection, timeout, 429, 5xx) are retried
+forever with exponential backoff and jitter, honouring ``Retry-After``; meanwhile the writer
+reports itself unhealthy. A 400/413/422 is bisected until the offending lines are isolated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from portpulse.deadletter import DeadLetter, DeadLetterSink
+from portpulse.settings import InfluxSettings, SinkSettings
+from sinks.lineprotocol import Categorical, EncodedLines, PointColumns, encode_lines
+from sinks.metrics import SINK_METRICS
+from sinks.retry import Outcome, backoff_s, classify
+
+__all__ = ["InfluxTransport", "InfluxWriter", "LineTransport", "WriteResult", "WriteTicket"]
+
+log = logging.getLogger("portpulse.sink")
+
+
+@dataclass(frozen=True, slots=True)
+class WriteResult:
+    """What the server said about one request: ``status`` 204 = stored; 0 = no HTTP answer."""
+
+    status: int
+    message: str = ""
+    retry_after_s: float | None = None
+
+
+class LineTransport(Protocol):
+    """Sends one line-protocol body; never raises for server or network errors, returns them."""
+
+    async def write(self, body: bytes, precision: str) -> WriteResult: ...
+
+    async def close(self) -> None: ...
+
+
+class InfluxTransport:
+    """``influxdb-client``'s async write API (``/api/v2/write``) for InfluxDB 1.8 and 2.x."""
+
+    def __init__(self, influx: InfluxSettings, gzip: bool) -> None:
+        from influxdb_client.client.influxdb_client_async import InfluxDBClientAsync
+
+        self._bucket = influx.bucket
+        self._client = InfluxDBClientAsync(
+            url=influx.url,
+            token=influx.token.get_secret_value(),
+            org=influx.org,
+            timeout=influx.timeout_ms,
+            enable_gzip=gzip,
+            verify_ssl=influx.verify_ssl,
+        )
+        self._api = self._client.write_api()
+
+    async def write(self, body: bytes, precision: str) -> WriteResult:
+        from influxdb_client.rest import ApiException
+
+        try:
+            await self._api.write(bucket=self._bucket, record=body, write_precision=precision)
+        except ApiException as exc:
+            headers = exc.headers or {}
+            retry_after = headers.get("Retry-After") if hasattr(headers, "get") else None
+            message = exc.body.decode(errors="replace") if isinstance(exc.body, bytes) else str(exc.body or exc.reason)
+            return WriteResult(int(exc.status or 0), message, _parse_retry_after(retry_after))
+        except (TimeoutError, OSError) as exc:
+            return WriteResult(0, f"{type(exc).__name__}: {exc}")
+        except Exception as exc:  # aiohttp.ClientError and friends: the server is not answering
+            return WriteResult(0, f"{type(exc).__name__}: {exc}")
+        return WriteResult(204)
+
+    async def close(self) -> None:
+        await self._client.close()
+
+
+def _parse_retry_after(value: str | None) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+class WriteTicket:
+    """Completes when every point of one ``write()`` call is stored or dead-lettered."""
+
+    def __init__(self, points: int) -> None:
+        self.points = points
+        self.dead_lettered = 0
+        self._open = 0
+        self._done = asyncio.get_running_loop().create_future()
+
+    def _add(self) -> None:
+        self._open += 1
+
+    def _finish(self) -> None:
+        self._open -= 1
+        if self._open == 0 and not self._done.done():
+            self._done.set_result(None)
+
+    def done(self) -> bool:
+        return self._done.done()
+
+    async def wait(self) -> None:
+        await asyncio.shield(self._done)
+
+    def __await__(self) -> Any:
+        return self.wait().__await__()
+
+
+@dataclass(slots=True)
+class _Batch:
+    body: bytes
+    line_ends: npt.NDArray[np.int64]  # offset just past each line's newline, relative to body
+    tickets: list[WriteTicket] = field(default_factory=list)
+    source: str = ""
+
+    def __len__(self) -> int:
+        return len(self.line_ends)
+
+    def split(self) -> tuple[_Batch, _Batch]:
+        half = len(self) // 2
+        cut = int(self.line_ends[half - 1])
+        return (
+            _Batch(self.body[:cut], self.line_ends[:half], source=self.source),
+            _Batch(self.body[cut:], self.line_ends[half:] - cut, source=self.source),
+        )
+
+
+class InfluxWriter:
+    """Async InfluxDB writer; use as ``async with InfluxWriter(...) as writer``."""
+
+    def __init__(
+        self,
+        influx: InfluxSettings,
+        sink: SinkSettings,
+        dead_letters: DeadLetterSink,
+        transport: LineTransport | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._influx = influx
+        self._sink = sink
+        self._dead_letters = dead_letters
+        self._transport = transport
+        self._rng = rng or random.Random()
+        self._queue: asyncio.Queue[_Batch] = asyncio.Queue(maxsize=sink.max_pending_batches)
+        self._pending: list[tuple[EncodedLines, int, int, WriteTicket]] = []
+        self._pending_lines = 0
+        self._pending_since = 0.0
+        self._tasks: list[asyncio.Task[None]] = []
+        self._healthy = True
+        self._last_error = ""
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> InfluxWriter:
+        if self._transport is None:
+            self._transport = InfluxTransport(self._influx, self._sink.gzip)
+        self._tasks = [
+            asyncio.create_task(self._sender(), name=f"influx-sender-{i}") for i in range(self._sink.concurrency)
+        ]
+        self._tasks.append(asyncio.create_task(self._age_flusher(), name="influx-age-flusher"))
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        try:
+            if exc_type is None:
+                await self.flush()
+        finally:
+            for task in self._tasks:
+                task.cancel()
+            for task in self._tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            self._tasks = []
+            if self._transport is not None:
+                await self._transport.close()
+
+    # ------------------------------------------------------------ public
+
+    @property
+    def healthy(self) -> bool:
+        """False while InfluxDB is not accepting writes (the circuit is open)."""
+        return self._healthy
+
+    @property
+    def last_error(self) -> str:
+        return self._last_error
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
+
+    async def write(self, points: PointColumns, source: str = "") -> WriteTicket:
+        """Hand points to the writer; waits while the queue is full (backpressure)."""
+        encoded = encode_lines(points, self._sink.precision)
+        ticket = WriteTicket(len(points))
+        ticket._add()  # held until this call has queued everything
+        if encoded.rejected:
+            letters = [
+                DeadLetter(
+                    payload=_describe_row(points, row).encode(),
+                    reason="unencodable_point",
+                    source=source or "influx",
+                    stage="sink",
+                    detail=reason,
+                )
+                for row, reason in encoded.rejected.items()
+            ]
+            await self._dead_letters.send(letters)
+            ticket.dead_lettered += len(letters)
+            SINK_METRICS.rejected.inc(len(letters))
+        start = 0
+        while start < len(encoded):
+            take = min(len(encoded) - start, self._sink.batch_lines - self._pending_lines)
+            if not self._pending:
+                self._pending_since = time.monotonic()
+            ticket._add()
+            self._pending.append((encoded, start, start + take, ticket))
+            self._pending_lines += take
+            start += take
+            if self._pending_lines >= self._sink.batch_lines:
+                await self._enqueue_pending(source)
+        ticket._finish()
+        return ticket
+
+    async def flush(self) -> None:
+        """Send what is buffered and wait until every handed point is stored or dead-lettered."""
+        if self._pending:
+            await self._enqueue_pending("")
+        await self._queue.join()
+
+    # ------------------------------------------------------------ internals
+
+    async def _enqueue_pending(self, source: str) -> None:
+        parts, self._pending, self._pending_lines = self._pending, [], 0
+        bodies, ends, offset = [], [], 0
+        tickets = []
+        for encoded, start, stop, ticket in parts:
+            body = encoded.line_slice(start, stop)
+            base = 0 if start == 0 else int(encoded.line_ends[start - 1])
+            ends.append(encoded.line_ends[start:stop] - base + offset)
+            bodies.append(body)
+            offset += len(body)
+            tickets.append(ticket)
+        batch = _Batch(b"".join(bodies), np.concatenate(ends), tickets, source)
+        await self._queue.put(batch)  # backpressure: blocks while max_pending_batches are queued
+        SINK_METRICS.queue_depth.set(self._queue.qsize())
+
+    async def _age_flusher(self) -> None:
+        interval = self._sink.flush_interval_ms / 1000
+        while True:
+            await asyncio.sleep(interval / 2)
+            if self._pending and time.monotonic() - self._pending_since >= interval:
+                await self._enqueue_pending("")
+
+    async def _sender(self) -> None:
+        while True:
+            batch = await self._queue.get()
+            try:
+                await self._deliver(batch)
+            finally:
+                for ticket in batch.tickets:
+                    ticket._finish()
+                self._queue.task_done()
+                SINK_METRICS.queue_depth.set(self._queue.qsize())
+
+    async def _deliver(self, batch: _Batch) -> None:
+        assert self._transport is not None
+        attempt = 0
+        while True:
+            started = time.perf_counter()
+            result = await self._transport.write(batch.body, self._sink.precision)
+            outcome = classify(result.status)
+            if outcome is Outcome.STORED:
+                SINK_METRICS.write_seconds.observe(time.perf_counter() - started)
+                SINK_METRICS.points.inc(len(batch))
+                SINK_METRICS.batches.inc()
+                if not self._healthy:
+                    log.info("InfluxDB accepts writes again after %d retries", attempt)
+                self._healthy = True
+                SINK_METRICS.healthy.set(1)
+                return
+            if outcome is Outcome.SPLIT:
+                if len(batch) == 1:
+                    await self._dead_letter(batch, result)
+                    return
+                first, second = batch.split()
+                await self._deliver(first)
+                await self._deliver(second)
+                return
+            # RETRY: the server is away or overloaded, or a configuration problem (auth, bucket)
+            # that an operator must fix; the points are kept either way.
+            self._healthy = False
+            SINK_METRICS.healthy.set(0)
+            self._last_error = f"HTTP {result.status}: {result.message[:300]}" if result.status else result.message
+            SINK_METRICS.retries.inc()
+            delay = backoff_s(
+                attempt, self._sink.retry_initial_s, self._sink.retry_max_s, self._rng.random(), result.retry_after_s
+            )
+            if attempt == 0 or outcome is Outcome.FIX_CONFIG:
+                log.warning("InfluxDB write failed (%s); retrying in %.2fs", self._last_error, delay)
+            attempt += 1
+            await asyncio.sleep(delay)
+
+    async def _dead_letter(self, batch: _Batch, result: WriteResult) -> None:
+        letter = DeadLetter(
+            payload=batch.body,
+            reason="influx_rejected",
+            source=batch.source or "influx",
+            stage="sink",
+            detail=f"HTTP {result.status}: {result.message}",
+        )
+        await self._dead_letters.send([letter])
+        SINK_METRICS.rejected.inc()
+        log.warning("InfluxDB rejected a point, sent to the DLQ: %s", result.message[:300])
+
+
+def _describe_row(points: PointColumns, row: int) -> str:
+    """A readable rendering of a row that could not be encoded (for the dead letter's payload)."""
+    measurement = points.measurement if isinstance(points.measurement, str) else points.measurement[row]
+    tags = {k: (v.categories[v.codes[row]] if isinstance(v, Categorical) else v[row]) for k, v in points.tags.items()}
+    fields = {k: v[row] for k, v in points.fields.items()}
+    return repr({"measurement": measurement, "tags": tags, "fields": fields, "ts_ns": int(points.ts_ns[row])})
