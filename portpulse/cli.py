@@ -31,7 +31,37 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("config", help="print the effective settings as JSON (secrets masked)")
     cat = sub.add_parser("catalogue", help="print the metric catalogue")
     cat.add_argument("--domain", help="only this domain")
+    q = sub.add_parser("query", help="query a sensor's or a site's metric from InfluxDB (raw or per window)")
+    who = q.add_mutually_exclusive_group()
+    who.add_argument("--sensor", help="sensor_id")
+    who.add_argument("--site", help="site (all its sensors together)")
+    q.add_argument("--domain", required=True, help="domain, e.g. air, crane, cell")
+    q.add_argument("--metric", required=True, help="metric, e.g. no2 (aggregate tables: no2_mean, ...)")
+    q.add_argument("--table", help="aggregate table window, e.g. 1m queries measurement {domain}_1m")
+    q.add_argument("--start", default="-1h", help="'now', a negative duration like -1h, or RFC 3339 (default -1h)")
+    q.add_argument("--stop", default="now", help="like --start (default now)")
+    q.add_argument("--every", help="aggregate per window of this duration, e.g. 1m")
+    q.add_argument("--fn", default="mean", help="aggregate function with --every (default mean)")
+    q.add_argument("--format", choices=("table", "csv", "json"), default="table")
     return parser
+
+
+def _cmd_query(settings: Settings, args: argparse.Namespace) -> int:
+    from sinks.query import QuerySpec, format_rows, run_query
+
+    spec = QuerySpec(
+        bucket=settings.influx.bucket,
+        measurement=f"{args.domain}_{args.table}" if args.table else args.domain,
+        field=args.metric,
+        sensor_id=args.sensor,
+        site=args.site,
+        start=args.start,
+        stop=args.stop,
+        every=args.every,
+        fn=args.fn,
+    )
+    print(format_rows(run_query(settings.influx, spec), args.format))
+    return EXIT_OK
 
 
 def _cmd_config(settings: Settings) -> int:
@@ -64,6 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_config(settings)
         if args.command == "catalogue":
             return _cmd_catalogue(args.domain)
+        if args.command == "query":
+            return _cmd_query(settings, args)
     except PortPulseError as exc:
         print(f"portpulse: {exc}", file=sys.stderr)
         return EXIT_CONFIG if not exc.retriable else EXIT_FAILURE

@@ -204,3 +204,74 @@ async def test_influx_outage_slows_the_caller_and_loses_nothing(
         influx, f'from(bucket: "{influx_bucket}") |> range(start: 0) |> group() |> count(column: "_value")'
     )
     assert int(rows[0]["_value"]) == per_call * calls
+
+
+async def test_portpulse_query_matches_a_direct_flux_query(
+    influx: InfluxEndpoint,
+    influx_bucket: str,
+    kafka: KafkaEndpoint,
+    unique: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import json
+
+    from portpulse.cli import main
+
+    base = 1_764_000_000_000_000_000
+    n = 600  # 10 minutes at 1 Hz for two sensors of one site
+    ts = base + np.repeat(np.arange(n // 2, dtype=np.int64), 2) * 2_000_000_000
+    sensors = _obj(["no2-a", "no2-b"] * (n // 2))
+    values = np.round(np.sin(np.arange(n) / 17) * 30 + 60, 3)
+    points = PointColumns("air", {"sensor_id": sensors, "site": _obj(["quai-de-l-europe"] * n)}, {"no2": values}, ts)
+    kafka_settings = KafkaSettings(bootstrap_servers=kafka.bootstrap_servers, topic_prefix=unique)
+    async with (
+        KafkaDeadLetters(kafka_settings) as dlq,
+        InfluxWriter(influx_settings(influx, influx_bucket), SinkSettings(), dlq) as writer,
+    ):
+        await (await writer.write(points))
+    for name, value in {
+        "PORTPULSE_INFLUX__URL": influx.url,
+        "PORTPULSE_INFLUX__TOKEN": influx.token,
+        "PORTPULSE_INFLUX__ORG": influx.org,
+        "PORTPULSE_INFLUX__BUCKET": influx_bucket,
+    }.items():
+        monkeypatch.setenv(name, value)
+    start, stop = "2025-11-24T16:00:00Z", "2025-11-24T17:00:00Z"
+    assert (
+        main(
+            [
+                "query",
+                "--domain",
+                "air",
+                "--metric",
+                "no2",
+                "--site",
+                "quai-de-l-europe",
+                "--start",
+                start,
+                "--stop",
+                stop,
+                "--every",
+                "1m",
+                "--fn",
+                "max",
+                "--format",
+                "json",
+            ]
+        )
+        == 0
+    )
+    cli_rows = json.loads(capsys.readouterr().out)
+    direct = query_rows(
+        influx,
+        f'from(bucket: "{influx_bucket}") |> range(start: {start}, stop: {stop})'
+        ' |> filter(fn: (r) => r._measurement == "air" and r._field == "no2" and r.site == "quai-de-l-europe")'
+        " |> group() |> aggregateWindow(every: 1m, fn: max, createEmpty: false)",
+    )
+    assert len(cli_rows) == len(direct) >= 10
+    assert [(r["time"], r["value"]) for r in cli_rows] == [(d["_time"], float(d["_value"])) for d in direct]
+    # And against the numbers we wrote, computed here without InfluxDB.
+    minute = (ts - ts[0] + (ts[0] % 60_000_000_000)) // 60_000_000_000
+    expected_max = [float(values[minute == m].max()) for m in np.unique(minute)]
+    assert [r["value"] for r in cli_rows] == expected_max

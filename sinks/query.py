@@ -1,0 +1,142 @@
+"""Analyst queries: one series (a sensor or a site, a metric) over a time range, optionally
+aggregated per window. Flux is built from validated parts; every user string enters the query
+as an escaped Flux string literal, so no argument can change the query's shape.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from portpulse.errors import ConfigError, PortPulseError, ServiceUnavailableError
+from portpulse.settings import InfluxSettings
+
+__all__ = ["AGGREGATES", "QueryRow", "QuerySpec", "build_flux", "flux_string", "rows_to_dataframe", "run_query"]
+
+AGGREGATES = ("mean", "min", "max", "count", "sum", "last", "first", "median", "stddev", "spread")
+_DURATION = re.compile(r"-?(\d+(ns|us|ms|s|m|h|d|w|mo|y))+")
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?(Z|[+-]\d{2}:\d{2})")
+
+
+def flux_string(text: str) -> str:
+    """A Flux string literal holding exactly ``text`` (escapes ``\\``, ``"`` and ``${``)."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("${", "\\${") + '"'
+
+
+def _flux_time(text: str, what: str) -> str:
+    if text == "now":
+        return "now()"
+    if _DURATION.fullmatch(text):
+        return text
+    if _RFC3339.fullmatch(text):
+        return text
+    raise ConfigError(f"{what} must be 'now', a duration like -1h / -30m, or RFC 3339 time, not {text!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class QuerySpec:
+    """What an analyst asks for. ``every`` + ``fn`` aggregate per window; without them, raw points."""
+
+    bucket: str
+    measurement: str
+    field: str
+    sensor_id: str | None = None
+    site: str | None = None
+    start: str = "-1h"
+    stop: str = "now"
+    every: str | None = None
+    fn: str = "mean"
+
+    def __post_init__(self) -> None:
+        _flux_time(self.start, "start")
+        _flux_time(self.stop, "stop")
+        if self.every is not None and (not _DURATION.fullmatch(self.every) or self.every.startswith("-")):
+            raise ConfigError(f"window must be a positive duration like 1m or 15m, not {self.every!r}")
+        if self.fn not in AGGREGATES:
+            raise ConfigError(f"function must be one of {', '.join(AGGREGATES)}, not {self.fn!r}")
+        if not self.measurement or not self.field:
+            raise ConfigError("measurement and field are required")
+
+
+def build_flux(spec: QuerySpec) -> str:
+    """The Flux query for ``spec`` (pure)."""
+    lines = [
+        f"from(bucket: {flux_string(spec.bucket)})",
+        f"  |> range(start: {_flux_time(spec.start, 'start')}, stop: {_flux_time(spec.stop, 'stop')})",
+        f"  |> filter(fn: (r) => r._measurement == {flux_string(spec.measurement)}"
+        f" and r._field == {flux_string(spec.field)})",
+    ]
+    if spec.sensor_id is not None:
+        lines.append(f"  |> filter(fn: (r) => r.sensor_id == {flux_string(spec.sensor_id)})")
+    if spec.site is not None:
+        lines.append(f"  |> filter(fn: (r) => r.site == {flux_string(spec.site)})")
+    if spec.sensor_id is None:
+        # A site (or everything): one series per query, across its sensors.
+        lines.append('  |> group(columns: ["_measurement", "_field"])')
+    if spec.every is not None:
+        lines.append(f"  |> aggregateWindow(every: {spec.every}, fn: {spec.fn}, createEmpty: false)")
+    else:
+        lines.append('  |> sort(columns: ["_time"])')
+    lines.append('  |> keep(columns: ["_time", "_value"])')
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True, slots=True)
+class QueryRow:
+    """One result row: time as RFC 3339 text (ns precision kept) and the value."""
+
+    time: str
+    value: float
+
+
+def run_query(influx: InfluxSettings, spec: QuerySpec) -> list[QueryRow]:
+    """Run ``spec`` against InfluxDB and return the rows in time order."""
+    from influxdb_client import InfluxDBClient
+    from influxdb_client.domain.dialect import Dialect
+    from influxdb_client.rest import ApiException
+
+    try:
+        with InfluxDBClient(
+            url=influx.url, token=influx.token.get_secret_value(), org=influx.org, timeout=influx.timeout_ms
+        ) as client:
+            csv = client.query_api().query_csv(build_flux(spec), dialect=Dialect(header=True, annotations=[]))
+            raw = [r for r in csv if r]
+    except ApiException as exc:
+        body = exc.body.decode(errors="replace") if isinstance(exc.body, bytes) else str(exc.body)
+        raise PortPulseError(f"InfluxDB refused the query (HTTP {exc.status}): {body[:500]}") from None
+    except Exception as exc:  # urllib3/socket errors: InfluxDB is not answering
+        raise ServiceUnavailableError("influx", f"{type(exc).__name__} talking to {influx.url}") from None
+    if not raw:
+        return []
+    header = raw[0]
+    t, v = header.index("_time"), header.index("_value")
+    rows = [QueryRow(r[t], float(r[v])) for r in raw[1:] if r != header and r[v] != ""]
+    return sorted(rows, key=lambda r: r.time)
+
+
+def rows_to_dataframe(rows: list[QueryRow]) -> Any:
+    """A pandas DataFrame indexed by UTC time (needs pandas installed)."""
+    try:
+        import pandas as pd
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ConfigError("pandas is not installed: pip install pandas") from exc
+    frame = pd.DataFrame({"time": pd.to_datetime([r.time for r in rows], utc=True), "value": [r.value for r in rows]})
+    return frame.set_index("time")
+
+
+OutputFormat = Literal["table", "csv", "json"]
+
+
+def format_rows(rows: list[QueryRow], fmt: OutputFormat) -> str:
+    """Render rows for the terminal (table), spreadsheets (csv) or programs (json)."""
+    import json
+
+    if fmt == "json":
+        return json.dumps([{"time": r.time, "value": r.value} for r in rows])
+    if fmt == "csv":
+        return "\n".join(["time,value", *(f"{r.time},{r.value!r}" for r in rows)])
+    width = max((len(r.time) for r in rows), default=4)
+    return "\n".join(
+        [f"{'time':<{width}}  value", *(f"{r.time:<{width}}  {r.value!r}" for r in rows), f"({len(rows)} rows)"]
+    )
