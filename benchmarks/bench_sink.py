@@ -14,9 +14,9 @@ import asyncio
 import os
 import resource
 import time
-import uuid
 import urllib.parse
 import urllib.request
+import uuid
 
 import numpy as np
 
@@ -139,7 +139,8 @@ def main() -> None:
 
     print(f"\n## Sustained write into InfluxDB at {influx_settings('x').url} ({args.seconds:.0f} s)\n")
     print(
-        "| gzip | batch lines | senders | points | points/s | vs target 300 k/s | client CPU s | p99 write() ms | max RSS MB |"
+        "| gzip | batch lines | senders | points | points/s | vs target 300 k/s | client CPU s "
+        "| p99 write() ms | max RSS MB |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for gzip in (False, True):
