@@ -62,8 +62,8 @@ def bench_encode(n: int) -> tuple[float, float, float]:
     from influxdb_client import Point
 
     sample = min(n, 100_000)
-    sids = plain.tags["sensor_id"]
-    sites = plain.tags["site"]
+    sids = plain.tags["sensor_id"].tolist()
+    sites = plain.tags["site"].tolist()
     vals = points.fields["no2"]
     t = time.process_time()
     for i in range(sample):
