@@ -13,16 +13,19 @@ from hypothesis import strategies as st
 from sinks.lineprotocol import Categorical, PointColumns, encode_lines
 
 
-def _split_unescaped(text: str, sep: str) -> list[str]:
-    """Split on ``sep`` not preceded by a backslash escape (the InfluxDB scanner's rule)."""
-    parts, cur, i = [], [], 0
+def _split_unescaped(text: str, sep: str, quotes: bool = False) -> list[str]:
+    """Split on ``sep`` not escaped by a backslash (the InfluxDB scanner's rule) and, with
+    ``quotes``, not inside a double-quoted string field value."""
+    parts, cur, i, quoted = [], [], 0, False
     while i < len(text):
         c = text[i]
         if c == "\\" and i + 1 < len(text):
             cur.append(text[i : i + 2])
             i += 2
             continue
-        if c == sep:
+        if quotes and c == '"':
+            quoted = not quoted
+        if c == sep and not quoted:
             parts.append("".join(cur))
             cur = []
         else:
@@ -60,31 +63,11 @@ def parse_line(line: str) -> tuple[str, dict[str, str], dict[str, float | str], 
         k, v = _split_unescaped(part, "=")
         tags[_unescape(k, ",= ")] = _unescape(v, ",= ")
     fields: dict[str, float | str] = {}
-    for part in _split_fields(fields_text):
+    for part in _split_unescaped(fields_text, ",", quotes=True):
         k, _, v = part.partition("=")
         name = _unescape(k, ",= ")
         fields[name] = _unescape(v[1:-1], '"\\') if v.startswith('"') else float(v)
     return measurement, tags, fields, int(ts)
-
-
-def _split_fields(text: str) -> list[str]:
-    parts, cur, i, quoted = [], [], 0, False
-    while i < len(text):
-        c = text[i]
-        if c == "\\" and i + 1 < len(text):
-            cur.append(text[i : i + 2])
-            i += 2
-            continue
-        if c == '"':
-            quoted = not quoted
-        if c == "," and not quoted:
-            parts.append("".join(cur))
-            cur = []
-        else:
-            cur.append(c)
-        i += 1
-    parts.append("".join(cur))
-    return parts
 
 
 # Hostile but representable text: commas, spaces, equals, quotes, backslashes (not trailing), unicode.
