@@ -122,7 +122,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--points", type=int, default=1_000_000, help="rows for the encoding benchmark")
     parser.add_argument("--seconds", type=float, default=20.0, help="duration of the sustained write")
-    parser.add_argument("--batch", type=int, default=20_000, help="lines per InfluxDB request")
+    parser.add_argument("--batch", type=int, default=50_000, help="lines per InfluxDB request")
     args = parser.parse_args()
 
     cat, plain, peer = bench_encode(args.points)

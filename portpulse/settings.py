@@ -99,7 +99,7 @@ class InfluxSettings(_Section):
 class SinkSettings(_Section):
     """InfluxDB writer: batching, backpressure and retries."""
 
-    batch_lines: int = Field(10_000, ge=1)
+    batch_lines: int = Field(50_000, ge=1)
     flush_interval_ms: int = Field(250, ge=1)
     max_pending_batches: int = Field(8, ge=1)
     concurrency: int = Field(2, ge=1, le=32)
