@@ -1,3 +1,16 @@
-"""ingest (see design.md)."""
+"""Ingest: MQTT -> Kafka. Pure decoders (``ingest.decode``, ``ingest.records``), the paho adapter
+(``ingest.mqtt``) and the bridge loop (``ingest.bridge``)."""
 
-__all__: list[str] = []
+from ingest.decode import DecodedBatch, DecodeLimits, Message, Problem, decode_messages
+from ingest.records import OutRecord, build_dead_letters, build_records
+
+__all__ = [
+    "DecodeLimits",
+    "DecodedBatch",
+    "Message",
+    "OutRecord",
+    "Problem",
+    "build_dead_letters",
+    "build_records",
+    "decode_messages",
+]

@@ -31,6 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("config", help="print the effective settings as JSON (secrets masked)")
     cat = sub.add_parser("catalogue", help="print the metric catalogue")
     cat.add_argument("--domain", help="only this domain")
+    sub.add_parser("bridge", help="run the MQTT -> Kafka bridge until SIGINT/SIGTERM")
     q = sub.add_parser("query", help="query a sensor's or a site's metric from InfluxDB (raw or per window)")
     who = q.add_mutually_exclusive_group()
     who.add_argument("--sensor", help="sensor_id")
@@ -64,6 +65,24 @@ def _cmd_query(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_bridge(settings: Settings) -> int:
+    import logging
+
+    from ingest.bridge import run_bridge
+    from portpulse.runtime import run_until_signal, setup_logging
+
+    setup_logging(settings.ops)
+    stats = run_until_signal(lambda stop: run_bridge(settings, stop))
+    logging.getLogger("portpulse.bridge").info(
+        "bridge stopped: %d messages, %d readings to Kafka, %d dead letters, %d acked",
+        stats.messages,
+        stats.readings,
+        stats.dead_letters,
+        stats.acked,
+    )
+    return EXIT_OK
+
+
 def _cmd_config(settings: Settings) -> int:
     print(json.dumps(settings.model_dump(mode="json"), indent=2, ensure_ascii=False))
     return EXIT_OK
@@ -94,6 +113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_config(settings)
         if args.command == "catalogue":
             return _cmd_catalogue(args.domain)
+        if args.command == "bridge":
+            return _cmd_bridge(settings)
         if args.command == "query":
             return _cmd_query(settings, args)
     except PortPulseError as exc:

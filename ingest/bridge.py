@@ -1,0 +1,287 @@
+"""The bridge loop: MQTT messages -> decode -> Kafka, acknowledging MQTT only after Kafka did.
+
+Messages are taken in batches, decoded together, and sent as one group of Kafka records; a
+batch's MQTT acks go out (in receive order, as MQTT requires) once Kafka has acknowledged every
+record and dead letter derived from it. If Kafka is away the sends are retried with backoff,
+no acks go out, at most ``ingest.max_in_flight`` messages are held, and the broker keeps the
+rest in the persistent session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+from ingest.decode import DecodeLimits, decode_messages
+from ingest.metrics import INGEST_METRICS
+from ingest.mqtt import Inbound, MqttSource
+from ingest.records import OutRecord, build_dead_letters, build_records
+from portpulse.deadletter import DeadLetter, dead_letter_headers
+from portpulse.errors import ServiceUnavailableError
+from portpulse.settings import Settings
+from portpulse.topics import dlq_topic
+
+__all__ = ["Bridge", "BridgeStats", "KafkaRecordSink", "run_bridge"]
+
+log = logging.getLogger("portpulse.bridge")
+
+BATCH_MESSAGES = 2_000
+BATCH_WAIT_S = 0.005
+
+
+@dataclass
+class BridgeStats:
+    messages: int = 0
+    readings: int = 0
+    dead_letters: int = 0
+    acked: int = 0
+    ack_skipped: int = 0
+    kafka_retries: int = 0
+    rejected_by_reason: dict[str, int] = field(default_factory=dict)
+
+
+class KafkaRecordSink:
+    """aiokafka producer for readings and dead letters: idempotent, ``acks=all``, compressed."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._producer: Any = None
+        self._known_topics: set[str] = set()
+        self.healthy = True
+
+    async def __aenter__(self) -> KafkaRecordSink:
+        from aiokafka import AIOKafkaProducer
+
+        k = self._settings.kafka
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=k.bootstrap_servers,
+            acks="all",
+            enable_idempotence=True,
+            compression_type=None if k.compression == "none" else k.compression,
+            linger_ms=k.linger_ms,
+            max_batch_size=k.max_batch_bytes,
+            request_timeout_ms=k.request_timeout_ms,
+            max_request_size=max(k.max_batch_bytes, self._settings.ingest.max_payload_bytes * 2),
+            **_security(self._settings),
+        )
+        try:
+            await self._producer.start()
+        except Exception as exc:
+            await self._producer.stop()
+            raise ServiceUnavailableError("kafka", f"{k.bootstrap_servers}: {exc}") from None
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._producer is not None:
+            await self._producer.stop()
+
+    async def ensure_topics(self, topics: set[str]) -> None:
+        """Create missing topics with the configured partitions (idempotent)."""
+        missing = topics - self._known_topics
+        if not missing:
+            return
+        from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+        from aiokafka.errors import TopicAlreadyExistsError
+
+        k = self._settings.kafka
+        admin = AIOKafkaAdminClient(bootstrap_servers=k.bootstrap_servers, **_security(self._settings))
+        await admin.start()
+        try:
+            existing = set(await admin.list_topics())
+            new = [NewTopic(t, k.partitions, k.replication_factor) for t in sorted(missing - existing)]
+            if new:
+                with contextlib.suppress(TopicAlreadyExistsError):
+                    await admin.create_topics(new)
+                log.info("created Kafka topics %s", ", ".join(t.name for t in new))
+        finally:
+            await admin.close()
+        self._known_topics |= missing
+
+    async def send_all(self, records: list[tuple[str, bytes | None, bytes, list[tuple[str, bytes]]]]) -> int:
+        """Send records until Kafka acknowledged every one; returns the number of retries it took."""
+        from aiokafka.errors import KafkaError
+
+        pending = records
+        retries = 0
+        rng = random.Random()
+        while True:
+            futures = []
+            failed: list[tuple[str, bytes | None, bytes, list[tuple[str, bytes]]]] = []
+            for rec in pending:
+                topic, key, value, headers = rec
+                try:
+                    futures.append((rec, await self._producer.send(topic, value, key=key, headers=headers)))
+                except KafkaError as exc:
+                    failed.append(rec)
+                    self._note_failure(exc)
+            for rec, fut in futures:
+                try:
+                    await fut
+                except KafkaError as exc:
+                    failed.append(rec)
+                    self._note_failure(exc)
+            if not failed:
+                if not self.healthy:
+                    log.info("Kafka acknowledges records again after %d retries", retries)
+                self.healthy = True
+                INGEST_METRICS.kafka_healthy.set(1)
+                return retries
+            pending = failed
+            delay = min(5.0, 0.1 * 2 ** min(retries, 6)) * (0.5 + rng.random() / 2)
+            retries += 1
+            await asyncio.sleep(delay)
+
+    def _note_failure(self, exc: Exception) -> None:
+        if self.healthy:
+            log.warning("Kafka send failed (%s); holding MQTT acks and retrying", type(exc).__name__)
+        self.healthy = False
+        INGEST_METRICS.kafka_healthy.set(0)
+
+
+def _security(settings: Settings) -> dict[str, Any]:
+    k = settings.kafka
+    out: dict[str, Any] = {"security_protocol": k.security_protocol}
+    if k.sasl_mechanism:
+        out["sasl_mechanism"] = k.sasl_mechanism
+        out["sasl_plain_username"] = k.sasl_username
+        out["sasl_plain_password"] = k.sasl_password.get_secret_value() if k.sasl_password else None
+    if k.security_protocol in ("SSL", "SASL_SSL"):
+        import ssl
+
+        out["ssl_context"] = ssl.create_default_context(cafile=str(k.ssl_ca_file) if k.ssl_ca_file else None)
+    return out
+
+
+@dataclass
+class _Flight:
+    inbound: list[Inbound]
+    task: asyncio.Task[None]
+
+
+class Bridge:
+    """MQTT -> Kafka. ``await bridge.run(stop)`` until ``stop`` is set, then drain and return."""
+
+    def __init__(self, settings: Settings, source: MqttSource, sink: KafkaRecordSink) -> None:
+        self._settings = settings
+        self._source = source
+        self._sink = sink
+        i = settings.ingest
+        self._limits = DecodeLimits(
+            topic_prefix=settings.mqtt.topic_prefix,
+            max_payload_bytes=i.max_payload_bytes,
+            max_future_ns=int(i.max_future_s * 1e9),
+            max_past_ns=int(i.max_past_s * 1e9),
+        )
+        self._flights: collections.deque[_Flight] = collections.deque()
+        self._in_flight = 0
+        self.stats = BridgeStats()
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    async def run(self, stop: asyncio.Event, drain_timeout_s: float = 30.0) -> None:
+        max_in_flight = self._settings.ingest.max_in_flight
+        try:
+            while not stop.is_set():
+                self._ack_completed()
+                room = max_in_flight - self._in_flight
+                if room <= 0:
+                    # Kafka is slow or away: stop taking messages; paho blocks, the broker queues.
+                    await asyncio.wait({self._flights[0].task}, timeout=0.1)
+                    continue
+                batch = await self._source.get_batch(min(room, BATCH_MESSAGES), BATCH_WAIT_S)
+                if batch:
+                    await self._dispatch(batch)
+        finally:
+            await self._drain(drain_timeout_s)
+
+    async def _dispatch(self, batch: list[Inbound]) -> None:
+        messages = [b.message for b in batch]
+        decoded = decode_messages(messages, self._limits)
+        records = build_records(decoded, self._settings.kafka.topic_prefix)
+        letters = build_dead_letters(decoded, messages)
+        self.stats.messages += len(batch)
+        for problems in decoded.problems.values():
+            for p in problems:
+                self.stats.rejected_by_reason[p.reason] = self.stats.rejected_by_reason.get(p.reason, 0) + 1
+                INGEST_METRICS.dlq.labels(p.reason).inc()
+        await self._sink.ensure_topics({r.topic for r in records} | ({self._dlq_topic} if letters else set()))
+        self._flights.append(_Flight(batch, asyncio.create_task(self._deliver(records, [x for _, x in letters]))))
+        self._in_flight += len(batch)
+        INGEST_METRICS.in_flight.set(self._in_flight)
+
+    @property
+    def _dlq_topic(self) -> str:
+        return dlq_topic(self._settings.kafka.topic_prefix)
+
+    async def _deliver(self, records: list[OutRecord], letters: list[DeadLetter]) -> None:
+        started = time.perf_counter()
+        out: list[tuple[str, bytes | None, bytes, list[tuple[str, bytes]]]] = [
+            (r.topic, r.key, r.value, r.headers) for r in records
+        ]
+        out += [(self._dlq_topic, None, letter.payload, dead_letter_headers(letter)) for letter in letters]
+        self.stats.kafka_retries += await self._sink.send_all(out)
+        INGEST_METRICS.kafka_send_seconds.observe(time.perf_counter() - started)
+        readings = sum(r.readings for r in records)
+        self.stats.readings += readings
+        self.stats.dead_letters += len(letters)
+        INGEST_METRICS.readings.inc(readings)
+
+    def _ack_completed(self) -> None:
+        """Ack finished batches from the head, so PUBACKs leave in receive order."""
+        while self._flights and self._flights[0].task.done() and not self._flights[0].task.cancelled():
+            flight = self._flights.popleft()
+            flight.task.result()  # re-raise a bug rather than ack what was not delivered
+            for inbound in flight.inbound:
+                if self._source.ack(inbound):
+                    self.stats.acked += 1
+                else:
+                    self.stats.ack_skipped += 1
+            self._in_flight -= len(flight.inbound)
+        INGEST_METRICS.in_flight.set(self._in_flight)
+
+    async def _drain(self, timeout_s: float) -> None:
+        """On shutdown: wait (bounded) for Kafka to acknowledge what is in flight, then ack it."""
+        if self._flights:
+            _done, pending = await asyncio.wait([f.task for f in self._flights], timeout=timeout_s)
+            if pending:
+                log.warning("shutdown: %d batches not acknowledged by Kafka; MQTT will redeliver them", len(pending))
+            for task in pending:
+                task.cancel()
+            for task in pending:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._ack_completed()
+        self._flights.clear()
+        self._in_flight = 0
+
+
+async def run_bridge(settings: Settings, stop: asyncio.Event) -> BridgeStats:
+    """Run a bridge until ``stop`` is set; returns its counters."""
+    async with KafkaRecordSink(settings) as sink, MqttSource(settings.mqtt, settings.ingest.max_in_flight) as source:
+        log.info(
+            "bridge up: MQTT %s:%d %s (QoS %d) -> Kafka %s",
+            settings.mqtt.host,
+            settings.mqtt.port,
+            source_filters(settings),
+            settings.mqtt.qos,
+            settings.kafka.bootstrap_servers,
+        )
+        bridge = Bridge(settings, source, sink)
+        await bridge.run(stop)
+        return bridge.stats
+
+
+def source_filters(settings: Settings) -> list[str]:
+    group = settings.mqtt.shared_group
+    return [f"$share/{group}/{f}" if group else f for f in settings.mqtt.subscriptions]

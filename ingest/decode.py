@@ -1,0 +1,404 @@
+"""Pure payload decoders: MQTT topic + payload bytes -> reading columns, or reasons.
+
+Accepted payloads (see the README's wire contract):
+
+1. JSON reading: ``{"ts": ..., "metrics": {"no2": 41.2, ...}}`` on ``sensors/{domain}/{site}/{sensor_id}``
+2. JSON gateway batch: ``{"readings": [{"sensor_id": "...", "ts": ..., "metrics": {...}}, ...]}``
+   on ``sensors/{domain}/{site}`` or ``sensors/{domain}/{site}/{gateway_id}``
+3. InfluxDB line protocol, one or many lines; tags ``sensor_id`` and ``site`` override the topic.
+
+Timestamps: epoch s/ms/us/ns (told apart by magnitude) or RFC 3339 text; a reading without one
+gets the receive time and ``FLAG_TS_FROM_RECEIVE``. Every rejected value is reported as a
+:class:`Problem` with a stable ``reason`` code; the good readings of the same message still pass.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from portpulse.schema import FLAG_TS_FROM_RECEIVE, ReadingColumns
+from portpulse.topics import ID_RE, MqttTopic, parse_mqtt_topic
+
+__all__ = [
+    "REASONS",
+    "DecodeLimits",
+    "DecodedBatch",
+    "Message",
+    "Problem",
+    "decode_messages",
+    "parse_timestamp_ns",
+]
+
+#: Every reason code a rejection can carry (metrics are labelled with these).
+REASONS = (
+    "payload_too_large",
+    "bad_topic",
+    "not_utf8",
+    "malformed_json",
+    "malformed_line_protocol",
+    "unsupported_shape",
+    "missing_metrics",
+    "bad_sensor_id",
+    "bad_metric_name",
+    "non_numeric_value",
+    "non_finite_value",
+    "bad_timestamp",
+    "ts_too_far_future",
+    "ts_too_far_past",
+)
+
+METRIC_RE = re.compile(r"[A-Za-z0-9_]{1,64}")
+_MAX_READINGS_PER_MESSAGE = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeLimits:
+    """What the decoder accepts. Times are ns; ``max_payload_bytes`` applies before parsing."""
+
+    topic_prefix: str = "sensors"
+    max_payload_bytes: int = 256 * 1024
+    max_future_ns: int = 300 * 10**9
+    max_past_ns: int = 7 * 24 * 3600 * 10**9
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One MQTT message as received; ``received_ns`` is the bridge's wall clock (ns since epoch)."""
+
+    topic: str
+    payload: bytes
+    received_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    reason: str
+    detail: str
+
+
+@dataclass(slots=True)
+class DecodedBatch:
+    """Readings of a batch of messages. ``message_index`` (int64 ``(n,)``) maps each reading to
+    its message; ``problems`` maps a message index to what was rejected from it."""
+
+    readings: ReadingColumns
+    message_index: npt.NDArray[np.int64]
+    problems: dict[int, list[Problem]] = field(default_factory=dict)
+
+
+class _Out:
+    """Column builders shared by the per-format decoders."""
+
+    __slots__ = ("domain", "flags", "message", "metric", "sensor", "site", "ts", "value")
+
+    def __init__(self) -> None:
+        self.sensor: list[str] = []
+        self.site: list[str] = []
+        self.domain: list[str] = []
+        self.metric: list[str] = []
+        self.ts: list[int] = []
+        self.value: list[float] = []
+        self.flags: list[int] = []
+        self.message: list[int] = []
+
+    def add(self, msg: int, sensor: str, site: str, domain: str, metric: str, ts: int, value: float, flag: int) -> None:
+        self.message.append(msg)
+        self.sensor.append(sensor)
+        self.site.append(site)
+        self.domain.append(domain)
+        self.metric.append(metric)
+        self.ts.append(ts)
+        self.value.append(value)
+        self.flags.append(flag)
+
+
+def _obj(values: list[str]) -> npt.NDArray[np.object_]:
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out
+
+
+def decode_messages(messages: Sequence[Message], limits: DecodeLimits) -> DecodedBatch:
+    """Decode a batch of MQTT messages into reading columns and per-message problems."""
+    out = _Out()
+    problems: dict[int, list[Problem]] = {}
+    for i, msg in enumerate(messages):
+        found: list[Problem] = []
+        _decode_one(i, msg, limits, out, found)
+        if found:
+            problems[i] = found
+    readings = ReadingColumns(
+        sensor_id=_obj(out.sensor),
+        site=_obj(out.site),
+        domain=_obj(out.domain),
+        metric=_obj(out.metric),
+        ts_ns=np.array(out.ts, dtype=np.int64),
+        value=np.array(out.value, dtype=np.float64),
+        flags=np.array(out.flags, dtype=np.uint8),
+    )
+    return DecodedBatch(readings, np.array(out.message, dtype=np.int64), problems)
+
+
+def _decode_one(i: int, msg: Message, limits: DecodeLimits, out: _Out, problems: list[Problem]) -> None:
+    if len(msg.payload) > limits.max_payload_bytes:
+        problems.append(Problem("payload_too_large", f"{len(msg.payload)} bytes > limit {limits.max_payload_bytes}"))
+        return
+    topic = parse_mqtt_topic(msg.topic, limits.topic_prefix)
+    if isinstance(topic, str):
+        problems.append(Problem("bad_topic", f"{msg.topic!r}: {topic}"))
+        return
+    try:
+        text = msg.payload.decode()
+    except UnicodeDecodeError as exc:
+        problems.append(Problem("not_utf8", str(exc)))
+        return
+    stripped = text.lstrip()
+    if stripped.startswith(("{", "[")):
+        _decode_json(i, stripped, topic, msg.received_ns, limits, out, problems)
+    elif stripped:
+        _decode_line_protocol(i, stripped, topic, msg.received_ns, limits, out, problems)
+    else:
+        problems.append(Problem("missing_metrics", "empty payload"))
+
+
+# ---------------------------------------------------------------- timestamps
+
+
+def parse_timestamp_ns(raw: object) -> int:
+    """Epoch s/ms/us/ns (by magnitude) or RFC 3339 text -> ns since the epoch. Raises ValueError."""
+    if isinstance(raw, bool):
+        raise ValueError("boolean is not a timestamp")
+    if isinstance(raw, int):
+        magnitude = abs(raw)
+        if magnitude < 10**11:  # seconds until year 5138
+            return raw * 10**9
+        if magnitude < 10**14:
+            return raw * 10**6
+        if magnitude < 10**17:
+            return raw * 10**3
+        if magnitude < 10**19:
+            return raw
+        raise ValueError(f"timestamp {raw} out of range")
+    if isinstance(raw, float):
+        if not math.isfinite(raw):
+            raise ValueError("timestamp is not finite")
+        if abs(raw) < 1e11:
+            return round(raw * 1e9)
+        if abs(raw) < 1e14:
+            return round(raw * 1e6)
+        if abs(raw) < 1e17:
+            return round(raw * 1e3)
+        raise ValueError(f"float timestamp {raw} out of range (use an integer for ns)")
+    if isinstance(raw, str):
+        return _rfc3339_ns(raw)
+    raise ValueError(f"timestamp must be a number or RFC 3339 text, not {type(raw).__name__}")
+
+
+_RFC3339 = re.compile(r"(\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2})(?:\.(\d{1,9}))?(Z|z|[+-]\d{2}:\d{2})")
+
+
+def _rfc3339_ns(text: str) -> int:
+    match = _RFC3339.fullmatch(text.strip())
+    if not match:
+        raise ValueError(f"not RFC 3339: {text[:40]!r}")
+    whole, frac, zone = match.groups()
+    moment = datetime.fromisoformat(whole + ("+00:00" if zone in ("Z", "z") else zone))
+    return int(moment.timestamp()) * 10**9 + int((frac or "0").ljust(9, "0"))
+
+
+def _check_ts(ts: int, received_ns: int, limits: DecodeLimits) -> Problem | None:
+    if ts > received_ns + limits.max_future_ns:
+        return Problem("ts_too_far_future", f"{(ts - received_ns) / 1e9:.0f}s ahead of the bridge clock")
+    if ts < received_ns - limits.max_past_ns:
+        return Problem("ts_too_far_past", f"{(received_ns - ts) / 1e9:.0f}s behind the bridge clock")
+    return None
+
+
+def _value(metric: str, raw: object) -> tuple[float | None, Problem | None]:
+    if not isinstance(metric, str) or not METRIC_RE.fullmatch(metric):
+        return None, Problem("bad_metric_name", f"{str(metric)[:80]!r} must match [A-Za-z0-9_]{{1,64}}")
+    if isinstance(raw, bool):
+        return float(raw), None
+    if isinstance(raw, int | float):
+        value = float(raw)
+        if not math.isfinite(value):
+            return None, Problem("non_finite_value", f"{metric}={raw}")
+        return value, None
+    return None, Problem("non_numeric_value", f"{metric}={str(raw)[:80]!r}")
+
+
+# ---------------------------------------------------------------- JSON
+
+
+def _decode_json(
+    i: int, text: str, topic: MqttTopic, received_ns: int, limits: DecodeLimits, out: _Out, problems: list[Problem]
+) -> None:
+    try:
+        doc = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        problems.append(Problem("malformed_json", str(exc)[:200]))
+        return
+    if not isinstance(doc, dict):
+        problems.append(Problem("unsupported_shape", "JSON payload must be an object"))
+        return
+    if "readings" in doc:
+        readings = doc["readings"]
+        if not isinstance(readings, list) or not readings:
+            problems.append(Problem("unsupported_shape", "'readings' must be a non-empty list"))
+            return
+        if len(readings) > _MAX_READINGS_PER_MESSAGE:
+            problems.append(Problem("payload_too_large", f"{len(readings)} readings in one message"))
+            return
+        for k, reading in enumerate(readings):
+            if not isinstance(reading, dict):
+                problems.append(Problem("unsupported_shape", f"readings[{k}] is not an object"))
+                continue
+            sensor = reading.get("sensor_id", topic.sensor_id)
+            _add_reading(i, reading, sensor, topic, received_ns, limits, out, problems, f"readings[{k}].")
+        return
+    if not topic.sensor_id:
+        problems.append(Problem("bad_topic", "a single reading needs sensors/{domain}/{site}/{sensor_id}"))
+        return
+    _add_reading(i, doc, topic.sensor_id, topic, received_ns, limits, out, problems, "")
+
+
+def _add_reading(
+    i: int,
+    reading: dict[str, Any],
+    sensor: object,
+    topic: MqttTopic,
+    received_ns: int,
+    limits: DecodeLimits,
+    out: _Out,
+    problems: list[Problem],
+    where: str,
+) -> None:
+    if not isinstance(sensor, str) or not ID_RE.fullmatch(sensor):
+        problems.append(Problem("bad_sensor_id", f"{where}sensor_id {str(sensor)[:80]!r}"))
+        return
+    site = reading.get("site", topic.site)
+    if not isinstance(site, str) or not ID_RE.fullmatch(site):
+        problems.append(Problem("bad_sensor_id", f"{where}site {str(site)[:80]!r}"))
+        return
+    metrics = reading.get("metrics")
+    if not isinstance(metrics, dict) or not metrics:
+        problems.append(Problem("missing_metrics", f"{where}metrics must be a non-empty object"))
+        return
+    flag = 0
+    if reading.get("ts") is None:
+        ts, flag = received_ns, int(FLAG_TS_FROM_RECEIVE)
+    else:
+        try:
+            ts = parse_timestamp_ns(reading["ts"])
+        except ValueError as exc:
+            problems.append(Problem("bad_timestamp", f"{where}ts: {exc}"))
+            return
+        if problem := _check_ts(ts, received_ns, limits):
+            problems.append(Problem(problem.reason, where + problem.detail))
+            return
+    for metric, raw in metrics.items():
+        value, problem = _value(metric, raw)
+        if problem:
+            problems.append(Problem(problem.reason, where + problem.detail))
+        else:
+            assert value is not None
+            out.add(i, sensor, site, topic.domain, metric, ts, value, flag)
+
+
+# ---------------------------------------------------------------- line protocol
+
+
+def _split_escaped(text: str, sep: str) -> list[str]:
+    if "\\" not in text and '"' not in text:
+        return text.split(sep)
+    parts, cur, k, quoted = [], [], 0, False
+    while k < len(text):
+        c = text[k]
+        if c == "\\" and k + 1 < len(text):
+            cur.append(text[k : k + 2])
+            k += 2
+            continue
+        if c == '"':
+            quoted = not quoted
+        if c == sep and not quoted:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(c)
+        k += 1
+    parts.append("".join(cur))
+    return parts
+
+
+def _unescape(text: str) -> str:
+    return re.sub(r"\\([,= \\\"])", r"\1", text) if "\\" in text else text
+
+
+def _lp_value(text: str) -> object:
+    if text.endswith(("i", "u")) and text[:-1].lstrip("-").isdigit():
+        return int(text[:-1])
+    if text in ("t", "T", "true", "True", "TRUE"):
+        return True
+    if text in ("f", "F", "false", "False", "FALSE"):
+        return False
+    if text.startswith('"'):
+        return text  # a string field: reported as non-numeric
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def _decode_line_protocol(
+    i: int, text: str, topic: MqttTopic, received_ns: int, limits: DecodeLimits, out: _Out, problems: list[Problem]
+) -> None:
+    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    if len(lines) > _MAX_READINGS_PER_MESSAGE:
+        problems.append(Problem("payload_too_large", f"{len(lines)} lines in one message"))
+        return
+    for n, line in enumerate(lines):
+        sections = _split_escaped(line.strip(), " ")
+        if len(sections) not in (2, 3) or not sections[1]:
+            problems.append(
+                Problem("malformed_line_protocol", f"line {n + 1}: expected 'measurement[,tags] fields [ts]'")
+            )
+            continue
+        key_parts = _split_escaped(sections[0], ",")
+        tags: dict[str, str] = {}
+        bad = False
+        for part in key_parts[1:]:
+            k, eq, v = part.partition("=")
+            if not eq or not k or not v:
+                bad = True
+                break
+            tags[_unescape(k)] = _unescape(v)
+        if bad:
+            problems.append(Problem("malformed_line_protocol", f"line {n + 1}: bad tag set"))
+            continue
+        fields: dict[str, object] = {}
+        for part in _split_escaped(sections[1], ","):
+            k, eq, v = part.partition("=")
+            if not eq or not k or not v:
+                bad = True
+                break
+            fields[_unescape(k)] = _lp_value(v)
+        if bad:
+            problems.append(Problem("malformed_line_protocol", f"line {n + 1}: bad field set"))
+            continue
+        reading: dict[str, Any] = {"metrics": fields, "site": tags.get("site", topic.site)}
+        if len(sections) == 3:
+            if not sections[2].lstrip("-").isdigit():
+                problems.append(Problem("bad_timestamp", f"line {n + 1}: {sections[2][:40]!r} is not an integer"))
+                continue
+            reading["ts"] = int(sections[2])
+        sensor = tags.get("sensor_id", topic.sensor_id)
+        _add_reading(i, reading, sensor, topic, received_ns, limits, out, problems, f"line {n + 1}: ")

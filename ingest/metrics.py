@@ -1,0 +1,48 @@
+"""Prometheus metrics of the MQTT -> Kafka bridge (process-wide, created on first use)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+from prometheus_client import Counter, Gauge, Histogram
+
+__all__ = ["INGEST_METRICS", "IngestMetrics"]
+
+
+@dataclass
+class IngestMetrics:
+    @cached_property
+    def messages(self) -> Counter:
+        return Counter("portpulse_ingest_messages_received", "MQTT messages received")
+
+    @cached_property
+    def readings(self) -> Counter:
+        return Counter("portpulse_ingest_readings_produced", "Readings Kafka acknowledged")
+
+    @cached_property
+    def dlq(self) -> Counter:
+        return Counter("portpulse_ingest_dlq", "Rejected values or messages sent to the DLQ, by reason", ["reason"])
+
+    @cached_property
+    def reconnects(self) -> Counter:
+        return Counter("portpulse_ingest_mqtt_reconnects", "MQTT reconnections")
+
+    @cached_property
+    def in_flight(self) -> Gauge:
+        return Gauge("portpulse_ingest_in_flight", "MQTT messages received and not yet acknowledged")
+
+    @cached_property
+    def kafka_send_seconds(self) -> Histogram:
+        return Histogram(
+            "portpulse_ingest_kafka_send_seconds",
+            "Time from handing a batch to Kafka until every record is acknowledged",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5, 30),
+        )
+
+    @cached_property
+    def kafka_healthy(self) -> Gauge:
+        return Gauge("portpulse_ingest_kafka_healthy", "1 while Kafka acknowledges records, 0 while retrying")
+
+
+INGEST_METRICS = IngestMetrics()

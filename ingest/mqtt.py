@@ -1,0 +1,220 @@
+"""paho-mqtt adapter: a persistent, manually acknowledged subscription handed to asyncio.
+
+paho runs its network loop in its own thread. Each message is put on a bounded queue; when the
+queue is full the paho thread blocks, TCP pushes back, and the broker keeps the messages in the
+bridge's persistent session. Acks (``ack``) are sent only for messages of the current connection:
+after a reconnect the broker redelivers what was not acknowledged, so an ack meant for an old
+packet id can never acknowledge a different, newer message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from ingest.decode import Message
+from ingest.metrics import INGEST_METRICS
+from portpulse.errors import ServiceUnavailableError
+from portpulse.settings import MqttSettings
+
+__all__ = ["Inbound", "MqttSource"]
+
+log = logging.getLogger("portpulse.mqtt")
+
+
+@dataclass(frozen=True, slots=True)
+class Inbound:
+    """A received message plus what is needed to acknowledge it."""
+
+    message: Message
+    mid: int
+    qos: int
+    generation: int
+
+
+class MqttSource:
+    """Subscribe with a persistent session and hand messages to asyncio; ``async with`` to run."""
+
+    def __init__(self, settings: MqttSettings, max_in_flight: int, connect_timeout_s: float = 30.0) -> None:
+        self._settings = settings
+        self._queue: queue.Queue[Inbound] = queue.Queue(maxsize=max_in_flight)
+        self._connect_timeout_s = connect_timeout_s
+        self._generation = 0
+        self._connected = threading.Event()
+        self._stopping = False
+        self._waiting = False
+        self._wakeup: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.reconnects = 0
+        self.last_error = ""
+        self.auth_failed = False
+        self._client = self._make_client()
+
+    # ------------------------------------------------------------ paho setup
+
+    def _make_client(self) -> paho.Client:
+        s = self._settings
+        v5 = s.protocol == "5"
+        client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=s.client_id,
+            clean_session=None if v5 else False,
+            protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
+            manual_ack=True,
+        )
+        if s.username:
+            client.username_pw_set(s.username, s.password.get_secret_value() if s.password else None)
+        if s.tls:
+            context = ssl.create_default_context(cafile=str(s.ca_file) if s.ca_file else None)
+            if s.cert_file:
+                context.load_cert_chain(str(s.cert_file), str(s.key_file) if s.key_file else None)
+            client.tls_set_context(context)
+        client.reconnect_delay_set(
+            min_delay=max(1, round(s.reconnect_min_s)), max_delay=max(1, round(s.reconnect_max_s))
+        )
+        client.max_inflight_messages_set(65535)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        return client
+
+    def _connect_properties(self) -> Properties | None:
+        if self._settings.protocol != "5":
+            return None
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = self._settings.session_expiry_s
+        props.ReceiveMaximum = min(65535, max(1, self._queue.maxsize))
+        return props
+
+    def _filters(self) -> list[str]:
+        group = self._settings.shared_group
+        # Shared subscriptions let several bridges split one stream ($share/{group}/{filter}).
+        return [f"$share/{group}/{f}" if group else f for f in self._settings.subscriptions]
+
+    # ------------------------------------------------------------ callbacks (paho thread)
+
+    def _on_connect(self, client: paho.Client, _userdata: Any, flags: Any, reason: Any, _props: Any) -> None:
+        if reason.is_failure:
+            self.last_error = f"MQTT connect refused: {reason}"
+            if str(reason) in {"Not authorized", "Bad user name or password"}:
+                self.auth_failed = True
+            log.error("%s", self.last_error)
+            return
+        self._generation += 1
+        if self._generation > 1:
+            self.reconnects += 1
+            INGEST_METRICS.reconnects.inc()
+            log.warning(
+                "reconnected to MQTT %s:%d (session present: %s); resubscribing",
+                self._settings.host,
+                self._settings.port,
+                flags.session_present,
+            )
+        subscriptions: list[tuple[str, int]] = [(f, self._settings.qos) for f in self._filters()]
+        client.subscribe(subscriptions)
+        self._connected.set()
+
+    def _on_disconnect(self, _c: paho.Client, _u: Any, _flags: Any, reason: Any, _props: Any) -> None:
+        self._connected.clear()
+        if not self._stopping:
+            self.last_error = f"MQTT disconnected: {reason}"
+            log.warning("%s; paho reconnects with backoff", self.last_error)
+
+    def _on_message(self, _client: paho.Client, _userdata: Any, msg: paho.MQTTMessage) -> None:
+        inbound = Inbound(Message(msg.topic, bytes(msg.payload), time.time_ns()), msg.mid, msg.qos, self._generation)
+        INGEST_METRICS.messages.inc()
+        while not self._stopping:
+            try:
+                self._queue.put(inbound, timeout=0.5)  # blocks paho when full: backpressure to the broker
+                break
+            except queue.Full:
+                continue
+        if self._waiting and self._loop is not None and self._wakeup is not None:
+            self._waiting = False
+            self._loop.call_soon_threadsafe(self._wakeup.set)
+
+    # ------------------------------------------------------------ asyncio side
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    @property
+    def generation(self) -> int:
+        return self._generation
+
+    async def __aenter__(self) -> MqttSource:
+        self._loop = asyncio.get_running_loop()
+        self._wakeup = asyncio.Event()
+        s = self._settings
+        kwargs: dict[str, Any] = {"keepalive": s.keepalive_s}
+        if s.protocol == "5":
+            kwargs["clean_start"] = False
+            kwargs["properties"] = self._connect_properties()
+        try:
+            self._client.connect_async(s.host, s.port, **kwargs)
+        except (OSError, ValueError) as exc:
+            raise ServiceUnavailableError("mqtt", f"{s.host}:{s.port}: {exc}") from None
+        self._client.loop_start()
+        deadline = time.monotonic() + self._connect_timeout_s
+        while not self._connected.is_set():
+            if self.auth_failed or time.monotonic() > deadline:
+                await self._shutdown()
+                raise ServiceUnavailableError("mqtt", self.last_error or f"no connection to {s.host}:{s.port}")
+            await asyncio.sleep(0.05)
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self._shutdown()
+
+    async def _shutdown(self) -> None:
+        self._stopping = True
+        self._client.disconnect()
+        self._client.loop_stop()  # joins paho's thread; it wakes within 0.5 s even if blocked on a full queue
+
+    async def get_batch(self, max_messages: int, wait_s: float) -> list[Inbound]:
+        """Up to ``max_messages`` messages; waits at most ``wait_s`` for the first one."""
+        out: list[Inbound] = []
+        try:
+            while len(out) < max_messages:
+                out.append(self._queue.get_nowait())
+        except queue.Empty:
+            pass
+        if out or self._wakeup is None:
+            return out
+        self._wakeup.clear()
+        self._waiting = True
+        if self._queue.empty():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), wait_s)
+        self._waiting = False
+        try:
+            while len(out) < max_messages:
+                out.append(self._queue.get_nowait())
+        except queue.Empty:
+            pass
+        return out
+
+    def ack(self, inbound: Inbound) -> bool:
+        """Acknowledge a QoS 1/2 message if it belongs to the current connection; False if skipped."""
+        if inbound.qos == 0:
+            return True
+        if inbound.generation != self._generation or not self._connected.is_set():
+            return False  # the broker redelivers it on the new connection
+        self._client.ack(inbound.mid, inbound.qos)
+        return True

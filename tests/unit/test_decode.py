@@ -1,0 +1,190 @@
+"""Pure decoders, the Kafka wire encoding and record grouping."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ingest.decode import REASONS, DecodeLimits, Message, decode_messages, parse_timestamp_ns
+from ingest.records import build_dead_letters, build_records
+from portpulse.schema import FLAG_TS_FROM_RECEIVE, Reading
+from portpulse.wire import WireError, decode_value, encode_value
+
+NOW = 1_764_000_000_000_000_000  # 2025-11-24T16:00:00Z
+LIMITS = DecodeLimits(max_payload_bytes=4096)
+
+
+def decode(topic: str, payload: bytes | str, limits: DecodeLimits = LIMITS) -> tuple[list[Reading], list[str]]:
+    data = payload.encode() if isinstance(payload, str) else payload
+    batch = decode_messages([Message(topic, data, NOW)], limits)
+    reasons = [p.reason for p in batch.problems.get(0, [])]
+    return batch.readings.rows(), reasons
+
+
+@pytest.mark.parametrize(
+    ("raw", "ns"),
+    [
+        (1_764_000_000, NOW),
+        (1_764_000_000.5, NOW + 500_000_000),
+        (1_764_000_000_123, NOW + 123_000_000),
+        (1_764_000_000_123_456, NOW + 123_456_000),
+        (NOW + 7, NOW + 7),
+        ("2025-11-24T16:00:00Z", NOW),
+        ("2025-11-24T16:00:00.123456789Z", NOW + 123_456_789),
+        ("2025-11-24T18:00:00.5+02:00", NOW + 500_000_000),
+    ],
+)
+def test_timestamps_in_every_unit(raw: object, ns: int) -> None:
+    assert parse_timestamp_ns(raw) == ns
+
+
+def test_json_reading() -> None:
+    rows, reasons = decode(
+        "sensors/air/quai-de-l-europe/no2-1", '{"ts": 1764000000000, "metrics": {"no2": 41.2, "pm25": 9}}'
+    )
+    assert reasons == []
+    assert rows == [
+        Reading("no2-1", "quai-de-l-europe", "air", "no2", NOW, 41.2),
+        Reading("no2-1", "quai-de-l-europe", "air", "pm25", NOW, 9.0),
+    ]
+
+
+def test_json_reading_without_ts_gets_receive_time_and_flag() -> None:
+    rows, _ = decode("sensors/crane/tdf/sts-04", '{"metrics": {"spreader_locked": true}}')
+    assert rows == [Reading("sts-04", "tdf", "crane", "spreader_locked", NOW, 1.0, int(FLAG_TS_FROM_RECEIVE))]
+
+
+def test_json_gateway_batch_keeps_good_readings_and_reports_bad_ones() -> None:
+    payload = json.dumps(
+        {
+            "readings": [
+                {"sensor_id": "c1", "ts": "2025-11-24T16:00:00Z", "metrics": {"rsrp": -95.5}},
+                {"sensor_id": "c2,evil=1", "ts": 1764000000, "metrics": {"rsrp": -90}},
+                {"sensor_id": "c3", "ts": 1764000000, "metrics": {"rsrp": "strong", "sinr": 12}},
+            ]
+        }
+    )
+    rows, reasons = decode("sensors/cell/port-2000", payload)
+    assert rows == [
+        Reading("c1", "port-2000", "cell", "rsrp", NOW, -95.5),
+        Reading("c3", "port-2000", "cell", "sinr", NOW, 12.0),
+    ]
+    assert reasons == ["bad_sensor_id", "non_numeric_value"]
+
+
+def test_line_protocol_with_tags_escapes_and_several_lines() -> None:
+    payload = (
+        "air,sensor_id=no2-7,site=bassin-vauban no2=40.5,pm10=22i 1764000000000000000\n"
+        "# a comment\n"
+        "air,sensor_id=no2-8 no2=41 1764000000\n"
+        'air,sensor_id=no2-9 note="hello, world",no2=1.5e1\n'
+    )
+    rows, reasons = decode("sensors/air/quai/gw-1", payload)
+    assert rows == [
+        Reading("no2-7", "bassin-vauban", "air", "no2", NOW, 40.5),
+        Reading("no2-7", "bassin-vauban", "air", "pm10", NOW, 22.0),
+        Reading("no2-8", "quai", "air", "no2", NOW, 41.0),
+        Reading("no2-9", "quai", "air", "no2", NOW, 15.0, int(FLAG_TS_FROM_RECEIVE)),
+    ]
+    assert reasons == ["non_numeric_value"]
+
+
+@pytest.mark.parametrize(
+    ("topic", "payload", "reason"),
+    [
+        ("sensors/air/quai/s1", "{not json", "malformed_json"),
+        ("sensors/air/quai/s1", "air no2", "malformed_line_protocol"),
+        ("sensors/air/quai/s1", "air,sensor_id no2=1", "malformed_line_protocol"),
+        ("sensors/air/quai/s1", '{"metrics": {"no2": NaN}}', "non_finite_value"),
+        ("sensors/air/quai/s1", '{"metrics": {"no2": Infinity}}', "non_finite_value"),
+        ("sensors/air/quai/s1", '{"metrics": {"no2": null}}', "non_numeric_value"),
+        ("sensors/air/quai/s1", '{"metrics": {"no2": [1]}}', "non_numeric_value"),
+        ("sensors/air/quai/s1", '{"metrics": {}}', "missing_metrics"),
+        ("sensors/air/quai/s1", '{"ts": 1}', "missing_metrics"),
+        ("sensors/air/quai/s1", '{"metrics": {"no 2": 1}}', "bad_metric_name"),
+        ("sensors/air/quai/s1", '{"ts": "yesterday", "metrics": {"no2": 1}}', "bad_timestamp"),
+        ("sensors/air/quai/s1", '{"ts": 4102444800, "metrics": {"no2": 1}}', "ts_too_far_future"),
+        ("sensors/air/quai/s1", '{"ts": 946684800, "metrics": {"no2": 1}}', "ts_too_far_past"),
+        ("sensors/air/quai/s1", "[1, 2]", "unsupported_shape"),
+        ("sensors/air/quai/s1", "[" * 1000 + "]" * 1000, "malformed_json"),
+        ("sensors/air/quai/s1", '{"a":' * 3000 + "1" + "}" * 3000, "payload_too_large"),
+        ("sensors/air/quai/s1", b"\xff\xfe", "not_utf8"),
+        ("sensors/Air/quai/s1", '{"metrics": {"no2": 1}}', "bad_topic"),
+        ("sensors/air/qu ai/s1", '{"metrics": {"no2": 1}}', "bad_topic"),
+        ("sensors/air/quai", '{"metrics": {"no2": 1}}', "bad_topic"),
+        ("sensors/air/quai/s1", '{"readings": [{"sensor_id": "a\\nb", "metrics": {"no2": 1}}]}', "bad_sensor_id"),
+        ("sensors/air/quai/s1", "x" * 5000, "payload_too_large"),
+        ("sensors/air/quai/s1", "", "missing_metrics"),
+    ],
+)
+def test_every_bad_input_has_a_reason(topic: str, payload: str | bytes, reason: str) -> None:
+    rows, reasons = decode(topic, payload)
+    assert rows == []
+    assert reasons[:1] == [reason]
+    assert reason in REASONS
+
+
+def test_deep_json_is_a_clear_error_not_a_crash() -> None:
+    rows, reasons = decode(
+        "sensors/air/quai/s1", '{"a":' * 100_000 + "1" + "}" * 100_000, DecodeLimits(max_payload_bytes=10**7)
+    )
+    assert rows == [] and reasons == ["malformed_json"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(topic=st.text(max_size=40), payload=st.binary(max_size=300))
+def test_random_input_never_crashes_and_every_rejection_has_a_known_reason(topic: str, payload: bytes) -> None:
+    batch = decode_messages([Message(topic, payload, NOW)], LIMITS)
+    for problems in batch.problems.values():
+        assert all(p.reason in REASONS for p in problems)
+    assert len(batch.readings) == len(batch.message_index)
+
+
+def test_wire_round_trip_and_corruption() -> None:
+    value = encode_value(
+        "quai",
+        ["no2", "pm25"],
+        np.array([0, 1, 0]),
+        np.array([1, 2, 3], dtype=np.int64),
+        np.array([1.5, 2.5, -3.0]),
+        np.array([0, 1, 0], dtype=np.uint8),
+    )
+    rec = decode_value(value)
+    assert rec.site == "quai" and rec.metrics == ("no2", "pm25")
+    assert rec.metric_index.tolist() == [0, 1, 0] and rec.ts_ns.tolist() == [1, 2, 3]
+    assert rec.value.tolist() == [1.5, 2.5, -3.0] and rec.flags.tolist() == [0, 1, 0]
+    with pytest.raises(WireError):
+        decode_value(value[:-1])
+    with pytest.raises(WireError):
+        decode_value(b"\x02" + value[1:])
+
+
+def test_records_group_by_message_and_sensor_and_dead_letters_keep_the_payload() -> None:
+    good = json.dumps(
+        {
+            "readings": [
+                {"sensor_id": "a", "ts": 1764000000, "metrics": {"no2": 1, "pm25": 2}},
+                {"sensor_id": "b", "ts": 1764000001, "metrics": {"no2": 3}},
+                {"sensor_id": "a", "ts": 1764000002, "metrics": {"no2": 4}},
+            ]
+        }
+    ).encode()
+    bad = b'{"metrics": {"no2": "x"}}'
+    messages = [Message("sensors/air/quai", good, NOW), Message("sensors/air/quai/s9", bad, NOW)]
+    batch = decode_messages(messages, LIMITS)
+    records = build_records(batch, "pp")
+    assert [(r.topic, r.key, r.message, r.readings) for r in records] == [
+        ("pp.readings.air", b"a", 0, 3),
+        ("pp.readings.air", b"b", 0, 1),
+    ]
+    a = decode_value(records[0].value)
+    assert [a.metrics[i] for i in a.metric_index] == ["no2", "pm25", "no2"]
+    assert a.value.tolist() == [1.0, 2.0, 4.0] and a.ts_ns.tolist() == [NOW, NOW, NOW + 2 * 10**9]
+    letters = build_dead_letters(batch, messages)
+    assert [(i, letter.payload, letter.reason, letter.source) for i, letter in letters] == [
+        (1, bad, "non_numeric_value", "sensors/air/quai/s9")
+    ]
