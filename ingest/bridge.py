@@ -44,6 +44,7 @@ class BridgeStats:
     acked: int = 0
     ack_skipped: int = 0
     kafka_retries: int = 0
+    mqtt_reconnects: int = 0
     rejected_by_reason: dict[str, int] = field(default_factory=dict)
 
 
@@ -266,9 +267,11 @@ class Bridge:
         self._in_flight = 0
 
 
-async def run_bridge(settings: Settings, stop: asyncio.Event) -> BridgeStats:
-    """Run a bridge until ``stop`` is set; returns its counters."""
+async def run_bridge(settings: Settings, stop: asyncio.Event, ready: asyncio.Event | None = None) -> BridgeStats:
+    """Run a bridge until ``stop`` is set; sets ``ready`` once subscribed; returns its counters."""
     async with KafkaRecordSink(settings) as sink, MqttSource(settings.mqtt, settings.ingest.max_in_flight) as source:
+        if ready is not None:
+            ready.set()
         log.info(
             "bridge up: MQTT %s:%d %s (QoS %d) -> Kafka %s",
             settings.mqtt.host,
@@ -279,6 +282,7 @@ async def run_bridge(settings: Settings, stop: asyncio.Event) -> BridgeStats:
         )
         bridge = Bridge(settings, source, sink)
         await bridge.run(stop)
+        bridge.stats.mqtt_reconnects = source.reconnects
         return bridge.stats
 
 

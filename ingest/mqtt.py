@@ -54,6 +54,7 @@ class MqttSource:
         self._connect_timeout_s = connect_timeout_s
         self._generation = 0
         self._connected = threading.Event()
+        self._subscribed = threading.Event()
         self._stopping = False
         self._waiting = False
         self._wakeup: asyncio.Event | None = None
@@ -89,6 +90,7 @@ class MqttSource:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
         return client
 
     def _connect_properties(self) -> Properties | None:
@@ -126,6 +128,13 @@ class MqttSource:
         subscriptions: list[tuple[str, int]] = [(f, self._settings.qos) for f in self._filters()]
         client.subscribe(subscriptions)
         self._connected.set()
+
+    def _on_subscribe(self, _c: paho.Client, _u: Any, _mid: int, reason_codes: Any, _props: Any) -> None:
+        failed = [str(rc) for rc in reason_codes if rc.is_failure]
+        if failed:
+            self.last_error = f"MQTT subscription refused: {', '.join(failed)}"
+            log.error("%s", self.last_error)
+        self._subscribed.set()
 
     def _on_disconnect(self, _c: paho.Client, _u: Any, _flags: Any, reason: Any, _props: Any) -> None:
         self._connected.clear()
@@ -170,7 +179,7 @@ class MqttSource:
             raise ServiceUnavailableError("mqtt", f"{s.host}:{s.port}: {exc}") from None
         self._client.loop_start()
         deadline = time.monotonic() + self._connect_timeout_s
-        while not self._connected.is_set():
+        while not (self._connected.is_set() and self._subscribed.is_set()):
             if self.auth_failed or time.monotonic() > deadline:
                 await self._shutdown()
                 raise ServiceUnavailableError("mqtt", self.last_error or f"no connection to {s.host}:{s.port}")

@@ -1,0 +1,155 @@
+"""Helpers for integration tests that run PortPulse stages against the real services."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as paho
+from aiokafka import AIOKafkaConsumer
+from paho.mqtt.enums import CallbackAPIVersion
+
+from ingest.bridge import BridgeStats, run_bridge
+from portpulse.settings import IngestSettings, KafkaSettings, MqttSettings, Settings
+from portpulse.wire import decode_value
+from tests.services import KafkaEndpoint, MqttEndpoint
+
+
+def bridge_settings(
+    mqtt: MqttEndpoint,
+    kafka: KafkaEndpoint,
+    unique: str,
+    client_id: str | None = None,
+    mqtt_extra: dict[str, Any] | None = None,
+    kafka_extra: dict[str, Any] | None = None,
+    ingest_extra: dict[str, Any] | None = None,
+) -> Settings:
+    """A bridge that sees only this test's MQTT topics ``{unique}/...`` and writes ``{unique}.*`` in Kafka."""
+    mqtt_fields: dict[str, Any] = {
+        "host": mqtt.host,
+        "port": mqtt.port,
+        "client_id": client_id or f"{unique}-bridge",
+        "topic_prefix": unique,
+        "subscriptions": (f"{unique}/#",),
+        "session_expiry_s": 120,
+        **(mqtt_extra or {}),
+    }
+    kafka_fields: dict[str, Any] = {
+        "bootstrap_servers": kafka.bootstrap_servers,
+        "topic_prefix": unique,
+        "partitions": 2,
+        "request_timeout_ms": 5000,
+        **(kafka_extra or {}),
+    }
+    return Settings(
+        mqtt=MqttSettings(**mqtt_fields),
+        kafka=KafkaSettings(**kafka_fields),
+        ingest=IngestSettings(**(ingest_extra or {})),
+    )
+
+
+@contextlib.asynccontextmanager
+async def running_bridge(settings: Settings) -> AsyncIterator[asyncio.Task[BridgeStats]]:
+    """Run a bridge in this loop; it is subscribed when the block starts and drained when it ends."""
+    stop = asyncio.Event()
+    ready = asyncio.Event()
+    task = asyncio.create_task(run_bridge(settings, stop, ready))
+    waiter = asyncio.create_task(ready.wait())
+    await asyncio.wait({task, waiter}, timeout=60, return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        waiter.cancel()
+        task.result()  # raises why the bridge could not start
+    assert ready.is_set(), "bridge did not subscribe within 60 s"
+    try:
+        yield task
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 60)
+
+
+class Publisher:
+    """A real MQTT client publishing test messages (its own paho thread; use ``with``)."""
+
+    def __init__(self, mqtt: MqttEndpoint, client_id: str) -> None:
+        self._client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
+        self._mqtt = mqtt
+        self._connected = threading.Event()
+        self._client.on_connect = lambda *_: self._connected.set()
+
+    def __enter__(self) -> Publisher:
+        self._client.connect(self._mqtt.host, self._mqtt.port)
+        self._client.loop_start()
+        if not self._connected.wait(30):
+            raise TimeoutError("publisher could not connect")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    def publish(self, messages: Sequence[tuple[str, bytes]], qos: int = 1) -> None:
+        infos = [self._client.publish(topic, payload, qos=qos) for topic, payload in messages]
+        for info in infos:
+            info.wait_for_publish(60)
+
+
+@dataclass(frozen=True)
+class KafkaReading:
+    topic: str
+    sensor_id: str
+    site: str
+    metric: str
+    ts_ns: int
+    value: float
+    flags: int
+
+
+async def consume(
+    kafka: KafkaEndpoint, topics: Sequence[str], expect: int, timeout_s: float = 60.0, idle_s: float = 2.0
+) -> list[tuple[str, bytes | None, bytes, dict[str, bytes]]]:
+    """Records of ``topics`` from the beginning: stop at ``expect`` records (then wait ``idle_s``
+    more to catch extras such as duplicates) or after ``timeout_s``."""
+    consumer = AIOKafkaConsumer(
+        *topics, bootstrap_servers=kafka.bootstrap_servers, auto_offset_reset="earliest", metadata_max_age_ms=1000
+    )
+    await consumer.start()
+    out: list[tuple[str, bytes | None, bytes, dict[str, bytes]]] = []
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        reached_at: float | None = None
+        while loop.time() < deadline:
+            for records in (await consumer.getmany(timeout_ms=300)).values():
+                out += [(r.topic, r.key, r.value, dict(r.headers)) for r in records]
+            if len(out) >= expect and reached_at is None:
+                reached_at = loop.time()
+            if reached_at is not None and loop.time() - reached_at >= idle_s:
+                break
+    finally:
+        await consumer.stop()
+    return out
+
+
+def readings_of(records: Sequence[tuple[str, bytes | None, bytes, dict[str, bytes]]]) -> list[KafkaReading]:
+    out = []
+    for topic, key, value, headers in records:
+        assert headers.get("pp-v") == b"1"
+        assert key is not None
+        rec = decode_value(value)
+        for i in range(len(rec)):
+            out.append(
+                KafkaReading(
+                    topic,
+                    key.decode(),
+                    rec.site,
+                    rec.metrics[rec.metric_index[i]],
+                    int(rec.ts_ns[i]),
+                    float(rec.value[i]),
+                    int(rec.flags[i]),
+                )
+            )
+    return out
