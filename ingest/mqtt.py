@@ -144,7 +144,6 @@ class MqttSource:
 
     def _on_message(self, _client: paho.Client, _userdata: Any, msg: paho.MQTTMessage) -> None:
         inbound = Inbound(Message(msg.topic, bytes(msg.payload), time.time_ns()), msg.mid, msg.qos, self._generation)
-        INGEST_METRICS.messages.inc()
         while not self._stopping:
             try:
                 self._queue.put(inbound, timeout=0.5)  # blocks paho when full: backpressure to the broker

@@ -5,8 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
-
 from ingest.decode import DecodedBatch, Message
 from portpulse.deadletter import DeadLetter
 from portpulse.topics import readings_topic
@@ -31,33 +29,39 @@ class OutRecord:
 
 
 def build_records(batch: DecodedBatch, topic_prefix: str) -> list[OutRecord]:
-    """Group readings by (message, domain, sensor) into compactly encoded records, in message order."""
+    """Encode each run of consecutive readings of one (message, domain, sensor, site) as a record.
+
+    The decoder emits readings in message order and, within a message, in payload order, so
+    records come out in message order and a sensor's readings keep their order. (A sensor that
+    reappears later in the same payload simply gets a second record under the same key.)
+    """
     r = batch.readings
     n = len(r)
     if n == 0:
         return []
-    # Stable sort by message keeps each sensor's readings in payload order inside its record.
-    order = np.argsort(batch.message_index, kind="stable")
-    msg = batch.message_index[order]
-    domain, sensor, site, metric = r.domain[order], r.sensor_id[order], r.site[order], r.metric[order]
-    groups: dict[tuple[int, str, str, str], list[int]] = {}
-    for pos, key in enumerate(zip(msg.tolist(), domain.tolist(), sensor.tolist(), site.tolist(), strict=True)):
-        groups.setdefault(key, []).append(pos)
+    message, domain, sensor, site = (
+        batch.message_index.tolist(),
+        r.domain.tolist(),
+        r.sensor_id.tolist(),
+        r.site.tolist(),
+    )
+    metric, ts, value, flags = r.metric.tolist(), r.ts_ns.tolist(), r.value.tolist(), r.flags.tolist()
+    topics: dict[str, str] = {}
     out = []
-    for (message, dom, sensor_id, site_name), positions in groups.items():
-        idx = order[positions]
-        names = metric[positions].tolist()
-        table = list(dict.fromkeys(names))
-        lookup = {name: k for k, name in enumerate(table)}
-        value = encode_value(
-            site_name,
-            table,
-            np.fromiter((lookup[m] for m in names), dtype=np.uint8, count=len(names)),
-            r.ts_ns[idx],
-            r.value[idx],
-            r.flags[idx],
-        )
-        out.append(OutRecord(readings_topic(dom, topic_prefix), sensor_id.encode(), value, message, len(positions)))
+    start = 0
+    while start < n:
+        key = (message[start], domain[start], sensor[start], site[start])
+        stop = start + 1
+        while stop < n and (message[stop], domain[stop], sensor[stop], site[stop]) == key:
+            stop += 1
+        names = metric[start:stop]
+        table = list(dict.fromkeys(names)) if stop - start > 1 else names
+        index = [table.index(m) for m in names] if stop - start > 1 else [0]
+        encoded = encode_value(key[3], table, index, ts[start:stop], value[start:stop], flags[start:stop])
+        dom = key[1]
+        topic = topics.get(dom) or topics.setdefault(dom, readings_topic(dom, topic_prefix))
+        out.append(OutRecord(topic, key[2].encode(), encoded, key[0], stop - start))
+        start = stop
     return out
 
 

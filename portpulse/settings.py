@@ -46,7 +46,7 @@ class MqttSettings(_Section):
     topic_prefix: str = "sensors"
     subscriptions: tuple[str, ...] = ("sensors/#",)
     shared_group: str | None = None
-    qos: Literal[0, 1, 2] = 1
+    qos: int = Field(1, ge=0, le=2)
     username: str | None = None
     password: SecretStr | None = None
     tls: bool = False

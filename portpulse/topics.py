@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -30,6 +31,7 @@ class MqttTopic:
     sensor_id: str
 
 
+@functools.lru_cache(maxsize=200_000)
 def parse_mqtt_topic(topic: str, prefix: str = "sensors") -> MqttTopic | str:
     """Split an MQTT topic into its parts, or return the reason it is not a sensor topic.
 

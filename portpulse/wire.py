@@ -15,6 +15,7 @@ A reading costs 18 bytes plus its share of the name table; decoding is one ``np.
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ __all__ = [
 VERSION = 1
 VERSION_HEADER = ("pp-v", b"1")
 _RECORD = np.dtype([("ts_ns", "<i8"), ("value", "<f8"), ("metric", "u1"), ("flags", "u1")])
+_RECORD_STRUCT = struct.Struct("<qdBB")
 _MAX_METRICS = 255
 
 
@@ -60,26 +62,45 @@ class WireRecord:
 def encode_value(
     site: str,
     metrics: Sequence[str],
-    metric_index: npt.NDArray[np.integer],
-    ts_ns: npt.NDArray[np.int64],
-    value: npt.NDArray[np.float64],
-    flags: npt.NDArray[np.uint8] | None = None,
+    metric_index: npt.NDArray[np.integer] | Sequence[int],
+    ts_ns: npt.NDArray[np.int64] | Sequence[int],
+    value: npt.NDArray[np.float64] | Sequence[float],
+    flags: npt.NDArray[np.uint8] | Sequence[int] | None = None,
 ) -> bytes:
-    """Encode one sensor's readings; ``metric_index[i]`` indexes ``metrics``."""
+    """Encode one sensor's readings; ``metric_index[i]`` indexes ``metrics``.
+
+    Sequences of Python numbers take a ``struct`` path (fast for the few readings of one
+    message); arrays take a numpy path (fast for many).
+    """
     if len(metrics) > _MAX_METRICS:
         raise WireError(f"at most {_MAX_METRICS} metric names per record")
     n = len(ts_ns)
-    records = np.empty(n, dtype=_RECORD)
-    records["ts_ns"] = ts_ns
-    records["value"] = value
-    records["metric"] = metric_index
-    records["flags"] = 0 if flags is None else flags
+    if isinstance(ts_ns, np.ndarray):
+        records = np.empty(n, dtype=_RECORD)
+        records["ts_ns"] = ts_ns
+        records["value"] = value
+        records["metric"] = metric_index
+        records["flags"] = 0 if flags is None else flags
+        body = records.tobytes()
+    else:
+        pack = _RECORD_STRUCT.pack
+        body = b"".join(
+            pack(t, v, m, f)
+            for t, v, m, f in zip(ts_ns, value, metric_index, flags if flags is not None else [0] * n, strict=True)
+        )
+    return b"".join((_header(site, tuple(metrics)), struct.pack("<I", n), body))
+
+
+@functools.lru_cache(maxsize=65_536)
+def _header(site: str, metrics: tuple[str, ...]) -> bytes:
+    """Version, site and metric-name table; the same few combinations recur, so cache them."""
     site_b = site.encode()
     parts = [struct.pack("<BH", VERSION, len(site_b)), site_b, struct.pack("<B", len(metrics))]
     for name in metrics:
         name_b = name.encode()
+        if len(name_b) > 255:
+            raise WireError(f"metric name longer than 255 bytes: {name[:40]!r}...")
         parts += [struct.pack("<B", len(name_b)), name_b]
-    parts += [struct.pack("<I", n), records.tobytes()]
     return b"".join(parts)
 
 

@@ -177,13 +177,17 @@ def test_records_group_by_message_and_sensor_and_dead_letters_keep_the_payload()
     messages = [Message("sensors/air/quai", good, NOW), Message("sensors/air/quai/s9", bad, NOW)]
     batch = decode_messages(messages, LIMITS)
     records = build_records(batch, "pp")
+    # One record per run of a sensor's readings, in payload order; a sensor seen again gets another.
     assert [(r.topic, r.key, r.message, r.readings) for r in records] == [
-        ("pp.readings.air", b"a", 0, 3),
+        ("pp.readings.air", b"a", 0, 2),
         ("pp.readings.air", b"b", 0, 1),
+        ("pp.readings.air", b"a", 0, 1),
     ]
     a = decode_value(records[0].value)
-    assert [a.metrics[i] for i in a.metric_index] == ["no2", "pm25", "no2"]
-    assert a.value.tolist() == [1.0, 2.0, 4.0] and a.ts_ns.tolist() == [NOW, NOW, NOW + 2 * 10**9]
+    assert [a.metrics[i] for i in a.metric_index] == ["no2", "pm25"]
+    assert a.value.tolist() == [1.0, 2.0] and a.ts_ns.tolist() == [NOW, NOW]
+    a2 = decode_value(records[2].value)
+    assert a2.metrics == ("no2",) and a2.value.tolist() == [4.0] and a2.ts_ns.tolist() == [NOW + 2 * 10**9]
     letters = build_dead_letters(batch, messages)
     assert [(i, letter.payload, letter.reason, letter.source) for i, letter in letters] == [
         (1, bad, "non_numeric_value", "sensors/air/quai/s9")

@@ -1,0 +1,310 @@
+"""Bridge benchmarks against the real Mosquitto and Kafka.
+
+    .venv/bin/python -m benchmarks.bench_bridge [--messages 200000] [--outage-seconds 60]
+
+Runs ``portpulse bridge`` as its own process (one core's worth of Python, as in production) and
+measures the rate at which it moves messages into Kafka, from the Kafka record timestamps of the
+first and last record. QoS1 and gateway-batch runs drain messages queued in the bridge's
+persistent session, so the publisher does not compete for the two cores; the QoS0 run publishes
+live (QoS0 is not queued for offline clients). The peer is a bare paho subscriber draining the
+same kind of queued session without doing anything. The outage run stops Kafka for
+``--outage-seconds`` while a publisher keeps going and samples the bridge's resident memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import paho.mqtt.client as paho
+from aiokafka import AIOKafkaConsumer
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVICES = ROOT / "scripts" / "services"
+
+
+def service_env() -> dict[str, str]:
+    if os.environ.get("PORTPULSE_KAFKA__BOOTSTRAP_SERVERS"):
+        return {k: v for k, v in os.environ.items() if k.startswith("PORTPULSE_")}
+    subprocess.run([str(SERVICES), "up", "mqtt", "kafka"], check=True)
+    out = subprocess.run([str(SERVICES), "env"], check=True, capture_output=True, text=True).stdout
+    return dict(line.removeprefix("export ").split("=", 1) for line in out.splitlines() if line.startswith("export "))
+
+
+class Run:
+    """One benchmark scenario: its own MQTT prefix, Kafka prefix and bridge client id."""
+
+    def __init__(self, env: dict[str, str], name: str, qos: int) -> None:
+        self.env = env
+        self.prefix = f"bench{uuid.uuid4().hex[:8]}"
+        self.name = name
+        self.qos = qos
+        self.host = env["PORTPULSE_MQTT__HOST"]
+        self.port = int(env["PORTPULSE_MQTT__PORT"])
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def bridge_env(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            **self.env,
+            "PORTPULSE_MQTT__TOPIC_PREFIX": self.prefix,
+            "PORTPULSE_MQTT__SUBSCRIPTIONS": json.dumps([f"{self.prefix}/#"]),
+            "PORTPULSE_MQTT__CLIENT_ID": f"{self.prefix}-bridge",
+            "PORTPULSE_MQTT__QOS": str(self.qos),
+            "PORTPULSE_MQTT__SESSION_EXPIRY_S": "600",
+            "PORTPULSE_KAFKA__TOPIC_PREFIX": self.prefix,
+            "PORTPULSE_KAFKA__REQUEST_TIMEOUT_MS": "5000",
+            "PORTPULSE_OPS__LOG_LEVEL": "WARNING",
+            "PORTPULSE_MQTT__PROTOCOL": os.environ.get("BENCH_MQTT_PROTOCOL", "5"),
+        }
+
+    def start_bridge(self) -> None:
+        log = open(f"/tmp/{self.prefix}-bridge.log", "ab")  # noqa: SIM115, S108 (lives as long as the process)
+        self.proc = subprocess.Popen(
+            [str(ROOT / ".venv" / "bin" / "portpulse"), "bridge"], env=self.bridge_env(), stderr=log
+        )
+
+    def wait_subscribed(self) -> None:
+        """Publish probes until one reaches Kafka (the bridge is subscribed and producing)."""
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"bridge exited: see /tmp/{self.prefix}-bridge.log")
+            publish(self.host, self.port, [(f"{self.prefix}/air/probe/p", b'{"metrics": {"probe": 1}}')], 1)
+            if asyncio.run(kafka_stats(self.env, [f"{self.prefix}.readings.air"], 1, 3.0))[0] >= 1:
+                return
+        raise TimeoutError("bridge did not subscribe")
+
+    def stop_bridge(self) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+
+    def rss_mb(self) -> float:
+        if self.proc is None:
+            return 0.0
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+
+def payloads(prefix: str, n: int, batch: int, t_ms: int) -> list[tuple[str, bytes]]:
+    if batch == 1:
+        return [
+            (f"{prefix}/air/quai/no2-{i % 1000}", b'{"ts": %d, "metrics": {"no2": %d.5}}' % (t_ms + i, i % 400))
+            for i in range(n)
+        ]
+    out = []
+    for m in range(n // batch):
+        readings = [
+            {"sensor_id": f"no2-{(m * batch + k) % 1000}", "ts": t_ms + m, "metrics": {"no2": k + 0.5}}
+            for k in range(batch)
+        ]
+        out.append((f"{prefix}/air/quai", json.dumps({"readings": readings}).encode()))
+    return out
+
+
+def publish(host: str, port: int, messages: list[tuple[str, bytes]], qos: int, rate: float | None = None) -> float:
+    """Publish and wait for the broker's acks; returns seconds taken."""
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"pub-{uuid.uuid4().hex[:8]}", protocol=paho.MQTTv5)
+    client.max_inflight_messages_set(1000)
+    client.max_queued_messages_set(0)
+    client.connect(host, port)
+    client.loop_start()
+    t0 = time.monotonic()
+    infos = []
+    for i, (topic, payload) in enumerate(messages):
+        infos.append(client.publish(topic, payload, qos=qos))
+        if rate and i % 100 == 0:
+            ahead = i / rate - (time.monotonic() - t0)
+            if ahead > 0:
+                time.sleep(ahead)
+    for info in infos:
+        info.wait_for_publish(120)
+    elapsed = time.monotonic() - t0
+    client.disconnect()
+    client.loop_stop()
+    return elapsed
+
+
+def create_session(host: str, port: int, client_id: str, topic: str, qos: int) -> None:
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
+    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+    props.SessionExpiryInterval = 600
+    done = threading.Event()
+    client.on_subscribe = lambda *_: done.set()
+    client.connect(host, port, clean_start=True, properties=props)
+    client.loop_start()
+    client.subscribe(topic, qos)
+    done.wait(30)
+    client.disconnect()
+    client.loop_stop()
+
+
+def bare_drain(host: str, port: int, client_id: str, expect: int, qos: int) -> float:
+    """The peer: a bare paho subscriber receiving its queued session (auto-ack); msgs/s."""
+    got = 0
+    first = last = 0.0
+    finished = threading.Event()
+
+    def on_message(*_: object) -> None:
+        nonlocal got, first, last
+        got += 1
+        now = time.monotonic()
+        first = first or now
+        last = now
+        if got >= expect:
+            finished.set()
+
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
+    client.max_inflight_messages_set(65535)
+    client.on_message = on_message
+    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+    props.SessionExpiryInterval = 600
+    client.connect(host, port, clean_start=False, properties=props)
+    client.loop_start()
+    finished.wait(300)
+    client.disconnect()
+    client.loop_stop()
+    return got / (last - first) if last > first else 0.0
+
+
+async def kafka_stats(env: dict[str, str], topics: list[str], expect: int, timeout_s: float) -> tuple[int, float]:
+    """(records, records per second between the first and last record's Kafka timestamp)."""
+    consumer = AIOKafkaConsumer(
+        *topics,
+        bootstrap_servers=env["PORTPULSE_KAFKA__BOOTSTRAP_SERVERS"],
+        auto_offset_reset="earliest",
+        metadata_max_age_ms=1000,
+    )
+    await consumer.start()
+    count, lo, hi = 0, None, None
+    try:
+        deadline = time.monotonic() + timeout_s
+        while count < expect and time.monotonic() < deadline:
+            for records in (await consumer.getmany(timeout_ms=500, max_records=50_000)).values():
+                for r in records:
+                    count += 1
+                    lo = r.timestamp if lo is None else min(lo, r.timestamp)
+                    hi = r.timestamp if hi is None else max(hi, r.timestamp)
+    finally:
+        await consumer.stop()
+    span = ((hi or 0) - (lo or 0)) / 1000
+    return count, count / span if span > 0 else 0.0
+
+
+def drain_run(env: dict[str, str], n: int, batch: int, qos: int) -> tuple[float, float, int]:
+    """Queue n messages in the bridge's session, then time the bridge draining them.
+    Returns (messages/s, bare paho messages/s, records in Kafka)."""
+    run = Run(env, "drain", qos)
+    run.start_bridge()
+    run.wait_subscribed()
+    run.stop_bridge()
+    messages = payloads(run.prefix, n, batch, int(time.time() * 1000))
+    publish(run.host, run.port, messages, qos)
+    run.start_bridge()
+    records = len(messages) * batch
+    count, rate = asyncio.run(kafka_stats(env, [f"{run.prefix}.readings.air"], records + 1, 600))
+    run.stop_bridge()
+    # Peer: the same queue drained by a bare paho client.
+    peer_id = f"{run.prefix}-peer"
+    create_session(run.host, run.port, peer_id, f"{run.prefix}/#", qos)
+    publish(run.host, run.port, messages, qos)
+    peer = bare_drain(run.host, run.port, peer_id, len(messages), qos)
+    # A record is one sensor of one message: for batches of 100 distinct sensors, 100 records.
+    return rate / batch if batch > 1 else rate, peer, count
+
+
+def live_qos0(env: dict[str, str], n: int) -> tuple[float, int, float]:
+    run = Run(env, "qos0", 0)
+    run.start_bridge()
+    run.wait_subscribed()
+    messages = payloads(run.prefix, n, 1, int(time.time() * 1000))
+    pub_s = publish(run.host, run.port, messages, 0)
+    count, rate = asyncio.run(kafka_stats(env, [f"{run.prefix}.readings.air"], n + 1, 120))
+    run.stop_bridge()
+    return rate, count - 1, n / pub_s
+
+
+def outage(env: dict[str, str], seconds: float, rate: float) -> tuple[float, int, int]:
+    run = Run(env, "outage", 1)
+    run.start_bridge()
+    run.wait_subscribed()
+    n = int(seconds * rate)
+    messages = payloads(run.prefix, n, 1, int(time.time() * 1000))
+    subprocess.run([str(SERVICES), "down", "kafka"], check=True, capture_output=True)
+    peak = 0.0
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not stop.is_set():
+            peak = max(peak, run.rss_mb())
+            time.sleep(0.5)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    publish(run.host, run.port, messages, 1, rate=rate)
+    subprocess.run([str(SERVICES), "up", "kafka"], check=True, capture_output=True)
+    count, _ = asyncio.run(kafka_stats(env, [f"{run.prefix}.readings.air"], n + 1, 300))
+    stop.set()
+    sampler.join()
+    run.stop_bridge()
+    return peak, n, count - 1
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--messages", type=int, default=200_000)
+    parser.add_argument("--outage-seconds", type=float, default=60.0)
+    parser.add_argument("--outage-rate", type=float, default=5_000.0, help="messages/s published during the outage")
+    parser.add_argument("--skip-outage", action="store_true")
+    args = parser.parse_args()
+    env = service_env()
+    print(f"machine: {os.cpu_count()} cores; python {sys.version.split()[0]}")
+    print("\n| scenario | bridge | target | vs target | bare paho peer | bridge / peer | records in Kafka |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    rate, peer, count = drain_run(env, args.messages, 1, 1)
+    print(
+        f"| QoS1, 1 reading/msg | {rate:,.0f} msg/s | 15,000 | {rate / 15000:.2f} | {peer:,.0f} msg/s | "
+        f"{rate / peer:.2f} | {count:,} |"
+    )
+    rate0, count0, pub_rate = live_qos0(env, args.messages)
+    print(
+        f"| QoS0, 1 reading/msg (live, publisher {pub_rate:,.0f} msg/s) | {rate0:,.0f} msg/s | 30,000 | "
+        f"{rate0 / 30000:.2f} | - | - | {count0:,} of {args.messages:,} |"
+    )
+    n_batches = max(1, args.messages // 100)
+    rate_b, peer_b, count_b = drain_run(env, n_batches * 100, 100, 1)
+    print(
+        f"| QoS1, gateway batches of 100 | {rate_b * 100:,.0f} readings/s | 300,000 | {rate_b * 100 / 300000:.2f} | "
+        f"{peer_b * 100:,.0f} readings/s | {rate_b / peer_b:.2f} | {count_b:,} |"
+    )
+    if not args.skip_outage:
+        peak, sent, got = outage(env, args.outage_seconds, args.outage_rate)
+        print(
+            f"\nKafka down {args.outage_seconds:.0f} s while publishing {args.outage_rate:,.0f} msg/s QoS1: "
+            f"bridge peak RSS {peak:.0f} MB (limit 300), {sent:,} published, {got:,} in Kafka afterwards"
+        )
+
+
+if __name__ == "__main__":
+    main()
