@@ -7,10 +7,11 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from portpulse import __version__
 from portpulse.catalogue import load_catalogue
-from portpulse.errors import PortPulseError
+from portpulse.errors import ConfigError, PortPulseError
 from portpulse.settings import Settings, load_settings
 
 __all__ = ["main"]
@@ -32,6 +33,28 @@ def _parser() -> argparse.ArgumentParser:
     cat = sub.add_parser("catalogue", help="print the metric catalogue")
     cat.add_argument("--domain", help="only this domain")
     sub.add_parser("bridge", help="run the MQTT -> Kafka bridge until SIGINT/SIGTERM")
+    sim = sub.add_parser("simulate", help="simulate the port's sensor fleets (to MQTT or a file)")
+    sim.add_argument("--fleet", default="air,crane,cell", help="comma-separated: air, crane, cell")
+    sim.add_argument("--sensors", type=int, default=300, help="number of sensors, split over the fleets")
+    sim.add_argument("--rate", type=float, default=100.0, help="sensor reports per second (all metrics of a sensor)")
+    sim.add_argument("--duration", type=float, default=60.0, help="seconds of simulated stream")
+    sim.add_argument("--seed", type=int, default=1)
+    sim.add_argument(
+        "--faults",
+        default="",
+        help="kind=rate,... (spike, stuck, dropout, duplicate, out_of_order, "
+        "late, clock_skew, malformed, out_of_range, oversized) or all=RATE",
+    )
+    sim.add_argument("--format", choices=("json", "json-batch", "line"), default="json")
+    sim.add_argument("--batch-size", type=int, default=100, help="readings per gateway batch message")
+    sim.add_argument("--qos", type=int, choices=(0, 1), default=0)
+    sim.add_argument("--start", type=float, help="stream start, epoch seconds (default: now)")
+    sim.add_argument("--out", type=Path, help="write the stream to this file instead of publishing")
+    sim.add_argument("--manifest", type=Path, help="write every injected fault here (JSON lines)")
+    rep = sub.add_parser("replay", help="publish a stream file written by 'simulate --out'")
+    rep.add_argument("file", type=Path)
+    rep.add_argument("--speed", type=float, default=1.0, help="time factor (2 = twice as fast)")
+    rep.add_argument("--qos", type=int, choices=(0, 1), default=0)
     q = sub.add_parser("query", help="query a sensor's or a site's metric from InfluxDB (raw or per window)")
     who = q.add_mutually_exclusive_group()
     who.add_argument("--sensor", help="sensor_id")
@@ -83,6 +106,68 @@ def _cmd_bridge(settings: Settings) -> int:
     return EXIT_OK
 
 
+def _cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
+    import contextlib
+    import time
+
+    from simulators.publish import publish, write_stream
+    from simulators.stream import StreamConfig, generate, parse_faults
+
+    try:
+        config = StreamConfig(
+            fleets=tuple(f.strip() for f in args.fleet.split(",") if f.strip()),
+            sensors=args.sensors,
+            rate=args.rate,
+            duration_s=args.duration,
+            seed=args.seed,
+            start_ns=int((args.start if args.start is not None else time.time()) * 1e9),
+            fmt=args.format,
+            batch_size=args.batch_size,
+            topic_prefix=settings.mqtt.topic_prefix,
+            faults=parse_faults(args.faults),
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    with contextlib.ExitStack() as stack:
+        manifest = stack.enter_context(open(args.manifest, "w")) if args.manifest else None
+        if args.out:
+            out = stack.enter_context(open(args.out, "wb"))
+            report = write_stream(generate(config), out, manifest)
+            print(
+                f"wrote {report.messages:,} messages ({report.reports:,} reports, "
+                f"{report.faults:,} faults) to {args.out}"
+            )
+            return EXIT_OK
+        report = publish(generate(config), _target(settings, args.qos), manifest, target_rate=config.rate)
+    print(
+        f"published {report.messages:,} messages, {report.reports:,} reports in {report.elapsed_s:.1f}s: "
+        f"{report.reports_per_s:,.0f} reports/s (target {config.rate:,.0f}), {report.faults:,} faults injected"
+    )
+    return EXIT_OK
+
+
+def _target(settings: Settings, qos: int) -> Any:
+    from simulators.publish import MqttTarget
+
+    m = settings.mqtt
+    return MqttTarget(
+        m.host, m.port, qos, f"{m.client_id}-sim", m.username, m.password.get_secret_value() if m.password else None
+    )
+
+
+def _cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
+    from simulators.publish import publish, read_stream
+
+    if not args.file.is_file():
+        raise ConfigError(f"no such stream file: {args.file}")
+    try:
+        report = publish(read_stream(args.file, args.speed), _target(settings, args.qos))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    print(f"replayed {report.messages:,} messages in {report.elapsed_s:.1f}s ({report.messages_per_s:,.0f}/s)")
+    return EXIT_OK
+
+
 def _cmd_config(settings: Settings) -> int:
     print(json.dumps(settings.model_dump(mode="json"), indent=2, ensure_ascii=False))
     return EXIT_OK
@@ -113,6 +198,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_config(settings)
         if args.command == "catalogue":
             return _cmd_catalogue(args.domain)
+        if args.command == "simulate":
+            return _cmd_simulate(settings, args)
+        if args.command == "replay":
+            return _cmd_replay(settings, args)
         if args.command == "bridge":
             return _cmd_bridge(settings)
         if args.command == "query":

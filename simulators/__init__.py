@@ -1,3 +1,19 @@
-"""simulators (see design.md)."""
+"""Simulators: the port's sensor fleets (pure, seeded), fault injection, MQTT publishing and replay."""
 
-__all__: list[str] = []
+from simulators.fleet import DOMAIN_METRICS, SITES, Fleet, make_fleet, reports
+from simulators.stream import FAULT_KINDS, Block, FaultRecord, OutMessage, StreamConfig, generate, parse_faults
+
+__all__ = [
+    "DOMAIN_METRICS",
+    "FAULT_KINDS",
+    "SITES",
+    "Block",
+    "FaultRecord",
+    "Fleet",
+    "OutMessage",
+    "StreamConfig",
+    "generate",
+    "make_fleet",
+    "parse_faults",
+    "reports",
+]
