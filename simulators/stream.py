@@ -155,20 +155,17 @@ def generate(config: StreamConfig) -> Iterator[Block]:
                 out_faults.append(FaultRecord(kind, seq, topic, row_sensors, "", 0))
             msg = OutMessage(seq, due_s, topic, payload)
             seq += 1
-            if held is not None:  # an out-of-order message goes out after its successor
-                messages.append(msg)
+            copies = [msg, msg] if "duplicate" in message_faults else [msg]
+            if held is not None:  # an out-of-order message goes out right after its successor
+                messages += copies
                 messages.append(OutMessage(held.seq, due_s, held.topic, held.payload))
                 held = None
                 continue
-            if "duplicate" in message_faults:
-                messages.append(msg)
-                messages.append(msg)
-                continue
-            if faults.random() < config.faults.get("out_of_order", 0.0):
+            if "duplicate" not in message_faults and faults.random() < config.faults.get("out_of_order", 0.0):
                 out_faults.append(FaultRecord("out_of_order", msg.seq, topic, row_sensors))
                 held = msg
                 continue
-            messages.append(msg)
+            messages += copies
         yield Block(messages, out_faults, len(j))
     if held is not None:
         yield Block([held], [], 0)
