@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 import uuid
+from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
 
 from simulators.publish import MqttTarget, publish
@@ -43,10 +44,10 @@ def subscriber(
     host: str,
     port: int,
     topic: str,
-    ready: multiprocessing.Event,
-    stop: multiprocessing.Event,
-    results: multiprocessing.Queue,
-) -> None:  # type: ignore[type-arg]
+    ready: EventType,
+    stop: EventType,
+    results: multiprocessing.Queue[tuple[int, int, int, float]],
+) -> None:
     """Raw MQTT 3.1.1 subscriber: counts messages, malformed and oversized payloads."""
     sock = socket.create_connection((host, port))
     client_id = f"bench-sub-{os.getpid()}".encode()
@@ -122,7 +123,7 @@ def main() -> None:
         host, port = "127.0.0.1", 11883
     prefix = f"bench{uuid.uuid4().hex[:8]}"
     ready, stop = multiprocessing.Event(), multiprocessing.Event()
-    results: multiprocessing.Queue = multiprocessing.Queue()  # type: ignore[type-arg]
+    results: multiprocessing.Queue[tuple[int, int, int, float]] = multiprocessing.Queue()
     proc = multiprocessing.Process(target=subscriber, args=(host, port, f"{prefix}/#", ready, stop, results))
     proc.start()
     if not ready.wait(30):
