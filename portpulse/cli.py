@@ -33,6 +33,10 @@ def _parser() -> argparse.ArgumentParser:
     cat = sub.add_parser("catalogue", help="print the metric catalogue")
     cat.add_argument("--domain", help="only this domain")
     sub.add_parser("bridge", help="run the MQTT -> Kafka bridge until SIGINT/SIGTERM")
+    proc = sub.add_parser("process", help="run the processor (Kafka -> clean -> windows -> InfluxDB)")
+    proc.add_argument("--windows", default="10s,1m,15m", help="window sizes, e.g. 10s,1m,15m or 5m/1m (hopping)")
+    proc.add_argument("--lateness", type=float, default=10.0, help="allowed lateness, seconds")
+    proc.add_argument("--idle-timeout", type=float, default=30.0, help="close windows of a quiet partition, seconds")
     sim = sub.add_parser("simulate", help="simulate the port's sensor fleets (to MQTT or a file)")
     sim.add_argument("--fleet", default="air,crane,cell", help="comma-separated: air, crane, cell")
     sim.add_argument("--sensors", type=int, default=300, help="number of sensors, split over the fleets")
@@ -168,6 +172,26 @@ def _cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_process(settings: Settings, args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from portpulse.deadletter import KafkaDeadLetters
+    from portpulse.runtime import run_until_signal, setup_logging
+    from processors.loop import run_processor
+    from sinks.writer import InfluxWriter
+
+    setup_logging(settings.ops)
+
+    async def main(stop: asyncio.Event) -> Any:
+        async with KafkaDeadLetters(settings.kafka) as dlq, InfluxWriter(settings.influx, settings.sink, dlq) as sink:
+            return await run_processor(settings, sink, stop, args.windows, args.lateness, args.idle_timeout)
+
+    stats = run_until_signal(main)
+    logging.getLogger("portpulse.processor").info("processor stopped: %s", stats)
+    return EXIT_OK
+
+
 def _cmd_config(settings: Settings) -> int:
     print(json.dumps(settings.model_dump(mode="json"), indent=2, ensure_ascii=False))
     return EXIT_OK
@@ -202,6 +226,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_simulate(settings, args)
         if args.command == "replay":
             return _cmd_replay(settings, args)
+        if args.command == "process":
+            return _cmd_process(settings, args)
         if args.command == "bridge":
             return _cmd_bridge(settings)
         if args.command == "query":

@@ -24,6 +24,8 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
+from portpulse.points import Categorical, PointColumns
+
 __all__ = [
     "PRECISION_NS",
     "Categorical",
@@ -44,40 +46,6 @@ _POW10 = 10 ** np.arange(19, dtype=np.int64)[::-1]  # 10^18 .. 10^0
 _POW10_ASC = _POW10[::-1].copy()
 _FORBIDDEN = ("\n", "\r")
 _AMBIGUOUS_BACKSLASH = re.compile(r"\\(?=[\\ ,=\"]|$)")
-
-
-@dataclass(frozen=True, slots=True)
-class Categorical:
-    """A dictionary-encoded string column: row i is ``categories[codes[i]]``.
-
-    ``codes``: int64 ``(n,)`` in ``[0, k)``; ``categories``: object array of str ``(k,)``. Stages that
-    already grouped rows (the processors) pass tags this way and skip re-hashing every row.
-    """
-
-    codes: npt.NDArray[np.int64]
-    categories: npt.NDArray[np.object_]
-
-    def __len__(self) -> int:
-        return len(self.codes)
-
-
-@dataclass(frozen=True, slots=True)
-class PointColumns:
-    """Points as columns, all of shape ``(n,)``.
-
-    ``measurement``: object array of str, or one str for all rows; ``tags``: tag key -> object
-    array of str or :class:`Categorical` (an empty value omits the tag on that row); ``fields``: field key -> float64
-    array (NaN omits the field on that row) or object array of str (a string field; None omits);
-    ``ts_ns``: int64 ns since the Unix epoch.
-    """
-
-    measurement: npt.NDArray[np.object_] | str
-    tags: Mapping[str, npt.NDArray[np.object_] | Categorical]
-    fields: Mapping[str, npt.NDArray[np.float64] | npt.NDArray[np.object_]]
-    ts_ns: npt.NDArray[np.int64]
-
-    def __len__(self) -> int:
-        return len(self.ts_ns)
 
 
 @dataclass(frozen=True, slots=True)

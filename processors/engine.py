@@ -1,0 +1,355 @@
+"""The processor's state machine: cleaning, windows, watermarks and safe commit offsets.
+
+No I/O and no clock: the Kafka loop passes decoded readings and the current time in, and gets
+points for the sink, late readings and per-partition commit positions out. All state is per
+Kafka partition (a sensor's readings share one partition), so a rebalance drops exactly the
+revoked partitions' state and a restarted processor rebuilds it by replaying from the committed
+offset. Each commit carries the partition's watermark as metadata: after a restart, windows that
+ended at or before it were already emitted, and replayed readings for them are skipped instead of
+re-emitting a partial window.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from portpulse.catalogue import Catalogue
+from portpulse.points import Categorical, PointColumns
+from processors.clean import OK, REASON_NAMES, History, clean
+from processors.window import WindowSpec, aggregate, assign
+
+__all__ = ["EngineOutput", "EngineSettings", "ProcessorEngine", "Readings"]
+
+_NEG = np.iinfo(np.int64).min
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSettings:
+    windows: tuple[WindowSpec, ...]
+    allowed_lateness_ns: int = 10 * 10**9
+    idle_timeout_s: float = 30.0
+    hampel_window: int = 7
+    k_sigma: float = 4.0
+
+
+@dataclass(frozen=True, slots=True)
+class Readings:
+    """Decoded Kafka records as columns ``(n,)``: object arrays ``domain``, ``sensor_id``, ``site``,
+    ``metric``; int64 ``ts_ns``; float64 ``value``; int64 ``partition`` (the loop's id for a topic
+    partition) and ``offset`` (the Kafka offset of the record that carried the reading)."""
+
+    domain: npt.NDArray[np.object_]
+    sensor_id: npt.NDArray[np.object_]
+    site: npt.NDArray[np.object_]
+    metric: npt.NDArray[np.object_]
+    ts_ns: npt.NDArray[np.int64]
+    value: npt.NDArray[np.float64]
+    partition: npt.NDArray[np.int64]
+    offset: npt.NDArray[np.int64]
+
+    def __len__(self) -> int:
+        return len(self.ts_ns)
+
+
+@dataclass(slots=True)
+class EngineOutput:
+    points: list[tuple[str, PointColumns]] = field(default_factory=list)  # (kind "raw"/window name, points)
+    late: list[tuple[int, str, str, str, int, float, int]] = field(default_factory=list)
+    rejected: dict[str, int] = field(default_factory=dict)
+    windows_emitted: int = 0
+    replayed: int = 0
+
+
+@dataclass(slots=True)
+class _Partition:
+    max_ts: int = _NEG
+    watermark: int = _NEG
+    last_arrival_s: float = 0.0
+    next_offset: int = -1  # one past the highest offset consumed
+
+
+class ProcessorEngine:
+    """Clean, window and track watermarks for the partitions this processor owns."""
+
+    def __init__(self, settings: EngineSettings, catalogue: Catalogue) -> None:
+        self._s = settings
+        self._catalogue = catalogue
+        self._series: dict[tuple[str, str, str], int] = {}
+        self._series_domain: list[str] = []
+        self._series_sensor: list[str] = []
+        self._series_site: list[str] = []
+        self._series_metric: list[str] = []
+        self._lo: list[float] = []
+        self._hi: list[float] = []
+        self._rate: list[float] = []
+        self._floor: list[float] = []
+        self._factor: list[float] = []
+        self._history = History.empty(0, settings.hampel_window)
+        self._parts: dict[int, _Partition] = {}
+        self._restored: dict[int, int] = {}  # partition -> offsets below this were consumed before a restart
+        # Open window rows (one per reading and window it falls in).
+        self._w_spec = np.empty(0, np.int64)
+        self._w_series = np.empty(0, np.int64)
+        self._w_start = np.empty(0, np.int64)
+        self._w_ts = np.empty(0, np.int64)
+        self._w_value = np.empty(0)
+        self._w_ok = np.empty(0, bool)
+        self._w_part = np.empty(0, np.int64)
+        self._w_offset = np.empty(0, np.int64)
+
+    # ------------------------------------------------------------ series registry
+
+    def _register(self, domain: str, sensor: str, site: str, metric: str) -> int:
+        base, factor = metric, 1.0
+        spec = self._catalogue.get(domain, metric)
+        if spec is None and "_" in metric:
+            # Unit normalisation: "no2_ppb" is no2 given in ppb when the catalogue converts ppb.
+            name, _, unit = metric.rpartition("_")
+            candidate = self._catalogue.get(domain, name)
+            if candidate is not None and unit in candidate.convert:
+                spec, base, factor = candidate, name, candidate.convert[unit]
+        key = (domain, sensor, base)
+        if key in self._series and factor == 1.0:
+            return self._series[key]
+        sid = self._series.setdefault(key, len(self._series_domain))
+        if sid == len(self._series_domain):
+            self._series_domain.append(domain)
+            self._series_sensor.append(sensor)
+            self._series_site.append(site)
+            self._series_metric.append(base)
+            self._lo.append(spec.min if spec else -np.inf)
+            self._hi.append(spec.max if spec else np.inf)
+            self._rate.append(spec.max_rate_per_s if spec else np.inf)
+            self._floor.append(0.01 * (spec.max - spec.min) if spec else 1e-9)
+            self._factor.append(1.0)
+        return sid
+
+    def _series_ids(self, r: Readings) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
+        cache: dict[tuple[str, str, str, str], tuple[int, float]] = {}
+        ids = np.empty(len(r), dtype=np.int64)
+        factors = np.ones(len(r))
+        for i, key in enumerate(
+            zip(r.domain.tolist(), r.sensor_id.tolist(), r.site.tolist(), r.metric.tolist(), strict=True)
+        ):
+            hit = cache.get(key)
+            if hit is None:
+                sid = self._register(*key)
+                metric = key[3]
+                factor = 1.0
+                if self._series_metric[sid] != metric:
+                    spec = self._catalogue.get(key[0], self._series_metric[sid])
+                    factor = spec.convert[metric.rpartition("_")[2]] if spec else 1.0
+                hit = cache[key] = (sid, factor)
+            ids[i], factors[i] = hit
+        return ids, factors
+
+    # ------------------------------------------------------------ main step
+
+    def ingest(self, r: Readings, now_s: float, caught_up: frozenset[int] = frozenset()) -> EngineOutput:
+        """Clean ``r``, add it to windows, close what the watermarks allow; returns what to send.
+
+        ``caught_up``: partitions with nothing more to read (no lag). Only those can be idle: a
+        partition that merely was not fetched for a while (a rebalance, a slow sink) still has data.
+        """
+        out = EngineOutput()
+        if len(r):
+            series, factor = self._series_ids(r)
+            value = r.value * factor
+            k = len(self._series_domain)
+            self._history = self._history.grow(k)
+            reason, self._history = clean(
+                series, r.ts_ns, value,
+                np.array(self._lo), np.array(self._hi), np.array(self._rate), np.array(self._floor),
+                self._history, self._s.k_sigma,
+            )  # fmt: skip
+            for code, count in zip(*np.unique(reason, return_counts=True), strict=True):
+                if code != OK:
+                    out.rejected[REASON_NAMES[int(code)]] = int(count)
+            ok = reason == OK
+            self._raw_points(series[ok], r.ts_ns[ok], value[ok], out)
+            self._advance(r, now_s)
+            self._add_to_windows(series, r, value, ok, out)
+        self._idle(now_s, caught_up)
+        self._close(out)
+        return out
+
+    def _raw_points(
+        self,
+        series: npt.NDArray[np.int64],
+        ts: npt.NDArray[np.int64],
+        value: npt.NDArray[np.float64],
+        out: EngineOutput,
+    ) -> None:
+        if not len(series):
+            return
+        domains = np.array(self._series_domain, dtype=object)[series]
+        metrics = np.array(self._series_metric, dtype=object)[series]
+        groups: dict[tuple[str, str], list[int]] = {}
+        for i, key in enumerate(zip(domains.tolist(), metrics.tolist(), strict=True)):
+            groups.setdefault(key, []).append(i)
+        for (domain, metric), rows in groups.items():
+            idx = np.array(rows, dtype=np.int64)
+            out.points.append(("raw", PointColumns(domain, self._tags(series[idx]), {metric: value[idx]}, ts[idx])))
+
+    def _tags(self, series: npt.NDArray[np.int64]) -> dict[str, npt.NDArray[np.object_] | Categorical]:
+        uniq, inverse = np.unique(series, return_inverse=True)
+        sensors = np.array([self._series_sensor[s] for s in uniq.tolist()], dtype=object)
+        sites = np.array([self._series_site[s] for s in uniq.tolist()], dtype=object)
+        inv = inverse.astype(np.int64).reshape(-1)
+        return {"sensor_id": Categorical(inv, sensors), "site": Categorical(inv, sites)}
+
+    def _advance(self, r: Readings, now_s: float) -> None:
+        for p in np.unique(r.partition).tolist():
+            mask = r.partition == p
+            state = self._parts.setdefault(p, _Partition())
+            state.max_ts = max(state.max_ts, int(r.ts_ns[mask].max()))
+            state.next_offset = max(state.next_offset, int(r.offset[mask].max()) + 1)
+            state.last_arrival_s = now_s
+
+    def _add_to_windows(
+        self,
+        series: npt.NDArray[np.int64],
+        r: Readings,
+        value: npt.NDArray[np.float64],
+        ok: npt.NDArray[np.bool_],
+        out: EngineOutput,
+    ) -> None:
+        wm = np.array([self._parts[p].watermark for p in r.partition.tolist()], dtype=np.int64)
+        late_rows: set[int] = set()
+        parts = [self._w_spec], [self._w_series], [self._w_start], [self._w_ts], [self._w_value], [self._w_ok], \
+            [self._w_part], [self._w_offset]  # fmt: skip
+        for spec_i, spec in enumerate(self._s.windows):
+            rows, starts = assign(r.ts_ns, spec)
+            closed = starts + spec.size_ns <= wm[rows]
+            if closed.any():
+                # Behind the watermark: late, unless it is a replay of what was emitted before a restart.
+                replay = closed & (r.offset[rows] < self._replay_until(r.partition[rows]))
+                out.replayed += int(replay.sum())
+                late_rows.update(rows[closed & ~replay].tolist())
+            rows, starts = rows[~closed], starts[~closed]
+            for arr, new in zip(
+                parts,
+                (
+                    np.full(len(rows), spec_i),
+                    series[rows],
+                    starts,
+                    r.ts_ns[rows],
+                    value[rows],
+                    ok[rows],
+                    r.partition[rows],
+                    r.offset[rows],
+                ),
+                strict=True,
+            ):
+                arr.append(new)
+        (self._w_spec, self._w_series, self._w_start, self._w_ts, self._w_value, self._w_ok, self._w_part,
+         self._w_offset) = (np.concatenate(a) for a in parts)  # fmt: skip
+        for i in sorted(late_rows):
+            p = int(r.partition[i])
+            out.late.append((p, str(r.domain[i]), str(r.sensor_id[i]), str(r.metric[i]), int(r.ts_ns[i]),
+                             float(r.value[i]), self._parts[p].watermark - int(r.ts_ns[i])))  # fmt: skip
+
+    def _replay_until(self, partitions: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+        return np.array([self._restored.get(p, -1) for p in partitions.tolist()], dtype=np.int64)
+
+    def _idle(self, now_s: float, caught_up: frozenset[int]) -> None:
+        for p, state in self._parts.items():
+            if state.max_ts == _NEG:
+                continue
+            state.watermark = max(state.watermark, state.max_ts - self._s.allowed_lateness_ns)
+            quiet_s = now_s - state.last_arrival_s
+            if p in caught_up and quiet_s >= self._s.idle_timeout_s:
+                # Nothing arrived for a while: let event time follow the clock so windows close.
+                state.watermark = max(state.watermark, state.max_ts + int(quiet_s * 1e9) - self._s.allowed_lateness_ns)
+
+    def _close(self, out: EngineOutput) -> None:
+        if not len(self._w_spec):
+            return
+        sizes = np.array([s.size_ns for s in self._s.windows], dtype=np.int64)
+        wm_of = {p: st.watermark for p, st in self._parts.items()}
+        wm = np.array([wm_of.get(p, _NEG) for p in self._w_part.tolist()], dtype=np.int64)
+        done = self._w_start + sizes[self._w_spec] <= wm
+        if not done.any():
+            return
+        d = np.flatnonzero(done)
+        spec, series, start = self._w_spec[d], self._w_series[d], self._w_start[d]
+        # One key per (spec, series, window start).
+        _, key = np.unique(np.stack([spec, series, start]), axis=1, return_inverse=True)
+        agg = aggregate(key.reshape(-1).astype(np.int64), self._w_ts[d], self._w_value[d], self._w_ok[d])
+        first = agg.first_row
+        a_spec, a_series, a_start = spec[first], series[first], start[first]
+        out.windows_emitted += len(agg)
+        domains = np.array(self._series_domain, dtype=object)[a_series]
+        metrics = np.array(self._series_metric, dtype=object)[a_series]
+        groups: dict[tuple[int, str, str], list[int]] = {}
+        for j, g in enumerate(zip(a_spec.tolist(), domains.tolist(), metrics.tolist(), strict=True)):
+            groups.setdefault(g, []).append(j)
+        for (spec_i, domain, metric), rows in groups.items():
+            idx = np.array(rows, dtype=np.int64)
+            fields = {
+                f"{metric}_count": agg.count[idx].astype(np.float64),
+                f"{metric}_rejected": agg.rejected[idx].astype(np.float64),
+                f"{metric}_mean": agg.mean[idx],
+                f"{metric}_min": agg.min[idx],
+                f"{metric}_max": agg.max[idx],
+                f"{metric}_last": agg.last[idx],
+                f"{metric}_stddev": agg.stddev[idx],
+                f"{metric}_p95": agg.p95[idx],
+            }
+            name = self._s.windows[spec_i].name
+            out.points.append((name, PointColumns(f"{domain}_{name}", self._tags(a_series[idx]), fields, a_start[idx])))
+        keep = ~done
+        self._w_spec, self._w_series, self._w_start, self._w_ts = (
+            self._w_spec[keep], self._w_series[keep], self._w_start[keep], self._w_ts[keep])  # fmt: skip
+        self._w_value, self._w_ok, self._w_part, self._w_offset = (
+            self._w_value[keep], self._w_ok[keep], self._w_part[keep], self._w_offset[keep])  # fmt: skip
+
+    # ------------------------------------------------------------ offsets and rebalances
+
+    def safe_offsets(self) -> dict[int, tuple[int, int, int]]:
+        """Per partition: (offset to commit, watermark, next offset consumed).
+
+        The commit offset is the oldest record still in an open window, or one past the last
+        consumed record when none is; the other two travel as commit metadata for :meth:`restore`.
+        """
+        out = {}
+        for p, state in self._parts.items():
+            if state.next_offset < 0:
+                continue
+            mask = self._w_part == p
+            oldest = int(self._w_offset[mask].min()) if mask.any() else state.next_offset
+            out[p] = (min(oldest, state.next_offset), state.watermark, state.next_offset)
+        return out
+
+    def restore(self, partition: int, watermark: int, consumed_until: int) -> None:
+        """A partition assigned with committed metadata: windows ending at or before ``watermark``
+        were emitted, and records below ``consumed_until`` were consumed then. Replayed records for
+        those windows are skipped (counted as replayed); newer ones behind the watermark are late."""
+        state = self._parts.setdefault(partition, _Partition())
+        state.watermark = max(state.watermark, watermark)
+        self._restored[partition] = consumed_until
+
+    def drop(self, partitions: Iterable[int]) -> None:
+        """Forget revoked partitions (their windows are rebuilt by whoever gets them)."""
+        gone = set(partitions)
+        for p in gone:
+            self._parts.pop(p, None)
+            self._restored.pop(p, None)
+        if len(self._w_part):
+            keep = ~np.isin(self._w_part, np.array(sorted(gone), dtype=np.int64))
+            self._w_spec, self._w_series, self._w_start, self._w_ts = (
+                self._w_spec[keep], self._w_series[keep], self._w_start[keep], self._w_ts[keep])  # fmt: skip
+            self._w_value, self._w_ok, self._w_part, self._w_offset = (
+                self._w_value[keep], self._w_ok[keep], self._w_part[keep], self._w_offset[keep])  # fmt: skip
+
+    @property
+    def open_rows(self) -> int:
+        return len(self._w_spec)
+
+    def watermark(self, partition: int) -> int:
+        state = self._parts.get(partition)
+        return state.watermark if state else _NEG

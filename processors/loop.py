@@ -1,0 +1,224 @@
+"""The Kafka consumer loop that drives the processor engine (the thin I/O edge).
+
+``getmany`` batch -> decode the compact values into columns -> engine (clean, windows) -> sink
+writes -> late readings to ``portpulse.late`` -> commit each partition up to the oldest record
+still needed (open window or unwritten point), with the watermark as commit metadata.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from portpulse.catalogue import load_catalogue
+from portpulse.points import PointSink, WriteReceipt
+from portpulse.settings import Settings
+from portpulse.topics import late_topic
+from portpulse.wire import WireError, decode_value
+from processors.engine import EngineSettings, ProcessorEngine, Readings
+from processors.metrics import PROCESSOR_METRICS
+from processors.window import parse_windows
+
+__all__ = ["ProcessorStats", "run_processor"]
+
+log = logging.getLogger("portpulse.processor")
+
+_NEG = np.iinfo(np.int64).min
+
+
+@dataclass
+class ProcessorStats:
+    records: int = 0
+    readings: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    windows: int = 0
+    late: int = 0
+    replayed: int = 0
+    bad_records: int = 0
+    commits: int = 0
+
+
+def _decode(
+    records_by_tp: dict[Any, list[Any]], part_ids: dict[tuple[str, int], int], prefix: str
+) -> tuple[Readings, int]:
+    """Compact Kafka values -> reading columns; returns the columns and the count of undecodable records."""
+    domain: list[str] = []
+    sensor: list[str] = []
+    site: list[str] = []
+    metric: list[str] = []
+    ts: list[Any] = []
+    value: list[Any] = []
+    part: list[Any] = []
+    offset: list[Any] = []
+    bad = 0
+    head = f"{prefix}.readings."
+    for tp, records in records_by_tp.items():
+        pid = part_ids.setdefault((tp.topic, tp.partition), len(part_ids))
+        dom = tp.topic[len(head) :]
+        for rec in records:
+            try:
+                w = decode_value(rec.value)
+            except WireError:
+                bad += 1
+                continue
+            n = len(w)
+            key = rec.key.decode() if rec.key else ""
+            domain += [dom] * n
+            sensor += [key] * n
+            site += [w.site] * n
+            metric += [w.metrics[i] for i in w.metric_index.tolist()]
+            ts.append(w.ts_ns)
+            value.append(w.value)
+            part.append(np.full(n, pid, dtype=np.int64))
+            offset.append(np.full(n, rec.offset, dtype=np.int64))
+
+    def obj(x: list[str]) -> Any:
+        out = np.empty(len(x), dtype=object)
+        out[:] = x
+        return out
+
+    def ints(xs: list[Any]) -> npt.NDArray[np.int64]:
+        return np.concatenate(xs).astype(np.int64, copy=False) if xs else np.empty(0, dtype=np.int64)
+
+    floats = np.concatenate(value).astype(np.float64, copy=False) if value else np.empty(0, dtype=np.float64)
+    readings = Readings(obj(domain), obj(sensor), obj(site), obj(metric), ints(ts), floats, ints(part), ints(offset))
+    return readings, bad
+
+
+async def run_processor(
+    settings: Settings,
+    sink: PointSink,
+    stop: asyncio.Event,
+    windows: str = "10s,1m,15m",
+    allowed_lateness_s: float = 10.0,
+    idle_timeout_s: float = 30.0,
+    max_records: int = 100_000,
+) -> ProcessorStats:
+    """Consume ``{prefix}.readings.*`` in group ``kafka.consumer_group`` until ``stop`` is set."""
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
+    from aiokafka.structs import OffsetAndMetadata
+
+    k = settings.kafka
+    engine = ProcessorEngine(
+        EngineSettings(parse_windows(windows), int(allowed_lateness_s * 1e9), idle_timeout_s), load_catalogue()
+    )
+    stats = ProcessorStats()
+    part_ids: dict[tuple[str, int], int] = {}
+    tps: dict[int, Any] = {}
+    pending: list[tuple[list[WriteReceipt], dict[int, tuple[int, int, int]]]] = []
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=k.bootstrap_servers,
+        group_id=k.consumer_group,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        max_partition_fetch_bytes=8 * 1024 * 1024,
+        metadata_max_age_ms=5000,
+    )
+    late_producer = AIOKafkaProducer(bootstrap_servers=k.bootstrap_servers, acks="all", enable_idempotence=True)
+
+    async def commit_safe() -> None:
+        """Commit the state before the oldest batch whose points are not all stored yet.
+
+        Each pending entry holds the engine's positions from *before* its batch, so a commit never
+        covers records (or emitted windows, via the watermark metadata) that are not durable.
+        """
+        while pending and all(r.done() for r in pending[0][0]):
+            pending.pop(0)
+        positions = pending[0][1] if pending else engine.safe_offsets()
+        offsets = {}
+        for p, (offset, wm, nxt) in positions.items():
+            if p in tps and offset >= 0:
+                offsets[tps[p]] = OffsetAndMetadata(offset, json.dumps({"wm": wm, "next": nxt}))
+        if offsets:
+            await consumer.commit(offsets)
+            stats.commits += 1
+
+    class Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+        async def on_partitions_revoked(self, revoked: Any) -> None:
+            await sink.flush()
+            for receipts, _ in pending:
+                for r in receipts:
+                    await r.wait()
+            with contextlib.suppress(Exception):
+                await commit_safe()
+            ids = [part_ids[(tp.topic, tp.partition)] for tp in revoked if (tp.topic, tp.partition) in part_ids]
+            engine.drop(ids)
+            log.info("partitions revoked: %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in revoked))
+
+        async def on_partitions_assigned(self, assigned: Any) -> None:
+            for tp in assigned:
+                pid = part_ids.setdefault((tp.topic, tp.partition), len(part_ids))
+                tps[pid] = tp
+                committed = await consumer.committed(tp)
+                meta = ""
+                with contextlib.suppress(Exception):
+                    meta = (await consumer._coordinator.fetch_committed_offsets([tp]))[tp].metadata
+                if committed is not None and meta:
+                    with contextlib.suppress(ValueError, KeyError, TypeError):
+                        m = json.loads(meta)
+                        engine.restore(pid, int(m["wm"]), int(m["next"]))
+            log.info("partitions assigned: %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))
+
+    await late_producer.start()
+    await consumer.start()
+    try:
+        consumer.subscribe(pattern=f"^{re.escape(k.topic_prefix)}\\.readings\\..+", listener=Listener())
+        while not stop.is_set():
+            batch = await consumer.getmany(timeout_ms=200, max_records=max_records)
+            started = time.perf_counter()
+            before = engine.safe_offsets()
+            readings, bad = _decode(batch, part_ids, k.topic_prefix)
+            for tp in batch:
+                tps[part_ids[(tp.topic, tp.partition)]] = tp
+            stats.records += sum(len(v) for v in batch.values())
+            stats.readings += len(readings)
+            stats.bad_records += bad
+            caught_up = set()
+            for pid, tp in tps.items():
+                high = consumer.highwater(tp)
+                if high is not None and tp in consumer.assignment() and await consumer.position(tp) >= high:
+                    caught_up.add(pid)
+            out = engine.ingest(readings, time.monotonic(), frozenset(caught_up))
+            receipts = [await sink.write(points, source=f"processor:{kind}") for kind, points in out.points]
+            for reason, count in out.rejected.items():
+                stats.rejected[reason] = stats.rejected.get(reason, 0) + count
+                PROCESSOR_METRICS.rejected.labels(reason).inc(count)
+            stats.windows += out.windows_emitted
+            stats.replayed += out.replayed
+            if out.late:
+                futures = [
+                    await late_producer.send(
+                        late_topic(k.topic_prefix),
+                        json.dumps(
+                            {"domain": d, "sensor_id": s, "metric": m, "ts_ns": t, "value": v, "lateness_ns": lateness}
+                        ).encode(),
+                        key=s.encode(),
+                    )
+                    for _p, d, s, m, t, v, lateness in out.late
+                ]
+                await asyncio.gather(*futures)
+                stats.late += len(out.late)
+                PROCESSOR_METRICS.late.inc(len(out.late))
+            PROCESSOR_METRICS.records.inc(len(readings))
+            PROCESSOR_METRICS.windows.inc(out.windows_emitted)
+            PROCESSOR_METRICS.batch_seconds.observe(time.perf_counter() - started)
+            pending.append((receipts, before))
+            await commit_safe()
+        await sink.flush()
+        for receipts, _ in pending:
+            for r in receipts:
+                await r.wait()
+        await commit_safe()
+    finally:
+        await consumer.stop()
+        await late_producer.stop()
+    return stats

@@ -1,0 +1,126 @@
+"""Event-time window kernels: pure numpy.
+
+A window spec (size, step) gives tumbling (step == size) or hopping (step < size) windows
+aligned to the Unix epoch. :func:`assign` maps readings to the windows that contain them;
+:func:`aggregate` reduces rows grouped by an integer key in one sorted pass.
+
+Aggregates per key over accepted values: ``count``, ``mean``, ``min``, ``max``, ``last`` (value
+with the greatest timestamp, the later row on ties), ``stddev`` (population, ddof=0), ``p95``
+(exact, linear interpolation between closest ranks like ``numpy.percentile``), and
+``rejected`` (rows flagged by cleaning, kept out of the other aggregates).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = ["Aggregates", "WindowSpec", "aggregate", "assign", "parse_windows"]
+
+_UNITS = {"s": 10**9, "m": 60 * 10**9, "h": 3600 * 10**9}
+
+
+@dataclass(frozen=True, slots=True)
+class WindowSpec:
+    """Windows of ``size_ns`` every ``step_ns``; ``name`` suffixes the measurement (``air_1m``)."""
+
+    name: str
+    size_ns: int
+    step_ns: int
+
+    def __post_init__(self) -> None:
+        if self.size_ns <= 0 or self.step_ns <= 0 or self.size_ns % self.step_ns:
+            raise ValueError(f"window {self.name}: size must be a positive multiple of the step")
+
+
+def parse_windows(text: str) -> tuple[WindowSpec, ...]:
+    """``"10s,1m,15m"`` (tumbling) or ``"5m/1m"`` (5-minute windows every minute)."""
+    specs = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        size_txt, _, step_txt = part.partition("/")
+        size, step = _duration(size_txt), _duration(step_txt) if step_txt else _duration(size_txt)
+        specs.append(WindowSpec(size_txt if not step_txt else f"{size_txt}_{step_txt}", size, step))
+    return tuple(specs)
+
+
+def _duration(text: str) -> int:
+    m = re.fullmatch(r"(\d+)([smh])", text)
+    if not m:
+        raise ValueError(f"not a duration like 10s, 1m or 15m: {text!r}")
+    return int(m.group(1)) * _UNITS[m.group(2)]
+
+
+def assign(ts_ns: npt.NDArray[np.int64], spec: WindowSpec) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Every (row, window start) pair with the row's timestamp in [start, start + size).
+
+    Returns the row indices and window starts (ns), both of shape ``(n * size / step,)``.
+    """
+    per_row = spec.size_ns // spec.step_ns
+    last_start = (ts_ns // spec.step_ns) * spec.step_ns
+    rows = np.repeat(np.arange(len(ts_ns), dtype=np.int64), per_row)
+    back = np.tile(np.arange(per_row, dtype=np.int64), len(ts_ns)) * spec.step_ns
+    return rows, last_start[rows] - back
+
+
+@dataclass(frozen=True, slots=True)
+class Aggregates:
+    """One row per distinct key, keys ascending; float fields are NaN when ``count`` is 0."""
+
+    key: npt.NDArray[np.int64]
+    count: npt.NDArray[np.int64]
+    rejected: npt.NDArray[np.int64]
+    mean: npt.NDArray[np.float64]
+    min: npt.NDArray[np.float64]
+    max: npt.NDArray[np.float64]
+    last: npt.NDArray[np.float64]
+    stddev: npt.NDArray[np.float64]
+    p95: npt.NDArray[np.float64]
+    first_row: npt.NDArray[np.int64]  # index (into the inputs) of a row of each key
+
+    def __len__(self) -> int:
+        return len(self.key)
+
+
+def aggregate(
+    key: npt.NDArray[np.int64],
+    ts_ns: npt.NDArray[np.int64],
+    value: npt.NDArray[np.float64],
+    accepted: npt.NDArray[np.bool_],
+) -> Aggregates:
+    """Aggregate rows by ``key`` (all inputs shape ``(m,)``)."""
+    m = len(key)
+    if m == 0:
+        e_i, e_f = np.empty(0, np.int64), np.empty(0)
+        return Aggregates(e_i, e_i, e_i, e_f, e_f, e_f, e_f, e_f, e_f, e_i)
+    # Sort by key, then accepted rows first (ascending value); rejected rows after them.
+    sort_value = np.where(accepted, value, np.inf)
+    order = np.lexsort((sort_value, ~accepted, key))
+    k, v, a, t = key[order], value[order], accepted[order], ts_ns[order]
+    starts = np.flatnonzero(np.concatenate([[True], k[1:] != k[:-1]]))
+    ends = np.concatenate([starts[1:], [m]])
+    total = ends - starts
+    count = np.add.reduceat(a.astype(np.int64), starts)
+    rejected = total - count
+    va = np.where(a, v, 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.add.reduceat(va, starts) / count
+        sq = np.add.reduceat(np.where(a, (v - np.repeat(mean, total)) ** 2, 0.0), starts)
+        stddev = np.sqrt(sq / count)
+    has = count > 0
+    vmin = np.where(has, v[starts], np.nan)  # accepted values come first, ascending
+    vmax = np.where(has, v[np.maximum(starts + count - 1, starts)], np.nan)
+    pos = 0.95 * (count - 1)
+    lo_i = np.floor(pos).astype(np.int64)
+    hi_i = np.minimum(lo_i + 1, np.maximum(count - 1, 0))
+    frac = pos - lo_i
+    p95 = np.where(has, v[starts + np.maximum(lo_i, 0)] * (1 - frac) + v[starts + hi_i] * frac, np.nan)
+    # last: among accepted rows of a key, the greatest ts (ties: the later input row).
+    row = order
+    score_t = np.where(a, t, np.iinfo(np.int64).min)
+    by_time = np.lexsort((row, score_t, k))
+    last_pos = by_time[ends - 1]
+    last = np.where(has, v[last_pos], np.nan)
+    return Aggregates(k[starts], count, rejected, mean, vmin, vmax, last, stddev, p95, order[starts])

@@ -1,0 +1,180 @@
+"""The processor against the real Kafka: a known stream yields exactly the expected windows."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import statistics
+from typing import Any
+
+import numpy as np
+import pytest
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from portpulse.points import Categorical, MemoryPointSink
+from portpulse.settings import KafkaSettings, Settings
+from portpulse.wire import VERSION_HEADER, encode_value
+from processors.loop import ProcessorStats, run_processor
+from tests.services import KafkaEndpoint
+
+pytestmark = pytest.mark.integration
+
+T0 = 1_764_000_000  # s, on a minute boundary
+SENSORS = [f"no2-{i}" for i in range(6)]
+
+
+def known_stream() -> tuple[list[tuple[str, str, int, float]], dict[str, int], tuple[str, str, int, float]]:
+    """(sensor, metric, ts_s, value) in send order, the expected rejections, and the late reading."""
+    rows = []
+    for step in range(60):  # 5 minutes, every 5 s
+        for i, sensor in enumerate(SENSORS):
+            rows.append((sensor, "no2", T0 + 5 * step, 40.0 + i + (step % 7) * 0.5))
+            if i < 2:
+                rows.append((sensor, "pm25", T0 + 5 * step, 10.0 + (step % 3)))
+    rows.insert(300, ("no2-1", "no2", T0 + 100, 400.0))  # spike, hmm: same ts as a good one -> duplicate
+    rows[300] = ("no2-1", "no2", T0 + 101, 400.0)  # a spike at its own instant
+    rows.insert(310, ("no2-2", "no2", T0 + 50, 40.0 + 2 + (10 % 7) * 0.5))  # exact duplicate of an earlier one
+    rows.insert(320, ("no2-3", "no2", T0 + 122, -5.0))  # out of range
+    late = ("no2-4", "no2", T0 + 12, 41.0)
+    return rows, {"spike": 1, "duplicate": 1, "out_of_range": 1}, late
+
+
+def expected_windows(rows: list[tuple[str, str, int, float]]) -> dict[tuple[str, str, int], dict[str, float]]:
+    good: dict[tuple[str, str, int], list[tuple[int, float]]] = {}
+    bad: dict[tuple[str, str, int], int] = {}
+    seen = set()
+    for sensor, metric, ts, value in rows:
+        window = (sensor, metric, (ts // 60) * 60)
+        if value == 400.0 or value < 0 or (sensor, metric, ts) in seen:
+            bad[window] = bad.get(window, 0) + 1
+            continue
+        seen.add((sensor, metric, ts))
+        good.setdefault(window, []).append((ts, value))
+    out = {}
+    for window, values in good.items():
+        v = [x for _, x in values]
+        out[window] = {
+            "count": len(v), "rejected": bad.get(window, 0), "mean": statistics.fmean(v), "min": min(v),
+            "max": max(v), "last": max(values)[1], "stddev": statistics.pstdev(v),
+            "p95": float(np.percentile(v, 95)),
+        }  # fmt: skip
+    return out
+
+
+async def produce(kafka: KafkaEndpoint, prefix: str, rows: list[tuple[str, str, int, float]]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap_servers, acks="all", enable_idempotence=True)
+    await producer.start()
+    try:
+        for sensor, metric, ts, value in rows:
+            record = encode_value("quai", [metric], [0], [ts * 10**9], [value], [0])
+            await producer.send(f"{prefix}.readings.air", record, key=sensor.encode(), headers=[VERSION_HEADER])
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+
+async def create_topic(kafka: KafkaEndpoint, topic: str, partitions: int) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap_servers)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, partitions, 1)])
+    finally:
+        await admin.close()
+
+
+def windows_of(sink: MemoryPointSink) -> dict[tuple[str, str, int], dict[str, float]]:
+    out: dict[tuple[str, str, int], dict[str, float]] = {}
+    for source, points in sink.writes:
+        if source != "processor:1m":
+            continue
+        sensors = points.tags["sensor_id"]
+        names = sensors.categories[sensors.codes] if isinstance(sensors, Categorical) else sensors
+        for field_name, column in points.fields.items():
+            metric, _, stat = field_name.rpartition("_")
+            for sensor, ts, value in zip(names.tolist(), points.ts_ns.tolist(), column.tolist(), strict=True):
+                entry = out.setdefault((sensor, metric, ts // 10**9), {})
+                if not (isinstance(value, float) and math.isnan(value)):
+                    entry[stat] = value
+    return out
+
+
+async def _late_count(kafka: KafkaEndpoint, prefix: str) -> int:
+    from tests.integration.pipeline import consume
+
+    return len(await consume(kafka, [f"{prefix}.late"], expect=1, timeout_s=1, idle_s=0))
+
+
+async def run_until(settings: Settings, sink: MemoryPointSink, expect: int, timeout_s: float = 90) -> ProcessorStats:
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_processor(settings, sink, stop, "1m", allowed_lateness_s=2, idle_timeout_s=1))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while loop.time() < deadline and len(windows_of(sink)) < expect and not task.done():
+        await asyncio.sleep(0.2)
+    stop.set()
+    return await asyncio.wait_for(task, 60)
+
+
+def assert_windows_equal(got: dict[Any, dict[str, float]], expected: dict[Any, dict[str, float]]) -> None:
+    assert sorted(got) == sorted(expected)
+    for key, want in expected.items():
+        have = got[key]
+        assert have["count"] == want["count"] and have["rejected"] == want["rejected"], key
+        for stat in ("mean", "min", "max", "last", "stddev", "p95"):
+            assert math.isclose(have[stat], want[stat], rel_tol=1e-12, abs_tol=1e-12), (key, stat)
+
+
+async def test_known_stream_gives_exactly_the_expected_windows(kafka: KafkaEndpoint, unique: str) -> None:
+    rows, rejections, late = known_stream()
+    await create_topic(kafka, f"{unique}.readings.air", 3)
+    await produce(kafka, unique, rows)
+    settings = Settings(kafka=KafkaSettings(bootstrap_servers=kafka.bootstrap_servers, topic_prefix=unique,
+                                            consumer_group=f"{unique}-g"))  # fmt: skip
+    sink = MemoryPointSink()
+    expected = expected_windows(rows)
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_processor(settings, sink, stop, "1m", allowed_lateness_s=2, idle_timeout_s=1))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 90
+    while loop.time() < deadline and len(windows_of(sink)) < len(expected) and not task.done():
+        await asyncio.sleep(0.2)
+    await produce(kafka, unique, [late])  # now behind its partition's watermark: its window has closed
+    while loop.time() < deadline and not task.done():
+        await asyncio.sleep(0.5)
+        if (await _late_count(kafka, unique)) >= 1:
+            break
+    stop.set()
+    stats = await asyncio.wait_for(task, 60)
+    assert_windows_equal(windows_of(sink), expected)
+    assert stats.rejected == rejections
+    assert stats.late == 1
+    raw = sum(len(p) for source, p in sink.writes if source == "processor:raw")
+    assert raw == len(rows) + 1 - sum(rejections.values())  # the late reading is a valid raw point
+
+
+async def test_two_processors_split_partitions_and_together_match_one(kafka: KafkaEndpoint, unique: str) -> None:
+    rows, _, _ = known_stream()
+    await create_topic(kafka, f"{unique}.readings.air", 4)
+    await produce(kafka, unique, rows)
+    settings = Settings(kafka=KafkaSettings(bootstrap_servers=kafka.bootstrap_servers, topic_prefix=unique,
+                                            consumer_group=f"{unique}-g"))  # fmt: skip
+    sinks = [MemoryPointSink(), MemoryPointSink()]
+    expected = expected_windows(rows)
+    stop = asyncio.Event()
+    tasks = [
+        asyncio.create_task(run_processor(settings, sink, stop, "1m", allowed_lateness_s=2, idle_timeout_s=1))
+        for sink in sinks
+    ]
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 90
+    while loop.time() < deadline and len({**windows_of(sinks[0]), **windows_of(sinks[1])}) < len(expected):
+        await asyncio.sleep(0.2)
+    stop.set()
+    stats = await asyncio.gather(*tasks)
+    a, b = windows_of(sinks[0]), windows_of(sinks[1])
+    assert a and b, "both processors should have owned partitions"
+    for key in set(a) & set(b):  # a window emitted by both (after a rebalance) must agree
+        assert a[key] == b[key]
+    assert_windows_equal({**a, **b}, expected)
+    print(f"split: {len(a)} / {len(b)} windows; readings {stats[0].readings} / {stats[1].readings}")

@@ -1,0 +1,150 @@
+"""Processor kernels against slow, obvious reference implementations (hypothesis)."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from processors.clean import DUPLICATE, NON_FINITE, OK, OUT_OF_RANGE, RATE, SPIKE, History, clean
+from processors.window import WindowSpec, aggregate, assign, parse_windows
+
+W = 5
+
+
+def reference_clean(
+    readings: list[tuple[int, int, float]],
+    lo: list[float],
+    hi: list[float],
+    rate: list[float],
+    floor: list[float],
+    hist: dict[int, list[tuple[int, float]]],
+    k_sigma: float,
+) -> tuple[list[int], dict[int, list[tuple[int, float]]]]:
+    """One reading at a time, in (series, ts, arrival) order, exactly as documented."""
+    hist = {s: list(h) for s, h in hist.items()}
+    order = sorted(range(len(readings)), key=lambda i: (readings[i][0], readings[i][1], i))
+    reasons = [OK] * len(readings)
+    seen: set[tuple[int, int]] = {(s, t) for s, h in hist.items() for t, _ in h}
+    for i in order:
+        s, t, v = readings[i]
+        h = hist.setdefault(s, [])
+        if not math.isfinite(v):
+            reasons[i] = NON_FINITE
+        elif not lo[s] <= v <= hi[s]:
+            reasons[i] = OUT_OF_RANGE
+        elif (s, t) in seen:
+            reasons[i] = DUPLICATE
+        else:
+            window = h[-W:]
+            if window:
+                vals = [x for _, x in window]
+                med = statistics.median(vals)
+                mad = statistics.median([abs(x - med) for x in vals])
+                scale = max(1.4826 * mad, floor[s])
+                dt = (t - window[-1][0]) / 1e9
+                if len(vals) >= 3 and abs(v - med) > k_sigma * scale:
+                    reasons[i] = SPIKE
+                elif dt > 0 and abs(v - med) / dt > rate[s]:
+                    reasons[i] = RATE
+            h.append((t, v))
+        if (s, t) not in seen and reasons[i] not in (NON_FINITE, OUT_OF_RANGE):
+            seen.add((s, t))
+    return reasons, {s: h[-W:] for s, h in hist.items()}
+
+
+values = st.one_of(
+    st.floats(min_value=-50, max_value=150, allow_nan=False, width=32),
+    st.sampled_from([math.nan, math.inf, -math.inf, 1000.0, 10.0, 10.0]),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    batches=st.lists(
+        st.lists(st.tuples(st.integers(0, 3), st.integers(0, 40), values), max_size=40), min_size=1, max_size=3
+    )
+)
+def test_clean_equals_reference(batches: list[list[tuple[int, int, float]]]) -> None:
+    k = 4
+    lo, hi = [0.0, -10.0, 0.0, -math.inf], [100.0, 50.0, 100.0, math.inf]
+    rate, floor = [5.0, 1e9, 20.0, math.inf], [1.0, 0.5, 2.0, 0.0]
+    history = History.empty(k, W)
+    ref_hist: dict[int, list[tuple[int, float]]] = {}
+    for batch in batches:
+        readings = [(s, t * 1_000_000_000, v) for s, t, v in batch]
+        expected, ref_hist = reference_clean(readings, lo, hi, rate, floor, ref_hist, 4.0)
+        got, history = clean(
+            np.array([r[0] for r in readings], dtype=np.int64),
+            np.array([r[1] for r in readings], dtype=np.int64),
+            np.array([r[2] for r in readings], dtype=np.float64),
+            np.array(lo),
+            np.array(hi),
+            np.array(rate),
+            np.array(floor),
+            history,
+        )
+        assert got.tolist() == expected
+        for s in range(k):
+            kept = [
+                (int(t), float(v)) for t, v in zip(history.ts[s], history.values[s], strict=True) if not math.isnan(v)
+            ]
+            assert kept == ref_hist.get(s, [])
+
+
+def test_clean_catches_a_spike_and_keeps_the_next_good_value() -> None:
+    t = np.arange(10, dtype=np.int64) * 10**9
+    v = np.array([40, 41, 40, 42, 41, 400, 41, 40, 42, 41], dtype=np.float64)
+    reason, _ = clean(
+        np.zeros(10, np.int64),
+        t,
+        v,
+        np.array([0.0]),
+        np.array([2000.0]),
+        np.array([50.0]),
+        np.array([1.0]),
+        History.empty(1, 7),
+    )
+    assert reason.tolist() == [OK] * 5 + [SPIKE] + [OK] * 4
+
+
+def test_assign_tumbling_and_hopping() -> None:
+    ts = np.array([0, 59, 60, 119], dtype=np.int64) * 10**9
+    rows, starts = assign(ts, WindowSpec("1m", 60 * 10**9, 60 * 10**9))
+    assert rows.tolist() == [0, 1, 2, 3] and (starts // 10**9).tolist() == [0, 0, 60, 60]
+    rows, starts = assign(np.array([70 * 10**9]), WindowSpec("2m_1m", 120 * 10**9, 60 * 10**9))
+    assert rows.tolist() == [0, 0] and (starts // 10**9).tolist() == [60, 0]
+    assert [s.name for s in parse_windows("10s,1m,5m/1m")] == ["10s", "1m", "5m_1m"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    rows=st.lists(
+        st.tuples(st.integers(0, 5), st.integers(0, 100), st.floats(-1e6, 1e6, allow_nan=False), st.booleans()),
+        max_size=80,
+    )
+)
+def test_aggregate_equals_reference(rows: list[tuple[int, int, float, bool]]) -> None:
+    key = np.array([r[0] for r in rows], dtype=np.int64)
+    ts = np.array([r[1] for r in rows], dtype=np.int64)
+    val = np.array([r[2] for r in rows], dtype=np.float64)
+    acc = np.array([r[3] for r in rows], dtype=bool)
+    agg = aggregate(key, ts, val, acc)
+    assert agg.key.tolist() == sorted(set(key.tolist()))
+    for j, k in enumerate(agg.key.tolist()):
+        members = [(i, r) for i, r in enumerate(rows) if r[0] == k]
+        good = [r[2] for _, r in members if r[3]]
+        assert agg.count[j] == len(good) and agg.rejected[j] == len(members) - len(good)
+        assert rows[int(agg.first_row[j])][0] == k
+        if not good:
+            assert math.isnan(agg.mean[j]) and math.isnan(agg.p95[j]) and math.isnan(agg.last[j])
+            continue
+        assert agg.min[j] == min(good) and agg.max[j] == max(good)
+        assert math.isclose(agg.mean[j], statistics.fmean(good), rel_tol=1e-9, abs_tol=1e-6)
+        assert math.isclose(agg.stddev[j], statistics.pstdev(good), rel_tol=1e-6, abs_tol=1e-6)
+        assert math.isclose(agg.p95[j], float(np.percentile(good, 95)), rel_tol=1e-9, abs_tol=1e-9)
+        last = max(((r[1], i, r[2]) for i, r in members if r[3]))
+        assert agg.last[j] == last[2]
