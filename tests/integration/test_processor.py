@@ -15,7 +15,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from portpulse.points import Categorical, MemoryPointSink
 from portpulse.settings import KafkaSettings, Settings
 from portpulse.wire import VERSION_HEADER, encode_value
-from processors.loop import ProcessorStats, run_processor
+from processors.loop import run_processor
 from tests.services import KafkaEndpoint
 
 pytestmark = pytest.mark.integration
@@ -103,17 +103,6 @@ async def _late_count(kafka: KafkaEndpoint, prefix: str) -> int:
     from tests.integration.pipeline import consume
 
     return len(await consume(kafka, [f"{prefix}.late"], expect=1, timeout_s=1, idle_s=0))
-
-
-async def run_until(settings: Settings, sink: MemoryPointSink, expect: int, timeout_s: float = 90) -> ProcessorStats:
-    stop = asyncio.Event()
-    task = asyncio.create_task(run_processor(settings, sink, stop, "1m", allowed_lateness_s=2, idle_timeout_s=1))
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while loop.time() < deadline and len(windows_of(sink)) < expect and not task.done():
-        await asyncio.sleep(0.2)
-    stop.set()
-    return await asyncio.wait_for(task, 60)
 
 
 def assert_windows_equal(got: dict[Any, dict[str, float]], expected: dict[Any, dict[str, float]]) -> None:
