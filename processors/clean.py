@@ -57,6 +57,49 @@ class History:
         return History(np.vstack([self.values, more.values]), np.vstack([self.ts, more.ts]))
 
 
+# An optimal 16-comparator sorting network for 7 inputs (Knuth, TAOCP 5.3.4): sorting a
+# window column-wise with np.minimum/np.maximum is ~10x faster than np.sort on (m, 7) rows.
+_NETWORK_7 = (
+    (0, 6), (2, 3), (4, 5), (0, 2), (1, 4), (3, 6), (0, 1), (2, 5),
+    (3, 4), (1, 2), (4, 6), (2, 3), (4, 5), (1, 2), (3, 4), (5, 6),
+)  # fmt: skip
+
+
+def _sort_columns(cols: list[npt.NDArray[np.float64]]) -> list[npt.NDArray[np.float64]]:
+    """Sort each row of a window given as W columns of shape ``(m,)`` (no NaN; +inf sorts last)."""
+    if len(cols) != 7:
+        rows = np.sort(np.stack(cols, axis=1), axis=1)
+        return [rows[:, j] for j in range(rows.shape[1])]
+    c = list(cols)
+    for i, j in _NETWORK_7:
+        lo, hi = np.minimum(c[i], c[j]), np.maximum(c[i], c[j])
+        c[i], c[j] = lo, hi
+    return c
+
+
+def _column_median(cols: list[npt.NDArray[np.float64]]) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]:
+    """Median of each row of a window (W columns, NaN = empty) ignoring NaN, and the count of values."""
+    w = len(cols)
+    count = np.zeros(len(cols[0]), dtype=np.int64)
+    filled = []
+    for col in cols:
+        present = ~np.isnan(col)
+        count += present
+        filled.append(np.where(present, col, np.inf))
+    ordered = _sort_columns(filled)
+    med = np.full(len(count), np.nan)
+    full = count == w
+    med[full] = (ordered[(w - 1) // 2][full] + ordered[w // 2][full]) / 2
+    partial = np.flatnonzero((count > 0) & ~full)
+    if len(partial):
+        rows = np.stack([o[partial] for o in ordered], axis=1)
+        c = count[partial]
+        a = np.take_along_axis(rows, ((c - 1) // 2)[:, None], axis=1)[:, 0]
+        b = np.take_along_axis(rows, (c // 2)[:, None], axis=1)[:, 0]
+        med[partial] = (a + b) / 2
+    return med, count
+
+
 def _row_median(rows: npt.NDArray[np.float64]) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]:
     """Median of each row ignoring NaN, and the number of non-NaN values (median NaN when none)."""
     s = np.sort(rows, axis=1)  # NaN sorts last
@@ -67,6 +110,16 @@ def _row_median(rows: npt.NDArray[np.float64]) -> tuple[npt.NDArray[np.float64],
     b = np.take_along_axis(s, hi[:, None], axis=1)[:, 0]
     med = np.where(count > 0, (a + b) / 2, np.nan)
     return med, count
+
+
+def _series_time_order(series: npt.NDArray[np.int64], ts_ns: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    """Stable order by (series, ts): one int64 sort key when the batch's time span allows it."""
+    span = int(ts_ns.max()) - int(ts_ns.min())
+    top = int(series.max()) if len(series) else 0
+    if span < 2**40 and top < 2**22:
+        key = (series << 40) | (ts_ns - ts_ns.min())
+        return np.argsort(key, kind="stable")
+    return np.lexsort((ts_ns, series))  # lexsort is stable: ties keep arrival order
 
 
 def clean(
@@ -92,7 +145,7 @@ def clean(
     reason = np.zeros(n, dtype=np.uint8)
     if n == 0:
         return reason, history
-    order = np.lexsort((np.arange(n), ts_ns, series))
+    order = _series_time_order(series, ts_ns)
     s, t, v = series[order], ts_ns[order], value[order]
     r = np.zeros(n, dtype=np.uint8)
 
@@ -108,7 +161,11 @@ def clean(
     run_start = np.maximum.accumulate(np.where(new_run, np.arange(n), 0))
     valid_before = np.cumsum(valid) - valid  # valid readings strictly before each position
     earlier_valid_in_run = valid_before - valid_before[run_start] > 0
-    seen_before = np.any(history.ts[s] == t[:, None], axis=1)
+    # Only readings not newer than their series' history can repeat one of its timestamps.
+    seen_before = np.zeros(n, dtype=bool)
+    maybe = np.flatnonzero(t <= history.ts[:, -1][s])
+    if len(maybe):
+        seen_before[maybe] = np.any(history.ts[s[maybe]] == t[maybe, None], axis=1)
     r[valid & (earlier_valid_in_run | seen_before)] = DUPLICATE
 
     cand = np.flatnonzero(r == OK)
@@ -130,14 +187,14 @@ def clean(
         pos = ext_off[group] + window + rank
         ext_v[pos] = v[cand]
         ext_t[pos] = t[cand]
-        win = (ext_off[group] + rank)[:, None] + np.arange(window)[None, :]
-        win_v = ext_v[win]
-        med, count = _row_median(win_v)
-        mad, _ = _row_median(np.abs(win_v - med[:, None]))
+        start = ext_off[group] + rank
+        cols = [ext_v[start + j] for j in range(window)]  # the window as W columns of shape (m,)
+        med, count = _column_median(cols)
+        mad, _ = _column_median([np.abs(col - med) for col in cols])
         scale = np.maximum(1.4826 * np.nan_to_num(mad), spike_floor[cs])
         x = v[cand]
         spike = (count >= 3) & (np.abs(x - med) > k_sigma * scale)
-        newest_t = ext_t[win[:, -1]]
+        newest_t = ext_t[start + window - 1]
         dt_s = (t[cand] - newest_t) / 1e9
         has_prev = (count >= 1) & (newest_t != _NO_TS) & (dt_s > 0)
         with np.errstate(divide="ignore", invalid="ignore"):

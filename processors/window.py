@@ -95,9 +95,10 @@ def aggregate(
     if m == 0:
         e_i, e_f = np.empty(0, np.int64), np.empty(0)
         return Aggregates(e_i, e_i, e_i, e_f, e_f, e_f, e_f, e_f, e_f, e_i)
-    # Sort by key, then accepted rows first (ascending value); rejected rows after them.
+    # Sort by key, then accepted rows by ascending value, rejected rows last: two stable sorts.
     sort_value = np.where(accepted, value, np.inf)
-    order = np.lexsort((sort_value, ~accepted, key))
+    order = np.argsort(sort_value, kind="stable")
+    order = order[np.argsort(key[order], kind="stable")]
     k, v, a, t = key[order], value[order], accepted[order], ts_ns[order]
     starts = np.flatnonzero(np.concatenate([[True], k[1:] != k[:-1]]))
     ends = np.concatenate([starts[1:], [m]])
@@ -118,9 +119,9 @@ def aggregate(
     frac = pos - lo_i
     p95 = np.where(has, v[starts + np.maximum(lo_i, 0)] * (1 - frac) + v[starts + hi_i] * frac, np.nan)
     # last: among accepted rows of a key, the greatest ts (ties: the later input row).
-    row = order
     score_t = np.where(a, t, np.iinfo(np.int64).min)
-    by_time = np.lexsort((row, score_t, k))
-    last_pos = by_time[ends - 1]
-    last = np.where(has, v[last_pos], np.nan)
+    max_t = np.maximum.reduceat(score_t, starts)
+    at_max = a & (score_t == np.repeat(max_t, total))
+    last_row = np.maximum.reduceat(np.where(at_max, order, -1), starts)
+    last = np.where(has, value[np.maximum(last_row, 0)], np.nan)
     return Aggregates(k[starts], count, rejected, mean, vmin, vmax, last, stddev, p95, order[starts])

@@ -148,3 +148,14 @@ def test_aggregate_equals_reference(rows: list[tuple[int, int, float, bool]]) ->
         assert math.isclose(agg.p95[j], float(np.percentile(good, 95)), rel_tol=1e-9, abs_tol=1e-9)
         last = max(((r[1], i, r[2]) for i, r in members if r[3]))
         assert agg.last[j] == last[2]
+
+
+def test_sorting_network_sorts_every_binary_input_and_random_rows() -> None:
+    from itertools import product
+
+    from processors.clean import _sort_columns
+
+    binary = np.array(list(product([0.0, 1.0], repeat=7)))  # the 0-1 principle: all 128 inputs
+    rows = np.vstack([binary, np.random.default_rng(3).normal(size=(500, 7))])
+    ordered = np.stack(_sort_columns([rows[:, j] for j in range(7)]), axis=1)
+    assert np.array_equal(ordered, np.sort(rows, axis=1))

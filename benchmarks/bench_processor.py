@@ -1,0 +1,127 @@
+"""Processor benchmarks: the numpy kernels per core, and Kafka -> engine -> sink interface end to end.
+
+    .venv/bin/python -m benchmarks.bench_processor [--readings 1000000] [--e2e-readings 500000]
+
+Kernels: clean + 1-minute tumbling aggregate over 10,000 sensors (CPU time of one core), next to
+the plain ``numpy`` sort + ``reduceat`` baseline the issue quotes. End to end: readings already in
+the real Kafka (``--per-record`` readings per Kafka record, 1 = the bridge's single-reading case)
+consumed by ``run_processor`` into an in-memory sink; the rate is readings over wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from portpulse.points import MemoryPointSink
+from portpulse.settings import KafkaSettings, Settings
+from portpulse.wire import VERSION_HEADER, encode_value
+from processors.clean import History, clean
+from processors.loop import run_processor
+from processors.window import WindowSpec, aggregate, assign
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def kernels(n: int, sensors: int = 10_000) -> tuple[float, float]:
+    rng = np.random.default_rng(1)
+    series = rng.integers(0, sensors, n).astype(np.int64)
+    ts = (1_764_000_000 * 10**9 + np.sort(rng.integers(0, 120 * 10**9, n))).astype(np.int64)
+    value = rng.normal(45, 5, n)
+    lo, hi = np.zeros(sensors), np.full(sensors, 2000.0)
+    rate, floor = np.full(sensors, 50.0), np.full(sensors, 20.0)
+    spec = WindowSpec("1m", 60 * 10**9, 60 * 10**9)
+    clean(series[:1000], ts[:1000], value[:1000], lo, hi, rate, floor, History.empty(sensors, 7))  # warm up
+    t = time.process_time()
+    reason, _ = clean(series, ts, value, lo, hi, rate, floor, History.empty(sensors, 7))
+    rows, starts = assign(ts, spec)
+    key = series[rows] * 1_000_000 + (starts - starts.min()) // spec.step_ns
+    aggregate(key, ts[rows], value[rows], reason[rows] == 0)
+    ours = n / (time.process_time() - t)
+    t = time.process_time()
+    k2 = series * 1_000_000 + (ts - ts.min()) // spec.step_ns
+    order = np.argsort(k2, kind="stable")
+    ks = k2[order]
+    starts_i = np.flatnonzero(np.concatenate([[True], ks[1:] != ks[:-1]]))
+    np.add.reduceat(value[order], starts_i)
+    baseline = n / (time.process_time() - t)
+    return ours, baseline
+
+
+async def produce(bootstrap: str, topic: str, n: int, per_record: int, sensors: int = 10_000) -> None:
+    from aiokafka import AIOKafkaProducer
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    await admin.create_topics([NewTopic(topic, 4, 1)])
+    await admin.close()
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20, compression_type="lz4",
+                                max_batch_size=1 << 20)  # fmt: skip
+    await producer.start()
+    t0 = 1_764_000_000 * 10**9
+    futures = []
+    for r in range(n // per_record):
+        sensor = r % sensors
+        ts = [t0 + (r // sensors) * 10**9 + k for k in range(per_record)]
+        value = encode_value("quai", ["no2"], [0] * per_record, ts, [40.0 + k for k in range(per_record)],
+                             [0] * per_record)  # fmt: skip
+        futures.append(await producer.send(topic, value, key=f"no2-{sensor}".encode(), headers=[VERSION_HEADER]))
+    await asyncio.gather(*futures)
+    await producer.stop()
+
+
+async def end_to_end(bootstrap: str, n: int, per_record: int) -> tuple[float, int]:
+    prefix = f"bench{uuid.uuid4().hex[:8]}"
+    await produce(bootstrap, f"{prefix}.readings.air", n, per_record)
+    settings = Settings(kafka=KafkaSettings(bootstrap_servers=bootstrap, topic_prefix=prefix,
+                                            consumer_group=f"{prefix}-g"))  # fmt: skip
+    sink = MemoryPointSink()
+    stop = asyncio.Event()
+    started = time.monotonic()
+    task = asyncio.create_task(run_processor(settings, sink, stop, "1m", idle_timeout_s=3600))
+    consumed = 0
+    while time.monotonic() - started < 600:
+        await asyncio.sleep(0.1)
+        consumed = sum(len(p) for s, p in sink.writes if s == "processor:raw")
+        if consumed >= n or task.done():
+            break
+    elapsed = time.monotonic() - started
+    stop.set()
+    await task
+    return consumed / elapsed, consumed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--readings", type=int, default=1_000_000)
+    parser.add_argument("--e2e-readings", type=int, default=500_000)
+    args = parser.parse_args()
+    ours, baseline = kernels(args.readings)
+    print("\n| kernels (1 core, CPU time) | readings/s | target | vs target |")
+    print("|---|---:|---:|---:|")
+    print(f"| clean + 1-minute tumbling aggregate, 10,000 sensors | {ours:,.0f} | 5,000,000 | {ours / 5e6:.2f} |")
+    print(f"| baseline: numpy argsort + reduceat (mean only) | {baseline:,.0f} | - | ratio {ours / baseline:.2f} |")
+    bootstrap = os.environ.get("PORTPULSE_KAFKA__BOOTSTRAP_SERVERS")
+    if not bootstrap:
+        subprocess.run([str(ROOT / "scripts" / "services"), "up", "kafka"], check=True)
+        bootstrap = "127.0.0.1:19092"
+    print("\n| end to end: Kafka -> processor -> sink interface | readings/s | target | vs target |")
+    print("|---|---:|---:|---:|")
+    for per_record in (1, 100):
+        rate, consumed = asyncio.run(end_to_end(bootstrap, args.e2e_readings, per_record))
+        print(
+            f"| {per_record} reading(s) per Kafka record ({consumed:,} readings) | {rate:,.0f} | 300,000 | "
+            f"{rate / 300_000:.2f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
