@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -220,8 +221,10 @@ class ProcessorEngine:
     ) -> None:
         wm = np.array([self._parts[p].watermark for p in r.partition.tolist()], dtype=np.int64)
         late_rows: set[int] = set()
-        parts = [self._w_spec], [self._w_series], [self._w_start], [self._w_ts], [self._w_value], [self._w_ok], \
-            [self._w_part], [self._w_offset]  # fmt: skip
+        parts: list[list[npt.NDArray[Any]]] = [
+            [self._w_spec], [self._w_series], [self._w_start], [self._w_ts],
+            [self._w_value], [self._w_ok], [self._w_part], [self._w_offset],
+        ]  # fmt: skip
         for spec_i, spec in enumerate(self._s.windows):
             rows, starts = assign(r.ts_ns, spec)
             closed = starts + spec.size_ns <= wm[rows]

@@ -105,6 +105,7 @@ async def run_processor(
 ) -> ProcessorStats:
     """Consume ``{prefix}.readings.*`` in group ``kafka.consumer_group`` until ``stop`` is set."""
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
+    from aiokafka.errors import KafkaError
     from aiokafka.structs import OffsetAndMetadata
 
     k = settings.kafka
@@ -183,10 +184,12 @@ async def run_processor(
             stats.readings += len(readings)
             stats.bad_records += bad
             caught_up = set()
-            for pid, tp in tps.items():
-                high = consumer.highwater(tp)
-                if high is not None and tp in consumer.assignment() and await consumer.position(tp) >= high:
-                    caught_up.add(pid)
+            for pid, tp in list(tps.items()):
+                # A rebalance may take the partition away between these calls: then it is not ours.
+                with contextlib.suppress(AssertionError, KafkaError):
+                    high = consumer.highwater(tp)
+                    if high is not None and await consumer.position(tp) >= high:
+                        caught_up.add(pid)
             out = engine.ingest(readings, time.monotonic(), frozenset(caught_up))
             receipts = [await sink.write(points, source=f"processor:{kind}") for kind, points in out.points]
             for reason, count in out.rejected.items():
