@@ -36,15 +36,8 @@ integration: install services
 test: install services lint  ## everything CI runs
 	$(BIN)/pytest
 
-demo: install services  ## start services (and, as the pipeline lands, the whole pipeline)
-	@scripts/services status
-	@echo
-	@echo "Services are up on 127.0.0.1. Point PortPulse at them with:"
-	@scripts/services env
-	@echo
-	@echo "The pipeline (bridge, processors, sinks, simulators) lands with issues #3-#7;"
-	@echo "until then the demo shows the services and the metric catalogue:"
-	@$(BIN)/portpulse catalogue
+demo: install  ## services + bridge + processor + simulated fleets, then what reached InfluxDB
+	scripts/demo
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis *.egg-info

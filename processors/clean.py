@@ -161,9 +161,10 @@ def clean(
     run_start = np.maximum.accumulate(np.where(new_run, np.arange(n), 0))
     valid_before = np.cumsum(valid) - valid  # valid readings strictly before each position
     earlier_valid_in_run = valid_before - valid_before[run_start] > 0
-    # Only readings not newer than their series' history can repeat one of its timestamps.
+    # Only readings not newer than everything in their series' history can repeat one of its
+    # timestamps (the history is in processing order, not necessarily in time order).
     seen_before = np.zeros(n, dtype=bool)
-    maybe = np.flatnonzero(t <= history.ts[:, -1][s])
+    maybe = np.flatnonzero(t <= history.ts.max(axis=1)[s])
     if len(maybe):
         seen_before[maybe] = np.any(history.ts[s[maybe]] == t[maybe, None], axis=1)
     r[valid & (earlier_valid_in_run | seen_before)] = DUPLICATE
