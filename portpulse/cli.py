@@ -209,10 +209,24 @@ def _cmd_catalogue(domain: str | None) -> int:
     return EXIT_OK
 
 
+def _join_negative_values(argv: list[str]) -> list[str]:
+    """``--start -1h`` -> ``--start=-1h``: argparse would take ``-1h`` for an option."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] in ("--start", "--stop") and i + 1 < len(argv) and argv[i + 1].startswith("-"):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``portpulse`` console script; returns the process exit code."""
     parser = _parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_join_negative_values(list(sys.argv[1:] if argv is None else argv)))
     if args.command is None:
         parser.print_help()
         return EXIT_CONFIG

@@ -75,7 +75,8 @@ def build_flux(spec: QuerySpec) -> str:
         # A site (or everything): one series per query, across its sensors.
         lines.append('  |> group(columns: ["_measurement", "_field"])')
     if spec.every is not None:
-        lines.append(f"  |> aggregateWindow(every: {spec.every}, fn: {spec.fn}, createEmpty: false)")
+        # Label each window with its start, like the processor's {domain}_{window} tables.
+        lines.append(f'  |> aggregateWindow(every: {spec.every}, fn: {spec.fn}, createEmpty: false, timeSrc: "_start")')
     else:
         lines.append('  |> sort(columns: ["_time"])')
     lines.append('  |> keep(columns: ["_time", "_value"])')

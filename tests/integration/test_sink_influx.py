@@ -267,7 +267,7 @@ async def test_portpulse_query_matches_a_direct_flux_query(
         influx,
         f'from(bucket: "{influx_bucket}") |> range(start: {start}, stop: {stop})'
         ' |> filter(fn: (r) => r._measurement == "air" and r._field == "no2" and r.site == "quai-de-l-europe")'
-        " |> group() |> aggregateWindow(every: 1m, fn: max, createEmpty: false)",
+        ' |> group() |> aggregateWindow(every: 1m, fn: max, createEmpty: false, timeSrc: "_start")',
     )
     assert len(cli_rows) == len(direct) >= 10
     assert [(r["time"], r["value"]) for r in cli_rows] == [(d["_time"], float(d["_value"])) for d in direct]

@@ -157,3 +157,11 @@ def test_cli_config_masks_secrets_and_reports_bad_config(
     monkeypatch.setenv("PORTPULSE_KAFKA__PARTITIONS", "zero")
     assert main(["config"]) == 2
     assert "kafka.partitions" in capsys.readouterr().err
+
+
+def test_cli_accepts_negative_durations_after_start_and_stop() -> None:
+    from portpulse.cli import _join_negative_values
+
+    assert _join_negative_values(["query", "--start", "-1h", "--stop", "-5m", "--every", "1m"]) == [
+        "query", "--start=-1h", "--stop=-5m", "--every", "1m",
+    ]  # fmt: skip

@@ -51,7 +51,7 @@ def test_aggregate_query_shape() -> None:
         )
     )
     assert 'r.site == "quai"' in flux
-    assert "aggregateWindow(every: 1m, fn: max, createEmpty: false)" in flux
+    assert 'aggregateWindow(every: 1m, fn: max, createEmpty: false, timeSrc: "_start")' in flux
     assert "range(start: 2026-01-01T00:00:00Z, stop: now())" in flux
 
 
