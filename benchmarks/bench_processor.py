@@ -70,9 +70,10 @@ async def produce(bootstrap: str, topic: str, n: int, per_record: int, sensors: 
     futures = []
     for r in range(n // per_record):
         sensor = r % sensors
-        ts = [t0 + (r // sensors) * 10**9 + k for k in range(per_record)]
-        value = encode_value("quai", ["no2"], [0] * per_record, ts, [40.0 + k for k in range(per_record)],
-                             [0] * per_record)  # fmt: skip
+        # One reading per second per sensor, plausible values: nothing for the cleaner to reject.
+        ts = [t0 + ((r // sensors) * per_record + k) * 10**9 for k in range(per_record)]
+        values = [40.0 + (k % 5) * 0.1 for k in range(per_record)]
+        value = encode_value("quai", ["no2"], [0] * per_record, ts, values, [0] * per_record)
         futures.append(await producer.send(topic, value, key=f"no2-{sensor}".encode(), headers=[VERSION_HEADER]))
     await asyncio.gather(*futures)
     await producer.stop()
