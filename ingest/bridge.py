@@ -24,7 +24,7 @@ from ingest.metrics import INGEST_METRICS
 from ingest.mqtt import Inbound, MqttSource
 from ingest.records import OutRecord, build_dead_letters, build_records
 from portpulse.deadletter import DeadLetter, dead_letter_headers
-from portpulse.errors import ServiceUnavailableError
+from portpulse.kafka import client_options, start_producer
 from portpulse.settings import Settings
 from portpulse.topics import dlq_topic
 
@@ -65,25 +65,14 @@ class KafkaRecordSink:
         self.healthy = True
 
     async def __aenter__(self) -> KafkaRecordSink:
-        from aiokafka import AIOKafkaProducer
-
         k = self._settings.kafka
-        self._producer = AIOKafkaProducer(
-            bootstrap_servers=k.bootstrap_servers,
-            acks="all",
-            enable_idempotence=True,
-            compression_type=None if k.compression == "none" else k.compression,
+        self._producer = await start_producer(
+            k,
+            "readings producer",
             linger_ms=k.linger_ms,
             max_batch_size=k.max_batch_bytes,
-            request_timeout_ms=k.request_timeout_ms,
             max_request_size=max(k.max_batch_bytes, self._settings.ingest.max_payload_bytes * 2),
-            **_security(self._settings),
         )
-        try:
-            await self._producer.start()
-        except Exception as exc:
-            await self._producer.stop()
-            raise ServiceUnavailableError("kafka", f"{k.bootstrap_servers}: {exc}") from None
         return self
 
     async def __aexit__(
@@ -101,7 +90,7 @@ class KafkaRecordSink:
         from aiokafka.errors import TopicAlreadyExistsError
 
         k = self._settings.kafka
-        admin = AIOKafkaAdminClient(bootstrap_servers=k.bootstrap_servers, **_security(self._settings))
+        admin = AIOKafkaAdminClient(**client_options(k))
         await admin.start()
         try:
             existing = set(await admin.list_topics())
@@ -198,20 +187,6 @@ class KafkaRecordSink:
 
 def rng_partition(count: int) -> int:
     return random.randrange(count)
-
-
-def _security(settings: Settings) -> dict[str, Any]:
-    k = settings.kafka
-    out: dict[str, Any] = {"security_protocol": k.security_protocol}
-    if k.sasl_mechanism:
-        out["sasl_mechanism"] = k.sasl_mechanism
-        out["sasl_plain_username"] = k.sasl_username
-        out["sasl_plain_password"] = k.sasl_password.get_secret_value() if k.sasl_password else None
-    if k.security_protocol in ("SSL", "SASL_SSL"):
-        import ssl
-
-        out["ssl_context"] = ssl.create_default_context(cafile=str(k.ssl_ca_file) if k.ssl_ca_file else None)
-    return out
 
 
 @dataclass

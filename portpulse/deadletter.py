@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Protocol
 
-from portpulse.errors import ServiceUnavailableError
 from portpulse.settings import KafkaSettings
 from portpulse.topics import dlq_topic
 
@@ -68,21 +67,9 @@ class KafkaDeadLetters:
         self._producer: Any = None
 
     async def __aenter__(self) -> KafkaDeadLetters:
-        from aiokafka import AIOKafkaProducer
+        from portpulse.kafka import start_producer
 
-        self._producer = AIOKafkaProducer(
-            bootstrap_servers=self._kafka.bootstrap_servers,
-            acks="all",
-            enable_idempotence=True,
-            compression_type=None if self._kafka.compression == "none" else self._kafka.compression,
-            request_timeout_ms=self._kafka.request_timeout_ms,
-            max_request_size=8 * 1024 * 1024,
-        )
-        try:
-            await self._producer.start()
-        except Exception as exc:
-            await self._producer.stop()
-            raise ServiceUnavailableError("kafka", f"dead-letter producer: {exc}") from exc
+        self._producer = await start_producer(self._kafka, "dead-letter producer", max_request_size=8 * 1024 * 1024)
         return self
 
     async def __aexit__(

@@ -20,6 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from portpulse.catalogue import load_catalogue
+from portpulse.kafka import client_options, start_producer
 from portpulse.points import PointSink, WriteReceipt
 from portpulse.settings import Settings
 from portpulse.topics import late_topic
@@ -104,7 +105,7 @@ async def run_processor(
     max_records: int = 100_000,
 ) -> ProcessorStats:
     """Consume ``{prefix}.readings.*`` in group ``kafka.consumer_group`` until ``stop`` is set."""
-    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
+    from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
     from aiokafka.errors import KafkaError
     from aiokafka.structs import OffsetAndMetadata
 
@@ -117,14 +118,13 @@ async def run_processor(
     tps: dict[int, Any] = {}
     pending: list[tuple[list[WriteReceipt], dict[int, tuple[int, int, int]]]] = []
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=k.bootstrap_servers,
+        **client_options(k),
         group_id=k.consumer_group,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         max_partition_fetch_bytes=8 * 1024 * 1024,
         metadata_max_age_ms=5000,
     )
-    late_producer = AIOKafkaProducer(bootstrap_servers=k.bootstrap_servers, acks="all", enable_idempotence=True)
 
     async def commit_safe() -> None:
         """Commit the state before the oldest batch whose points are not all stored yet.
@@ -169,7 +169,7 @@ async def run_processor(
                         engine.restore(pid, int(m["wm"]), int(m["next"]))
             log.info("partitions assigned: %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))
 
-    await late_producer.start()
+    late_producer = await start_producer(k, "late-record producer")
     await consumer.start()
     try:
         consumer.subscribe(pattern=f"^{re.escape(k.topic_prefix)}\\.readings\\..+", listener=Listener())
