@@ -221,7 +221,13 @@ def _const(text: bytes, n: int) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.b
 
 def _factorise(column: npt.NDArray[np.object_] | Categorical, n: int) -> tuple[npt.NDArray[np.int64], list[object]]:
     if isinstance(column, Categorical):
-        return column.codes.astype(np.int64, copy=False), column.categories.tolist()
+        categories = column.categories.tolist()
+        distinct = {value: i for i, value in enumerate(dict.fromkeys(categories))}
+        if len(distinct) == len(categories):
+            return column.codes.astype(np.int64, copy=False), categories
+        # Repeated categories (e.g. a site per sensor): merge them so the series fold stays small.
+        remap = np.fromiter(map(distinct.__getitem__, categories), dtype=np.int64, count=len(categories))
+        return remap[column.codes], list(distinct)
     items = column.tolist()
     index = {value: i for i, value in enumerate(dict.fromkeys(items))}
     return np.fromiter(map(index.__getitem__, items), dtype=np.int64, count=n), list(index)
@@ -303,7 +309,7 @@ def _series_keys(
 # ---------------------------------------------------------------- public
 
 #: Rows per assembly chunk: keeps the byte matrices in cache and their memory reused.
-CHUNK_ROWS = 16_384
+CHUNK_ROWS = 32_768
 
 
 def encode_lines(points: PointColumns, precision: Precision = "ns") -> EncodedLines:
