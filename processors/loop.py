@@ -175,6 +175,10 @@ async def run_processor(
         consumer.subscribe(pattern=f"^{re.escape(k.topic_prefix)}\\.readings\\..+", listener=Listener())
         while not stop.is_set():
             batch = await consumer.getmany(timeout_ms=200, max_records=max_records)
+            # Never process records of a partition taken away by a rebalance during this fetch:
+            # its new owner replays them from the committed offset.
+            owned = consumer.assignment()
+            batch = {tp: records for tp, records in batch.items() if tp in owned}
             started = time.perf_counter()
             before = engine.safe_offsets()
             readings, bad = _decode(batch, part_ids, k.topic_prefix)
