@@ -17,10 +17,10 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -55,6 +55,8 @@ REASONS = (
     "ts_too_far_future",
     "ts_too_far_past",
 )
+
+T = TypeVar("T")
 
 METRIC_RE = re.compile(r"[A-Za-z0-9_]{1,64}")
 _MAX_READINGS_PER_MESSAGE = 100_000
@@ -358,6 +360,17 @@ def _lp_value(text: str) -> object:
         return text
 
 
+def _pairs(parts: list[str], parse: Callable[[str], T]) -> dict[str, T] | None:
+    """``key=value`` items of a tag or field set (keys unescaped), or None if one is malformed."""
+    out: dict[str, T] = {}
+    for part in parts:
+        k, eq, v = part.partition("=")
+        if not eq or not k or not v:
+            return None
+        out[_unescape(k)] = parse(v)
+    return out
+
+
 def _decode_line_protocol(
     i: int, text: str, topic: MqttTopic, received_ns: int, limits: DecodeLimits, out: _Out, problems: list[Problem]
 ) -> None:
@@ -372,26 +385,12 @@ def _decode_line_protocol(
                 Problem("malformed_line_protocol", f"line {n + 1}: expected 'measurement[,tags] fields [ts]'")
             )
             continue
-        key_parts = _split_escaped(sections[0], ",")
-        tags: dict[str, str] = {}
-        bad = False
-        for part in key_parts[1:]:
-            k, eq, v = part.partition("=")
-            if not eq or not k or not v:
-                bad = True
-                break
-            tags[_unescape(k)] = _unescape(v)
-        if bad:
+        tags = _pairs(_split_escaped(sections[0], ",")[1:], _unescape)
+        if tags is None:
             problems.append(Problem("malformed_line_protocol", f"line {n + 1}: bad tag set"))
             continue
-        fields: dict[str, object] = {}
-        for part in _split_escaped(sections[1], ","):
-            k, eq, v = part.partition("=")
-            if not eq or not k or not v:
-                bad = True
-                break
-            fields[_unescape(k)] = _lp_value(v)
-        if bad:
+        fields = _pairs(_split_escaped(sections[1], ","), _lp_value)
+        if fields is None:
             problems.append(Problem("malformed_line_protocol", f"line {n + 1}: bad field set"))
             continue
         reading: dict[str, Any] = {"metrics": fields, "site": tags.get("site", topic.site)}

@@ -26,6 +26,7 @@ from processors.window import WindowSpec, aggregate, assign
 __all__ = ["EngineOutput", "EngineSettings", "ProcessorEngine", "Readings"]
 
 _NEG = np.iinfo(np.int64).min
+_Limits = tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +89,7 @@ class ProcessorEngine:
         self._hi: list[float] = []
         self._rate: list[float] = []
         self._floor: list[float] = []
-        self._factor: list[float] = []
+        self._limit_arrays: _Limits | None = None
         self._history = History.empty(0, settings.hampel_window)
         self._parts: dict[int, _Partition] = {}
         self._restored: dict[int, int] = {}  # partition -> offsets below this were consumed before a restart
@@ -126,8 +127,14 @@ class ProcessorEngine:
             self._hi.append(spec.max if spec else np.inf)
             self._rate.append(spec.max_rate_per_s if spec else np.inf)
             self._floor.append(0.01 * (spec.max - spec.min) if spec else 1e-9)
-            self._factor.append(1.0)
         return sid
+
+    def _limits(self) -> _Limits:
+        """Per-series lo, hi, max rate and spike floor as arrays, rebuilt only when series were added."""
+        if self._limit_arrays is None or len(self._limit_arrays[0]) != len(self._lo):
+            lo, hi, rate, floor = (np.array(x, dtype=np.float64) for x in (self._lo, self._hi, self._rate, self._floor))
+            self._limit_arrays = (lo, hi, rate, floor)
+        return self._limit_arrays
 
     def _series_ids(self, r: Readings) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
         cache: dict[tuple[str, str, str, str], tuple[int, float]] = {}
@@ -164,7 +171,7 @@ class ProcessorEngine:
             self._history = self._history.grow(k)
             reason, self._history = clean(
                 series, r.ts_ns, value,
-                np.array(self._lo), np.array(self._hi), np.array(self._rate), np.array(self._floor),
+                *self._limits(),
                 self._history, self._s.k_sigma,
             )  # fmt: skip
             for code, count in zip(*np.unique(reason, return_counts=True), strict=True):
@@ -219,7 +226,7 @@ class ProcessorEngine:
         ok: npt.NDArray[np.bool_],
         out: EngineOutput,
     ) -> None:
-        wm = np.array([self._parts[p].watermark for p in r.partition.tolist()], dtype=np.int64)
+        wm = self._watermarks(r.partition)
         late_rows: set[int] = set()
         parts: list[list[npt.NDArray[Any]]] = [
             [self._w_spec], [self._w_series], [self._w_start], [self._w_ts],
@@ -256,8 +263,23 @@ class ProcessorEngine:
             out.late.append((p, str(r.domain[i]), str(r.sensor_id[i]), str(r.metric[i]), int(r.ts_ns[i]),
                              float(r.value[i]), self._parts[p].watermark - int(r.ts_ns[i])))  # fmt: skip
 
+    def _per_partition(
+        self, values: dict[int, int], default: int, partitions: npt.NDArray[np.int64]
+    ) -> npt.NDArray[np.int64]:
+        """``values[p]`` for each entry of ``partitions``: a small lookup table, not a loop per row."""
+        if not len(partitions):
+            return np.empty(0, dtype=np.int64)
+        table = np.full(int(partitions.max()) + 1, default, dtype=np.int64)
+        for p, v in values.items():
+            if p < len(table):
+                table[p] = v
+        return table[partitions]
+
+    def _watermarks(self, partitions: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+        return self._per_partition({p: st.watermark for p, st in self._parts.items()}, _NEG, partitions)
+
     def _replay_until(self, partitions: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
-        return np.array([self._restored.get(p, -1) for p in partitions.tolist()], dtype=np.int64)
+        return self._per_partition(self._restored, -1, partitions)
 
     def _idle(self, now_s: float, caught_up: frozenset[int]) -> None:
         for p, state in self._parts.items():
@@ -273,8 +295,7 @@ class ProcessorEngine:
         if not len(self._w_spec):
             return
         sizes = np.array([s.size_ns for s in self._s.windows], dtype=np.int64)
-        wm_of = {p: st.watermark for p, st in self._parts.items()}
-        wm = np.array([wm_of.get(p, _NEG) for p in self._w_part.tolist()], dtype=np.int64)
+        wm = self._watermarks(self._w_part)
         done = self._w_start + sizes[self._w_spec] <= wm
         if not done.any():
             return

@@ -11,7 +11,7 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, TextIO
@@ -75,87 +75,88 @@ def publish(
     manifest: TextIO | None = None,
     progress: TextIO | None = sys.stderr,
     target_rate: float | None = None,
-    pace: bool = True,
-    on_message: Callable[[OutMessage], None] | None = None,
 ) -> PublishReport:
-    """Publish every block's messages when due (``pace``) and write the faults to ``manifest``."""
+    """Publish every block's messages when due and write the faults to ``manifest``."""
     bar = _Progress(progress, target_rate)
     messages = reports = faults = 0
+    sender: _RawSender | _PahoSender = _RawSender(target) if target.qos == 0 else _PahoSender(target)
     start = time.monotonic()
-    if target.qos == 0:
-        raw = RawQos0Publisher(target.host, target.port, target.client_id, target.username, target.password)
-        try:
-            for block in blocks:
-                reports += block.reports
-                faults += _write_faults(manifest, block.faults)
-                for msg in block.messages:
-                    if pace:
-                        ahead = msg.due_s - (time.monotonic() - start)
-                        if ahead > 0.002:
-                            raw.flush()  # send what is due before sleeping
-                            time.sleep(ahead)
-                    raw.publish(msg.topic, msg.payload)
-                    messages += 1
-                    if on_message is not None:
-                        on_message(msg)
-                raw.flush()
-                bar.tick(start, messages, reports)
-        finally:
-            raw.close()
-    else:
-        messages, reports, faults = _publish_paho(blocks, target, manifest, bar, start, pace, on_message)
-    elapsed = time.monotonic() - start
-    bar.tick(start, messages, reports, done=True)
-    return PublishReport(messages, reports, faults, elapsed)
-
-
-def _publish_paho(
-    blocks: Iterable[Block],
-    target: MqttTarget,
-    manifest: TextIO | None,
-    bar: _Progress,
-    start: float,
-    pace: bool,
-    on_message: Callable[[OutMessage], None] | None,
-) -> tuple[int, int, int]:
-    """QoS 1 through paho, without its network thread (one wake-up per message would cost more)."""
-    import paho.mqtt.client as paho
-    from paho.mqtt.enums import CallbackAPIVersion
-
-    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=target.client_id, protocol=paho.MQTTv311)
-    if target.username:
-        client.username_pw_set(target.username, target.password)
-    client.max_inflight_messages_set(1000)
-    connected = threading.Event()
-    client.on_connect = lambda *_: connected.set()
-    client.connect(target.host, target.port, keepalive=30)
-    deadline = time.monotonic() + 30
-    while not connected.is_set():
-        client.loop(timeout=0.1)
-        if time.monotonic() > deadline:
-            raise ConnectionError(f"simulator could not connect to MQTT {target.host}:{target.port}")
-    messages = reports = faults = 0
-    pending: list[object] = []
     try:
         for block in blocks:
             reports += block.reports
             faults += _write_faults(manifest, block.faults)
             for msg in block.messages:
-                if pace:
-                    ahead = msg.due_s - (time.monotonic() - start)
-                    if ahead > 0.002:
-                        time.sleep(ahead)
-                pending.append(client.publish(msg.topic, msg.payload, qos=target.qos))
-                if len(pending) >= 500:
-                    _settle(client, pending)
+                ahead = msg.due_s - (time.monotonic() - start)
+                if ahead > 0.002:
+                    sender.flush()  # send what is due before sleeping
+                    time.sleep(ahead)
+                sender.send(msg)
                 messages += 1
-                if on_message is not None:
-                    on_message(msg)
+            sender.flush()
             bar.tick(start, messages, reports)
-        _settle(client, pending)
+        sender.finish()
     finally:
-        client.disconnect()
-    return messages, reports, faults
+        sender.close()
+    elapsed = time.monotonic() - start
+    bar.tick(start, messages, reports, done=True)
+    return PublishReport(messages, reports, faults, elapsed)
+
+
+class _RawSender:
+    """QoS 0 through :class:`RawQos0Publisher`: buffered, one ``sendall`` per 64 KiB."""
+
+    def __init__(self, target: MqttTarget) -> None:
+        self._raw = RawQos0Publisher(target.host, target.port, target.client_id, target.username, target.password)
+
+    def send(self, msg: OutMessage) -> None:
+        self._raw.publish(msg.topic, msg.payload)
+
+    def flush(self) -> None:
+        self._raw.flush()
+
+    def finish(self) -> None:
+        self._raw.flush()
+
+    def close(self) -> None:
+        self._raw.close()
+
+
+class _PahoSender:
+    """QoS 1 through paho, without its network thread (one wake-up per message would cost more)."""
+
+    def __init__(self, target: MqttTarget) -> None:
+        import paho.mqtt.client as paho
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        self._qos = target.qos
+        self._client = paho.Client(CallbackAPIVersion.VERSION2, client_id=target.client_id, protocol=paho.MQTTv311)
+        if target.username:
+            self._client.username_pw_set(target.username, target.password)
+        self._client.max_inflight_messages_set(1000)
+        connected = threading.Event()
+        self._client.on_connect = lambda *_: connected.set()
+        self._client.connect(target.host, target.port, keepalive=30)
+        deadline = time.monotonic() + 30
+        while not connected.is_set():
+            self._client.loop(timeout=0.1)
+            if time.monotonic() > deadline:
+                self._client.disconnect()
+                raise ConnectionError(f"simulator could not connect to MQTT {target.host}:{target.port}")
+        self._pending: list[object] = []
+
+    def send(self, msg: OutMessage) -> None:
+        self._pending.append(self._client.publish(msg.topic, msg.payload, qos=self._qos))
+        if len(self._pending) >= 500:
+            _settle(self._client, self._pending)
+
+    def flush(self) -> None:
+        self._client.loop(timeout=0)
+
+    def finish(self) -> None:
+        _settle(self._client, self._pending)
+
+    def close(self) -> None:
+        self._client.disconnect()
 
 
 def _settle(client: object, pending: list[object], timeout_s: float = 60.0) -> None:
