@@ -27,26 +27,37 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["DUPLICATE", "NON_FINITE", "OK", "OUT_OF_RANGE", "RATE", "REASON_NAMES", "SPIKE", "History", "clean"]
+__all__ = [
+    "DUPLICATE", "NON_FINITE", "NO_OFFSET", "OK", "OUT_OF_RANGE", "RATE", "REASON_NAMES", "SPIKE", "History", "clean",
+]  # fmt: skip
 
 OK, NON_FINITE, OUT_OF_RANGE, DUPLICATE, SPIKE, RATE = range(6)
 REASON_NAMES = ("ok", "non_finite", "out_of_range", "duplicate", "spike", "rate_of_change")
 _NO_TS = np.iinfo(np.int64).min
+NO_OFFSET = np.iinfo(np.int64).max  # an empty history slot
 
 
 @dataclass(frozen=True, slots=True)
 class History:
     """Per series, the last ``W`` readings that passed checks 1-3, oldest first, left-padded.
 
-    ``values``: float64 ``(k, W)``, NaN where empty; ``ts``: int64 ``(k, W)``, int64 min where empty.
+    ``values``: float64 ``(k, W)``, NaN where empty; ``ts``: int64 ``(k, W)``, int64 min where
+    empty; ``offsets``: int64 ``(k, W)``, where each reading came from (the caller's Kafka offset),
+    int64 max where empty. A replay that starts at or before a series' smallest offset rebuilds
+    its history exactly.
     """
 
     values: npt.NDArray[np.float64]
     ts: npt.NDArray[np.int64]
+    offsets: npt.NDArray[np.int64]
 
     @classmethod
     def empty(cls, series: int, window: int) -> History:
-        return cls(np.full((series, window), np.nan), np.full((series, window), _NO_TS, dtype=np.int64))
+        return cls(
+            np.full((series, window), np.nan),
+            np.full((series, window), _NO_TS, dtype=np.int64),
+            np.full((series, window), NO_OFFSET, dtype=np.int64),
+        )
 
     def grow(self, series: int) -> History:
         """The same history with room for ``series`` series (new ones empty)."""
@@ -54,7 +65,17 @@ class History:
         if series <= k:
             return self
         more = History.empty(series - k, w)
-        return History(np.vstack([self.values, more.values]), np.vstack([self.ts, more.ts]))
+        return History(
+            np.vstack([self.values, more.values]),
+            np.vstack([self.ts, more.ts]),
+            np.vstack([self.offsets, more.offsets]),
+        )
+
+    def forget(self, series: npt.NDArray[np.bool_]) -> History:
+        """The same history with the series where ``series`` (bool ``(k,)``) is true emptied."""
+        values, ts, offsets = self.values.copy(), self.ts.copy(), self.offsets.copy()
+        values[series], ts[series], offsets[series] = np.nan, _NO_TS, NO_OFFSET
+        return History(values, ts, offsets)
 
 
 # An optimal 16-comparator sorting network for 7 inputs (Knuth, TAOCP 5.3.4): sorting a
@@ -132,12 +153,14 @@ def clean(
     spike_floor: npt.NDArray[np.float64],
     history: History,
     k_sigma: float = 4.0,
+    offset: npt.NDArray[np.int64] | None = None,
 ) -> tuple[npt.NDArray[np.uint8], History]:
     """Judge ``n`` readings.
 
     ``series``, ``ts_ns`` (ns), ``value``: shape ``(n,)``, in arrival order; ``lo``, ``hi``,
     ``max_rate_per_s``, ``spike_floor``: per-series limits, shape ``(k,)`` (use -inf/inf/inf/0
     for metrics the catalogue does not know); ``history``: ``(k, W)`` from the previous batch.
+    ``offset``: where each reading came from ``(n,)`` (kept in the history; zeros when omitted).
     Returns the reason code per reading (uint8 ``(n,)``, input order) and the new history.
     """
     n = len(series)
@@ -147,6 +170,7 @@ def clean(
         return reason, history
     order = _series_time_order(series, ts_ns)
     s, t, v = series[order], ts_ns[order], value[order]
+    o = np.zeros(n, dtype=np.int64) if offset is None else offset[order]
     r = np.zeros(n, dtype=np.uint8)
 
     finite = np.isfinite(v)
@@ -173,21 +197,24 @@ def clean(
     cs = s[cand]
     # Extended sequence per series in the batch: W history values, then its candidates in order.
     uniq, first, counts = np.unique(cs, return_index=True, return_counts=True)
-    new_history = History(history.values.copy(), history.ts.copy())
+    new_history = History(history.values.copy(), history.ts.copy(), history.offsets.copy())
     if len(cand):
         ext_len = window + counts
         ext_off = np.concatenate([[0], np.cumsum(ext_len)[:-1]])
         total = int(ext_len.sum())
         ext_v = np.empty(total)
         ext_t = np.empty(total, dtype=np.int64)
+        ext_o = np.empty(total, dtype=np.int64)
         hist_pos = ext_off[:, None] + np.arange(window)[None, :]
         ext_v[hist_pos] = history.values[uniq]
         ext_t[hist_pos] = history.ts[uniq]
+        ext_o[hist_pos] = history.offsets[uniq]
         group = np.repeat(np.arange(len(uniq)), counts)
         rank = np.arange(len(cand)) - first[group]
         pos = ext_off[group] + window + rank
         ext_v[pos] = v[cand]
         ext_t[pos] = t[cand]
+        ext_o[pos] = o[cand]
         start = ext_off[group] + rank
         cols = [ext_v[start + j] for j in range(window)]  # the window as W columns of shape (m,)
         med, count = _column_median(cols)
@@ -206,5 +233,6 @@ def clean(
         tail = (ext_off + counts)[:, None] + np.arange(window)[None, :]
         new_history.values[uniq] = ext_v[tail]
         new_history.ts[uniq] = ext_t[tail]
+        new_history.offsets[uniq] = ext_o[tail]
     reason[order] = r
     return reason, new_history

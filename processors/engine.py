@@ -20,7 +20,7 @@ import numpy.typing as npt
 
 from portpulse.catalogue import Catalogue
 from portpulse.points import Categorical, PointColumns
-from processors.clean import OK, REASON_NAMES, History, clean
+from processors.clean import NO_OFFSET, OK, REASON_NAMES, History, clean
 from processors.window import WindowSpec, aggregate, assign
 
 __all__ = ["EngineOutput", "EngineSettings", "ProcessorEngine", "Readings"]
@@ -91,9 +91,13 @@ class ProcessorEngine:
         self._floor: list[float] = []
         self._limit_arrays: _Limits | None = None
         self._history = History.empty(0, settings.hampel_window)
+        # Partition that last carried each series: a revoked partition's series forget their
+        # cleaning history, or its new owner's replay would look like duplicates here later.
+        self._series_part = np.full(0, -1, dtype=np.int64)
         self._parts: dict[int, _Partition] = {}
         self._restored: dict[int, int] = {}  # partition -> offsets below this were consumed before a restart
-        # Open window rows (one per reading and window it falls in).
+        # Open window rows (one per reading and window it falls in); replay_from: the earliest
+        # Kafka offset a replay needs to judge that reading the same way again.
         self._w_spec = np.empty(0, np.int64)
         self._w_series = np.empty(0, np.int64)
         self._w_start = np.empty(0, np.int64)
@@ -101,7 +105,7 @@ class ProcessorEngine:
         self._w_value = np.empty(0)
         self._w_ok = np.empty(0, bool)
         self._w_part = np.empty(0, np.int64)
-        self._w_offset = np.empty(0, np.int64)
+        self._w_replay_from = np.empty(0, np.int64)
 
     # ------------------------------------------------------------ series registry
 
@@ -169,10 +173,15 @@ class ProcessorEngine:
             value = r.value * factor
             k = len(self._series_domain)
             self._history = self._history.grow(k)
+            if len(self._series_part) < k:
+                self._series_part = np.concatenate([self._series_part, np.full(k - len(self._series_part), -1)])
+            self._series_part[series] = r.partition
+            # Replaying from here rebuilds the cleaning history these readings were judged with.
+            replay_from = np.minimum(r.offset, self._history.offsets.min(axis=1)[series])
             reason, self._history = clean(
                 series, r.ts_ns, value,
                 *self._limits(),
-                self._history, self._s.k_sigma,
+                self._history, self._s.k_sigma, r.offset,
             )  # fmt: skip
             for code, count in zip(*np.unique(reason, return_counts=True), strict=True):
                 if code != OK:
@@ -180,7 +189,7 @@ class ProcessorEngine:
             ok = reason == OK
             self._raw_points(series[ok], r.ts_ns[ok], value[ok], out)
             self._advance(r, now_s)
-            self._add_to_windows(series, r, value, ok, out)
+            self._add_to_windows(series, r, value, ok, replay_from, out)
         self._idle(now_s, caught_up)
         self._close(out)
         return out
@@ -224,13 +233,14 @@ class ProcessorEngine:
         r: Readings,
         value: npt.NDArray[np.float64],
         ok: npt.NDArray[np.bool_],
+        replay_from: npt.NDArray[np.int64],
         out: EngineOutput,
     ) -> None:
         wm = self._watermarks(r.partition)
         late_rows: set[int] = set()
         parts: list[list[npt.NDArray[Any]]] = [
             [self._w_spec], [self._w_series], [self._w_start], [self._w_ts],
-            [self._w_value], [self._w_ok], [self._w_part], [self._w_offset],
+            [self._w_value], [self._w_ok], [self._w_part], [self._w_replay_from],
         ]  # fmt: skip
         for spec_i, spec in enumerate(self._s.windows):
             rows, starts = assign(r.ts_ns, spec)
@@ -251,13 +261,13 @@ class ProcessorEngine:
                     value[rows],
                     ok[rows],
                     r.partition[rows],
-                    r.offset[rows],
+                    replay_from[rows],
                 ),
                 strict=True,
             ):
                 arr.append(new)
         (self._w_spec, self._w_series, self._w_start, self._w_ts, self._w_value, self._w_ok, self._w_part,
-         self._w_offset) = (np.concatenate(a) for a in parts)  # fmt: skip
+         self._w_replay_from) = (np.concatenate(a) for a in parts)  # fmt: skip
         for i in sorted(late_rows):
             p = int(r.partition[i])
             out.late.append((p, str(r.domain[i]), str(r.sensor_id[i]), str(r.metric[i]), int(r.ts_ns[i]),
@@ -329,24 +339,32 @@ class ProcessorEngine:
         keep = ~done
         self._w_spec, self._w_series, self._w_start, self._w_ts = (
             self._w_spec[keep], self._w_series[keep], self._w_start[keep], self._w_ts[keep])  # fmt: skip
-        self._w_value, self._w_ok, self._w_part, self._w_offset = (
-            self._w_value[keep], self._w_ok[keep], self._w_part[keep], self._w_offset[keep])  # fmt: skip
+        self._w_value, self._w_ok, self._w_part, self._w_replay_from = (
+            self._w_value[keep], self._w_ok[keep], self._w_part[keep], self._w_replay_from[keep])  # fmt: skip
 
     # ------------------------------------------------------------ offsets and rebalances
 
     def safe_offsets(self) -> dict[int, tuple[int, int, int]]:
         """Per partition: (offset to commit, watermark, next offset consumed).
 
-        The commit offset is the oldest record still in an open window, or one past the last
-        consumed record when none is; the other two travel as commit metadata for :meth:`restore`.
+        The commit offset is the earliest record a replay needs to rebuild the open windows *and*
+        the cleaning history their readings and the next ones are judged with (so a restarted
+        processor makes the same decisions), or one past the last consumed record when nothing is
+        open; the other two travel as commit metadata for :meth:`restore`.
         """
+        parts = [p for p, state in self._parts.items() if state.next_offset >= 0]
+        if not parts:
+            return {}
+        size = max(parts) + 1
+        need = np.full(size, NO_OFFSET, dtype=np.int64)
+        owned = (self._series_part >= 0) & (self._series_part < size)
+        np.minimum.at(need, self._series_part[owned], self._history.offsets.min(axis=1)[owned])
+        windows = self._w_part < size
+        np.minimum.at(need, self._w_part[windows], self._w_replay_from[windows])
         out = {}
-        for p, state in self._parts.items():
-            if state.next_offset < 0:
-                continue
-            mask = self._w_part == p
-            oldest = int(self._w_offset[mask].min()) if mask.any() else state.next_offset
-            out[p] = (min(oldest, state.next_offset), state.watermark, state.next_offset)
+        for p in parts:
+            state = self._parts[p]
+            out[p] = (min(int(need[p]), state.next_offset), state.watermark, state.next_offset)
         return out
 
     def restore(self, partition: int, watermark: int, consumed_until: int) -> None:
@@ -363,16 +381,25 @@ class ProcessorEngine:
         for p in gone:
             self._parts.pop(p, None)
             self._restored.pop(p, None)
+        forget = np.isin(self._series_part, np.array(sorted(gone), dtype=np.int64))
+        if forget.any():
+            self._history = self._history.forget(forget)
+            self._series_part[forget] = -1
         if len(self._w_part):
             keep = ~np.isin(self._w_part, np.array(sorted(gone), dtype=np.int64))
             self._w_spec, self._w_series, self._w_start, self._w_ts = (
                 self._w_spec[keep], self._w_series[keep], self._w_start[keep], self._w_ts[keep])  # fmt: skip
-            self._w_value, self._w_ok, self._w_part, self._w_offset = (
-                self._w_value[keep], self._w_ok[keep], self._w_part[keep], self._w_offset[keep])  # fmt: skip
+            self._w_value, self._w_ok, self._w_part, self._w_replay_from = (
+                self._w_value[keep], self._w_ok[keep], self._w_part[keep], self._w_replay_from[keep])  # fmt: skip
 
     @property
     def open_rows(self) -> int:
         return len(self._w_spec)
+
+    def next_offset(self, partition: int) -> int:
+        """One past the highest offset consumed from ``partition`` (-1 before the first record)."""
+        state = self._parts.get(partition)
+        return state.next_offset if state else -1
 
     def watermark(self, partition: int) -> int:
         state = self._parts.get(partition)

@@ -95,6 +95,15 @@ def _decode(
     return readings, bad
 
 
+def _late_record(late: tuple[int, str, str, str, int, float, int]) -> bytes:
+    """The ``portpulse.late`` value: JSON with domain, sensor_id, metric, ts_ns, value, lateness_ns."""
+    _partition, domain, sensor, metric, ts_ns, value, lateness_ns = late
+    return json.dumps(
+        {"domain": domain, "sensor_id": sensor, "metric": metric, "ts_ns": ts_ns, "value": value,
+         "lateness_ns": lateness_ns}
+    ).encode()  # fmt: skip
+
+
 async def run_processor(
     settings: Settings,
     sink: PointSink,
@@ -143,30 +152,39 @@ async def run_processor(
             await consumer.commit(offsets)
             stats.commits += 1
 
+    # The rebalance listener runs in the coordinator's task, concurrently with the fetch loop: the
+    # lock keeps a batch from being processed half before and half after a revocation, and keeps
+    # records of a newly assigned partition out of the engine until its state is restored.
+    state_lock = asyncio.Lock()
+
     class Listener(ConsumerRebalanceListener):  # type: ignore[misc]
         async def on_partitions_revoked(self, revoked: Any) -> None:
-            await sink.flush()
-            for receipts, _ in pending:
-                for r in receipts:
-                    await r.wait()
-            with contextlib.suppress(Exception):
-                await commit_safe()
-            ids = [part_ids[(tp.topic, tp.partition)] for tp in revoked if (tp.topic, tp.partition) in part_ids]
-            engine.drop(ids)
+            async with state_lock:
+                await sink.flush()
+                for receipts, _ in pending:
+                    for r in receipts:
+                        await r.wait()
+                with contextlib.suppress(Exception):
+                    await commit_safe()
+                ids = [part_ids[(tp.topic, tp.partition)] for tp in revoked if (tp.topic, tp.partition) in part_ids]
+                engine.drop(ids)
             log.info("partitions revoked: %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in revoked))
 
         async def on_partitions_assigned(self, assigned: Any) -> None:
-            for tp in assigned:
-                pid = part_ids.setdefault((tp.topic, tp.partition), len(part_ids))
-                tps[pid] = tp
-                committed = await consumer.committed(tp)
-                meta = ""
+            async with state_lock:
+                committed: dict[Any, Any] = {}
                 with contextlib.suppress(Exception):
-                    meta = (await consumer._coordinator.fetch_committed_offsets([tp]))[tp].metadata
-                if committed is not None and meta:
-                    with contextlib.suppress(ValueError, KeyError, TypeError):
-                        m = json.loads(meta)
-                        engine.restore(pid, int(m["wm"]), int(m["next"]))
+                    committed = await consumer._coordinator.fetch_committed_offsets(list(assigned))
+                for tp in assigned:
+                    pid = part_ids.setdefault((tp.topic, tp.partition), len(part_ids))
+                    tps[pid] = tp
+                    # Consumption restarts at the committed offset: any state of ours is stale.
+                    engine.drop([pid])
+                    entry = committed.get(tp)
+                    if entry is not None and entry.offset >= 0 and entry.metadata:
+                        with contextlib.suppress(ValueError, KeyError, TypeError):
+                            m = json.loads(entry.metadata)
+                            engine.restore(pid, int(m["wm"]), int(m["next"]))
             log.info("partitions assigned: %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))
 
     late_producer = await start_producer(k, "late-record producer")
@@ -175,51 +193,45 @@ async def run_processor(
         consumer.subscribe(pattern=f"^{re.escape(k.topic_prefix)}\\.readings\\..+", listener=Listener())
         while not stop.is_set():
             batch = await consumer.getmany(timeout_ms=200, max_records=max_records)
-            # Never process records of a partition taken away by a rebalance during this fetch:
-            # its new owner replays them from the committed offset.
-            owned = consumer.assignment()
-            batch = {tp: records for tp, records in batch.items() if tp in owned}
-            started = time.perf_counter()
-            before = engine.safe_offsets()
-            readings, bad = _decode(batch, part_ids, k.topic_prefix)
-            for tp in batch:
-                tps[part_ids[(tp.topic, tp.partition)]] = tp
-            stats.records += sum(len(v) for v in batch.values())
-            stats.readings += len(readings)
-            stats.bad_records += bad
-            caught_up = set()
-            for pid, tp in list(tps.items()):
-                # A rebalance may take the partition away between these calls: then it is not ours.
-                with contextlib.suppress(AssertionError, KafkaError):
-                    high = consumer.highwater(tp)
-                    if high is not None and await consumer.position(tp) >= high:
-                        caught_up.add(pid)
-            out = engine.ingest(readings, time.monotonic(), frozenset(caught_up))
-            receipts = [await sink.write(points, source=f"processor:{kind}") for kind, points in out.points]
-            for reason, count in out.rejected.items():
-                stats.rejected[reason] = stats.rejected.get(reason, 0) + count
-                PROCESSOR_METRICS.rejected.labels(reason).inc(count)
-            stats.windows += out.windows_emitted
-            stats.replayed += out.replayed
-            if out.late:
-                futures = [
-                    await late_producer.send(
-                        late_topic(k.topic_prefix),
-                        json.dumps(
-                            {"domain": d, "sensor_id": s, "metric": m, "ts_ns": t, "value": v, "lateness_ns": lateness}
-                        ).encode(),
-                        key=s.encode(),
-                    )
-                    for _p, d, s, m, t, v, lateness in out.late
-                ]
-                await asyncio.gather(*futures)
-                stats.late += len(out.late)
-                PROCESSOR_METRICS.late.inc(len(out.late))
-            PROCESSOR_METRICS.records.inc(len(readings))
-            PROCESSOR_METRICS.windows.inc(out.windows_emitted)
-            PROCESSOR_METRICS.batch_seconds.observe(time.perf_counter() - started)
-            pending.append((receipts, before))
-            await commit_safe()
+            async with state_lock:
+                # Never process records of a partition taken away by a rebalance during this fetch:
+                # its new owner replays them from the committed offset.
+                owned = consumer.assignment()
+                batch = {tp: records for tp, records in batch.items() if tp in owned}
+                started = time.perf_counter()
+                before = engine.safe_offsets()
+                readings, bad = _decode(batch, part_ids, k.topic_prefix)
+                for tp in batch:
+                    tps[part_ids[(tp.topic, tp.partition)]] = tp
+                stats.records += sum(len(v) for v in batch.values())
+                stats.readings += len(readings)
+                stats.bad_records += bad
+                caught_up = set()
+                for pid, tp in list(tps.items()):
+                    with contextlib.suppress(AssertionError, KafkaError):  # not ours any more
+                        high = consumer.highwater(tp)
+                        if tp in owned and high is not None and engine.next_offset(pid) >= high:
+                            caught_up.add(pid)
+                out = engine.ingest(readings, time.monotonic(), frozenset(caught_up))
+                receipts = [await sink.write(points, source=f"processor:{kind}") for kind, points in out.points]
+                for reason, count in out.rejected.items():
+                    stats.rejected[reason] = stats.rejected.get(reason, 0) + count
+                    PROCESSOR_METRICS.rejected.labels(reason).inc(count)
+                stats.windows += out.windows_emitted
+                stats.replayed += out.replayed
+                if out.late:
+                    futures = [
+                        await late_producer.send(late_topic(k.topic_prefix), _late_record(late), key=late[2].encode())
+                        for late in out.late
+                    ]
+                    await asyncio.gather(*futures)
+                    stats.late += len(out.late)
+                    PROCESSOR_METRICS.late.inc(len(out.late))
+                PROCESSOR_METRICS.records.inc(len(readings))
+                PROCESSOR_METRICS.windows.inc(out.windows_emitted)
+                PROCESSOR_METRICS.batch_seconds.observe(time.perf_counter() - started)
+                pending.append((receipts, before))
+                await commit_safe()
         await sink.flush()
         for receipts, _ in pending:
             for r in receipts:

@@ -9,7 +9,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from processors.clean import DUPLICATE, NON_FINITE, OK, OUT_OF_RANGE, RATE, SPIKE, History, clean
+from processors.clean import DUPLICATE, NO_OFFSET, NON_FINITE, OK, OUT_OF_RANGE, RATE, SPIKE, History, clean
 from processors.window import WindowSpec, aggregate, assign, parse_windows
 
 W = 5
@@ -109,6 +109,21 @@ def test_clean_catches_a_spike_and_keeps_the_next_good_value() -> None:
         History.empty(1, 7),
     )
     assert reason.tolist() == [OK] * 5 + [SPIKE] + [OK] * 4
+
+
+def test_history_remembers_where_its_readings_came_from() -> None:
+    """A replay from the smallest offset in the history rebuilds it: the offsets are those of the
+    last W readings that passed checks 1-3, in event-time order, spikes included."""
+    t = np.array([9, 0, 1, 2, 3, 4, 5, 6, 7, 8], dtype=np.int64) * 10**9  # first one out of order
+    v = np.array([40, 40, 41, 40, 42, 41, 400, 41, 40, -5], dtype=np.float64)  # a spike, one out of range
+    offsets = np.arange(100, 110, dtype=np.int64)
+    limits = (np.array([0.0]), np.array([2000.0]), np.array([50.0]), np.array([1.0]))
+    reason, history = clean(np.zeros(10, np.int64), t, v, *limits, History.empty(1, 7), offset=offsets)
+    assert reason[6] == SPIKE and reason[9] == OUT_OF_RANGE
+    # Passing 1-3, by time: ts 0..7 (offsets 101..108) and ts 9 (offset 100); the last 7 by time.
+    assert history.offsets[0].tolist() == [103, 104, 105, 106, 107, 108, 100]
+    forgotten = history.forget(np.array([True]))
+    assert forgotten.offsets[0].tolist() == [NO_OFFSET] * 7 and np.isnan(forgotten.values).all()
 
 
 def test_assign_tumbling_and_hopping() -> None:
