@@ -30,6 +30,10 @@ class MetricSpec:
     max_rate_per_s: float
     convert: Mapping[str, float] = field(default_factory=dict)
     description: str = ""
+    spike_check: bool = True  # False for step signals (a lock, a load) whose jumps are real
+    spike_floor: float | None = None  # smallest spike threshold scale; default 1 % of the range
+    alert_above: float | None = None  # latest value above this raises ``alert`` on dashboards
+    alert: str = ""
 
     def to_canonical(self, value: float, unit: str) -> float:
         """Convert ``value`` given in ``unit`` to the canonical unit; raises KeyError for unknown units."""
@@ -66,11 +70,17 @@ def _spec(domain: str, metric: str, raw: Mapping[str, Any]) -> MetricSpec:
             max_rate_per_s=float(raw["max_rate_per_s"]),
             convert={str(k): float(v) for k, v in raw.get("convert", {}).items()},
             description=str(raw.get("description", "")),
+            spike_check=bool(raw.get("spike_check", True)),
+            spike_floor=float(raw["spike_floor"]) if "spike_floor" in raw else None,
+            alert_above=float(raw["alert_above"]) if "alert_above" in raw else None,
+            alert=str(raw.get("alert", "")),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ConfigError(f"catalogue {where}: missing or invalid {exc}") from None
     if not (math.isfinite(spec.min) and math.isfinite(spec.max) and spec.min < spec.max):
         raise ConfigError(f"catalogue {where}: need finite min < max")
+    if spec.spike_floor is not None and not spec.spike_floor > 0:
+        raise ConfigError(f"catalogue {where}: spike_floor must be > 0")
     if not spec.max_rate_per_s > 0:
         raise ConfigError(f"catalogue {where}: max_rate_per_s must be > 0")
     return spec

@@ -11,9 +11,10 @@ the next batch. Checks, first match wins:
 4. ``SPIKE`` (Hampel filter): ``|x - median| > k_sigma * max(1.4826 * MAD, floor)`` over the
    *window*: the previous ``W`` readings of the series that passed checks 1-3, in event-time
    order, the carried history first. Needs at least 3 values in the window.
-5. ``RATE``: ``|x - median| / dt > max_rate_per_s`` with ``dt`` the time since the newest
-   window value (only when ``dt > 0``). Comparing with the median rather than the last value
-   keeps a spike from also rejecting the good reading after it.
+5. ``RATE``: ``|x - median| / dt > max_rate_per_s`` with ``dt`` the median time from the window's
+   readings to this one (only when ``dt > 0``): value and time both measured from the window's
+   middle, so a steady trend passes at its true slope. Comparing with the median rather than
+   the last value keeps a spike from also rejecting the good reading after it.
 
 The window uses readings that passed checks 1-3 (not 4-5), which removes any sequential
 dependency: the whole batch is judged in one vectorised pass and the result equals the slow
@@ -222,9 +223,16 @@ def clean(
         scale = np.maximum(1.4826 * np.nan_to_num(mad), spike_floor[cs])
         x = v[cand]
         spike = (count >= 3) & (np.abs(x - med) > k_sigma * scale)
-        newest_t = ext_t[start + window - 1]
-        dt_s = (t[cand] - newest_t) / 1e9
-        has_prev = (count >= 1) & (newest_t != _NO_TS) & (dt_s > 0)
+        # Age of the window: the median of (t - its timestamps), i.e. the time since its middle,
+        # so a steady trend is measured at its true slope, not at W/2 times it.
+        ages = []
+        for j in range(window):
+            tj = ext_t[start + j]
+            empty = tj == _NO_TS
+            ages.append(np.where(empty, np.nan, (t[cand] - np.where(empty, t[cand], tj)).astype(np.float64)))
+        age, _ = _column_median(ages)
+        dt_s = age / 1e9
+        has_prev = (count >= 1) & (dt_s > 0)
         with np.errstate(divide="ignore", invalid="ignore"):
             too_fast = has_prev & (np.abs(x - med) / np.where(has_prev, dt_s, 1.0) > max_rate_per_s[cs])
         r[cand[spike]] = SPIKE

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from portpulse.catalogue import Catalogue
+from portpulse.catalogue import Catalogue, MetricSpec
 from portpulse.points import Categorical, PointColumns
 from processors.clean import NO_OFFSET, OK, REASON_NAMES, History, clean
 from processors.window import WindowSpec, aggregate, assign
@@ -130,7 +130,7 @@ class ProcessorEngine:
             self._lo.append(spec.min if spec else -np.inf)
             self._hi.append(spec.max if spec else np.inf)
             self._rate.append(spec.max_rate_per_s if spec else np.inf)
-            self._floor.append(0.01 * (spec.max - spec.min) if spec else 1e-9)
+            self._floor.append(_spike_floor(spec))
         return sid
 
     def _limits(self) -> _Limits:
@@ -404,3 +404,12 @@ class ProcessorEngine:
     def watermark(self, partition: int) -> int:
         state = self._parts.get(partition)
         return state.watermark if state else _NEG
+
+
+def _spike_floor(spec: MetricSpec | None) -> float:
+    """The Hampel scale floor of a metric: infinite turns the spike check off."""
+    if spec is None:
+        return 1e-9
+    if not spec.spike_check:
+        return np.inf
+    return spec.spike_floor if spec.spike_floor is not None else 0.01 * (spec.max - spec.min)

@@ -187,8 +187,8 @@ def reports(
         sun = np.clip(np.sin(np.pi * (hour[air] - 6) / 14), 0, None)
         values["o3"][air] = np.maximum(0.0, (30 + 60 * sun - 10 * t) * b + 5 * z[:, 3]).round(1)
         values["so2"][air] = np.maximum(0.0, (2 + 25 * plume) * b * d + 1.0 * np.abs(z[:, 4])).round(1)
-        values["temperature"][air] = (10 + 5 * sun + 0.5 * z[:, 5]).round(2)
-        values["humidity"][air] = np.clip(80 - 20 * sun + 3 * z[:, 0], 5, 100).round(1)
+        values["temperature"][air] = (10 + 5 * sun + 0.1 * z[:, 5]).round(2)
+        values["humidity"][air] = np.clip(80 - 20 * sun + 0.8 * z[:, 0], 5, 100).round(1)
 
     crane = domain == "crane"
     if crane.any():
@@ -202,10 +202,12 @@ def reports(
         container_t = 12 + 18 * ((np.floor((ts_s + fleet.phase_s[sensor[crane]]) / CRANE_CYCLE_S) * 7919) % 17) / 16
         values["spreader_locked"][crane] = locked.astype(np.float64)
         values["hoist_load"][crane] = np.where(locked, container_t + 0.2 * z[:, 1], 0.0).round(2)
-        # Trolley from quay (0 m) to vessel (55 m) and back over the cycle; parked at 0 when stopped.
-        values["trolley_position"][crane] = np.where(stopped, 0.0, 55 * np.sin(np.pi * cycle) ** 2).round(2)
+        # Trolley from quay (0 m) to vessel (55 m) and back over the cycle (at most 1.5 m/s); a gust
+        # stops the lift, not the trolley's travel.
+        values["trolley_position"][crane] = (55 * np.sin(np.pi * cycle) ** 2).round(2)
         values["wind_speed"][crane] = wind.round(2)
-        values["motor_temperature"][crane] = (45 + 25 * locked + 2 * z[:, 2]).round(1)
+        # The hoist motor warms over the cycle and cools back (a thermal mass does not jump).
+        values["motor_temperature"][crane] = (45 + 20 * np.sin(np.pi * cycle) ** 2 + 0.3 * z[:, 2]).round(1)
         values["move_counter"][crane] = np.floor(
             (ts_s + fleet.phase_s[sensor[crane]]) / CRANE_CYCLE_S - 14_000_000
         ).clip(0, None)

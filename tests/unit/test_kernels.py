@@ -45,7 +45,7 @@ def reference_clean(
                 med = statistics.median(vals)
                 mad = statistics.median([abs(x - med) for x in vals])
                 scale = max(1.4826 * mad, floor[s])
-                dt = (t - window[-1][0]) / 1e9
+                dt = statistics.median([t - u for u, _ in window]) / 1e9
                 if len(vals) >= 3 and abs(v - med) > k_sigma * scale:
                     reasons[i] = SPIKE
                 elif dt > 0 and abs(v - med) / dt > rate[s]:

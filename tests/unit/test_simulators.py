@@ -69,7 +69,7 @@ def test_crane_carries_no_load_unless_the_spreader_is_locked_and_stops_in_gusts(
     assert np.all(load[locked == 0.0] == 0.0)
     assert np.all(load[locked == 1.0] > 5.0)
     gusty = r.values["wind_speed"] > WIND_STOP_MS
-    assert gusty.any() and np.all(locked[gusty] == 0.0) and np.all(r.values["trolley_position"][gusty] == 0.0)
+    assert gusty.any() and np.all(locked[gusty] == 0.0) and np.all(r.values["hoist_load"][gusty] == 0.0)
 
 
 def test_cell_throughput_falls_with_connected_ues() -> None:
