@@ -25,6 +25,7 @@ from ingest.mqtt import Inbound, MqttSource
 from ingest.records import OutRecord, build_dead_letters, build_records
 from portpulse.deadletter import DeadLetter, dead_letter_headers
 from portpulse.kafka import client_options, start_producer
+from portpulse.ops import Health
 from portpulse.settings import Settings
 from portpulse.topics import dlq_topic
 
@@ -308,9 +309,21 @@ class Bridge:
         self._in_flight = 0
 
 
-async def run_bridge(settings: Settings, stop: asyncio.Event, ready: asyncio.Event | None = None) -> BridgeStats:
-    """Run a bridge until ``stop`` is set; sets ``ready`` once subscribed; returns its counters."""
+async def run_bridge(
+    settings: Settings, stop: asyncio.Event, ready: asyncio.Event | None = None, health: Health | None = None
+) -> BridgeStats:
+    """Run a bridge until ``stop`` is set; sets ``ready`` once subscribed; returns its counters.
+    With ``health``, reports the MQTT connection there."""
     async with KafkaRecordSink(settings) as sink, MqttSource(settings.mqtt, settings.ingest.max_in_flight) as source:
+        if health is not None:
+            where = f"{settings.mqtt.host}:{settings.mqtt.port}"
+
+            async def mqtt_probe() -> tuple[bool, str]:
+                if source.connected:
+                    return True, f"{where} connected ({source.reconnects} reconnects)"
+                return False, f"{where} disconnected: {source.last_error or 'connecting'}"
+
+            health.add("mqtt", mqtt_probe)
         if ready is not None:
             ready.set()
         log.info(

@@ -32,11 +32,17 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("config", help="print the effective settings as JSON (secrets masked)")
     cat = sub.add_parser("catalogue", help="print the metric catalogue")
     cat.add_argument("--domain", help="only this domain")
+    run = sub.add_parser("run", help="run the whole pipeline (bridge + processor + sink) with ops endpoints")
     sub.add_parser("bridge", help="run the MQTT -> Kafka bridge until SIGINT/SIGTERM")
     proc = sub.add_parser("process", help="run the processor (Kafka -> clean -> windows -> InfluxDB)")
-    proc.add_argument("--windows", default="10s,1m,15m", help="window sizes, e.g. 10s,1m,15m or 5m/1m (hopping)")
-    proc.add_argument("--lateness", type=float, default=10.0, help="allowed lateness, seconds")
-    proc.add_argument("--idle-timeout", type=float, default=30.0, help="close windows of a quiet partition, seconds")
+    for p in (run, proc):
+        p.add_argument("--windows", default="10s,1m,15m", help="window sizes, e.g. 10s,1m,15m or 5m/1m (hopping)")
+        p.add_argument("--lateness", type=float, default=10.0, help="allowed lateness, seconds")
+        p.add_argument("--idle-timeout", type=float, default=30.0, help="close windows of a quiet partition, seconds")
+    top = sub.add_parser("top", help="live terminal view of a running pipeline (reads its /api/state)")
+    top.add_argument("--url", help="ops endpoint (default http://{ops.metrics_host}:{ops.metrics_port})")
+    top.add_argument("--interval", type=float, default=1.0, help="refresh period, seconds")
+    top.add_argument("--once", action="store_true", help="print one view and exit (for scripts)")
     sim = sub.add_parser("simulate", help="simulate the port's sensor fleets (to MQTT or a file)")
     sim.add_argument("--fleet", default="air,crane,cell", help="comma-separated: air, crane, cell")
     sim.add_argument("--sensors", type=int, default=300, help="number of sensors, split over the fleets")
@@ -92,22 +98,28 @@ def _cmd_query(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _cmd_bridge(settings: Settings) -> int:
+def _cmd_pipeline(settings: Settings, stages: tuple[str, ...], args: argparse.Namespace) -> int:
+    """``run``, ``bridge`` and ``process``: the stages until SIGINT/SIGTERM, then drain and report."""
     import logging
 
-    from ingest.bridge import run_bridge
+    from portpulse.pipeline import ProcessorOptions, run_pipeline
     from portpulse.runtime import run_until_signal, setup_logging
 
     setup_logging(settings.ops)
-    stats = run_until_signal(lambda stop: run_bridge(settings, stop))
-    logging.getLogger("portpulse.bridge").info(
-        "bridge stopped: %d messages, %d readings to Kafka, %d dead letters, %d acked",
-        stats.messages,
-        stats.readings,
-        stats.dead_letters,
-        stats.acked,
+    options = ProcessorOptions(
+        getattr(args, "windows", "10s,1m,15m"), getattr(args, "lateness", 10.0), getattr(args, "idle_timeout", 30.0)
     )
+    stats = run_until_signal(lambda stop: run_pipeline(settings, stop, stages, options))
+    for name, stage_stats in stats.items():
+        logging.getLogger(f"portpulse.{name}").info("%s stopped: %s", name, stage_stats)
     return EXIT_OK
+
+
+def _cmd_top(settings: Settings, args: argparse.Namespace) -> int:
+    from portpulse.top import run_top
+
+    url = args.url or f"http://{settings.ops.metrics_host}:{settings.ops.metrics_port}"
+    return run_top(url, args.interval, once=args.once)
 
 
 def _cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
@@ -172,26 +184,6 @@ def _cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _cmd_process(settings: Settings, args: argparse.Namespace) -> int:
-    import asyncio
-    import logging
-
-    from portpulse.deadletter import KafkaDeadLetters
-    from portpulse.runtime import run_until_signal, setup_logging
-    from processors.loop import run_processor
-    from sinks.writer import InfluxWriter
-
-    setup_logging(settings.ops)
-
-    async def main(stop: asyncio.Event) -> Any:
-        async with KafkaDeadLetters(settings.kafka) as dlq, InfluxWriter(settings.influx, settings.sink, dlq) as sink:
-            return await run_processor(settings, sink, stop, args.windows, args.lateness, args.idle_timeout)
-
-    stats = run_until_signal(main)
-    logging.getLogger("portpulse.processor").info("processor stopped: %s", stats)
-    return EXIT_OK
-
-
 def _cmd_config(settings: Settings) -> int:
     print(json.dumps(settings.model_dump(mode="json"), indent=2, ensure_ascii=False))
     return EXIT_OK
@@ -240,15 +232,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_simulate(settings, args)
         if args.command == "replay":
             return _cmd_replay(settings, args)
-        if args.command == "process":
-            return _cmd_process(settings, args)
-        if args.command == "bridge":
-            return _cmd_bridge(settings)
+        if args.command in ("run", "bridge", "process"):
+            stages = {"run": ("bridge", "processor"), "bridge": ("bridge",), "process": ("processor",)}
+            return _cmd_pipeline(settings, stages[args.command], args)
+        if args.command == "top":
+            return _cmd_top(settings, args)
         if args.command == "query":
             return _cmd_query(settings, args)
     except PortPulseError as exc:
         print(f"portpulse: {exc}", file=sys.stderr)
-        return EXIT_CONFIG if not exc.retriable else EXIT_FAILURE
+        return EXIT_CONFIG if isinstance(exc, ConfigError) else EXIT_FAILURE
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     parser.error(f"unknown command {args.command}")

@@ -112,8 +112,10 @@ async def run_processor(
     allowed_lateness_s: float = 10.0,
     idle_timeout_s: float = 30.0,
     max_records: int = 100_000,
+    ready: asyncio.Event | None = None,
 ) -> ProcessorStats:
-    """Consume ``{prefix}.readings.*`` in group ``kafka.consumer_group`` until ``stop`` is set."""
+    """Consume ``{prefix}.readings.*`` in group ``kafka.consumer_group`` until ``stop`` is set;
+    sets ``ready`` once the consumer has started."""
     from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
     from aiokafka.errors import KafkaError
     from aiokafka.structs import OffsetAndMetadata
@@ -168,6 +170,9 @@ async def run_processor(
                     await commit_safe()
                 ids = [part_ids[(tp.topic, tp.partition)] for tp in revoked if (tp.topic, tp.partition) in part_ids]
                 engine.drop(ids)
+                for tp in revoked:
+                    with contextlib.suppress(KeyError):
+                        PROCESSOR_METRICS.consumer_lag.remove(tp.topic, str(tp.partition))
             log.info("partitions revoked: %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in revoked))
 
         async def on_partitions_assigned(self, assigned: Any) -> None:
@@ -191,6 +196,8 @@ async def run_processor(
     await consumer.start()
     try:
         consumer.subscribe(pattern=f"^{re.escape(k.topic_prefix)}\\.readings\\..+", listener=Listener())
+        if ready is not None:
+            ready.set()
         while not stop.is_set():
             batch = await consumer.getmany(timeout_ms=200, max_records=max_records)
             async with state_lock:
@@ -210,8 +217,11 @@ async def run_processor(
                 for pid, tp in list(tps.items()):
                     with contextlib.suppress(AssertionError, KafkaError):  # not ours any more
                         high = consumer.highwater(tp)
-                        if tp in owned and high is not None and engine.next_offset(pid) >= high:
-                            caught_up.add(pid)
+                        if tp in owned and high is not None:
+                            consumed = max(engine.next_offset(pid), 0)
+                            PROCESSOR_METRICS.consumer_lag.labels(tp.topic, str(tp.partition)).set(high - consumed)
+                            if consumed >= high:
+                                caught_up.add(pid)
                 out = engine.ingest(readings, time.monotonic(), frozenset(caught_up))
                 receipts = [await sink.write(points, source=f"processor:{kind}") for kind, points in out.points]
                 for reason, count in out.rejected.items():
@@ -230,6 +240,9 @@ async def run_processor(
                 PROCESSOR_METRICS.records.inc(len(readings))
                 PROCESSOR_METRICS.windows.inc(out.windows_emitted)
                 PROCESSOR_METRICS.batch_seconds.observe(time.perf_counter() - started)
+                watermarks = [w for w in (engine.watermark(p) for p in tps) if w > 0]
+                if watermarks:
+                    PROCESSOR_METRICS.watermark_lag.set(max(0.0, time.time() - min(watermarks) / 1e9))
                 pending.append((receipts, before))
                 await commit_safe()
         await sink.flush()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 __all__ = ["PROCESSOR_METRICS", "ProcessorMetrics"]
 
@@ -27,6 +27,21 @@ class ProcessorMetrics:
     @cached_property
     def late(self) -> Counter:
         return Counter("portpulse_processor_late", "Readings behind a closed window, sent to portpulse.late")
+
+    @cached_property
+    def consumer_lag(self) -> Gauge:
+        return Gauge(
+            "portpulse_processor_consumer_lag",
+            "Records in Kafka not yet consumed, per partition",
+            ["topic", "partition"],
+        )
+
+    @cached_property
+    def watermark_lag(self) -> Gauge:
+        return Gauge(
+            "portpulse_processor_watermark_lag_seconds",
+            "Wall clock minus the oldest partition watermark: how far window closing trails real time",
+        )
 
     @cached_property
     def batch_seconds(self) -> Histogram:

@@ -1,0 +1,392 @@
+"""Operations surface of every long-running command: health probes, live state and the HTTP server.
+
+``/metrics`` (Prometheus text), ``/livez`` (the process answers), ``/healthz`` (every dependency
+answers), ``/readyz`` (every stage started and every dependency answers), ``/api/state`` (JSON for
+the dashboard and ``portpulse top``) and ``/`` (the live dashboard). Loopback by default.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import struct
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+import numpy as np
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+
+from portpulse.catalogue import Catalogue
+from portpulse.points import Categorical, PointColumns, PointSink, WriteReceipt
+
+__all__ = [
+    "Health",
+    "LatestValues",
+    "LiveView",
+    "OpsServer",
+    "TappedSink",
+    "influx_probe",
+    "kafka_probe",
+    "metric_totals",
+]
+
+log = logging.getLogger("portpulse.ops")
+
+Probe = Callable[[], Awaitable[tuple[bool, str]]]
+Row = dict[str, Any]
+
+
+# ---------------------------------------------------------------- health
+
+
+@dataclass(slots=True)
+class _Check:
+    probe: Probe
+    ok: bool = False
+    detail: str = "not checked yet"
+    since: float = field(default_factory=time.time)
+
+
+class Health:
+    """Named dependency probes, run every ``interval_s`` in the background; answers from the cache
+    so an endpoint never blocks on a dead service."""
+
+    def __init__(self, interval_s: float = 2.0, timeout_s: float = 2.0) -> None:
+        self._checks: dict[str, _Check] = {}
+        self._stages: dict[str, bool] = {}
+        self._interval_s = interval_s
+        self._timeout_s = timeout_s
+
+    def add(self, name: str, probe: Probe) -> None:
+        self._checks[name] = _Check(probe)
+
+    def stage(self, name: str, started: bool) -> None:
+        """Record whether a pipeline stage (bridge, processor) is running."""
+        self._stages[name] = started
+
+    async def probe_once(self) -> None:
+        async def one(name: str, check: _Check) -> None:
+            try:
+                ok, detail = await asyncio.wait_for(check.probe(), self._timeout_s)
+            except TimeoutError:
+                ok, detail = False, f"no answer within {self._timeout_s:g}s"
+            except Exception as exc:  # a probe must never take the server down
+                ok, detail = False, f"{type(exc).__name__}: {exc}"
+            if ok != check.ok:
+                check.since = time.time()
+                (log.info if ok else log.warning)("%s %s: %s", name, "reachable" if ok else "UNREACHABLE", detail)
+            check.ok, check.detail = ok, detail
+
+        await asyncio.gather(*(one(n, c) for n, c in self._checks.items()))
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await self.probe_once()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self._interval_s)
+
+    @property
+    def healthy(self) -> bool:
+        return all(c.ok for c in self._checks.values())
+
+    @property
+    def ready(self) -> bool:
+        return self.healthy and bool(self._stages) and all(self._stages.values())
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "healthy": self.healthy,
+            "ready": self.ready,
+            "checks": {n: {"ok": c.ok, "detail": c.detail, "since": c.since} for n, c in self._checks.items()},
+            "stages": dict(self._stages),
+        }
+
+
+def kafka_probe(bootstrap_servers: str) -> Probe:
+    """A real Kafka answer (ApiVersions v0) from any bootstrap server, not just an open port: a
+    paused broker still accepts TCP connections."""
+
+    async def probe() -> tuple[bool, str]:
+        errors = []
+        for server in bootstrap_servers.split(","):
+            host, _, port = server.strip().rpartition(":")
+            try:
+                reader, writer = await asyncio.open_connection(host.strip("[]"), int(port))
+            except (OSError, ValueError) as exc:
+                errors.append(f"{server}: {exc}")
+                continue
+            try:
+                client = b"portpulse-health"
+                body = struct.pack(">hhih", 18, 0, 7, len(client)) + client
+                writer.write(struct.pack(">i", len(body)) + body)
+                await writer.drain()
+                size, correlation = struct.unpack(">ii", await reader.readexactly(8))
+                if correlation == 7 and size >= 4:
+                    return True, f"{server} answers"
+                errors.append(f"{server}: unexpected answer")
+            except (OSError, asyncio.IncompleteReadError) as exc:
+                errors.append(f"{server}: {exc}")
+            finally:
+                writer.close()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
+        return False, "; ".join(errors) or "no bootstrap server"
+
+    return probe
+
+
+def influx_probe(url: str) -> Probe:
+    """``GET {url}/health`` (InfluxDB 1.8 and 2.x) answers 200."""
+    import aiohttp
+
+    async def probe() -> tuple[bool, str]:
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session,
+                session.get(f"{url}/health") as response,
+            ):
+                if response.status == 200:
+                    return True, f"{url} answers"
+                return False, f"{url}/health: HTTP {response.status}"
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            return False, f"{url}: {type(exc).__name__} {exc}".strip()
+
+    return probe
+
+
+# ---------------------------------------------------------------- live state
+
+
+def metric_totals(registry: CollectorRegistry = REGISTRY) -> dict[str, float]:
+    """Every sample of the registry summed over its labels, by sample name (counters end in ``_total``)."""
+    totals: dict[str, float] = {}
+    for family in registry.collect():
+        for sample in family.samples:
+            totals[sample.name] = totals.get(sample.name, 0.0) + float(sample.value)
+    return totals
+
+
+#: What the dashboard charts: label -> sample name. Counters become per-second rates.
+RATES = {
+    "mqtt_messages": "portpulse_ingest_messages_received_total",
+    "kafka_readings": "portpulse_ingest_readings_produced_total",
+    "processed": "portpulse_processor_readings_in_total",
+    "influx_points": "portpulse_sink_points_written_total",
+    "dlq": "portpulse_ingest_dlq_total",
+    "rejected": "portpulse_processor_rejected_total",
+    "late": "portpulse_processor_late_total",
+    "sink_rejected": "portpulse_sink_points_rejected_total",
+}
+LEVELS = {
+    "consumer_lag": "portpulse_processor_consumer_lag",
+    "watermark_lag_s": "portpulse_processor_watermark_lag_seconds",
+    "in_flight": "portpulse_ingest_in_flight",
+    "sink_queue": "portpulse_sink_queue_depth",
+}
+
+
+class LatestValues:
+    """Latest cleaned value per (domain, sensor, metric), fed with raw points as they go to the
+    sink. Offering keeps a reference (O(1) on the hot path); the work happens when asked."""
+
+    def __init__(self, catalogue: Catalogue, backlog: int = 256, max_series: int = 100_000) -> None:
+        self._catalogue = catalogue
+        self._pending: deque[PointColumns] = deque(maxlen=backlog)
+        self._max_series = max_series
+        self.values: dict[tuple[str, str, str], tuple[str, float, int]] = {}  # -> (site, value, ts_ns)
+
+    def offer(self, points: PointColumns) -> None:
+        self._pending.append(points)
+
+    def _absorb(self, points: PointColumns) -> None:
+        sensors, sites = points.tags.get("sensor_id"), points.tags.get("site")
+        if sensors is None or not len(points.ts_ns):
+            return
+        codes, names = _codes(sensors)
+        site_codes, site_names = _codes(sites) if sites is not None else (codes, np.full(len(names), "", object))
+        # The newest point per sensor: sort by (sensor, ts) and take each run's last row.
+        order = np.lexsort((points.ts_ns, codes))
+        last = order[np.r_[codes[order][1:] != codes[order][:-1], True]]
+        for metric, column in points.fields.items():
+            for row in last.tolist():
+                value = float(column[row])
+                if not np.isfinite(value):
+                    continue
+                domain = points.measurement if isinstance(points.measurement, str) else str(points.measurement[row])
+                key = (domain, str(names[codes[row]]), metric)
+                old = self.values.get(key)
+                if (old is None and len(self.values) >= self._max_series) or (old and old[2] > points.ts_ns[row]):
+                    continue
+                self.values[key] = (str(site_names[site_codes[row]]), value, int(points.ts_ns[row]))
+
+    def snapshot(self, now_ns: int, per_domain: int = 200) -> tuple[dict[str, list[Row]], list[Row]]:
+        """Rows per domain (by site, sensor, metric; at most ``per_domain``) and the active alerts."""
+        while self._pending:
+            self._absorb(self._pending.popleft())
+        tables: dict[str, list[Row]] = {}
+        alerts = []
+        for (domain, sensor, metric), (site, value, ts) in self.values.items():
+            spec = self._catalogue.get(domain, metric)
+            row = {
+                "sensor_id": sensor, "site": site, "metric": metric, "value": value,
+                "unit": spec.unit if spec else "", "age_s": max(0.0, (now_ns - ts) / 1e9),
+            }  # fmt: skip
+            tables.setdefault(domain, []).append(row)
+            if spec and spec.alert_above is not None and value > spec.alert_above:
+                alerts.append({**row, "domain": domain, "alert": spec.alert, "threshold": spec.alert_above})
+        for domain, rows in tables.items():
+            rows.sort(key=lambda r: (str(r["site"]), str(r["sensor_id"]), str(r["metric"])))
+            tables[domain] = rows[:per_domain]
+        alerts.sort(key=lambda a: str(a["sensor_id"]))
+        return tables, alerts
+
+
+def _codes(column: Any) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+    if isinstance(column, Categorical):
+        return column.codes, column.categories
+    names, codes = np.unique(np.asarray(column, dtype=object).astype(str), return_inverse=True)
+    return codes.reshape(-1), names.astype(object)
+
+
+class TappedSink:
+    """A :class:`PointSink` that shows raw points to :class:`LatestValues` on their way to ``inner``."""
+
+    def __init__(self, inner: PointSink, latest: LatestValues) -> None:
+        self._inner = inner
+        self._latest = latest
+
+    async def write(self, points: PointColumns, source: str = "") -> WriteReceipt:
+        if source == "processor:raw":
+            self._latest.offer(points)
+        return await self._inner.write(points, source)
+
+    async def flush(self) -> None:
+        await self._inner.flush()
+
+
+class LiveView:
+    """Samples the metric registry once a second: rates and levels for the last ``history`` seconds."""
+
+    def __init__(
+        self,
+        health: Health,
+        latest: LatestValues | None = None,
+        registry: CollectorRegistry = REGISTRY,
+        history: int = 300,
+    ) -> None:
+        self.health = health
+        self.latest = latest
+        self._registry = registry
+        self._t: deque[float] = deque(maxlen=history)
+        self._series: dict[str, deque[float]] = {k: deque(maxlen=history) for k in (*RATES, *LEVELS)}
+        self._last: tuple[float, dict[str, float]] | None = None
+        self.totals: dict[str, float] = {}
+
+    def sample(self, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        totals = metric_totals(self._registry)
+        if self._last is not None:
+            then, before = self._last
+            dt = max(now - then, 1e-6)
+            self._t.append(now)
+            for key, name in RATES.items():
+                self._series[key].append(max(0.0, (totals.get(name, 0.0) - before.get(name, 0.0)) / dt))
+            for key, name in LEVELS.items():
+                self._series[key].append(totals.get(name, 0.0))
+        self._last = (now, totals)
+        self.totals = {key: totals.get(name, 0.0) for key, name in {**RATES, **LEVELS}.items()}
+
+    async def run(self, stop: asyncio.Event, interval_s: float = 1.0) -> None:
+        while not stop.is_set():
+            self.sample()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval_s)
+
+    def state(self) -> dict[str, Any]:
+        """The JSON document of ``/api/state``: times (epoch s), series by name, totals, health,
+        latest values per domain and alerts."""
+        tables, alerts = self.latest.snapshot(time.time_ns()) if self.latest else ({}, [])
+        return {
+            "t": list(self._t),
+            "series": {k: list(v) for k, v in self._series.items()},
+            "totals": self.totals,
+            "health": self.health.snapshot(),
+            "latest": tables,
+            "alerts": alerts,
+        }
+
+
+# ---------------------------------------------------------------- HTTP
+
+
+def dashboard_html() -> bytes:
+    return resources.files("portpulse").joinpath("dashboard.html").read_bytes()
+
+
+class OpsServer:
+    """A small HTTP/1.1 server (GET only, one request per connection) on the event loop."""
+
+    def __init__(self, view: LiveView, host: str, port: int, registry: CollectorRegistry = REGISTRY) -> None:
+        self._view = view
+        self._host, self._port = host, port
+        self._registry = registry
+        self._server: asyncio.Server | None = None
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful with port 0)."""
+        assert self._server is not None
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def __aenter__(self) -> OpsServer:
+        self._server = await asyncio.start_server(self._handle, self._host, self._port)
+        log.info("ops endpoints on http://%s:%d/ (/metrics, /healthz, /readyz)", self._host, self.port)
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    def route(self, path: str) -> tuple[int, str, bytes]:
+        """Status, content type and body for ``path`` (pure apart from reading the state)."""
+        path = path.split("?", 1)[0]
+        if path == "/metrics":
+            return 200, CONTENT_TYPE_LATEST, generate_latest(self._registry)
+        if path in ("/healthz", "/readyz", "/livez"):
+            snap = self._view.health.snapshot()
+            ok = {"/healthz": snap["healthy"], "/readyz": snap["ready"], "/livez": True}[path]
+            return (200 if ok else 503), "application/json", json.dumps(snap).encode()
+        if path == "/api/state":
+            return 200, "application/json", json.dumps(self._view.state()).encode()
+        if path in ("/", "/index.html"):
+            return 200, "text/html; charset=utf-8", dashboard_html()
+        return 404, "text/plain", b"not found\n"
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            method, path, _ = request.split(b"\r\n", 1)[0].decode("latin-1").split(" ", 2)
+            if method not in ("GET", "HEAD"):
+                status, ctype, body = 405, "text/plain", b"GET only\n"
+            else:
+                status, ctype, body = self.route(path)
+            reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}[status]
+            head = (
+                f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+                "Cache-Control: no-store\r\nConnection: close\r\n\r\n"
+            )
+            writer.write(head.encode() + (body if method == "GET" else b""))
+            await writer.drain()
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ValueError, OSError):
+            pass  # a broken or idle client: nothing to answer
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()

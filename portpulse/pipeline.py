@@ -1,0 +1,146 @@
+"""The pipeline as one process: bridge and/or processor with the InfluxDB sink, plus the ops server.
+
+``portpulse run`` runs both stages; ``portpulse bridge`` and ``portpulse process`` run one. Each
+stage is an asyncio task on one loop; if one fails the others are stopped and the error surfaces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from portpulse.catalogue import load_catalogue
+from portpulse.errors import ConfigError, PortPulseError
+from portpulse.ops import Health, LatestValues, LiveView, OpsServer, TappedSink, influx_probe, kafka_probe
+from portpulse.settings import Settings
+
+__all__ = ["STAGES", "ProcessorOptions", "run_pipeline"]
+
+log = logging.getLogger("portpulse.pipeline")
+
+STAGES = ("bridge", "processor")
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessorOptions:
+    """Windows (``10s,1m,15m``; ``5m/1m`` is hopping), allowed lateness and idle timeout in seconds."""
+
+    windows: str = "10s,1m,15m"
+    lateness_s: float = 10.0
+    idle_timeout_s: float = 30.0
+
+
+async def run_pipeline(
+    settings: Settings,
+    stop: asyncio.Event,
+    stages: tuple[str, ...] = STAGES,
+    processor: ProcessorOptions = ProcessorOptions(),
+    on_ops_port: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Run ``stages`` until ``stop`` is set (or one fails); returns each stage's counters by name.
+
+    The ops server listens on ``settings.ops.metrics_host:metrics_port`` (port 0: no server);
+    ``on_ops_port`` is told the bound port.
+    """
+    from ingest.bridge import run_bridge
+    from portpulse.deadletter import KafkaDeadLetters
+    from processors.loop import run_processor
+    from sinks.writer import InfluxWriter
+
+    unknown = set(stages) - set(STAGES)
+    if unknown or not stages:
+        raise ConfigError(f"unknown stage(s) {sorted(unknown)}; choose from {', '.join(STAGES)}")
+    health = Health()
+    health.add("kafka", kafka_probe(settings.kafka.bootstrap_servers))
+    latest = LatestValues(load_catalogue())
+    view = LiveView(health, latest)
+    halt = asyncio.Event()  # stop or a failed stage: tells every stage to drain
+
+    async def watch_stop() -> None:
+        await stop.wait()
+        halt.set()
+
+    async with contextlib.AsyncExitStack() as stack:
+        if settings.ops.metrics_port:
+            try:
+                server = await stack.enter_async_context(
+                    OpsServer(view, settings.ops.metrics_host, settings.ops.metrics_port)
+                )
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot serve ops endpoints on {settings.ops.metrics_host}:{settings.ops.metrics_port} "
+                    f"({exc.strerror}); set PORTPULSE_OPS__METRICS_PORT (0 turns them off)"
+                ) from None
+            if on_ops_port is not None:
+                on_ops_port(server.port)
+        background = [
+            asyncio.create_task(health.run(halt)),
+            asyncio.create_task(view.run(halt)),
+            asyncio.create_task(watch_stop()),
+        ]
+        tasks: dict[str, asyncio.Task[Any]] = {}
+
+        async def staged(name: str, start: Callable[[asyncio.Event], Any]) -> Any:
+            ready = asyncio.Event()
+            health.stage(name, False)
+            marker = asyncio.create_task(_mark_ready(health, name, ready))
+            try:
+                return await start(ready)
+            except BaseException:
+                halt.set()
+                raise
+            finally:
+                marker.cancel()
+                health.stage(name, False)
+
+        if "processor" in stages:
+            dlq = await stack.enter_async_context(KafkaDeadLetters(settings.kafka))
+            writer = await stack.enter_async_context(InfluxWriter(settings.influx, settings.sink, dlq))
+            http_probe = influx_probe(settings.influx.url)
+
+            async def influx_health() -> tuple[bool, str]:
+                ok, detail = await http_probe()
+                if ok and not writer.healthy:
+                    return False, f"writes failing: {writer.last_error}"
+                return ok, detail
+
+            health.add("influx", influx_health)
+            sink = TappedSink(writer, latest)
+            p = processor
+            tasks["processor"] = asyncio.create_task(
+                staged(
+                    "processor",
+                    lambda ready: run_processor(
+                        settings, sink, halt, p.windows, p.lateness_s, p.idle_timeout_s, ready=ready
+                    ),
+                )
+            )
+        if "bridge" in stages:
+            tasks["bridge"] = asyncio.create_task(
+                staged("bridge", lambda ready: run_bridge(settings, halt, ready, health))
+            )
+        try:
+            results = await asyncio.gather(*tasks.values(), return_exceptions=True)
+        finally:
+            halt.set()
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+    out: dict[str, Any] = {}
+    for name, result in zip(tasks, results, strict=True):
+        if isinstance(result, BaseException):
+            if isinstance(result, PortPulseError):
+                raise result
+            raise PortPulseError(f"{name} failed: {type(result).__name__}: {result}") from result
+        out[name] = result
+    return out
+
+
+async def _mark_ready(health: Health, name: str, ready: asyncio.Event) -> None:
+    await ready.wait()
+    health.stage(name, True)
+    log.info("%s ready", name)
