@@ -15,6 +15,7 @@ import contextlib
 import logging
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Protocol
@@ -48,6 +49,11 @@ class LineTransport(Protocol):
     async def write(self, body: bytes, precision: str) -> WriteResult: ...
 
     async def close(self) -> None: ...
+
+
+# aiohttp >= 3.12 warns on every request body over 1 MiB given as bytes ("might lock the event
+# loop"); a write batch is a few MB handed to the transport buffer once, which is what we want.
+warnings.filterwarnings("ignore", "Sending a large body directly with raw bytes", ResourceWarning)
 
 
 class InfluxTransport:
