@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install services services-down lint unit integration test demo bench clean
+.PHONY: install services services-down tools lint unit integration test demo bench clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "PortPulse needs Python >= 3.11")'
@@ -30,10 +30,13 @@ lint: install  ## ruff + mypy --strict
 unit: install
 	$(BIN)/pytest -m "not integration"
 
-integration: install services
+integration: install services tools
 	$(BIN)/pytest -m integration
 
-test: install services lint  ## everything CI runs
+tools:  ## test tools: headless Chromium for the dashboard's browser test (apt)
+	scripts/services tools
+
+test: install services tools lint  ## everything CI runs
 	$(BIN)/pytest
 
 demo: install  ## services + bridge + processor + simulated fleets, then what reached InfluxDB
