@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -53,9 +54,12 @@ async def test_dashboard_renders_live_charts_tables_and_alerts(
     messages = [(m.topic, m.payload) for b in generate(config) for m in b.messages]
     ts_ms = json.loads(messages[-1][1])["ts"]
     alerts = [
-        (f"{unique}/air/quai-de-l-europe/aq-alert", json.dumps({"ts": ts_ms, "metrics": {"no2": 260.0}}).encode()),
-        (f"{unique}/crane/port-2000-tnmsc/sts-alert", json.dumps({"ts": ts_ms, "metrics": {"wind_speed": 24.5}}).encode()),
-    ]  # fmt: skip
+        (f"{unique}/{where}", json.dumps({"ts": ts_ms, "metrics": reading}).encode())
+        for where, reading in (
+            ("air/quai-de-l-europe/aq-alert", {"no2": 260.0}),
+            ("crane/port-2000-tnmsc/sts-alert", {"wind_speed": 24.5}),
+        )
+    ]
     settings = pipeline_settings(mqtt, kafka, influx, influx_bucket, unique)
     async with running_pipeline(settings, ProcessorOptions("1m", lateness_s=2, idle_timeout_s=2)) as base:
         with Publisher(mqtt, f"{unique}-sim") as publisher:
@@ -67,13 +71,13 @@ async def test_dashboard_renders_live_charts_tables_and_alerts(
             await asyncio.to_thread(publisher.publish, messages[3 * third :] + alerts, 1)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 90
-        state: dict[str, object] = {}
+        state: dict[str, Any] = {}
         while loop.time() < deadline:
             state = json.loads((await asyncio.to_thread(http_get, f"{base}/api/state"))[1] or b"{}")
-            if state and set(state["latest"]) == {"air", "crane", "cell"} and len(state["alerts"]) >= 2:  # type: ignore[arg-type,index]
+            if state and set(state["latest"]) == {"air", "crane", "cell"} and len(state["alerts"]) >= 2:
                 break
             await asyncio.sleep(0.5)
-        assert len(state["alerts"]) >= 2, state.get("alerts")  # type: ignore[arg-type]
+        assert len(state["alerts"]) >= 2, state.get("alerts")
 
         dom = (await asyncio.to_thread(browse, f"{base}/", tmp_path, "--dump-dom")).stdout
         shot = tmp_path / "dashboard.png"

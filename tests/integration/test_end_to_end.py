@@ -140,7 +140,7 @@ def stored_raw_count(influx: InfluxEndpoint, bucket: str) -> int:
     rows = query_rows(
         influx,
         f'from(bucket: "{bucket}") |> range(start: 0) |> filter(fn: (r) => r._measurement !~ /_/)'
-        ' |> group() |> count()',
+        " |> group() |> count()",
     )
     return int(rows[0]["_value"]) if rows else 0
 
@@ -148,11 +148,12 @@ def stored_raw_count(influx: InfluxEndpoint, bucket: str) -> int:
 async def test_simulated_port_end_to_end_matches_an_independent_computation(
     mqtt: MqttEndpoint, kafka: KafkaEndpoint, influx: InfluxEndpoint, influx_bucket: str, unique: str
 ) -> None:
-    config = stream(unique, sensors=30, seconds=150, faults={"malformed": 0.01, "duplicate": 0.01, "out_of_range": 0.01})
+    faults = {"malformed": 0.01, "duplicate": 0.01, "out_of_range": 0.01}
+    config = stream(unique, sensors=30, seconds=150, faults=faults)
     blocks = list(generate(config))
     messages = [m for b in blocks for m in b.messages]
-    faults = [f for b in blocks for f in b.faults]
-    expected, expected_rejected, expected_dlq = expected_from_record(messages, faults)
+    injected = [f for b in blocks for f in b.faults]
+    expected, expected_rejected, expected_dlq = expected_from_record(messages, injected)
     assert expected_rejected > 0 and expected_dlq > 0, "the stream should carry faults"
     readings = sum(len(v) for v in expected.values())
     settings = pipeline_settings(mqtt, kafka, influx, influx_bucket, unique)
