@@ -1,0 +1,309 @@
+"""End-to-end benchmark: MQTT publish -> bridge -> Kafka -> processor -> InfluxDB, all on this machine.
+
+    .venv/bin/python -m benchmarks.bench_pipeline [--messages 60000] [--batch-messages 3000] [--json FILE]
+
+``portpulse run`` runs as its own process (bridge + processor + sink on one event loop, as in
+production). For single-reading messages and for gateway batches of 100 readings it measures:
+
+* throughput: N messages published at QoS 1 as fast as the broker takes them; readings/s from
+  the first publish until the pipeline has processed all of them and its sink queue is empty
+  (then the raw point count in InfluxDB is checked: every reading stored exactly once);
+* latency: at half that rate, probe readings with unique sensor ids are published every 0.25 s
+  and InfluxDB is polled (InfluxQL, every 20 ms) until each is queryable; p50/p99 of publish ->
+  queryable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+from benchmarks.bench_bridge import publish
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVICES = ROOT / "scripts" / "services"
+
+
+def service_env() -> dict[str, str]:
+    if os.environ.get("PORTPULSE_INFLUX__URL"):
+        return {k: v for k, v in os.environ.items() if k.startswith("PORTPULSE_")}
+    subprocess.run([str(SERVICES), "up"], check=True)
+    out = subprocess.run([str(SERVICES), "env"], check=True, capture_output=True, text=True).stdout
+    return dict(line.removeprefix("export ").split("=", 1) for line in out.splitlines() if line.startswith("export "))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Influx:
+    """InfluxDB 1.8's InfluxQL endpoint for a throwaway database."""
+
+    def __init__(self, env: dict[str, str], db: str) -> None:
+        self.url = env["PORTPULSE_INFLUX__URL"]
+        user, _, password = env.get("PORTPULSE_INFLUX__TOKEN", "").partition(":")
+        self.auth = {"u": user, "p": password} if user else {}
+        self.db = db
+
+    def query(self, q: str) -> dict[str, Any]:
+        params = urllib.parse.urlencode({"db": self.db, "q": q, **self.auth})
+        req = urllib.request.Request(f"{self.url}/query?{params}", method="POST")  # noqa: S310 (loopback http)
+        with urllib.request.urlopen(req, timeout=30) as r:  # noqa: S310 (loopback)
+            result: dict[str, Any] = json.loads(r.read())
+        return result
+
+    def count(self, measurement: str, field: str) -> int:
+        q = f'SELECT count("{field}") FROM "{measurement}"'  # noqa: S608 (our own names)
+        series = self.query(q)["results"][0].get("series")
+        return int(series[0]["values"][0][1]) if series else 0
+
+
+class Pipeline:
+    """``portpulse run`` in its own process with this run's prefixes, database and ops port."""
+
+    def __init__(self, env: dict[str, str], name: str) -> None:
+        self.prefix = f"bench{uuid.uuid4().hex[:8]}"
+        self.name = name
+        self.ops = free_port()
+        self.influx = Influx(env, self.prefix)
+        self.influx.query(f'CREATE DATABASE "{self.prefix}"')
+        child_env = {
+            **os.environ, **env,
+            "PORTPULSE_MQTT__CLIENT_ID": f"{self.prefix}-bridge",
+            "PORTPULSE_MQTT__TOPIC_PREFIX": self.prefix,
+            "PORTPULSE_MQTT__SUBSCRIPTIONS": json.dumps([f"{self.prefix}/#"]),
+            "PORTPULSE_KAFKA__TOPIC_PREFIX": self.prefix,
+            "PORTPULSE_KAFKA__CONSUMER_GROUP": f"{self.prefix}-g",
+            "PORTPULSE_INFLUX__BUCKET": f"{self.prefix}/autogen",
+            "PORTPULSE_OPS__METRICS_PORT": str(self.ops),
+            "PORTPULSE_OPS__LOG_LEVEL": "WARNING",
+            "PORTPULSE_SINK__FLUSH_INTERVAL_MS": "100",
+        }  # fmt: skip
+        self.log = open(Path(tempfile.gettempdir()) / f"{self.prefix}.log", "wb")  # noqa: SIM115 (closed in stop)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "portpulse.cli", "run", "--windows", "10s,1m", "--lateness", "2",
+             "--idle-timeout", "5"],
+            env=child_env, stdout=subprocess.DEVNULL, stderr=self.log,
+        )  # fmt: skip
+        self.wait(lambda: self.http("/readyz")[0] == 200, 120, "ready")
+
+    def http(self, path: str) -> tuple[int, bytes]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.ops}{path}", timeout=5) as r:
+                return int(r.status), r.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, b""
+        except OSError:
+            return 0, b""
+
+    def totals(self) -> dict[str, float]:
+        status, body = self.http("/api/state")
+        return json.loads(body)["totals"] if status == 200 else {}
+
+    def wait(self, condition: Any, timeout_s: float, what: str) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"portpulse run exited ({self.proc.returncode}); see {self.log.name}")
+            if condition():
+                return
+            time.sleep(0.05)
+        raise SystemExit(f"{self.name}: not {what} within {timeout_s:.0f}s; see {self.log.name}")
+
+    def rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+        self.influx.query(f'DROP DATABASE "{self.prefix}"')
+
+
+def payloads(prefix: str, n: int, batch: int, t0_ms: int, sensors: int = 1000) -> list[tuple[str, bytes]]:
+    """``n`` messages of ``batch`` plausible NO2 readings: ``sensors`` sensors reporting once per
+    second of event time (so cleaning keeps them all), single JSON readings or gateway batches."""
+    readings = [
+        (f"no2-{i % sensors:04d}", t0_ms + (i // sensors) * 1000, 40.0 + ((i // sensors) % 5) * 0.5)
+        for i in range(n * batch)
+    ]
+    if batch == 1:
+        return [
+            (f"{prefix}/air/quai/{sid}", b'{"ts":%d,"metrics":{"no2":%r}}' % (ts, value)) for sid, ts, value in readings
+        ]
+    out = []
+    for m in range(n):
+        chunk = readings[m * batch : (m + 1) * batch]
+        body = {"readings": [{"sensor_id": sid, "ts": ts, "metrics": {"no2": v}} for sid, ts, v in chunk]}
+        out.append((f"{prefix}/air/quai", json.dumps(body).encode()))
+    return out
+
+
+def throughput(env: dict[str, str], n: int, batch: int) -> dict[str, float]:
+    run = Pipeline(env, f"throughput batch={batch}")
+    try:
+        readings = n * batch
+        t0_ms = int(time.time() * 1000) - (n * batch // 1000 + 120) * 1000  # event time ends about now
+        messages = payloads(run.prefix, n, batch, t0_ms)
+        host, port = env["PORTPULSE_MQTT__HOST"], int(env["PORTPULSE_MQTT__PORT"])
+        warm_up(run, host, port)
+        t0 = time.monotonic()
+        publish_s = publish(host, port, messages, qos=1)
+        peak_rss = 0.0
+
+        def drained() -> bool:
+            nonlocal peak_rss
+            peak_rss = max(peak_rss, run.rss_mb())
+            t = run.totals()
+            return t.get("processed", 0) >= readings + 1 and t.get("sink_queue", 1) == 0 and t.get("in_flight", 1) == 0
+
+        try:
+            run.wait(drained, 600, "drained")
+        except SystemExit:
+            print(f"totals at timeout: {run.totals()}", file=sys.stderr)
+            raise
+        elapsed = time.monotonic() - t0
+        stored = 0
+        for _ in range(100):  # the last batch may still be in its HTTP request
+            stored = run.influx.count("air", "no2") - 1  # the warm-up reading
+            if stored >= readings:
+                break
+            time.sleep(0.2)
+        return {
+            "messages": n, "readings": readings, "publish_s": publish_s, "elapsed_s": elapsed,
+            "readings_per_s": readings / elapsed, "messages_per_s": n / elapsed, "stored": stored,
+            "peak_rss_mb": peak_rss,
+        }  # fmt: skip
+    finally:
+        run.stop()
+
+
+def warm_up(run: Pipeline, host: str, port: int) -> None:
+    """Topics created, partitions assigned, first write done: what a running pipeline has."""
+    body = json.dumps({"ts": int(time.time() * 1000), "metrics": {"no2": 40.0}}).encode()
+    publish(host, port, [(f"{run.prefix}/air/quai/warm-up", body)], qos=1)
+    run.wait(lambda: run.influx.count("air", "no2") >= 1, 120, "warmed up")
+
+
+def latency(env: dict[str, str], rate_msgs: float, batch: int, seconds: float) -> dict[str, float]:
+    """Background load at ``rate_msgs`` messages/s plus probes; publish -> queryable in InfluxDB."""
+    run = Pipeline(env, f"latency batch={batch}")
+    host, port = env["PORTPULSE_MQTT__HOST"], int(env["PORTPULSE_MQTT__PORT"])
+    try:
+        n = int(rate_msgs * seconds)
+        load = payloads(run.prefix, n, batch, int(time.time() * 1000) - (n * batch // 1000 + 120) * 1000)
+        warm_up(run, host, port)
+        loader = threading.Thread(target=publish, args=(host, port, load, 1, rate_msgs), daemon=True)
+        sent: dict[str, float] = {}
+        seen: dict[str, float] = {}
+        stop = threading.Event()
+
+        def poll() -> None:
+            while not stop.is_set() or len(seen) < len(sent):
+                pending = [p for p in sent if p not in seen]
+                if pending:
+                    res = run.influx.query(
+                        'SELECT last("no2") FROM "air" WHERE sensor_id =~ /^probe-/ GROUP BY sensor_id'
+                    )["results"][0]
+                    now = time.monotonic()
+                    for s in res.get("series", []):
+                        sid = s["tags"]["sensor_id"]
+                        if sid in sent and sid not in seen:
+                            seen[sid] = now
+                if stop.is_set() and time.monotonic() > stop_at + 60:
+                    return
+                time.sleep(0.02)
+
+        stop_at = float("inf")
+        poller = threading.Thread(target=poll, daemon=True)
+        loader.start()
+        poller.start()
+        probe = 0
+        t_end = time.monotonic() + seconds
+        import paho.mqtt.client as paho
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"{run.prefix}-probe", protocol=paho.MQTTv5)
+        client.connect(host, port)
+        client.loop_start()
+        while time.monotonic() < t_end:
+            sid = f"probe-{probe:05d}"
+            body = json.dumps({"ts": int(time.time() * 1000), "metrics": {"no2": 40.0}}).encode()
+            sent[sid] = time.monotonic()
+            client.publish(f"{run.prefix}/air/quai/{sid}", body, qos=1).wait_for_publish(30)
+            probe += 1
+            time.sleep(0.25)
+        client.disconnect()
+        client.loop_stop()
+        stop_at = time.monotonic()
+        stop.set()
+        loader.join(120)
+        poller.join(120)
+        lat = sorted(seen[s] - sent[s] for s in seen)
+        if not lat:
+            return {"probes": len(sent), "seen": 0}
+        return {
+            "probes": len(sent), "seen": len(lat), "p50_ms": 1000 * statistics.median(lat),
+            "p99_ms": 1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))], "max_ms": 1000 * lat[-1],
+            "load_msgs_per_s": rate_msgs, "load_readings_per_s": rate_msgs * batch,
+        }  # fmt: skip
+    finally:
+        run.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--messages", type=int, default=60_000, help="single-reading messages")
+    parser.add_argument("--batch-messages", type=int, default=3_000, help="gateway batches of 100 readings")
+    parser.add_argument("--latency-seconds", type=float, default=20.0)
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args()
+    env = service_env()
+    results: dict[str, Any] = {}
+    for name, n, batch, target in (
+        ("single", args.messages, 1, 20_000), ("batch100", args.batch_messages, 100, 200_000)
+    ):  # fmt: skip
+        t = throughput(env, n, batch)
+        print(
+            f"{name:9} throughput: {t['readings_per_s']:>9,.0f} readings/s ({t['messages_per_s']:,.0f} msg/s), "
+            f"target {target:,}: {t['readings_per_s'] / target:.2f}x; stored {t['stored']:,}/{t['readings']:,}; "
+            f"peak RSS {t['peak_rss_mb']:.0f} MB",
+            flush=True,
+        )
+        rate = max(1.0, 0.5 * t["messages_per_s"])
+        lat = latency(env, rate, batch, args.latency_seconds)
+        print(
+            f"{name:9} latency at {lat.get('load_readings_per_s', 0):,.0f} readings/s: "
+            f"p50 {lat.get('p50_ms', float('nan')):.0f} ms, p99 {lat.get('p99_ms', float('nan')):.0f} ms, "
+            f"max {lat.get('max_ms', float('nan')):.0f} ms ({lat['seen']}/{lat['probes']} probes)",
+            flush=True,
+        )
+        results[name] = {"throughput": t, "latency": lat, "target_readings_per_s": target}
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

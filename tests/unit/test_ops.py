@@ -1,0 +1,136 @@
+"""Ops surface without network: health logic, routes, live state, latest values and alerts."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from portpulse.catalogue import load_catalogue
+from portpulse.ops import Health, LatestValues, LiveView, OpsServer, Probe, metric_totals
+from portpulse.points import Categorical, PointColumns
+from portpulse.top import render
+
+
+def _probe(result: tuple[bool, str]) -> Probe:
+    async def probe() -> tuple[bool, str]:
+        return result
+
+    return probe
+
+
+async def test_health_is_red_when_a_dependency_fails_and_ready_needs_every_stage() -> None:
+    health = Health(timeout_s=0.1)
+    health.add("kafka", _probe((True, "answers")))
+    health.add("influx", _probe((False, "connection refused")))
+
+    async def hangs() -> tuple[bool, str]:
+        await asyncio.sleep(10)
+        return True, ""
+
+    health.add("mqtt", hangs)
+    health.stage("bridge", True)
+    await health.probe_once()
+    snap = health.snapshot()
+    assert not snap["healthy"] and not snap["ready"]
+    assert snap["checks"]["influx"] == {**snap["checks"]["influx"], "ok": False, "detail": "connection refused"}
+    assert snap["checks"]["mqtt"]["detail"] == "no answer within 0.1s"
+
+    healthy = Health()
+    healthy.add("kafka", _probe((True, "answers")))
+    await healthy.probe_once()
+    assert healthy.healthy and not healthy.ready  # no stage registered yet
+    healthy.stage("processor", False)
+    assert not healthy.ready
+    healthy.stage("processor", True)
+    assert healthy.ready
+
+
+async def test_routes_answer_with_status_codes_and_content() -> None:
+    registry = CollectorRegistry()
+    Counter("portpulse_test_things", "things", registry=registry).inc(3)
+    health = Health()
+    health.add("kafka", _probe((False, "down")))
+    await health.probe_once()
+    server = OpsServer(LiveView(health, registry=registry), "127.0.0.1", 0, registry=registry)
+    status, ctype, body = server.route("/metrics")
+    assert status == 200 and ctype.startswith("text/plain") and b"portpulse_test_things_total 3.0" in body
+    assert server.route("/healthz")[0] == 503 and server.route("/readyz")[0] == 503
+    assert server.route("/livez")[0] == 200
+    assert json.loads(server.route("/healthz")[2])["checks"]["kafka"]["detail"] == "down"
+    assert server.route("/nope")[0] == 404
+    status, ctype, body = server.route("/")
+    assert status == 200 and ctype.startswith("text/html") and b'<canvas id="throughput">' in body
+
+
+async def test_ops_server_speaks_http_on_loopback() -> None:
+    health = Health()
+    health.add("kafka", _probe((True, "ok")))
+    await health.probe_once()
+    health.stage("bridge", True)
+    async with OpsServer(LiveView(health), "127.0.0.1", 0) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+        response = await reader.read()
+        writer.close()
+        await writer.wait_closed()
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"POST /metrics HTTP/1.1\r\n\r\n")
+        refused = await reader.read()
+        writer.close()
+        await writer.wait_closed()
+    assert response.startswith(b"HTTP/1.1 200 OK") and b'"ready": true' in response
+    assert refused.startswith(b"HTTP/1.1 405")
+
+
+def test_live_view_turns_counters_into_rates_and_keeps_levels() -> None:
+    registry = CollectorRegistry()
+    messages = Counter("portpulse_ingest_messages_received", "m", registry=registry)
+    lag = Gauge("portpulse_processor_consumer_lag", "l", ["topic", "partition"], registry=registry)
+    view = LiveView(Health(), registry=registry, history=3)
+    view.sample(now=100.0)
+    messages.inc(500)
+    lag.labels("a", "0").set(7)
+    lag.labels("a", "1").set(5)
+    view.sample(now=102.0)
+    state = view.state()
+    assert state["series"]["mqtt_messages"] == [250.0]  # 500 in 2 s
+    assert state["series"]["consumer_lag"] == [12.0]  # summed over partitions
+    assert state["totals"]["mqtt_messages"] == 500.0
+    for t in (103.0, 104.0, 105.0):
+        view.sample(now=t)
+    assert view.state()["t"] == [103.0, 104.0, 105.0]  # bounded history
+    assert metric_totals(registry)["portpulse_ingest_messages_received_total"] == 500.0
+
+
+def test_latest_values_keep_the_newest_per_series_and_raise_catalogue_alerts() -> None:
+    latest = LatestValues(load_catalogue())
+    sensors = Categorical(np.array([0, 1, 0, 1], dtype=np.int64), np.array(["aq-1", "aq-2"], dtype=object))
+    sites = Categorical(np.array([0, 0, 0, 0], dtype=np.int64), np.array(["quai"], dtype=object))
+    ts = np.array([3, 1, 1, 2], dtype=np.int64) * 10**9
+    latest.offer(PointColumns("air", {"sensor_id": sensors, "site": sites}, {"no2": np.array([250.0, 30, 40, 35])}, ts))
+    # An older point arriving later does not replace a newer one.
+    latest.offer(PointColumns("air", {"sensor_id": sensors, "site": sites}, {"no2": np.array([1.0] * 4)}, ts - 10**9))
+    tables, alerts = latest.snapshot(now_ns=5 * 10**9)
+    rows = {(r["sensor_id"], r["metric"]): r for r in tables["air"]}
+    assert rows[("aq-1", "no2")]["value"] == 250.0 and rows[("aq-2", "no2")]["value"] == 35.0
+    assert rows[("aq-1", "no2")]["age_s"] == 2.0 and rows[("aq-1", "no2")]["unit"] == "µg/m³"
+    assert [(a["sensor_id"], a["threshold"]) for a in alerts] == [("aq-1", 200.0)]
+    assert "EU hourly limit" in alerts[0]["alert"]
+
+
+def test_top_renders_a_state_document() -> None:
+    from rich.console import Console
+
+    health = Health()
+    health.stage("bridge", True)
+    state = LiveView(health).state()
+    state["latest"] = {"crane": [{"sensor_id": "sts-1", "site": "quai", "metric": "wind_speed", "value": 24.5,
+                                  "unit": "m/s", "age_s": 1.0}]}  # fmt: skip
+    state["alerts"] = [{**state["latest"]["crane"][0], "domain": "crane", "alert": "wind stop", "threshold": 20.0}]
+    console = Console(record=True, width=120)
+    console.print(render(state, "http://127.0.0.1:9464"))
+    text = console.export_text()
+    assert "MQTT messages in" in text and "sts-1" in text and "wind stop" in text and "24.5 m/s" in text
