@@ -26,9 +26,11 @@ import numpy.typing as npt
 __all__ = [
     "VERSION",
     "VERSION_HEADER",
+    "WireBatch",
     "WireError",
     "WireRecord",
     "decode_value",
+    "decode_values",
     "encode_value",
 ]
 
@@ -136,4 +138,86 @@ def decode_value(data: bytes) -> WireRecord:
         ts_ns=records["ts_ns"].copy(),
         value=records["value"].copy(),
         flags=records["flags"].copy(),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class WireBatch:
+    """Readings of many Kafka values, as columns over all readings ``(n,)``: ``record`` (index of
+    the value each reading came from), ``site`` and ``metric`` (object arrays of str), ``ts_ns``,
+    ``value``, ``flags``; ``bad``: indices of the values that did not decode."""
+
+    record: npt.NDArray[np.int64]
+    site: npt.NDArray[np.object_]
+    metric: npt.NDArray[np.object_]
+    ts_ns: npt.NDArray[np.int64]
+    value: npt.NDArray[np.float64]
+    flags: npt.NDArray[np.uint8]
+    bad: list[int]
+
+    def __len__(self) -> int:
+        return len(self.ts_ns)
+
+
+def decode_values(values: Sequence[bytes]) -> WireBatch:
+    """Decode many values at once (a Kafka fetch): the per-value work is a header lookup in a
+    cache of the distinct headers seen (site + metric names) and one slice; every reading body is
+    decoded by a single ``np.frombuffer`` over all of them. Malformed values are listed in ``bad``."""
+    headers: dict[bytes, int] = {}  # header bytes (up to the reading count) -> header id
+    header_site: list[str] = []
+    header_names: list[tuple[str, ...]] = []
+    bodies: list[bytes] = []
+    counts: list[int] = []
+    record_of: list[int] = []
+    header_of: list[int] = []
+    bad: list[int] = []
+    size = _RECORD.itemsize
+    for i, data in enumerate(values):
+        try:
+            if data[0] != VERSION:
+                raise WireError("version")
+            pos = 4 + data[1] + (data[2] << 8)
+            for _ in range(data[pos - 1]):
+                pos += 1 + data[pos]
+            key = data[:pos]
+            n = int.from_bytes(data[pos : pos + 4], "little")
+            if len(data) - pos - 4 != n * size or pos + 4 > len(data):
+                raise WireError("length")
+            hid = headers.get(key)
+            if hid is None:
+                head = decode_value(key + b"\0\0\0\0")  # validates the site and the names
+                hid = headers[key] = len(header_site)
+                header_site.append(head.site)
+                header_names.append(head.metrics)
+        except (IndexError, WireError):
+            bad.append(i)
+            continue
+        bodies.append(data[pos + 4 :])
+        counts.append(n)
+        record_of.append(i)
+        header_of.append(hid)
+    records = np.frombuffer(b"".join(bodies), dtype=_RECORD)
+    header = np.repeat(np.array(header_of, dtype=np.int64), counts)
+    record = np.repeat(np.array(record_of, dtype=np.int64), counts)
+    local = records["metric"].astype(np.int64)
+    widths = np.array([len(names) for names in header_names] or [0], dtype=np.int64)
+    keep = local < widths[header]
+    if not keep.all():  # a metric index beyond its name table: the whole value is bad
+        broken = np.unique(record[~keep])
+        keep = ~np.isin(record, broken)
+        bad = sorted(bad + broken.tolist())
+    table = np.empty((len(widths), max(int(widths.max()), 1)), dtype=object)
+    for h, names in enumerate(header_names):
+        table[h, : len(names)] = names
+    sites = np.empty(len(widths), dtype=object)
+    sites[: len(header_site)] = header_site
+    header, local = header[keep], local[keep]
+    return WireBatch(
+        record=record[keep],
+        site=sites[header],
+        metric=table[header, local],
+        ts_ns=records["ts_ns"][keep],
+        value=records["value"][keep],
+        flags=records["flags"][keep],
+        bad=bad,
     )

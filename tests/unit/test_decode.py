@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import numpy as np
 import pytest
@@ -192,3 +193,73 @@ def test_records_group_by_message_and_sensor_and_dead_letters_keep_the_payload()
     assert [(i, letter.payload, letter.reason, letter.source) for i, letter in letters] == [
         (1, bad, "non_numeric_value", "sensors/air/quai/s9")
     ]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.tuples(
+                st.text(alphabet="abcdefgh-", min_size=1, max_size=12),
+                st.lists(
+                    st.tuples(
+                        st.sampled_from(["no2", "pm25", "wind_speed"]),
+                        st.integers(0, 2**62),
+                        st.floats(allow_nan=False, width=64),
+                    ),
+                    max_size=5,
+                ),
+            ),
+            st.binary(max_size=40),  # garbage values
+        ),
+        max_size=12,
+    )
+)
+def test_batch_decode_equals_one_value_at_a_time(items: list[Any]) -> None:
+    from portpulse.wire import decode_values
+
+    values: list[bytes] = []
+    for item in items:
+        if isinstance(item, bytes):
+            values.append(item)
+            continue
+        site, readings = item
+        names = sorted({m for m, _, _ in readings})
+        values.append(
+            encode_value(
+                site,
+                names,
+                [names.index(m) for m, _, _ in readings],
+                [t for _, t, _ in readings],
+                [v for _, _, v in readings],
+                [1] * len(readings),
+            )
+        )
+    batch = decode_values(values)
+    expected: list[tuple[int, str, str, int, float, int]] = []
+    bad = []
+    for i, value in enumerate(values):
+        try:
+            one = decode_value(value)
+        except WireError:
+            bad.append(i)
+            continue
+        expected += [
+            (i, one.site, one.metrics[m], t, v, f)
+            for m, t, v, f in zip(
+                one.metric_index.tolist(), one.ts_ns.tolist(), one.value.tolist(), one.flags.tolist(), strict=True
+            )
+        ]
+    got = list(
+        zip(
+            batch.record.tolist(),
+            batch.site.tolist(),
+            batch.metric.tolist(),
+            batch.ts_ns.tolist(),
+            batch.value.tolist(),
+            batch.flags.tolist(),
+            strict=True,
+        )
+    )
+    assert got == expected
+    assert batch.bad == bad
