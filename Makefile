@@ -42,5 +42,13 @@ test: install services tools lint  ## everything CI runs
 demo: install  ## services + bridge + processor + simulated fleets, then what reached InfluxDB
 	scripts/demo
 
+BENCH_STAMP := $(VENV)/.bench-stamp
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[test,bench]'
+	touch $@
+
+bench: install services $(BENCH_STAMP)  ## every benchmark vs the real services -> benchmarks/results/REPORT.md + pipeline.png
+	$(BIN)/python -m benchmarks.report
+
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis *.egg-info

@@ -161,7 +161,7 @@ def payloads(prefix: str, n: int, batch: int, t0_ms: int, sensors: int = 1000) -
     return out
 
 
-def throughput(env: dict[str, str], n: int, batch: int) -> dict[str, float]:
+def throughput(env: dict[str, str], n: int, batch: int) -> dict[str, Any]:
     run = Pipeline(env, f"throughput batch={batch}")
     try:
         readings = n * batch
@@ -172,11 +172,14 @@ def throughput(env: dict[str, str], n: int, batch: int) -> dict[str, float]:
         t0 = time.monotonic()
         publish_s = publish(host, port, messages, qos=1)
         peak_rss = 0.0
+        samples: list[tuple[float, float]] = []  # (seconds since start, readings processed)
 
         def drained() -> bool:
             nonlocal peak_rss
             peak_rss = max(peak_rss, run.rss_mb())
             t = run.totals()
+            if not samples or time.monotonic() - t0 - samples[-1][0] >= 0.5:
+                samples.append((time.monotonic() - t0, t.get("processed", 0.0)))
             return t.get("processed", 0) >= readings + 1 and t.get("sink_queue", 1) == 0 and t.get("in_flight", 1) == 0
 
         try:
@@ -194,7 +197,7 @@ def throughput(env: dict[str, str], n: int, batch: int) -> dict[str, float]:
         return {
             "messages": n, "readings": readings, "publish_s": publish_s, "elapsed_s": elapsed,
             "readings_per_s": readings / elapsed, "messages_per_s": n / elapsed, "stored": stored,
-            "peak_rss_mb": peak_rss,
+            "peak_rss_mb": peak_rss, "processed_over_time": samples,
         }  # fmt: skip
     finally:
         run.stop()
@@ -207,7 +210,7 @@ def warm_up(run: Pipeline, host: str, port: int) -> None:
     run.wait(lambda: run.influx.count("air", "no2") >= 1, 120, "warmed up")
 
 
-def latency(env: dict[str, str], rate_msgs: float, batch: int, seconds: float) -> dict[str, float]:
+def latency(env: dict[str, str], rate_msgs: float, batch: int, seconds: float) -> dict[str, Any]:
     """Background load at ``rate_msgs`` messages/s plus probes; publish -> queryable in InfluxDB."""
     run = Pipeline(env, f"latency batch={batch}")
     host, port = env["PORTPULSE_MQTT__HOST"], int(env["PORTPULSE_MQTT__PORT"])
@@ -262,12 +265,14 @@ def latency(env: dict[str, str], rate_msgs: float, batch: int, seconds: float) -
         loader.join(120)
         poller.join(120)
         lat = sorted(seen[s] - sent[s] for s in seen)
+        first = min(sent.values(), default=0.0)
+        over_time = sorted((sent[s] - first, seen[s] - sent[s]) for s in seen)
         if not lat:
             return {"probes": len(sent), "seen": 0}
         return {
             "probes": len(sent), "seen": len(lat), "p50_ms": 1000 * statistics.median(lat),
             "p99_ms": 1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))], "max_ms": 1000 * lat[-1],
-            "load_msgs_per_s": rate_msgs, "load_readings_per_s": rate_msgs * batch,
+            "load_msgs_per_s": rate_msgs, "load_readings_per_s": rate_msgs * batch, "latency_over_time": over_time,
         }  # fmt: skip
     finally:
         run.stop()
