@@ -27,7 +27,7 @@ from paho.mqtt.properties import Properties
 
 from ingest.decode import Message
 from ingest.metrics import INGEST_METRICS
-from portpulse.errors import ServiceUnavailableError
+from portpulse.errors import ConfigError, ServiceUnavailableError
 from portpulse.settings import MqttSettings
 
 __all__ = ["Inbound", "MqttSource"]
@@ -179,7 +179,15 @@ class MqttSource:
         self._client.loop_start()
         deadline = time.monotonic() + self._connect_timeout_s
         while not (self._connected.is_set() and self._subscribed.is_set()):
-            if self.auth_failed or time.monotonic() > deadline:
+            if self.auth_failed:
+                # Retrying cannot fix credentials: one attempt, then a clear error (exit code 2).
+                await self._shutdown()
+                who = f"user {s.username!r}" if s.username else "anonymous clients"
+                raise ConfigError(
+                    f"MQTT broker {s.host}:{s.port} refused {who} ({self.last_error.split(': ', 1)[-1]}); "
+                    "check mqtt.username and mqtt.password"
+                )
+            if time.monotonic() > deadline:
                 await self._shutdown()
                 raise ServiceUnavailableError("mqtt", self.last_error or f"no connection to {s.host}:{s.port}")
             await asyncio.sleep(0.05)
