@@ -1,0 +1,203 @@
+"""Fault suite: the whole pipeline under steady simulated load while one thing breaks at a time.
+
+For each scenario: ``portpulse run`` in its own process, a paced QoS 1 publisher, a fault a few
+seconds in, then from InfluxDB and Kafka: every acknowledged reading stored (loss must be 0),
+window aggregates equal to an independent computation, and the duplicates the at-least-once
+path produced (reported, and absorbed by the processor's duplicate check).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from portpulse.wire import decode_values
+from simulators.stream import generate
+from tests.integration.pipeline import Publisher, consume
+from tests.integration.test_end_to_end import (
+    expected_from_record,
+    http_get,
+    stored_aggregates,
+    stored_raw_count,
+    stream,
+)
+from tests.services import (
+    InfluxEndpoint,
+    KafkaEndpoint,
+    MqttEndpoint,
+    free_port,
+    is_local,
+    local_service_control_async,
+)
+
+pytestmark = pytest.mark.integration
+
+
+class PipelineProcess:
+    """``portpulse run`` as a child process (so it can be SIGKILLed and restarted)."""
+
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        self.env, self.log, self.port = env, log, int(env["PORTPULSE_OPS__METRICS_PORT"])
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def spawn(self) -> None:
+        cmd = [sys.executable, "-m", "portpulse.cli", "run", "--windows", "1m", "--lateness", "2",
+               "--idle-timeout", "2"]  # fmt: skip
+        with open(self.log, "ab") as err:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen(cmd, env=self.env, stdout=subprocess.DEVNULL, stderr=err)
+
+    async def start(self) -> None:
+        self.spawn()
+        assert self.proc is not None
+        for _ in range(600):  # bounded: 120 s
+            if self.proc.poll() is not None:
+                raise AssertionError(f"portpulse run exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+            if (await asyncio.to_thread(http_get, f"http://127.0.0.1:{self.port}/readyz"))[0] == 200:
+                return
+            await asyncio.sleep(0.2)
+        raise AssertionError(f"portpulse run not ready in 120 s:\n{self.log.read_text()[-3000:]}")
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+
+    async def stop(self) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        for _ in range(600):  # bounded: 60 s to drain
+            if self.proc.poll() is not None:
+                return self.proc.returncode
+            await asyncio.sleep(0.1)
+        self.proc.kill()
+        return -9
+
+
+async def _restart_service(service: str, kill: str, down_s: float) -> None:
+    await local_service_control_async(service, kill)
+    await asyncio.sleep(down_s)
+    await local_service_control_async(service, "up")
+
+
+def _scenarios(pipeline: PipelineProcess) -> dict[str, Callable[[], Awaitable[None]]]:
+    async def pipeline_sigkill() -> None:
+        pipeline.kill()
+        await asyncio.sleep(1)
+        await pipeline.start()
+
+    async def kafka_sigstop() -> None:
+        await local_service_control_async("kafka", "pause")
+        await asyncio.sleep(15)  # beyond the consumer session timeout (10 s): the group rebalances
+        await local_service_control_async("kafka", "resume")
+
+    return {
+        "pipeline_sigkill": pipeline_sigkill,
+        "kafka_sigkill": lambda: _restart_service("kafka", "kill", 10),
+        "influx_sigkill": lambda: _restart_service("influx", "kill", 10),
+        "mqtt_restart": lambda: _restart_service("mqtt", "down", 3),
+        "kafka_sigstop": kafka_sigstop,
+    }
+
+
+SCENARIOS = ["pipeline_sigkill", "kafka_sigkill", "influx_sigkill", "kafka_sigstop", "mqtt_restart", "in_flight_full"]
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+async def test_no_acknowledged_reading_is_lost(
+    scenario: str,
+    mqtt: MqttEndpoint,
+    kafka: KafkaEndpoint,
+    influx: InfluxEndpoint,
+    influx_bucket: str,
+    unique: str,
+    tmp_path: Path,
+) -> None:
+    service = {"kafka_sigkill": "kafka", "kafka_sigstop": "kafka", "influx_sigkill": "influx", "mqtt_restart": "mqtt",
+               "in_flight_full": "kafka"}.get(scenario)  # fmt: skip
+    if service and not is_local(service):
+        pytest.skip(f"{service} is not managed by scripts/services here; this fault needs to stop it")
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("PORTPULSE_")},
+        "PORTPULSE_MQTT__HOST": mqtt.host, "PORTPULSE_MQTT__PORT": str(mqtt.port),
+        "PORTPULSE_MQTT__CLIENT_ID": f"{unique}-bridge", "PORTPULSE_MQTT__TOPIC_PREFIX": unique,
+        "PORTPULSE_MQTT__SUBSCRIPTIONS": f'["{unique}/#"]', "PORTPULSE_MQTT__SESSION_EXPIRY_S": "600",
+        "PORTPULSE_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap_servers, "PORTPULSE_KAFKA__TOPIC_PREFIX": unique,
+        "PORTPULSE_KAFKA__CONSUMER_GROUP": f"{unique}-g", "PORTPULSE_KAFKA__PARTITIONS": "2",
+        "PORTPULSE_KAFKA__REQUEST_TIMEOUT_MS": "5000",
+        "PORTPULSE_INFLUX__URL": influx.url, "PORTPULSE_INFLUX__TOKEN": influx.token,
+        "PORTPULSE_INFLUX__ORG": influx.org, "PORTPULSE_INFLUX__BUCKET": influx_bucket,
+        "PORTPULSE_SINK__FLUSH_INTERVAL_MS": "100", "PORTPULSE_OPS__METRICS_PORT": str(free_port()),
+        # The in-flight scenario: a small limit that Kafka's outage fills while publishers go on.
+        "PORTPULSE_INGEST__MAX_IN_FLIGHT": "50" if scenario == "in_flight_full" else "20000",
+    }  # fmt: skip
+    pipeline = PipelineProcess(env, tmp_path / "pipeline.log")
+    faults = _scenarios(pipeline)
+    faults["in_flight_full"] = lambda: _restart_service("kafka", "down", 12)
+    config = stream(unique, sensors=24, seconds=100, faults={})
+    messages = [(m.topic, m.payload) for b in generate(config) for m in b.messages]
+    expected, _, _ = expected_from_record([m for b in generate(config) for m in b.messages], [])
+    readings = sum(len(v) for v in expected.values())
+
+    await pipeline.start()
+    acked = 0
+    publish_error: list[BaseException] = []
+
+    def publish_paced() -> None:  # about 25 s of publishing, 100 messages per 1 s chunk
+        nonlocal acked
+        try:
+            with Publisher(mqtt, f"{unique}-pub") as publisher:
+                for i in range(0, len(messages), 100):
+                    started = time.monotonic()
+                    publisher.publish(messages[i : i + 100], 1)  # returns once the broker acknowledged each
+                    acked += len(messages[i : i + 100])
+                    time.sleep(max(0.0, 1.0 - (time.monotonic() - started)))
+        except BaseException as exc:  # surfaced by the test below
+            publish_error.append(exc)
+
+    publisher = threading.Thread(target=publish_paced)
+    publisher.start()
+    try:
+        await asyncio.sleep(6)
+        await faults[scenario]()
+        await asyncio.to_thread(publisher.join, 300)
+        assert not publish_error, publish_error
+        assert acked == len(messages)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 240
+        raw, stored = 0, {}
+        while loop.time() < deadline:
+            raw = await asyncio.to_thread(stored_raw_count, influx, influx_bucket)
+            stored = await asyncio.to_thread(stored_aggregates, influx, influx_bucket)
+            if raw >= readings and len(stored) >= len(expected):
+                break
+            await asyncio.sleep(1)
+        assert await pipeline.stop() == 0, pipeline.log.read_text()[-3000:]
+    finally:
+        if publisher.is_alive():
+            publisher.join(300)
+        await pipeline.stop()
+        await asyncio.get_running_loop().shutdown_default_executor()
+
+    lost = readings - raw
+    topics = [f"{unique}.readings.{d}" for d in ("air", "crane", "cell")]
+    records = await consume(kafka, topics, expect=len(messages), timeout_s=60, idle_s=2)
+    in_kafka = len(decode_values([value for _, _, value, _ in records]))
+    print(f"fault {scenario}: {acked} messages acknowledged by the broker, {readings} readings; "
+          f"lost {lost}; duplicates in Kafka {in_kafka - readings}")  # fmt: skip
+    assert lost == 0, f"{lost} acknowledged readings missing from InfluxDB"
+    assert sorted(stored) == sorted(expected)
+    for key, values in expected.items():
+        got = stored[key]
+        assert got["count"] == len(values), key
+        assert abs(got["mean"] - sum(values) / len(values)) <= 1e-9 * max(1.0, abs(got["mean"])), key
+        assert (got["min"], got["max"]) == (min(values), max(values)), key
