@@ -82,6 +82,13 @@ async def produce(bootstrap: str, topic: str, n: int, per_record: int, sensors: 
 async def end_to_end(bootstrap: str, n: int, per_record: int) -> tuple[float, int]:
     prefix = f"bench{uuid.uuid4().hex[:8]}"
     await produce(bootstrap, f"{prefix}.readings.air", n, per_record)
+    result = await consume_all(bootstrap, prefix, n)
+    return result["readings_per_s"], int(result["readings"])
+
+
+async def consume_all(bootstrap: str, prefix: str, n: int) -> dict[str, float]:
+    """``run_processor`` (1-minute windows, in-memory sink) until ``n`` readings of ``{prefix}.readings.*``
+    are processed: readings, elapsed_s, readings_per_s, windows, rejected."""
     settings = Settings(kafka=KafkaSettings(bootstrap_servers=bootstrap, topic_prefix=prefix,
                                             consumer_group=f"{prefix}-g"))  # fmt: skip
     sink = MemoryPointSink()
@@ -89,15 +96,17 @@ async def end_to_end(bootstrap: str, n: int, per_record: int) -> tuple[float, in
     started = time.monotonic()
     task = asyncio.create_task(run_processor(settings, sink, stop, "1m", idle_timeout_s=3600))
     consumed = 0
-    while time.monotonic() - started < 600:
-        await asyncio.sleep(0.1)
+    while time.monotonic() - started < 900:
+        await asyncio.sleep(0.05)
         consumed = sum(len(p) for s, p in sink.writes if s == "processor:raw")
         if consumed >= n or task.done():
             break
     elapsed = time.monotonic() - started
     stop.set()
-    await task
-    return consumed / elapsed, consumed
+    stats = await task
+    windows = sum(len(p) for s, p in sink.writes if s == "processor:1m")
+    return {"readings": consumed, "elapsed_s": elapsed, "readings_per_s": consumed / elapsed,
+            "windows": windows, "rejected": sum(stats.rejected.values())}  # fmt: skip
 
 
 def main() -> None:

@@ -25,37 +25,13 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from benchmarks.bench_processor import produce
+from benchmarks.bench_processor import consume_all, produce
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def portpulse_side(bootstrap: str, prefix: str, n: int) -> dict[str, float]:
-    from portpulse.points import MemoryPointSink
-    from portpulse.settings import KafkaSettings, Settings
-    from processors.loop import run_processor
-
-    async def run() -> dict[str, float]:
-        settings = Settings(kafka=KafkaSettings(bootstrap_servers=bootstrap, topic_prefix=prefix,
-                                                consumer_group=f"{prefix}-portpulse"))  # fmt: skip
-        sink = MemoryPointSink()
-        stop = asyncio.Event()
-        started = time.monotonic()
-        task = asyncio.create_task(run_processor(settings, sink, stop, "1m", idle_timeout_s=3600))
-        consumed = 0
-        while time.monotonic() - started < 900:
-            await asyncio.sleep(0.05)
-            consumed = sum(len(p) for s, p in sink.writes if s == "processor:raw")
-            if consumed >= n or task.done():
-                break
-        elapsed = time.monotonic() - started
-        stop.set()
-        stats = await task
-        windows = sum(len(p) for s, p in sink.writes if s == "processor:1m")
-        return {"readings": consumed, "elapsed_s": elapsed, "readings_per_s": consumed / elapsed,
-                "windows": windows, "rejected": sum(stats.rejected.values())}  # fmt: skip
-
-    return asyncio.run(run())
+    return asyncio.run(consume_all(bootstrap, prefix, n))
 
 
 def quix_side(bootstrap: str, topic: str, n: int) -> dict[str, float]:

@@ -145,6 +145,32 @@ def stored_raw_count(influx: InfluxEndpoint, bucket: str) -> int:
     return int(rows[0]["_value"]) if rows else 0
 
 
+async def wait_until_stored(
+    influx: InfluxEndpoint, bucket: str, readings: int, windows: int, timeout_s: float = 180
+) -> tuple[int, dict[Window, dict[str, float]]]:
+    """Poll InfluxDB (bounded) until ``readings`` raw points and ``windows`` aggregates are there."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    raw, stored = 0, {}
+    while loop.time() < deadline:
+        raw = await asyncio.to_thread(stored_raw_count, influx, bucket)
+        stored = await asyncio.to_thread(stored_aggregates, influx, bucket)
+        if raw >= readings and len(stored) >= windows:
+            break
+        await asyncio.sleep(1)
+    return raw, stored
+
+
+def assert_aggregates_match(stored: dict[Window, dict[str, float]], expected: dict[Window, list[float]]) -> None:
+    """Every expected window is stored with its count, mean, min and max; no other window is."""
+    assert sorted(stored) == sorted(expected)
+    for key, values in expected.items():
+        got = stored[key]
+        assert got["count"] == len(values), key
+        assert math.isclose(got["mean"], statistics.fmean(values), rel_tol=1e-9, abs_tol=1e-9), key
+        assert (got["min"], got["max"]) == (min(values), max(values)), key
+
+
 async def test_simulated_port_end_to_end_matches_an_independent_computation(
     mqtt: MqttEndpoint, kafka: KafkaEndpoint, influx: InfluxEndpoint, influx_bucket: str, unique: str
 ) -> None:
@@ -160,27 +186,13 @@ async def test_simulated_port_end_to_end_matches_an_independent_computation(
     async with running_pipeline(settings, ProcessorOptions("1m", lateness_s=2, idle_timeout_s=2)) as base:
         with Publisher(mqtt, f"{unique}-sim") as publisher:
             await asyncio.to_thread(publisher.publish, [(m.topic, m.payload) for m in messages], 1)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 180
-        stored: dict[Window, dict[str, float]] = {}
-        raw = 0
-        while loop.time() < deadline:
-            raw = await asyncio.to_thread(stored_raw_count, influx, influx_bucket)
-            stored = await asyncio.to_thread(stored_aggregates, influx, influx_bucket)
-            if raw >= readings and len(stored) >= len(expected):
-                break
-            await asyncio.sleep(1)
+        raw, stored = await wait_until_stored(influx, influx_bucket, readings, len(expected))
         status, metrics = await asyncio.to_thread(http_get, f"{base}/metrics")
         assert status == 200 and b"portpulse_processor_consumer_lag{" in metrics
         state = json.loads((await asyncio.to_thread(http_get, f"{base}/api/state"))[1])
         assert set(state["latest"]) == {"air", "crane", "cell"}
     assert raw == readings  # every accepted reading stored exactly once per (series, time)
-    assert sorted(stored) == sorted(expected)
-    for key, values in expected.items():
-        got = stored[key]
-        assert got["count"] == len(values), key
-        assert math.isclose(got["mean"], statistics.fmean(values), rel_tol=1e-9, abs_tol=1e-9), key
-        assert (got["min"], got["max"]) == (min(values), max(values)), key
+    assert_aggregates_match(stored, expected)
     # Every fault is accounted for: rejected readings in the windows, malformed messages in the DLQ.
     assert sum(v.get("rejected", 0.0) for v in stored.values()) == expected_rejected
     dlq = await consume(kafka, [f"{unique}.dlq"], expect=expected_dlq, timeout_s=30, idle_s=1)

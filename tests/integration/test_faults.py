@@ -24,11 +24,11 @@ from portpulse.wire import decode_values
 from simulators.stream import generate
 from tests.integration.pipeline import Publisher, consume
 from tests.integration.test_end_to_end import (
+    assert_aggregates_match,
     expected_from_record,
     http_get,
-    stored_aggregates,
-    stored_raw_count,
     stream,
+    wait_until_stored,
 )
 from tests.services import (
     InfluxEndpoint,
@@ -172,15 +172,7 @@ async def test_no_acknowledged_reading_is_lost(
         await asyncio.to_thread(publisher.join, 300)
         assert not publish_error, publish_error
         assert acked == len(messages)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 240
-        raw, stored = 0, {}
-        while loop.time() < deadline:
-            raw = await asyncio.to_thread(stored_raw_count, influx, influx_bucket)
-            stored = await asyncio.to_thread(stored_aggregates, influx, influx_bucket)
-            if raw >= readings and len(stored) >= len(expected):
-                break
-            await asyncio.sleep(1)
+        raw, stored = await wait_until_stored(influx, influx_bucket, readings, len(expected), timeout_s=240)
         assert await pipeline.stop() == 0, pipeline.log.read_text()[-3000:]
     finally:
         if publisher.is_alive():
@@ -195,9 +187,4 @@ async def test_no_acknowledged_reading_is_lost(
     print(f"fault {scenario}: {acked} messages acknowledged by the broker, {readings} readings; "
           f"lost {lost}; duplicates in Kafka {in_kafka - readings}")  # fmt: skip
     assert lost == 0, f"{lost} acknowledged readings missing from InfluxDB"
-    assert sorted(stored) == sorted(expected)
-    for key, values in expected.items():
-        got = stored[key]
-        assert got["count"] == len(values), key
-        assert abs(got["mean"] - sum(values) / len(values)) <= 1e-9 * max(1.0, abs(got["mean"])), key
-        assert (got["min"], got["max"]) == (min(values), max(values)), key
+    assert_aggregates_match(stored, expected)

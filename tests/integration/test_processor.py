@@ -124,7 +124,7 @@ async def test_known_stream_gives_exactly_the_expected_windows(kafka: KafkaEndpo
     sink = MemoryPointSink()
     expected = expected_windows(rows)
     stop = asyncio.Event()
-    task = asyncio.create_task(run_processor(settings, sink, stop, "1m", allowed_lateness_s=2, idle_timeout_s=1))
+    task = start_member(settings, sink, stop)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 90
     while loop.time() < deadline and len(windows_of(sink)) < len(expected) and not task.done():
@@ -161,6 +161,11 @@ async def wait_for_members(kafka: KafkaEndpoint, group: str, members: int, timeo
         await admin.close()
 
 
+def start_member(settings: Settings, sink: MemoryPointSink, stop: asyncio.Event) -> asyncio.Task[Any]:
+    """A processor in this loop: 1-minute windows, 2 s lateness, 1 s idle timeout."""
+    return asyncio.create_task(run_processor(settings, sink, stop, "1m", allowed_lateness_s=2, idle_timeout_s=1))
+
+
 async def test_two_processors_split_partitions_and_together_match_one(kafka: KafkaEndpoint, unique: str) -> None:
     rows, _, _ = known_stream()
     await create_topic(kafka, f"{unique}.readings.air", 4)
@@ -169,10 +174,7 @@ async def test_two_processors_split_partitions_and_together_match_one(kafka: Kaf
     sinks = [MemoryPointSink(), MemoryPointSink()]
     expected = expected_windows(rows)
     stop = asyncio.Event()
-    tasks = [
-        asyncio.create_task(run_processor(settings, sink, stop, "1m", allowed_lateness_s=2, idle_timeout_s=1))
-        for sink in sinks
-    ]
+    tasks = [start_member(settings, sink, stop) for sink in sinks]
     # Both members hold partitions before the stream starts, so the split is deterministic.
     await wait_for_members(kafka, f"{unique}-g", 2)
     await produce(kafka, unique, rows)
@@ -201,15 +203,13 @@ async def test_processor_joining_mid_stream_changes_no_window(kafka: KafkaEndpoi
     expected = expected_windows(rows)
     stop = asyncio.Event()
     await produce(kafka, unique, rows[:200])
-    tasks = [asyncio.create_task(run_processor(settings, sinks[0], stop, "1m", allowed_lateness_s=2, idle_timeout_s=1))]
+    tasks = [start_member(settings, sinks[0], stop)]
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 60
     while loop.time() < deadline and not any(source == "processor:raw" for source, _ in sinks[0].writes):
         await asyncio.sleep(0.05)
     assert sinks[0].writes, "the first processor never consumed"
-    tasks.append(
-        asyncio.create_task(run_processor(settings, sinks[1], stop, "1m", allowed_lateness_s=2, idle_timeout_s=1))
-    )
+    tasks.append(start_member(settings, sinks[1], stop))
     await wait_for_members(kafka, f"{unique}-g", 2)
     await produce(kafka, unique, rows[200:])
     deadline = loop.time() + 90
