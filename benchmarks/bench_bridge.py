@@ -132,6 +132,10 @@ def publish(host: str, port: int, messages: list[tuple[str, bytes]], qos: int, r
     t0 = time.monotonic()
     infos = []
     for i, (topic, payload) in enumerate(messages):
+        if qos and i >= 30_000:
+            # At most 30 000 unacknowledged: paho (2.2) refuses a message id still in use, and
+            # ids wrap at 65 535.
+            infos[i - 30_000].wait_for_publish(120)
         infos.append(client.publish(topic, payload, qos=qos))
         if rate and i % 100 == 0:
             ahead = i / rate - (time.monotonic() - t0)
