@@ -130,7 +130,7 @@ def publish(host: str, port: int, messages: list[tuple[str, bytes]], qos: int, r
     client.connect(host, port)
     client.loop_start()
     t0 = time.monotonic()
-    infos = []
+    infos: list[paho.MQTTMessageInfo] = []
     for i, (topic, payload) in enumerate(messages):
         if qos and i >= 30_000:
             # At most 30 000 unacknowledged: paho (2.2) refuses a message id still in use, and

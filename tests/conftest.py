@@ -7,6 +7,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 
@@ -94,3 +95,17 @@ def influx_bucket(influx: InfluxEndpoint, unique: str) -> Iterator[str]:
             bucket = client.buckets_api().create_bucket(bucket_name=unique, org=influx.org)
             yield unique
             client.buckets_api().delete_bucket(bucket)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """The fault suite's report: loss and redelivered duplicates per scenario."""
+    import sys
+
+    module = sys.modules.get("tests.integration.test_faults")
+    lines = getattr(module, "FAULT_REPORT", [])
+    if lines:
+        terminalreporter.section("fault suite report")
+        terminalreporter.write_line("| scenario | messages acknowledged | readings | lost | duplicates in Kafka |")
+        terminalreporter.write_line("|---|---:|---:|---:|---:|")
+        for line in lines:
+            terminalreporter.write_line(line)
