@@ -125,22 +125,30 @@ async def run_processor(
         metadata_max_age_ms=5000,
     )
 
-    async def commit_safe() -> None:
-        """Commit the state before the oldest batch whose points are not all stored yet.
-
-        Each pending entry holds the engine's positions from *before* its batch, so a commit never
-        covers records (or emitted windows, via the watermark metadata) that are not durable.
-        """
+    def safe_commit() -> dict[Any, Any]:
+        """The offsets to commit: the state before the oldest batch whose points are not all
+        stored yet. Each pending entry holds the engine's positions from *before* its batch, so a
+        commit never covers records (or emitted windows, via the watermark metadata) that are
+        not durable."""
         while pending and all(r.done() for r in pending[0][0]):
             pending.pop(0)
         positions = pending[0][1] if pending else engine.safe_offsets()
-        offsets = {}
-        for p, (offset, wm, nxt) in positions.items():
-            if p in tps and offset >= 0:
-                offsets[tps[p]] = OffsetAndMetadata(offset, json.dumps({"wm": wm, "next": nxt}))
-        if offsets:
+        return {
+            tps[p]: OffsetAndMetadata(offset, json.dumps({"wm": wm, "next": nxt}))
+            for p, (offset, wm, nxt) in positions.items()
+            if p in tps and offset >= 0
+        }
+
+    async def commit(offsets: dict[Any, Any]) -> None:
+        """Commit; a commit refused because the group is rebalancing is skipped (the revocation
+        commits again, and an older commit only means a longer replay)."""
+        if not offsets:
+            return
+        try:
             await consumer.commit(offsets)
             stats.commits += 1
+        except KafkaError as exc:
+            log.info("commit skipped (%s); the next one covers it", type(exc).__name__)
 
     # The rebalance listener runs in the coordinator's task, concurrently with the fetch loop: the
     # lock keeps a batch from being processed half before and half after a revocation, and keeps
@@ -154,8 +162,7 @@ async def run_processor(
                 for receipts, _ in pending:
                     for r in receipts:
                         await r.wait()
-                with contextlib.suppress(Exception):
-                    await commit_safe()
+                await commit(safe_commit())  # allowed inside the rebalance callback
                 ids = [part_ids[(tp.topic, tp.partition)] for tp in revoked if (tp.topic, tp.partition) in part_ids]
                 engine.drop(ids)
                 for tp in revoked:
@@ -232,12 +239,14 @@ async def run_processor(
                 if watermarks:
                     PROCESSOR_METRICS.watermark_lag.set(max(0.0, time.time() - min(watermarks) / 1e9))
                 pending.append((receipts, before))
-                await commit_safe()
+                offsets = safe_commit()
+            # Outside the lock: a commit may wait for a rebalance, whose callback needs the lock.
+            await commit(offsets)
         await sink.flush()
         for receipts, _ in pending:
             for r in receipts:
                 await r.wait()
-        await commit_safe()
+        await commit(safe_commit())
     finally:
         await consumer.stop()
         await late_producer.stop()

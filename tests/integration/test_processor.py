@@ -166,22 +166,32 @@ def start_member(settings: Settings, sink: MemoryPointSink, stop: asyncio.Event)
     return asyncio.create_task(run_processor(settings, sink, stop, "1m", allowed_lateness_s=2, idle_timeout_s=1))
 
 
-async def test_two_processors_split_partitions_and_together_match_one(kafka: KafkaEndpoint, unique: str) -> None:
+async def two_member_setup(
+    kafka: KafkaEndpoint, unique: str
+) -> tuple[list[tuple[str, str, int, float]], Settings, list[MemoryPointSink], dict[Any, Any], asyncio.Event]:
+    """The known stream, a 4-partition topic, group settings, two sinks, expected windows, a stop."""
     rows, _, _ = known_stream()
     await create_topic(kafka, f"{unique}.readings.air", 4)
     settings = Settings(kafka=KafkaSettings(bootstrap_servers=kafka.bootstrap_servers, topic_prefix=unique,
                                             consumer_group=f"{unique}-g"))  # fmt: skip
-    sinks = [MemoryPointSink(), MemoryPointSink()]
-    expected = expected_windows(rows)
-    stop = asyncio.Event()
+    return rows, settings, [MemoryPointSink(), MemoryPointSink()], expected_windows(rows), asyncio.Event()
+
+
+async def wait_for_all_windows(sinks: list[MemoryPointSink], expected: dict[Any, Any], timeout_s: float = 90) -> None:
+    """Poll (bounded) until the sinks together hold every expected window."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while loop.time() < deadline and len({**windows_of(sinks[0]), **windows_of(sinks[1])}) < len(expected):
+        await asyncio.sleep(0.2)
+
+
+async def test_two_processors_split_partitions_and_together_match_one(kafka: KafkaEndpoint, unique: str) -> None:
+    rows, settings, sinks, expected, stop = await two_member_setup(kafka, unique)
     tasks = [start_member(settings, sink, stop) for sink in sinks]
     # Both members hold partitions before the stream starts, so the split is deterministic.
     await wait_for_members(kafka, f"{unique}-g", 2)
     await produce(kafka, unique, rows)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 90
-    while loop.time() < deadline and len({**windows_of(sinks[0]), **windows_of(sinks[1])}) < len(expected):
-        await asyncio.sleep(0.2)
+    await wait_for_all_windows(sinks, expected)
     stop.set()
     stats = await asyncio.gather(*tasks)
     a, b = windows_of(sinks[0]), windows_of(sinks[1])
@@ -195,13 +205,7 @@ async def test_two_processors_split_partitions_and_together_match_one(kafka: Kaf
 async def test_processor_joining_mid_stream_changes_no_window(kafka: KafkaEndpoint, unique: str) -> None:
     """A second member joins while the first is mid-stream: the eager rebalance hands the first
     its partitions back, and the windows it rebuilds from the committed offsets are still exact."""
-    rows, _, _ = known_stream()
-    await create_topic(kafka, f"{unique}.readings.air", 4)
-    settings = Settings(kafka=KafkaSettings(bootstrap_servers=kafka.bootstrap_servers, topic_prefix=unique,
-                                            consumer_group=f"{unique}-g"))  # fmt: skip
-    sinks = [MemoryPointSink(), MemoryPointSink()]
-    expected = expected_windows(rows)
-    stop = asyncio.Event()
+    rows, settings, sinks, expected, stop = await two_member_setup(kafka, unique)
     await produce(kafka, unique, rows[:200])
     tasks = [start_member(settings, sinks[0], stop)]
     loop = asyncio.get_running_loop()
@@ -212,9 +216,7 @@ async def test_processor_joining_mid_stream_changes_no_window(kafka: KafkaEndpoi
     tasks.append(start_member(settings, sinks[1], stop))
     await wait_for_members(kafka, f"{unique}-g", 2)
     await produce(kafka, unique, rows[200:])
-    deadline = loop.time() + 90
-    while loop.time() < deadline and len({**windows_of(sinks[0]), **windows_of(sinks[1])}) < len(expected):
-        await asyncio.sleep(0.2)
+    await wait_for_all_windows(sinks, expected)
     stop.set()
     await asyncio.gather(*tasks)
     a, b = windows_of(sinks[0]), windows_of(sinks[1])
