@@ -105,7 +105,10 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     lines = getattr(module, "FAULT_REPORT", [])
     if lines:
         terminalreporter.section("fault suite report")
-        terminalreporter.write_line("| scenario | messages acknowledged | readings | lost | duplicates in Kafka |")
-        terminalreporter.write_line("|---|---:|---:|---:|---:|")
+        terminalreporter.write_line(
+            "| scenario | messages the broker acknowledged | readings PortPulse acknowledged | lost | "
+            "duplicates in Kafka | lost by the broker |"
+        )
+        terminalreporter.write_line("|---|---:|---:|---:|---:|---:|")
         for line in lines:
             terminalreporter.write_line(line)
