@@ -39,7 +39,7 @@ tools:  ## test tools: headless Chromium for the dashboard's browser test (apt)
 test: install services tools lint  ## everything CI runs
 	$(BIN)/pytest
 
-demo: install  ## services + bridge + processor + simulated fleets, then what reached InfluxDB
+demo: install  ## services + portpulse run (dashboard on :9464) + simulated fleets with faults; Ctrl-C stops
 	scripts/demo
 
 BENCH_STAMP := $(VENV)/.bench-stamp
