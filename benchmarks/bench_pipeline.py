@@ -169,17 +169,24 @@ def throughput(env: dict[str, str], n: int, batch: int) -> dict[str, Any]:
         messages = payloads(run.prefix, n, batch, t0_ms)
         host, port = env["PORTPULSE_MQTT__HOST"], int(env["PORTPULSE_MQTT__PORT"])
         warm_up(run, host, port)
+        samples: list[tuple[float, float]] = []  # (seconds since start, readings processed)
+        sampling = threading.Event()
         t0 = time.monotonic()
+
+        def sample() -> None:  # throughput over time, while publishing and until drained
+            while not sampling.is_set():
+                samples.append((time.monotonic() - t0, run.totals().get("processed", 0.0)))
+                sampling.wait(1.0)  # the ops server refreshes its totals once a second
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
         publish_s = publish(host, port, messages, qos=1)
         peak_rss = 0.0
-        samples: list[tuple[float, float]] = []  # (seconds since start, readings processed)
 
         def drained() -> bool:
             nonlocal peak_rss
             peak_rss = max(peak_rss, run.rss_mb())
             t = run.totals()
-            if not samples or time.monotonic() - t0 - samples[-1][0] >= 0.5:
-                samples.append((time.monotonic() - t0, t.get("processed", 0.0)))
             return t.get("processed", 0) >= readings + 1 and t.get("sink_queue", 1) == 0 and t.get("in_flight", 1) == 0
 
         try:
@@ -187,6 +194,9 @@ def throughput(env: dict[str, str], n: int, batch: int) -> dict[str, Any]:
         except SystemExit:
             print(f"totals at timeout: {run.totals()}", file=sys.stderr)
             raise
+        finally:
+            sampling.set()
+            sampler.join(10)
         elapsed = time.monotonic() - t0
         stored = 0
         for _ in range(100):  # the last batch may still be in its HTTP request
