@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from portpulse.schema import FLAG_TS_FROM_RECEIVE, ReadingColumns
+from portpulse.schema import FLAG_TS_FROM_RECEIVE, ReadingColumns, str_array
 from portpulse.topics import ID_RE, MqttTopic, parse_mqtt_topic
 
 __all__ = [
@@ -123,12 +123,6 @@ class _Out:
         self.flags.append(flag)
 
 
-def _obj(values: list[str]) -> npt.NDArray[np.object_]:
-    out = np.empty(len(values), dtype=object)
-    out[:] = values
-    return out
-
-
 def decode_messages(messages: Sequence[Message], limits: DecodeLimits) -> DecodedBatch:
     """Decode a batch of MQTT messages into reading columns and per-message problems."""
     out = _Out()
@@ -139,10 +133,10 @@ def decode_messages(messages: Sequence[Message], limits: DecodeLimits) -> Decode
         if found:
             problems[i] = found
     readings = ReadingColumns(
-        sensor_id=_obj(out.sensor),
-        site=_obj(out.site),
-        domain=_obj(out.domain),
-        metric=_obj(out.metric),
+        sensor_id=str_array(out.sensor),
+        site=str_array(out.site),
+        domain=str_array(out.domain),
+        metric=str_array(out.metric),
         ts_ns=np.array(out.ts, dtype=np.int64),
         value=np.array(out.value, dtype=np.float64),
         flags=np.array(out.flags, dtype=np.uint8),

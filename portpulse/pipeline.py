@@ -110,13 +110,11 @@ async def run_pipeline(
 
             health.add("influx", influx_health)
             sink = TappedSink(writer, latest)
-            p = processor
+            windows, lateness_s, idle_s = processor.windows, processor.lateness_s, processor.idle_timeout_s
             tasks["processor"] = asyncio.create_task(
                 staged(
                     "processor",
-                    lambda ready: run_processor(
-                        settings, sink, halt, p.windows, p.lateness_s, p.idle_timeout_s, ready=ready
-                    ),
+                    lambda ready: run_processor(settings, sink, halt, windows, lateness_s, idle_s, ready=ready),
                 )
             )
         if "bridge" in stages:

@@ -17,6 +17,7 @@ __all__ = [
     "FLAG_TS_FROM_RECEIVE",
     "Reading",
     "ReadingColumns",
+    "str_array",
 ]
 
 #: The payload had no timestamp; ``ts_ns`` is the bridge's receive time.
@@ -72,10 +73,10 @@ class ReadingColumns:
     def from_readings(cls, readings: Iterable[Reading]) -> ReadingColumns:
         rows = list(readings)
         return cls(
-            sensor_id=_str_array([r.sensor_id for r in rows]),
-            site=_str_array([r.site for r in rows]),
-            domain=_str_array([r.domain for r in rows]),
-            metric=_str_array([r.metric for r in rows]),
+            sensor_id=str_array([r.sensor_id for r in rows]),
+            site=str_array([r.site for r in rows]),
+            domain=str_array([r.domain for r in rows]),
+            metric=str_array([r.metric for r in rows]),
             ts_ns=np.fromiter((r.ts_ns for r in rows), dtype=np.int64, count=len(rows)),
             value=np.fromiter((r.value for r in rows), dtype=np.float64, count=len(rows)),
             flags=np.fromiter((r.flags for r in rows), dtype=np.uint8, count=len(rows)),
@@ -116,7 +117,8 @@ class ReadingColumns:
         ]
 
 
-def _str_array(values: Sequence[str]) -> StrArray:
+def str_array(values: Sequence[str]) -> StrArray:
+    """A 1-d object array of ``values`` (``np.array`` would make a fixed-width unicode array)."""
     out = np.empty(len(values), dtype=object)
     out[:] = values
     return out

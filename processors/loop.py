@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 
 from portpulse.catalogue import load_catalogue
 from portpulse.kafka import client_options, start_producer
 from portpulse.points import PointSink, WriteReceipt
+from portpulse.schema import str_array
 from portpulse.settings import Settings
 from portpulse.topics import late_topic
 from portpulse.wire import decode_values
@@ -71,16 +71,10 @@ def _decode(
     wire = decode_values(values)
     r = wire.record
     readings = Readings(
-        _objects(domains)[r], _objects(keys)[r], wire.site, wire.metric, wire.ts_ns, wire.value,
+        str_array(domains)[r], str_array(keys)[r], wire.site, wire.metric, wire.ts_ns, wire.value,
         np.array(parts, dtype=np.int64)[r], np.array(offsets, dtype=np.int64)[r],
     )  # fmt: skip
     return readings, len(wire.bad)
-
-
-def _objects(items: list[str]) -> npt.NDArray[np.object_]:
-    out = np.empty(len(items), dtype=object)
-    out[:] = items
-    return out
 
 
 def _late_record(late: tuple[int, str, str, str, int, float, int]) -> bytes:

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from portpulse.schema import str_array
+
 __all__ = [
     "DOMAIN_METRICS",
     "SITES",
@@ -101,21 +103,15 @@ def make_fleet(domains: tuple[str, ...], sensors: int, seed: int, epoch_ns: int 
             sites.append(SITES[d][i % len(SITES[d])])
     n = len(ids)
     return Fleet(
-        domain=_obj(dom),
-        sensor_id=_obj(ids),
-        site=_obj(sites),
+        domain=str_array(dom),
+        sensor_id=str_array(ids),
+        site=str_array(sites),
         base=rng.uniform(0.8, 1.2, n),
         drift_per_day=rng.normal(0.0, 0.01, n),
         phase_s=rng.uniform(0, CRANE_CYCLE_S, n),
         seed=seed,
         epoch_ns=epoch_ns,
     )
-
-
-def _obj(values: list[str]) -> npt.NDArray[np.object_]:
-    out = np.empty(len(values), dtype=object)
-    out[:] = values
-    return out
 
 
 @dataclass(frozen=True, slots=True)

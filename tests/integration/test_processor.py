@@ -106,13 +106,15 @@ async def _late_count(kafka: KafkaEndpoint, prefix: str) -> int:
     return len(await consume(kafka, [f"{prefix}.late"], expect=1, timeout_s=1, idle_s=0))
 
 
-def assert_windows_equal(got: dict[Any, dict[str, float]], expected: dict[Any, dict[str, float]]) -> None:
+def assert_windows_equal(
+    got: dict[Any, dict[str, float]], expected: dict[Any, dict[str, float]], rel_tol: float = 1e-12
+) -> None:
     assert sorted(got) == sorted(expected)
     for key, want in expected.items():
         have = got[key]
         assert have["count"] == want["count"] and have["rejected"] == want["rejected"], key
         for stat in ("mean", "min", "max", "last", "stddev", "p95"):
-            assert math.isclose(have[stat], want[stat], rel_tol=1e-12, abs_tol=1e-12), (key, stat)
+            assert math.isclose(have[stat], want[stat], rel_tol=rel_tol, abs_tol=rel_tol), (key, stat)
 
 
 async def test_known_stream_gives_exactly_the_expected_windows(kafka: KafkaEndpoint, unique: str) -> None:
