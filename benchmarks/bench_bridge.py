@@ -31,8 +31,11 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from simulators.rawmqtt import RawPublisher
+
 ROOT = Path(__file__).resolve().parents[1]
 SERVICES = ROOT / "scripts" / "services"
+PROBE_KEY = b"p"
 
 
 def service_env() -> dict[str, str]:
@@ -123,30 +126,22 @@ def payloads(prefix: str, n: int, batch: int, t_ms: int) -> list[tuple[str, byte
 
 
 def publish(host: str, port: int, messages: list[tuple[str, bytes]], qos: int, rate: float | None = None) -> float:
-    """Publish and wait for the broker's acks; returns seconds taken."""
-    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"pub-{uuid.uuid4().hex[:8]}", protocol=paho.MQTTv5)
-    client.max_inflight_messages_set(1000)
-    client.max_queued_messages_set(0)
-    client.connect(host, port)
-    client.loop_start()
+    """Publish (pipelined, :class:`simulators.rawmqtt.RawPublisher`) and wait for the broker's acks;
+    returns seconds taken."""
+    client = RawPublisher(host, port, f"pub-{uuid.uuid4().hex[:8]}", qos=qos)
     t0 = time.monotonic()
-    infos: list[paho.MQTTMessageInfo] = []
-    for i, (topic, payload) in enumerate(messages):
-        if qos and i >= 30_000:
-            # At most 30 000 unacknowledged: paho (2.2) refuses a message id still in use, and
-            # ids wrap at 65 535.
-            infos[i - 30_000].wait_for_publish(120)
-        infos.append(client.publish(topic, payload, qos=qos))
-        if rate and i % 100 == 0:
-            ahead = i / rate - (time.monotonic() - t0)
-            if ahead > 0:
-                time.sleep(ahead)
-    for info in infos:
-        info.wait_for_publish(120)
-    elapsed = time.monotonic() - t0
-    client.disconnect()
-    client.loop_stop()
-    return elapsed
+    try:
+        for i, (topic, payload) in enumerate(messages):
+            client.publish(topic, payload)
+            if rate and i % 100 == 0:
+                ahead = i / rate - (time.monotonic() - t0)
+                if ahead > 0:
+                    client.flush()
+                    time.sleep(ahead)
+        client.settle(300)
+        return time.monotonic() - t0
+    finally:
+        client.close()
 
 
 def create_session(host: str, port: int, client_id: str, topic: str, qos: int) -> None:
@@ -192,7 +187,10 @@ def bare_drain(host: str, port: int, client_id: str, expect: int, qos: int) -> f
 
 
 async def kafka_stats(env: dict[str, str], topics: list[str], expect: int, timeout_s: float) -> tuple[int, float]:
-    """(records, records per second between the first and last record's Kafka timestamp)."""
+    """(records, records per second between the first and last record's Kafka timestamp).
+
+    Probe records (sensor ``p``, from :meth:`Run.wait_subscribed`) count but do not time: they
+    were produced before the measured run began."""
     consumer = AIOKafkaConsumer(
         *topics,
         bootstrap_servers=env["PORTPULSE_KAFKA__BOOTSTRAP_SERVERS"],
@@ -207,6 +205,8 @@ async def kafka_stats(env: dict[str, str], topics: list[str], expect: int, timeo
             for records in (await consumer.getmany(timeout_ms=500, max_records=50_000)).values():
                 for r in records:
                     count += 1
+                    if r.key == PROBE_KEY:
+                        continue
                     lo = r.timestamp if lo is None else min(lo, r.timestamp)
                     hi = r.timestamp if hi is None else max(hi, r.timestamp)
     finally:

@@ -21,7 +21,8 @@ from typing import Any
 
 from ingest.decode import DecodeLimits, decode_messages
 from ingest.metrics import INGEST_METRICS
-from ingest.mqtt import Inbound, MqttSource
+from ingest.mqtt import Inbound, MqttSource, PahoMqttSource
+from ingest.mqtt_asyncio import AsyncioMqttSource
 from ingest.records import OutRecord, build_dead_letters, build_records
 from portpulse.deadletter import DeadLetter, dead_letter_headers
 from portpulse.kafka import client_options, start_producer
@@ -211,12 +212,17 @@ class Bridge:
             max_past_ns=int(i.max_past_s * 1e9),
         )
         self._flights: collections.deque[_Flight] = collections.deque()
-        self._in_flight = 0
+        self._in_flight = 0  # handed to Kafka, not yet acknowledged there
+        self._accumulated: list[Inbound] = []  # received, waiting for the delivery in progress
         self.stats = BridgeStats()
 
     @property
     def in_flight(self) -> int:
-        return self._in_flight
+        """Messages received and not yet acknowledged to MQTT (waiting or being delivered)."""
+        return self._in_flight + len(self._accumulated)
+
+    def _report_in_flight(self) -> None:
+        INGEST_METRICS.in_flight.set(self.in_flight)
 
     async def run(self, stop: asyncio.Event, drain_timeout_s: float = 30.0) -> None:
         """Move messages until ``stop`` is set, then deliver and ack what is held (bounded wait).
@@ -226,16 +232,15 @@ class Bridge:
         many small batches queueing behind each other per partition.
         """
         max_in_flight = self._settings.ingest.max_in_flight
-        accumulated: list[Inbound] = []
         try:
             while not stop.is_set():
                 self._ack_completed()
                 sending = bool(self._flights) and not self._flights[-1].task.done()
-                if accumulated and (not sending or len(accumulated) >= MAX_DISPATCH):
-                    await self._dispatch(accumulated)
-                    accumulated = []
+                if self._accumulated and (not sending or len(self._accumulated) >= MAX_DISPATCH):
+                    batch, self._accumulated = self._accumulated, []
+                    await self._dispatch(batch)
                     continue
-                room = max_in_flight - self._in_flight - len(accumulated)
+                room = max_in_flight - self.in_flight
                 if room <= 0:
                     # Kafka is slow or away: stop taking messages; paho blocks, the broker queues.
                     await asyncio.wait({self._flights[0].task}, timeout=0.1)
@@ -243,10 +248,13 @@ class Bridge:
                 got = await self._source.get_batch(
                     min(room, BATCH_MESSAGES), SENDING_WAIT_S if sending else BATCH_WAIT_S
                 )
-                accumulated += got
+                self._accumulated += got
+                if got:
+                    self._report_in_flight()
         finally:
-            if accumulated:
-                await self._dispatch(accumulated)
+            if self._accumulated:
+                batch, self._accumulated = self._accumulated, []
+                await self._dispatch(batch)
             await self._drain(drain_timeout_s)
 
     async def _dispatch(self, batch: list[Inbound]) -> None:
@@ -263,7 +271,7 @@ class Bridge:
         await self._sink.ensure_topics({r.topic for r in records} | ({self._dlq_topic} if letters else set()))
         self._flights.append(_Flight(batch, asyncio.create_task(self._deliver(records, [x for _, x in letters]))))
         self._in_flight += len(batch)
-        INGEST_METRICS.in_flight.set(self._in_flight)
+        self._report_in_flight()
 
     @property
     def _dlq_topic(self) -> str:
@@ -291,7 +299,7 @@ class Bridge:
                 else:
                     self.stats.ack_skipped += 1
             self._in_flight -= len(flight.inbound)
-        INGEST_METRICS.in_flight.set(self._in_flight)
+        self._report_in_flight()
 
     async def _drain(self, timeout_s: float) -> None:
         """On shutdown: wait (bounded) for Kafka to acknowledge what is in flight, then ack it."""
@@ -314,7 +322,8 @@ async def run_bridge(
 ) -> BridgeStats:
     """Run a bridge until ``stop`` is set; sets ``ready`` once subscribed; returns its counters.
     With ``health``, reports the MQTT connection there."""
-    async with KafkaRecordSink(settings) as sink, MqttSource(settings.mqtt, settings.ingest.max_in_flight) as source:
+    source_class = PahoMqttSource if settings.mqtt.client == "paho" else AsyncioMqttSource
+    async with KafkaRecordSink(settings) as sink, source_class(settings.mqtt, settings.ingest.max_in_flight) as source:
         if health is not None:
             where = f"{settings.mqtt.host}:{settings.mqtt.port}"
 

@@ -1,4 +1,7 @@
-"""paho-mqtt adapter: a persistent, manually acknowledged subscription handed to asyncio.
+"""The MQTT source contract, and the paho-mqtt adapter (``mqtt.client = "paho"``).
+
+The default source is :mod:`ingest.mqtt_asyncio` (several times faster); this adapter is for what
+only paho speaks, such as MQTT over WebSockets, and as a reference implementation.
 
 paho runs its network loop in its own thread. Each message is put on a bounded queue; when the
 queue is full the paho thread blocks, TCP pushes back, and the broker keeps the messages in the
@@ -18,7 +21,7 @@ import threading
 import time
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
@@ -30,7 +33,7 @@ from ingest.metrics import INGEST_METRICS
 from portpulse.errors import ConfigError, ServiceUnavailableError
 from portpulse.settings import MqttSettings
 
-__all__ = ["Inbound", "MqttSource"]
+__all__ = ["Inbound", "MqttSource", "PahoMqttSource"]
 
 log = logging.getLogger("portpulse.mqtt")
 
@@ -45,7 +48,25 @@ class Inbound:
     generation: int
 
 
-class MqttSource:
+class MqttSource(Protocol):
+    """What the bridge needs from an MQTT subscription (entered with ``async with``)."""
+
+    reconnects: int
+    last_error: str
+
+    @property
+    def connected(self) -> bool: ...
+
+    async def get_batch(self, max_messages: int, wait_s: float) -> list[Inbound]:
+        """Up to ``max_messages`` messages; waits at most ``wait_s`` for the first one."""
+        ...
+
+    def ack(self, inbound: Inbound) -> bool:
+        """Acknowledge a QoS 1/2 message if it belongs to the current connection; False if skipped."""
+        ...
+
+
+class PahoMqttSource:
     """Subscribe with a persistent session and hand messages to asyncio; ``async with`` to run."""
 
     def __init__(self, settings: MqttSettings, max_in_flight: int, connect_timeout_s: float = 30.0) -> None:
@@ -164,7 +185,7 @@ class MqttSource:
     def generation(self) -> int:
         return self._generation
 
-    async def __aenter__(self) -> MqttSource:
+    async def __aenter__(self) -> PahoMqttSource:
         self._loop = asyncio.get_running_loop()
         self._wakeup = asyncio.Event()
         s = self._settings

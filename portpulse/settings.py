@@ -42,6 +42,8 @@ class MqttSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(1883, ge=1, le=65535)
     protocol: Literal["5", "3.1.1"] = "5"
+    # "asyncio": PortPulse's own client (fast path); "paho": paho-mqtt (e.g. for MQTT over WebSockets).
+    client: Literal["asyncio", "paho"] = "asyncio"
     client_id: str = "portpulse-bridge"
     topic_prefix: str = "sensors"
     subscriptions: tuple[str, ...] = ("sensors/#",)

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import struct
 import sys
-import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, TextIO
 
-from simulators.rawmqtt import RawQos0Publisher
+from simulators.rawmqtt import RawPublisher
 from simulators.stream import Block, FaultRecord, OutMessage
 
 __all__ = ["MqttTarget", "PublishReport", "publish", "read_stream", "write_stream"]
@@ -79,7 +78,7 @@ def publish(
     """Publish every block's messages when due and write the faults to ``manifest``."""
     bar = _Progress(progress, target_rate)
     messages = reports = faults = 0
-    sender: _RawSender | _PahoSender = _RawSender(target) if target.qos == 0 else _PahoSender(target)
+    sender = RawPublisher(target.host, target.port, target.client_id, target.username, target.password, qos=target.qos)
     start = time.monotonic()
     try:
         for block in blocks:
@@ -90,83 +89,16 @@ def publish(
                 if ahead > 0.002:
                     sender.flush()  # send what is due before sleeping
                     time.sleep(ahead)
-                sender.send(msg)
+                sender.publish(msg.topic, msg.payload)
                 messages += 1
             sender.flush()
             bar.tick(start, messages, reports)
-        sender.finish()
+        sender.settle()  # QoS 1: every message acknowledged by the broker
     finally:
         sender.close()
     elapsed = time.monotonic() - start
     bar.tick(start, messages, reports, done=True)
     return PublishReport(messages, reports, faults, elapsed)
-
-
-class _RawSender:
-    """QoS 0 through :class:`RawQos0Publisher`: buffered, one ``sendall`` per 64 KiB."""
-
-    def __init__(self, target: MqttTarget) -> None:
-        self._raw = RawQos0Publisher(target.host, target.port, target.client_id, target.username, target.password)
-
-    def send(self, msg: OutMessage) -> None:
-        self._raw.publish(msg.topic, msg.payload)
-
-    def flush(self) -> None:
-        self._raw.flush()
-
-    def finish(self) -> None:
-        self._raw.flush()
-
-    def close(self) -> None:
-        self._raw.close()
-
-
-class _PahoSender:
-    """QoS 1 through paho, without its network thread (one wake-up per message would cost more)."""
-
-    def __init__(self, target: MqttTarget) -> None:
-        import paho.mqtt.client as paho
-        from paho.mqtt.enums import CallbackAPIVersion
-
-        self._qos = target.qos
-        self._client = paho.Client(CallbackAPIVersion.VERSION2, client_id=target.client_id, protocol=paho.MQTTv311)
-        if target.username:
-            self._client.username_pw_set(target.username, target.password)
-        self._client.max_inflight_messages_set(1000)
-        connected = threading.Event()
-        self._client.on_connect = lambda *_: connected.set()
-        self._client.connect(target.host, target.port, keepalive=30)
-        deadline = time.monotonic() + 30
-        while not connected.is_set():
-            self._client.loop(timeout=0.1)
-            if time.monotonic() > deadline:
-                self._client.disconnect()
-                raise ConnectionError(f"simulator could not connect to MQTT {target.host}:{target.port}")
-        self._pending: list[object] = []
-
-    def send(self, msg: OutMessage) -> None:
-        self._pending.append(self._client.publish(msg.topic, msg.payload, qos=self._qos))
-        if len(self._pending) >= 500:
-            _settle(self._client, self._pending)
-
-    def flush(self) -> None:
-        self._client.loop(timeout=0)
-
-    def finish(self) -> None:
-        _settle(self._client, self._pending)
-
-    def close(self) -> None:
-        self._client.disconnect()
-
-
-def _settle(client: object, pending: list[object], timeout_s: float = 60.0) -> None:
-    """Run the network loop until the broker acknowledged every pending QoS1 publish."""
-    deadline = time.monotonic() + timeout_s
-    while pending and time.monotonic() < deadline:
-        client.loop(timeout=0.01)  # type: ignore[attr-defined]
-        pending[:] = [p for p in pending if not p.is_published()]  # type: ignore[attr-defined]
-    if pending:
-        raise TimeoutError(f"{len(pending)} QoS1 messages not acknowledged by the broker")
 
 
 def _write_faults(manifest: TextIO | None, faults: list[FaultRecord]) -> int:

@@ -1,37 +1,34 @@
-"""A minimal MQTT 3.1.1 QoS 0 publisher for load generation (CONNECT, PUBLISH, PINGREQ, DISCONNECT).
+"""A minimal MQTT 3.1.1 publisher for load generation: QoS 0 or pipelined QoS 1.
 
-paho spends two ``send`` calls and ~50 µs of Python per message; a load generator needs more.
-Here PUBLISH packets are encoded into a buffer and written with one ``sendall`` per batch. Only
-QoS 0 (nothing to acknowledge); QoS 1 goes through paho.
+paho spends two ``send`` calls and ~50 µs of Python per message and waits for acks one by one; a
+load generator needs more. Here PUBLISH packets (:mod:`portpulse.mqttwire`) are buffered and
+written with one ``sendall`` per 64 KiB; at QoS 1 up to ``window`` messages may be unacknowledged
+and PUBACKs are read in bulk.
 """
 
 from __future__ import annotations
 
+import select
 import socket
-import struct
 import time
 
-__all__ = ["RawQos0Publisher", "encode_publish"]
+from portpulse.mqttwire import (
+    CONNACK,
+    DISCONNECT_PACKET,
+    PINGREQ,
+    PacketReader,
+    encode_connect,
+    encode_publish,
+    parse_connack,
+)
+
+__all__ = ["RawPublisher", "encode_publish"]
+
+_PUBACK = 4
 
 
-def _remaining_length(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n % 128, n // 128
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def encode_publish(topic: str, payload: bytes) -> bytes:
-    """One QoS 0 PUBLISH packet."""
-    t = topic.encode()
-    body_len = 2 + len(t) + len(payload)
-    return b"\x30" + _remaining_length(body_len) + struct.pack("!H", len(t)) + t + payload
-
-
-class RawQos0Publisher:
-    """Publish QoS 0 messages over one TCP connection; ``flush`` writes the buffered packets."""
+class RawPublisher:
+    """Publish over one TCP connection; ``flush`` writes buffered packets, ``settle`` waits for acks."""
 
     def __init__(
         self,
@@ -41,39 +38,74 @@ class RawQos0Publisher:
         username: str | None = None,
         password: str | None = None,
         keepalive_s: int = 30,
+        qos: int = 0,
+        window: int = 20_000,
     ) -> None:
+        if qos not in (0, 1):
+            raise ValueError("RawPublisher speaks QoS 0 and 1")
         self._sock = socket.create_connection((host, port), timeout=30)
         self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._keepalive_s = keepalive_s
-        flags = 0x02  # clean session
-        payload = struct.pack("!H", len(client_id)) + client_id.encode()
-        if username is not None:
-            flags |= 0x80
-            payload += struct.pack("!H", len(username)) + username.encode()
-            if password is not None:
-                flags |= 0x40
-                payload += struct.pack("!H", len(password)) + password.encode()
-        var = b"\x00\x04MQTT\x04" + bytes([flags]) + struct.pack("!H", keepalive_s)
-        self._sock.sendall(b"\x10" + _remaining_length(len(var) + len(payload)) + var + payload)
-        ack = self._recv_exact(4)
-        if ack[0] != 0x20 or ack[3] != 0:
+        self._qos = qos
+        self._window = min(window, 30_000)  # packet ids wrap at 65,535
+        self._reader = PacketReader(v5=False)
+        self._sock.sendall(
+            encode_connect(
+                client_id, v5=False, clean_start=True, keepalive_s=keepalive_s, username=username, password=password
+            )
+        )
+        kind, body = self._next_control(CONNACK, 30.0)
+        reason = parse_connack(body, v5=False).reason if kind == CONNACK else "no CONNACK"
+        if reason:
             self._sock.close()
-            raise ConnectionError(f"MQTT broker refused the connection (CONNACK return code {ack[3]})")
+            raise ConnectionError(f"MQTT broker refused the connection ({reason})")
         self._buffer: list[bytes] = []
         self._buffered = 0
         self._last_sent = time.monotonic()
+        self._next_id = 0
+        self._unacked: set[int] = set()
+        self.acked = 0
 
-    def _recv_exact(self, n: int) -> bytes:
-        data = b""
-        while len(data) < n:
-            chunk = self._sock.recv(n - len(data))
-            if not chunk:
-                raise ConnectionError("MQTT broker closed the connection")
-            data += chunk
-        return data
+    def _read(self, timeout_s: float) -> list[tuple[int, bytes]]:
+        ready, _, _ = select.select([self._sock], [], [], timeout_s)
+        if not ready:
+            return []
+        data = self._sock.recv(1 << 16)
+        if not data:
+            raise ConnectionError("MQTT broker closed the connection")
+        return self._reader.feed(data)[1]
+
+    def _next_control(self, kind: int, timeout_s: float) -> tuple[int, bytes]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for got in self._read(0.1):
+                if got[0] == kind:
+                    return got
+        return 0, b""
+
+    def _take_acks(self, timeout_s: float) -> None:
+        for kind, body in self._read(timeout_s):
+            if kind == _PUBACK:
+                packet_id = int.from_bytes(body[:2], "big")
+                if packet_id in self._unacked:
+                    self._unacked.discard(packet_id)
+                    self.acked += 1
+
+    @property
+    def unacked(self) -> int:
+        """QoS 1 messages sent and not yet acknowledged by the broker."""
+        return len(self._unacked)
 
     def publish(self, topic: str, payload: bytes) -> None:
-        packet = encode_publish(topic, payload)
+        if self._qos:
+            while len(self._unacked) >= self._window:
+                self.flush()
+                self._take_acks(1.0)
+            self._next_id = self._next_id % 65535 + 1
+            self._unacked.add(self._next_id)
+            packet = encode_publish(topic, payload, qos=1, packet_id=self._next_id)
+        else:
+            packet = encode_publish(topic, payload)
         self._buffer.append(packet)
         self._buffered += len(packet)
         if self._buffered >= 64 * 1024:
@@ -86,12 +118,23 @@ class RawQos0Publisher:
             self._buffered = 0
             self._last_sent = time.monotonic()
         elif time.monotonic() - self._last_sent > self._keepalive_s / 2:
-            self._sock.sendall(b"\xc0\x00")  # PINGREQ; the PINGRESP is never read, the kernel buffers it
+            self._sock.sendall(PINGREQ)  # the PINGRESP is read (and ignored) with the acks
             self._last_sent = time.monotonic()
+        if self._qos:
+            self._take_acks(0)
+
+    def settle(self, timeout_s: float = 60.0) -> None:
+        """Flush and wait until the broker acknowledged every QoS 1 message (TimeoutError if not)."""
+        self.flush()
+        deadline = time.monotonic() + timeout_s
+        while self._unacked and time.monotonic() < deadline:
+            self._take_acks(0.1)
+        if self._unacked:
+            raise TimeoutError(f"{len(self._unacked)} QoS1 messages not acknowledged by the broker")
 
     def close(self) -> None:
         try:
             self.flush()
-            self._sock.sendall(b"\xe0\x00")  # DISCONNECT
+            self._sock.sendall(DISCONNECT_PACKET)
         finally:
             self._sock.close()

@@ -17,8 +17,14 @@ pytestmark = pytest.mark.integration
 NOW_S = int(time.time())  # readings must be within the bridge's past/future window
 
 
-async def test_three_payload_formats_round_trip(mqtt: MqttEndpoint, kafka: KafkaEndpoint, unique: str) -> None:
-    settings = bridge_settings(mqtt, kafka, unique)
+CLIENTS = [("asyncio", "5"), ("asyncio", "3.1.1"), ("paho", "5")]
+
+
+@pytest.mark.parametrize(("client", "protocol"), CLIENTS)
+async def test_three_payload_formats_round_trip(
+    mqtt: MqttEndpoint, kafka: KafkaEndpoint, unique: str, client: str, protocol: str
+) -> None:
+    settings = bridge_settings(mqtt, kafka, unique, mqtt_extra={"client": client, "protocol": protocol})
     ts_ms = NOW_S * 1000
     messages = [
         (
@@ -155,10 +161,12 @@ async def test_kafka_outage_loses_no_acknowledged_message(
 
 
 @pytest.mark.skipif(not is_local("mqtt"), reason="needs a Mosquitto this test may restart (scripts/services)")
+@pytest.mark.parametrize(("client", "protocol"), CLIENTS)
 async def test_mosquitto_restart_resubscribes_and_delivers_the_persistent_session(
-    mqtt: MqttEndpoint, kafka: KafkaEndpoint, unique: str
+    mqtt: MqttEndpoint, kafka: KafkaEndpoint, unique: str, client: str, protocol: str
 ) -> None:
-    settings = bridge_settings(mqtt, kafka, unique, mqtt_extra={"reconnect_min_s": 3, "reconnect_max_s": 3})
+    extra = {"reconnect_min_s": 3, "reconnect_max_s": 3, "client": client, "protocol": protocol}
+    settings = bridge_settings(mqtt, kafka, unique, mqtt_extra=extra)
 
     def batch(start: int, n: int) -> list[tuple[str, bytes]]:
         return [

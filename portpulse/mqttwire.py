@@ -1,0 +1,286 @@
+"""MQTT 3.1.1 / 5 packet encoding and an incremental packet reader (pure, no I/O).
+
+Only what a subscriber and a load generator need: CONNECT, SUBSCRIBE, PUBLISH, the
+acknowledgements, PINGREQ and DISCONNECT out; CONNACK, SUBACK, PUBLISH, PUBREL, PINGRESP and
+DISCONNECT in. The reader takes whatever the socket delivered and returns every complete packet
+in it, so a 64 KiB read of small PUBLISH packets costs one call instead of three syscalls each.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+__all__ = [
+    "AUTH_REFUSALS",
+    "CONNACK",
+    "DISCONNECT",
+    "DISCONNECT_PACKET",
+    "PINGREQ",
+    "PINGRESP",
+    "PUBACK_TYPE",
+    "PUBCOMP_TYPE",
+    "PUBLISH",
+    "PUBREC_TYPE",
+    "PUBREL",
+    "SUBACK",
+    "ConnAck",
+    "MalformedPacketError",
+    "PacketReader",
+    "Publish",
+    "connack_reason",
+    "encode_ack",
+    "encode_connect",
+    "encode_publish",
+    "encode_subscribe",
+    "parse_connack",
+    "parse_suback",
+    "remaining_length",
+]
+
+# Packet types (high nibble of the first byte).
+CONNACK, PUBLISH, PUBREL, SUBACK, PINGRESP, DISCONNECT = 2, 3, 6, 9, 13, 14
+PINGREQ = b"\xc0\x00"
+DISCONNECT_PACKET = b"\xe0\x00"  # v3.1.1, and v5's "normal disconnection" short form
+
+_PROP_SESSION_EXPIRY = 0x11
+_PROP_RECEIVE_MAXIMUM = 0x21
+_ID = struct.Struct("!H")
+_ACK = struct.Struct("!BBH")  # type byte, remaining length 2, packet id
+
+# Packet types acknowledging a received PUBLISH: PUBACK for QoS 1, PUBREC for QoS 2; PUBCOMP
+# answers PUBREL.
+PUBACK_TYPE, PUBREC_TYPE, PUBCOMP_TYPE = 0x40, 0x50, 0x70
+
+_V3_CONNACK = {
+    1: "unacceptable protocol version",
+    2: "identifier rejected",
+    3: "server unavailable",
+    4: "bad user name or password",
+    5: "not authorized",
+}
+_V5_REASONS = {
+    0x80: "unspecified error",
+    0x81: "malformed packet",
+    0x82: "protocol error",
+    0x84: "unsupported protocol version",
+    0x85: "client identifier not valid",
+    0x86: "bad user name or password",
+    0x87: "not authorized",
+    0x88: "server unavailable",
+    0x89: "server busy",
+    0x8A: "banned",
+    0x8C: "bad authentication method",
+    0x8F: "topic filter invalid",
+    0x91: "packet identifier in use",
+    0x97: "quota exceeded",
+    0x9E: "shared subscriptions not supported",
+    0xA2: "wildcard subscriptions not supported",
+}
+AUTH_REFUSALS = frozenset({"bad user name or password", "not authorized", "bad authentication method"})
+
+
+class MalformedPacketError(ValueError):
+    """The byte stream is not MQTT (the connection must be closed)."""
+
+
+def remaining_length(n: int) -> bytes:
+    """MQTT variable byte integer (1-4 bytes) for ``n`` < 268,435,456."""
+    out = bytearray()
+    while True:
+        byte, n = n % 128, n // 128
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _string(s: str) -> bytes:
+    b = s.encode()
+    return _ID.pack(len(b)) + b
+
+
+def encode_connect(
+    client_id: str,
+    *,
+    v5: bool,
+    clean_start: bool,
+    keepalive_s: int,
+    username: str | None = None,
+    password: str | None = None,
+    session_expiry_s: int = 0,
+    receive_maximum: int = 65535,
+) -> bytes:
+    """CONNECT; for v5 with Session Expiry Interval (s) and Receive Maximum (messages) properties."""
+    flags = 0x02 if clean_start else 0
+    payload = _string(client_id)
+    if username is not None:
+        flags |= 0x80
+        payload += _string(username)
+        if password is not None:
+            flags |= 0x40
+            b = password.encode()
+            payload += _ID.pack(len(b)) + b
+    var = b"\x00\x04MQTT" + bytes([5 if v5 else 4, flags]) + _ID.pack(keepalive_s)
+    if v5:
+        props = bytes([_PROP_SESSION_EXPIRY]) + struct.pack("!I", session_expiry_s)
+        props += bytes([_PROP_RECEIVE_MAXIMUM]) + _ID.pack(max(1, min(65535, receive_maximum)))
+        var += remaining_length(len(props)) + props
+    body = var + payload
+    return b"\x10" + remaining_length(len(body)) + body
+
+
+def encode_subscribe(packet_id: int, filters: list[tuple[str, int]], *, v5: bool) -> bytes:
+    """SUBSCRIBE for ``(filter, qos)`` pairs."""
+    body = _ID.pack(packet_id) + (b"\x00" if v5 else b"")
+    for topic_filter, qos in filters:
+        body += _string(topic_filter) + bytes([qos])
+    return b"\x82" + remaining_length(len(body)) + body
+
+
+def encode_publish(topic: str, payload: bytes, *, qos: int = 0, packet_id: int = 0, v5: bool = False) -> bytes:
+    """One PUBLISH packet (no properties)."""
+    t = topic.encode()
+    var = _ID.pack(len(t)) + t + (_ID.pack(packet_id) if qos else b"") + (b"\x00" if v5 else b"")
+    return bytes([0x30 | (qos << 1)]) + remaining_length(len(var) + len(payload)) + var + payload
+
+
+def encode_ack(packet_type: int, packet_id: int) -> bytes:
+    """PUBACK / PUBREC / PUBCOMP (``*_TYPE``) in the 2-byte form both versions accept as success."""
+    return _ACK.pack(packet_type, 2, packet_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    """A received PUBLISH. ``packet_id`` is 0 for QoS 0."""
+
+    topic: str
+    payload: bytes
+    qos: int
+    packet_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class ConnAck:
+    session_present: bool
+    reason: str  # "" when accepted
+
+
+def connack_reason(code: int, *, v5: bool) -> str:
+    """Readable CONNACK / SUBACK refusal; "" for success."""
+    if code == 0:
+        return ""
+    table = _V5_REASONS if v5 else _V3_CONNACK
+    return table.get(code, f"refused (code 0x{code:02x})")
+
+
+def parse_connack(body: bytes, *, v5: bool) -> ConnAck:
+    if len(body) < 2:
+        raise MalformedPacketError("CONNACK shorter than 2 bytes")
+    return ConnAck(bool(body[0] & 1), connack_reason(body[1], v5=v5))
+
+
+def parse_suback(body: bytes, *, v5: bool) -> tuple[int, list[str]]:
+    """(packet id, refusal reason per filter; "" for granted)."""
+    if len(body) < 3:
+        raise MalformedPacketError("SUBACK too short")
+    pos = 2
+    if v5:
+        props, pos = _varint(body, pos)
+        pos += props
+    return _ID.unpack_from(body)[0], [connack_reason(code, v5=True) if code >= 0x80 else "" for code in body[pos:]]
+
+
+def _varint(buf: bytes | bytearray, pos: int) -> tuple[int, int]:
+    """(value, position after it); raises IndexError when ``buf`` ends inside it."""
+    value, shift = 0, 0
+    for _ in range(4):
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+    raise MalformedPacketError("variable byte integer longer than 4 bytes")
+
+
+class PacketReader:
+    """Incremental reader: ``feed`` bytes as they arrive, get back every complete packet.
+
+    PUBLISH packets come back parsed (the hot path); other packets as ``(type, body)``.
+    """
+
+    def __init__(self, *, v5: bool) -> None:
+        self._v5 = v5
+        self._pending = bytearray()  # start of an incomplete packet
+        self._need = 0  # bytes the incomplete packet needs in total, when its header is known
+
+    @property
+    def buffered(self) -> int:
+        """Bytes of an incomplete packet held (bytes)."""
+        return len(self._pending)
+
+    def feed(self, data: bytes) -> tuple[list[Publish], list[tuple[int, bytes]]]:
+        if self._pending:
+            # A large packet arrives over many reads: collect without re-parsing (no O(n^2) copy).
+            self._pending += data
+            if len(self._pending) < self._need:
+                return [], []
+            buf = bytes(self._pending)
+            self._pending.clear()
+        else:
+            buf = data
+        publishes: list[Publish] = []
+        control: list[tuple[int, bytes]] = []
+        pos, end, v5 = 0, len(buf), self._v5
+        unpack_id = _ID.unpack_from
+        self._need = 0
+        while pos < end:
+            first = buf[pos]
+            # Remaining length, inlined for the common 1- and 2-byte cases.
+            if pos + 1 >= end:
+                break
+            b1 = buf[pos + 1]
+            if b1 < 0x80:
+                length, start = b1, pos + 2
+            else:
+                try:
+                    length, start = _varint(buf, pos + 1)
+                except IndexError:
+                    break
+            stop = start + length
+            if stop > end:
+                self._need = stop - pos
+                break
+            kind = first >> 4
+            if kind == PUBLISH:
+                qos = (first >> 1) & 3
+                if qos == 3 or length < 2:
+                    raise MalformedPacketError("PUBLISH with QoS 3 or no topic")
+                try:
+                    topic_len = unpack_id(buf, start)[0]
+                    at = start + 2 + topic_len
+                    topic = buf[start + 2 : at].decode("utf-8", "replace")
+                    packet_id = 0
+                    if qos:
+                        packet_id = unpack_id(buf, at)[0]
+                        at += 2
+                    if v5:
+                        props = buf[at]
+                        if props < 0x80:
+                            at += 1 + props
+                        else:
+                            props, at = _varint(buf, at)
+                            at += props
+                except (IndexError, struct.error):
+                    at = stop + 1
+                if at > stop:
+                    raise MalformedPacketError("PUBLISH header longer than the packet")
+                publishes.append(Publish(topic, buf[at:stop], qos, packet_id))
+            elif kind == 0 or (kind == 15 and not v5):
+                raise MalformedPacketError(f"unexpected packet type {kind}")
+            else:
+                control.append((kind, buf[start:stop]))
+            pos = stop
+        if pos < end:
+            self._pending += buf[pos:]
+        return publishes, control
