@@ -168,7 +168,7 @@ def throughput(env: dict[str, str], n: int, batch: int) -> dict[str, Any]:
         t0_ms = int(time.time() * 1000) - (n * batch // 1000 + 120) * 1000  # event time ends about now
         messages = payloads(run.prefix, n, batch, t0_ms)
         host, port = env["PORTPULSE_MQTT__HOST"], int(env["PORTPULSE_MQTT__PORT"])
-        warm_up(run, host, port)
+        warm_up(run, host, port, t0_ms)
         samples: list[tuple[float, float]] = []  # (seconds since start, readings processed)
         sampling = threading.Event()
         t0 = time.monotonic()
@@ -198,6 +198,7 @@ def throughput(env: dict[str, str], n: int, batch: int) -> dict[str, Any]:
             sampling.set()
             sampler.join(10)
         elapsed = time.monotonic() - t0
+        totals = run.totals()
         stored = 0
         for _ in range(100):  # the last batch may still be in its HTTP request
             stored = run.influx.count("air", "no2") - 1  # the warm-up reading
@@ -208,14 +209,16 @@ def throughput(env: dict[str, str], n: int, batch: int) -> dict[str, Any]:
             "messages": n, "readings": readings, "publish_s": publish_s, "elapsed_s": elapsed,
             "readings_per_s": readings / elapsed, "messages_per_s": n / elapsed, "stored": stored,
             "peak_rss_mb": peak_rss, "processed_over_time": samples,
+            "late": totals.get("late", 0.0), "rejected": totals.get("rejected", 0.0),
         }  # fmt: skip
     finally:
         run.stop()
 
 
-def warm_up(run: Pipeline, host: str, port: int) -> None:
-    """Topics created, partitions assigned, first write done: what a running pipeline has."""
-    body = json.dumps({"ts": int(time.time() * 1000), "metrics": {"no2": 40.0}}).encode()
+def warm_up(run: Pipeline, host: str, port: int, ts_ms: int) -> None:
+    """Topics created, partitions assigned, first write done: what a running pipeline has.
+    ``ts_ms`` no later than the load's first event time, or the load would be late behind it."""
+    body = json.dumps({"ts": ts_ms, "metrics": {"no2": 40.0}}).encode()
     publish(host, port, [(f"{run.prefix}/air/quai/warm-up", body)], qos=1)
     run.wait(lambda: run.influx.count("air", "no2") >= 1, 120, "warmed up")
 
@@ -226,8 +229,11 @@ def latency(env: dict[str, str], rate_msgs: float, batch: int, seconds: float) -
     host, port = env["PORTPULSE_MQTT__HOST"], int(env["PORTPULSE_MQTT__PORT"])
     try:
         n = int(rate_msgs * seconds)
-        load = payloads(run.prefix, n, batch, int(time.time() * 1000) - (n * batch // 1000 + 120) * 1000)
-        warm_up(run, host, port)
+        # Live event time, like real gateways: each sensor reports once a second of wall time, so
+        # the load's timestamps keep pace with the probes' (stamped "now") and nothing is late.
+        sensors = max(1, int(rate_msgs * batch))
+        warm_up(run, host, port, int(time.time() * 1000) - 1_000)
+        load = payloads(run.prefix, n, batch, int(time.time() * 1000), sensors=sensors)
         loader = threading.Thread(target=publish, args=(host, port, load, 1, rate_msgs), daemon=True)
         sent: dict[str, float] = {}
         seen: dict[str, float] = {}
@@ -304,7 +310,7 @@ def main() -> None:
         print(
             f"{name:9} throughput: {t['readings_per_s']:>9,.0f} readings/s ({t['messages_per_s']:,.0f} msg/s), "
             f"target {target:,}: {t['readings_per_s'] / target:.2f}x; stored {t['stored']:,}/{t['readings']:,}; "
-            f"peak RSS {t['peak_rss_mb']:.0f} MB",
+            f"peak RSS {t['peak_rss_mb']:.0f} MB; late {t['late']:.0f}, rejected {t['rejected']:.0f}",
             flush=True,
         )
         rate = max(1.0, 0.5 * t["messages_per_s"])
