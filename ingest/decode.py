@@ -59,6 +59,28 @@ REASONS = (
 T = TypeVar("T")
 
 METRIC_RE = re.compile(r"[A-Za-z0-9_]{1,64}")
+
+
+class _Seen:
+    """Names already validated: the same sensor ids, sites and metrics recur in every message,
+    so a set lookup replaces a regex match. Bounded (cleared when full)."""
+
+    def __init__(self, pattern: re.Pattern[str], limit: int = 200_000) -> None:
+        self._pattern = pattern
+        self._limit = limit
+        self.good: set[str] = set()
+
+    def check(self, name: object) -> bool:
+        if not isinstance(name, str) or not self._pattern.fullmatch(name):
+            return False
+        if len(self.good) >= self._limit:
+            self.good.clear()
+        self.good.add(name)
+        return True
+
+
+_IDS = _Seen(ID_RE)
+_METRICS = _Seen(METRIC_RE)
 _MAX_READINGS_PER_MESSAGE = 100_000
 
 
@@ -220,7 +242,7 @@ def _check_ts(ts: int, received_ns: int, limits: DecodeLimits) -> Problem | None
 
 
 def _value(metric: str, raw: object) -> tuple[float | None, Problem | None]:
-    if not isinstance(metric, str) or not METRIC_RE.fullmatch(metric):
+    if metric not in _METRICS.good and not _METRICS.check(metric):
         return None, Problem("bad_metric_name", f"{str(metric)[:80]!r} must match [A-Za-z0-9_]{{1,64}}")
     if isinstance(raw, bool):
         return float(raw), None
@@ -278,11 +300,11 @@ def _add_reading(
     problems: list[Problem],
     where: str,
 ) -> None:
-    if not isinstance(sensor, str) or not ID_RE.fullmatch(sensor):
+    if sensor not in _IDS.good and not _IDS.check(sensor):
         problems.append(Problem("bad_sensor_id", f"{where}sensor_id {str(sensor)[:80]!r}"))
         return
     site = reading.get("site", topic.site)
-    if not isinstance(site, str) or not ID_RE.fullmatch(site):
+    if site not in _IDS.good and not _IDS.check(site):
         problems.append(Problem("bad_sensor_id", f"{where}site {str(site)[:80]!r}"))
         return
     metrics = reading.get("metrics")

@@ -8,9 +8,12 @@ from dataclasses import dataclass
 from ingest.decode import DecodedBatch, Message
 from portpulse.deadletter import DeadLetter
 from portpulse.topics import readings_topic
-from portpulse.wire import VERSION_HEADER, encode_value
+from portpulse.wire import VERSION_HEADER, encode_single, encode_value
 
 __all__ = ["OutRecord", "build_dead_letters", "build_records"]
+
+
+HEADERS = [VERSION_HEADER]  # shared by every record (read-only)
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,7 +28,7 @@ class OutRecord:
 
     @property
     def headers(self) -> list[tuple[str, bytes]]:
-        return [VERSION_HEADER]
+        return HEADERS
 
 
 def build_records(batch: DecodedBatch, topic_prefix: str) -> list[OutRecord]:
@@ -54,10 +57,13 @@ def build_records(batch: DecodedBatch, topic_prefix: str) -> list[OutRecord]:
         stop = start + 1
         while stop < n and (message[stop], domain[stop], sensor[stop], site[stop]) == key:
             stop += 1
-        names = metric[start:stop]
-        table = list(dict.fromkeys(names)) if stop - start > 1 else names
-        index = [table.index(m) for m in names] if stop - start > 1 else [0]
-        encoded = encode_value(key[3], table, index, ts[start:stop], value[start:stop], flags[start:stop])
+        if stop - start == 1:  # one reading per record: the common case, packed directly
+            encoded = encode_single(key[3], metric[start], ts[start], value[start], flags[start])
+        else:
+            names = metric[start:stop]
+            table = list(dict.fromkeys(names))
+            index = [table.index(m) for m in names]
+            encoded = encode_value(key[3], table, index, ts[start:stop], value[start:stop], flags[start:stop])
         dom = key[1]
         topic = topics.get(dom) or topics.setdefault(dom, readings_topic(dom, topic_prefix))
         out.append(OutRecord(topic, key[2].encode(), encoded, key[0], stop - start))

@@ -31,6 +31,7 @@ __all__ = [
     "WireRecord",
     "decode_value",
     "decode_values",
+    "encode_single",
     "encode_value",
 ]
 
@@ -91,6 +92,14 @@ def encode_value(
             for t, v, m, f in zip(ts_ns, value, metric_index, flags if flags is not None else [0] * n, strict=True)
         )
     return b"".join((_header(site, tuple(metrics)), struct.pack("<I", n), body))
+
+
+_SINGLE_STRUCT = struct.Struct("<IqdBB")  # count 1, then one reading
+
+
+def encode_single(site: str, metric: str, ts_ns: int, value: float, flags: int = 0) -> bytes:
+    """:func:`encode_value` for exactly one reading (same bytes, a fraction of the cost)."""
+    return _header(site, (metric,)) + _SINGLE_STRUCT.pack(1, ts_ns, value, 0, flags)
 
 
 @functools.lru_cache(maxsize=65_536)
