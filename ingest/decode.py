@@ -20,7 +20,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -323,13 +323,14 @@ def _add_reading(
         if problem := _check_ts(ts, received_ns, limits):
             problems.append(Problem(problem.reason, where + problem.detail))
             return
+    sensor_id = cast(str, sensor)  # validated above
     for metric, raw in metrics.items():
         value, problem = _value(metric, raw)
         if problem:
             problems.append(Problem(problem.reason, where + problem.detail))
         else:
             assert value is not None
-            out.add(i, sensor, site, topic.domain, metric, ts, value, flag)
+            out.add(i, sensor_id, site, topic.domain, metric, ts, value, flag)
 
 
 # ---------------------------------------------------------------- line protocol
