@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,24 +30,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from benchmarks.bench_bridge import publish
-
-ROOT = Path(__file__).resolve().parents[1]
-SERVICES = ROOT / "scripts" / "services"
-
-
-def service_env() -> dict[str, str]:
-    if os.environ.get("PORTPULSE_INFLUX__URL"):
-        return {k: v for k, v in os.environ.items() if k.startswith("PORTPULSE_")}
-    subprocess.run([str(SERVICES), "up"], check=True)
-    out = subprocess.run([str(SERVICES), "env"], check=True, capture_output=True, text=True).stdout
-    return dict(line.removeprefix("export ").split("=", 1) for line in out.splitlines() if line.startswith("export "))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from benchmarks.common import free_port, publish, service_env
 
 
 class Influx:
