@@ -13,7 +13,6 @@ import asyncio
 import collections
 import contextlib
 import logging
-import random
 import time
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -25,7 +24,7 @@ from ingest.mqtt import Inbound, MqttSource, PahoMqttSource
 from ingest.mqtt_asyncio import AsyncioMqttSource
 from ingest.records import OutRecord, build_dead_letters, build_records
 from portpulse.deadletter import DeadLetter, dead_letter_headers
-from portpulse.kafka import client_options, start_producer
+from portpulse.kafka import BatchSender, KafkaOut, client_options, start_producer
 from portpulse.ops import Health
 from portpulse.settings import Settings
 from portpulse.topics import dlq_topic
@@ -33,9 +32,6 @@ from portpulse.topics import dlq_topic
 __all__ = ["Bridge", "BridgeStats", "KafkaRecordSink", "run_bridge"]
 
 log = logging.getLogger("portpulse.bridge")
-
-#: A record to send: (topic, key, value, headers).
-KafkaOut = tuple[str, bytes | None, bytes, list[tuple[str, bytes]]]
 
 BATCH_MESSAGES = 5_000  # taken from the MQTT queue per step
 MAX_DISPATCH = 20_000  # messages per Kafka delivery
@@ -61,9 +57,8 @@ class KafkaRecordSink:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._producer: Any = None
+        self._sender: BatchSender | None = None
         self._known_topics: set[str] = set()
-        self._partition_counts: dict[str, int] = {}
-        self._partition_of: dict[tuple[str, bytes], int] = {}
         self.healthy = True
 
     async def __aenter__(self) -> KafkaRecordSink:
@@ -75,6 +70,7 @@ class KafkaRecordSink:
             max_batch_size=k.max_batch_bytes,
             max_request_size=max(k.max_batch_bytes, self._settings.ingest.max_payload_bytes * 2),
         )
+        self._sender = BatchSender(self._producer, on_failure=self._note_failure, on_recovery=self._note_recovery)
         return self
 
     async def __aexit__(
@@ -106,89 +102,21 @@ class KafkaRecordSink:
         self._known_topics |= missing
 
     async def send_all(self, records: list[KafkaOut]) -> int:
-        """Send records until Kafka acknowledged every one; returns the number of retries it took.
+        """Send records until Kafka acknowledged every one; returns the number of retries it took."""
+        assert self._sender is not None, "use 'async with KafkaRecordSink(...)'"
+        return await self._sender.send_all(records)
 
-        Records are packed into per-partition batches ourselves (``create_batch``/``send_batch``):
-        about 7x the rate of one ``send()`` per record. Partitions come from Kafka's murmur2 of the
-        key, like every other client, so a sensor's readings always share a partition.
-        """
-        from aiokafka.errors import KafkaError
-
-        pending = records
-        retries = 0
-        rng = random.Random()
-        while True:
-            failed: list[KafkaOut] = []
-            try:
-                sent = await self._send_batches(pending)
-            except KafkaError as exc:
-                sent, failed = [], list(pending)
-                self._note_failure(exc)
-            for batch_records, fut in sent:
-                try:
-                    await fut
-                except KafkaError as exc:
-                    failed += batch_records
-                    self._note_failure(exc)
-            if not failed:
-                if not self.healthy:
-                    log.info("Kafka acknowledges records again after %d retries", retries)
-                self.healthy = True
-                INGEST_METRICS.kafka_healthy.set(1)
-                return retries
-            pending = failed
-            delay = min(5.0, 0.1 * 2 ** min(retries, 6)) * (0.5 + rng.random() / 2)
-            retries += 1
-            await asyncio.sleep(delay)
-
-    async def _send_batches(self, records: list[KafkaOut]) -> list[tuple[list[KafkaOut], Any]]:
-        from aiokafka.errors import KafkaTimeoutError
-        from aiokafka.partitioner import murmur2
-
-        by_partition: dict[tuple[str, int], list[KafkaOut]] = {}
-        for rec in records:
-            topic, key = rec[0], rec[1]
-            count = self._partition_counts.get(topic)
-            if count is None:
-                partitions = await asyncio.wait_for(self._producer.partitions_for(topic), 30)
-                if not partitions:
-                    raise KafkaTimeoutError(f"no partitions for {topic}")
-                count = self._partition_counts[topic] = len(partitions)
-            if key is None:
-                part = rng_partition(count)
-            else:
-                cache_key = (topic, key)
-                part = self._partition_of.get(cache_key, -1)
-                if part < 0:
-                    part = (murmur2(key) & 0x7FFFFFFF) % count
-                    if len(self._partition_of) > 1_000_000:
-                        self._partition_of.clear()
-                    self._partition_of[cache_key] = part
-            by_partition.setdefault((topic, part), []).append(rec)
-        sent: list[tuple[list[KafkaOut], Any]] = []
-        for (topic, part), recs in by_partition.items():
-            batch = self._producer.create_batch()
-            members: list[KafkaOut] = []
-            for rec in recs:
-                if batch.append(key=rec[1], value=rec[2], timestamp=None, headers=rec[3]) is None:
-                    sent.append((members, await self._producer.send_batch(batch, topic, partition=part)))
-                    batch, members = self._producer.create_batch(), []  # next batch of this partition
-                    if batch.append(key=rec[1], value=rec[2], timestamp=None, headers=rec[3]) is None:
-                        raise ValueError(f"record of {len(rec[2])} bytes exceeds kafka.max_batch_bytes")
-                members.append(rec)
-            if members:
-                sent.append((members, await self._producer.send_batch(batch, topic, partition=part)))
-        return sent
+    def _note_recovery(self, retries: int) -> None:
+        if not self.healthy:
+            log.info("Kafka acknowledges records again after %d retries", retries)
+        self.healthy = True
+        INGEST_METRICS.kafka_healthy.set(1)
 
     def _note_failure(self, exc: Exception) -> None:
         if self.healthy:
             log.warning("Kafka send failed (%s); holding MQTT acks and retrying", type(exc).__name__)
         self.healthy = False
         INGEST_METRICS.kafka_healthy.set(0)
-
-
-def rng_partition(count: int) -> int:
-    return random.randrange(count)
 
 
 @dataclass

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from portpulse.catalogue import load_catalogue
-from portpulse.kafka import client_options, start_producer
+from portpulse.kafka import BatchSender, client_options, start_producer
 from portpulse.points import PointSink, WriteReceipt
 from portpulse.schema import str_array
 from portpulse.settings import Settings
@@ -182,6 +182,7 @@ async def run_processor(
             log.info("partitions assigned: %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))
 
     late_producer = await start_producer(k, "late-record producer")
+    late_sender = BatchSender(late_producer)
     await consumer.start()
     try:
         consumer.subscribe(pattern=f"^{re.escape(k.topic_prefix)}\\.readings\\..+", listener=Listener())
@@ -219,11 +220,11 @@ async def run_processor(
                 stats.windows += out.windows_emitted
                 stats.replayed += out.replayed
                 if out.late:
-                    futures = [
-                        await late_producer.send(late_topic(k.topic_prefix), _late_record(late), key=late[2].encode())
-                        for late in out.late
-                    ]
-                    await asyncio.gather(*futures)
+                    # Batched like the bridge's records: a backfilling gateway can make many late.
+                    topic = late_topic(k.topic_prefix)
+                    await late_sender.send_all(
+                        [(topic, late[2].encode(), _late_record(late), None) for late in out.late]
+                    )
                     stats.late += len(out.late)
                     PROCESSOR_METRICS.late.inc(len(out.late))
                 PROCESSOR_METRICS.records.inc(len(readings))
