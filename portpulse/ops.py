@@ -286,6 +286,7 @@ class LiveView:
         self._t: deque[float] = deque(maxlen=history)
         self._series: dict[str, deque[float]] = {k: deque(maxlen=history) for k in (*RATES, *LEVELS)}
         self._last: tuple[float, dict[str, float]] | None = None
+        self._state_json: bytes | None = None
         self.totals: dict[str, float] = {}
 
     def sample(self, now: float | None = None) -> None:
@@ -301,6 +302,7 @@ class LiveView:
                 self._series[key].append(totals.get(name, 0.0))
         self._last = (now, totals)
         self.totals = {key: totals.get(name, 0.0) for key, name in {**RATES, **LEVELS}.items()}
+        self._state_json = None
 
     async def run(self, stop: asyncio.Event, interval_s: float = 1.0) -> None:
         while not stop.is_set():
@@ -320,6 +322,13 @@ class LiveView:
             "latest": tables,
             "alerts": alerts,
         }
+
+    def state_json(self) -> bytes:
+        """:meth:`state` as JSON, built once per :meth:`sample` (its figures change only then),
+        so many open dashboards or a tight poller cost the pipeline nothing more."""
+        if self._state_json is None:
+            self._state_json = json.dumps(self.state()).encode()
+        return self._state_json
 
 
 # ---------------------------------------------------------------- HTTP
@@ -364,7 +373,7 @@ class OpsServer:
             ok = {"/healthz": snap["healthy"], "/readyz": snap["ready"], "/livez": True}[path]
             return (200 if ok else 503), "application/json", json.dumps(snap).encode()
         if path == "/api/state":
-            return 200, "application/json", json.dumps(self._view.state()).encode()
+            return 200, "application/json", self._view.state_json()
         if path in ("/", "/index.html"):
             return 200, "text/html; charset=utf-8", dashboard_html()
         return 404, "text/plain", b"not found\n"
