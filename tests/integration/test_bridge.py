@@ -20,11 +20,13 @@ NOW_S = int(time.time())  # readings must be within the bridge's past/future win
 CLIENTS = [("asyncio", "5"), ("asyncio", "3.1.1"), ("paho", "5")]
 
 
-@pytest.mark.parametrize(("client", "protocol"), CLIENTS)
+@pytest.mark.parametrize(
+    ("client", "protocol", "qos"), [("asyncio", "5", 1), ("asyncio", "3.1.1", 2), ("asyncio", "5", 0), ("paho", "5", 1)]
+)
 async def test_three_payload_formats_round_trip(
-    mqtt: MqttEndpoint, kafka: KafkaEndpoint, unique: str, client: str, protocol: str
+    mqtt: MqttEndpoint, kafka: KafkaEndpoint, unique: str, client: str, protocol: str, qos: int
 ) -> None:
-    settings = bridge_settings(mqtt, kafka, unique, mqtt_extra={"client": client, "protocol": protocol})
+    settings = bridge_settings(mqtt, kafka, unique, mqtt_extra={"client": client, "protocol": protocol, "qos": qos})
     ts_ms = NOW_S * 1000
     messages = [
         (
@@ -52,9 +54,9 @@ async def test_three_payload_formats_round_trip(
             f"crane,sensor_id=sts-05,site=tnmsc wind_speed=12.5 {NOW_S * 10**9 + 8}".encode(),
         ),
     ]
-    async with running_bridge(settings):
+    async with running_bridge(settings) as bridge:
         with Publisher(mqtt, f"{unique}-pub") as pub:
-            pub.publish(messages)
+            pub.publish(messages, qos=qos)
         records = await consume(
             kafka, [f"{unique}.readings.air", f"{unique}.readings.cell", f"{unique}.readings.crane"], expect=5
         )
@@ -74,6 +76,8 @@ async def test_three_payload_formats_round_trip(
     )
     # Kafka keys are the sensor ids, so one sensor's readings stay in one partition, in order.
     assert {(t, k) for t, k, _, _ in records} >= {(f"{unique}.readings.air", b"no2-1")}
+    # Every message acknowledged (PUBACK / PUBREC + PUBCOMP), none left to redeliver.
+    assert bridge.result().acked == len(messages) and bridge.result().ack_skipped == 0
 
 
 BAD_INPUTS = {
