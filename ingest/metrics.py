@@ -29,6 +29,10 @@ class IngestMetrics:
         return Counter("portpulse_ingest_mqtt_reconnects", "MQTT reconnections")
 
     @cached_property
+    def mqtt_connected(self) -> Gauge:
+        return Gauge("portpulse_ingest_mqtt_connected", "1 while the bridge is connected and subscribed to MQTT")
+
+    @cached_property
     def in_flight(self) -> Gauge:
         return Gauge("portpulse_ingest_in_flight", "MQTT messages received and not yet acknowledged")
 

@@ -149,6 +149,7 @@ class PahoMqttSource:
         subscriptions: list[tuple[str, int]] = [(f, self._settings.qos) for f in self._filters()]
         client.subscribe(subscriptions)
         self._connected.set()
+        INGEST_METRICS.mqtt_connected.set(1)
 
     def _on_subscribe(self, _c: paho.Client, _u: Any, _mid: int, reason_codes: Any, _props: Any) -> None:
         failed = [str(rc) for rc in reason_codes if rc.is_failure]
@@ -159,6 +160,7 @@ class PahoMqttSource:
 
     def _on_disconnect(self, _c: paho.Client, _u: Any, _flags: Any, reason: Any, _props: Any) -> None:
         self._connected.clear()
+        INGEST_METRICS.mqtt_connected.set(0)
         if not self._stopping:
             self.last_error = f"MQTT disconnected: {reason}"
             log.warning("%s; paho reconnects with backoff", self.last_error)

@@ -228,6 +228,7 @@ class AsyncioMqttSource:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         self._connected.clear()
+        INGEST_METRICS.mqtt_connected.set(0)
 
     def _ssl_context(self) -> ssl.SSLContext | None:
         s = self._settings
@@ -249,6 +250,7 @@ class AsyncioMqttSource:
             if self._connected.is_set():
                 delay = s.reconnect_min_s  # the last attempt got through: start the backoff again
             self._connected.clear()
+            INGEST_METRICS.mqtt_connected.set(0)
             self.last_error = f"MQTT {reason}"
             log.warning("%s; reconnecting in %.1f s", self.last_error, delay)
             await asyncio.sleep(delay)
@@ -321,6 +323,7 @@ class AsyncioMqttSource:
                 "reconnected to MQTT %s:%d (session present: %s); resubscribed", s.host, s.port, ack.session_present
             )
         self._connected.set()
+        INGEST_METRICS.mqtt_connected.set(1)
         return await self._keep_alive(conn)
 
     async def _expect(self, conn: _Connection, kind: int) -> tuple[int, bytes]:

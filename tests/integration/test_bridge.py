@@ -212,3 +212,39 @@ async def test_two_bridges_share_a_subscription(mqtt: MqttEndpoint, kafka: Kafka
     share_a, share_b = bridge_a.result().messages, bridge_b.result().messages
     print(f"shared subscription split: {share_a} / {share_b}")
     assert share_a > 0 and share_b > 0 and share_a + share_b == n
+
+
+@pytest.mark.skipif(not is_local("mqtt"), reason="needs a Mosquitto this test may pause (scripts/services)")
+async def test_a_silent_broker_is_dropped_and_the_session_resumed(
+    mqtt: MqttEndpoint, kafka: KafkaEndpoint, unique: str
+) -> None:
+    """SIGSTOP keeps the TCP connection open but silent: only keepalive can notice it."""
+    extra = {"keepalive_s": 5, "reconnect_min_s": 1, "reconnect_max_s": 2}
+    settings = bridge_settings(mqtt, kafka, unique, mqtt_extra=extra)
+
+    def batch(start: int, n: int) -> list[tuple[str, bytes]]:
+        return [
+            (f"{unique}/air/q/s1", json.dumps({"ts": NOW_S, "metrics": {f"m{i}": 1.0}}).encode())
+            for i in range(start, start + n)
+        ]
+
+    async with running_bridge(settings) as bridge:
+        with Publisher(mqtt, f"{unique}-pub-a") as pub:
+            pub.publish(batch(0, 50))
+        await consume(kafka, [f"{unique}.readings.air"], expect=50, idle_s=0)
+        await local_service_control_async("mqtt", "pause")
+        try:
+            # Silent for 1.5 keepalives (7.5 s): the bridge gives the connection up.
+            deadline = time.monotonic() + 30
+            dropped = False
+            while not dropped and time.monotonic() < deadline:
+                dropped = REGISTRY.get_sample_value("portpulse_ingest_mqtt_connected") == 0
+                await asyncio.sleep(0.2)
+        finally:
+            await local_service_control_async("mqtt", "resume")
+        with Publisher(mqtt, f"{unique}-pub-b") as pub:
+            pub.publish(batch(50, 50))
+        records = await consume(kafka, [f"{unique}.readings.air"], expect=100, timeout_s=90)
+    assert dropped, "the bridge kept a silent connection for 30 s"
+    assert {r.metric for r in readings_of(records)} == {f"m{i}" for i in range(100)}
+    assert bridge.result().mqtt_reconnects >= 1

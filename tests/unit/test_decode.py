@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from ingest.decode import REASONS, DecodeLimits, Message, decode_messages, parse_timestamp_ns
 from ingest.records import build_dead_letters, build_records
 from portpulse.schema import FLAG_TS_FROM_RECEIVE, Reading
-from portpulse.wire import WireError, decode_value, encode_value
+from portpulse.wire import WireError, decode_value, encode_single, encode_value
 
 NOW = 1_764_000_000_000_000_000  # 2025-11-24T16:00:00Z
 LIMITS = DecodeLimits(max_payload_bytes=4096)
@@ -143,6 +143,20 @@ def test_random_input_never_crashes_and_every_rejection_has_a_known_reason(topic
     for problems in batch.problems.values():
         assert all(p.reason in REASONS for p in problems)
     assert len(batch.readings) == len(batch.message_index)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.text(min_size=1, max_size=30),
+    st.text(min_size=1, max_size=30),
+    st.integers(-(2**63), 2**63 - 1),
+    st.floats(allow_nan=False),
+    st.integers(0, 255),
+)
+def test_single_reading_encoding_is_the_general_encoding(
+    site: str, metric: str, ts: int, value: float, flags: int
+) -> None:
+    assert encode_single(site, metric, ts, value, flags) == encode_value(site, [metric], [0], [ts], [value], [flags])
 
 
 def test_wire_round_trip_and_corruption() -> None:
