@@ -38,20 +38,23 @@ def kernels(n: int, sensors: int = 10_000) -> tuple[float, float]:
     lo, hi = np.zeros(sensors), np.full(sensors, 2000.0)
     rate, floor = np.full(sensors, 50.0), np.full(sensors, 20.0)
     spec = WindowSpec("1m", 60 * 10**9, 60 * 10**9)
-    clean(series[:1000], ts[:1000], value[:1000], lo, hi, rate, floor, History.empty(sensors, 7))  # warm up
-    t = time.process_time()
-    reason, _ = clean(series, ts, value, lo, hi, rate, floor, History.empty(sensors, 7))
-    rows, starts = assign(ts, spec)
-    key = series[rows] * 1_000_000 + (starts - starts.min()) // spec.step_ns
-    aggregate(key, ts[rows], value[rows], reason[rows] == 0)
-    ours = n / (time.process_time() - t)
-    t = time.process_time()
-    k2 = series * 1_000_000 + (ts - ts.min()) // spec.step_ns
-    order = np.argsort(k2, kind="stable")
-    ks = k2[order]
-    starts_i = np.flatnonzero(np.concatenate([[True], ks[1:] != ks[:-1]]))
-    np.add.reduceat(value[order], starts_i)
-    baseline = n / (time.process_time() - t)
+    ours = baseline = 0.0
+    # Best of three: the first pass over fresh arrays pays page faults a running processor,
+    # reusing its heap batch after batch, does not (about 2x here).
+    for _ in range(3):
+        t = time.process_time()
+        reason, _ = clean(series, ts, value, lo, hi, rate, floor, History.empty(sensors, 7))
+        rows, starts = assign(ts, spec)
+        key = series[rows] * 1_000_000 + (starts - starts.min()) // spec.step_ns
+        aggregate(key, ts[rows], value[rows], reason[rows] == 0)
+        ours = max(ours, n / (time.process_time() - t))
+        t = time.process_time()
+        k2 = series * 1_000_000 + (ts - ts.min()) // spec.step_ns
+        order = np.argsort(k2, kind="stable")
+        ks = k2[order]
+        starts_i = np.flatnonzero(np.concatenate([[True], ks[1:] != ks[:-1]]))
+        np.add.reduceat(value[order], starts_i)
+        baseline = max(baseline, n / (time.process_time() - t))
     return ours, baseline
 
 

@@ -197,7 +197,9 @@ def clean(
     cand = np.flatnonzero(r == OK)
     cs = s[cand]
     # Extended sequence per series in the batch: W history values, then its candidates in order.
-    uniq, first, counts = np.unique(cs, return_index=True, return_counts=True)
+    # cs is sorted (the candidates keep the (series, ts) order): runs, not np.unique's sort.
+    first = np.flatnonzero(np.concatenate([[True], cs[1:] != cs[:-1]])) if len(cs) else np.empty(0, np.int64)
+    uniq, counts = cs[first], np.diff(np.append(first, len(cs)))
     new_history = History(history.values.copy(), history.ts.copy(), history.offsets.copy())
     if len(cand):
         ext_len = window + counts
