@@ -33,7 +33,7 @@ from ingest.metrics import INGEST_METRICS
 from portpulse.errors import ConfigError, ServiceUnavailableError
 from portpulse.settings import MqttSettings
 
-__all__ = ["Inbound", "MqttSource", "PahoMqttSource"]
+__all__ = ["Inbound", "MqttSource", "PahoMqttSource", "credentials_refused"]
 
 log = logging.getLogger("portpulse.mqtt")
 
@@ -46,6 +46,15 @@ class Inbound:
     mid: int
     qos: int
     generation: int
+
+
+def credentials_refused(settings: MqttSettings, last_error: str) -> ConfigError:
+    """The error for a broker refusing our credentials (never includes the password)."""
+    who = f"user {settings.username!r}" if settings.username else "anonymous clients"
+    return ConfigError(
+        f"MQTT broker {settings.host}:{settings.port} refused {who} ({last_error.split(': ', 1)[-1]}); "
+        "check mqtt.username and mqtt.password"
+    )
 
 
 class MqttSource(Protocol):
@@ -205,11 +214,7 @@ class PahoMqttSource:
             if self.auth_failed:
                 # Retrying cannot fix credentials: one attempt, then a clear error (exit code 2).
                 await self._shutdown()
-                who = f"user {s.username!r}" if s.username else "anonymous clients"
-                raise ConfigError(
-                    f"MQTT broker {s.host}:{s.port} refused {who} ({self.last_error.split(': ', 1)[-1]}); "
-                    "check mqtt.username and mqtt.password"
-                )
+                raise credentials_refused(s, self.last_error)
             if time.monotonic() > deadline:
                 await self._shutdown()
                 raise ServiceUnavailableError("mqtt", self.last_error or f"no connection to {s.host}:{s.port}")

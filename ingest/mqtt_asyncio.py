@@ -26,8 +26,8 @@ from typing import Any
 
 from ingest.decode import Message
 from ingest.metrics import INGEST_METRICS
-from ingest.mqtt import Inbound
-from portpulse.errors import ConfigError, ServiceUnavailableError
+from ingest.mqtt import Inbound, credentials_refused
+from portpulse.errors import ServiceUnavailableError
 from portpulse.mqttwire import (
     AUTH_REFUSALS,
     CONNACK,
@@ -158,11 +158,7 @@ class AsyncioMqttSource:
                 await self._shutdown()
                 if self.auth_failed:
                     # Retrying cannot fix credentials: one attempt, then a clear error (exit code 2).
-                    who = f"user {s.username!r}" if s.username else "anonymous clients"
-                    raise ConfigError(
-                        f"MQTT broker {s.host}:{s.port} refused {who} ({self.last_error.split(': ', 1)[-1]}); "
-                        "check mqtt.username and mqtt.password"
-                    )
+                    raise credentials_refused(s, self.last_error)
                 raise ServiceUnavailableError("mqtt", self.last_error or f"no connection to {s.host}:{s.port}")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._connected.wait(), 0.05)

@@ -20,6 +20,14 @@ NOW_S = int(time.time())  # readings must be within the bridge's past/future win
 CLIENTS = [("asyncio", "5"), ("asyncio", "3.1.1"), ("paho", "5")]
 
 
+def metric_per_message(unique: str, start: int, n: int) -> list[tuple[str, bytes]]:
+    """Messages ``start..start+n`` of sensor s1, each with its own metric ``m{i}`` (countable)."""
+    return [
+        (f"{unique}/air/q/s1", json.dumps({"ts": NOW_S, "metrics": {f"m{i}": 1.0}}).encode())
+        for i in range(start, start + n)
+    ]
+
+
 @pytest.mark.parametrize(
     ("client", "protocol", "qos"), [("asyncio", "5", 1), ("asyncio", "3.1.1", 2), ("asyncio", "5", 0), ("paho", "5", 1)]
 )
@@ -172,21 +180,15 @@ async def test_mosquitto_restart_resubscribes_and_delivers_the_persistent_sessio
     extra = {"reconnect_min_s": 3, "reconnect_max_s": 3, "client": client, "protocol": protocol}
     settings = bridge_settings(mqtt, kafka, unique, mqtt_extra=extra)
 
-    def batch(start: int, n: int) -> list[tuple[str, bytes]]:
-        return [
-            (f"{unique}/air/q/s1", json.dumps({"ts": NOW_S, "metrics": {f"m{i}": 1.0}}).encode())
-            for i in range(start, start + n)
-        ]
-
     async with running_bridge(settings) as bridge:
         with Publisher(mqtt, f"{unique}-pub-a") as pub:
-            pub.publish(batch(0, 100))
+            pub.publish(metric_per_message(unique, 0, 100))
         await consume(kafka, [f"{unique}.readings.air"], expect=100, idle_s=0)
         await local_service_control_async("mqtt", "down")
         await local_service_control_async("mqtt", "up")
         # Published while the bridge is still away (it retries every 3 s): queued in its session.
         with Publisher(mqtt, f"{unique}-pub-b") as pub:
-            pub.publish(batch(100, 100))
+            pub.publish(metric_per_message(unique, 100, 100))
         records = await consume(kafka, [f"{unique}.readings.air"], expect=200, timeout_s=90)
     metrics = {r.metric for r in readings_of(records)}
     assert metrics == {f"m{i}" for i in range(200)}
@@ -222,15 +224,9 @@ async def test_a_silent_broker_is_dropped_and_the_session_resumed(
     extra = {"keepalive_s": 5, "reconnect_min_s": 1, "reconnect_max_s": 2}
     settings = bridge_settings(mqtt, kafka, unique, mqtt_extra=extra)
 
-    def batch(start: int, n: int) -> list[tuple[str, bytes]]:
-        return [
-            (f"{unique}/air/q/s1", json.dumps({"ts": NOW_S, "metrics": {f"m{i}": 1.0}}).encode())
-            for i in range(start, start + n)
-        ]
-
     async with running_bridge(settings) as bridge:
         with Publisher(mqtt, f"{unique}-pub-a") as pub:
-            pub.publish(batch(0, 50))
+            pub.publish(metric_per_message(unique, 0, 50))
         await consume(kafka, [f"{unique}.readings.air"], expect=50, idle_s=0)
         await local_service_control_async("mqtt", "pause")
         try:
@@ -243,7 +239,7 @@ async def test_a_silent_broker_is_dropped_and_the_session_resumed(
         finally:
             await local_service_control_async("mqtt", "resume")
         with Publisher(mqtt, f"{unique}-pub-b") as pub:
-            pub.publish(batch(50, 50))
+            pub.publish(metric_per_message(unique, 50, 50))
         records = await consume(kafka, [f"{unique}.readings.air"], expect=100, timeout_s=90)
     assert dropped, "the bridge kept a silent connection for 30 s"
     assert {r.metric for r in readings_of(records)} == {f"m{i}" for i in range(100)}
