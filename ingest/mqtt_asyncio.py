@@ -107,11 +107,16 @@ class _Connection(asyncio.Protocol):
             self.paused = False
             self.transport.resume_reading()
 
-    def close(self, reason: str) -> None:
+    def close(self, reason: str, graceful: bool = False) -> None:
+        """End the connection; ``graceful`` lets written bytes (acks, DISCONNECT) go out first,
+        otherwise they are dropped (a silent broker would never take them)."""
         if not self.lost.done():
             self.lost.set_result(reason)
         if self.transport is not None:
-            self.transport.abort()
+            if graceful:
+                self.transport.close()
+            else:
+                self.transport.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.lost.done():
@@ -273,7 +278,7 @@ class AsyncioMqttSource:
         try:
             return await self._converse(conn, generation)
         finally:
-            conn.close("shut down")
+            conn.close("shut down", graceful=self._stopping)
             self._connection = None
 
     async def _converse(self, conn: _Connection, generation: int) -> str:

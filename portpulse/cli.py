@@ -189,8 +189,8 @@ def _cmd_config(settings: Settings) -> int:
     return EXIT_OK
 
 
-def _cmd_catalogue(domain: str | None) -> int:
-    catalogue = load_catalogue()
+def _cmd_catalogue(settings: Settings, domain: str | None) -> int:
+    catalogue = load_catalogue(settings.processor.catalogue)
     print(f"{'domain':8} {'metric':18} {'unit':8} {'min':>10} {'max':>12} {'max rate/s':>11}  description")
     for (d, m), spec in sorted(catalogue.specs.items()):
         if domain and d != domain:
@@ -227,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "config":
             return _cmd_config(settings)
         if args.command == "catalogue":
-            return _cmd_catalogue(args.domain)
+            return _cmd_catalogue(settings, args.domain)
         if args.command == "simulate":
             return _cmd_simulate(settings, args)
         if args.command == "replay":

@@ -56,7 +56,7 @@ async def run_pipeline(
         raise ConfigError(f"unknown stage(s) {sorted(unknown)}; choose from {', '.join(STAGES)}")
     health = Health()
     health.add("kafka", kafka_probe(settings.kafka.bootstrap_servers))
-    latest = LatestValues(load_catalogue())
+    latest = LatestValues(load_catalogue(settings.processor.catalogue))
     view = LiveView(health, latest)
     halt = asyncio.Event()  # stop or a failed stage: tells every stage to drain
 

@@ -26,6 +26,7 @@ __all__ = [
     "KafkaSettings",
     "MqttSettings",
     "OpsSettings",
+    "ProcessorSettings",
     "Settings",
     "SinkSettings",
     "load_settings",
@@ -120,6 +121,13 @@ class IngestSettings(_Section):
     max_past_s: float = Field(7 * 24 * 3600.0, ge=0)
 
 
+class ProcessorSettings(_Section):
+    """Cleaning: the metric catalogue (ranges, rates, units) and the spike filter's threshold."""
+
+    catalogue: Path | None = None  # a TOML file like portpulse/catalogue.toml; None: the shipped one
+    spike_k_sigma: float = Field(4.0, gt=0)  # Hampel: reject |x - median| > k * max(1.4826 MAD, floor)
+
+
 class OpsSettings(_Section):
     """Logs and the metrics/health HTTP server."""
 
@@ -144,6 +152,7 @@ class Settings(BaseSettings):
     influx: InfluxSettings = InfluxSettings()
     ingest: IngestSettings = IngestSettings()
     sink: SinkSettings = SinkSettings()
+    processor: ProcessorSettings = ProcessorSettings()
     ops: OpsSettings = OpsSettings()
 
     @classmethod

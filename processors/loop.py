@@ -104,7 +104,13 @@ async def run_processor(
 
     k = settings.kafka
     engine = ProcessorEngine(
-        EngineSettings(parse_windows(windows), int(allowed_lateness_s * 1e9), idle_timeout_s), load_catalogue()
+        EngineSettings(
+            parse_windows(windows),
+            int(allowed_lateness_s * 1e9),
+            idle_timeout_s,
+            k_sigma=settings.processor.spike_k_sigma,
+        ),
+        load_catalogue(settings.processor.catalogue),
     )
     stats = ProcessorStats()
     part_ids: dict[tuple[str, int], int] = {}

@@ -165,3 +165,19 @@ def test_cli_accepts_negative_durations_after_start_and_stop() -> None:
     assert _join_negative_values(["query", "--start", "-1h", "--stop", "-5m", "--every", "1m"]) == [
         "query", "--start=-1h", "--stop=-5m", "--every", "1m",
     ]  # fmt: skip
+
+
+def test_cli_catalogue_reads_the_configured_catalogue(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    custom = tmp_path / "catalogue.toml"
+    custom.write_text(
+        '[water.level]\nunit = "m"\nmin = -5.0\nmax = 12.0\nmax_rate_per_s = 0.5\ndescription = "quay water level"\n'
+    )
+    monkeypatch.setenv("PORTPULSE_PROCESSOR__CATALOGUE", str(custom))
+    monkeypatch.setenv("PORTPULSE_PROCESSOR__SPIKE_K_SIGMA", "6")
+    assert main(["catalogue"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    assert rows == [["water", "level", "m", "-5", "12", "0.5", "quay", "water", "level"]]
+    monkeypatch.setenv("PORTPULSE_PROCESSOR__SPIKE_K_SIGMA", "0")
+    assert main(["catalogue"]) == 2  # k must be > 0: a configuration error
