@@ -1,9 +1,12 @@
 """End-to-end benchmark: MQTT publish -> bridge -> Kafka -> processor -> InfluxDB, all on this machine.
 
-    .venv/bin/python -m benchmarks.bench_pipeline [--messages 60000] [--batch-messages 3000] [--json FILE]
+    .venv/bin/python -m benchmarks.bench_pipeline [--messages 60000] [--batch-messages 3000]
+                                                  [--topology run|split] [--json FILE]
 
-``portpulse run`` runs as its own process (bridge + processor + sink on one event loop, as in
-production). For single-reading messages and for gateway batches of 100 readings it measures:
+``--topology run`` (default): ``portpulse run`` as its own process (bridge + processor + sink on
+one event loop). ``--topology split``: ``portpulse bridge`` and ``portpulse process`` as two
+processes on the same machine (the scaling-out deployment of the README), counters summed over
+both. For single-reading messages and for gateway batches of 100 readings it measures:
 
 * throughput: N messages published at QoS 1 as fast as the broker takes them; readings/s from
   the first publish until the pipeline has processed all of them and its sink queue is empty
@@ -16,6 +19,7 @@ production). For single-reading messages and for gateway batches of 100 readings
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -55,16 +59,24 @@ class Influx:
         return int(series[0]["values"][0][1]) if series else 0
 
 
-class Pipeline:
-    """``portpulse run`` in its own process with this run's prefixes, database and ops port."""
+PROCESSOR_ARGS = ["--windows", "10s,1m", "--lateness", "2", "--idle-timeout", "5"]
+#: How PortPulse is deployed on the machine: one ``portpulse run``, or ``portpulse bridge`` and
+#: ``portpulse process`` as two processes (each its own core's worth of Python).
+TOPOLOGIES = {
+    "run": [["run", *PROCESSOR_ARGS]],
+    "split": [["bridge"], ["process", *PROCESSOR_ARGS]],
+}
 
-    def __init__(self, env: dict[str, str], name: str) -> None:
+
+class Pipeline:
+    """PortPulse in its own process(es) with this run's prefixes, database and ops ports."""
+
+    def __init__(self, env: dict[str, str], name: str, topology: str = "run") -> None:
         self.prefix = f"bench{uuid.uuid4().hex[:8]}"
         self.name = name
-        self.ops = free_port()
         self.influx = Influx(env, self.prefix)
         self.influx.query(f'CREATE DATABASE "{self.prefix}"')
-        child_env = {
+        base_env = {
             **os.environ, **env,
             "PORTPULSE_MQTT__CLIENT_ID": f"{self.prefix}-bridge",
             "PORTPULSE_MQTT__TOPIC_PREFIX": self.prefix,
@@ -72,21 +84,29 @@ class Pipeline:
             "PORTPULSE_KAFKA__TOPIC_PREFIX": self.prefix,
             "PORTPULSE_KAFKA__CONSUMER_GROUP": f"{self.prefix}-g",
             "PORTPULSE_INFLUX__BUCKET": f"{self.prefix}/autogen",
-            "PORTPULSE_OPS__METRICS_PORT": str(self.ops),
             "PORTPULSE_OPS__LOG_LEVEL": "WARNING",
             "PORTPULSE_SINK__FLUSH_INTERVAL_MS": "100",
         }  # fmt: skip
         self.log = open(Path(tempfile.gettempdir()) / f"{self.prefix}.log", "wb")  # noqa: SIM115 (closed in stop)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "portpulse.cli", "run", "--windows", "10s,1m", "--lateness", "2",
-             "--idle-timeout", "5"],
-            env=child_env, stdout=subprocess.DEVNULL, stderr=self.log,
-        )  # fmt: skip
-        self.wait(lambda: self.http("/readyz")[0] == 200, 120, "ready")
+        self.ops: list[int] = []
+        self.procs: list[subprocess.Popen[bytes]] = []
+        for args in TOPOLOGIES[topology]:
+            port = free_port()
+            self.ops.append(port)
+            self.procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "portpulse.cli", *args],
+                    env={**base_env, "PORTPULSE_OPS__METRICS_PORT": str(port)},
+                    stdout=subprocess.DEVNULL,
+                    stderr=self.log,
+                )
+            )
+        self.wait(lambda: all(self.http(port, "/readyz")[0] == 200 for port in self.ops), 120, "ready")
 
-    def http(self, path: str) -> tuple[int, bytes]:
+    @staticmethod
+    def http(port: int, path: str) -> tuple[int, bytes]:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.ops}{path}", timeout=5) as r:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
                 return int(r.status), r.read()
         except urllib.error.HTTPError as exc:
             return exc.code, b""
@@ -94,32 +114,46 @@ class Pipeline:
             return 0, b""
 
     def totals(self) -> dict[str, float]:
-        status, body = self.http("/api/state")
-        return json.loads(body)["totals"] if status == 200 else {}
+        """Counters summed over the processes (each counts only its own stage); {} if one is silent."""
+        out: dict[str, float] = {}
+        for port in self.ops:
+            status, body = self.http(port, "/api/state")
+            if status != 200:
+                return {}
+            for key, value in json.loads(body)["totals"].items():
+                out[key] = out.get(key, 0.0) + value
+        return out
 
     def wait(self, condition: Any, timeout_s: float, what: str) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"portpulse run exited ({self.proc.returncode}); see {self.log.name}")
+            for proc in self.procs:
+                if proc.poll() is not None:
+                    raise SystemExit(f"{proc.args!r} exited ({proc.returncode}); see {self.log.name}")
             if condition():
                 return
             time.sleep(0.05)
         raise SystemExit(f"{self.name}: not {what} within {timeout_s:.0f}s; see {self.log.name}")
 
     def rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        return 0.0
+        """Resident memory of all the processes together (MB)."""
+        total = 0.0
+        for proc in self.procs:
+            with contextlib.suppress(OSError):
+                for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) / 1024
+        return total
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        for proc in self.procs:
+            proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
         self.log.close()
         self.influx.query(f'DROP DATABASE "{self.prefix}"')
 
@@ -143,8 +177,8 @@ def payloads(prefix: str, n: int, batch: int, t0_ms: int, sensors: int = 1000) -
     return out
 
 
-def throughput(env: dict[str, str], n: int, batch: int) -> dict[str, Any]:
-    run = Pipeline(env, f"throughput batch={batch}")
+def throughput(env: dict[str, str], n: int, batch: int, topology: str) -> dict[str, Any]:
+    run = Pipeline(env, f"throughput batch={batch}", topology)
     try:
         readings = n * batch
         t0_ms = int(time.time() * 1000) - (n * batch // 1000 + 120) * 1000  # event time ends about now
@@ -205,9 +239,9 @@ def warm_up(run: Pipeline, host: str, port: int, ts_ms: int) -> None:
     run.wait(lambda: run.influx.count("air", "no2") >= 1, 120, "warmed up")
 
 
-def latency(env: dict[str, str], rate_msgs: float, batch: int, seconds: float) -> dict[str, Any]:
+def latency(env: dict[str, str], rate_msgs: float, batch: int, seconds: float, topology: str) -> dict[str, Any]:
     """Background load at ``rate_msgs`` messages/s plus probes; publish -> queryable in InfluxDB."""
-    run = Pipeline(env, f"latency batch={batch}")
+    run = Pipeline(env, f"latency batch={batch}", topology)
     host, port = env["PORTPULSE_MQTT__HOST"], int(env["PORTPULSE_MQTT__PORT"])
     try:
         n = int(rate_msgs * seconds)
@@ -282,13 +316,17 @@ def main() -> None:
     parser.add_argument("--batch-messages", type=int, default=3_000, help="gateway batches of 100 readings")
     parser.add_argument("--latency-seconds", type=float, default=20.0)
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument(
+        "--topology", choices=sorted(TOPOLOGIES), default="run",
+        help="run: one `portpulse run`; split: `portpulse bridge` + `portpulse process`",
+    )  # fmt: skip
     args = parser.parse_args()
     env = service_env()
     results: dict[str, Any] = {}
     for name, n, batch, target in (
         ("single", args.messages, 1, 20_000), ("batch100", args.batch_messages, 100, 200_000)
     ):  # fmt: skip
-        t = throughput(env, n, batch)
+        t = throughput(env, n, batch, args.topology)
         print(
             f"{name:9} throughput: {t['readings_per_s']:>9,.0f} readings/s ({t['messages_per_s']:,.0f} msg/s), "
             f"target {target:,}: {t['readings_per_s'] / target:.2f}x; stored {t['stored']:,}/{t['readings']:,}; "
@@ -296,14 +334,16 @@ def main() -> None:
             flush=True,
         )
         rate = max(1.0, 0.5 * t["messages_per_s"])
-        lat = latency(env, rate, batch, args.latency_seconds)
+        lat = latency(env, rate, batch, args.latency_seconds, args.topology)
         print(
             f"{name:9} latency at {lat.get('load_readings_per_s', 0):,.0f} readings/s: "
             f"p50 {lat.get('p50_ms', float('nan')):.0f} ms, p99 {lat.get('p99_ms', float('nan')):.0f} ms, "
             f"max {lat.get('max_ms', float('nan')):.0f} ms ({lat['seen']}/{lat['probes']} probes)",
             flush=True,
         )
-        results[name] = {"throughput": t, "latency": lat, "target_readings_per_s": target}
+        results[name] = {
+            "throughput": t, "latency": lat, "target_readings_per_s": target, "topology": args.topology,
+        }  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 
