@@ -170,7 +170,8 @@ class Bridge:
                     continue
                 room = max_in_flight - self.in_flight
                 if room <= 0:
-                    # Kafka is slow or away: stop taking messages; paho blocks, the broker queues.
+                    # Kafka is slow or away: stop taking messages; the source stops reading and the
+                    # broker keeps the rest in the session.
                     await asyncio.wait({self._flights[0].task}, timeout=0.1)
                     continue
                 got = await self._source.get_batch(

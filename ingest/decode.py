@@ -20,7 +20,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, TypeVar, cast
+from typing import Any, TypeGuard, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -68,14 +68,19 @@ class _Seen:
     def __init__(self, pattern: re.Pattern[str], limit: int = 200_000) -> None:
         self._pattern = pattern
         self._limit = limit
-        self.good: set[str] = set()
+        self._good: set[str] = set()
 
-    def check(self, name: object) -> bool:
-        if not isinstance(name, str) or not self._pattern.fullmatch(name):
+    def ok(self, name: object) -> TypeGuard[str]:
+        """True for a string matching the pattern (JSON may hand over lists or objects too)."""
+        if not isinstance(name, str):
             return False
-        if len(self.good) >= self._limit:
-            self.good.clear()
-        self.good.add(name)
+        if name in self._good:
+            return True
+        if not self._pattern.fullmatch(name):
+            return False
+        if len(self._good) >= self._limit:
+            self._good.clear()
+        self._good.add(name)
         return True
 
 
@@ -242,7 +247,7 @@ def _check_ts(ts: int, received_ns: int, limits: DecodeLimits) -> Problem | None
 
 
 def _value(metric: str, raw: object) -> tuple[float | None, Problem | None]:
-    if metric not in _METRICS.good and not _METRICS.check(metric):
+    if not _METRICS.ok(metric):
         return None, Problem("bad_metric_name", f"{str(metric)[:80]!r} must match [A-Za-z0-9_]{{1,64}}")
     if isinstance(raw, bool):
         return float(raw), None
@@ -300,11 +305,11 @@ def _add_reading(
     problems: list[Problem],
     where: str,
 ) -> None:
-    if sensor not in _IDS.good and not _IDS.check(sensor):
+    if not _IDS.ok(sensor):
         problems.append(Problem("bad_sensor_id", f"{where}sensor_id {str(sensor)[:80]!r}"))
         return
     site = reading.get("site", topic.site)
-    if site not in _IDS.good and not _IDS.check(site):
+    if not _IDS.ok(site):
         problems.append(Problem("bad_sensor_id", f"{where}site {str(site)[:80]!r}"))
         return
     metrics = reading.get("metrics")
@@ -323,14 +328,13 @@ def _add_reading(
         if problem := _check_ts(ts, received_ns, limits):
             problems.append(Problem(problem.reason, where + problem.detail))
             return
-    sensor_id = cast(str, sensor)  # validated above
     for metric, raw in metrics.items():
         value, problem = _value(metric, raw)
         if problem:
             problems.append(Problem(problem.reason, where + problem.detail))
         else:
             assert value is not None
-            out.add(i, sensor_id, site, topic.domain, metric, ts, value, flag)
+            out.add(i, sensor, site, topic.domain, metric, ts, value, flag)
 
 
 # ---------------------------------------------------------------- line protocol

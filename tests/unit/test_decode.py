@@ -118,6 +118,13 @@ def test_line_protocol_with_tags_escapes_and_several_lines() -> None:
         ("sensors/air/qu ai/s1", '{"metrics": {"no2": 1}}', "bad_topic"),
         ("sensors/air/quai", '{"metrics": {"no2": 1}}', "bad_topic"),
         ("sensors/air/quai/s1", '{"readings": [{"sensor_id": "a\\nb", "metrics": {"no2": 1}}]}', "bad_sensor_id"),
+        # Unhashable JSON where a name belongs (the validated-name cache must not choke on it).
+        ("sensors/air/quai/s1", '{"readings": [{"sensor_id": [1], "metrics": {"no2": 1}}]}', "bad_sensor_id"),
+        (
+            "sensors/air/quai/s1",
+            '{"readings": [{"sensor_id": "s", "site": {"a": 1}, "metrics": {"x": 1}}]}',
+            "bad_sensor_id",
+        ),
         ("sensors/air/quai/s1", "x" * 5000, "payload_too_large"),
         ("sensors/air/quai/s1", "", "missing_metrics"),
     ],
