@@ -44,6 +44,8 @@ _MAX_EXACT = float(2**53)
 _MAX_DECIMALS = 6
 _POW10 = 10 ** np.arange(19, dtype=np.int64)[::-1]  # 10^18 .. 10^0
 _POW10_ASC = _POW10[::-1].copy()
+# Item i: the four ASCII digits of i, zero-padded ("0042"), as one native uint32.
+_DIGITS_4_U32 = np.frombuffer(b"".join(f"{i:04d}".encode() for i in range(10_000)), dtype=np.uint32)
 _FORBIDDEN = ("\n", "\r")
 _AMBIGUOUS_BACKSLASH = re.compile(r"\\(?=[\\ ,=\"]|$)")
 
@@ -118,20 +120,29 @@ def _digits(magnitude: npt.NDArray[np.int64], width: int = 19) -> tuple[npt.NDAr
     Returns the (n, width) ASCII matrix and each value's digit count (at least 1).
     """
     n = len(magnitude)
-    mat = np.full((n, width), 48, dtype=np.uint8)
+    mat = np.empty((n, width), dtype=np.uint8)
     top = int(magnitude.max()) if n else 0
     needed = min(len(str(top)), width)
+    mat[:, : width - needed] = 48
     rest = magnitude
-    # Division by a scalar is vectorised (libdivide); by an array it is not.
-    for col in range(width - 1, width - 1 - needed, -1):
+    # Four digits per division, looked up as one uint32 of text: a quarter of the (scalar,
+    # libdivide) divisions and byte stores; the leading 1-3 digits one by one.
+    col = width
+    while col - 4 >= width - needed:
+        rest, low = np.divmod(rest, 10_000)
+        mat[:, col - 4 : col].view(np.uint32)[:, 0] = _DIGITS_4_U32[low]
+        col -= 4
+    while col > width - needed:
         rest, digit = np.divmod(rest, 10)
-        mat[:, col] += digit.astype(np.uint8)
+        mat[:, col - 1] = digit.astype(np.uint8) + 48
+        col -= 1
     count = np.searchsorted(_POW10_ASC, magnitude, side="right").astype(np.int64)
     return mat, np.maximum(count, 1)
 
 
-def _format_ints(values: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.bool_]]:
-    """Signed decimal of int64 values (above int64 min) as a right-aligned matrix and keep-mask."""
+def _format_ints(values: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.bool_] | None]:
+    """Signed decimal of int64 values (above int64 min) as a right-aligned matrix and keep-mask
+    (None: every byte kept)."""
     n = len(values)
     lo, hi = (int(values.min()), int(values.max())) if n else (0, 0)
     if lo >= 0 and len(str(hi)) == len(str(lo)):
@@ -145,7 +156,7 @@ def _format_ints(values: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.uint8], 
         out[:, :shared] = np.frombuffer(text_lo[:shared].encode(), dtype=np.uint8)
         if tail:
             out[:, shared:] = _digits(values - base, tail)[0]
-        return out, np.ones((n, len(text_hi)), dtype=bool)
+        return out, None
     neg = values < 0
     mat, count = _digits(np.abs(values))
     width = mat.shape[1] + 1
@@ -157,8 +168,10 @@ def _format_ints(values: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.uint8], 
     return out, keep
 
 
-def _format_floats(values: npt.NDArray[np.float64]) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.bool_]]:
+def _format_floats(values: npt.NDArray[np.float64]) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.bool_] | None]:
     """Finite float64 values as decimal text that parses back to exactly the same float64.
+
+    Returns an (n, w) byte matrix and its keep-mask, None when every byte is kept.
 
     Values with at most ``_MAX_DECIMALS`` decimals (the usual sensor reading) take an integer
     path with one common number of decimals ``k`` for the batch; the rest use ``repr``.
@@ -181,39 +194,54 @@ def _format_floats(values: npt.NDArray[np.float64]) -> tuple[npt.NDArray[np.uint
     fast = scaled_ok & (m_all / 10.0**k == values)
     m = m_all.astype(np.int64)
     neg = fast & ((m < 0) | ((m == 0) & np.signbit(values)))
-    digits, count = _digits(np.abs(m))
-    count = np.maximum(count, k + 1)  # 0.05 with k=2 -> "0.05": at least one integer digit
-    # Layout (right-aligned): sign | integer digits | '.' | k fraction digits.
-    int_width, frac_width = 19 - k, k
-    width = 1 + int_width + (1 if k else 0) + frac_width
+    magnitude = np.abs(m)
+    # Fixed width: zero-padded to the widest value, a sign column only when some value is
+    # negative ("-012.50" / "0045.00"). InfluxDB's parser (and strconv.ParseFloat) read leading
+    # zeros, and one width per chunk lets the lines be assembled without a per-byte keep-mask.
+    total_digits = max(len(str(int(magnitude.max()))) if n else 1, k + 1)
+    digits, _ = _digits(magnitude, total_digits)
+    int_width = total_digits - k
+    sign = 1 if neg.any() else 0
+    width = sign + int_width + (1 + k if k else 0)
     out = np.empty((n, width), dtype=np.uint8)
-    out[:, 0] = ord("-")
-    out[:, 1 : 1 + int_width] = digits[:, :int_width]
+    if sign:
+        out[:, 0] = np.where(neg, ord("-"), ord("0"))
+    out[:, sign : sign + int_width] = digits[:, :int_width]
     if k:
-        out[:, 1 + int_width] = ord(".")
-        out[:, 2 + int_width :] = digits[:, int_width:]
-    cols = np.arange(width)[None, :]
-    int_digits = (count - k)[:, None]
-    keep = (cols >= 1 + int_width - int_digits) & (cols < 1 + int_width)
-    if k:
-        keep[:, 1 + int_width :] = True
-    keep[:, 0] = neg
-    keep[~fast] = False
+        out[:, sign + int_width] = ord(".")
+        out[:, sign + int_width + 1 :] = digits[:, int_width:]
     slow = np.flatnonzero(~fast)
     if len(slow) == 0:
-        return out, keep
+        return out, None
     text, lengths = _fixed_bytes([repr(v).encode() for v in values[slow].tolist()])
     full_mat = np.zeros((n, width + text.shape[1]), dtype=np.uint8)
     full_keep = np.zeros((n, width + text.shape[1]), dtype=bool)
-    full_mat[:, :width], full_keep[:, :width] = out, keep
+    full_mat[:, :width] = out
+    full_keep[:, :width] = fast[:, None]
     full_mat[slow, width:] = text
     full_keep[slow, width:] = _left_mask(lengths, text.shape[1])
     return full_mat, full_keep
 
 
-def _const(text: bytes, n: int) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.bool_]]:
-    mat = np.tile(np.frombuffer(text, dtype=np.uint8), (n, 1))  # a writable copy
-    return mat, np.ones((n, len(text)), dtype=bool)
+# A piece of every line: a (m, w) byte matrix or one constant for all rows, with its keep-mask
+# ((m, w), (m, 1) broadcast over the piece, or None: every byte kept).
+_Piece = tuple[npt.NDArray[np.uint8] | bytes, npt.NDArray[np.bool_] | None]
+
+
+def _assemble(pieces: list[_Piece], m: int) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.bool_] | None]:
+    """The pieces side by side: one (m, W) byte matrix and keep-mask (None when every byte is
+    kept, the usual case: then the lines are the matrix itself), written in place (no hstack)."""
+    widths = [len(data) if isinstance(data, bytes) else data.shape[1] for data, _ in pieces]
+    line = np.empty((m, sum(widths)), dtype=np.uint8)
+    masked = any(mask is not None for _, mask in pieces)
+    keep = np.empty((m, sum(widths)), dtype=bool) if masked else None
+    col = 0
+    for (data, mask), w in zip(pieces, widths, strict=True):
+        line[:, col : col + w] = np.frombuffer(data, dtype=np.uint8) if isinstance(data, bytes) else data
+        if keep is not None:
+            keep[:, col : col + w] = True if mask is None else mask
+        col += w
+    return line, keep
 
 
 # ---------------------------------------------------------------- series keys
@@ -253,6 +281,14 @@ def _series_keys(
         const_measurement = None
         columns.append(measurement)
     columns.extend(points.tags[name] for name in tag_names)
+    shared = _shared_codes(columns)
+    if shared is not None:
+        # Every column is a categorical over the same codes (the processors' sensor_id + site):
+        # the codes already are the series, one key per category row.
+        series = shared.astype(np.int64, copy=False)
+        categories = [column.categories.tolist() for column in columns if isinstance(column, Categorical)]
+        category_keys: list[tuple[object, ...]] = list(zip(*categories, strict=True))
+        return _key_texts(category_keys, const_measurement, tag_names, series, rejected)
     # Factorise each column (dict hashing beats sorting strings; categoricals come factorised),
     # then fold the codes column by column, compressing after each so they never overflow.
     series = np.zeros(n, dtype=np.int64)
@@ -273,31 +309,70 @@ def _series_keys(
             distinct, inverse = np.unique(folded, return_inverse=True)
             series = inverse.astype(np.int64, copy=False).reshape(n)
         keys = [(*keys[d // width], values[d % width]) for d in distinct.tolist()]
-    codes = {key: i for i, key in enumerate(keys)}
+    return _key_texts(keys, const_measurement, tag_names, series, rejected)
+
+
+def _shared_codes(columns: list[npt.NDArray[np.object_] | Categorical]) -> npt.NDArray[np.int64] | None:
+    """The codes array when every column is a categorical over that same array, else None."""
+    if not columns or not all(isinstance(c, Categorical) for c in columns):
+        return None
+    first = columns[0]
+    assert isinstance(first, Categorical)
+    if all(isinstance(c, Categorical) and c.codes is first.codes for c in columns):
+        return first.codes
+    return None
+
+
+# Escaped series keys by (escaped tag names, (measurement, *tag values)): a processor writes the
+# same sensors batch after batch, and escaping + checking each key costs microseconds in Python.
+_KEY_CACHE: dict[tuple[tuple[str, ...], tuple[object, ...]], tuple[bytes, str | None]] = {}
+_KEY_CACHE_MAX = 500_000
+
+
+def _key_text(full: tuple[object, ...], escaped_tag_names: tuple[str, ...]) -> tuple[bytes, str | None]:
+    """``measurement,tag=value...`` for ``full`` = (measurement, *tag values), and why it is unusable (or None)."""
+    m, values = full[0], full[1:]
+    parts: list[str] = []
+    reason = None
+    if not isinstance(m, str) or not m:
+        reason = "measurement must be a non-empty string"
+    else:
+        reason = _bad_key(m)
+        parts.append(escape_measurement(m))
+    for tag, value in zip(escaped_tag_names, values, strict=True):
+        if value is None or value == "":
+            continue  # InfluxDB has no empty tag values: the tag is absent on this row
+        if not isinstance(value, str):
+            reason = reason or f"tag {tag} is not a string"
+            continue
+        reason = reason or _bad_key(value)
+        parts.append(f"{tag}={escape_key(value)}")
+    return ",".join(parts).encode(), reason
+
+
+def _key_texts(
+    keys: list[tuple[object, ...]],
+    const_measurement: str | None,
+    tag_names: list[str],
+    series: npt.NDArray[np.int64],
+    rejected: dict[int, str],
+) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Escaped key text per distinct series ``keys[i]`` (measurement first unless constant)."""
     texts: list[bytes] = []
     bad_series: dict[int, str] = {}
-    escaped_tag_names = [escape_key(t) for t in tag_names]
-    for key, code in codes.items():
-        values = list(key)
-        m = const_measurement if const_measurement is not None else values.pop(0)
-        parts: list[str] = []
-        reason = None
-        if not isinstance(m, str) or not m:
-            reason = "measurement must be a non-empty string"
-        else:
-            reason = _bad_key(m)
-            parts.append(escape_measurement(m))
-        for tag, value in zip(escaped_tag_names, values, strict=True):
-            if value is None or value == "":
-                continue  # InfluxDB has no empty tag values: the tag is absent on this row
-            if not isinstance(value, str):
-                reason = reason or f"tag {tag} is not a string"
-                continue
-            reason = reason or _bad_key(value)
-            parts.append(f"{tag}={escape_key(value)}")
+    escaped_tag_names = tuple(escape_key(t) for t in tag_names)
+    if len(_KEY_CACHE) > _KEY_CACHE_MAX:
+        _KEY_CACHE.clear()
+    for code, key in enumerate(keys):
+        full = (const_measurement, *key) if const_measurement is not None else key
+        cache_key = (escaped_tag_names, full)
+        hit = _KEY_CACHE.get(cache_key)
+        if hit is None:
+            hit = _KEY_CACHE[cache_key] = _key_text(full, escaped_tag_names)
+        text, reason = hit
         if reason:
             bad_series[code] = reason
-        texts.append(",".join(parts).encode())
+        texts.append(text)
     if bad_series:
         bad_codes = np.fromiter(bad_series, dtype=np.int64)
         for row in np.flatnonzero(np.isin(series, bad_codes)).tolist():
@@ -336,19 +411,21 @@ def encode_lines(points: PointColumns, precision: Precision = "ns") -> EncodedLi
     accepted = np.ones(n, dtype=bool)
     if rejected:
         accepted[np.fromiter(rejected, dtype=np.int64)] = False
-    bodies: list[bytes] = []
+    bodies: list[npt.NDArray[np.uint8]] = []
     line_lengths: list[npt.NDArray[np.int64]] = []
+    has_strings = any(points.fields[name].dtype == np.object_ for name in field_names)
     for begin in range(0, n, CHUNK_ROWS):
         end = min(begin + CHUNK_ROWS, n)
         rows = slice(begin, end)
         m = end - begin
         codes = series[rows]
-        mats = [key_mat[codes]]
-        keeps = [_left_mask(key_len[codes], key_mat.shape[1])]
+        chunk_key_len = key_len[codes]
+        same_length = bool(chunk_key_len.min() == key_mat.shape[1])
+        pieces: list[_Piece] = [(key_mat[codes], None if same_length else _left_mask(chunk_key_len, key_mat.shape[1]))]
         any_field = np.zeros(m, dtype=bool)
         for name in field_names:
             column = points.fields[name][rows]
-            sep_mat, sep_keep = _const(b"," + escape_key(name).encode() + b"=", m)
+            val_keep: npt.NDArray[np.bool_] | None
             if column.dtype == np.object_:
                 items = column.tolist()
                 present = np.fromiter((v is not None for v in items), dtype=bool, count=m)
@@ -360,25 +437,44 @@ def encode_lines(points: PointColumns, precision: Precision = "ns") -> EncodedLi
                 values = np.asarray(column, dtype=np.float64)
                 present = np.isfinite(values)
                 val_mat, val_keep = _format_floats(np.where(present, values, 0.0))
-            val_keep &= present[:, None]
-            sep_keep &= present[:, None]
-            sep_mat[present & ~any_field, 0] = ord(" ")  # before the first field: a space, not a comma
+            all_present = bool(present.all())
+            if not all_present:
+                val_keep = present[:, None] if val_keep is None else val_keep & present[:, None]
+            present_col = None if all_present else present[:, None]
+            # Before the first field of a line a space, before the others a comma.
+            if not any_field.any():
+                first_char: npt.NDArray[np.uint8] | bytes = b" "
+            elif any_field.all():
+                first_char = b","
+            else:
+                first_char = np.where(any_field, ord(","), ord(" ")).astype(np.uint8)[:, None]
             any_field |= present
-            mats += [sep_mat, val_mat]
-            keeps += [sep_keep, val_keep]
+            pieces += [(first_char, present_col), (escape_key(name).encode() + b"=", present_col), (val_mat, val_keep)]
         ts_mat, ts_keep = _format_ints(ts_all[rows])
-        mats += [_const(b" ", m)[0], ts_mat, _const(b"\n", m)[0]]
-        keeps += [np.ones((m, 1), dtype=bool), ts_keep, np.ones((m, 1), dtype=bool)]
+        pieces += [(b" ", None), (ts_mat, ts_keep), (b"\n", None)]
         for row in np.flatnonzero(~any_field).tolist():
             rejected.setdefault(begin + row, "no finite field value")
             accepted[begin + row] = False
-        keep = np.hstack(keeps)
-        keep &= accepted[rows, None]
-        bodies.append(np.hstack(mats)[keep].tobytes())
-        line_lengths.append(keep.sum(axis=1)[accepted[rows]])
+        line, keep = _assemble(pieces, m)
+        chunk_accepted = accepted[rows]
+        if keep is None and chunk_accepted.all():
+            bodies.append(line.reshape(-1))  # every line is one full row
+            line_lengths.append(np.full(m, line.shape[1], dtype=np.int64))
+            continue
+        if keep is None:
+            keep = np.ones(line.shape, dtype=bool)
+        if not chunk_accepted.all():
+            keep &= chunk_accepted[:, None]
+        body = line[keep]
+        bodies.append(body)
+        if has_strings:  # a string field may hold a newline: count the kept bytes per row
+            line_lengths.append(np.count_nonzero(keep, axis=1)[chunk_accepted].astype(np.int64))
+        else:  # every line ends at its (only) newline
+            ends = np.flatnonzero(body == ord("\n")) + 1
+            line_lengths.append(np.diff(ends, prepend=0))
     kept = np.flatnonzero(accepted).astype(np.int64)
     return EncodedLines(
-        body=b"".join(bodies),
+        body=b"".join(b.data for b in bodies),  # the buffers, joined without an intermediate copy
         rows=kept,
         line_ends=np.cumsum(np.concatenate(line_lengths)).astype(np.int64),
         rejected=dict(sorted(rejected.items())),

@@ -177,8 +177,20 @@ def test_categorical_tags_encode_like_plain_columns_and_precision_floors() -> No
     assert encode_lines(plain, "s").body == encode_lines(cat, "s").body
     assert (
         encode_lines(plain, "s").body
-        == b"air,sensor_id=s-b v=0.1 1\nair,sensor_id=s-a v=-2.0 2\nair,sensor_id=s-b v=3e-07 -1\n"
+        == b"air,sensor_id=s-b v=00.1 1\nair,sensor_id=s-a v=-2.0 2\nair,sensor_id=s-b v=3e-07 -1\n"
     )
+
+
+def test_floats_of_a_chunk_share_one_zero_padded_width_that_parses_back_exactly() -> None:
+    values = np.array([5.5, 123.25, -0.5, 0.0, -0.0, 1e9])
+    points = PointColumns("m", {}, {"v": values}, np.arange(len(values), dtype=np.int64))
+    lines = encode_lines(points).body.decode().splitlines()
+    texts = [line.split(" ")[1].removeprefix("v=") for line in lines]
+    assert texts == ["00000000005.50", "00000000123.25", "-0000000000.50", "00000000000.00", "-0000000000.00",
+                     "01000000000.00"]  # fmt: skip
+    parsed = np.array([float(t) for t in texts])
+    assert parsed.tolist() == values.tolist()
+    assert np.signbit(parsed).tolist() == np.signbit(values).tolist()
 
 
 def test_many_rows_cross_chunk_boundaries() -> None:
