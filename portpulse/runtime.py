@@ -13,9 +13,38 @@ from typing import TypeVar
 
 from portpulse.settings import OpsSettings
 
-__all__ = ["JsonFormatter", "run_until_signal", "setup_logging"]
+__all__ = ["JsonFormatter", "keep_heap_for_reuse", "run_until_signal", "setup_logging"]
 
 T = TypeVar("T")
+
+
+# glibc mallopt parameters
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def keep_heap_for_reuse(mmap_threshold: int = 32 << 20, trim_threshold: int = 256 << 20) -> bool:
+    """Make glibc keep freed heap memory for the next batch instead of returning it to the OS.
+
+    Each processor batch allocates many arrays of a few MB; by default glibc serves and returns
+    them with mmap/munmap or trims the heap, so every batch pays page faults on fresh pages
+    (measured: a third of the kernels' time on 1 M-reading batches). Allocations below
+    ``mmap_threshold`` bytes come from the heap, and up to ``trim_threshold`` bytes of free heap
+    stay mapped: resident memory stays at its high-water mark instead of shrinking between
+    batches. Returns False where there is no glibc (nothing changes).
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
 
 
 class JsonFormatter(logging.Formatter):

@@ -23,13 +23,17 @@ reference in ``tests/unit/test_kernels.py`` exactly.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
+from processors.sorting import group_starts, stable_order
+
 __all__ = [
     "DUPLICATE", "NON_FINITE", "NO_OFFSET", "OK", "OUT_OF_RANGE", "RATE", "REASON_NAMES", "SPIKE", "History", "clean",
+    "series_time_order",
 ]  # fmt: skip
 
 OK, NON_FINITE, OUT_OF_RANGE, DUPLICATE, SPIKE, RATE = range(6)
@@ -87,16 +91,64 @@ _NETWORK_7 = (
 )  # fmt: skip
 
 
+@functools.cache
+def _sorting_network(w: int) -> tuple[tuple[int, int], ...]:
+    """Comparators (i, j), i < j, that sort ``w`` values: the optimal one for 7, else Batcher's
+    odd-even merge sort for the next power of two without the comparators that touch padding
+    wires (padding with +inf, they never exchange anything)."""
+    if w == 7:
+        return _NETWORK_7
+    size = 1 << max(w - 1, 1).bit_length()
+    pairs: list[tuple[int, int]] = []
+    p = 1
+    while p < size:
+        k = p
+        while k >= 1:
+            for j in range(k % p, size - k, 2 * k):
+                for i in range(min(k, size - j - k)):
+                    if (i + j) // (2 * p) == (i + j + k) // (2 * p):
+                        pairs.append((i + j, i + j + k))
+            k //= 2
+        p *= 2
+    return tuple((a, b) for a, b in pairs if b < w)
+
+
+@functools.cache
+def _median_network(w: int) -> tuple[tuple[int, int, bool, bool], ...]:
+    """The sorting network pruned to what the middle output(s) need: (i, j, need min, need max).
+
+    For 7 inputs: 22 min/max operations instead of 32."""
+    live = {(w - 1) // 2, w // 2}
+    ops: list[tuple[int, int, bool, bool]] = []
+    for i, j in reversed(_sorting_network(w)):
+        need_lo, need_hi = i in live, j in live
+        if need_lo or need_hi:
+            ops.append((i, j, need_lo, need_hi))
+            live |= {i, j}
+    return tuple(reversed(ops))
+
+
 def _sort_columns(cols: list[npt.NDArray[np.float64]]) -> list[npt.NDArray[np.float64]]:
     """Sort each row of a window given as W columns of shape ``(m,)`` (no NaN; +inf sorts last)."""
-    if len(cols) != 7:
-        rows = np.sort(np.stack(cols, axis=1), axis=1)
-        return [rows[:, j] for j in range(rows.shape[1])]
     c = list(cols)
-    for i, j in _NETWORK_7:
-        lo, hi = np.minimum(c[i], c[j]), np.maximum(c[i], c[j])
-        c[i], c[j] = lo, hi
+    for i, j in _sorting_network(len(c)):
+        c[i], c[j] = np.minimum(c[i], c[j]), np.maximum(c[i], c[j])
     return c
+
+
+def _full_median(cols: list[npt.NDArray[np.float64]]) -> npt.NDArray[np.float64]:
+    """Median of each row of a window given as W columns, every value present (no NaN)."""
+    c = list(cols)
+    for i, j, need_lo, need_hi in _median_network(len(c)):
+        a, b = c[i], c[j]
+        if need_lo:
+            c[i] = np.minimum(a, b)
+        if need_hi:
+            c[j] = np.maximum(a, b)
+    w = len(c)
+    if w % 2:
+        return c[w // 2]
+    return (c[w // 2 - 1] + c[w // 2]) / 2
 
 
 def _column_median(cols: list[npt.NDArray[np.float64]]) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]:
@@ -122,26 +174,135 @@ def _column_median(cols: list[npt.NDArray[np.float64]]) -> tuple[npt.NDArray[np.
     return med, count
 
 
-def _row_median(rows: npt.NDArray[np.float64]) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]:
-    """Median of each row ignoring NaN, and the number of non-NaN values (median NaN when none)."""
-    s = np.sort(rows, axis=1)  # NaN sorts last
-    count = np.sum(~np.isnan(rows), axis=1)
-    lo = np.clip((count - 1) // 2, 0, None)
-    hi = np.clip(count // 2, 0, None)
-    a = np.take_along_axis(s, lo[:, None], axis=1)[:, 0]
-    b = np.take_along_axis(s, hi[:, None], axis=1)[:, 0]
-    med = np.where(count > 0, (a + b) / 2, np.nan)
-    return med, count
+def _in_series_time_order(series: npt.NDArray[np.int64], ts_ns: npt.NDArray[np.int64]) -> bool:
+    same = series[1:] == series[:-1]
+    return bool(np.all((series[1:] > series[:-1]) | (same & (ts_ns[1:] >= ts_ns[:-1]))))
 
 
-def _series_time_order(series: npt.NDArray[np.int64], ts_ns: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
-    """Stable order by (series, ts): one int64 sort key when the batch's time span allows it."""
-    span = int(ts_ns.max()) - int(ts_ns.min())
-    top = int(series.max()) if len(series) else 0
-    if span < 2**40 and top < 2**22:
-        key = (series << 40) | (ts_ns - ts_ns.min())
-        return np.argsort(key, kind="stable")
-    return np.lexsort((ts_ns, series))  # lexsort is stable: ties keep arrival order
+def series_time_order(series: npt.NDArray[np.int64], ts_ns: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    """Stable order by (series, ts) of readings ``(n,)``: by series alone when each series already
+    arrived in time order (the usual case), else by ts then series (two stable passes)."""
+    order = stable_order(series)
+    s, t = series[order], ts_ns[order]
+    if bool(np.all((t[1:] >= t[:-1]) | (s[1:] != s[:-1]))):
+        return order
+    by_time = stable_order(ts_ns)
+    return by_time[stable_order(series[by_time])]
+
+
+#: Rows per step of the window statistics: their columns stay in the core's cache.
+_STATS_CHUNK = 8192
+
+
+def _verdict(
+    x: npt.NDArray[np.float64],
+    med: npt.NDArray[np.float64],
+    mad: npt.NDArray[np.float64],
+    age_ns: npt.NDArray[np.float64],
+    count: npt.NDArray[np.int64] | int,
+    floor: npt.NDArray[np.float64],
+    max_rate: npt.NDArray[np.float64],
+    k_sigma: float,
+) -> npt.NDArray[np.uint8]:
+    """Checks 4 and 5 for values ``x`` against their windows' median, MAD, median age (ns) and count."""
+    dev = np.abs(x - med)
+    full = isinstance(count, int)  # every window holds `count` values (none empty): no NaN MAD
+    scale = np.maximum(1.4826 * (mad if full else np.nan_to_num(mad)), floor)
+    spike = dev > k_sigma * scale
+    if not full or count < 3:
+        spike &= count >= 3
+    dt_s = age_ns / 1e9
+    has_prev = dt_s > 0
+    if not full or count < 1:
+        has_prev &= count >= 1
+    with np.errstate(divide="ignore", invalid="ignore"):
+        too_fast = has_prev & (dev / np.where(has_prev, dt_s, 1.0) > max_rate)
+    out = np.where(spike, np.uint8(SPIKE), np.uint8(OK))
+    out[~spike & too_fast] = RATE
+    return out
+
+
+def _full_stats(cols: list[npt.NDArray[np.float64]]) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """Median and MAD of full windows given as W columns."""
+    med = _full_median(cols)
+    dev = [np.abs(np.subtract(col, med)) for col in cols]
+    return med, _full_median(dev)
+
+
+def _judge_windows(
+    ext_v: npt.NDArray[np.float64],
+    ext_t: npt.NDArray[np.int64],
+    ext_series: npt.NDArray[np.int64],
+    pos: npt.NDArray[np.int64],
+    w: int,
+    floor: npt.NDArray[np.float64],
+    max_rate: npt.NDArray[np.float64],
+    k_sigma: float,
+) -> npt.NDArray[np.uint8]:
+    """Verdict (OK, SPIKE or RATE) for the value at each position ``p`` in ``pos`` (``(m,)``) against
+    its window ``ext[p - w : p]``; ``ext_v`` NaN / ``ext_t`` int64 min mark empty slots,
+    ``ext_series`` is the series of each position (indexing ``floor`` and ``max_rate``).
+
+    Fast path, for windows that are full and in time order (all but a series' first readings in
+    most batches): a pruned median network over the columns in cache-sized chunks, and the age
+    median read off the middle timestamp. When most positions are asked for (many readings per
+    series), every window is judged from contiguous slices and the verdicts picked afterwards,
+    which saves a gather per column. Other windows take the general NaN-aware path.
+    """
+    m, total = len(pos), len(ext_v)
+    mid = w - 1 - (w - 1) // 2  # in time order the ages fall with the slot: the median's slot(s)
+    # Prefix counts answer "is this window full / in time order" in O(1) per window.
+    empty_before = np.zeros(total + 1, dtype=np.int64)
+    np.cumsum(np.isnan(ext_v), out=empty_before[1:])
+    back_before = np.zeros(total + 1, dtype=np.int64)  # back_before[x]: q in [1, x) with t[q] < t[q-1]
+    np.cumsum(ext_t[1:] < ext_t[:-1], out=back_before[2:])
+    rows = total - w
+    dense = rows <= 2 * m
+    n_rows = rows if dense else m
+    verdict = np.empty(n_rows, dtype=np.uint8)
+    fast = np.empty(n_rows, dtype=bool)
+    for a in range(0, n_rows, _STATS_CHUNK):
+        b = min(a + _STATS_CHUNK, n_rows)
+        # p: the judged positions of this chunk; their windows start at p - w.
+        p = np.arange(a + w, b + w) if dense else pos[a:b]
+        if dense:
+            cols = [ext_v[a + j : b + j] for j in range(w)]
+            x, t, t_mid = ext_v[a + w : b + w], ext_t[a + w : b + w], ext_t[a + mid : b + mid]
+            t_mid2 = ext_t[a + w - 1 - w // 2 : b + w - 1 - w // 2]
+            series = ext_series[a + w : b + w]
+            full = empty_before[a + w : b + w] == empty_before[a:b]
+            ok = full & (back_before[a + w : b + w] == back_before[a + 1 : b + 1])
+        else:
+            start = p - w
+            cols = [ext_v[start + j] for j in range(w)]
+            x, t, t_mid, t_mid2 = ext_v[p], ext_t[p], ext_t[start + mid], ext_t[p - 1 - w // 2]
+            series = ext_series[p]
+            ok = (empty_before[p] == empty_before[start]) & (back_before[p] == back_before[start + 1])
+        med, mad = _full_stats(cols)
+        age = (t - t_mid).astype(np.float64)
+        if w % 2 == 0:
+            age = (age + (t - t_mid2).astype(np.float64)) / 2
+        verdict[a:b] = _verdict(x, med, mad, age, w, floor[series], max_rate[series], k_sigma)
+        fast[a:b] = ok
+    if dense:
+        verdict, fast = verdict[pos - w], fast[pos - w]
+    slow = np.flatnonzero(~fast)
+    if len(slow):
+        p = pos[slow]
+        start = p - w
+        cols = [ext_v[start + j] for j in range(w)]
+        med, count = _column_median(cols)
+        mad = _column_median([np.abs(col - med) for col in cols])[0]
+        t = ext_t[p]
+        ages = []
+        for j in range(w):
+            tj = ext_t[start + j]
+            empty = tj == _NO_TS
+            ages.append(np.where(empty, np.nan, (t - np.where(empty, t, tj)).astype(np.float64)))
+        age = _column_median(ages)[0]
+        series = ext_series[p]
+        verdict[slow] = _verdict(ext_v[p], med, mad, age, count, floor[series], max_rate[series], k_sigma)
+    return verdict
 
 
 def clean(
@@ -169,9 +330,15 @@ def clean(
     reason = np.zeros(n, dtype=np.uint8)
     if n == 0:
         return reason, history
-    order = _series_time_order(series, ts_ns)
-    s, t, v = series[order], ts_ns[order], value[order]
-    o = np.zeros(n, dtype=np.int64) if offset is None else offset[order]
+    # Callers that keep their batch in (series, ts) order (the engine does) skip the permutation.
+    presorted = _in_series_time_order(series, ts_ns)
+    order = np.arange(n, dtype=np.int64) if presorted else series_time_order(series, ts_ns)
+    if presorted:
+        s, t, v = series, ts_ns, value
+        o = np.zeros(n, dtype=np.int64) if offset is None else offset
+    else:
+        s, t, v = series[order], ts_ns[order], value[order]
+        o = np.zeros(n, dtype=np.int64) if offset is None else offset[order]
     r = np.zeros(n, dtype=np.uint8)
 
     finite = np.isfinite(v)
@@ -198,7 +365,7 @@ def clean(
     cs = s[cand]
     # Extended sequence per series in the batch: W history values, then its candidates in order.
     # cs is sorted (the candidates keep the (series, ts) order): runs, not np.unique's sort.
-    first = np.flatnonzero(np.concatenate([[True], cs[1:] != cs[:-1]])) if len(cs) else np.empty(0, np.int64)
+    first = group_starts(cs)
     uniq, counts = cs[first], np.diff(np.append(first, len(cs)))
     new_history = History(history.values.copy(), history.ts.copy(), history.offsets.copy())
     if len(cand):
@@ -212,37 +379,21 @@ def clean(
         ext_v[hist_pos] = history.values[uniq]
         ext_t[hist_pos] = history.ts[uniq]
         ext_o[hist_pos] = history.offsets[uniq]
-        group = np.repeat(np.arange(len(uniq)), counts)
-        rank = np.arange(len(cand)) - first[group]
-        pos = ext_off[group] + window + rank
+        # Candidate i of series group g sits after g + 1 history blocks: ext position i + (g + 1) W.
+        pos = np.arange(len(cand), dtype=np.int64)
+        pos += np.repeat(np.arange(1, len(uniq) + 1, dtype=np.int64) * window, counts)
         ext_v[pos] = v[cand]
         ext_t[pos] = t[cand]
         ext_o[pos] = o[cand]
-        start = ext_off[group] + rank
-        cols = [ext_v[start + j] for j in range(window)]  # the window as W columns of shape (m,)
-        med, count = _column_median(cols)
-        mad, _ = _column_median([np.abs(col - med) for col in cols])
-        scale = np.maximum(1.4826 * np.nan_to_num(mad), spike_floor[cs])
-        x = v[cand]
-        spike = (count >= 3) & (np.abs(x - med) > k_sigma * scale)
-        # Age of the window: the median of (t - its timestamps), i.e. the time since its middle,
-        # so a steady trend is measured at its true slope, not at W/2 times it.
-        ages = []
-        for j in range(window):
-            tj = ext_t[start + j]
-            empty = tj == _NO_TS
-            ages.append(np.where(empty, np.nan, (t[cand] - np.where(empty, t[cand], tj)).astype(np.float64)))
-        age, _ = _column_median(ages)
-        dt_s = age / 1e9
-        has_prev = (count >= 1) & (dt_s > 0)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            too_fast = has_prev & (np.abs(x - med) / np.where(has_prev, dt_s, 1.0) > max_rate_per_s[cs])
-        r[cand[spike]] = SPIKE
-        r[cand[~spike & too_fast]] = RATE
+        ext_series = np.repeat(uniq, ext_len)
+        verdict = _judge_windows(ext_v, ext_t, ext_series, pos, window, spike_floor, max_rate_per_s, k_sigma)
+        r[cand] = verdict
         # The new history: the last W values of each extended sequence.
         tail = (ext_off + counts)[:, None] + np.arange(window)[None, :]
         new_history.values[uniq] = ext_v[tail]
         new_history.ts[uniq] = ext_t[tail]
         new_history.offsets[uniq] = ext_o[tail]
+    if presorted:
+        return r, new_history
     reason[order] = r
     return reason, new_history

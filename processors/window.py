@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from processors.sorting import group_starts, stable_order
+
 __all__ = ["Aggregates", "WindowSpec", "aggregate", "assign", "parse_windows"]
 
 _UNITS = {"s": 10**9, "m": 60 * 10**9, "h": 3600 * 10**9}
@@ -84,6 +86,28 @@ class Aggregates:
         return len(self.key)
 
 
+def _sorted_within_groups(
+    x: npt.NDArray[np.float64], starts: npt.NDArray[np.int64], sizes: npt.NDArray[np.int64]
+) -> npt.NDArray[np.float64]:
+    """``x`` (rows grouped: group g is ``x[starts[g] : starts[g] + sizes[g]]``) with each group sorted.
+
+    Groups of similar size (windows of many sensors) are sorted as the rows of one +inf-padded
+    matrix; very uneven ones by one stable argsort of the values and a stable sort by group.
+    """
+    m, g = len(x), len(starts)
+    width = int(sizes.max()) if g else 0
+    group = np.repeat(np.arange(g, dtype=np.int64), sizes)
+    if g * width <= 4 * m + 4096:
+        col = np.arange(m, dtype=np.int64) - starts[group]
+        padded = np.full((g, width), np.inf)
+        padded[group, col] = x
+        padded.sort(axis=1)
+        out: npt.NDArray[np.float64] = padded[group, col]
+        return out
+    by_value = np.argsort(x, kind="stable")
+    return x[by_value[stable_order(group[by_value])]]
+
+
 def aggregate(
     key: npt.NDArray[np.int64],
     ts_ns: npt.NDArray[np.int64],
@@ -95,29 +119,36 @@ def aggregate(
     if m == 0:
         e_i, e_f = np.empty(0, np.int64), np.empty(0)
         return Aggregates(e_i, e_i, e_i, e_f, e_f, e_f, e_f, e_f, e_f, e_i)
-    # Sort by key, then accepted rows by ascending value, rejected rows last: two stable sorts.
-    sort_value = np.where(accepted, value, np.inf)
-    order = np.argsort(sort_value, kind="stable")
-    order = order[np.argsort(key[order], kind="stable")]
-    k, v, a, t = key[order], value[order], accepted[order], ts_ns[order]
-    starts = np.flatnonzero(np.concatenate([[True], k[1:] != k[:-1]]))
-    ends = np.concatenate([starts[1:], [m]])
-    total = ends - starts
+    # Group rows by key (stable), then order each group's values: accepted ascending, rejected
+    # (+inf) last. Sums run over that value order, so results do not depend on the input order.
+    if bool(np.all(key[1:] >= key[:-1])):  # already grouped (the engine keeps rows sorted)
+        order = np.arange(m, dtype=np.int64)
+        k, a, t, value_k = key, accepted, ts_ns, value
+    else:
+        order = stable_order(key)
+        k, a, t, value_k = key[order], accepted[order], ts_ns[order], value[order]
+    starts = group_starts(k)
+    total = np.diff(np.append(starts, m))
+    v = _sorted_within_groups(np.where(a, value_k, np.inf), starts, total)
     count = np.add.reduceat(a.astype(np.int64), starts)
     rejected = total - count
-    va = np.where(a, v, 0.0)
+    # Accepted values are the first `count` of each group in v.
+    in_group = np.arange(m) - np.repeat(starts, total)
+    good = in_group < np.repeat(count, total)
+    va = np.where(good, v, 0.0)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = np.add.reduceat(va, starts) / count
-        sq = np.add.reduceat(np.where(a, (v - np.repeat(mean, total)) ** 2, 0.0), starts)
+        sq = np.add.reduceat(np.where(good, (va - np.repeat(mean, total)) ** 2, 0.0), starts)
         stddev = np.sqrt(sq / count)
     has = count > 0
-    vmin = np.where(has, v[starts], np.nan)  # accepted values come first, ascending
+    vmin = np.where(has, v[starts], np.nan)
     vmax = np.where(has, v[np.maximum(starts + count - 1, starts)], np.nan)
     pos = 0.95 * (count - 1)
     lo_i = np.floor(pos).astype(np.int64)
     hi_i = np.minimum(lo_i + 1, np.maximum(count - 1, 0))
     frac = pos - lo_i
-    p95 = np.where(has, v[starts + np.maximum(lo_i, 0)] * (1 - frac) + v[starts + hi_i] * frac, np.nan)
+    with np.errstate(invalid="ignore"):
+        p95 = np.where(has, v[starts + np.maximum(lo_i, 0)] * (1 - frac) + v[starts + hi_i] * frac, np.nan)
     # last: among accepted rows of a key, the greatest ts (ties: the later input row).
     score_t = np.where(a, t, np.iinfo(np.int64).min)
     max_t = np.maximum.reduceat(score_t, starts)

@@ -23,6 +23,7 @@ def reference_clean(
     floor: list[float],
     hist: dict[int, list[tuple[int, float]]],
     k_sigma: float,
+    window: int = W,
 ) -> tuple[list[int], dict[int, list[tuple[int, float]]]]:
     """One reading at a time, in (series, ts, arrival) order, exactly as documented."""
     hist = {s: list(h) for s, h in hist.items()}
@@ -39,13 +40,13 @@ def reference_clean(
         elif (s, t) in seen:
             reasons[i] = DUPLICATE
         else:
-            window = h[-W:]
-            if window:
-                vals = [x for _, x in window]
+            window_values = h[-window:]
+            if window_values:
+                vals = [x for _, x in window_values]
                 med = statistics.median(vals)
                 mad = statistics.median([abs(x - med) for x in vals])
                 scale = max(1.4826 * mad, floor[s])
-                dt = statistics.median([t - u for u, _ in window]) / 1e9
+                dt = statistics.median([t - u for u, _ in window_values]) / 1e9
                 if len(vals) >= 3 and abs(v - med) > k_sigma * scale:
                     reasons[i] = SPIKE
                 elif dt > 0 and abs(v - med) / dt > rate[s]:
@@ -53,7 +54,7 @@ def reference_clean(
             h.append((t, v))
         if (s, t) not in seen and reasons[i] not in (NON_FINITE, OUT_OF_RANGE):
             seen.add((s, t))
-    return reasons, {s: h[-W:] for s, h in hist.items()}
+    return reasons, {s: h[-window:] for s, h in hist.items()}
 
 
 values = st.one_of(
@@ -66,17 +67,18 @@ values = st.one_of(
 @given(
     batches=st.lists(
         st.lists(st.tuples(st.integers(0, 3), st.integers(0, 40), values), max_size=40), min_size=1, max_size=3
-    )
+    ),
+    window=st.sampled_from([W, 7, 2]),
 )
-def test_clean_equals_reference(batches: list[list[tuple[int, int, float]]]) -> None:
+def test_clean_equals_reference(batches: list[list[tuple[int, int, float]]], window: int) -> None:
     k = 4
     lo, hi = [0.0, -10.0, 0.0, -math.inf], [100.0, 50.0, 100.0, math.inf]
     rate, floor = [5.0, 1e9, 20.0, math.inf], [1.0, 0.5, 2.0, 0.0]
-    history = History.empty(k, W)
+    history = History.empty(k, window)
     ref_hist: dict[int, list[tuple[int, float]]] = {}
     for batch in batches:
         readings = [(s, t * 1_000_000_000, v) for s, t, v in batch]
-        expected, ref_hist = reference_clean(readings, lo, hi, rate, floor, ref_hist, 4.0)
+        expected, ref_hist = reference_clean(readings, lo, hi, rate, floor, ref_hist, 4.0, window)
         got, history = clean(
             np.array([r[0] for r in readings], dtype=np.int64),
             np.array([r[1] for r in readings], dtype=np.int64),
@@ -174,3 +176,48 @@ def test_sorting_network_sorts_every_binary_input_and_random_rows() -> None:
     rows = np.vstack([binary, np.random.default_rng(3).normal(size=(500, 7))])
     ordered = np.stack(_sort_columns([rows[:, j] for j in range(7)]), axis=1)
     assert np.array_equal(ordered, np.sort(rows, axis=1))
+
+
+def test_sorting_and_median_networks_for_other_window_sizes() -> None:
+    from itertools import product
+
+    from processors.clean import _full_median, _sort_columns
+
+    for w in (1, 2, 3, 4, 5, 6, 8, 9, 11):
+        binary = np.array(list(product([0.0, 1.0], repeat=w)))
+        rows = np.vstack([binary, np.random.default_rng(w).normal(size=(300, w))])
+        cols = [rows[:, j].copy() for j in range(w)]
+        assert np.array_equal(np.stack(_sort_columns(cols), axis=1), np.sort(rows, axis=1)), w
+        assert np.array_equal(_full_median(cols), np.median(rows, axis=1)), w
+
+
+def test_stable_order_equals_a_stable_argsort_packed_or_not() -> None:
+    from processors.sorting import stable_order
+
+    rng = np.random.default_rng(5)
+    for key in (
+        rng.integers(0, 30, 5000),  # many ties: packed
+        rng.integers(-(2**62), 2**62, 5000),  # too wide to pack: argsort
+        np.zeros(1, dtype=np.int64),
+        np.empty(0, dtype=np.int64),
+    ):
+        key = key.astype(np.int64)
+        assert stable_order(key).tolist() == np.argsort(key, kind="stable").tolist()
+
+
+def test_aggregate_with_very_uneven_groups_equals_reference() -> None:
+    """One key with thousands of rows next to many single-row keys: the argsort path, not padding."""
+    rng = np.random.default_rng(11)
+    key = np.concatenate([np.zeros(5000, dtype=np.int64), np.arange(1, 200, dtype=np.int64)])
+    rng.shuffle(key)
+    value = rng.normal(10, 3, len(key))
+    accepted = rng.random(len(key)) > 0.1
+    agg = aggregate(key, np.arange(len(key), dtype=np.int64), value, accepted)
+    for j, k in enumerate(agg.key.tolist()):
+        good = value[(key == k) & accepted]
+        if not len(good):
+            assert math.isnan(agg.p95[j])
+            continue
+        assert agg.count[j] == len(good) and agg.min[j] == good.min() and agg.max[j] == good.max()
+        assert math.isclose(agg.p95[j], float(np.percentile(good, 95)), rel_tol=1e-12)
+        assert math.isclose(agg.mean[j], float(good.mean()), rel_tol=1e-9)

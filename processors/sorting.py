@@ -1,0 +1,40 @@
+"""Sorting primitives shared by the kernels: pure numpy, no I/O."""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = ["group_starts", "stable_order"]
+
+
+def stable_order(key: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    """The stable ascending order of ``key`` (int64 ``(n,)``): ties keep their input order.
+
+    When ``(key - min)`` and the row index fit in 63 bits together, they are packed into one
+    int64 and sorted by value: numpy's SIMD sort of int64 is about 5x faster than a stable
+    argsort, and the index in the low bits makes it stable. Otherwise ``argsort(kind="stable")``.
+    """
+    n = len(key)
+    if n == 0:
+        return np.empty(0, dtype=np.int64)
+    lo = int(key.min())
+    span = int(key.max()) - lo
+    index_bits = max(n - 1, 1).bit_length()
+    if span.bit_length() + index_bits > 63:
+        return np.argsort(key, kind="stable").astype(np.int64, copy=False)
+    packed = (key - lo) << index_bits
+    packed |= np.arange(n, dtype=np.int64)
+    packed.sort()
+    packed &= (1 << index_bits) - 1
+    return packed
+
+
+def group_starts(sorted_key: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    """Index of the first row of each run of equal values in ``sorted_key`` (``(g,)``, ascending)."""
+    if len(sorted_key) == 0:
+        return np.empty(0, dtype=np.int64)
+    change = np.empty(len(sorted_key), dtype=bool)
+    change[0] = True
+    np.not_equal(sorted_key[1:], sorted_key[:-1], out=change[1:])
+    return np.flatnonzero(change)
