@@ -55,24 +55,25 @@ def _decode(
     returns the columns and the count of undecodable records."""
     head = f"{prefix}.readings."
     values: list[bytes] = []
-    keys: list[str] = []
+    raw_keys: list[bytes | None] = []
     domains: list[str] = []
     parts: list[int] = []
     offsets: list[int] = []
     for tp, records in records_by_tp.items():
         pid = part_ids.setdefault((tp.topic, tp.partition), len(part_ids))
         dom = tp.topic[len(head) :]
-        for rec in records:
-            values.append(rec.value)
-            keys.append(rec.key.decode(errors="replace") if rec.key else "")
+        values += [rec.value for rec in records]
+        raw_keys += [rec.key for rec in records]
         domains += [dom] * len(records)
         parts += [pid] * len(records)
         offsets += [rec.offset for rec in records]
     wire = decode_values(values)
     r = wire.record
+    # Few distinct sensor keys per fetch: decode each once.
+    names = {k: k.decode(errors="replace") if k else "" for k in dict.fromkeys(raw_keys)}
     readings = Readings(
-        str_array(domains)[r], str_array(keys)[r], wire.site, wire.metric, wire.ts_ns, wire.value,
-        np.array(parts, dtype=np.int64)[r], np.array(offsets, dtype=np.int64)[r],
+        str_array(domains)[r], str_array(list(map(names.__getitem__, raw_keys)))[r], wire.site, wire.metric,
+        wire.ts_ns, wire.value, np.array(parts, dtype=np.int64)[r], np.array(offsets, dtype=np.int64)[r],
     )  # fmt: skip
     return readings, len(wire.bad)
 
