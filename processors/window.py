@@ -98,11 +98,13 @@ def _sorted_within_groups(
     width = int(sizes.max()) if g else 0
     group = np.repeat(np.arange(g, dtype=np.int64), sizes)
     if g * width <= 4 * m + 4096:
-        col = np.arange(m, dtype=np.int64) - starts[group]
-        padded = np.full((g, width), np.inf)
-        padded[group, col] = x
-        padded.sort(axis=1)
-        out: npt.NDArray[np.float64] = padded[group, col]
+        # Flat cell of each row: group g's rows fill cells g * width + 0, 1, ...
+        cell = np.arange(m, dtype=np.int64)
+        cell += np.repeat(np.arange(g, dtype=np.int64) * width - starts, sizes)
+        padded = np.full(g * width, np.inf)
+        padded[cell] = x
+        padded.reshape(g, width).sort(axis=1)
+        out: npt.NDArray[np.float64] = padded[cell]
         return out
     by_value = np.argsort(x, kind="stable")
     return x[by_value[stable_order(group[by_value])]]
