@@ -53,8 +53,8 @@ def kernels(n: int, sensors: int = 10_000) -> tuple[float, float, float]:
 
     def run(history: History) -> float:
         t = time.process_time()
-        order = series_time_order(series, ts)
-        s, ts_s, v = series[order], ts[order], value[order]
+        order, s, ts_s = series_time_order(series, ts)
+        v = value[order]
         reason, _ = clean(s, ts_s, v, lo, hi, rate, floor, history)
         rows, starts = assign(ts_s, spec)
         key = s[rows] * 1_000_000 + (starts - starts.min()) // spec.step_ns

@@ -366,15 +366,20 @@ def _unescape(text: str) -> str:
     return re.sub(r"\\([,= \\\"])", r"\1", text) if "\\" in text else text
 
 
+def _is_ascii_int(text: str) -> bool:
+    """``-?[0-9]+``: str.isdigit alone also accepts digits like '²' that int() refuses."""
+    return text.isascii() and text.removeprefix("-").isdigit()
+
+
 def _lp_value(text: str) -> object:
-    if text.endswith(("i", "u")) and text[:-1].lstrip("-").isdigit():
+    if text.endswith(("i", "u")) and _is_ascii_int(text[:-1]):
         return int(text[:-1])
     if text in ("t", "T", "true", "True", "TRUE"):
         return True
     if text in ("f", "F", "false", "False", "FALSE"):
         return False
-    if text.startswith('"'):
-        return text  # a string field: reported as non-numeric
+    if text.startswith('"') or not text.isascii():
+        return text  # a string field, or digits line protocol does not have: reported as non-numeric
     try:
         return float(text)
     except ValueError:
@@ -416,7 +421,7 @@ def _decode_line_protocol(
             continue
         reading: dict[str, Any] = {"metrics": fields, "site": tags.get("site", topic.site)}
         if len(sections) == 3:
-            if not sections[2].lstrip("-").isdigit():
+            if not _is_ascii_int(sections[2]):
                 problems.append(Problem("bad_timestamp", f"line {n + 1}: {sections[2][:40]!r} is not an integer"))
                 continue
             reading["ts"] = int(sections[2])

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from processors.sorting import group_starts, stable_order
+from processors.sorting import group_starts, stable_order, stable_sort
 
 __all__ = [
     "DUPLICATE", "NON_FINITE", "NO_OFFSET", "OK", "OUT_OF_RANGE", "RATE", "REASON_NAMES", "SPIKE", "History", "clean",
@@ -179,15 +179,20 @@ def _in_series_time_order(series: npt.NDArray[np.int64], ts_ns: npt.NDArray[np.i
     return bool(np.all((series[1:] > series[:-1]) | (same & (ts_ns[1:] >= ts_ns[:-1]))))
 
 
-def series_time_order(series: npt.NDArray[np.int64], ts_ns: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
-    """Stable order by (series, ts) of readings ``(n,)``: by series alone when each series already
-    arrived in time order (the usual case), else by ts then series (two stable passes)."""
-    order = stable_order(series)
-    s, t = series[order], ts_ns[order]
+def series_time_order(
+    series: npt.NDArray[np.int64], ts_ns: npt.NDArray[np.int64]
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Stable order by (series, ts) of readings ``(n,)``, and ``series`` and ``ts_ns`` in that
+    order: by series alone when each series already arrived in time order (the usual case), else
+    by ts then series (two stable passes)."""
+    order, s = stable_sort(series)
+    t = ts_ns[order]
     if bool(np.all((t[1:] >= t[:-1]) | (s[1:] != s[:-1]))):
-        return order
+        return order, s, t
     by_time = stable_order(ts_ns)
-    return by_time[stable_order(series[by_time])]
+    by_series, s = stable_sort(series[by_time])
+    order = by_time[by_series]
+    return order, s, ts_ns[order]
 
 
 #: Rows per step of the window statistics: their columns stay in the core's cache.
@@ -332,12 +337,13 @@ def clean(
         return reason, history
     # Callers that keep their batch in (series, ts) order (the engine does) skip the permutation.
     presorted = _in_series_time_order(series, ts_ns)
-    order = np.arange(n, dtype=np.int64) if presorted else series_time_order(series, ts_ns)
     if presorted:
+        order = np.arange(n, dtype=np.int64)
         s, t, v = series, ts_ns, value
         o = np.zeros(n, dtype=np.int64) if offset is None else offset
     else:
-        s, t, v = series[order], ts_ns[order], value[order]
+        order, s, t = series_time_order(series, ts_ns)
+        v = value[order]
         o = np.zeros(n, dtype=np.int64) if offset is None else offset[order]
     r = np.zeros(n, dtype=np.uint8)
 

@@ -173,10 +173,10 @@ class ProcessorEngine:
             series, factor = self._series_ids(r)
             # One (series, ts) order for the whole step: cleaning, windows and aggregates then
             # work on grouped rows and skip their own sorts and gathers.
-            order = series_time_order(series, r.ts_ns)
+            order, series_sorted, _ = series_time_order(series, r.ts_ns)
             if not np.array_equal(order, np.arange(len(order))):
                 r = Readings(*(getattr(r, f)[order] for f in Readings.__dataclass_fields__))
-                series, factor = series[order], factor[order]
+                series, factor = series_sorted, factor[order]
             value = r.value * factor
             k = len(self._series_domain)
             self._history = self._history.grow(k)

@@ -127,6 +127,10 @@ def test_line_protocol_with_tags_escapes_and_several_lines() -> None:
         ),
         ("sensors/air/quai/s1", "x" * 5000, "payload_too_large"),
         ("sensors/air/quai/s1", "", "missing_metrics"),
+        # Unicode digits str.isdigit accepts and int() refuses, or float() reads (found by fuzzing).
+        ("sensors/air/quai/s1", "air no2=1 ²", "bad_timestamp"),
+        ("sensors/air/quai/s1", "air no2=²i", "non_numeric_value"),
+        ("sensors/air/quai/s1", "air no2=٣", "non_numeric_value"),
     ],
 )
 def test_every_bad_input_has_a_reason(topic: str, payload: str | bytes, reason: str) -> None:
