@@ -136,15 +136,24 @@ def _sort_columns(cols: list[npt.NDArray[np.float64]]) -> list[npt.NDArray[np.fl
     return c
 
 
-def _full_median(cols: list[npt.NDArray[np.float64]]) -> npt.NDArray[np.float64]:
-    """Median of each row of a window given as W columns, every value present (no NaN)."""
-    c = list(cols)
+def _full_median(cols: list[npt.NDArray[np.float64]], owned: bool = False) -> npt.NDArray[np.float64]:
+    """Median of each row of a window given as W columns, every value present (no NaN).
+
+    Works in place on the columns when ``owned`` (the caller's scratch), else on copies: the
+    network then allocates nothing per comparator.
+    """
+    c = list(cols) if owned else [col.copy() for col in cols]
+    spare = np.empty_like(c[0])
     for i, j, need_lo, need_hi in _median_network(len(c)):
         a, b = c[i], c[j]
-        if need_lo:
-            c[i] = np.minimum(a, b)
-        if need_hi:
-            c[j] = np.maximum(a, b)
+        if need_lo and need_hi:
+            np.maximum(a, b, out=spare)
+            np.minimum(a, b, out=a)
+            c[j], spare = spare, b
+        elif need_lo:
+            np.minimum(a, b, out=a)
+        else:
+            np.maximum(a, b, out=b)
     w = len(c)
     if w % 2:
         return c[w // 2]
@@ -230,8 +239,10 @@ def _verdict(
 def _full_stats(cols: list[npt.NDArray[np.float64]]) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
     """Median and MAD of full windows given as W columns."""
     med = _full_median(cols)
-    dev = [np.abs(np.subtract(col, med)) for col in cols]
-    return med, _full_median(dev)
+    dev = [np.subtract(col, med) for col in cols]
+    for d in dev:
+        np.abs(d, out=d)
+    return med, _full_median(dev, owned=True)
 
 
 def _judge_windows(
@@ -290,7 +301,8 @@ def _judge_windows(
         verdict[a:b] = _verdict(x, med, mad, age, w, floor[series], max_rate[series], k_sigma)
         fast[a:b] = ok
     if dense:
-        verdict, fast = verdict[pos - w], fast[pos - w]
+        row = pos - w
+        verdict, fast = verdict[row], fast[row]
     slow = np.flatnonzero(~fast)
     if len(slow):
         p = pos[slow]

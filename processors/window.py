@@ -62,6 +62,8 @@ def assign(ts_ns: npt.NDArray[np.int64], spec: WindowSpec) -> tuple[npt.NDArray[
     """
     per_row = spec.size_ns // spec.step_ns
     last_start = (ts_ns // spec.step_ns) * spec.step_ns
+    if per_row == 1:  # tumbling: one window per row
+        return np.arange(len(ts_ns), dtype=np.int64), last_start
     rows = np.repeat(np.arange(len(ts_ns), dtype=np.int64), per_row)
     back = np.tile(np.arange(per_row, dtype=np.int64), len(ts_ns)) * spec.step_ns
     return rows, last_start[rows] - back
