@@ -221,3 +221,21 @@ def test_aggregate_with_very_uneven_groups_equals_reference() -> None:
         assert agg.count[j] == len(good) and agg.min[j] == good.min() and agg.max[j] == good.max()
         assert math.isclose(agg.p95[j], float(np.percentile(good, 95)), rel_tol=1e-12)
         assert math.isclose(agg.mean[j], float(good.mean()), rel_tol=1e-9)
+
+
+def test_window_keys_are_one_per_spec_series_start_and_ordered_like_them() -> None:
+    from processors.engine import _window_key
+
+    windows = parse_windows("10s,1m,5m/1m")
+    rng = np.random.default_rng(2)
+    n = 2000
+    spec = rng.integers(0, len(windows), n).astype(np.int64)
+    series = rng.integers(0, 50, n).astype(np.int64)
+    steps = np.array([w.step_ns for w in windows], dtype=np.int64)
+    start = 1_764_000_000 * 10**9 + rng.integers(0, 40, n) * steps[spec]
+    key = _window_key(spec, series, start, windows)
+    triples = list(zip(spec.tolist(), series.tolist(), start.tolist(), strict=True))
+    by_key = sorted(range(n), key=lambda i: (key[i], i))
+    by_triple = sorted(range(n), key=lambda i: (triples[i], i))
+    assert by_key == by_triple
+    assert len(set(key.tolist())) == len(set(triples))
