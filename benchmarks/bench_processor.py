@@ -77,7 +77,15 @@ def kernels(n: int, sensors: int = 10_000) -> tuple[float, float, float]:
     return steady, cold, baseline
 
 
-async def produce(bootstrap: str, topic: str, n: int, per_record: int, sensors: int = 10_000) -> None:
+#: One air report as the bridge writes it: a sensor's seven metrics at one instant, one record.
+REPORT_METRICS = ("no2", "pm25", "pm10", "o3", "so2", "temperature", "humidity")
+
+
+async def produce(
+    bootstrap: str, topic: str, n: int, per_record: int, sensors: int = 10_000, report: bool = False
+) -> None:
+    """``n`` readings in records of ``per_record`` readings of one sensor: successive seconds of
+    ``no2``, or with ``report`` the seven air metrics of one instant (``per_record`` must be 7)."""
     from aiokafka import AIOKafkaProducer
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
@@ -93,17 +101,21 @@ async def produce(bootstrap: str, topic: str, n: int, per_record: int, sensors: 
     for r in range(n // per_record):
         sensor = r % sensors
         # One reading per second per sensor, plausible values: nothing for the cleaner to reject.
-        ts = [t0 + ((r // sensors) * per_record + k) * 10**9 for k in range(per_record)]
         values = [40.0 + (k % 5) * 0.1 for k in range(per_record)]
-        value = encode_value("quai", ["no2"], [0] * per_record, ts, values, [0] * per_record)
-        futures.append(await producer.send(topic, value, key=f"no2-{sensor}".encode(), headers=[VERSION_HEADER]))
+        if report:
+            ts = [t0 + (r // sensors) * 10**9] * per_record
+            value = encode_value("quai", list(REPORT_METRICS), list(range(per_record)), ts, values, [0] * per_record)
+        else:
+            ts = [t0 + ((r // sensors) * per_record + k) * 10**9 for k in range(per_record)]
+            value = encode_value("quai", ["no2"], [0] * per_record, ts, values, [0] * per_record)
+        futures.append(await producer.send(topic, value, key=f"aq-{sensor}".encode(), headers=[VERSION_HEADER]))
     await asyncio.gather(*futures)
     await producer.stop()
 
 
-async def end_to_end(bootstrap: str, n: int, per_record: int) -> tuple[float, int]:
+async def end_to_end(bootstrap: str, n: int, per_record: int, report: bool = False) -> tuple[float, int]:
     prefix = f"bench{uuid.uuid4().hex[:8]}"
-    await produce(bootstrap, f"{prefix}.readings.air", n, per_record)
+    await produce(bootstrap, f"{prefix}.readings.air", n, per_record, report=report)
     result = await consume_all(bootstrap, prefix, n)
     return result["readings_per_s"], int(result["readings"])
 
@@ -149,12 +161,15 @@ def main() -> None:
         bootstrap = "127.0.0.1:19092"
     print("\n| end to end: Kafka -> processor -> sink interface | readings/s | target | vs target |")
     print("|---|---:|---:|---:|")
-    for per_record in (1, 100):
-        rate, consumed = asyncio.run(end_to_end(bootstrap, args.e2e_readings, per_record))
-        print(
-            f"| {per_record} reading(s) per Kafka record ({consumed:,} readings) | {rate:,.0f} | 300,000 | "
-            f"{rate / 300_000:.2f} |"
-        )
+    cases = (
+        (1, False, "1 reading per Kafka record (single-metric messages)"),
+        (7, True, "one air report per record: 7 metrics at one instant (the simulated fleets)"),
+        (100, False, "100 readings of one sensor per record"),
+    )
+    for per_record, report, label in cases:
+        rate, consumed = asyncio.run(end_to_end(bootstrap, args.e2e_readings - args.e2e_readings % per_record,
+                                                per_record, report))  # fmt: skip
+        print(f"| {label} ({consumed:,} readings) | {rate:,.0f} | 300,000 | {rate / 300_000:.2f} |")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import numpy.typing as npt
 from portpulse.catalogue import Catalogue, MetricSpec
 from portpulse.points import Categorical, PointColumns
 from processors.clean import NO_OFFSET, OK, REASON_NAMES, History, clean, series_time_order
+from processors.sorting import group_starts, stable_order
 from processors.window import WindowSpec, aggregate, assign
 
 __all__ = ["EngineOutput", "EngineSettings", "ProcessorEngine", "Readings"]
@@ -91,6 +92,13 @@ class ProcessorEngine:
         self._rate: list[float] = []
         self._floor: list[float] = []
         self._limit_arrays: _Limits | None = None
+        # (domain, sensor, site, metric as sent) -> (series id, unit factor): resolved once.
+        self._resolved: dict[tuple[str, str, str, str], tuple[int, float]] = {}
+        # Raw-point groups: one per (domain, metric); the group of each series.
+        self._groups: dict[tuple[str, str], int] = {}
+        self._group_keys: list[tuple[str, str]] = []
+        self._series_group: list[int] = []
+        self._series_group_array = np.empty(0, dtype=np.int64)
         self._history = History.empty(0, settings.hampel_window)
         # Partition that last carried each series: a revoked partition's series forget their
         # cleaning history, or its new owner's replay would look like duplicates here later.
@@ -132,6 +140,10 @@ class ProcessorEngine:
             self._hi.append(spec.max if spec else np.inf)
             self._rate.append(spec.max_rate_per_s if spec else np.inf)
             self._floor.append(_spike_floor(spec))
+            group = self._groups.setdefault((domain, base), len(self._group_keys))
+            if group == len(self._group_keys):
+                self._group_keys.append((domain, base))
+            self._series_group.append(group)
         return sid
 
     def _limits(self) -> _Limits:
@@ -142,13 +154,13 @@ class ProcessorEngine:
         return self._limit_arrays
 
     def _series_ids(self, r: Readings) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
-        cache: dict[tuple[str, str, str, str], tuple[int, float]] = {}
-        ids = np.empty(len(r), dtype=np.int64)
-        factors = np.ones(len(r))
-        for i, key in enumerate(
-            zip(r.domain.tolist(), r.sensor_id.tolist(), r.site.tolist(), r.metric.tolist(), strict=True)
-        ):
-            hit = cache.get(key)
+        """Series id and unit factor of every reading ``(n,)``: Python work per distinct key only."""
+        keys = list(zip(r.domain.tolist(), r.sensor_id.tolist(), r.site.tolist(), r.metric.tolist(), strict=True))
+        distinct = list(dict.fromkeys(keys))
+        ids = np.empty(len(distinct), dtype=np.int64)
+        factors = np.ones(len(distinct))
+        for j, key in enumerate(distinct):
+            hit = self._resolved.get(key)
             if hit is None:
                 sid = self._register(*key)
                 metric = key[3]
@@ -156,9 +168,11 @@ class ProcessorEngine:
                 if self._series_metric[sid] != metric:
                     spec = self._catalogue.get(key[0], self._series_metric[sid])
                     factor = spec.convert[metric.rpartition("_")[2]] if spec else 1.0
-                hit = cache[key] = (sid, factor)
-            ids[i], factors[i] = hit
-        return ids, factors
+                hit = self._resolved[key] = (sid, factor)
+            ids[j], factors[j] = hit
+        position = {key: j for j, key in enumerate(distinct)}
+        codes = np.fromiter(map(position.__getitem__, keys), dtype=np.int64, count=len(keys))
+        return ids[codes], factors[codes]
 
     # ------------------------------------------------------------ main step
 
@@ -210,13 +224,15 @@ class ProcessorEngine:
     ) -> None:
         if not len(series):
             return
-        domains = np.array(self._series_domain, dtype=object)[series]
-        metrics = np.array(self._series_metric, dtype=object)[series]
-        groups: dict[tuple[str, str], list[int]] = {}
-        for i, key in enumerate(zip(domains.tolist(), metrics.tolist(), strict=True)):
-            groups.setdefault(key, []).append(i)
-        for (domain, metric), rows in groups.items():
-            idx = np.array(rows, dtype=np.int64)
+        if len(self._series_group_array) != len(self._series_group):
+            self._series_group_array = np.array(self._series_group, dtype=np.int64)
+        group = self._series_group_array[series]
+        order = stable_order(group)
+        starts = group_starts(group[order])
+        ends = np.append(starts[1:], len(order))
+        for begin, end in zip(starts.tolist(), ends.tolist(), strict=True):
+            idx = order[begin:end]
+            domain, metric = self._group_keys[int(group[idx[0]])]
             out.points.append(("raw", PointColumns(domain, self._tags(series[idx]), {metric: value[idx]}, ts[idx])))
 
     def _tags(self, series: npt.NDArray[np.int64]) -> dict[str, npt.NDArray[np.object_] | Categorical]:
