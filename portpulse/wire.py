@@ -183,9 +183,12 @@ def decode_values(values: Sequence[bytes]) -> WireBatch:
     bad: list[int] = []
     size = _RECORD.itemsize
     single_tail = 4 + size
+    header_lengths: list[int] = []  # of the validated headers, most recent first
     for i, data in enumerate(values):
-        # Fast path, one reading behind a header already validated: the value's last bytes are a
-        # count of 1 and one record, and everything before them is a known header.
+        # Fast paths: a value that starts with a header already validated in this fetch (headers
+        # are self-delimiting, so a known prefix ends exactly where a parse would) and whose
+        # count matches its length. One reading: the count sits just before the last record.
+        hid = None
         if len(data) > single_tail and data[-single_tail:-size] == _COUNT_ONE:
             hid = headers.get(data[:-single_tail])
             if hid is not None:
@@ -194,6 +197,19 @@ def decode_values(values: Sequence[bytes]) -> WireBatch:
                 record_of.append(i)
                 header_of.append(hid)
                 continue
+        for length in header_lengths:
+            hid = headers.get(data[:length])
+            if hid is not None:
+                n = int.from_bytes(data[length : length + 4], "little")
+                if len(data) - length - 4 == n * size:
+                    bodies.append(data[length + 4 :])
+                    counts.append(n)
+                    record_of.append(i)
+                    header_of.append(hid)
+                    break
+                hid = None
+        if hid is not None:
+            continue
         try:
             if data[0] != VERSION:
                 raise WireError("version")
@@ -210,6 +226,8 @@ def decode_values(values: Sequence[bytes]) -> WireBatch:
                 hid = headers[key] = len(header_site)
                 header_site.append(head.site)
                 header_names.append(head.metrics)
+                if len(key) not in header_lengths and len(header_lengths) < 4:
+                    header_lengths.insert(0, len(key))
         except (IndexError, WireError):
             bad.append(i)
             continue

@@ -288,3 +288,17 @@ def test_batch_decode_equals_one_value_at_a_time(items: list[Any]) -> None:
     )
     assert got == expected
     assert batch.bad == bad
+
+
+def test_batch_decode_fast_paths_still_reject_values_with_a_known_header_and_a_wrong_length() -> None:
+    from portpulse.wire import decode_values
+
+    names = ["no2", "pm25", "o3"]
+    good = encode_value("quai", names, [0, 1, 2], [1, 2, 3], [1.0, 2.0, 3.0], [0, 0, 0])
+    single = encode_value("quai", ["no2"], [0], [5], [9.0], [0])
+    values = [good, good + b"x", good[:-1], single, single[:-1], good, single + single[-18:], good]
+    batch = decode_values(values)
+    assert batch.bad == [1, 2, 4, 6]
+    assert batch.record.tolist() == [0, 0, 0, 3, 5, 5, 5, 7, 7, 7]
+    assert batch.value.tolist() == [1.0, 2.0, 3.0, 9.0, 1.0, 2.0, 3.0, 1.0, 2.0, 3.0]
+    assert batch.metric.tolist() == [*names, "no2", *names, *names]
