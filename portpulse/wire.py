@@ -95,7 +95,6 @@ def encode_value(
 
 
 _SINGLE_STRUCT = struct.Struct("<IqdBB")  # count 1, then one reading
-_COUNT_ONE = (1).to_bytes(4, "little")
 
 
 def encode_single(site: str, metric: str, ts_ns: int, value: float, flags: int = 0) -> bytes:
@@ -182,21 +181,12 @@ def decode_values(values: Sequence[bytes]) -> WireBatch:
     header_of: list[int] = []
     bad: list[int] = []
     size = _RECORD.itemsize
-    single_tail = 4 + size
     header_lengths: list[int] = []  # of the validated headers, most recent first
     for i, data in enumerate(values):
-        # Fast paths: a value that starts with a header already validated in this fetch (headers
+        # Fast path: a value that starts with a header already validated in this fetch (headers
         # are self-delimiting, so a known prefix ends exactly where a parse would) and whose
-        # count matches its length. One reading: the count sits just before the last record.
+        # count matches its length skips the header parse.
         hid = None
-        if len(data) > single_tail and data[-single_tail:-size] == _COUNT_ONE:
-            hid = headers.get(data[:-single_tail])
-            if hid is not None:
-                bodies.append(data[-size:])
-                counts.append(1)
-                record_of.append(i)
-                header_of.append(hid)
-                continue
         for length in header_lengths:
             hid = headers.get(data[:length])
             if hid is not None:
