@@ -23,12 +23,15 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from portpulse.recordbatch import intern_slices
+
 __all__ = [
     "VERSION",
     "VERSION_HEADER",
     "WireBatch",
     "WireError",
     "WireRecord",
+    "decode_columns",
     "decode_value",
     "decode_values",
     "encode_single",
@@ -154,7 +157,8 @@ def decode_value(data: bytes) -> WireRecord:
 class WireBatch:
     """Readings of many Kafka values, as columns over all readings ``(n,)``: ``record`` (index of
     the value each reading came from), ``site`` and ``metric`` (object arrays of str), ``ts_ns``,
-    ``value``, ``flags``; ``bad``: indices of the values that did not decode."""
+    ``value``, ``flags``; ``bad``: indices of the values that did not decode. ``name_code`` int64:
+    readings with equal codes have equal site and metric."""
 
     record: npt.NDArray[np.int64]
     site: npt.NDArray[np.object_]
@@ -163,83 +167,83 @@ class WireBatch:
     value: npt.NDArray[np.float64]
     flags: npt.NDArray[np.uint8]
     bad: list[int]
+    name_code: npt.NDArray[np.int64]
 
     def __len__(self) -> int:
         return len(self.ts_ns)
 
 
 def decode_values(values: Sequence[bytes]) -> WireBatch:
-    """Decode many values at once (a Kafka fetch): the per-value work is a header lookup in a
-    cache of the distinct headers seen (site + metric names) and one slice; every reading body is
-    decoded by a single ``np.frombuffer`` over all of them. Malformed values are listed in ``bad``."""
-    headers: dict[bytes, int] = {}  # header bytes (up to the reading count) -> header id
+    """:func:`decode_columns` of a list of values (``record`` indexes ``values``)."""
+    lengths = np.fromiter(map(len, values), dtype=np.int64, count=len(values))
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64) if len(values) else lengths
+    return decode_columns(np.frombuffer(b"".join(values), dtype=np.uint8), starts, lengths)
+
+
+_MIN_VALUE = 8  # version, site length, name count, reading count
+
+
+def decode_columns(
+    data: npt.NDArray[np.uint8], start: npt.NDArray[np.int64], length: npt.NDArray[np.int64]
+) -> WireBatch:
+    """Decode the values ``data[start[i] : start[i] + length[i]]`` (a Kafka fetch as columns) at
+    once: headers are walked with vectorised reads, the distinct headers (site + metric names)
+    validated once each, and every reading gathered in one pass. ``record`` indexes the values;
+    malformed ones (a null value has length -1) are listed in ``bad``."""
+    n = len(start)
+    # Padding: reads past the end land in zeros. Unaligned views read a u16/u32/reading at any byte.
+    padded = np.concatenate([data, np.zeros(_RECORD.itemsize, np.uint8)])
+    last = len(data)
+    u16_at = np.ndarray((last + 1,), dtype="<u2", buffer=padded, strides=(1,))
+    u32_at = np.ndarray((last + 1,), dtype="<u4", buffer=padded, strides=(1,))
+    end = start + length
+    ok = length >= _MIN_VALUE
+    ok &= padded[np.minimum(start, last)] == VERSION
+    pos = start + 4 + u16_at[np.minimum(start + 1, last)]  # just past the name count
+    ok &= pos <= end
+    name_count = np.where(ok, padded[np.minimum(pos - 1, last)], 0)
+    for j in range(int(name_count.max()) if n else 0):  # name lengths are sequential: one step per name
+        pos = np.where(j < name_count, pos + 1 + padded[np.minimum(pos, last)], pos)
+    count = u32_at[np.minimum(pos, last)].astype(np.int64)
+    ok &= (pos + 4 <= end) & (end - pos - 4 == count * _RECORD.itemsize)
+    good = np.flatnonzero(ok)
+    codes, distinct = intern_slices(data, start[good], pos[good] - start[good])
+    # Each distinct header is parsed once by the strict decoder; values with a bad one are bad.
     header_site: list[str] = []
     header_names: list[tuple[str, ...]] = []
-    bodies: list[bytes] = []
-    counts: list[int] = []
-    record_of: list[int] = []
-    header_of: list[int] = []
-    bad: list[int] = []
-    size = _RECORD.itemsize
-    header_lengths: list[int] = []  # of the validated headers, most recent first
-    for i, data in enumerate(values):
-        # Fast path: a value that starts with a header already validated in this fetch (headers
-        # are self-delimiting, so a known prefix ends exactly where a parse would) and whose
-        # count matches its length skips the header parse.
-        hid = None
-        for length in header_lengths:
-            hid = headers.get(data[:length])
-            if hid is not None:
-                n = int.from_bytes(data[length : length + 4], "little")
-                if len(data) - length - 4 == n * size:
-                    bodies.append(data[length + 4 :])
-                    counts.append(n)
-                    record_of.append(i)
-                    header_of.append(hid)
-                    break
-                hid = None
-        if hid is not None:
-            continue
+    valid = np.ones(len(distinct), dtype=bool)
+    for h, head_bytes in enumerate(distinct):
         try:
-            if data[0] != VERSION:
-                raise WireError("version")
-            pos = 4 + data[1] + (data[2] << 8)
-            for _ in range(data[pos - 1]):
-                pos += 1 + data[pos]
-            key = data[:pos]
-            n = int.from_bytes(data[pos : pos + 4], "little")
-            if len(data) - pos - 4 != n * size or pos + 4 > len(data):
-                raise WireError("length")
-            hid = headers.get(key)
-            if hid is None:
-                head = decode_value(key + b"\0\0\0\0")  # validates the site and the names
-                hid = headers[key] = len(header_site)
-                header_site.append(head.site)
-                header_names.append(head.metrics)
-                if len(key) not in header_lengths and len(header_lengths) < 4:
-                    header_lengths.insert(0, len(key))
-        except (IndexError, WireError):
-            bad.append(i)
-            continue
-        bodies.append(data[pos + 4 :])
-        counts.append(n)
-        record_of.append(i)
-        header_of.append(hid)
-    records = np.frombuffer(b"".join(bodies), dtype=_RECORD)
-    header = np.repeat(np.array(header_of, dtype=np.int64), counts)
-    record = np.repeat(np.array(record_of, dtype=np.int64), counts)
+            head = decode_value(head_bytes + b"\0\0\0\0")
+            header_site.append(head.site)
+            header_names.append(head.metrics)
+        except WireError:
+            valid[h] = False
+            header_site.append("")
+            header_names.append(())
+    keep_value = valid[codes]
+    good, codes = good[keep_value], codes[keep_value]
+    counts = count[good]
+    body = np.repeat(pos[good] + 4, counts)
+    if len(body):
+        first = np.cumsum(counts) - counts
+        body += (np.arange(len(body)) - np.repeat(first, counts)) * _RECORD.itemsize
+    records = np.ndarray((last + 1,), dtype=_RECORD, buffer=padded, strides=(1,))[body]
+    header = np.repeat(codes, counts)
+    record = np.repeat(good, counts)
     local = records["metric"].astype(np.int64)
     widths = np.array([len(names) for names in header_names] or [0], dtype=np.int64)
     keep = local < widths[header]
     if not keep.all():  # a metric index beyond its name table: the whole value is bad
-        broken = np.unique(record[~keep])
-        keep = ~np.isin(record, broken)
-        bad = sorted(bad + broken.tolist())
+        keep = ~np.isin(record, np.unique(record[~keep]))
     table = np.empty((len(widths), max(int(widths.max()), 1)), dtype=object)
     for h, names in enumerate(header_names):
         table[h, : len(names)] = names
     sites = np.empty(len(widths), dtype=object)
     sites[: len(header_site)] = header_site
+    decoded = np.zeros(n, dtype=bool)
+    decoded[record[keep]] = True
+    decoded[good[counts == 0]] = True  # an empty value of a good header decodes to nothing
     header, local = header[keep], local[keep]
     return WireBatch(
         record=record[keep],
@@ -248,5 +252,6 @@ def decode_values(values: Sequence[bytes]) -> WireBatch:
         ts_ns=records["ts_ns"][keep],
         value=records["value"][keep],
         flags=records["flags"][keep],
-        bad=bad,
+        bad=np.flatnonzero(~decoded).tolist(),
+        name_code=header * table.shape[1] + local,
     )

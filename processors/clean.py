@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from processors.sorting import group_starts, stable_order, stable_sort
+from portpulse.sorting import group_starts, stable_order, stable_sort
 
 __all__ = [
     "DUPLICATE", "NON_FINITE", "NO_OFFSET", "OK", "OUT_OF_RANGE", "RATE", "REASON_NAMES", "SPIKE", "History", "clean",

@@ -21,8 +21,8 @@ import numpy.typing as npt
 
 from portpulse.catalogue import Catalogue, MetricSpec
 from portpulse.points import Categorical, PointColumns
+from portpulse.sorting import distinct_codes, group_starts, stable_order
 from processors.clean import NO_OFFSET, OK, REASON_NAMES, History, clean, series_time_order
-from processors.sorting import group_starts, stable_order
 from processors.window import WindowSpec, aggregate, assign
 
 __all__ = ["EngineOutput", "EngineSettings", "ProcessorEngine", "Readings"]
@@ -153,10 +153,21 @@ class ProcessorEngine:
             self._limit_arrays = (lo, hi, rate, floor)
         return self._limit_arrays
 
-    def _series_ids(self, r: Readings) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
-        """Series id and unit factor of every reading ``(n,)``: Python work per distinct key only."""
-        keys = list(zip(r.domain.tolist(), r.sensor_id.tolist(), r.site.tolist(), r.metric.tolist(), strict=True))
-        distinct = list(dict.fromkeys(keys))
+    def _series_ids(
+        self, r: Readings, key_code: npt.NDArray[np.int64] | None
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
+        """Series id and unit factor of every reading ``(n,)``: Python work per distinct key only.
+        ``key_code`` (optional, int64 ``(n,)``): readings with equal codes have equal (domain,
+        sensor_id, site, metric); it spares building a key tuple per reading."""
+        if key_code is not None:
+            first, codes = distinct_codes(key_code)
+            distinct = list(zip(*(getattr(r, f)[first].tolist() for f in ("domain", "sensor_id", "site", "metric")),
+                                strict=True))  # fmt: skip
+        else:
+            keys = list(zip(r.domain.tolist(), r.sensor_id.tolist(), r.site.tolist(), r.metric.tolist(), strict=True))
+            distinct = list(dict.fromkeys(keys))
+            position = {key: j for j, key in enumerate(distinct)}
+            codes = np.fromiter(map(position.__getitem__, keys), dtype=np.int64, count=len(keys))
         ids = np.empty(len(distinct), dtype=np.int64)
         factors = np.ones(len(distinct))
         for j, key in enumerate(distinct):
@@ -170,21 +181,26 @@ class ProcessorEngine:
                     factor = spec.convert[metric.rpartition("_")[2]] if spec else 1.0
                 hit = self._resolved[key] = (sid, factor)
             ids[j], factors[j] = hit
-        position = {key: j for j, key in enumerate(distinct)}
-        codes = np.fromiter(map(position.__getitem__, keys), dtype=np.int64, count=len(keys))
         return ids[codes], factors[codes]
 
     # ------------------------------------------------------------ main step
 
-    def ingest(self, r: Readings, now_s: float, caught_up: frozenset[int] = frozenset()) -> EngineOutput:
+    def ingest(
+        self,
+        r: Readings,
+        now_s: float,
+        caught_up: frozenset[int] = frozenset(),
+        key_code: npt.NDArray[np.int64] | None = None,
+    ) -> EngineOutput:
         """Clean ``r``, add it to windows, close what the watermarks allow; returns what to send.
+        ``key_code``: optional labels of the readings' series keys (see :meth:`_series_ids`).
 
         ``caught_up``: partitions with nothing more to read (no lag). Only those can be idle: a
         partition that merely was not fetched for a while (a rebalance, a slow sink) still has data.
         """
         out = EngineOutput()
         if len(r):
-            series, factor = self._series_ids(r)
+            series, factor = self._series_ids(r, key_code)
             # One (series, ts) order for the whole step: cleaning, windows and aggregates then
             # work on grouped rows and skip their own sorts and gathers.
             order, series_sorted, _ = series_time_order(series, r.ts_ns)

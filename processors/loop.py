@@ -17,14 +17,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from portpulse.catalogue import load_catalogue
-from portpulse.kafka import BatchSender, client_options, start_producer
+from portpulse.kafka import BatchSender, client_options, columnar_consumer_options, fetched_columns, start_producer
 from portpulse.points import PointSink, WriteReceipt
+from portpulse.recordbatch import RecordColumns, concat_columns, intern_slices
 from portpulse.schema import str_array
 from portpulse.settings import Settings
 from portpulse.topics import late_topic
-from portpulse.wire import decode_values
+from portpulse.wire import decode_columns
 from processors.engine import EngineSettings, ProcessorEngine, Readings
 from processors.metrics import PROCESSOR_METRICS
 from processors.window import parse_windows
@@ -50,32 +52,35 @@ class ProcessorStats:
 
 def _decode(
     records_by_tp: dict[Any, list[Any]], part_ids: dict[tuple[str, int], int], prefix: str
-) -> tuple[Readings, int]:
-    """Compact Kafka values -> reading columns (one vectorised decode for the whole fetch);
-    returns the columns and the count of undecodable records."""
+) -> tuple[Readings, npt.NDArray[np.int64], int, int]:
+    """A fetch -> reading columns (one vectorised decode for all partitions); returns the columns,
+    their series-key codes (see ``ProcessorEngine.ingest``), the count of records and the count
+    of undecodable records."""
     head = f"{prefix}.readings."
-    values: list[bytes] = []
-    raw_keys: list[bytes | None] = []
+    columns = []
     domains: list[str] = []
     parts: list[int] = []
-    offsets: list[int] = []
-    for tp, records in records_by_tp.items():
-        pid = part_ids.setdefault((tp.topic, tp.partition), len(part_ids))
-        dom = tp.topic[len(head) :]
-        values += [rec.value for rec in records]
-        raw_keys += [rec.key for rec in records]
-        domains += [dom] * len(records)
-        parts += [pid] * len(records)
-        offsets += [rec.offset for rec in records]
-    wire = decode_values(values)
+    for tp, items in records_by_tp.items():
+        cols = fetched_columns(items)
+        columns.append(cols)
+        domains.append(tp.topic[len(head) :])
+        parts.append(part_ids.setdefault((tp.topic, tp.partition), len(part_ids)))
+    cols = concat_columns(columns) if columns else RecordColumns.of([])
+    sizes = [len(c) for c in columns]
+    wire = decode_columns(cols.data, cols.value_start, cols.value_len)
     r = wire.record
-    # Few distinct sensor keys per fetch: decode each once.
-    names = {k: k.decode(errors="replace") if k else "" for k in dict.fromkeys(raw_keys)}
+    key_codes, distinct = intern_slices(cols.data, cols.key_start, cols.key_len)
+    # Null keys (length -1) and empty ones both name no sensor.
+    names = str_array([k.decode(errors="replace") for k in distinct])
+    of_tp = np.repeat(np.arange(len(sizes)), sizes)[r]
     readings = Readings(
-        str_array(domains)[r], str_array(list(map(names.__getitem__, raw_keys)))[r], wire.site, wire.metric,
-        wire.ts_ns, wire.value, np.array(parts, dtype=np.int64)[r], np.array(offsets, dtype=np.int64)[r],
+        str_array(domains)[of_tp], names[key_codes[r]], wire.site, wire.metric, wire.ts_ns, wire.value,
+        np.array(parts, dtype=np.int64)[of_tp], cols.offset[r],
     )  # fmt: skip
-    return readings, len(wire.bad)
+    key_code = (of_tp * len(distinct) + key_codes[r]) * (
+        int(wire.name_code.max()) + 1 if len(r) else 1
+    ) + wire.name_code
+    return readings, key_code, len(cols), len(wire.bad)
 
 
 def _late_record(late: tuple[int, str, str, str, int, float, int]) -> bytes:
@@ -94,11 +99,12 @@ async def run_processor(
     windows: str = "10s,1m,15m",
     allowed_lateness_s: float = 10.0,
     idle_timeout_s: float = 30.0,
-    max_records: int = 100_000,
+    fetch_max_bytes: int = 16 * 1024 * 1024,
     ready: asyncio.Event | None = None,
 ) -> ProcessorStats:
     """Consume ``{prefix}.readings.*`` in group ``kafka.consumer_group`` until ``stop`` is set;
-    sets ``ready`` once the consumer has started."""
+    sets ``ready`` once the consumer has started. ``fetch_max_bytes`` bounds one step (a fetch,
+    compressed bytes as stored: with lz4 about 4x as many bytes of records)."""
     from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
     from aiokafka.errors import KafkaError
     from aiokafka.structs import OffsetAndMetadata
@@ -122,8 +128,10 @@ async def run_processor(
         group_id=k.consumer_group,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
-        max_partition_fetch_bytes=8 * 1024 * 1024,
+        fetch_max_bytes=fetch_max_bytes,
+        max_partition_fetch_bytes=min(fetch_max_bytes, 2 * 1024 * 1024),
         metadata_max_age_ms=5000,
+        **columnar_consumer_options(),
     )
 
     def safe_commit() -> dict[Any, Any]:
@@ -196,7 +204,7 @@ async def run_processor(
         if ready is not None:
             ready.set()
         while not stop.is_set():
-            batch = await consumer.getmany(timeout_ms=200, max_records=max_records)
+            batch = await consumer.getmany(timeout_ms=200)
             async with state_lock:
                 # Never process records of a partition taken away by a rebalance during this fetch:
                 # its new owner replays them from the committed offset.
@@ -204,10 +212,10 @@ async def run_processor(
                 batch = {tp: records for tp, records in batch.items() if tp in owned}
                 started = time.perf_counter()
                 before = engine.safe_offsets()
-                readings, bad = _decode(batch, part_ids, k.topic_prefix)
+                readings, key_code, records, bad = _decode(batch, part_ids, k.topic_prefix)
                 for tp in batch:
                     tps[part_ids[(tp.topic, tp.partition)]] = tp
-                stats.records += sum(len(v) for v in batch.values())
+                stats.records += records
                 stats.readings += len(readings)
                 stats.bad_records += bad
                 caught_up = set()
@@ -219,7 +227,7 @@ async def run_processor(
                             PROCESSOR_METRICS.consumer_lag.labels(tp.topic, str(tp.partition)).set(high - consumed)
                             if consumed >= high:
                                 caught_up.add(pid)
-                out = engine.ingest(readings, time.monotonic(), frozenset(caught_up))
+                out = engine.ingest(readings, time.monotonic(), frozenset(caught_up), key_code)
                 receipts = [await sink.write(points, source=f"processor:{kind}") for kind, points in out.points]
                 for reason, count in out.rejected.items():
                     stats.rejected[reason] = stats.rejected.get(reason, 0) + count

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from processors.sorting import group_starts, stable_order
+from portpulse.sorting import group_starts, stable_order
 
 __all__ = ["Aggregates", "WindowSpec", "aggregate", "assign", "parse_windows"]
 

@@ -238,3 +238,51 @@ async def test_processor_joining_mid_stream_changes_no_window(kafka: KafkaEndpoi
     assert_windows_equal({**a, **b}, expected)
     # A window emitted by both (before and after a hand-over) must agree with the expected one too.
     assert_windows_equal({**b, **a}, expected)
+
+
+@pytest.mark.parametrize("compression", ["lz4", "zstd", None])
+async def test_columnar_fetch_reads_exactly_what_was_sent(
+    kafka: KafkaEndpoint, unique: str, compression: str | None
+) -> None:
+    """The processor's fetch path (record sets parsed as columns) against the real broker, while an
+    ordinary consumer in the same process still gets aiokafka's records."""
+    from aiokafka import AIOKafkaConsumer
+
+    from portpulse.kafka import columnar_consumer_options, fetched_columns
+    from portpulse.recordbatch import RecordColumns
+
+    topic = f"{unique}.readings.air"
+    await create_topic(kafka, topic, 1)
+    sent = [(f"s-{i % 37}".encode() if i % 50 else None, bytes([i % 251]) * (i % 300)) for i in range(2000)]
+    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap_servers, acks="all", linger_ms=5,
+                                compression_type=compression)  # fmt: skip
+    await producer.start()
+    try:
+        await asyncio.gather(*[await producer.send(topic, value, key=key) for key, value in sent])
+    finally:
+        await producer.stop()
+
+    async def read(columnar: bool) -> list[Any]:
+        options = columnar_consumer_options() if columnar else {}
+        consumer = AIOKafkaConsumer(topic, bootstrap_servers=kafka.bootstrap_servers, auto_offset_reset="earliest",
+                                    enable_auto_commit=False, **options)  # fmt: skip
+        await consumer.start()
+        items: list[Any] = []
+        try:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 60
+            while loop.time() < deadline:
+                for batch in (await consumer.getmany(timeout_ms=200)).values():
+                    items += batch
+                if sum(len(i) if isinstance(i, RecordColumns) else 1 for i in items) >= len(sent):
+                    break
+        finally:
+            await consumer.stop()
+        return items
+
+    columnar, plain = await read(True), await read(False)
+    assert columnar and all(isinstance(item, RecordColumns) for item in columnar)
+    cols = fetched_columns(columnar)
+    assert [(cols.key(i), cols.value(i)) for i in range(len(cols))] == sent
+    assert cols.offset.tolist() == list(range(len(sent)))
+    assert [(r.key, r.value) for r in plain] == sent

@@ -192,7 +192,7 @@ def test_sorting_and_median_networks_for_other_window_sizes() -> None:
 
 
 def test_stable_order_equals_a_stable_argsort_packed_or_not() -> None:
-    from processors.sorting import stable_order
+    from portpulse.sorting import stable_order
 
     rng = np.random.default_rng(5)
     for key in (

@@ -1,0 +1,135 @@
+"""The columnar Kafka record-set parser against aiokafka's own batch builder and reader."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
+from aiokafka.record.memory_records import MemoryRecords
+from aiokafka.record.util import calc_crc32c
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from portpulse.kafka import _decompress, fetched_columns
+from portpulse.recordbatch import (
+    CorruptRecordSetError,
+    RecordColumns,
+    concat_columns,
+    intern_slices,
+    parse_record_set,
+)
+from portpulse.sorting import distinct_codes
+
+Rec = tuple[bytes | None, bytes | None]
+
+
+def batch(records: list[Rec], base_offset: int, codec: int = 0, ts_step_ms: int = 1) -> bytes:
+    """A v2 record batch as a producer writes it (aiokafka's builder), at ``base_offset``."""
+    builder = DefaultRecordBatchBuilder(2, codec, 0, -1, -1, -1, 1 << 24)
+    for i, (key, value) in enumerate(records):
+        builder.append(i, timestamp=1_764_000_000_000 + i * ts_step_ms, key=key, value=value,
+                       headers=[("pp-v", b"1")] if i % 2 else [])  # fmt: skip
+    buf = builder.build()
+    buf[0:8] = struct.pack(">q", base_offset)
+    # The base offset is outside the CRC (which starts at the attributes), so it stays valid.
+    return bytes(buf)
+
+
+def reference(raw: bytes, fetch_offset: int) -> list[tuple[int, bytes | None, bytes | None]]:
+    records = MemoryRecords(raw)
+    out = []
+    while records.has_next():
+        b = records.next_batch()
+        if b is None:
+            break
+        out += [(r.offset, r.key, r.value) for r in b if r.offset >= fetch_offset]
+    return out
+
+
+def as_tuples(cols: RecordColumns) -> list[tuple[int, bytes | None, bytes | None]]:
+    return [(int(cols.offset[i]), cols.key(i), cols.value(i)) for i in range(len(cols))]
+
+
+def parse(raw: bytes, fetch_offset: int = 0) -> RecordColumns:
+    return parse_record_set(raw, fetch_offset, _decompress, calc_crc32c)
+
+
+payload = st.one_of(st.none(), st.binary(max_size=40), st.binary(min_size=60, max_size=9000))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    batches=st.lists(st.lists(st.tuples(payload, payload), min_size=1, max_size=30), min_size=1, max_size=4),
+    codec=st.sampled_from([0, 1, 3, 4]),  # none, gzip, lz4, zstd
+    ts_step_ms=st.sampled_from([0, 1, 100_000]),  # 1-, 2- and 4-byte timestamp deltas
+    skip=st.integers(0, 40),
+)
+def test_parse_equals_aiokafkas_reader(batches: list[list[Rec]], codec: int, ts_step_ms: int, skip: int) -> None:
+    raw, offset = b"", 100
+    for records in batches:
+        raw += batch(records, offset, codec, ts_step_ms)
+        offset += len(records)
+    fetch_offset = 100 + skip  # may start inside a batch: the records before it are skipped
+    cols = parse(raw, fetch_offset)
+    assert as_tuples(cols) == reference(raw, fetch_offset)
+    assert cols.next_offset == max(offset, fetch_offset)
+
+
+def test_a_truncated_last_batch_is_left_for_the_next_fetch() -> None:
+    first = batch([(b"a", b"1"), (b"b", b"2")], 0)
+    second = batch([(b"c", b"3")], 2)
+    cols = parse(first + second[:-5])
+    assert as_tuples(cols) == [(0, b"a", b"1"), (1, b"b", b"2")]
+    assert cols.next_offset == 2
+
+
+def test_a_corrupt_batch_is_refused_not_misread() -> None:
+    good = bytearray(batch([(b"key", b"value" * 10)], 0))
+    good[-3] ^= 0xFF  # inside the value: the CRC no longer matches
+    with pytest.raises(CorruptRecordSetError, match="CRC"):
+        parse(bytes(good))
+    # Without the CRC check, broken framing is still caught: a record longer than its batch.
+    framed = bytearray(batch([(b"k", b"v"), (b"k", b"v")], 0))
+    framed[61] = 0x7E  # first record's length varint: 63 bytes, past the second record
+    with pytest.raises(CorruptRecordSetError):
+        parse_record_set(bytes(framed), 0, _decompress)
+
+
+def test_columns_of_records_and_concat_keep_every_slice() -> None:
+    a = RecordColumns.of([(5, b"k1", b"v1"), (6, None, b"")])
+    b = RecordColumns.of([(9, b"k2", None)], next_offset=12)
+    both = concat_columns([a, b])
+    assert as_tuples(both) == [(5, b"k1", b"v1"), (6, None, b""), (9, b"k2", None)]
+    assert both.next_offset == 12
+    assert as_tuples(fetched_columns([a, b])) == as_tuples(both)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.one_of(st.sampled_from([b"", b"aq-1", b"aq-10", b"x" * 8, b"x" * 9]), st.binary(max_size=70)),
+                max_size=60))  # fmt: skip
+def test_intern_slices_equals_a_dict(slices: list[bytes]) -> None:
+    data = np.frombuffer(b"".join(slices), dtype=np.uint8)
+    length = np.array([len(x) for x in slices], dtype=np.int64)
+    start = np.concatenate([[0], np.cumsum(length)[:-1]]).astype(np.int64) if slices else length
+    codes, distinct = intern_slices(data, start, length)
+    expected: dict[bytes, int] = {}
+    assert codes.tolist() == [expected.setdefault(x, len(expected)) for x in slices]
+    assert distinct == list(expected)
+
+
+def test_intern_slices_reads_nulls_as_empty() -> None:
+    data = np.frombuffer(b"abab", dtype=np.uint8)
+    codes, distinct = intern_slices(data, np.array([0, 2, 0]), np.array([2, 2, -1]))
+    assert codes.tolist() == [0, 0, 1]
+    assert distinct == [b"ab", b""]
+
+
+@given(st.lists(st.integers(-(2**62), 2**62), max_size=200))
+def test_distinct_codes_equals_np_unique_in_first_appearance_order(values: list[int]) -> None:
+    key = np.array(values, dtype=np.int64)
+    first, codes = distinct_codes(key)
+    order: dict[int, int] = {}
+    assert codes.tolist() == [order.setdefault(v, len(order)) for v in values]
+    assert key[first].tolist() == list(order)
