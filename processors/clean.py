@@ -236,15 +236,6 @@ def _verdict(
     return out
 
 
-def _full_stats(cols: list[npt.NDArray[np.float64]]) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
-    """Median and MAD of full windows given as W columns."""
-    med = _full_median(cols)
-    dev = [np.subtract(col, med) for col in cols]
-    for d in dev:
-        np.abs(d, out=d)
-    return med, _full_median(dev, owned=True)
-
-
 def _judge_windows(
     ext_v: npt.NDArray[np.float64],
     ext_t: npt.NDArray[np.int64],
@@ -294,11 +285,27 @@ def _judge_windows(
             x, t, t_mid, t_mid2 = ext_v[p], ext_t[p], ext_t[start + mid], ext_t[p - 1 - w // 2]
             series = ext_series[p]
             ok = (empty_before[p] == empty_before[start]) & (back_before[p] == back_before[start + 1])
-        med, mad = _full_stats(cols)
+        med = _full_median(cols)
+        chunk_floor = floor[series]
+        # The spike scale is at least the floor, so only values further than k x floor from the
+        # median can be spikes: the MAD (a second median network) is needed for those rows alone.
+        dev_x = np.abs(x - med)
+        need = np.flatnonzero(dev_x > k_sigma * chunk_floor) if w >= 3 else np.empty(0, np.int64)
         age = (t - t_mid).astype(np.float64)
         if w % 2 == 0:
             age = (age + (t - t_mid2).astype(np.float64)) / 2
-        verdict[a:b] = _verdict(x, med, mad, age, w, floor[series], max_rate[series], k_sigma)
+        # Checks 4 and 5 as in _verdict, for full windows: the rate check on every row, the spike
+        # check on the rows that can fail it.
+        with np.errstate(divide="ignore", invalid="ignore"):
+            too_fast = dev_x / (age / 1e9) > max_rate[series]
+        too_fast &= age > 0
+        out = np.where(too_fast, np.uint8(RATE), np.uint8(OK))
+        if len(need):
+            around = med[need]
+            mad = _full_median([np.abs(col[need] - around) for col in cols], owned=True)
+            scale = np.maximum(1.4826 * mad, chunk_floor[need])
+            out[need[dev_x[need] > k_sigma * scale]] = SPIKE
+        verdict[a:b] = out
         fast[a:b] = ok
     if dense:
         row = pos - w
