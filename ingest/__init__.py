@@ -2,13 +2,13 @@
 (``ingest.mqtt``) and the bridge loop (``ingest.bridge``)."""
 
 from ingest.decode import DecodedBatch, DecodeLimits, Message, Problem, decode_messages
-from ingest.records import OutRecord, build_dead_letters, build_records
+from ingest.records import OutRecords, build_dead_letters, build_records
 
 __all__ = [
     "DecodeLimits",
     "DecodedBatch",
     "Message",
-    "OutRecord",
+    "OutRecords",
     "Problem",
     "build_dead_letters",
     "build_records",

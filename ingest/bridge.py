@@ -22,7 +22,7 @@ from ingest.decode import DecodeLimits, decode_messages
 from ingest.metrics import INGEST_METRICS
 from ingest.mqtt import Inbound, MqttSource, PahoMqttSource
 from ingest.mqtt_asyncio import AsyncioMqttSource
-from ingest.records import OutRecord, build_dead_letters, build_records
+from ingest.records import OutRecords, build_dead_letters, build_records
 from portpulse.deadletter import DeadLetter, dead_letter_headers
 from portpulse.kafka import BatchSender, KafkaOut, client_options, start_producer
 from portpulse.ops import Health
@@ -197,7 +197,7 @@ class Bridge:
             for p in problems:
                 self.stats.rejected_by_reason[p.reason] = self.stats.rejected_by_reason.get(p.reason, 0) + 1
                 INGEST_METRICS.dlq.labels(p.reason).inc()
-        await self._sink.ensure_topics({r.topic for r in records} | ({self._dlq_topic} if letters else set()))
+        await self._sink.ensure_topics(records.topics | ({self._dlq_topic} if letters else set()))
         self._flights.append(_Flight(batch, asyncio.create_task(self._deliver(records, [x for _, x in letters]))))
         self._in_flight += len(batch)
         self._report_in_flight()
@@ -206,13 +206,14 @@ class Bridge:
     def _dlq_topic(self) -> str:
         return dlq_topic(self._settings.kafka.topic_prefix)
 
-    async def _deliver(self, records: list[OutRecord], letters: list[DeadLetter]) -> None:
+    async def _deliver(self, records: OutRecords, letters: list[DeadLetter]) -> None:
         started = time.perf_counter()
-        out: list[KafkaOut] = [(r.topic, r.key, r.value, r.headers) for r in records]
-        out += [(self._dlq_topic, None, letter.payload, dead_letter_headers(letter)) for letter in letters]
+        out: list[KafkaOut] = records.records + [
+            (self._dlq_topic, None, letter.payload, dead_letter_headers(letter)) for letter in letters
+        ]
         self.stats.kafka_retries += await self._sink.send_all(out)
         INGEST_METRICS.kafka_send_seconds.observe(time.perf_counter() - started)
-        readings = sum(r.readings for r in records)
+        readings = sum(records.readings)
         self.stats.readings += readings
         self.stats.dead_letters += len(letters)
         INGEST_METRICS.readings.inc(readings)

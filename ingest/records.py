@@ -5,70 +5,87 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from ingest.decode import DecodedBatch, Message
 from portpulse.deadletter import DeadLetter
+from portpulse.kafka import KafkaOut
 from portpulse.topics import readings_topic
-from portpulse.wire import VERSION_HEADER, encode_single, encode_value
+from portpulse.wire import VERSION_HEADER, encode_singles, encode_value
 
-__all__ = ["OutRecord", "build_dead_letters", "build_records"]
+__all__ = ["OutRecords", "build_dead_letters", "build_records"]
 
 
-HEADERS = [VERSION_HEADER]  # shared by every record (read-only)
+HEADERS: list[tuple[str, bytes]] = [VERSION_HEADER]  # shared by every record (read-only)
 
 
 @dataclass(frozen=True, slots=True)
-class OutRecord:
-    """A Kafka record and the index of the MQTT message it came from."""
+class OutRecords:
+    """Kafka records ready for :class:`portpulse.kafka.BatchSender` (plain tuples: the bridge
+    builds hundreds of thousands per second), with the MQTT message each came from and its
+    reading count, ``(n,)`` lists."""
 
-    topic: str
-    key: bytes
-    value: bytes
-    message: int
-    readings: int
+    records: list[KafkaOut]
+    message: list[int]
+    readings: list[int]
+
+    def __len__(self) -> int:
+        return len(self.records)
 
     @property
-    def headers(self) -> list[tuple[str, bytes]]:
-        return HEADERS
+    def topics(self) -> set[str]:
+        return {topic for topic, *_ in self.records}
 
 
-def build_records(batch: DecodedBatch, topic_prefix: str) -> list[OutRecord]:
+def build_records(batch: DecodedBatch, topic_prefix: str) -> OutRecords:
     """Encode each run of consecutive readings of one (message, domain, sensor, site) as a record.
 
     The decoder emits readings in message order and, within a message, in payload order, so
     records come out in message order and a sensor's readings keep their order. (A sensor that
     reappears later in the same payload simply gets a second record under the same key.)
+    Runs are found with one vectorised comparison; runs of one reading (single-reading messages,
+    gateway batches of distinct sensors) are encoded together by :func:`encode_singles`.
     """
     r = batch.readings
     n = len(r)
     if n == 0:
-        return []
-    message, domain, sensor, site = (
-        batch.message_index.tolist(),
-        r.domain.tolist(),
-        r.sensor_id.tolist(),
-        r.site.tolist(),
-    )
-    metric, ts, value, flags = r.metric.tolist(), r.ts_ns.tolist(), r.value.tolist(), r.flags.tolist()
+        return OutRecords([], [], [])
+    message = batch.message_index
+    change = np.empty(n, dtype=bool)
+    change[0] = True
+    change[1:] = message[1:] != message[:-1]
+    for column in (r.sensor_id, r.domain, r.site):
+        change[1:] |= column[1:] != column[:-1]
+    starts = np.flatnonzero(change)
+    stops = np.append(starts[1:], n)
     topics: dict[str, str] = {}
-    out = []
-    start = 0
-    while start < n:
-        key = (message[start], domain[start], sensor[start], site[start])
-        stop = start + 1
-        while stop < n and (message[stop], domain[stop], sensor[stop], site[stop]) == key:
-            stop += 1
-        if stop - start == 1:  # one reading per record: the common case, packed directly
-            encoded = encode_single(key[3], metric[start], ts[start], value[start], flags[start])
+    keys: dict[str, bytes] = {}
+    out: list[KafkaOut] = []
+    domain, sensor, site, metric = r.domain.tolist(), r.sensor_id.tolist(), r.site.tolist(), r.metric.tolist()
+    msg = message.tolist()
+    one = starts[stops - starts == 1]
+    encoded_singles = encode_singles(r.site[one].tolist(), r.metric[one].tolist(), r.ts_ns[one], r.value[one],
+                                     r.flags[one])  # fmt: skip
+    if len(one) == n:  # every record holds one reading: no runs to walk
+        topics = {d: readings_topic(d, topic_prefix) for d in set(domain)}
+        keys = {name: name.encode() for name in set(sensor)}
+        out = [(topics[d], keys[k], v, HEADERS) for d, k, v in zip(domain, sensor, encoded_singles, strict=True)]
+        return OutRecords(out, msg, [1] * n)
+    singles = iter(encoded_singles)
+    for start, stop in zip(starts.tolist(), stops.tolist(), strict=True):
+        if stop - start == 1:
+            encoded = next(singles)
         else:
             names = metric[start:stop]
             table = list(dict.fromkeys(names))
             index = [table.index(m) for m in names]
-            encoded = encode_value(key[3], table, index, ts[start:stop], value[start:stop], flags[start:stop])
-        dom = key[1]
+            encoded = encode_value(site[start], table, index, r.ts_ns[start:stop], r.value[start:stop],
+                                   r.flags[start:stop])  # fmt: skip
+        dom, name = domain[start], sensor[start]
         topic = topics.get(dom) or topics.setdefault(dom, readings_topic(dom, topic_prefix))
-        out.append(OutRecord(topic, key[2].encode(), encoded, key[0], stop - start))
-        start = stop
-    return out
+        key = keys.get(name) or keys.setdefault(name, name.encode())
+        out.append((topic, key, encoded, HEADERS))
+    return OutRecords(out, [msg[s] for s in starts.tolist()], (stops - starts).tolist())
 
 
 def build_dead_letters(batch: DecodedBatch, messages: Sequence[Message]) -> list[tuple[int, DeadLetter]]:

@@ -204,15 +204,18 @@ def test_records_group_by_message_and_sensor_and_dead_letters_keep_the_payload()
     batch = decode_messages(messages, LIMITS)
     records = build_records(batch, "pp")
     # One record per run of a sensor's readings, in payload order; a sensor seen again gets another.
-    assert [(r.topic, r.key, r.message, r.readings) for r in records] == [
+    assert [
+        (topic, key, m, n)
+        for (topic, key, *_), m, n in zip(records.records, records.message, records.readings, strict=True)
+    ] == [
         ("pp.readings.air", b"a", 0, 2),
         ("pp.readings.air", b"b", 0, 1),
         ("pp.readings.air", b"a", 0, 1),
     ]
-    a = decode_value(records[0].value)
+    a = decode_value(records.records[0][2])
     assert [a.metrics[i] for i in a.metric_index] == ["no2", "pm25"]
     assert a.value.tolist() == [1.0, 2.0] and a.ts_ns.tolist() == [NOW, NOW]
-    a2 = decode_value(records[2].value)
+    a2 = decode_value(records.records[2][2])
     assert a2.metrics == ("no2",) and a2.value.tolist() == [4.0] and a2.ts_ns.tolist() == [NOW + 2 * 10**9]
     letters = build_dead_letters(batch, messages)
     assert [(i, letter.payload, letter.reason, letter.source) for i, letter in letters] == [
@@ -302,3 +305,46 @@ def test_batch_decode_fast_paths_still_reject_values_with_a_known_header_and_a_w
     assert batch.record.tolist() == [0, 0, 0, 3, 5, 5, 5, 7, 7, 7]
     assert batch.value.tolist() == [1.0, 2.0, 3.0, 9.0, 1.0, 2.0, 3.0, 1.0, 2.0, 3.0]
     assert batch.metric.tolist() == [*names, "no2", *names, *names]
+
+
+def test_encode_singles_gives_the_bytes_of_encode_single_for_every_reading() -> None:
+    from portpulse.wire import encode_single, encode_singles
+
+    sites = ["quai", "quai", "berth-2", "quai", "berth-2"]
+    metrics = ["no2", "pm25", "no2", "no2", "o3"]
+    ts = np.array([1, -2, 3, 2**62, 5], dtype=np.int64)
+    values = np.array([1.5, -0.0, 3e300, 4.25, -7.0])
+    flags = np.array([0, 1, 0, 1, 0], dtype=np.uint8)
+    got = encode_singles(sites, metrics, ts, values, flags)
+    assert got == [
+        encode_single(s, m, int(t), float(v), int(f))
+        for s, m, t, v, f in zip(sites, metrics, ts, values, flags, strict=True)
+    ]
+    assert encode_singles([], [], ts[:0], values[:0], flags[:0]) == []
+
+
+def test_plain_gateway_batches_take_the_whole_batch_path_with_the_same_result() -> None:
+    """Once its names are known, a clean batch is decoded at once; one bad reading sends the whole
+    message back through the per-reading path, which reports it and keeps the rest."""
+    big = DecodeLimits()
+    readings = [
+        {"sensor_id": f"gw-{k}", "ts": 1_764_000_000_000 + k, "metrics": {"no2": k + 0.5, "pm25": k}} for k in range(50)
+    ]
+    readings[7]["site"] = "berth-9"
+    good = json.dumps({"readings": readings}).encode()
+    first = decode_messages([Message("sensors/air/quai", good, NOW)], big).readings  # learns the names
+    second = decode_messages([Message("sensors/air/quai", good, NOW)], big).readings
+    for column in ("sensor_id", "site", "domain", "metric", "ts_ns", "value", "flags"):
+        assert getattr(second, column).tolist() == getattr(first, column).tolist(), column
+    assert len(second) == 100 and second.site.tolist()[14:16] == ["berth-9", "berth-9"]
+    assert second.ts_ns.tolist()[:2] == [1_764_000_000_000 * 10**6] * 2
+    for bad_value, reason in ((float("inf"), "non_finite_value"), ("7", "non_numeric_value")):
+        bad = json.loads(good)
+        bad["readings"][3]["metrics"]["no2"] = bad_value
+        payload = json.dumps(bad).encode()
+        batch = decode_messages([Message("sensors/air/quai", payload, NOW)], big)
+        assert len(batch.readings) == 99 and [p.reason for p in batch.problems[0]] == [reason]
+    late = json.loads(good)
+    late["readings"][0]["ts"] = 1  # 1970: far in the past
+    batch = decode_messages([Message("sensors/air/quai", json.dumps(late).encode(), NOW)], big)
+    assert len(batch.readings) == 98 and [p.reason for p in batch.problems[0]] == ["ts_too_far_past"]

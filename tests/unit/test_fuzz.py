@@ -91,9 +91,9 @@ def test_hostile_messages_never_crash_or_vanish_and_accepted_data_cannot_inject(
 
     # Accepted readings -> Kafka records -> batch wire decode: the same readings, nothing more.
     records = build_records(batch, "portpulse")
-    wire = decode_values([rec.value for rec in records])
+    wire = decode_values([value for _, _, value, _ in records.records])
     assert wire.bad == [] and len(wire) == len(r)
-    keys = [records[i].key.decode() for i in wire.record.tolist()]
+    keys = [records.records[i][1].decode() for i in wire.record.tolist()]
     got = sorted(zip(keys, wire.site.tolist(), wire.metric.tolist(), wire.ts_ns.tolist(), wire.value.tolist(),
                      strict=True))  # fmt: skip
     want = sorted(zip(r.sensor_id.tolist(), r.site.tolist(), r.metric.tolist(), r.ts_ns.tolist(), r.value.tolist(),
