@@ -24,6 +24,7 @@ from typing import Any, TypeGuard, TypeVar
 
 import numpy as np
 import numpy.typing as npt
+import orjson
 
 from portpulse.schema import FLAG_TS_FROM_RECEIVE, ReadingColumns, str_array
 from portpulse.topics import ID_RE, MqttTopic, parse_mqtt_topic
@@ -262,11 +263,21 @@ def _value(metric: str, raw: object) -> tuple[float | None, Problem | None]:
 # ---------------------------------------------------------------- JSON
 
 
+def _parse_json(text: str) -> Any:
+    """orjson (about 3x the standard library); what it refuses (``NaN``/``Infinity`` literals,
+    ``1e400``, deep nesting, malformed text) is re-read by the standard library, so every payload
+    gets the standard library's verdict and error message."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text)
+
+
 def _decode_json(
     i: int, text: str, topic: MqttTopic, received_ns: int, limits: DecodeLimits, out: _Out, problems: list[Problem]
 ) -> None:
     try:
-        doc = json.loads(text)
+        doc = _parse_json(text)
     except (ValueError, RecursionError) as exc:
         problems.append(Problem("malformed_json", str(exc)[:200]))
         return

@@ -79,7 +79,7 @@ class BatchSender:
         self._on_failure = on_failure
         self._on_recovery = on_recovery
         self._partition_counts: dict[str, int] = {}
-        self._partition_of: dict[tuple[str, bytes], int] = {}
+        self._partition_of: dict[str, dict[bytes, int]] = {}  # topic -> key -> partition
         self._rng = random.Random()
 
     async def send_all(self, records: list[KafkaOut]) -> int:
@@ -115,42 +115,58 @@ class BatchSender:
             self._on_failure(exc)
 
     async def _send_batches(self, records: list[KafkaOut]) -> list[tuple[list[KafkaOut], Any]]:
-        from aiokafka.errors import KafkaTimeoutError
         from aiokafka.partitioner import murmur2
 
-        by_partition: dict[tuple[str, int], list[KafkaOut]] = {}
+        # Per topic: its partition count, the partition of each key seen, and this call's buckets.
+        topics: dict[str, tuple[int, dict[bytes, int], list[list[KafkaOut]]]] = {}
+        rng = self._rng
         for rec in records:
             topic, key = rec[0], rec[1]
-            count = self._partition_counts.get(topic)
-            if count is None:
-                partitions = await asyncio.wait_for(self._producer.partitions_for(topic), 30)
-                if not partitions:
-                    raise KafkaTimeoutError(f"no partitions for {topic}")
-                count = self._partition_counts[topic] = len(partitions)
+            state = topics.get(topic)
+            if state is None:
+                count = await self._partition_count(topic)
+                state = topics[topic] = (count, self._partition_of.setdefault(topic, {}), [[] for _ in range(count)])
+            count, known, buckets = state
             if key is None:
-                part = self._rng.randrange(count)
+                part = rng.randrange(count)
             else:
-                cache_key = (topic, key)
-                part = self._partition_of.get(cache_key, -1)
+                part = known.get(key, -1)
                 if part < 0:
-                    part = (murmur2(key) & 0x7FFFFFFF) % count
-                    if len(self._partition_of) > 1_000_000:
-                        self._partition_of.clear()
-                    self._partition_of[cache_key] = part
-            by_partition.setdefault((topic, part), []).append(rec)
+                    part = known[key] = (murmur2(key) & 0x7FFFFFFF) % count
+            buckets[part].append(rec)
+        if sum(len(known) for known in self._partition_of.values()) > 1_000_000:
+            self._partition_of.clear()
         sent: list[tuple[list[KafkaOut], Any]] = []
-        for (topic, part), recs in by_partition.items():
-            batch = self._producer.create_batch()
-            members: list[KafkaOut] = []
-            for rec in recs:
-                if batch.append(key=rec[1], value=rec[2], timestamp=None, headers=rec[3]) is None:
-                    sent.append((members, await self._producer.send_batch(batch, topic, partition=part)))
-                    batch, members = self._producer.create_batch(), []  # next batch of this partition
-                    if batch.append(key=rec[1], value=rec[2], timestamp=None, headers=rec[3]) is None:
-                        raise ValueError(f"record of {len(rec[2])} bytes exceeds kafka.max_batch_bytes")
-                members.append(rec)
-            if members:
+        for topic, (_, _, buckets) in topics.items():
+            for part, recs in enumerate(buckets):
+                if recs:
+                    sent += await self._send_partition(topic, part, recs)
+        return sent
+
+    async def _partition_count(self, topic: str) -> int:
+        from aiokafka.errors import KafkaTimeoutError
+
+        count = self._partition_counts.get(topic)
+        if count is None:
+            partitions = await asyncio.wait_for(self._producer.partitions_for(topic), 30)
+            if not partitions:
+                raise KafkaTimeoutError(f"no partitions for {topic}")
+            count = self._partition_counts[topic] = len(partitions)
+        return count
+
+    async def _send_partition(self, topic: str, part: int, recs: list[KafkaOut]) -> list[tuple[list[KafkaOut], Any]]:
+        sent: list[tuple[list[KafkaOut], Any]] = []
+        batch = self._producer.create_batch()
+        members: list[KafkaOut] = []
+        for rec in recs:
+            if batch.append(key=rec[1], value=rec[2], timestamp=None, headers=rec[3]) is None:
                 sent.append((members, await self._producer.send_batch(batch, topic, partition=part)))
+                batch, members = self._producer.create_batch(), []  # next batch of this partition
+                if batch.append(key=rec[1], value=rec[2], timestamp=None, headers=rec[3]) is None:
+                    raise ValueError(f"record of {len(rec[2])} bytes exceeds kafka.max_batch_bytes")
+            members.append(rec)
+        if members:
+            sent.append((members, await self._producer.send_batch(batch, topic, partition=part)))
         return sent
 
 
