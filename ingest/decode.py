@@ -264,9 +264,9 @@ def _value(metric: str, raw: object) -> tuple[float | None, Problem | None]:
 
 
 def _parse_json(text: str) -> Any:
-    """orjson (about 3x the standard library); what it refuses (``NaN``/``Infinity`` literals,
-    ``1e400``, deep nesting, malformed text) is re-read by the standard library, so every payload
-    gets the standard library's verdict and error message."""
+    """orjson (about 3x the standard library). What it refuses (``NaN``/``Infinity`` literals,
+    ``1e400``, nesting beyond 1024 levels, malformed text) is re-read by the standard library, so
+    those keep its verdicts (non-finite values, its error messages)."""
     try:
         return orjson.loads(text)
     except orjson.JSONDecodeError:
