@@ -202,16 +202,9 @@ def parse_timestamp_ns(raw: object) -> int:
     if isinstance(raw, bool):
         raise ValueError("boolean is not a timestamp")
     if isinstance(raw, int):
-        magnitude = abs(raw)
-        if magnitude < 10**11:  # seconds until year 5138
-            return raw * 10**9
-        if magnitude < 10**14:
-            return raw * 10**6
-        if magnitude < 10**17:
-            return raw * 10**3
-        if magnitude < 10**19:
-            return raw
-        raise ValueError(f"timestamp {raw} out of range")
+        if abs(raw) >= 10**19:
+            raise ValueError(f"timestamp {raw} out of range")
+        return raw * _ns_per_unit(abs(raw))
     if isinstance(raw, float):
         if not math.isfinite(raw):
             raise ValueError("timestamp is not finite")
@@ -307,10 +300,6 @@ def _decode_json(
     _add_reading(i, doc, topic.sensor_id, topic, received_ns, limits, out, problems, "")
 
 
-_NS_PER_UNIT = np.array([10**9, 10**6, 10**3, 1], dtype=np.int64)  # s, ms, us, ns
-_UNIT_BELOW = np.array([10**11, 10**14, 10**17], dtype=np.int64)  # magnitudes, as parse_timestamp_ns
-
-
 def _plain_batch(
     i: int, readings: list[Any], topic: MqttTopic, received_ns: int, limits: DecodeLimits, out: _Out
 ) -> bool:
@@ -341,18 +330,19 @@ def _plain_batch(
     if len(metrics) != len(fields):  # several metrics per reading: repeat the reading's columns
         sensors, sites, stamps = ([x for x, c in zip(col, counts, strict=True) for _ in range(c)]
                                   for col in (sensors, sites, stamps))  # fmt: skip
+    # Per message the checks are a few C-level passes (min/max/map): numpy's per-call cost would
+    # exceed the work for a hundred readings.
+    lo, hi = min(stamps), max(stamps)
+    unit = _ns_per_unit(hi)
+    if lo < 0 or unit != _ns_per_unit(lo):  # negative or mixed units: the per-reading path
+        return False
+    if lo * unit < received_ns - limits.max_past_ns or hi * unit > received_ns + limits.max_future_ns:
+        return False
     try:
-        raw = np.array(stamps, dtype=np.int64)
-        value_arr = np.array(values, dtype=np.float64)
-    except OverflowError:  # an integer beyond 64 bits
+        floats = list(map(float, values))
+    except OverflowError:  # an integer beyond the float range
         return False
-    unit = _NS_PER_UNIT[np.searchsorted(_UNIT_BELOW, np.abs(raw), side="right")]
-    # Beyond int64 after scaling (or int64 min, whose abs is negative): the per-reading path.
-    if not ((raw > np.iinfo(np.int64).min) & (np.abs(raw) <= np.iinfo(np.int64).max // unit)).all():
-        return False
-    ts_ns = raw * unit
-    in_time = (ts_ns <= received_ns + limits.max_future_ns) & (ts_ns >= received_ns - limits.max_past_ns)
-    if not (in_time.all() and np.isfinite(value_arr).all()):
+    if not all(map(math.isfinite, floats)):
         return False
     n = len(metrics)
     out.message += [i] * n
@@ -360,10 +350,21 @@ def _plain_batch(
     out.site += sites
     out.domain += [topic.domain] * n
     out.metric += metrics
-    out.ts += ts_ns.tolist()
-    out.value += value_arr.tolist()
+    out.ts += stamps if unit == 1 else [t * unit for t in stamps]
+    out.value += floats
     out.flags += [0] * n
     return True
+
+
+def _ns_per_unit(magnitude: int) -> int:
+    """ns per unit of an integer epoch timestamp of this (non-negative) magnitude: s, ms, us, ns."""
+    if magnitude < 10**11:  # seconds until year 5138
+        return 10**9
+    if magnitude < 10**14:
+        return 10**6
+    if magnitude < 10**17:
+        return 10**3
+    return 1
 
 
 def _add_reading(

@@ -127,20 +127,28 @@ def encode_singles(
     bodies["metric"] = 0
     bodies["flags"] = flags
     body_bytes = bodies.view(np.uint8).reshape(n, _SINGLE_BODY.itemsize)
+    pairs = set(zip(site, metric, strict=True))
+    if len(pairs) == 1:  # one site and metric (a gateway's batch): no grouping
+        ((s, m),) = pairs
+        return _rows_after(_header(s, (m,)), body_bytes)
     codes: dict[tuple[str, str], int] = {}
     code = np.fromiter((codes.setdefault(pair, len(codes)) for pair in zip(site, metric, strict=True)), np.int64, n)
     out: list[bytes] = [b""] * n
     for (s, m), h in codes.items():
-        head = np.frombuffer(_header(s, (m,)), dtype=np.uint8)
-        rows = np.flatnonzero(code == h) if len(codes) > 1 else np.arange(n)
-        width = len(head) + _SINGLE_BODY.itemsize
-        matrix = np.empty((len(rows), width), dtype=np.uint8)
-        matrix[:, : len(head)] = head
-        matrix[:, len(head) :] = body_bytes[rows]
-        raw = matrix.tobytes()
-        for j, row in enumerate(rows.tolist()):
-            out[row] = raw[j * width : j * width + width]
+        rows = np.flatnonzero(code == h)
+        for row, encoded in zip(rows.tolist(), _rows_after(_header(s, (m,)), body_bytes[rows]), strict=True):
+            out[row] = encoded
     return out
+
+
+def _rows_after(head: bytes, rows: npt.NDArray[np.uint8]) -> list[bytes]:
+    """``head + row`` for every row of the byte matrix ``rows``, built as one matrix."""
+    width = len(head) + rows.shape[1]
+    matrix = np.empty((len(rows), width), dtype=np.uint8)
+    matrix[:, : len(head)] = np.frombuffer(head, dtype=np.uint8)
+    matrix[:, len(head) :] = rows
+    raw = matrix.tobytes()
+    return [raw[k : k + width] for k in range(0, len(raw), width)]
 
 
 @functools.lru_cache(maxsize=65_536)
