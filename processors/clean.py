@@ -407,9 +407,10 @@ def clean(
         # Candidate i of series group g sits after g + 1 history blocks: ext position i + (g + 1) W.
         pos = np.arange(len(cand), dtype=np.int64)
         pos += np.repeat(np.arange(1, len(uniq) + 1, dtype=np.int64) * window, counts)
-        ext_v[pos] = v[cand]
-        ext_t[pos] = t[cand]
-        ext_o[pos] = o[cand]
+        every = len(cand) == n  # the usual batch: no gathers of the candidates
+        ext_v[pos] = v if every else v[cand]
+        ext_t[pos] = t if every else t[cand]
+        ext_o[pos] = o if every else o[cand]
         ext_series = np.repeat(uniq, ext_len)
         verdict = _judge_windows(ext_v, ext_t, ext_series, pos, window, spike_floor, max_rate_per_s, k_sigma)
         r[cand] = verdict
