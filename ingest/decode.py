@@ -474,6 +474,9 @@ def _decode_line_protocol(
     i: int, text: str, topic: MqttTopic, received_ns: int, limits: DecodeLimits, out: _Out, problems: list[Problem]
 ) -> None:
     lines = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    if not lines:  # only comments: nothing to store, and it must not vanish silently
+        problems.append(Problem("missing_metrics", "line protocol with comment lines only"))
+        return
     if len(lines) > _MAX_READINGS_PER_MESSAGE:
         problems.append(Problem("payload_too_large", f"{len(lines)} lines in one message"))
         return

@@ -111,6 +111,7 @@ def test_line_protocol_with_tags_escapes_and_several_lines() -> None:
         ("sensors/air/quai/s1", '{"ts": 4102444800, "metrics": {"no2": 1}}', "ts_too_far_future"),
         ("sensors/air/quai/s1", '{"ts": 946684800, "metrics": {"no2": 1}}', "ts_too_far_past"),
         ("sensors/air/quai/s1", "[1, 2]", "unsupported_shape"),
+        ("sensors/air/quai/s1", "# a comment\n  #another", "missing_metrics"),  # comments only
         ("sensors/air/quai/s1", "[" * 1000 + "]" * 1000, "unsupported_shape"),  # valid JSON, not an object
         ("sensors/air/quai/s1", "[" * 2000 + "]" * 2000, "malformed_json"),  # too deep for either parser
         ("sensors/air/quai/s1", '{"a":' * 3000 + "1" + "}" * 3000, "payload_too_large"),
