@@ -104,7 +104,7 @@ async def run_processor(
 ) -> ProcessorStats:
     """Consume ``{prefix}.readings.*`` in group ``kafka.consumer_group`` until ``stop`` is set;
     sets ``ready`` once the consumer has started. ``fetch_max_bytes`` bounds one step (a fetch,
-    compressed bytes as stored: with lz4 about 4x as many bytes of records)."""
+    compressed bytes as stored: several times as many bytes of records)."""
     from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
     from aiokafka.errors import KafkaError
     from aiokafka.structs import OffsetAndMetadata
