@@ -127,6 +127,9 @@ class Run:
 
 
 def payloads(prefix: str, n: int, batch: int, t_ms: int) -> list[tuple[str, bytes]]:
+    """``n`` readings, 1 ms apart, ending at ``t_ms``: stamps after it would pass the bridge's
+    future limit (``ingest.max_future_s``, 300 s) in runs of more than 300 000 and go to the DLQ."""
+    t_ms -= n
     if batch == 1:
         return [
             (f"{prefix}/air/quai/no2-{i % 1000}", b'{"ts": %d, "metrics": {"no2": %d.5}}' % (t_ms + i, i % 400))
