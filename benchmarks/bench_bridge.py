@@ -240,6 +240,31 @@ def drain_run(env: dict[str, str], n: int, batch: int, qos: int) -> tuple[float,
     return len(messages) / seconds, peer, count
 
 
+def live_batches(env: dict[str, str], n: int, batch: int, timeout_s: float = 600) -> tuple[float, int, float]:
+    """Publish ``n`` readings in gateway batches to a subscribed bridge (QoS1, live) and time from
+    the first publish until the bridge counted every reading acknowledged by Kafka.
+    Returns (readings/s, records in Kafka, readings/s the publisher managed).
+
+    Live, not drained from a queued session: a session of thousands of 7 KB messages reaches the
+    bridge as one burst before its counters move, which would hide the receiving from the timer."""
+    run = Run(env, "batches", 1)
+    run.start_bridge()
+    run.wait_subscribed()
+    messages = payloads(run.prefix, n, batch, int(time.time() * 1000))
+    before = run.totals().get("kafka_readings", 0)
+    t0 = time.monotonic()
+    publish_s = publish(run.host, run.port, messages, 1)
+    deadline = t0 + timeout_s
+    while run.totals().get("kafka_readings", 0) < before + n:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"bridge did not deliver {n} readings in {timeout_s:.0f} s")
+        time.sleep(0.02)
+    seconds = time.monotonic() - t0
+    count, _ = asyncio.run(kafka_stats(env, [f"{run.prefix}.readings.air"], n + 1, 600))
+    run.stop_bridge()
+    return n / seconds, count, n / publish_s
+
+
 def live_qos0(env: dict[str, str], n: int) -> tuple[float, int, float]:
     run = Run(env, "qos0", 0)
     run.start_bridge()
@@ -299,11 +324,12 @@ def main() -> None:
         f"| QoS0, 1 reading/msg (live, publisher {pub_rate:,.0f} msg/s) | {rate0:,.0f} msg/s | 30,000 | "
         f"{rate0 / 30000:.2f} | - | - | {count0:,} of {args.messages:,} |"
     )
-    n_batches = max(1, args.messages // 100)
-    rate_b, peer_b, count_b = drain_run(env, n_batches * 100, 100, 1)
+    readings = max(100, args.messages * 3 // 100 * 100)
+    rate_b, count_b, pub_b = live_batches(env, readings, 100)
     print(
-        f"| QoS1, gateway batches of 100 | {rate_b * 100:,.0f} readings/s | 300,000 | {rate_b * 100 / 300000:.2f} | "
-        f"{peer_b * 100:,.0f} readings/s | {rate_b / peer_b:.2f} | {count_b:,} |"
+        f"| QoS1, gateway batches of 100 (live from the first publish; publisher {pub_b:,.0f} readings/s) | "
+        f"{rate_b:,.0f} readings/s | 300,000 | "
+        f"{rate_b / 300000:.2f} | - | - | {count_b:,} of {readings:,} |"
     )
     if not args.skip_outage:
         peak, sent, got = outage(env, args.outage_seconds, args.outage_rate)

@@ -26,6 +26,7 @@ from ingest.records import OutRecords, build_dead_letters, build_records
 from portpulse.deadletter import DeadLetter, dead_letter_headers
 from portpulse.kafka import BatchSender, KafkaOut, client_options, start_producer
 from portpulse.ops import Health
+from portpulse.recordbatch import OutgoingRecords
 from portpulse.settings import Settings
 from portpulse.topics import dlq_topic
 
@@ -35,6 +36,10 @@ log = logging.getLogger("portpulse.bridge")
 
 BATCH_MESSAGES = 5_000  # taken from the MQTT queue per step
 MAX_DISPATCH = 20_000  # messages per Kafka delivery
+# Payload bytes per delivery: decoding is the one long step that holds the event loop (the ops
+# endpoints, Kafka's acks); 2 MiB is ~50 ms of work and keeps gateway batches (7 KB each) flowing
+# through in overlapping deliveries instead of seconds-long ones.
+MAX_DISPATCH_BYTES = 2 * 1024 * 1024
 BATCH_WAIT_S = 0.005  # idle: wait this long for the first message
 SENDING_WAIT_S = 0.001  # while a delivery is in flight: look back soon to start the next one
 
@@ -70,7 +75,13 @@ class KafkaRecordSink:
             max_batch_size=k.max_batch_bytes,
             max_request_size=max(k.max_batch_bytes, self._settings.ingest.max_payload_bytes * 2),
         )
-        self._sender = BatchSender(self._producer, on_failure=self._note_failure, on_recovery=self._note_recovery)
+        self._sender = BatchSender(
+            self._producer,
+            on_failure=self._note_failure,
+            on_recovery=self._note_recovery,
+            compression=k.compression,
+            max_batch_bytes=k.max_batch_bytes,
+        )
         return self
 
     async def __aexit__(
@@ -101,10 +112,12 @@ class KafkaRecordSink:
             await admin.close()
         self._known_topics |= missing
 
-    async def send_all(self, records: list[KafkaOut]) -> int:
-        """Send records until Kafka acknowledged every one; returns the number of retries it took."""
+    async def send(self, records: OutgoingRecords, others: list[KafkaOut]) -> int:
+        """Send records (columns and tuples) until Kafka acknowledged every one; returns the number
+        of retries it took."""
         assert self._sender is not None, "use 'async with KafkaRecordSink(...)'"
-        return await self._sender.send_all(records)
+        retries = await self._sender.send_columns(records) if len(records) else 0
+        return retries + (await self._sender.send_all(others) if others else 0)
 
     def _note_recovery(self, retries: int) -> None:
         if not self.healthy:
@@ -142,6 +155,7 @@ class Bridge:
         self._flights: collections.deque[_Flight] = collections.deque()
         self._in_flight = 0  # handed to Kafka, not yet acknowledged there
         self._accumulated: list[Inbound] = []  # received, waiting for the delivery in progress
+        self._accumulated_bytes = 0
         self.stats = BridgeStats()
 
     @property
@@ -164,9 +178,9 @@ class Bridge:
             while not stop.is_set():
                 self._ack_completed()
                 sending = bool(self._flights) and not self._flights[-1].task.done()
-                if self._accumulated and (not sending or len(self._accumulated) >= MAX_DISPATCH):
-                    batch, self._accumulated = self._accumulated, []
-                    await self._dispatch(batch)
+                full = len(self._accumulated) >= MAX_DISPATCH or self._accumulated_bytes >= MAX_DISPATCH_BYTES
+                if self._accumulated and (not sending or full):
+                    await self._dispatch(self._take_dispatch())
                     continue
                 room = max_in_flight - self.in_flight
                 if room <= 0:
@@ -177,14 +191,28 @@ class Bridge:
                 got = await self._source.get_batch(
                     min(room, BATCH_MESSAGES), SENDING_WAIT_S if sending else BATCH_WAIT_S
                 )
-                self._accumulated += got
                 if got:
+                    self._accumulated += got
+                    self._accumulated_bytes += sum(len(i.message.payload) for i in got)
+                    INGEST_METRICS.messages.inc(len(got))
                     self._report_in_flight()
         finally:
-            if self._accumulated:
-                batch, self._accumulated = self._accumulated, []
-                await self._dispatch(batch)
+            while self._accumulated:
+                await self._dispatch(self._take_dispatch())
             await self._drain(drain_timeout_s)
+
+    def _take_dispatch(self) -> list[Inbound]:
+        """The oldest accumulated messages, up to MAX_DISPATCH of them and MAX_DISPATCH_BYTES."""
+        size = 0
+        for count, inbound in enumerate(self._accumulated[:MAX_DISPATCH]):
+            size += len(inbound.message.payload)
+            if size > MAX_DISPATCH_BYTES and count:
+                break
+        else:
+            count = min(len(self._accumulated), MAX_DISPATCH)
+        batch, self._accumulated = self._accumulated[:count], self._accumulated[count:]
+        self._accumulated_bytes -= sum(len(i.message.payload) for i in batch)
+        return batch
 
     async def _dispatch(self, batch: list[Inbound]) -> None:
         messages = [b.message for b in batch]
@@ -192,7 +220,6 @@ class Bridge:
         records = build_records(decoded, self._settings.kafka.topic_prefix)
         letters = build_dead_letters(decoded, messages)
         self.stats.messages += len(batch)
-        INGEST_METRICS.messages.inc(len(batch))
         for problems in decoded.problems.values():
             for p in problems:
                 self.stats.rejected_by_reason[p.reason] = self.stats.rejected_by_reason.get(p.reason, 0) + 1
@@ -208,12 +235,12 @@ class Bridge:
 
     async def _deliver(self, records: OutRecords, letters: list[DeadLetter]) -> None:
         started = time.perf_counter()
-        out: list[KafkaOut] = records.records + [
+        dead: list[KafkaOut] = [
             (self._dlq_topic, None, letter.payload, dead_letter_headers(letter)) for letter in letters
         ]
-        self.stats.kafka_retries += await self._sink.send_all(out)
+        self.stats.kafka_retries += await self._sink.send(records.records, dead)
         INGEST_METRICS.kafka_send_seconds.observe(time.perf_counter() - started)
-        readings = sum(records.readings)
+        readings = int(records.readings.sum())
         self.stats.readings += readings
         self.stats.dead_letters += len(letters)
         INGEST_METRICS.readings.inc(readings)

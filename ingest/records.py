@@ -6,35 +6,44 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 from ingest.decode import DecodedBatch, Message
 from portpulse.deadletter import DeadLetter
-from portpulse.kafka import KafkaOut
+from portpulse.recordbatch import OutgoingRecords, encode_headers
 from portpulse.topics import readings_topic
-from portpulse.wire import VERSION_HEADER, encode_singles, encode_value
+from portpulse.wire import VERSION_HEADER, encode_single_bodies, encode_value, value_header
 
 __all__ = ["OutRecords", "build_dead_letters", "build_records"]
 
 
-HEADERS: list[tuple[str, bytes]] = [VERSION_HEADER]  # shared by every record (read-only)
+HEADERS = encode_headers([VERSION_HEADER])  # every record's header block
 
 
 @dataclass(frozen=True, slots=True)
 class OutRecords:
-    """Kafka records ready for :class:`portpulse.kafka.BatchSender` (plain tuples: the bridge
-    builds hundreds of thousands per second), with the MQTT message each came from and its
-    reading count, ``(n,)`` lists."""
+    """Kafka records of a batch of messages, as columns for
+    :meth:`portpulse.kafka.BatchSender.send_columns`, with the MQTT message each came from and its
+    reading count (int64 ``(n,)``)."""
 
-    records: list[KafkaOut]
-    message: list[int]
-    readings: list[int]
+    records: OutgoingRecords
+    message: npt.NDArray[np.int64]
+    readings: npt.NDArray[np.int64]
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self.message)
 
     @property
     def topics(self) -> set[str]:
-        return {topic for topic, *_ in self.records}
+        return set(self.records.topics)
+
+
+def _codes(column: Sequence[str]) -> tuple[npt.NDArray[np.int64], list[str]]:
+    """Codes ``(n,)`` of a string column and the distinct strings they index (dict and map in C)."""
+    table = {name: code for code, name in enumerate(dict.fromkeys(column))}
+    if len(table) == 1:  # one domain, site or metric in the whole batch: the usual gateway case
+        return np.zeros(len(column), dtype=np.int64), list(table)
+    return np.fromiter(map(table.__getitem__, column), dtype=np.int64, count=len(column)), list(table)
 
 
 def build_records(batch: DecodedBatch, topic_prefix: str) -> OutRecords:
@@ -43,49 +52,72 @@ def build_records(batch: DecodedBatch, topic_prefix: str) -> OutRecords:
     The decoder emits readings in message order and, within a message, in payload order, so
     records come out in message order and a sensor's readings keep their order. (A sensor that
     reappears later in the same payload simply gets a second record under the same key.)
-    Runs are found with one vectorised comparison; runs of one reading (single-reading messages,
-    gateway batches of distinct sensors) are encoded together by :func:`encode_singles`.
+    Runs are found with one vectorised comparison on column codes. A run of one reading (single
+    reading messages, gateway batches of distinct sensors) is not encoded here at all: its value is
+    two slices of the output buffer, the cached header of its (site, metric) and its 22-byte row
+    from :func:`encode_single_bodies`; only longer runs are encoded one by one.
     """
     r = batch.readings
     n = len(r)
+    empty = np.zeros(0, dtype=np.int64)
     if n == 0:
-        return OutRecords([], [], [])
+        nothing = OutgoingRecords(np.zeros(0, np.uint8), [], empty, [], empty, empty, ((empty, empty),), HEADERS)
+        return OutRecords(nothing, empty, empty)
+    domain, domains = _codes(r.domain.tolist())
+    sensor, sensors = _codes(r.sensor_id.tolist())
+    site, sites = _codes(r.site.tolist())
+    metric, metrics = _codes(r.metric.tolist())
     message = batch.message_index
     change = np.empty(n, dtype=bool)
     change[0] = True
     change[1:] = message[1:] != message[:-1]
-    for column in (r.sensor_id, r.domain, r.site):
+    for column in (sensor, domain, site):
         change[1:] |= column[1:] != column[:-1]
     starts = np.flatnonzero(change)
-    stops = np.append(starts[1:], n)
-    topics: dict[str, str] = {}
-    keys: dict[str, bytes] = {}
-    out: list[KafkaOut] = []
-    domain, sensor, site, metric = r.domain.tolist(), r.sensor_id.tolist(), r.site.tolist(), r.metric.tolist()
-    msg = message.tolist()
-    one = starts[stops - starts == 1]
-    encoded_singles = encode_singles(r.site[one].tolist(), r.metric[one].tolist(), r.ts_ns[one], r.value[one],
-                                     r.flags[one])  # fmt: skip
-    if len(one) == n:  # every record holds one reading: no runs to walk
-        topics = {d: readings_topic(d, topic_prefix) for d in set(domain)}
-        keys = {name: name.encode() for name in set(sensor)}
-        out = [(topics[d], keys[k], v, HEADERS) for d, k, v in zip(domain, sensor, encoded_singles, strict=True)]
-        return OutRecords(out, msg, [1] * n)
-    singles = iter(encoded_singles)
-    for start, stop in zip(starts.tolist(), stops.tolist(), strict=True):
-        if stop - start == 1:
-            encoded = next(singles)
-        else:
-            names = metric[start:stop]
-            table = list(dict.fromkeys(names))
-            index = [table.index(m) for m in names]
-            encoded = encode_value(site[start], table, index, r.ts_ns[start:stop], r.value[start:stop],
-                                   r.flags[start:stop])  # fmt: skip
-        dom, name = domain[start], sensor[start]
-        topic = topics.get(dom) or topics.setdefault(dom, readings_topic(dom, topic_prefix))
-        key = keys.get(name) or keys.setdefault(name, name.encode())
-        out.append((topic, key, encoded, HEADERS))
-    return OutRecords(out, [msg[s] for s in starts.tolist()], (stops - starts).tolist())
+    counts = np.diff(np.append(starts, n))
+    single = counts == 1
+
+    # The buffer: distinct keys | headers of the singles' (site, metric) pairs | single bodies | runs.
+    keys = [name.encode() for name in sensors]
+    key_blob = b"".join(keys)
+    key_start = np.cumsum([0] + [len(k) for k in keys[:-1]], dtype=np.int64)
+    one = starts[single]
+    pair = site[one] * len(metrics) + metric[one]
+    distinct_pairs, pair_code = np.unique(pair, return_inverse=True)
+    heads = [value_header(sites[p // len(metrics)], (metrics[p % len(metrics)],)) for p in distinct_pairs.tolist()]
+    head_blob = b"".join(heads)
+    head_start = len(key_blob) + np.cumsum([0] + [len(h) for h in heads[:-1]], dtype=np.int64)
+    head_len = np.array([len(h) for h in heads], dtype=np.int64)
+    bodies = encode_single_bodies(r.ts_ns[one], r.value[one], r.flags[one])
+    body_base = len(key_blob) + len(head_blob)
+    runs = [
+        encode_value(sites[site[a]], *_metric_table(metric[a:b], metrics), r.ts_ns[a:b], r.value[a:b], r.flags[a:b])
+        for a, b in zip(starts[~single].tolist(), (starts[~single] + counts[~single]).tolist(), strict=True)
+    ]
+    run_base = body_base + bodies.size
+    data = np.concatenate([np.frombuffer(key_blob + head_blob, np.uint8), bodies.ravel(),
+                           np.frombuffer(b"".join(runs), np.uint8)])  # fmt: skip
+
+    first_start = np.empty(len(starts), dtype=np.int64)
+    first_len = np.empty(len(starts), dtype=np.int64)
+    second_start = np.zeros(len(starts), dtype=np.int64)
+    second_len = np.zeros(len(starts), dtype=np.int64)
+    first_start[single], first_len[single] = head_start[pair_code], head_len[pair_code]
+    second_start[single] = body_base + np.arange(len(one), dtype=np.int64) * bodies.shape[1]
+    second_len[single] = bodies.shape[1]
+    run_len = np.array([len(v) for v in runs], dtype=np.int64)
+    first_start[~single] = run_base + np.cumsum(run_len) - run_len
+    first_len[~single] = run_len
+    topics = [readings_topic(d, topic_prefix) for d in domains]
+    records = OutgoingRecords(data, topics, domain[starts], keys, sensor[starts], key_start,
+                              ((first_start, first_len), (second_start, second_len)), HEADERS)  # fmt: skip
+    return OutRecords(records, message[starts], counts)
+
+
+def _metric_table(codes: npt.NDArray[np.int64], names: list[str]) -> tuple[list[str], list[int]]:
+    """A run's metric-name table (first-seen order) and each reading's index into it."""
+    table = list(dict.fromkeys(codes.tolist()))
+    return [names[c] for c in table], [table.index(c) for c in codes.tolist()]
 
 
 def build_dead_letters(batch: DecodedBatch, messages: Sequence[Message]) -> list[tuple[int, DeadLetter]]:

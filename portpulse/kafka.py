@@ -5,16 +5,27 @@ from __future__ import annotations
 import asyncio
 import random
 import ssl
+import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
+
 from portpulse.errors import ServiceUnavailableError
-from portpulse.recordbatch import RecordColumns, concat_columns, parse_record_set
+from portpulse.recordbatch import (
+    OutgoingRecords,
+    RecordColumns,
+    concat_columns,
+    frame_batch,
+    parse_record_set,
+)
 from portpulse.settings import KafkaSettings
 
 __all__ = [
     "BatchSender",
     "KafkaOut",
+    "OutgoingRecords",
     "client_options",
     "columnar_consumer_options",
     "fetched_columns",
@@ -59,14 +70,82 @@ async def start_producer(kafka: KafkaSettings, what: str, **options: Any) -> Any
 KafkaOut = tuple[str, bytes | None, bytes, list[tuple[str, bytes]] | None]
 
 
+#: Kafka's codec ids (the low bits of a batch's attributes).
+_CODEC_IDS = {"none": 0, "gzip": 1, "snappy": 2, "lz4": 3, "zstd": 4}
+_LZ4_FAST = 1  # lz4 frame levels below 3 are its fast mode (aiokafka's own path uses 9)
+
+
+def _compress(codec: int, payload: bytes) -> bytes:
+    from aiokafka import codec as kc
+
+    if codec == 3:
+        return bytes(kc.lz4_encode(payload, level=_LZ4_FAST))
+    encoders = {1: kc.gzip_encode, 2: kc.snappy_encode, 4: kc.zstd_encode}
+    return bytes(encoders[codec](payload))
+
+
+class _FramedBatch:
+    """Stands in for aiokafka's ``BatchBuilder`` in ``send_batch``: the records were encoded by
+    :func:`encode_records`; compression and the batch frame (which carries the idempotent
+    producer's id and sequence, known only when the sender drains it) happen in ``_build``."""
+
+    __slots__ = ("_buffer", "_codec", "_count", "_producer", "_records", "_timestamp_ms")
+
+    def __init__(self, records: bytes, count: int, codec: int) -> None:
+        self._records = records
+        self._count = count
+        self._codec = codec
+        self._producer = (-1, -1, -1)
+        self._timestamp_ms = int(time.time() * 1000)
+        self._buffer: bytes | None = None
+
+    def append(self, **_: Any) -> None:  # full: producer.send() starts a batch of its own
+        return None
+
+    def close(self) -> None:
+        pass
+
+    def closed(self) -> bool:
+        return True
+
+    def _set_producer_state(self, producer_id: int, producer_epoch: int, base_sequence: int) -> None:
+        self._producer = (producer_id, producer_epoch, base_sequence)
+
+    def _build(self) -> bytes:
+        from aiokafka.record.util import calc_crc32c
+
+        if self._buffer is None:
+            body, attributes = self._records, 0
+            if self._codec:
+                compressed = _compress(self._codec, self._records)
+                if len(compressed) < len(body):  # like aiokafka: only when it helps
+                    body, attributes = compressed, self._codec
+            self._buffer = frame_batch(body, self._count, self._timestamp_ms, attributes, self._producer,
+                                       calc_crc32c)  # fmt: skip
+        return self._buffer
+
+    def size(self) -> int:
+        return len(self._buffer if self._buffer is not None else self._records)
+
+    def record_count(self) -> int:
+        return self._count
+
+
+#: Records of one send and the future of their batch's acknowledgement.
+_Sent = list[tuple[Any, Any]]
+
+
 class BatchSender:
     """Send records through ``producer`` until Kafka acknowledged every one.
 
-    Records are packed into per-partition batches here (``create_batch``/``send_batch``): about
-    7x the rate of one ``send()`` per record. Partitions come from Kafka's murmur2 of the key,
-    like every other client, so a key's records always share a partition. Failed batches are
-    retried with exponential backoff and jitter (0.1 s doubling to 5 s), forever: callers bound
-    what they hand over, and report health through ``on_failure`` / ``on_recovery(retries)``.
+    Records are packed into per-partition batches here (``send_batch``): tuples through aiokafka's
+    ``BatchBuilder`` (:meth:`send_all`, about 7x the rate of one ``send()`` per record), columns
+    encoded whole by :func:`encode_records` (:meth:`send_columns`, about 4x faster again).
+    Partitions come from Kafka's murmur2 of the key, like every other client, so a key's records
+    always share a partition. Failed batches are retried with exponential backoff and jitter (0.1 s
+    doubling to 5 s), forever: callers bound what they hand over, and report health through
+    ``on_failure`` / ``on_recovery(retries)``. ``compression`` and ``max_batch_bytes`` (records
+    before compression) apply to :meth:`send_columns`; :meth:`send_all` uses the producer's.
     """
 
     def __init__(
@@ -74,34 +153,48 @@ class BatchSender:
         producer: Any,
         on_failure: Callable[[Exception], None] | None = None,
         on_recovery: Callable[[int], None] | None = None,
+        compression: str = "none",
+        max_batch_bytes: int = 1_048_576,
     ) -> None:
         self._producer = producer
         self._on_failure = on_failure
         self._on_recovery = on_recovery
+        self._codec = _CODEC_IDS[compression]
+        self._max_batch_bytes = max_batch_bytes
         self._partition_counts: dict[str, int] = {}
         self._partition_of: dict[str, dict[bytes, int]] = {}  # topic -> key -> partition
+        self._key_hashes: dict[bytes, int] = {}  # key -> murmur2 (positive)
         self._rng = random.Random()
 
     async def send_all(self, records: list[KafkaOut]) -> int:
-        """Returns the number of retries it took."""
+        """Send ``(topic, key, value, headers)`` tuples; returns the number of retries it took."""
+        return await self._until_acknowledged(records, self._send_batches, list.__add__)
+
+    async def send_columns(self, records: OutgoingRecords) -> int:
+        """Send records given as columns; returns the number of retries it took."""
+        rows = np.arange(len(records), dtype=np.int64)
+        return await self._until_acknowledged(rows, lambda r: self._send_columns(records, r), _concat_rows)
+
+    async def _until_acknowledged(
+        self, pending: Any, send: Callable[[Any], Any], join: Callable[[Any, Any], Any]
+    ) -> int:
         from aiokafka.errors import KafkaError
 
-        pending = records
         retries = 0
         while True:
-            failed: list[KafkaOut] = []
+            failed = pending[:0]
             try:
-                sent = await self._send_batches(pending)
+                sent = await send(pending)
             except KafkaError as exc:
-                sent, failed = [], list(pending)
+                sent, failed = [], pending
                 self._failed(exc)
-            for batch_records, fut in sent:
+            for members, fut in sent:
                 try:
                     await fut
                 except KafkaError as exc:
-                    failed += batch_records
+                    failed = join(failed, members)
                     self._failed(exc)
-            if not failed:
+            if not len(failed):
                 if self._on_recovery is not None:
                     self._on_recovery(retries)
                 return retries
@@ -114,7 +207,7 @@ class BatchSender:
         if self._on_failure is not None:
             self._on_failure(exc)
 
-    async def _send_batches(self, records: list[KafkaOut]) -> list[tuple[list[KafkaOut], Any]]:
+    async def _send_batches(self, records: list[KafkaOut]) -> _Sent:
         from aiokafka.partitioner import murmur2
 
         # Per topic: its partition count, the partition of each key seen, and this call's buckets.
@@ -136,7 +229,7 @@ class BatchSender:
             buckets[part].append(rec)
         if sum(len(known) for known in self._partition_of.values()) > 1_000_000:
             self._partition_of.clear()
-        sent: list[tuple[list[KafkaOut], Any]] = []
+        sent: _Sent = []
         for topic, (_, _, buckets) in topics.items():
             for part, recs in enumerate(buckets):
                 if recs:
@@ -154,8 +247,8 @@ class BatchSender:
             count = self._partition_counts[topic] = len(partitions)
         return count
 
-    async def _send_partition(self, topic: str, part: int, recs: list[KafkaOut]) -> list[tuple[list[KafkaOut], Any]]:
-        sent: list[tuple[list[KafkaOut], Any]] = []
+    async def _send_partition(self, topic: str, part: int, recs: list[KafkaOut]) -> _Sent:
+        sent: _Sent = []
         batch = self._producer.create_batch()
         members: list[KafkaOut] = []
         for rec in recs:
@@ -168,6 +261,53 @@ class BatchSender:
         if members:
             sent.append((members, await self._producer.send_batch(batch, topic, partition=part)))
         return sent
+
+    def _partitions(
+        self, records: OutgoingRecords, rows: npt.NDArray[np.int64], counts: npt.NDArray[np.int64]
+    ) -> npt.NDArray[np.int64]:
+        """The partition of each row: murmur2 of its key (once per distinct key) modulo its topic's
+        partition count; null keys spread at random."""
+        from aiokafka.partitioner import murmur2
+
+        known = self._key_hashes
+        if len(known) > 1_000_000:
+            known.clear()
+        hashes = np.array([known.get(k) or known.setdefault(k, murmur2(k) & 0x7FFFFFFF) for k in records.keys] + [0],
+                          dtype=np.int64)  # fmt: skip
+        key = records.key[rows]
+        count = counts[records.topic[rows]]
+        part = hashes[key] % count
+        null = key < 0
+        if null.any():
+            part[null] = np.random.default_rng().integers(0, count[null])
+        return part
+
+    async def _send_columns(self, records: OutgoingRecords, rows: npt.NDArray[np.int64]) -> _Sent:
+        counts = np.array([await self._partition_count(t) for t in records.topics], dtype=np.int64)
+        part = self._partitions(records, rows, counts)
+        # Rows grouped by (topic, partition), in their order within a group: a key's order holds.
+        group = records.topic[rows] * int(counts.max()) + part
+        order = np.argsort(group, kind="stable")
+        rows, group = rows[order], group[order]
+        size = records.size_estimate(rows)
+        bounds = np.flatnonzero(np.diff(group)) + 1
+        sent: _Sent = []
+        for first, stop in zip([0, *bounds.tolist()], [*bounds.tolist(), len(rows)], strict=True):
+            topic, partition = records.topics[int(records.topic[rows[first]])], int(part[order][first])
+            cum = np.cumsum(size[first:stop])
+            start = 0
+            while start < stop - first:
+                taken = int(cum[start - 1]) if start else 0
+                end = max(int(np.searchsorted(cum, taken + self._max_batch_bytes, side="right")), start + 1)
+                chunk = rows[first + start : first + end]
+                batch = _FramedBatch(records.encode(chunk), len(chunk), self._codec)
+                sent.append((chunk, await self._producer.send_batch(batch, topic, partition=partition)))
+                start = end
+        return sent
+
+
+def _concat_rows(a: npt.NDArray[np.int64], b: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    return np.concatenate([a, b])
 
 
 # ------------------------------------------------------------------ columnar fetches

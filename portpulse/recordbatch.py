@@ -26,7 +26,18 @@ import numpy.typing as npt
 
 from portpulse.sorting import distinct_codes
 
-__all__ = ["CorruptRecordSetError", "RecordColumns", "concat_columns", "intern_slices", "parse_record_set"]
+__all__ = [
+    "CorruptRecordSetError",
+    "OutgoingRecords",
+    "RecordColumns",
+    "concat_columns",
+    "encode_headers",
+    "encode_records",
+    "frame_batch",
+    "gather_segments",
+    "intern_slices",
+    "parse_record_set",
+]
 
 _BATCH_HEAD = struct.Struct(">qiibIhiqqqhii")
 _HEAD_SIZE = _BATCH_HEAD.size  # 61
@@ -309,3 +320,191 @@ def _few_distinct(h: npt.NDArray[np.uint64], most: int = 8) -> tuple[_I64, _I64]
     if len(rest):
         return None, None
     return np.array(firsts, dtype=np.int64), codes
+
+
+# ---------------------------------------------------------------- writing record batches
+
+
+def gather_segments(src: npt.NDArray[np.uint8], start: _I64, length: _I64) -> npt.NDArray[np.uint8]:
+    """The concatenation of ``src[start[k] : start[k] + length[k]]`` for every segment ``k`` (n,),
+    in order, with no Python step per segment: one index per output byte from a running sum
+    whose step is 1 inside a segment and jumps to the next segment's start at its first byte."""
+    keep = length > 0
+    if not keep.all():
+        start, length = start[keep], length[keep]
+    if not len(start):
+        return np.empty(0, dtype=np.uint8)
+    ends = np.cumsum(length)
+    index_type = np.int32 if len(src) < 2**31 - 1 else np.int64
+    step = np.ones(int(ends[-1]), dtype=index_type)
+    step[0] = start[0]
+    step[ends[:-1]] = start[1:] - (start[:-1] + length[:-1]) + 1
+    out: npt.NDArray[np.uint8] = src[np.cumsum(step, dtype=index_type)]
+    return out
+
+
+def _zigzag_varints(values: _I64) -> tuple[npt.NDArray[np.uint8], _I64]:
+    """Kafka's zigzag varints of ``values`` (n,) as a byte matrix (n, width) and sizes (n,)."""
+    z = ((values << 1) ^ (values >> 63)).astype(np.uint64)
+    size = np.ones(len(values), dtype=np.int64)
+    top = int(z.max()) if len(z) else 0
+    width = max(1, -(-top.bit_length() // 7))
+    out = np.zeros((len(values), width), dtype=np.uint8)
+    for k in range(width):
+        part = (z >> np.uint64(7 * k)) & np.uint64(0x7F)
+        more = (z >> np.uint64(7 * (k + 1))) > 0
+        out[:, k] = part | (more.astype(np.uint64) << np.uint64(7))
+        size += more
+    return out, size
+
+
+def encode_headers(headers: Sequence[tuple[str, bytes]]) -> bytes:
+    """A record's header count and headers, as they follow its value."""
+    parts = [_varint_bytes(len(headers))]
+    for name, value in headers:
+        name_b = name.encode()
+        parts += [_varint_bytes(len(name_b)), name_b, _varint_bytes(len(value)), value]
+    return b"".join(parts)
+
+
+def _varint_bytes(value: int) -> bytes:
+    matrix, size = _zigzag_varints(np.array([value], dtype=np.int64))
+    return matrix[0, : int(size[0])].tobytes()
+
+
+def encode_records(
+    src: npt.NDArray[np.uint8],
+    key_start: _I64,
+    key_len: _I64,
+    value_parts: Sequence[tuple[_I64, _I64]],
+    headers: bytes,
+) -> npt.NDArray[np.uint8]:
+    """The records section of one v2 batch (uncompressed): record ``i`` (n,) has offset delta
+    ``i``, timestamp delta 0, key ``src[key_start:key_start+key_len]`` (``key_len`` -1: null), the
+    value the concatenation of its ``value_parts`` (``(start, length)`` columns into ``src``) and
+    the header block ``headers`` (:func:`encode_headers`), shared by all."""
+    n = len(key_start)
+    value_len = sum((length for _, length in value_parts), np.zeros(n, dtype=np.int64))
+    offset_var, offset_size = _zigzag_varints(np.arange(n, dtype=np.int64))
+    key_var, key_size = _zigzag_varints(key_len)
+    value_var, value_size = _zigzag_varints(value_len)
+    body = 2 + offset_size + key_size + np.maximum(key_len, 0) + value_size + value_len + len(headers)
+    length_var, length_size = _zigzag_varints(body)
+    # Per record, the fields before the key as one row: length, attributes 0, timestamp delta 0,
+    # offset delta, key length. Each field is written whole (its unused tail zero) before the
+    # next one overwrites that tail.
+    widths = [length_var.shape[1], offset_var.shape[1], key_var.shape[1]]
+    prefix = np.zeros((n, sum(widths) + 2), dtype=np.uint8)
+    rows = np.arange(n)
+    cursor = np.zeros(n, dtype=np.int64)
+    for matrix, size, gap in ((length_var, length_size, 2), (offset_var, offset_size, 0), (key_var, key_size, 0)):
+        for k in range(matrix.shape[1]):
+            prefix[rows, cursor + k] = matrix[:, k]
+        cursor += size + gap
+    # Keys and values are gathered from ``src`` with holes (read from its start) for the prefix,
+    # the value length and the headers, filled in afterwards: ``src`` is the whole send's buffer,
+    # too big to copy per batch.
+    hole = max(prefix.shape[1], value_var.shape[1], len(headers))
+    if len(src) < hole:
+        src = np.concatenate([src, np.zeros(hole, dtype=np.uint8)])
+    segments = 4 + len(value_parts)
+    seg_start = np.zeros((n, segments), dtype=np.int64)
+    seg_len = np.empty((n, segments), dtype=np.int64)
+    seg_len[:, 0] = cursor
+    seg_start[:, 1], seg_len[:, 1] = key_start, key_len
+    seg_len[:, 2] = value_size
+    for k, (start, length) in enumerate(value_parts):
+        seg_start[:, 3 + k], seg_len[:, 3 + k] = start, length
+    seg_len[:, -1] = len(headers)
+    out = gather_segments(src, seg_start.ravel(), seg_len.ravel())
+    record_start = np.cumsum(length_size + body) - (length_size + body)
+    _fill(out, record_start, prefix, cursor)
+    _fill(out, record_start + cursor + np.maximum(key_len, 0), value_var, value_size)
+    if headers:
+        record_end = record_start + length_size + body
+        out[(record_end - len(headers))[:, None] + np.arange(len(headers))] = np.frombuffer(headers, dtype=np.uint8)
+    return out
+
+
+def _fill(out: npt.NDArray[np.uint8], at: _I64, rows: npt.NDArray[np.uint8], length: _I64) -> None:
+    """Write the first ``length[i]`` bytes of ``rows[i]`` at ``out[at[i]:]`` for every ``i``."""
+    for k in range(rows.shape[1]):
+        going = length > k
+        if going.all():
+            out[at + k] = rows[:, k]
+        else:
+            out[at[going] + k] = rows[going, k]
+
+
+@dataclass(frozen=True, slots=True)
+class OutgoingRecords:
+    """Records to produce, as columns ``(n,)`` over one byte buffer ``data`` (uint8).
+
+    ``topic`` indexes ``topics``; ``key`` indexes ``keys`` (-1: a null key), whose bytes are also
+    at ``data[key_start[k]:][:len(keys[k])]``; a record's value is the concatenation of its
+    ``value_parts`` (``(start, length)`` columns over ``data``); every record carries the header
+    block ``headers`` (:func:`encode_headers`).
+    """
+
+    data: npt.NDArray[np.uint8]
+    topics: list[str]
+    topic: _I64
+    keys: list[bytes]
+    key: _I64
+    key_start: _I64
+    value_parts: tuple[tuple[_I64, _I64], ...]
+    headers: bytes
+
+    def __len__(self) -> int:
+        return len(self.topic)
+
+    def _key_columns(self, rows: _I64) -> tuple[_I64, _I64]:
+        start = np.append(self.key_start, 0)  # index -1 (a null key) reads the appended entry
+        length = np.array([len(k) for k in self.keys] + [-1], dtype=np.int64)
+        return start[self.key[rows]], length[self.key[rows]]
+
+    def size_estimate(self, rows: _I64) -> _I64:
+        """Upper bound of each row's encoded size in bytes (n,)."""
+        _, key_len = self._key_columns(rows)
+        value_len = sum((length[rows] for _, length in self.value_parts), np.zeros(len(rows), dtype=np.int64))
+        return np.maximum(key_len, 0) + value_len + len(self.headers) + 3 * _VARINT_WIDTH
+
+    def as_tuples(self) -> list[tuple[str, bytes | None, bytes]]:
+        """Every record as ``(topic, key, value)`` (tests, debugging)."""
+        raw = self.data.tobytes()
+        out = []
+        for i in range(len(self)):
+            key = int(self.key[i])
+            value = b"".join(raw[int(s[i]) : int(s[i]) + int(n[i])] for s, n in self.value_parts)
+            out.append((self.topics[int(self.topic[i])], self.keys[key] if key >= 0 else None, value))
+        return out
+
+    def encode(self, rows: _I64) -> bytes:
+        """The records section of one batch holding ``rows``, in that order."""
+        key_start, key_len = self._key_columns(rows)
+        parts = [(start[rows], length[rows]) for start, length in self.value_parts]
+        return encode_records(self.data, key_start, key_len, parts, self.headers).tobytes()
+
+
+#: aiokafka's "no leader epoch" for produced batches; the broker stamps the real one.
+_NO_LEADER_EPOCH = -1
+
+
+def frame_batch(
+    records: bytes,
+    count: int,
+    timestamp_ms: int,
+    attributes: int,
+    producer: tuple[int, int, int],
+    crc32c: Callable[[bytes], int],
+) -> bytes:
+    """A v2 record batch around ``records`` (as :func:`encode_records` made them, compressed when
+    ``attributes`` names a codec): ``count`` records all stamped ``timestamp_ms``, with
+    ``producer`` = (producer id, epoch, base sequence) for the idempotent producer."""
+    producer_id, epoch, base_sequence = producer
+    head = bytearray(_BATCH_HEAD.pack(0, _HEAD_SIZE - 12 + len(records), _NO_LEADER_EPOCH, 2, 0, attributes,
+                                      count - 1, timestamp_ms, timestamp_ms, producer_id, epoch, base_sequence,
+                                      count))  # fmt: skip
+    out = head + records
+    struct.pack_into(">I", out, 17, crc32c(bytes(out[_CRC_FROM:])))
+    return bytes(out)

@@ -35,8 +35,9 @@ __all__ = [
     "decode_value",
     "decode_values",
     "encode_single",
-    "encode_singles",
+    "encode_single_bodies",
     "encode_value",
+    "value_header",
 ]
 
 VERSION = 1
@@ -95,30 +96,24 @@ def encode_value(
             pack(t, v, m, f)
             for t, v, m, f in zip(ts_ns, value, metric_index, flags if flags is not None else [0] * n, strict=True)
         )
-    return b"".join((_header(site, tuple(metrics)), struct.pack("<I", n), body))
-
-
-_SINGLE_STRUCT = struct.Struct("<IqdBB")  # count 1, then one reading
+    return b"".join((value_header(site, tuple(metrics)), struct.pack("<I", n), body))
 
 
 def encode_single(site: str, metric: str, ts_ns: int, value: float, flags: int = 0) -> bytes:
-    """:func:`encode_value` for exactly one reading (same bytes, a fraction of the cost)."""
-    return _header(site, (metric,)) + _SINGLE_STRUCT.pack(1, ts_ns, value, 0, flags)
+    """:func:`encode_value` for exactly one reading (the same bytes)."""
+    body = encode_single_bodies(np.array([ts_ns], np.int64), np.array([value], np.float64), np.array([flags], np.uint8))
+    return value_header(site, (metric,)) + body.tobytes()
 
 
 #: :func:`encode_single`'s bytes after the header: count 1, then the reading (22 bytes).
 _SINGLE_BODY = np.dtype([("count", "<u4"), ("ts_ns", "<i8"), ("value", "<f8"), ("metric", "u1"), ("flags", "u1")])
 
 
-def encode_singles(
-    site: Sequence[str],
-    metric: Sequence[str],
-    ts_ns: npt.NDArray[np.int64],
-    value: npt.NDArray[np.float64],
-    flags: npt.NDArray[np.uint8],
-) -> list[bytes]:
-    """:func:`encode_single` of every reading ``i`` (the same bytes). Values sharing a header are
-    laid out as the rows of one byte matrix; only the final slicing is per reading."""
+def encode_single_bodies(
+    ts_ns: npt.NDArray[np.int64], value: npt.NDArray[np.float64], flags: npt.NDArray[np.uint8]
+) -> npt.NDArray[np.uint8]:
+    """What follows the header in :func:`encode_single` of each reading ``i`` (n,): a byte matrix
+    (n, 22), so ``value_header(site, (metric,)) + row.tobytes()`` is ``encode_single``'s value."""
     n = len(ts_ns)
     bodies = np.empty(n, dtype=_SINGLE_BODY)
     bodies["count"] = 1
@@ -126,33 +121,11 @@ def encode_singles(
     bodies["value"] = value
     bodies["metric"] = 0
     bodies["flags"] = flags
-    body_bytes = bodies.view(np.uint8).reshape(n, _SINGLE_BODY.itemsize)
-    pairs = set(zip(site, metric, strict=True))
-    if len(pairs) == 1:  # one site and metric (a gateway's batch): no grouping
-        ((s, m),) = pairs
-        return _rows_after(_header(s, (m,)), body_bytes)
-    codes: dict[tuple[str, str], int] = {}
-    code = np.fromiter((codes.setdefault(pair, len(codes)) for pair in zip(site, metric, strict=True)), np.int64, n)
-    out: list[bytes] = [b""] * n
-    for (s, m), h in codes.items():
-        rows = np.flatnonzero(code == h)
-        for row, encoded in zip(rows.tolist(), _rows_after(_header(s, (m,)), body_bytes[rows]), strict=True):
-            out[row] = encoded
-    return out
-
-
-def _rows_after(head: bytes, rows: npt.NDArray[np.uint8]) -> list[bytes]:
-    """``head + row`` for every row of the byte matrix ``rows``, built as one matrix."""
-    width = len(head) + rows.shape[1]
-    matrix = np.empty((len(rows), width), dtype=np.uint8)
-    matrix[:, : len(head)] = np.frombuffer(head, dtype=np.uint8)
-    matrix[:, len(head) :] = rows
-    raw = matrix.tobytes()
-    return [raw[k : k + width] for k in range(0, len(raw), width)]
+    return bodies.view(np.uint8).reshape(n, _SINGLE_BODY.itemsize)
 
 
 @functools.lru_cache(maxsize=65_536)
-def _header(site: str, metrics: tuple[str, ...]) -> bytes:
+def value_header(site: str, metrics: tuple[str, ...]) -> bytes:
     """Version, site and metric-name table; the same few combinations recur, so cache them."""
     site_b = site.encode()
     parts = [struct.pack("<BH", VERSION, len(site_b)), site_b, struct.pack("<B", len(metrics))]

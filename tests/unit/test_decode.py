@@ -206,18 +206,18 @@ def test_records_group_by_message_and_sensor_and_dead_letters_keep_the_payload()
     batch = decode_messages(messages, LIMITS)
     records = build_records(batch, "pp")
     # One record per run of a sensor's readings, in payload order; a sensor seen again gets another.
+    rows = records.records.as_tuples()
     assert [
-        (topic, key, m, n)
-        for (topic, key, *_), m, n in zip(records.records, records.message, records.readings, strict=True)
+        (topic, key, m, n) for (topic, key, _), m, n in zip(rows, records.message, records.readings, strict=True)
     ] == [
         ("pp.readings.air", b"a", 0, 2),
         ("pp.readings.air", b"b", 0, 1),
         ("pp.readings.air", b"a", 0, 1),
     ]
-    a = decode_value(records.records[0][2])
+    a = decode_value(rows[0][2])
     assert [a.metrics[i] for i in a.metric_index] == ["no2", "pm25"]
     assert a.value.tolist() == [1.0, 2.0] and a.ts_ns.tolist() == [NOW, NOW]
-    a2 = decode_value(records.records[2][2])
+    a2 = decode_value(rows[2][2])
     assert a2.metrics == ("no2",) and a2.value.tolist() == [4.0] and a2.ts_ns.tolist() == [NOW + 2 * 10**9]
     letters = build_dead_letters(batch, messages)
     assert [(i, letter.payload, letter.reason, letter.source) for i, letter in letters] == [
@@ -309,20 +309,22 @@ def test_batch_decode_fast_paths_still_reject_values_with_a_known_header_and_a_w
     assert batch.metric.tolist() == [*names, "no2", *names, *names]
 
 
-def test_encode_singles_gives_the_bytes_of_encode_single_for_every_reading() -> None:
-    from portpulse.wire import encode_single, encode_singles
+def test_single_bodies_after_their_header_give_the_bytes_of_encode_single() -> None:
+    from portpulse.wire import encode_single, encode_single_bodies, value_header
 
     sites = ["quai", "quai", "berth-2", "quai", "berth-2"]
     metrics = ["no2", "pm25", "no2", "no2", "o3"]
     ts = np.array([1, -2, 3, 2**62, 5], dtype=np.int64)
     values = np.array([1.5, -0.0, 3e300, 4.25, -7.0])
     flags = np.array([0, 1, 0, 1, 0], dtype=np.uint8)
-    got = encode_singles(sites, metrics, ts, values, flags)
+    bodies = encode_single_bodies(ts, values, flags)
+    got = [value_header(s, (m,)) + row.tobytes() for s, m, row in zip(sites, metrics, bodies, strict=True)]
     assert got == [
         encode_single(s, m, int(t), float(v), int(f))
         for s, m, t, v, f in zip(sites, metrics, ts, values, flags, strict=True)
     ]
-    assert encode_singles([], [], ts[:0], values[:0], flags[:0]) == []
+    assert got[3] == encode_value("quai", ["no2"], [0], [2**62], [4.25], [1])
+    assert encode_single_bodies(ts[:0], values[:0], flags[:0]).shape == (0, 22)
 
 
 def test_plain_gateway_batches_take_the_whole_batch_path_with_the_same_result() -> None:
