@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -23,7 +22,7 @@ from portpulse.catalogue import Catalogue, MetricSpec
 from portpulse.points import Categorical, PointColumns
 from portpulse.sorting import distinct_codes, group_starts, stable_order
 from processors.clean import NO_OFFSET, OK, REASON_NAMES, History, clean, series_time_order
-from processors.window import WindowSpec, aggregate, assign
+from processors.window import OpenWindows, WindowSpec, aggregate, assign
 
 __all__ = ["EngineOutput", "EngineSettings", "ProcessorEngine", "Readings"]
 
@@ -107,14 +106,7 @@ class ProcessorEngine:
         self._restored: dict[int, int] = {}  # partition -> offsets below this were consumed before a restart
         # Open window rows (one per reading and window it falls in); replay_from: the earliest
         # Kafka offset a replay needs to judge that reading the same way again.
-        self._w_spec = np.empty(0, np.int64)
-        self._w_series = np.empty(0, np.int64)
-        self._w_start = np.empty(0, np.int64)
-        self._w_ts = np.empty(0, np.int64)
-        self._w_value = np.empty(0)
-        self._w_ok = np.empty(0, bool)
-        self._w_part = np.empty(0, np.int64)
-        self._w_replay_from = np.empty(0, np.int64)
+        self._open = OpenWindows()
 
     # ------------------------------------------------------------ series registry
 
@@ -277,10 +269,6 @@ class ProcessorEngine:
     ) -> None:
         wm = self._watermarks(r.partition)
         late_rows: set[int] = set()
-        parts: list[list[npt.NDArray[Any]]] = [
-            [self._w_spec], [self._w_series], [self._w_start], [self._w_ts],
-            [self._w_value], [self._w_ok], [self._w_part], [self._w_replay_from],
-        ]  # fmt: skip
         for spec_i, spec in enumerate(self._s.windows):
             rows, starts = assign(r.ts_ns, spec)
             closed = starts + spec.size_ns <= wm[rows]
@@ -290,23 +278,8 @@ class ProcessorEngine:
                 out.replayed += int(replay.sum())
                 late_rows.update(rows[closed & ~replay].tolist())
             rows, starts = rows[~closed], starts[~closed]
-            for arr, new in zip(
-                parts,
-                (
-                    np.full(len(rows), spec_i),
-                    series[rows],
-                    starts,
-                    r.ts_ns[rows],
-                    value[rows],
-                    ok[rows],
-                    r.partition[rows],
-                    replay_from[rows],
-                ),
-                strict=True,
-            ):
-                arr.append(new)
-        (self._w_spec, self._w_series, self._w_start, self._w_ts, self._w_value, self._w_ok, self._w_part,
-         self._w_replay_from) = (np.concatenate(a) for a in parts)  # fmt: skip
+            self._open.add(spec_i, starts, r.partition[rows], series[rows], r.ts_ns[rows], value[rows], ok[rows],
+                           replay_from[rows])  # fmt: skip
         for i in sorted(late_rows):
             p = int(r.partition[i])
             out.late.append((p, str(r.domain[i]), str(r.sensor_id[i]), str(r.metric[i]), int(r.ts_ns[i]),
@@ -341,17 +314,13 @@ class ProcessorEngine:
                 state.watermark = max(state.watermark, state.max_ts + int(quiet_s * 1e9) - self._s.allowed_lateness_ns)
 
     def _close(self, out: EngineOutput) -> None:
-        if not len(self._w_spec):
+        sizes = [w.size_ns for w in self._s.windows]
+        closed = self._open.close(sizes, {p: st.watermark for p, st in self._parts.items()}, _NEG)
+        if closed is None:
             return
-        sizes = np.array([s.size_ns for s in self._s.windows], dtype=np.int64)
-        wm = self._watermarks(self._w_part)
-        done = self._w_start + sizes[self._w_spec] <= wm
-        if not done.any():
-            return
-        d = np.flatnonzero(done)
-        spec, series, start = self._w_spec[d], self._w_series[d], self._w_start[d]
+        spec, series, start = closed.spec, closed.series, closed.start
         key = _window_key(spec, series, start, self._s.windows)
-        agg = aggregate(key, self._w_ts[d], self._w_value[d], self._w_ok[d])
+        agg = aggregate(key, closed.ts_ns, closed.value, closed.ok)
         first = agg.first_row
         a_spec, a_series, a_start = spec[first], series[first], start[first]
         out.windows_emitted += len(agg)
@@ -374,11 +343,6 @@ class ProcessorEngine:
             }
             name = self._s.windows[spec_i].name
             out.points.append((name, PointColumns(f"{domain}_{name}", self._tags(a_series[idx]), fields, a_start[idx])))
-        keep = ~done
-        self._w_spec, self._w_series, self._w_start, self._w_ts = (
-            self._w_spec[keep], self._w_series[keep], self._w_start[keep], self._w_ts[keep])  # fmt: skip
-        self._w_value, self._w_ok, self._w_part, self._w_replay_from = (
-            self._w_value[keep], self._w_ok[keep], self._w_part[keep], self._w_replay_from[keep])  # fmt: skip
 
     # ------------------------------------------------------------ offsets and rebalances
 
@@ -397,8 +361,9 @@ class ProcessorEngine:
         need = np.full(size, NO_OFFSET, dtype=np.int64)
         owned = (self._series_part >= 0) & (self._series_part < size)
         np.minimum.at(need, self._series_part[owned], self._history.offsets.min(axis=1)[owned])
-        windows = self._w_part < size
-        np.minimum.at(need, self._w_part[windows], self._w_replay_from[windows])
+        for p, replay_from in self._open.replay_from().items():
+            if p < size:
+                need[p] = min(int(need[p]), replay_from)
         out = {}
         for p in parts:
             state = self._parts[p]
@@ -423,16 +388,11 @@ class ProcessorEngine:
         if forget.any():
             self._history = self._history.forget(forget)
             self._series_part[forget] = -1
-        if len(self._w_part):
-            keep = ~np.isin(self._w_part, np.array(sorted(gone), dtype=np.int64))
-            self._w_spec, self._w_series, self._w_start, self._w_ts = (
-                self._w_spec[keep], self._w_series[keep], self._w_start[keep], self._w_ts[keep])  # fmt: skip
-            self._w_value, self._w_ok, self._w_part, self._w_replay_from = (
-                self._w_value[keep], self._w_ok[keep], self._w_part[keep], self._w_replay_from[keep])  # fmt: skip
+        self._open.drop(gone)
 
     @property
     def open_rows(self) -> int:
-        return len(self._w_spec)
+        return self._open.rows
 
     def next_offset(self, partition: int) -> int:
         """One past the highest offset consumed from ``partition`` (-1 before the first record)."""

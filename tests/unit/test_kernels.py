@@ -239,3 +239,51 @@ def test_window_keys_are_one_per_spec_series_start_and_ordered_like_them() -> No
     by_triple = sorted(range(n), key=lambda i: (triples[i], i))
     assert by_key == by_triple
     assert len(set(key.tolist())) == len(set(triples))
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(
+        st.lists(st.tuples(st.integers(0, 1), st.integers(0, 5), st.integers(0, 2), st.integers(0, 10**6)),
+                 max_size=30),
+        min_size=1, max_size=6,
+    ),
+    st.lists(st.dictionaries(st.integers(0, 2), st.integers(0, 12)), min_size=6, max_size=6),
+)  # fmt: skip
+def test_open_windows_close_exactly_the_rows_added_per_window_in_order(
+    steps: list[list[tuple[int, int, int, int]]], watermarks: list[dict[int, int]]
+) -> None:
+    """Rows (spec, start, partition, offset) added over several steps come back once, when their
+    window ends at or before the watermark, in the order they were added; replay offsets and
+    dropped partitions follow."""
+    from processors.window import OpenWindows
+
+    sizes = [2, 5]
+    store = OpenWindows()
+    held: list[tuple[int, int, int, int]] = []
+    for rows, wm in zip(steps, watermarks, strict=False):
+        for spec in (0, 1):
+            mine = [r for r in rows if r[0] == spec]
+            col = [np.array([r[k] for r in mine], dtype=np.int64) for k in range(4)]
+            store.add(spec, col[1], col[2], col[3], col[3] * 10, col[3] / 2, col[3] % 2 == 0, col[3])
+        held += [r for r in rows]
+        assert store.rows == len(held)
+        replay = {p: min(r[3] for r in held if r[2] == p) for p in {r[2] for r in held}}
+        assert store.replay_from() == replay
+        closed = store.close(sizes, wm, default=-1)
+        due = [r for r in held if r[1] + sizes[r[0]] <= wm.get(r[2], -1)]
+        held = [r for r in held if r not in due or r[1] + sizes[r[0]] > wm.get(r[2], -1)]
+        if closed is None:
+            assert not due
+            continue
+        got = sorted(zip(closed.spec.tolist(), closed.start.tolist(), closed.partition.tolist(),
+                         closed.series.tolist(), strict=True))  # fmt: skip
+        assert got == sorted(due)
+        assert (closed.ts_ns == closed.series * 10).all() and (closed.value == closed.series / 2).all()
+        assert (closed.ok == (closed.series % 2 == 0)).all()
+        for key in {(s, st_, p) for s, st_, p, _ in due}:  # per window: the order of adding
+            mask = (closed.spec == key[0]) & (closed.start == key[1]) & (closed.partition == key[2])
+            assert closed.series[mask].tolist() == [r[3] for r in due if r[:3] == key]
+    store.drop({0, 1})
+    assert store.rows == sum(1 for r in held if r[2] == 2)
+    assert set(store.replay_from()) <= {2}
