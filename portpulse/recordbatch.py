@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
@@ -77,12 +77,12 @@ class RecordColumns:
         cols: list[list[int]] = [[], [], [], [], []]
         for offset, key, value in records:
             cols[0].append(offset)
-            for field, (start, length) in ((key, (cols[1], cols[2])), (value, (cols[3], cols[4]))):
+            for piece, (start, length) in ((key, (cols[1], cols[2])), (value, (cols[3], cols[4]))):
                 start.append(pos)
-                length.append(-1 if field is None else len(field))
-                if field:
-                    parts.append(field)
-                    pos += len(field)
+                length.append(-1 if piece is None else len(piece))
+                if piece:
+                    parts.append(piece)
+                    pos += len(piece)
         arrays = [np.array(c, dtype=np.int64) for c in cols]
         if next_offset < 0:
             next_offset = int(arrays[0].max()) + 1 if len(records) else 0
@@ -441,9 +441,9 @@ class OutgoingRecords:
     """Records to produce, as columns ``(n,)`` over one byte buffer ``data`` (uint8).
 
     ``topic`` indexes ``topics``; ``key`` indexes ``keys`` (-1: a null key), whose bytes are also
-    at ``data[key_start[k]:][:len(keys[k])]``; a record's value is the concatenation of its
-    ``value_parts`` (``(start, length)`` columns over ``data``); every record carries the header
-    block ``headers`` (:func:`encode_headers`).
+    at ``data[key_start[k]:][:len(keys[k])]`` (``key_len``, set from ``keys``); a record's value is
+    the concatenation of its ``value_parts`` (``(start, length)`` columns over ``data``); every
+    record carries the header block ``headers`` (:func:`encode_headers`).
     """
 
     data: npt.NDArray[np.uint8]
@@ -454,13 +454,17 @@ class OutgoingRecords:
     key_start: _I64
     value_parts: tuple[tuple[_I64, _I64], ...]
     headers: bytes
+    key_len: _I64 = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key_len", np.fromiter(map(len, self.keys), dtype=np.int64, count=len(self.keys)))
 
     def __len__(self) -> int:
         return len(self.topic)
 
     def _key_columns(self, rows: _I64) -> tuple[_I64, _I64]:
         start = np.append(self.key_start, 0)  # index -1 (a null key) reads the appended entry
-        length = np.array([len(k) for k in self.keys] + [-1], dtype=np.int64)
+        length = np.append(self.key_len, -1)
         return start[self.key[rows]], length[self.key[rows]]
 
     def size_estimate(self, rows: _I64) -> _I64:

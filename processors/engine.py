@@ -140,8 +140,12 @@ class ProcessorEngine:
 
     def _limits(self) -> _Limits:
         """Per-series lo, hi, max rate and spike floor as arrays, rebuilt only when series were added."""
-        if self._limit_arrays is None or len(self._limit_arrays[0]) != len(self._lo):
-            lo, hi, rate, floor = (np.array(x, dtype=np.float64) for x in (self._lo, self._hi, self._rate, self._floor))
+        have = 0 if self._limit_arrays is None else len(self._limit_arrays[0])
+        if self._limit_arrays is None or have != len(self._lo):
+            # Append only the new series' limits: a fleet's first minutes add series every step.
+            new = [np.array(x[have:], dtype=np.float64) for x in (self._lo, self._hi, self._rate, self._floor)]
+            old = self._limit_arrays or tuple(np.empty(0) for _ in range(4))
+            lo, hi, rate, floor = (np.concatenate([a, b]) for a, b in zip(old, new, strict=True))
             self._limit_arrays = (lo, hi, rate, floor)
         return self._limit_arrays
 
