@@ -203,6 +203,9 @@ class Bridge:
 
     def _take_dispatch(self) -> list[Inbound]:
         """The oldest accumulated messages, up to MAX_DISPATCH of them and MAX_DISPATCH_BYTES."""
+        if len(self._accumulated) <= MAX_DISPATCH and self._accumulated_bytes <= MAX_DISPATCH_BYTES:
+            batch, self._accumulated, self._accumulated_bytes = self._accumulated, [], 0
+            return batch
         size = 0
         for count, inbound in enumerate(self._accumulated[:MAX_DISPATCH]):
             size += len(inbound.message.payload)

@@ -19,9 +19,8 @@ import queue
 import ssl
 import threading
 import time
-from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
@@ -38,9 +37,8 @@ __all__ = ["Inbound", "MqttSource", "PahoMqttSource", "credentials_refused"]
 log = logging.getLogger("portpulse.mqtt")
 
 
-@dataclass(frozen=True, slots=True)
-class Inbound:
-    """A received message plus what is needed to acknowledge it."""
+class Inbound(NamedTuple):
+    """A received message plus what is needed to acknowledge it (a named tuple, like Message)."""
 
     message: Message
     mid: int
