@@ -20,6 +20,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from itertools import chain, repeat
 from typing import Any, NamedTuple, TypeGuard, TypeVar
 
 import numpy as np
@@ -310,11 +311,12 @@ def _plain_batch(
     # Whole-list checks run in C (map/set/all); only the comprehensions touch each reading.
     if set(map(type, readings)) != {dict}:
         return False
-    default_sensor, default_site = topic.sensor_id, topic.site
-    sensors = [r.get("sensor_id", default_sensor) for r in readings]
-    sites = [r.get("site", default_site) for r in readings]
-    fields = [r.get("metrics") for r in readings]
-    stamps = [r.get("ts") for r in readings]
+    # map(dict.get, ...) runs the per-reading lookups in C, without a Python frame per reading.
+    get = dict.get
+    sensors = list(map(get, readings, repeat("sensor_id"), repeat(topic.sensor_id)))
+    sites = list(map(get, readings, repeat("site"), repeat(topic.site)))
+    fields: list[Any] = list(map(get, readings, repeat("metrics")))  # checked as dicts below
+    stamps: list[Any] = list(map(get, readings, repeat("ts")))  # checked as ints below
     try:
         if not (ids.issuperset(sensors) and ids.issuperset(sites)):
             return False
@@ -322,8 +324,8 @@ def _plain_batch(
         return False
     if set(map(type, fields)) != {dict} or not all(fields) or set(map(type, stamps)) != {int}:
         return False
-    metrics = [name for f in fields for name in f]
-    values = [value for f in fields for value in f.values()]
+    metrics = list(chain.from_iterable(fields))
+    values = list(chain.from_iterable(map(dict.values, fields)))
     if not names.issuperset(metrics) or not {int, float}.issuperset(map(type, values)):
         return False
     counts = list(map(len, fields))
