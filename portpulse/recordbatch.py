@@ -37,6 +37,7 @@ __all__ = [
     "gather_segments",
     "intern_slices",
     "parse_record_set",
+    "zero_padded",
 ]
 
 _BATCH_HEAD = struct.Struct(">qiibIhiqqqhii")
@@ -46,6 +47,24 @@ _CONTROL = 0x20
 _CODEC_MASK = 0x07
 _VARINT_WIDTH = 10
 _I64 = npt.NDArray[np.int64]
+
+
+#: Zero bytes kept after the data of parsed record sets, so readers that run past the end
+#: (:func:`intern_slices`, ``portpulse.wire.decode_columns``) need no copy to pad it.
+TAIL_PADDING = 32
+
+
+def zero_padded(data: npt.NDArray[np.uint8], pad: int) -> npt.NDArray[np.uint8]:
+    """``data`` followed by ``pad`` zero bytes: a view when the buffer behind ``data`` already has
+    them (record sets parsed or joined here do, up to :data:`TAIL_PADDING`), else a copy."""
+    base = data.base
+    if isinstance(base, np.ndarray) and base.dtype == np.uint8 and base.ndim == 1 and data.flags.c_contiguous:
+        at = data.__array_interface__["data"][0] - base.__array_interface__["data"][0]
+        end = at + len(data)
+        if at >= 0 and end + pad <= len(base) and not base[end : end + pad].any():
+            out: npt.NDArray[np.uint8] = base[at : end + pad]
+            return out
+    return np.concatenate([data, np.zeros(pad, np.uint8)])
 
 
 class CorruptRecordSetError(ValueError):
@@ -110,7 +129,9 @@ def concat_columns(parts: Sequence[RecordColumns]) -> RecordColumns:
         moved = field.endswith("start")  # positions in the joined buffer
         return np.concatenate([getattr(p, field) + (s if moved else 0) for p, s in zip(parts, shifts, strict=True)])
 
-    return _columns(np.concatenate([p.data for p in parts]), [joined(f) for f in _FIELDS], parts[-1].next_offset)
+    size = sum(len(p.data) for p in parts)
+    data = np.concatenate([*(p.data for p in parts), np.zeros(TAIL_PADDING, np.uint8)])[:size]
+    return _columns(data, [joined(f) for f in _FIELDS], parts[-1].next_offset)
 
 
 def parse_record_set(
@@ -182,7 +203,7 @@ def _parse_bodies(bodies: list[bytes], base: list[int], counts: list[int]) -> Re
         _record_heads(body, count, shift, heads)
         shift += len(body)
     # Padding lets the vectorised varint reads run past the end without bounds checks.
-    data = np.frombuffer(data_bytes + bytes(_VARINT_WIDTH), dtype=np.uint8)
+    data = np.frombuffer(data_bytes + bytes(max(_VARINT_WIDTH, TAIL_PADDING)), dtype=np.uint8)
     head = np.array(heads, dtype=np.int64)
     length, size = _varints(data, head)
     start = head + size
@@ -281,7 +302,7 @@ def intern_slices(data: npt.NDArray[np.uint8], start: _I64, length: _I64) -> tup
     n = len(start)
     width = int(length.max()) if n else 0
     if n and width <= _MAX_VECTOR_WIDTH:
-        padded = np.concatenate([data, np.zeros(8, np.uint8)])
+        padded = zero_padded(data, 8)
         # Every byte offset as the start of a little-endian word: unaligned gathers, no matrix.
         words_at = np.ndarray((len(padded) - 7,), dtype="<u8", buffer=padded, strides=(1,))
         last = len(padded) - 8

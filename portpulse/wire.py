@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from portpulse.recordbatch import intern_slices
+from portpulse.recordbatch import intern_slices, zero_padded
 
 __all__ = [
     "VERSION",
@@ -211,7 +211,7 @@ def decode_columns(
     malformed ones (a null value has length -1) are listed in ``bad``."""
     n = len(start)
     # Padding: reads past the end land in zeros. Unaligned views read a u16/u32/reading at any byte.
-    padded = np.concatenate([data, np.zeros(_RECORD.itemsize, np.uint8)])
+    padded = zero_padded(data, _RECORD.itemsize)
     last = len(data)
     u16_at = np.ndarray((last + 1,), dtype="<u2", buffer=padded, strides=(1,))
     u32_at = np.ndarray((last + 1,), dtype="<u4", buffer=padded, strides=(1,))

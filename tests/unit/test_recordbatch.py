@@ -217,3 +217,19 @@ def test_gather_segments_equals_joining_the_slices(pieces: list[bytes], data: st
     lengths = [data.draw(st.integers(0, len(src) - s)) for s in starts]
     got = gather_segments(src, np.array(starts, dtype=np.int64), np.array(lengths, dtype=np.int64))
     assert got.tobytes() == b"".join(src[s : s + n].tobytes() for s, n in zip(starts, lengths, strict=True))
+
+
+def test_zero_padded_reuses_the_padding_of_parsed_record_sets_and_copies_otherwise() -> None:
+    from portpulse.recordbatch import zero_padded
+
+    raw = batch([(b"k", b"value-1"), (None, b"v2")], 0) + batch([(b"k2", b"x" * 300)], 2)
+    for cols in (parse(raw), concat_columns([parse(raw), parse(raw)])):
+        out = zero_padded(cols.data, 18)
+        assert np.shares_memory(out, cols.data)  # no copy
+        assert out[: len(cols.data)].tobytes() == cols.data.tobytes() and not out[len(cols.data) :].any()
+        assert len(out) == len(cols.data) + 18
+    plain = np.frombuffer(b"abc", np.uint8)
+    out = zero_padded(plain, 8)
+    assert out.tobytes() == b"abc" + bytes(8) and not np.shares_memory(out, plain)
+    tail = np.frombuffer(b"abcdef", np.uint8)[:3]  # the bytes after it are not zeros: copied
+    assert zero_padded(tail, 2).tobytes() == b"abc\x00\x00"
