@@ -352,3 +352,20 @@ def test_plain_gateway_batches_take_the_whole_batch_path_with_the_same_result() 
     late["readings"][0]["ts"] = 1  # 1970: far in the past
     batch = decode_messages([Message("sensors/air/quai", json.dumps(late).encode(), NOW)], big)
     assert len(batch.readings) == 98 and [p.reason for p in batch.problems[0]] == ["ts_too_far_past"]
+    # Three keys per reading but a site instead of a sensor id (the topic names the sensor):
+    # the site still comes from each reading, and seconds, ms and ns in one dispatch scale apart.
+    sited = {"readings": [{"site": "berth-2", "ts": 1_764_000_000 + k, "metrics": {"no2": 1.5}} for k in range(3)]}
+    plain = {"readings": [{"sensor_id": "gw-1", "ts": 1_764_000_000_000_000_123, "metrics": {"no2": 2.5}}]}
+    for _ in range(2):  # the second time every name is known: the whole-batch path where it applies
+        batch = decode_messages([Message("sensors/air/quai/s-7", json.dumps(sited).encode(), NOW),
+                                 Message("sensors/air/quai", json.dumps(plain).encode(), NOW),
+                                 Message("sensors/air/quai", good, NOW)], big)  # fmt: skip
+        r = batch.readings
+        assert not batch.problems and len(r) == 104
+        assert r.sensor_id.tolist()[:4] == ["s-7", "s-7", "s-7", "gw-1"]
+        assert r.site.tolist()[:5] == ["berth-2", "berth-2", "berth-2", "quai", "quai"]
+        assert r.ts_ns.tolist()[:6] == [(1_764_000_000 + k) * 10**9 for k in range(3)] + [
+            1_764_000_000_000_000_123,
+            1_764_000_000_000 * 10**6,
+            1_764_000_000_000 * 10**6,
+        ]
