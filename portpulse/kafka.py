@@ -14,6 +14,7 @@ import numpy.typing as npt
 
 from portpulse.errors import ServiceUnavailableError
 from portpulse.recordbatch import (
+    BATCH_HEADER_BYTES,
     OutgoingRecords,
     RecordColumns,
     concat_columns,
@@ -288,17 +289,18 @@ class BatchSender:
         # Rows grouped by (topic, partition), in their order within a group: a key's order holds.
         group = records.topic[rows] * int(counts.max()) + part
         order = np.argsort(group, kind="stable")
-        rows, group = rows[order], group[order]
+        rows, group, part = rows[order], group[order], part[order]
         size = records.size_estimate(rows)
+        room = self._max_batch_bytes - BATCH_HEADER_BYTES  # like aiokafka: the frame counts too
         bounds = np.flatnonzero(np.diff(group)) + 1
         sent: _Sent = []
         for first, stop in zip([0, *bounds.tolist()], [*bounds.tolist(), len(rows)], strict=True):
-            topic, partition = records.topics[int(records.topic[rows[first]])], int(part[order][first])
+            topic, partition = records.topics[int(records.topic[rows[first]])], int(part[first])
             cum = np.cumsum(size[first:stop])
             start = 0
             while start < stop - first:
                 taken = int(cum[start - 1]) if start else 0
-                end = max(int(np.searchsorted(cum, taken + self._max_batch_bytes, side="right")), start + 1)
+                end = max(int(np.searchsorted(cum, taken + room, side="right")), start + 1)
                 chunk = rows[first + start : first + end]
                 batch = _FramedBatch(records.encode(chunk), len(chunk), self._codec)
                 sent.append((chunk, await self._producer.send_batch(batch, topic, partition=partition)))

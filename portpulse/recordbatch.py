@@ -27,6 +27,7 @@ import numpy.typing as npt
 from portpulse.sorting import distinct_codes
 
 __all__ = [
+    "BATCH_HEADER_BYTES",
     "CorruptRecordSetError",
     "OutgoingRecords",
     "RecordColumns",
@@ -42,6 +43,7 @@ __all__ = [
 
 _BATCH_HEAD = struct.Struct(">qiibIhiqqqhii")
 _HEAD_SIZE = _BATCH_HEAD.size  # 61
+BATCH_HEADER_BYTES = _HEAD_SIZE  #: a v2 record batch's frame before its records
 _CRC_FROM = 21  # crc32c covers attributes .. end
 _CONTROL = 0x20
 _CODEC_MASK = 0x07

@@ -286,3 +286,56 @@ async def test_columnar_fetch_reads_exactly_what_was_sent(
     assert [(cols.key(i), cols.value(i)) for i in range(len(cols))] == sent
     assert cols.offset.tolist() == list(range(len(sent)))
     assert [(r.key, r.value) for r in plain] == sent
+
+
+@pytest.mark.parametrize("compression", ["lz4", "zstd", "none"])
+async def test_columns_written_by_portpulse_arrive_in_key_order_on_murmur2_partitions(
+    kafka: KafkaEndpoint, unique: str, compression: str
+) -> None:
+    """BatchSender.send_columns (batches framed by PortPulse, delivered by aiokafka's idempotent
+    producer) through the real broker: split into many small batches, every record arrives once,
+    each key on the partition Kafka's own clients would choose, in the order it was sent."""
+    from aiokafka import AIOKafkaConsumer
+    from aiokafka.partitioner import murmur2
+
+    from portpulse.kafka import BatchSender, start_producer
+    from portpulse.recordbatch import OutgoingRecords, encode_headers
+
+    topic = f"{unique}.readings.air"
+    await create_topic(kafka, topic, 3)
+    keys = [f"s-{k}".encode() for k in range(41)]
+    values = [bytes([i % 251]) * (i % 300 + 1) for i in range(3000)]
+    key_of = [i % 41 if i % 97 else -1 for i in range(3000)]  # some null keys
+    blob = b"".join(keys) + b"".join(values)
+    key_start = np.cumsum([0] + [len(k) for k in keys[:-1]], dtype=np.int64)
+    value_len = np.array([len(v) for v in values], dtype=np.int64)
+    value_start = len(b"".join(keys)) + np.cumsum(value_len) - value_len
+    out = OutgoingRecords(np.frombuffer(blob, np.uint8), [topic], np.zeros(3000, np.int64), keys,
+                          np.array(key_of, dtype=np.int64), key_start, ((value_start, value_len),),
+                          encode_headers([("pp-v", b"1")]))  # fmt: skip
+    producer = await start_producer(KafkaSettings(bootstrap_servers=kafka.bootstrap_servers), "test producer")
+    try:
+        sender = BatchSender(producer, compression=compression, max_batch_bytes=16_384)
+        assert await sender.send_columns(out) == 0
+    finally:
+        await producer.stop()
+
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=kafka.bootstrap_servers, auto_offset_reset="earliest",
+                                enable_auto_commit=False)  # fmt: skip
+    await consumer.start()
+    got: list[Any] = []
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 60
+        while len(got) < len(values) and loop.time() < deadline:
+            for batch in (await consumer.getmany(timeout_ms=200)).values():
+                got += batch
+    finally:
+        await consumer.stop()
+    assert len(got) == len(values)
+    assert {tuple(tuple(h) for h in r.headers) for r in got} == {(("pp-v", b"1"),)}
+    for k, key in enumerate(keys):
+        mine = [r for r in got if r.key == key]
+        assert {r.partition for r in mine} == {(murmur2(key) & 0x7FFFFFFF) % 3}
+        assert [r.value for r in mine] == [values[i] for i in range(3000) if key_of[i] == k]
+    assert sorted(r.value for r in got if r.key is None) == sorted(values[i] for i in range(3000) if key_of[i] < 0)
