@@ -12,7 +12,8 @@ are published live to a subscribed bridge and timed from the first publish until
 counted every reading acknowledged by Kafka (a queued session of 7 KB messages arrives as one
 burst before the bridge's counters move, which would hide the receiving from the timer). The
 QoS0 run publishes live (QoS0 is not queued for offline clients) and is timed from the Kafka
-record timestamps of the first and last record. The outage run stops Kafka for
+record timestamps of the first and last record. The gateway batches' CPU per reading is then
+split by stage (decode, build, send) in this process. The outage run stops Kafka for
 ``--outage-seconds`` while a publisher keeps going and samples the bridge's resident memory.
 """
 
@@ -269,6 +270,48 @@ def live_batches(env: dict[str, str], n: int, batch: int, timeout_s: float = 600
     return n / seconds, count, n / publish_s
 
 
+def stage_cpu(env: dict[str, str], n: int, batch: int = 100, repeats: int = 3) -> dict[str, float]:
+    """CPU seconds per reading of each bridge stage for gateway batches, in this process (best of
+    ``repeats``): decode (JSON + checks), build (records as columns), send (encode, compress, hand
+    to aiokafka, wait for Kafka's acks). Deliveries of 2 MiB of payload, as the bridge cuts them."""
+    from ingest.bridge import MAX_DISPATCH_BYTES, KafkaRecordSink
+    from ingest.decode import DecodeLimits, Message, decode_messages
+    from ingest.records import build_records
+    from portpulse.runtime import tune_gc_for_streaming
+    from portpulse.settings import KafkaSettings, Settings
+
+    prefix = f"bench{uuid.uuid4().hex[:8]}"
+    now = time.time_ns()
+    messages = [Message(t, p, now) for t, p in payloads(prefix, n, batch, now // 10**6)]
+    per_dispatch = max(1, MAX_DISPATCH_BYTES // max(1, len(messages[0].payload)))
+    limits = DecodeLimits(topic_prefix=prefix)
+    settings = Settings(kafka=KafkaSettings(bootstrap_servers=env["PORTPULSE_KAFKA__BOOTSTRAP_SERVERS"]))
+    tune_gc_for_streaming()
+
+    async def run() -> dict[str, float]:
+        best = {"decode": float("inf"), "build": float("inf"), "send": float("inf")}
+        async with KafkaRecordSink(settings) as sink:
+            for _ in range(repeats):
+                spent = dict.fromkeys(best, 0.0)
+                for i in range(0, len(messages), per_dispatch):
+                    t0 = time.process_time()
+                    decoded = decode_messages(messages[i : i + per_dispatch], limits)
+                    t1 = time.process_time()
+                    records = build_records(decoded, prefix)
+                    t2 = time.process_time()
+                    await sink.ensure_topics(records.topics)
+                    t3 = time.process_time()
+                    await sink.send(records.records, [])
+                    t4 = time.process_time()
+                    spent["decode"] += t1 - t0
+                    spent["build"] += t2 - t1
+                    spent["send"] += t4 - t3
+                best = {k: min(best[k], spent[k] / n) for k in best}
+        return best
+
+    return asyncio.run(run())
+
+
 def live_qos0(env: dict[str, str], n: int) -> tuple[float, int, float]:
     run = Run(env, "qos0", 0)
     run.start_bridge()
@@ -334,6 +377,13 @@ def main() -> None:
         f"| QoS1, gateway batches of 100 (live from the first publish; publisher {pub_b:,.0f} readings/s) | "
         f"{rate_b:,.0f} readings/s | 300,000 | "
         f"{rate_b / 300000:.2f} | - | - | {count_b:,} of {readings:,} |"
+    )
+    cpu = stage_cpu(env, readings)
+    total = sum(cpu.values())
+    print(
+        f"\nGateway batches, bridge CPU per reading by stage (in this process, best of 3, {readings:,} readings): "
+        + ", ".join(f"{k} {v * 1e6:.2f} us" for k, v in cpu.items())
+        + f"; total {total * 1e6:.2f} us = {1 / total:,.0f} readings/s per core before MQTT receiving"
     )
     if not args.skip_outage:
         peak, sent, got = outage(env, args.outage_seconds, args.outage_rate)
