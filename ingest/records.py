@@ -11,6 +11,7 @@ import numpy.typing as npt
 from ingest.decode import DecodedBatch, Message
 from portpulse.deadletter import DeadLetter
 from portpulse.recordbatch import OutgoingRecords, encode_headers
+from portpulse.sorting import factorise
 from portpulse.topics import readings_topic
 from portpulse.wire import VERSION_HEADER, encode_single_bodies, encode_value, value_header
 
@@ -38,14 +39,6 @@ class OutRecords:
         return set(self.records.topics)
 
 
-def _codes(column: Sequence[str]) -> tuple[npt.NDArray[np.int64], list[str]]:
-    """Codes ``(n,)`` of a string column and the distinct strings they index (dict and map in C)."""
-    table = {name: code for code, name in enumerate(dict.fromkeys(column))}
-    if len(table) == 1:  # one domain, site or metric in the whole batch: the usual gateway case
-        return np.zeros(len(column), dtype=np.int64), list(table)
-    return np.fromiter(map(table.__getitem__, column), dtype=np.int64, count=len(column)), list(table)
-
-
 def build_records(batch: DecodedBatch, topic_prefix: str) -> OutRecords:
     """Encode each run of consecutive readings of one (message, domain, sensor, site) as a record.
 
@@ -63,10 +56,10 @@ def build_records(batch: DecodedBatch, topic_prefix: str) -> OutRecords:
     if n == 0:
         nothing = OutgoingRecords(np.zeros(0, np.uint8), [], empty, [], empty, empty, ((empty, empty),), HEADERS)
         return OutRecords(nothing, empty, empty)
-    domain, domains = _codes(r.domain.tolist())
-    sensor, sensors = _codes(r.sensor_id.tolist())
-    site, sites = _codes(r.site.tolist())
-    metric, metrics = _codes(r.metric.tolist())
+    domain, domains = factorise(r.domain.tolist())
+    sensor, sensors = factorise(r.sensor_id.tolist())
+    site, sites = factorise(r.site.tolist())
+    metric, metrics = factorise(r.metric.tolist())
     message = batch.message_index
     change = np.empty(n, dtype=bool)
     change[0] = True

@@ -413,38 +413,35 @@ def encode_records(
     value_var, value_size = _zigzag_varints(value_len)
     body = 2 + offset_size + key_size + np.maximum(key_len, 0) + value_size + value_len + len(headers)
     length_var, length_size = _zigzag_varints(body)
-    # Per record, the fields before the key as one row: length, attributes 0, timestamp delta 0,
-    # offset delta, key length. Each field is written whole (its unused tail zero) before the
-    # next one overwrites that tail.
-    widths = [length_var.shape[1], offset_var.shape[1], key_var.shape[1]]
-    prefix = np.zeros((n, sum(widths) + 2), dtype=np.uint8)
-    rows = np.arange(n)
-    cursor = np.zeros(n, dtype=np.int64)
-    for matrix, size, gap in ((length_var, length_size, 2), (offset_var, offset_size, 0), (key_var, key_size, 0)):
-        for k in range(matrix.shape[1]):
-            prefix[rows, cursor + k] = matrix[:, k]
-        cursor += size + gap
-    # Keys and values are gathered from ``src`` with holes (read from its start) for the prefix,
-    # the value length and the headers, filled in afterwards: ``src`` is the whole send's buffer,
-    # too big to copy per batch.
-    hole = max(prefix.shape[1], value_var.shape[1], len(headers))
+    prefix_len = length_size + 2 + offset_size + key_size  # length, attributes, ts delta, offset, key length
+    # Keys and values are gathered from ``src`` with holes (read from its start) for the varints
+    # and the headers, written afterwards: ``src`` is the whole send's buffer, too big to copy
+    # per batch to append them.
+    hole = max(length_var.shape[1] + 2 + offset_var.shape[1] + key_var.shape[1], value_var.shape[1], len(headers))
     if len(src) < hole:
         src = np.concatenate([src, np.zeros(hole, dtype=np.uint8)])
     segments = 4 + len(value_parts)
     seg_start = np.zeros((n, segments), dtype=np.int64)
     seg_len = np.empty((n, segments), dtype=np.int64)
-    seg_len[:, 0] = cursor
+    seg_len[:, 0] = prefix_len
     seg_start[:, 1], seg_len[:, 1] = key_start, key_len
     seg_len[:, 2] = value_size
     for k, (start, length) in enumerate(value_parts):
         seg_start[:, 3 + k], seg_len[:, 3 + k] = start, length
     seg_len[:, -1] = len(headers)
     out = gather_segments(src, seg_start.ravel(), seg_len.ravel())
-    record_start = np.cumsum(length_size + body) - (length_size + body)
-    _fill(out, record_start, prefix, cursor)
-    _fill(out, record_start + cursor + np.maximum(key_len, 0), value_var, value_size)
+    at = np.cumsum(length_size + body) - (length_size + body)  # where each record starts
+    record_end = at + length_size + body
+    _fill(out, at, length_var, length_size)
+    at = at + length_size
+    out[at] = 0  # attributes
+    out[at + 1] = 0  # timestamp delta
+    at += 2
+    _fill(out, at, offset_var, offset_size)
+    at += offset_size
+    _fill(out, at, key_var, key_size)
+    _fill(out, at + key_size + np.maximum(key_len, 0), value_var, value_size)
     if headers:
-        record_end = record_start + length_size + body
         out[(record_end - len(headers))[:, None] + np.arange(len(headers))] = np.frombuffer(headers, dtype=np.uint8)
     return out
 

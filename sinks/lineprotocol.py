@@ -25,6 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from portpulse.points import Categorical, PointColumns
+from portpulse.sorting import factorise
 
 __all__ = [
     "PRECISION_NS",
@@ -256,9 +257,7 @@ def _factorise(column: npt.NDArray[np.object_] | Categorical, n: int) -> tuple[n
         # Repeated categories (e.g. a site per sensor): merge them so the series fold stays small.
         remap = np.fromiter(map(distinct.__getitem__, categories), dtype=np.int64, count=len(categories))
         return remap[column.codes], list(distinct)
-    items = column.tolist()
-    index = {value: i for i, value in enumerate(dict.fromkeys(items))}
-    return np.fromiter(map(index.__getitem__, items), dtype=np.int64, count=n), list(index)
+    return factorise(column.tolist())
 
 
 def _series_keys(
