@@ -100,10 +100,11 @@ class Run:
             self.proc = None
 
     def totals(self) -> dict[str, float]:
-        """The bridge's counters from its ops server ({} while it is not answering)."""
+        """The bridge's counters from its ops server, read now ({} while it is not answering).
+        (``/api/state``'s totals are sampled once a second: too coarse to time runs of seconds.)"""
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.ops_port}/api/state", timeout=2) as r:
-                return dict(json.loads(r.read())["totals"])
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.ops_port}/api/totals", timeout=2) as r:
+                return dict(json.loads(r.read()))
         except (OSError, ValueError, KeyError):
             return {}
 

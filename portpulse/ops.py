@@ -310,6 +310,12 @@ class LiveView:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), interval_s)
 
+    def live_totals(self) -> dict[str, float]:
+        """The counters and levels of ``totals`` read now (``totals`` is sampled once a second):
+        one walk over the registry, for pollers that time runs (the benchmarks)."""
+        totals = metric_totals(self._registry)
+        return {key: totals.get(name, 0.0) for key, name in {**RATES, **LEVELS}.items()}
+
     def state(self) -> dict[str, Any]:
         """The JSON document of ``/api/state``: times (epoch s), series by name, totals, health,
         latest values per domain and alerts."""
@@ -374,6 +380,8 @@ class OpsServer:
             return (200 if ok else 503), "application/json", json.dumps(snap).encode()
         if path == "/api/state":
             return 200, "application/json", self._view.state_json()
+        if path == "/api/totals":
+            return 200, "application/json", json.dumps(self._view.live_totals()).encode()
         if path in ("/", "/index.html"):
             return 200, "text/html; charset=utf-8", dashboard_html()
         return 404, "text/plain", b"not found\n"

@@ -369,3 +369,60 @@ def test_plain_gateway_batches_take_the_whole_batch_path_with_the_same_result() 
             1_764_000_000_000 * 10**6,
             1_764_000_000_000 * 10**6,
         ]
+
+
+_NAMES = st.sampled_from(["gw-1", "gw-2", "berth-9", "new-ü", "bad id", "", None, 5, ["gw-1"]])
+_STAMPS = st.one_of(
+    st.sampled_from([NOW // 10**9, NOW // 10**6, NOW // 10**3, NOW, NOW // 10**9 - 10**6, -NOW, 2**64, 0]),
+    st.integers(NOW // 10**6 - 10**6, NOW // 10**6 + 10**6),
+    st.floats(allow_nan=False),
+    st.sampled_from([None, True, "2025-11-24T16:00:00Z", "soon"]),
+)
+_VALUES = st.one_of(
+    st.floats(),  # NaN and +-inf as json.dumps writes them: literals JSON forbids
+    st.integers(-(2**70), 2**70),
+    st.sampled_from([True, None, "7", [1], 1e308, -0.0]),
+)
+_READING = st.fixed_dictionaries(
+    {"metrics": st.dictionaries(st.sampled_from(["no2", "pm25", "bad-name"]), _VALUES, max_size=3) | st.none()},
+    optional={"sensor_id": _NAMES, "site": _NAMES, "ts": _STAMPS, "unit": st.just("ug/m3")},
+)
+
+
+_FINITE = st.floats(allow_nan=False, allow_infinity=False) | st.integers()
+_CLEAN_READING = st.fixed_dictionaries(
+    {"metrics": st.dictionaries(st.sampled_from(["no2", "pm25"]), _FINITE, min_size=1)},
+    optional={"sensor_id": st.sampled_from(["gw-1", "gw-2"]), "site": st.just("berth-9"), "unit": st.just("ug/m3")},
+)
+
+
+@st.composite
+def _gateway_payloads(draw: st.DrawFn) -> str:
+    """Mostly clean batches (one timestamp unit each), some with one wild reading or a repeated key."""
+    unit = draw(st.sampled_from([10**9, 10**6, 10**3, 1]))
+    clean: list[dict[str, Any]] = draw(st.lists(_CLEAN_READING, min_size=1, max_size=6))
+    for reading in clean:
+        reading["ts"] = (NOW + draw(st.integers(-(10**15), 10**12))) // unit
+    readings = [json.dumps(r) for r in clean]
+    if draw(st.booleans()):
+        readings.insert(draw(st.integers(0, len(readings))), json.dumps(draw(_READING)))
+    if draw(st.booleans()):  # a repeated key: the last one counts, for every parser
+        key = draw(st.sampled_from(['"sensor_id": "gw-2"', f'"ts": {NOW // 10**6}', '"metrics": {"no2": 1}']))
+        readings[0] = readings[0][:-1] + ", " + key + "}"
+    extra = draw(st.sampled_from(["", '"gateway": "g-1", ', '"gateway": NaN, ']))
+    return "{" + extra + '"readings": [' + ", ".join(readings) + "]}"
+
+
+@settings(max_examples=400, deadline=None)
+@given(payload=_gateway_payloads(), topic=st.sampled_from(["sensors/air/quai", "sensors/air/quai/s-7"]))
+def test_the_whole_batch_path_only_changes_speed(payload: str, topic: str) -> None:
+    """Whatever a gateway sends, the typed whole-batch decoder (msgspec) gives exactly the readings
+    and the reasons of the per-reading path (orjson dicts) it stands in front of."""
+    message = [Message(topic, payload.encode(), NOW)]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("ingest.decode._plain_batch", lambda *args: False)
+        general = decode_messages(message, DecodeLimits())  # also learns the valid names
+    fast = decode_messages(message, DecodeLimits())
+    assert fast.readings.rows() == general.readings.rows()
+    assert fast.message_index.tolist() == general.message_index.tolist()
+    assert fast.problems == general.problems

@@ -99,10 +99,15 @@ def test_live_view_turns_counters_into_rates_and_keeps_levels() -> None:
     assert state["series"]["mqtt_messages"] == [250.0]  # 500 in 2 s
     assert state["series"]["consumer_lag"] == [12.0]  # summed over partitions
     assert state["totals"]["mqtt_messages"] == 500.0
+    messages.inc(25)  # after the sample: /api/state's totals wait for the next one, /api/totals does not
+    assert view.state()["totals"]["mqtt_messages"] == 500.0
+    server = OpsServer(view, "127.0.0.1", 0, registry=registry)
+    live = json.loads(server.route("/api/totals")[2])
+    assert live["mqtt_messages"] == 525.0 and live["consumer_lag"] == 12.0 and live["kafka_readings"] == 0.0
     for t in (103.0, 104.0, 105.0):
         view.sample(now=t)
     assert view.state()["t"] == [103.0, 104.0, 105.0]  # bounded history
-    assert metric_totals(registry)["portpulse_ingest_messages_received_total"] == 500.0
+    assert metric_totals(registry)["portpulse_ingest_messages_received_total"] == 525.0
 
 
 def test_latest_values_keep_the_newest_per_series_and_raise_catalogue_alerts() -> None:
