@@ -67,12 +67,15 @@ METRIC_RE = re.compile(r"[A-Za-z0-9_]{1,64}")
 
 class _Seen:
     """Names already validated: the same sensor ids, sites and metrics recur in every message,
-    so a set lookup replaces a regex match. Bounded (cleared when full)."""
+    so a dict lookup replaces a regex match. Bounded (cleared when full)."""
 
     def __init__(self, pattern: re.Pattern[str], limit: int = 200_000) -> None:
         self._pattern = pattern
         self._limit = limit
-        self.known: set[str] = set()  #: strings that matched
+        #: strings that matched, each mapped to its first-seen object: handing that one object on
+        #: for every later equal string keeps the columns' strings few and hot in the cache (the
+        #: record builder's hashing of fresh string objects cost 3x that of repeated ones)
+        self.known: dict[str, str] = {}
 
     def ok(self, name: object) -> TypeGuard[str]:
         """True for a string matching the pattern (JSON may hand over lists or objects too)."""
@@ -84,8 +87,16 @@ class _Seen:
             return False
         if len(self.known) >= self._limit:
             self.known.clear()
-        self.known.add(name)
+        self.known[name] = name
         return True
+
+    def canonical(self, names: list[Any]) -> list[str] | None:
+        """The first-seen objects of ``names``, or None if any of them is not known (yet)."""
+        try:
+            found = list(map(self.known.get, names))
+        except TypeError:  # an unhashable name
+            return None
+        return None if None in found else found  # type: ignore[return-value]
 
 
 _IDS = _Seen(ID_RE)
@@ -346,15 +357,15 @@ def _plain_batch(i: int, text: str, topic: MqttTopic, received_ns: int, limits: 
         return False
     if not readings or len(readings) > _MAX_READINGS_PER_MESSAGE:
         return False
-    sensors = _names(list(map(_GET_SENSOR, readings)), topic.sensor_id, _IDS.known)
-    sites = _names(list(map(_GET_SITE, readings)), topic.site, _IDS.known)
+    sensors = _names(list(map(_GET_SENSOR, readings)), topic.sensor_id)
+    sites = _names(list(map(_GET_SITE, readings)), topic.site)
     if sensors is None or sites is None:
         return False
     fields: list[dict[str, float]] = list(map(_GET_METRICS, readings))
     if not all(fields):
         return False
     metrics = list(chain.from_iterable(fields))
-    if not _METRICS.known.issuperset(metrics):
+    if not all(map(_METRICS.known.__contains__, metrics)):  # (msgspec already shares short keys' objects)
         return False
     values = list(chain.from_iterable(map(dict.values, fields)))
     if not all(map(math.isfinite, values)):  # msgspec refuses 1e400 itself; kept as the contract
@@ -391,12 +402,13 @@ def _repeated(column: list[T], counts: list[int]) -> list[T]:
     return list(chain.from_iterable(map(repeat, column, counts)))
 
 
-def _names(given: list[Any], default: str | None, known: set[str]) -> list[str] | None:
-    """A column of names already validated: as given, or the topic's where every reading leaves it
-    out. None for anything else (new names, some given and some not): the per-reading path decides."""
-    if known.issuperset(given):
-        return given
-    if default in known and given.count(msgspec.UNSET) == len(given):
+def _names(given: list[Any], default: str | None) -> list[str] | None:
+    """A column of names already validated (their first-seen objects): as given, or the topic's where
+    every reading leaves it out. None for anything else (new names, some given and some not): the
+    per-reading path decides."""
+    if (known := _IDS.canonical(given)) is not None:
+        return known
+    if default in _IDS.known and given.count(msgspec.UNSET) == len(given):
         return [default] * len(given)
     return None
 
