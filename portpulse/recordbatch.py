@@ -441,7 +441,9 @@ def encode_records(
     at += offset_size
     _fill(out, at, key_var, key_size)
     _fill(out, at + key_size + np.maximum(key_len, 0), value_var, value_size)
-    if headers:
+    if len(headers) == 1:  # the usual header block: a zero count
+        out[record_end - 1] = headers[0]
+    elif headers:
         out[(record_end - len(headers))[:, None] + np.arange(len(headers))] = np.frombuffer(headers, dtype=np.uint8)
     return out
 

@@ -287,3 +287,13 @@ def test_open_windows_close_exactly_the_rows_added_per_window_in_order(
     store.drop({0, 1})
     assert store.rows == sum(1 for r in held if r[2] == 2)
     assert set(store.replay_from()) <= {2}
+
+
+@given(st.lists(st.sampled_from(["no2", "pm25", "quai", ""]), max_size=40))
+def test_factorise_codes_index_the_distinct_items_in_first_seen_order(items: list[str]) -> None:
+    from portpulse.sorting import factorise
+
+    fresh = ["".join(list(s)) for s in items]  # equal strings as distinct objects, as a parser makes them
+    codes, distinct = factorise(fresh)
+    assert distinct == list(dict.fromkeys(items))
+    assert [distinct[c] for c in codes.tolist()] == items and codes.dtype == np.int64
