@@ -367,9 +367,8 @@ def _plain_batch(i: int, text: str, topic: MqttTopic, received_ns: int, limits: 
     metrics = list(chain.from_iterable(fields))
     if not all(map(_METRICS.known.__contains__, metrics)):  # (msgspec already shares short keys' objects)
         return False
+    # Finite: JSON has no NaN/Infinity literals and msgspec refuses numbers beyond the float range.
     values = list(chain.from_iterable(map(dict.values, fields)))
-    if not all(map(math.isfinite, values)):  # msgspec refuses 1e400 itself; kept as the contract
-        return False
     stamps: list[int] = list(map(_GET_TS, readings))
     lo, hi = min(stamps), max(stamps)
     unit = _ns_per_unit(hi)
@@ -406,10 +405,10 @@ def _names(given: list[Any], default: str | None) -> list[str] | None:
     """A column of names already validated (their first-seen objects): as given, or the topic's where
     every reading leaves it out. None for anything else (new names, some given and some not): the
     per-reading path decides."""
-    if (known := _IDS.canonical(given)) is not None:
-        return known
-    if default in _IDS.known and given.count(msgspec.UNSET) == len(given):
-        return [default] * len(given)
+    if given[0] is not msgspec.UNSET:
+        return _IDS.canonical(given)
+    if given.count(msgspec.UNSET) == len(given) and default in _IDS.known:
+        return [_IDS.known[default]] * len(given)
     return None
 
 
