@@ -7,11 +7,11 @@ measures the rate at which it moves messages into Kafka. The QoS1 single-reading
 messages queued in the bridge's persistent session, so the publisher does not compete for the two
 cores, timed by the bridge's own counters from its first received message until every message is
 acknowledged by Kafka; the peer is a bare paho subscriber draining the same kind of queued
-session without doing anything. Counters are read live from ``/api/totals`` every 20 ms. Gateway
-batches (``--batch-readings``, 100 per message) are published live to a subscribed bridge and timed from the first publish until the bridge
-counted every reading acknowledged by Kafka (a queued session of 7 KB messages arrives as one
-burst before the bridge's counters move, which would hide the receiving from the timer). The
-QoS0 run publishes live (QoS0 is not queued for offline clients) and is timed from the Kafka
+session without doing anything. Counters are read live from ``/api/totals`` every 20 ms.
+Gateway batches (``--batch-readings``, 100 per message) are published live to a subscribed
+bridge and timed from the first publish until the bridge counted every reading acknowledged by
+Kafka (a queued session of 7 KB messages arrives as one burst before the bridge's counters move,
+which would hide the receiving from the timer). The QoS0 run publishes live (QoS0 is not queued for offline clients) and is timed from the Kafka
 record timestamps of the first and last record. The gateway batches' CPU per reading is then
 split by stage (decode, build, send) in this process. The outage run stops Kafka for
 ``--outage-seconds`` while a publisher keeps going and samples the bridge's resident memory.
@@ -382,10 +382,11 @@ def main() -> None:
         f"{rate_b:,.0f} readings/s | 300,000 | "
         f"{rate_b / 300000:.2f} | - | - | {count_b:,} of {readings:,} |"
     )
-    cpu = stage_cpu(env, min(readings, 600_000))
+    cpu = stage_cpu(env, min(readings, 600_000))  # held in memory 3 times over: capped
     total = sum(cpu.values())
     print(
-        f"\nGateway batches, bridge CPU per reading by stage (in this process, best of 3, {min(readings, 600_000):,} readings): "
+        "\nGateway batches, bridge CPU per reading by stage "
+        f"(in this process, best of 3, {min(readings, 600_000):,} readings): "
         + ", ".join(f"{k} {v * 1e6:.2f} us" for k, v in cpu.items())
         + f"; total {total * 1e6:.2f} us = {1 / total:,.0f} readings/s per core before MQTT receiving"
     )
