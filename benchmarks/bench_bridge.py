@@ -4,17 +4,18 @@
 
 Runs ``portpulse bridge`` as its own process (one core's worth of Python, as in production) and
 measures the rate at which it moves messages into Kafka. The QoS1 single-reading run drains
-messages queued in the bridge's persistent session, so the publisher does not compete for the two
-cores, timed by the bridge's own counters from its first received message until every message is
-acknowledged by Kafka; the peer is a bare paho subscriber draining the same kind of queued
-session without doing anything. Counters are read live from ``/api/totals`` every 20 ms.
+messages queued in the bridge's persistent session, so the publisher does not compete for the
+two cores, timed by the bridge's own counters from its first received message until every
+message is acknowledged by Kafka; the peer is a bare paho subscriber draining the same kind of
+queued session without doing anything. Counters are read live from ``/api/totals`` every 20 ms.
 Gateway batches (``--batch-readings``, 100 per message) are published live to a subscribed
 bridge and timed from the first publish until the bridge counted every reading acknowledged by
 Kafka (a queued session of 7 KB messages arrives as one burst before the bridge's counters move,
-which would hide the receiving from the timer). The QoS0 run publishes live (QoS0 is not queued for offline clients) and is timed from the Kafka
-record timestamps of the first and last record. The gateway batches' CPU per reading is then
-split by stage (decode, build, send) in this process. The outage run stops Kafka for
-``--outage-seconds`` while a publisher keeps going and samples the bridge's resident memory.
+which would hide the receiving from the timer). The QoS0 run publishes live (QoS0 is not queued
+for offline clients) and is timed from the Kafka record timestamps of the first and last record.
+The gateway batches' CPU per reading is then split by stage (decode, build, send) in this
+process. The outage run stops Kafka for ``--outage-seconds`` while a publisher keeps going and
+samples the bridge's resident memory.
 """
 
 from __future__ import annotations
