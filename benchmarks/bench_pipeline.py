@@ -269,7 +269,15 @@ def latency(
         stored = len(roster) * batch + 1  # and the warm-up reading
         run.wait(lambda: run.influx.count("air", "no2") >= stored, 600, f"{stored} roster readings stored")
         roster_s = time.monotonic() - roster_s
-        load = payloads(run.prefix, n, batch, int(time.time() * 1000), sensors=sensors, step_ms=step_ms)
+        # The load's event time starts when its publishing does: stamped from a moment far enough
+        # ahead to build it, then waited for. (Stamped "now" and published seconds later, the load
+        # ran behind the probes' clock and the processor sent much of it to the late topic.)
+        sample_s = time.monotonic()
+        payloads(run.prefix, max(1, n // 50), batch, 0, sensors=sensors, step_ms=step_ms)
+        start_ms = int(time.time() * 1000) + int(1000 * (1.0 + 1.5 * 50 * (time.monotonic() - sample_s)))
+        load = payloads(run.prefix, n, batch, start_ms, sensors=sensors, step_ms=step_ms)
+        time.sleep(max(0.0, start_ms / 1000 - time.time()))
+        late_before = run.totals().get("late", 0.0)
         loader = threading.Thread(target=publish, args=(host, port, load, 1, rate_msgs), daemon=True)
         sent: dict[str, float] = {}
         seen: dict[str, float] = {}
@@ -325,7 +333,7 @@ def latency(
             "probes": len(sent), "seen": len(lat), "p50_ms": 1000 * statistics.median(lat),
             "p99_ms": 1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))], "max_ms": 1000 * lat[-1],
             "load_msgs_per_s": rate_msgs, "load_readings_per_s": rate_msgs * batch, "latency_over_time": over_time,
-            "sensors": sensors, "roster_s": roster_s,
+            "sensors": sensors, "roster_s": roster_s, "late": run.totals().get("late", 0.0) - late_before,
         }  # fmt: skip
     finally:
         run.stop()
@@ -367,7 +375,7 @@ def main() -> None:
             f"p50 {lat.get('p50_ms', float('nan')):.0f} ms, p99 {lat.get('p99_ms', float('nan')):.0f} ms, "
             f"max {lat.get('max_ms', float('nan')):.0f} ms ({lat['seen']}/{lat['probes']} probes; "
             f"{lat.get('sensors', 0):,} sensors; their series created first in "
-            f"{lat.get('roster_s', float('nan')):.1f} s)",
+            f"{lat.get('roster_s', float('nan')):.1f} s; late {lat.get('late', float('nan')):,.0f})",
             flush=True,
         )
         results[name] = {
