@@ -1,6 +1,6 @@
 """End-to-end benchmark: MQTT publish -> bridge -> Kafka -> processor -> InfluxDB, all on this machine.
 
-    .venv/bin/python -m benchmarks.bench_pipeline [--messages 60000] [--batch-messages 3000]
+    .venv/bin/python -m benchmarks.bench_pipeline [--messages 150000] [--batch-messages 10000]
                                                   [--latency-sensors 1000] [--topology run|split] [--json FILE]
 
 ``--topology run`` (default): ``portpulse run`` as its own process (bridge + processor + sink on
@@ -36,7 +36,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import free_port, publish, service_env
+from benchmarks.common import CpuBudget, free_port, publish, service_env
 
 
 class Influx:
@@ -202,6 +202,11 @@ def throughput(env: dict[str, str], n: int, batch: int, topology: str) -> dict[s
                 sampling.wait(0.5)
 
         sampler = threading.Thread(target=sample, daemon=True)
+        budget = CpuBudget(
+            {f"portpulse {args[0]}": proc.pid for args, proc in zip(TOPOLOGIES[topology], run.procs, strict=True)}
+            | {"benchmark (publisher)": os.getpid()}
+        )
+        budget.start()
         sampler.start()
         publish_s = publish(host, port, messages, qos=1)
         peak_rss = 0.0
@@ -221,6 +226,7 @@ def throughput(env: dict[str, str], n: int, batch: int, topology: str) -> dict[s
             sampling.set()
             sampler.join(10)
         elapsed = time.monotonic() - t0
+        cpu = budget.stop()
         totals = run.totals()
         stored = 0
         for _ in range(100):  # the last batch may still be in its HTTP request
@@ -232,7 +238,7 @@ def throughput(env: dict[str, str], n: int, batch: int, topology: str) -> dict[s
             "messages": n, "readings": readings, "publish_s": publish_s, "elapsed_s": elapsed,
             "readings_per_s": readings / elapsed, "messages_per_s": n / elapsed, "stored": stored,
             "peak_rss_mb": peak_rss, "processed_over_time": samples,
-            "late": totals.get("late", 0.0), "rejected": totals.get("rejected", 0.0),
+            "late": totals.get("late", 0.0), "rejected": totals.get("rejected", 0.0), "cpu_s": cpu,
         }  # fmt: skip
     finally:
         run.stop()
@@ -341,8 +347,8 @@ def latency(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--messages", type=int, default=60_000, help="single-reading messages")
-    parser.add_argument("--batch-messages", type=int, default=3_000, help="gateway batches of 100 readings")
+    parser.add_argument("--messages", type=int, default=150_000, help="single-reading messages")
+    parser.add_argument("--batch-messages", type=int, default=10_000, help="gateway batches of 100 readings")
     parser.add_argument("--latency-seconds", type=float, default=20.0)
     parser.add_argument(
         "--latency-sensors",
@@ -366,6 +372,13 @@ def main() -> None:
             f"{name:9} throughput: {t['readings_per_s']:>9,.0f} readings/s ({t['messages_per_s']:,.0f} msg/s), "
             f"target {target:,}: {t['readings_per_s'] / target:.2f}x; stored {t['stored']:,}/{t['readings']:,}; "
             f"peak RSS {t['peak_rss_mb']:.0f} MB; late {t['late']:.0f}, rejected {t['rejected']:.0f}",
+            flush=True,
+        )
+        cpu, seconds = t["cpu_s"], t["elapsed_s"]
+        print(
+            f"{'':9} CPU per reading: "
+            + ", ".join(f"{who} {1e6 * used / t['readings']:.2f} us" for who, used in cpu.items())
+            + f"; all together {sum(cpu.values()) / seconds:.2f} of {os.cpu_count()} cores busy",
             flush=True,
         )
         rate = max(1.0, 0.5 * t["messages_per_s"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -23,6 +24,39 @@ def service_env(*services: str) -> dict[str, str]:
     subprocess.run([str(SERVICES), "up", *services], check=True)
     out = subprocess.run([str(SERVICES), "env"], check=True, capture_output=True, text=True).stdout
     return dict(line.removeprefix("export ").split("=", 1) for line in out.splitlines() if line.startswith("export "))
+
+
+#: Where ``scripts/services`` keeps its pid files (the same default as the script's).
+SERVICES_RUN = Path(os.environ.get("PORTPULSE_CACHE", Path.home() / ".cache" / "portpulse")) / "run"
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (0.0 if it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuBudget:
+    """CPU seconds used by named processes between :meth:`start` and :meth:`stop`: the local
+    services ``scripts/services`` started (their pid files), plus ``extra`` (name -> pid)."""
+
+    def __init__(self, extra: dict[str, int]) -> None:
+        self.pids = dict(extra)
+        for name in ("mqtt", "kafka", "influx"):
+            with contextlib.suppress(OSError, ValueError):
+                self.pids[name] = int((SERVICES_RUN / name / "pid").read_text().strip())
+        self._start: dict[str, float] = {}
+        self.used: dict[str, float] = {}
+
+    def start(self) -> None:
+        self._start = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+
+    def stop(self) -> dict[str, float]:
+        self.used = {name: cpu_seconds(pid) - self._start[name] for name, pid in self.pids.items()}
+        return self.used
 
 
 def free_port() -> int:
