@@ -297,3 +297,14 @@ def test_factorise_codes_index_the_distinct_items_in_first_seen_order(items: lis
     codes, distinct = factorise(fresh)
     assert distinct == list(dict.fromkeys(items))
     assert [distinct[c] for c in codes.tolist()] == items and codes.dtype == np.int64
+
+
+def test_late_records_are_json_with_every_field_and_never_fail_on_odd_values() -> None:
+    import json
+
+    from processors.loop import _late_record
+
+    record = json.loads(_late_record((3, "air", "no2-1", "no2", 1_764_000_000_123_456_789, 41.25, 12 * 10**9)))
+    assert record == {"domain": "air", "sensor_id": "no2-1", "metric": "no2", "ts_ns": 1_764_000_000_123_456_789,
+                      "value": 41.25, "lateness_ns": 12 * 10**9}  # fmt: skip
+    assert json.loads(_late_record((0, "air", "s", "m", 0, float("nan"), 1)))["value"] is None  # valid JSON, not NaN
