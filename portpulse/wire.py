@@ -124,6 +124,19 @@ def encode_single_bodies(
     return bodies.view(np.uint8).reshape(n, _SINGLE_BODY.itemsize)
 
 
+def encode_rows(
+    ts_ns: npt.NDArray[np.int64], value: npt.NDArray[np.float64], flags: npt.NDArray[np.uint8]
+) -> npt.NDArray[np.uint8]:
+    """The reading rows of :func:`encode_value` (metric index 0) as a byte matrix ``(n, 18)``: a
+    one-metric value is ``value_header(site, (metric,))``, its count as ``<u4``, then its rows."""
+    rows = np.empty(len(ts_ns), dtype=_RECORD)
+    rows["ts_ns"] = ts_ns
+    rows["value"] = value
+    rows["metric"] = 0
+    rows["flags"] = flags
+    return rows.view(np.uint8).reshape(len(ts_ns), _RECORD.itemsize)
+
+
 @functools.lru_cache(maxsize=65_536)
 def value_header(site: str, metrics: tuple[str, ...]) -> bytes:
     """Version, site and metric-name table; the same few combinations recur, so cache them."""

@@ -15,7 +15,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from ingest.bridge import BridgeStats, run_bridge
 from portpulse.settings import IngestSettings, KafkaSettings, MqttSettings, Settings
-from portpulse.wire import decode_value
+from portpulse.wire import WireError, decode_value
 from tests.services import KafkaEndpoint, MqttEndpoint
 
 
@@ -111,8 +111,9 @@ class KafkaReading:
 async def consume(
     kafka: KafkaEndpoint, topics: Sequence[str], expect: int, timeout_s: float = 60.0, idle_s: float = 2.0
 ) -> list[tuple[str, bytes | None, bytes, dict[str, bytes]]]:
-    """Records of ``topics`` from the beginning: stop at ``expect`` records (then wait ``idle_s``
-    more to catch extras such as duplicates) or after ``timeout_s``."""
+    """Records of ``topics`` from the beginning: stop at ``expect`` readings (a readings record
+    counts its readings, any other record one; then wait ``idle_s`` more to catch extras such as
+    duplicates) or after ``timeout_s``."""
     consumer = AIOKafkaConsumer(
         *topics, bootstrap_servers=kafka.bootstrap_servers, auto_offset_reset="earliest", metadata_max_age_ms=1000
     )
@@ -122,16 +123,29 @@ async def consume(
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         reached_at: float | None = None
+        count = 0
         while loop.time() < deadline:
             for records in (await consumer.getmany(timeout_ms=300)).values():
-                out += [(r.topic, r.key, r.value, dict(r.headers)) for r in records]
-            if len(out) >= expect and reached_at is None:
+                got = [(r.topic, r.key, r.value, dict(r.headers)) for r in records]
+                out += got
+                count += sum(_units(value, headers) for _, _, value, headers in got)
+            if count >= expect and reached_at is None:
                 reached_at = loop.time()
             if reached_at is not None and loop.time() - reached_at >= idle_s:
                 break
     finally:
         await consumer.stop()
     return out
+
+
+def _units(value: bytes | None, headers: dict[str, bytes]) -> int:
+    """Readings in a bridge record (one record holds a series' readings of a delivery), else 1."""
+    if value is None or headers.get("pp-v") != b"1":
+        return 1
+    try:
+        return len(decode_value(value))
+    except WireError:
+        return 1
 
 
 def readings_of(records: Sequence[tuple[str, bytes | None, bytes, dict[str, bytes]]]) -> list[KafkaReading]:

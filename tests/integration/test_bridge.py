@@ -66,7 +66,7 @@ async def test_three_payload_formats_round_trip(
         with Publisher(mqtt, f"{unique}-pub") as pub:
             pub.publish(messages, qos=qos)
         records = await consume(
-            kafka, [f"{unique}.readings.air", f"{unique}.readings.cell", f"{unique}.readings.crane"], expect=5
+            kafka, [f"{unique}.readings.air", f"{unique}.readings.cell", f"{unique}.readings.crane"], expect=8
         )
     got = sorted((r.topic, r.sensor_id, r.site, r.metric, r.ts_ns, r.value) for r in readings_of(records))
     ns = NOW_S * 10**9

@@ -205,20 +205,27 @@ def test_records_group_by_message_and_sensor_and_dead_letters_keep_the_payload()
     messages = [Message("sensors/air/quai", good, NOW), Message("sensors/air/quai/s9", bad, NOW)]
     batch = decode_messages(messages, LIMITS)
     records = build_records(batch, "pp")
-    # One record per run of a sensor's readings, in payload order; a sensor seen again gets another.
+    # One record per series (sensor, metric) of the delivery, its readings in arrival order.
     rows = records.records.as_tuples()
     assert [
         (topic, key, m, n) for (topic, key, _), m, n in zip(rows, records.message, records.readings, strict=True)
     ] == [
         ("pp.readings.air", b"a", 0, 2),
-        ("pp.readings.air", b"b", 0, 1),
         ("pp.readings.air", b"a", 0, 1),
+        ("pp.readings.air", b"b", 0, 1),
     ]
     a = decode_value(rows[0][2])
-    assert [a.metrics[i] for i in a.metric_index] == ["no2", "pm25"]
-    assert a.value.tolist() == [1.0, 2.0] and a.ts_ns.tolist() == [NOW, NOW]
-    a2 = decode_value(rows[2][2])
-    assert a2.metrics == ("no2",) and a2.value.tolist() == [4.0] and a2.ts_ns.tolist() == [NOW + 2 * 10**9]
+    assert a.metrics == ("no2",) and a.site == "quai" and a.value.tolist() == [1.0, 4.0]
+    assert a.ts_ns.tolist() == [NOW, NOW + 2 * 10**9]
+    pm25 = decode_value(rows[1][2])
+    assert pm25.metrics == ("pm25",) and pm25.value.tolist() == [2.0] and pm25.ts_ns.tolist() == [NOW]
+    # A series spread over several messages of one delivery is one record, in message order.
+    later = Message("sensors/air/quai", json.dumps({"readings": [{"sensor_id": "a", "ts": 1764000003,
+                                                                  "metrics": {"no2": 5}}]}).encode(), NOW)  # fmt: skip
+    merged = build_records(decode_messages([messages[0], later], LIMITS), "pp")
+    first = decode_value(merged.records.as_tuples()[0][2])
+    assert merged.readings.tolist() == [3, 1, 1] and first.value.tolist() == [1.0, 4.0, 5.0]
+    assert first.ts_ns.tolist() == [NOW, NOW + 2 * 10**9, NOW + 3 * 10**9]
     letters = build_dead_letters(batch, messages)
     assert [(i, letter.payload, letter.reason, letter.source) for i, letter in letters] == [
         (1, bad, "non_numeric_value", "sensors/air/quai/s9")
