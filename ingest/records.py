@@ -20,6 +20,9 @@ __all__ = ["OutRecords", "build_dead_letters", "build_records"]
 
 
 HEADERS = encode_headers([VERSION_HEADER])  # every record's header block
+#: Readings per record at most: 74 KB values, far below Kafka's 1 MB message limit, however many
+#: readings of one series a 2 MiB delivery brings.
+MAX_READINGS_PER_RECORD = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +76,13 @@ def build_records(batch: DecodedBatch, topic_prefix: str) -> OutRecords:
         change[1:] |= ordered[1:] != ordered[:-1]
     starts = np.flatnonzero(change)
     counts = np.diff(np.append(starts, n))
+    if (counts > MAX_READINGS_PER_RECORD).any():  # one chatty series: several records, in order
+        long = np.flatnonzero(counts > MAX_READINGS_PER_RECORD).tolist()
+        extra = [
+            np.arange(starts[i] + MAX_READINGS_PER_RECORD, starts[i] + counts[i], MAX_READINGS_PER_RECORD) for i in long
+        ]
+        starts = np.sort(np.concatenate([starts, *extra]))
+        counts = np.diff(np.append(starts, n))
     first = order[starts]  # each record's first (earliest) reading
 
     # The buffer: distinct keys | headers of the (site, metric) pairs | counts | rows.

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from ingest.decode import REASONS, DecodeLimits, Message, decode_messages, parse_timestamp_ns
 from ingest.records import build_dead_letters, build_records
 from portpulse.schema import FLAG_TS_FROM_RECEIVE, Reading
-from portpulse.wire import WireError, decode_value, encode_single, encode_value
+from portpulse.wire import WireError, decode_value, decode_values, encode_single, encode_value
 
 NOW = 1_764_000_000_000_000_000  # 2025-11-24T16:00:00Z
 LIMITS = DecodeLimits(max_payload_bytes=4096)
@@ -226,6 +226,12 @@ def test_records_group_by_message_and_sensor_and_dead_letters_keep_the_payload()
     first = decode_value(merged.records.as_tuples()[0][2])
     assert merged.readings.tolist() == [3, 1, 1] and first.value.tolist() == [1.0, 4.0, 5.0]
     assert first.ts_ns.tolist() == [NOW, NOW + 2 * 10**9, NOW + 3 * 10**9]
+    # However many readings a series brings, no record outgrows MAX_READINGS_PER_RECORD.
+    chatty = [{"sensor_id": "a", "ts": 1763990000 + k, "metrics": {"no2": k}} for k in range(10_000)]
+    big = Message("sensors/air/quai", json.dumps({"readings": chatty}).encode(), NOW)
+    split = build_records(decode_messages([big], DecodeLimits(max_payload_bytes=2**20)), "pp")
+    assert split.readings.tolist() == [4096, 4096, 1808]
+    assert decode_values([value for _, _, value in split.records.as_tuples()]).value.tolist() == list(range(10_000))
     letters = build_dead_letters(batch, messages)
     assert [(i, letter.payload, letter.reason, letter.source) for i, letter in letters] == [
         (1, bad, "non_numeric_value", "sensors/air/quai/s9")
