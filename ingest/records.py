@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -12,7 +11,7 @@ import numpy.typing as npt
 from ingest.decode import DecodedBatch, Message
 from portpulse.deadletter import DeadLetter
 from portpulse.recordbatch import OutgoingRecords, encode_headers
-from portpulse.sorting import factorise, stable_order
+from portpulse.sorting import distinct_codes, factorise, group_starts, stable_sort
 from portpulse.topics import readings_topic
 from portpulse.wire import VERSION_HEADER, encode_rows, value_header
 
@@ -64,17 +63,13 @@ def build_records(batch: DecodedBatch, topic_prefix: str) -> OutRecords:
     sensor, sensors = factorise(r.sensor_id.tolist())
     site, sites = factorise(r.site.tolist())
     metric, metrics = factorise(r.metric.tolist())
-    columns = (domain, sensor, site, metric)
-    if math.prod(len(names) for names in (domains, sensors, sites, metrics)) < 2**40:
-        order = stable_order(((domain * len(sensors) + sensor) * len(sites) + site) * len(metrics) + metric)
-    else:  # a product of cardinalities too wide to pack (hostile input): sort by the columns themselves
-        order = np.lexsort(columns[::-1]).astype(np.int64)
-    change = np.zeros(n, dtype=bool)
-    change[0] = True
-    for column in columns:
-        ordered = column[order]
-        change[1:] |= ordered[1:] != ordered[:-1]
-    starts = np.flatnonzero(change)
+    key = domain  # the series code: one int64 per reading
+    for column, size in ((sensor, len(sensors)), (site, len(sites)), (metric, len(metrics))):
+        if (int(key.max()) + 1) * size >= 2**62:  # too wide to extend (hostile input): renumber first
+            key = distinct_codes(key)[1]
+        key = key * size + column
+    order, ordered = stable_sort(key)
+    starts = group_starts(ordered)
     counts = np.diff(np.append(starts, n))
     if (counts > MAX_READINGS_PER_RECORD).any():  # one chatty series: several records, in order
         long = np.flatnonzero(counts > MAX_READINGS_PER_RECORD).tolist()

@@ -16,12 +16,10 @@ H = TypeVar("H", bound=Hashable)
 def factorise(items: Sequence[H]) -> tuple[npt.NDArray[np.int64], list[H]]:
     """Codes ``(n,)`` of hashable items (strings: sensor ids, sites, metrics) and the distinct items
     they index, in first-seen order. Hashing beats sorting strings; the loops run in C (dict,
-    map). One distinct item, the usual case for a batch's domain or site, needs no second pass."""
+    map). One distinct item, the usual case for a batch's domain or site, needs no dict at all."""
     if items and items.count(items[0]) == len(items):  # one object or equal ones (identity first: fast)
         return np.zeros(len(items), dtype=np.int64), [items[0]]
     table = {item: code for code, item in enumerate(dict.fromkeys(items))}
-    if len(table) == 1:
-        return np.zeros(len(items), dtype=np.int64), list(table)
     return np.fromiter(map(table.__getitem__, items), dtype=np.int64, count=len(items)), list(table)
 
 

@@ -105,23 +105,17 @@ def encode_single(site: str, metric: str, ts_ns: int, value: float, flags: int =
     return value_header(site, (metric,)) + body.tobytes()
 
 
-#: :func:`encode_single`'s bytes after the header: count 1, then the reading (22 bytes).
-_SINGLE_BODY = np.dtype([("count", "<u4"), ("ts_ns", "<i8"), ("value", "<f8"), ("metric", "u1"), ("flags", "u1")])
-
-
 def encode_single_bodies(
     ts_ns: npt.NDArray[np.int64], value: npt.NDArray[np.float64], flags: npt.NDArray[np.uint8]
 ) -> npt.NDArray[np.uint8]:
     """What follows the header in :func:`encode_single` of each reading ``i`` (n,): a byte matrix
-    (n, 22), so ``value_header(site, (metric,)) + row.tobytes()`` is ``encode_single``'s value."""
-    n = len(ts_ns)
-    bodies = np.empty(n, dtype=_SINGLE_BODY)
-    bodies["count"] = 1
-    bodies["ts_ns"] = ts_ns
-    bodies["value"] = value
-    bodies["metric"] = 0
-    bodies["flags"] = flags
-    return bodies.view(np.uint8).reshape(n, _SINGLE_BODY.itemsize)
+    (n, 22), a count of 1 then the reading's row, so ``value_header(site, (metric,)) +
+    row.tobytes()`` is ``encode_single``'s value."""
+    rows = encode_rows(ts_ns, value, flags)
+    out = np.empty((len(rows), 4 + rows.shape[1]), dtype=np.uint8)
+    out[:, :4] = np.frombuffer(struct.pack("<I", 1), dtype=np.uint8)
+    out[:, 4:] = rows
+    return out
 
 
 def encode_rows(
