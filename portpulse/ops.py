@@ -23,7 +23,7 @@ import numpy as np
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 
 from portpulse.catalogue import Catalogue
-from portpulse.points import Categorical, PointColumns, PointSink, WriteReceipt
+from portpulse.points import Categorical, PointColumns, PointStore, SeriesRange, StoredReadings, WriteReceipt
 
 __all__ = [
     "Health",
@@ -181,11 +181,13 @@ RATES = {
     "dlq": "portpulse_ingest_dlq_total",
     "rejected": "portpulse_processor_rejected_total",
     "late": "portpulse_processor_late_total",
+    "windows_corrected": "portpulse_processor_windows_corrected_total",
     "sink_rejected": "portpulse_sink_points_rejected_total",
 }
 LEVELS = {
     "consumer_lag": "portpulse_processor_consumer_lag",
-    "watermark_lag_s": "portpulse_processor_watermark_lag_seconds",
+    "event_time_lag_s": "portpulse_processor_event_time_lag_seconds",
+    "correction_lag_s": "portpulse_processor_correction_lag_seconds",
     "in_flight": "portpulse_ingest_in_flight",
     "sink_queue": "portpulse_sink_queue_depth",
 }
@@ -255,9 +257,9 @@ def _codes(column: Any) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
 
 
 class TappedSink:
-    """A :class:`PointSink` that shows raw points to :class:`LatestValues` on their way to ``inner``."""
+    """A :class:`PointStore` that shows raw points to :class:`LatestValues` on their way to ``inner``."""
 
-    def __init__(self, inner: PointSink, latest: LatestValues) -> None:
+    def __init__(self, inner: PointStore, latest: LatestValues) -> None:
         self._inner = inner
         self._latest = latest
 
@@ -268,6 +270,9 @@ class TappedSink:
 
     async def flush(self) -> None:
         await self._inner.flush()
+
+    async def read(self, query: SeriesRange) -> StoredReadings:
+        return await self._inner.read(query)
 
 
 class LiveView:

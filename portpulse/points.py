@@ -9,7 +9,10 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["Categorical", "MemoryPointSink", "PointColumns", "PointSink", "WriteReceipt"]
+__all__ = [
+    "Categorical", "MemoryPointSink", "PointColumns", "PointSink", "PointStore", "SeriesRange", "StoredReadings",
+    "WriteReceipt",
+]  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +69,56 @@ class PointSink(Protocol):
     async def flush(self) -> None: ...
 
 
+@dataclass(frozen=True, slots=True)
+class SeriesRange:
+    """Stored readings to read back: of ``sensor_ids`` and ``metrics`` in ``domain``, with time in
+    ``[start_ns, stop_ns)``: raw points of measurement ``{domain}`` and rejected readings of
+    ``{domain}_rejected`` (field ``{metric}_reason``)."""
+
+    domain: str
+    sensor_ids: tuple[str, ...]
+    metrics: tuple[str, ...]
+    start_ns: int
+    stop_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoredReadings:
+    """What a store holds for one :class:`SeriesRange`, as columns ``(n,)``: object arrays
+    ``sensor_id`` and ``metric``, int64 ``ts_ns``, float64 ``value`` (NaN for rejected readings
+    without a finite value) and bool ``accepted`` (False: a rejected reading). One row per
+    (sensor, metric, time, accepted)."""
+
+    domain: str
+    sensor_id: npt.NDArray[np.object_]
+    metric: npt.NDArray[np.object_]
+    ts_ns: npt.NDArray[np.int64]
+    value: npt.NDArray[np.float64]
+    accepted: npt.NDArray[np.bool_]
+
+    def __len__(self) -> int:
+        return len(self.ts_ns)
+
+    @staticmethod
+    def of(domain: str, rows: list[tuple[str, str, int, float, bool]]) -> StoredReadings:
+        """From rows (sensor_id, metric, ts_ns, value, accepted)."""
+        cols = list(zip(*rows, strict=True)) if rows else [(), (), (), (), ()]
+        return StoredReadings(
+            domain,
+            np.array(cols[0], dtype=object),
+            np.array(cols[1], dtype=object),
+            np.array(cols[2], dtype=np.int64),
+            np.array(cols[3], dtype=np.float64),
+            np.array(cols[4], dtype=bool),
+        )
+
+
+class PointStore(PointSink, Protocol):
+    """A sink that can also read back what it stored (the processor recomputes windows from it)."""
+
+    async def read(self, query: SeriesRange) -> StoredReadings: ...
+
+
 class _Done:
     def done(self) -> bool:
         return True
@@ -75,10 +128,14 @@ class _Done:
 
 
 class MemoryPointSink:
-    """A :class:`PointSink` that keeps what it is given (for tools and tests of the processor logic)."""
+    """A :class:`PointStore` that keeps what it is given (for tools and tests of the processor
+    logic); reads answer like InfluxDB would: one value per (measurement, tags, field, time), the
+    last written."""
 
     def __init__(self) -> None:
         self.writes: list[tuple[str, PointColumns]] = []
+        self._stored: dict[tuple[str, str, str, int], float | str] = {}
+        self._indexed = 0
 
     async def write(self, points: PointColumns, source: str = "") -> WriteReceipt:
         self.writes.append((source, points))
@@ -86,3 +143,39 @@ class MemoryPointSink:
 
     async def flush(self) -> None:
         return None
+
+    def stored(self) -> dict[tuple[str, str, str, int], float | str]:
+        """Everything stored: (measurement, sensor_id, field, ts_ns) -> the last value written."""
+        for _, points in self.writes[self._indexed :]:
+            sensors = _strings(points.tags["sensor_id"])
+            measurements = (
+                [points.measurement] * len(points) if isinstance(points.measurement, str) else points.measurement
+            )
+            for name, column in points.fields.items():
+                for m, sensor, ts, v in zip(measurements, sensors, points.ts_ns.tolist(), column.tolist(), strict=True):
+                    if v is not None and not (isinstance(v, float) and v != v):
+                        self._stored[(str(m), str(sensor), name, int(ts))] = v
+        self._indexed = len(self.writes)
+        return self._stored
+
+    async def read(self, query: SeriesRange) -> StoredReadings:
+        self.stored()
+        sensors_wanted, metrics_wanted = set(query.sensor_ids), set(query.metrics)
+        rows: list[tuple[str, str, int, float, bool]] = []
+        rejected = f"{query.domain}_rejected"
+        for (m, sensor, name, ts), v in self._stored.items():
+            if sensor not in sensors_wanted or not query.start_ns <= ts < query.stop_ns:
+                continue
+            if m == query.domain and name in metrics_wanted:
+                rows.append((sensor, name, ts, float(v), True))
+            elif m == rejected and name.endswith("_reason") and name[: -len("_reason")] in metrics_wanted:
+                metric = name[: -len("_reason")]
+                value = self._stored.get((m, sensor, metric, ts), float("nan"))
+                rows.append((sensor, metric, ts, float(value), False))
+        return StoredReadings.of(query.domain, rows)
+
+
+def _strings(column: npt.NDArray[np.object_] | Categorical) -> list[str]:
+    if isinstance(column, Categorical):
+        return [str(x) for x in column.categories[column.codes].tolist()]
+    return [str(x) for x in column.tolist()]

@@ -24,12 +24,14 @@ STAGE_ROWS = (
     ("points to InfluxDB", "influx_points", "/s"),
     ("bridge DLQ", "dlq", "/s"),
     ("rejected by cleaning", "rejected", "/s"),
-    ("late (portpulse.late)", "late", "/s"),
+    ("windows corrected", "windows_corrected", "/s"),
+    ("beyond horizon (portpulse.late)", "late", "/s"),
     ("refused by InfluxDB", "sink_rejected", "/s"),
 )
 LEVEL_ROWS = (
     ("consumer lag", "consumer_lag", "records"),
-    ("watermark lag", "watermark_lag_s", "s"),
+    ("event-time lag (median series)", "event_time_lag_s", "s"),
+    ("last correction lag", "correction_lag_s", "s"),
     ("bridge in flight", "in_flight", "messages"),
     ("sink queue", "sink_queue", "batches"),
 )

@@ -6,11 +6,14 @@ the next batch. Checks, first match wins:
 
 1. ``NON_FINITE``: NaN or ±inf.
 2. ``OUT_OF_RANGE``: outside the catalogue's [lo, hi].
-3. ``DUPLICATE``: same series and timestamp as an earlier reading (in this batch, in arrival
-   order, or in the carried history).
+3. ``REPEAT``: same series, timestamp and value as an earlier reading (in this batch, in arrival
+   order, or in the carried history): the same reading delivered twice (at-least-once), not
+   a fault; callers drop it. ``DUPLICATE``: same series and timestamp, another value.
 4. ``SPIKE`` (Hampel filter): ``|x - median| > k_sigma * max(1.4826 * MAD, floor)`` over the
-   *window*: the previous ``W`` readings of the series that passed checks 1-3, in event-time
-   order, the carried history first. Needs at least 3 values in the window.
+   *window*: the ``W`` readings of the series that passed checks 1-3 immediately before it in
+   event time, among the carried history and this batch (so a late or out-of-order reading is
+   judged against its neighbours in event time, not against the newest readings). Needs at
+   least 3 values in the window.
 5. ``RATE``: ``|x - median| / dt > max_rate_per_s`` with ``dt`` the median time from the window's
    readings to this one (only when ``dt > 0``): value and time both measured from the window's
    middle, so a steady trend passes at its true slope. Comparing with the median rather than
@@ -32,19 +35,20 @@ import numpy.typing as npt
 from portpulse.sorting import group_starts, stable_order, stable_sort
 
 __all__ = [
-    "DUPLICATE", "NON_FINITE", "NO_OFFSET", "OK", "OUT_OF_RANGE", "RATE", "REASON_NAMES", "SPIKE", "History", "clean",
-    "series_time_order",
+    "DUPLICATE", "NON_FINITE", "NO_OFFSET", "OK", "OUT_OF_RANGE", "RATE", "REASON_NAMES", "REPEAT", "SPIKE", "History",
+    "clean", "series_time_order",
 ]  # fmt: skip
 
-OK, NON_FINITE, OUT_OF_RANGE, DUPLICATE, SPIKE, RATE = range(6)
-REASON_NAMES = ("ok", "non_finite", "out_of_range", "duplicate", "spike", "rate_of_change")
+OK, NON_FINITE, OUT_OF_RANGE, DUPLICATE, SPIKE, RATE, REPEAT = range(7)
+REASON_NAMES = ("ok", "non_finite", "out_of_range", "duplicate", "spike", "rate_of_change", "repeat")
 _NO_TS = np.iinfo(np.int64).min
 NO_OFFSET = np.iinfo(np.int64).max  # an empty history slot
 
 
 @dataclass(frozen=True, slots=True)
 class History:
-    """Per series, the last ``W`` readings that passed checks 1-3, oldest first, left-padded.
+    """Per series, the ``W`` newest readings (in event time) that passed checks 1-3, oldest
+    first, left-padded.
 
     ``values``: float64 ``(k, W)``, NaN where empty; ``ts``: int64 ``(k, W)``, int64 min where
     empty; ``offsets``: int64 ``(k, W)``, where each reading came from (the caller's Kafka offset),
@@ -329,6 +333,59 @@ def _judge_windows(
     return verdict
 
 
+_Ext = tuple[
+    npt.NDArray[np.float64], npt.NDArray[np.int64], npt.NDArray[np.int64],
+    npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64],
+]  # fmt: skip
+
+
+def _extended(
+    history: History,
+    uniq: npt.NDArray[np.int64],
+    counts: npt.NDArray[np.int64],
+    v: npt.NDArray[np.float64],
+    t: npt.NDArray[np.int64],
+    o: npt.NDArray[np.int64],
+    cand: npt.NDArray[np.int64],
+    every: bool,
+) -> _Ext:
+    """Per series of the batch (``uniq``, with ``counts`` candidates each), one sequence of its
+    history and its candidates in event-time order; returns values, ts, offsets, each sequence's
+    start and length, and the position of every candidate (in candidate order).
+
+    In the usual batch every candidate is newer than its series' history: the sequence is the
+    history block then the candidates. Otherwise W empty slots go first, so the W slots before
+    any position stay inside its own sequence, and each sequence is sorted by time.
+    """
+    window = history.values.shape[1]
+    hist_t = history.ts[uniq]
+    cv, ct, co = (v, t, o) if every else (v[cand], t[cand], o[cand])
+    first = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    in_order = bool(np.all(ct[first] > hist_t[:, -1])) if len(first) else True
+    pad = 0 if in_order else window
+    ext_len = pad + window + counts
+    ext_off = np.concatenate([[0], np.cumsum(ext_len)[:-1]])
+    total = int(ext_len.sum())
+    ext_v = np.full(total, np.nan)
+    ext_t = np.full(total, _NO_TS, dtype=np.int64)
+    ext_o = np.full(total, NO_OFFSET, dtype=np.int64)
+    hist_pos = (ext_off + pad)[:, None] + np.arange(window)[None, :]
+    ext_v[hist_pos] = history.values[uniq]
+    ext_t[hist_pos] = hist_t
+    ext_o[hist_pos] = history.offsets[uniq]
+    # Candidate i of series group g follows its group's pad and history block.
+    pos = np.arange(len(cv), dtype=np.int64)
+    pos += np.repeat(ext_off + pad + window - first, counts)
+    ext_v[pos], ext_t[pos], ext_o[pos] = cv, ct, co
+    if in_order:
+        return ext_v, ext_t, ext_o, ext_off, ext_len, pos
+    group = np.repeat(np.arange(len(uniq), dtype=np.int64), ext_len)
+    order = np.lexsort((ext_t, group))  # empty slots (int64 min) first in each group
+    where = np.empty(total, dtype=np.int64)
+    where[order] = np.arange(total, dtype=np.int64)
+    return ext_v[order], ext_t[order], ext_o[order], ext_off, ext_len, where[pos]
+
+
 def clean(
     series: npt.NDArray[np.int64],
     ts_ns: npt.NDArray[np.int64],
@@ -371,20 +428,31 @@ def clean(
     in_range = (v >= lo[s]) & (v <= hi[s])
     r[finite & ~in_range] = OUT_OF_RANGE
     # A duplicate repeats the (series, ts) of an earlier reading that passed checks 1-2; a valid
-    # reading after a rejected one at the same instant is a correction, not a duplicate.
+    # reading after a rejected one at the same instant is a correction, not a duplicate. With
+    # the same value too it is a repeat (the same reading delivered again).
     valid = r == OK
     new_run = np.ones(n, dtype=bool)
     new_run[1:] = (s[1:] != s[:-1]) | (t[1:] != t[:-1])
     run_start = np.maximum.accumulate(np.where(new_run, np.arange(n), 0))
     valid_before = np.cumsum(valid) - valid  # valid readings strictly before each position
     earlier_valid_in_run = valid_before - valid_before[run_start] > 0
+    # The first valid reading of each run: what later ones in the run are compared with.
+    first_valid = np.where(valid, np.arange(n), n)
+    first_valid = np.minimum.reduceat(first_valid, np.flatnonzero(new_run))[np.cumsum(new_run) - 1]
+    same_as_first = v == v[np.minimum(first_valid, n - 1)]
+    repeat = valid & earlier_valid_in_run & same_as_first
+    duplicate = valid & earlier_valid_in_run & ~same_as_first
     # Only readings not newer than everything in their series' history can repeat one of its
-    # timestamps (the history is in processing order, not necessarily in time order).
-    seen_before = np.zeros(n, dtype=bool)
-    maybe = np.flatnonzero(t <= history.ts.max(axis=1)[s])
+    # timestamps; where one does, the history's reading is the one kept.
+    maybe = np.flatnonzero(valid & (t <= history.ts.max(axis=1)[s]))
     if len(maybe):
-        seen_before[maybe] = np.any(history.ts[s[maybe]] == t[maybe, None], axis=1)
-    r[valid & (earlier_valid_in_run | seen_before)] = DUPLICATE
+        hit = history.ts[s[maybe]] == t[maybe, None]
+        seen = hit.any(axis=1)
+        same = (hit & (history.values[s[maybe]] == v[maybe, None])).any(axis=1)
+        repeat[maybe[seen]] = same[seen]
+        duplicate[maybe[seen]] = ~same[seen]
+    r[duplicate] = DUPLICATE
+    r[repeat] = REPEAT
 
     cand = np.flatnonzero(r == OK)
     cs = s[cand]
@@ -394,28 +462,12 @@ def clean(
     uniq, counts = cs[first], np.diff(np.append(first, len(cs)))
     new_history = History(history.values.copy(), history.ts.copy(), history.offsets.copy())
     if len(cand):
-        ext_len = window + counts
-        ext_off = np.concatenate([[0], np.cumsum(ext_len)[:-1]])
-        total = int(ext_len.sum())
-        ext_v = np.empty(total)
-        ext_t = np.empty(total, dtype=np.int64)
-        ext_o = np.empty(total, dtype=np.int64)
-        hist_pos = ext_off[:, None] + np.arange(window)[None, :]
-        ext_v[hist_pos] = history.values[uniq]
-        ext_t[hist_pos] = history.ts[uniq]
-        ext_o[hist_pos] = history.offsets[uniq]
-        # Candidate i of series group g sits after g + 1 history blocks: ext position i + (g + 1) W.
-        pos = np.arange(len(cand), dtype=np.int64)
-        pos += np.repeat(np.arange(1, len(uniq) + 1, dtype=np.int64) * window, counts)
-        every = len(cand) == n  # the usual batch: no gathers of the candidates
-        ext_v[pos] = v if every else v[cand]
-        ext_t[pos] = t if every else t[cand]
-        ext_o[pos] = o if every else o[cand]
+        ext_v, ext_t, ext_o, ext_off, ext_len, pos = _extended(history, uniq, counts, v, t, o, cand, len(cand) == n)
         ext_series = np.repeat(uniq, ext_len)
         verdict = _judge_windows(ext_v, ext_t, ext_series, pos, window, spike_floor, max_rate_per_s, k_sigma)
         r[cand] = verdict
-        # The new history: the last W values of each extended sequence.
-        tail = (ext_off + counts)[:, None] + np.arange(window)[None, :]
+        # The new history: the last W values of each extended sequence (the newest in event time).
+        tail = (ext_off + ext_len - window)[:, None] + np.arange(window)[None, :]
         new_history.values[uniq] = ext_v[tail]
         new_history.ts[uniq] = ext_t[tail]
         new_history.offsets[uniq] = ext_o[tail]

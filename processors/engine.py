@@ -1,12 +1,28 @@
-"""The processor's state machine: cleaning, windows, watermarks and safe commit offsets.
+"""The processor's state machine: cleaning, windows per series, corrections, safe commit offsets.
 
 No I/O and no clock: the Kafka loop passes decoded readings and the current time in, and gets
-points for the sink, late readings and per-partition commit positions out. All state is per
-Kafka partition (a sensor's readings share one partition), so a rebalance drops exactly the
-revoked partitions' state and a restarted processor rebuilds it by replaying from the committed
-offset. Each commit carries the partition's watermark as metadata: after a restart, windows that
-ended at or before it were already emitted, and replayed readings for them are skipped instead of
-re-emitting a partial window.
+points for the sink, windows to recompute from the store, readings beyond the correction horizon
+and per-partition commit positions out.
+
+Event time is kept per series (one sensor's metric), never per partition: a series' windows close
+when its own newest reading is ``allowed_lateness`` past their end, or when it has been quiet for
+``idle_timeout_s`` (processing time) and its partition has nothing more to read. A sensor whose
+clock runs ahead, or a gateway that delivers a backlog, moves only its own windows.
+
+A reading for a window that was already emitted is a correction: the window is listed in
+:attr:`EngineOutput.recompute`, the loop makes sure the window's raw points are stored, reads them
+back and :meth:`ProcessorEngine.recomputed` turns them into the corrected aggregate (the same
+series and timestamp, so the store overwrites the old point). The raw points are the truth; a
+window aggregated in memory equals the same computation over them, because the engine holds every
+reading of a window until it closes (exact p95) and the store keeps one point per series and time
+like :func:`processors.window.aggregate` does.
+
+Restarts and hand-overs: each partition commits the earliest offset a replay needs to rebuild its
+open windows and cleaning history, with metadata (offset consumed until, and per window spec the
+latest window end any of its series had closed). After a restart, a replayed reading whose window
+its series had certainly closed before (the series' replayed event time is past it) is skipped;
+a window that may have been emitted before (it starts before that latest closed end) is
+recomputed from the store when it closes instead of from memory, which is exact either way.
 """
 
 from __future__ import annotations
@@ -19,24 +35,30 @@ import numpy as np
 import numpy.typing as npt
 
 from portpulse.catalogue import Catalogue, MetricSpec
-from portpulse.points import Categorical, PointColumns
+from portpulse.points import Categorical, PointColumns, SeriesRange, StoredReadings
 from portpulse.sorting import distinct_codes, group_starts, stable_order
-from processors.clean import NO_OFFSET, OK, REASON_NAMES, History, clean, series_time_order
-from processors.window import OpenWindows, WindowSpec, aggregate, assign
+from processors.clean import NO_OFFSET, OK, REASON_NAMES, REPEAT, History, clean, series_time_order
+from processors.window import Aggregates, OpenWindows, WindowSpec, aggregate, assign
 
-__all__ = ["EngineOutput", "EngineSettings", "ProcessorEngine", "Readings"]
+__all__ = ["EngineOutput", "EngineSettings", "ProcessorEngine", "Readings", "Recompute"]
 
 _NEG = np.iinfo(np.int64).min
+_POS = np.iinfo(np.int64).max
 _Limits = tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64]]
 
 
 @dataclass(frozen=True, slots=True)
 class EngineSettings:
+    """Windows; allowed lateness (ns of a series' own event time); idle timeout (s, processing
+    time); the Hampel window (readings) and threshold; the correction horizon (ns: readings
+    older than this behind the wall clock go to the late topic instead of correcting windows)."""
+
     windows: tuple[WindowSpec, ...]
     allowed_lateness_ns: int = 10 * 10**9
     idle_timeout_s: float = 30.0
     hampel_window: int = 7
     k_sigma: float = 4.0
+    horizon_ns: int = 7 * 86_400 * 10**9
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,25 +80,48 @@ class Readings:
         return len(self.ts_ns)
 
 
+@dataclass(frozen=True, slots=True)
+class Recompute:
+    """Windows to recompute from the store, as columns ``(m,)`` of int64: window spec index,
+    series id, window start (ns); distinct, sorted."""
+
+    spec: npt.NDArray[np.int64]
+    series: npt.NDArray[np.int64]
+    start: npt.NDArray[np.int64]
+
+    def __len__(self) -> int:
+        return len(self.spec)
+
+    @staticmethod
+    def of(parts: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]]) -> Recompute:
+        if not parts:
+            e = np.empty(0, dtype=np.int64)
+            return Recompute(e, e, e)
+        stacked = np.unique(np.stack([np.concatenate(c) for c in zip(*parts, strict=True)]), axis=1)
+        return Recompute(stacked[0], stacked[1], stacked[2])
+
+
 @dataclass(slots=True)
 class EngineOutput:
-    points: list[tuple[str, PointColumns]] = field(default_factory=list)  # (kind "raw"/window name, points)
+    points: list[tuple[str, PointColumns]] = field(default_factory=list)  # (kind "raw"/"rejected"/window name, points)
     late: list[tuple[int, str, str, str, int, float, int]] = field(default_factory=list)
     rejected: dict[str, int] = field(default_factory=dict)
+    repeated: int = 0  # readings delivered again (same series, time and value): dropped
     windows_emitted: int = 0
+    corrections: int = 0  # (reading, window) pairs behind an emitted window
     replayed: int = 0
+    recompute: Recompute = field(default_factory=lambda: Recompute.of([]))
 
 
 @dataclass(slots=True)
 class _Partition:
-    max_ts: int = _NEG
-    watermark: int = _NEG
-    last_arrival_s: float = 0.0
     next_offset: int = -1  # one past the highest offset consumed
+    consumed_until: int = -1  # offsets below this were consumed before a restart
+    closed_before: tuple[int, ...] = ()  # per spec: the latest window end any series had closed then
 
 
 class ProcessorEngine:
-    """Clean, window and track watermarks for the partitions this processor owns."""
+    """Clean, window per series and track safe offsets for the partitions this processor owns."""
 
     def __init__(self, settings: EngineSettings, catalogue: Catalogue) -> None:
         self._s = settings
@@ -99,13 +144,16 @@ class ProcessorEngine:
         self._series_group: list[int] = []
         self._series_group_array = np.empty(0, dtype=np.int64)
         self._history = History.empty(0, settings.hampel_window)
-        # Partition that last carried each series: a revoked partition's series forget their
-        # cleaning history, or its new owner's replay would look like duplicates here later.
+        # Per series: the partition that last carried it (a revoked partition's series forget
+        # their state), its newest event time, the newest event time of its readings replayed
+        # from before a restart, and when (processing time, s) its last reading arrived.
         self._series_part = np.full(0, -1, dtype=np.int64)
+        self._max_ts = np.full(0, _NEG, dtype=np.int64)
+        self._replayed_ts = np.full(0, _NEG, dtype=np.int64)
+        self._arrival = np.full(0, -np.inf)
+        # Per window spec and series: windows ending at or before this were emitted.
+        self._closed = np.full((len(settings.windows), 0), _NEG, dtype=np.int64)
         self._parts: dict[int, _Partition] = {}
-        self._restored: dict[int, int] = {}  # partition -> offsets below this were consumed before a restart
-        # Open window rows (one per reading and window it falls in); replay_from: the earliest
-        # Kafka offset a replay needs to judge that reading the same way again.
         self._open = OpenWindows()
 
     # ------------------------------------------------------------ series registry
@@ -149,6 +197,18 @@ class ProcessorEngine:
             self._limit_arrays = (lo, hi, rate, floor)
         return self._limit_arrays
 
+    def _grow(self) -> None:
+        """Per-series arrays sized for every registered series (new ones empty)."""
+        k = len(self._series_domain)
+        self._history = self._history.grow(k)
+        more = k - len(self._series_part)
+        if more > 0:
+            self._series_part = np.concatenate([self._series_part, np.full(more, -1, dtype=np.int64)])
+            self._max_ts = np.concatenate([self._max_ts, np.full(more, _NEG, dtype=np.int64)])
+            self._replayed_ts = np.concatenate([self._replayed_ts, np.full(more, _NEG, dtype=np.int64)])
+            self._arrival = np.concatenate([self._arrival, np.full(more, -np.inf)])
+            self._closed = np.hstack([self._closed, np.full((len(self._s.windows), more), _NEG, dtype=np.int64)])
+
     def _series_ids(
         self, r: Readings, key_code: npt.NDArray[np.int64] | None
     ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
@@ -187,16 +247,28 @@ class ProcessorEngine:
         now_s: float,
         caught_up: frozenset[int] = frozenset(),
         key_code: npt.NDArray[np.int64] | None = None,
+        wall_ns: int | None = None,
     ) -> EngineOutput:
-        """Clean ``r``, add it to windows, close what the watermarks allow; returns what to send.
-        ``key_code``: optional labels of the readings' series keys (see :meth:`_series_ids`).
+        """Clean ``r``, add it to windows, close what each series' event time (or idleness) allows;
+        returns what to send. ``now_s``: processing time (s, monotonic); ``wall_ns``: the wall
+        clock (ns) for the correction horizon (None: no horizon). ``key_code``: optional labels
+        of the readings' series keys (see :meth:`_series_ids`).
 
-        ``caught_up``: partitions with nothing more to read (no lag). Only those can be idle: a
-        partition that merely was not fetched for a while (a rebalance, a slow sink) still has data.
+        ``caught_up``: partitions with nothing more to read (no lag). Only their series can be
+        idle: a partition that merely was not fetched for a while (a rebalance, a slow sink)
+        still has data.
         """
         out = EngineOutput()
         if len(r):
             series, factor = self._series_ids(r, key_code)
+            if wall_ns is not None:
+                beyond = r.ts_ns < wall_ns - self._s.horizon_ns
+                if beyond.any():
+                    self._beyond_horizon(r, beyond, wall_ns, out)
+                    keep = ~beyond
+                    r = Readings(*(getattr(r, f)[keep] for f in Readings.__dataclass_fields__))
+                    series, factor = series[keep], factor[keep]
+        if len(r):
             # One (series, ts) order for the whole step: cleaning, windows and aggregates then
             # work on grouped rows and skip their own sorts and gathers.
             order, series_sorted, _ = series_time_order(series, r.ts_ns)
@@ -204,10 +276,7 @@ class ProcessorEngine:
                 r = Readings(*(getattr(r, f)[order] for f in Readings.__dataclass_fields__))
                 series, factor = series_sorted, factor[order]
             value = r.value * factor
-            k = len(self._series_domain)
-            self._history = self._history.grow(k)
-            if len(self._series_part) < k:
-                self._series_part = np.concatenate([self._series_part, np.full(k - len(self._series_part), -1)])
+            self._grow()
             self._series_part[series] = r.partition
             # Replaying from here rebuilds the cleaning history these readings were judged with.
             replay_from = np.minimum(r.offset, self._history.offsets.min(axis=1)[series])
@@ -217,23 +286,44 @@ class ProcessorEngine:
                 self._history, self._s.k_sigma, r.offset,
             )  # fmt: skip
             for code, count in zip(*np.unique(reason, return_counts=True), strict=True):
-                if code != OK:
+                if code == REPEAT:
+                    out.repeated = int(count)
+                elif code != OK:
                     out.rejected[REASON_NAMES[int(code)]] = int(count)
             ok = reason == OK
-            self._raw_points(series[ok], r.ts_ns[ok], value[ok], out)
-            self._advance(r, now_s)
+            self._stored_points(series[ok], r.ts_ns[ok], value[ok], None, out)
+            judged = reason != REPEAT
+            rejected = judged & ~ok
+            if rejected.any():
+                self._stored_points(series[rejected], r.ts_ns[rejected], value[rejected], reason[rejected], out)
+            if not judged.all():
+                r = Readings(*(getattr(r, f)[judged] for f in Readings.__dataclass_fields__))
+                series, value, ok, replay_from = series[judged], value[judged], ok[judged], replay_from[judged]
+            self._advance(series, r, now_s)
             self._add_to_windows(series, r, value, ok, replay_from, out)
-        self._idle(now_s, caught_up)
-        self._close(out)
+        self._close(now_s, caught_up, out)
         return out
 
-    def _raw_points(
+    def _beyond_horizon(self, r: Readings, beyond: npt.NDArray[np.bool_], wall_ns: int, out: EngineOutput) -> None:
+        """Readings older than the correction horizon: to the late topic with how far behind they are."""
+        cutoff = wall_ns - self._s.horizon_ns
+        for i in np.flatnonzero(beyond).tolist():
+            out.late.append((int(r.partition[i]), str(r.domain[i]), str(r.sensor_id[i]), str(r.metric[i]),
+                             int(r.ts_ns[i]), float(r.value[i]), cutoff - int(r.ts_ns[i])))  # fmt: skip
+        for p in np.unique(r.partition[beyond]).tolist():
+            state = self._parts.setdefault(p, _Partition())
+            state.next_offset = max(state.next_offset, int(r.offset[beyond & (r.partition == p)].max()) + 1)
+
+    def _stored_points(
         self,
         series: npt.NDArray[np.int64],
         ts: npt.NDArray[np.int64],
         value: npt.NDArray[np.float64],
+        reason: npt.NDArray[np.uint8] | None,
         out: EngineOutput,
     ) -> None:
+        """Raw points (``reason`` None) to ``{domain}``, or rejected readings to ``{domain}_rejected``
+        with field ``{metric}_reason`` (the value too, where finite): one group per (domain, metric)."""
         if not len(series):
             return
         if len(self._series_group_array) != len(self._series_group):
@@ -245,7 +335,14 @@ class ProcessorEngine:
         for begin, end in zip(starts.tolist(), ends.tolist(), strict=True):
             idx = order[begin:end]
             domain, metric = self._group_keys[int(group[idx[0]])]
-            out.points.append(("raw", PointColumns(domain, self._tags(series[idx]), {metric: value[idx]}, ts[idx])))
+            tags = self._tags(series[idx])
+            if reason is None:
+                out.points.append(("raw", PointColumns(domain, tags, {metric: value[idx]}, ts[idx])))
+                continue
+            names = np.array(REASON_NAMES, dtype=object)[reason[idx]]
+            finite = np.where(np.isfinite(value[idx]), value[idx], np.nan)
+            fields = {metric: finite, f"{metric}_reason": names}
+            out.points.append(("rejected", PointColumns(f"{domain}_rejected", tags, fields, ts[idx])))
 
     def _tags(self, series: npt.NDArray[np.int64]) -> dict[str, npt.NDArray[np.object_] | Categorical]:
         uniq, inverse = np.unique(series, return_inverse=True)
@@ -254,13 +351,22 @@ class ProcessorEngine:
         inv = inverse.astype(np.int64).reshape(-1)
         return {"sensor_id": Categorical(inv, sensors), "site": Categorical(inv, sites)}
 
-    def _advance(self, r: Readings, now_s: float) -> None:
+    def _advance(self, series: npt.NDArray[np.int64], r: Readings, now_s: float) -> None:
+        """Each series' event time and arrival; each partition's consumed offset. ``series`` and
+        ``r`` are in (series, ts) order, so a series' last row holds its newest time."""
+        if not len(series):
+            return
+        last = np.append(group_starts(series)[1:], len(series)) - 1
+        uniq = series[last]
+        self._max_ts[uniq] = np.maximum(self._max_ts[uniq], r.ts_ns[last])
+        self._arrival[uniq] = now_s
+        consumed_until = self._per_partition({p: st.consumed_until for p, st in self._parts.items()}, -1, r.partition)
+        replayed = r.offset < consumed_until
+        if replayed.any():
+            np.maximum.at(self._replayed_ts, series[replayed], r.ts_ns[replayed])
         for p in np.unique(r.partition).tolist():
-            mask = r.partition == p
             state = self._parts.setdefault(p, _Partition())
-            state.max_ts = max(state.max_ts, int(r.ts_ns[mask].max()))
-            state.next_offset = max(state.next_offset, int(r.offset[mask].max()) + 1)
-            state.last_arrival_s = now_s
+            state.next_offset = max(state.next_offset, int(r.offset[r.partition == p].max()) + 1)
 
     def _add_to_windows(
         self,
@@ -271,23 +377,36 @@ class ProcessorEngine:
         replay_from: npt.NDArray[np.int64],
         out: EngineOutput,
     ) -> None:
-        wm = self._watermarks(r.partition)
-        late_rows: set[int] = set()
+        consumed_until = self._per_partition({p: st.consumed_until for p, st in self._parts.items()}, -1, r.partition)
+        behind: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]] = []
         for spec_i, spec in enumerate(self._s.windows):
             rows, starts = assign(r.ts_ns, spec)
-            closed = starts + spec.size_ns <= wm[rows]
-            if closed.any():
-                # Behind the watermark: late, unless it is a replay of what was emitted before a restart.
-                replay = closed & (r.offset[rows] < self._replay_until(r.partition[rows]))
-                out.replayed += int(replay.sum())
-                late_rows.update(rows[closed & ~replay].tolist())
-            rows, starts = rows[~closed], starts[~closed]
+            s_rows = series[rows]
+            ends = starts + spec.size_ns
+            # Consumed before a restart, into a window its series had closed then: already stored.
+            replayed = (r.offset[rows] < consumed_until[rows]) & (
+                ends <= self._replayed_ts[s_rows] - self._s.allowed_lateness_ns
+            )
+            closed = ends <= self._closed[spec_i, s_rows]
+            correction = closed & ~replayed
+            out.replayed += int(replayed.sum())
+            if correction.any():
+                out.corrections += int(correction.sum())
+                behind.append((np.full(int(correction.sum()), spec_i, dtype=np.int64), s_rows[correction],
+                               starts[correction]))  # fmt: skip
+            live = ~(closed | replayed)
+            rows, starts = rows[live], starts[live]
             self._open.add(spec_i, starts, r.partition[rows], series[rows], r.ts_ns[rows], value[rows], ok[rows],
                            replay_from[rows])  # fmt: skip
-        for i in sorted(late_rows):
-            p = int(r.partition[i])
-            out.late.append((p, str(r.domain[i]), str(r.sensor_id[i]), str(r.metric[i]), int(r.ts_ns[i]),
-                             float(r.value[i]), self._parts[p].watermark - int(r.ts_ns[i])))  # fmt: skip
+        if behind:
+            out.recompute = Recompute.of([*behind, *self._pending_recompute(out)])
+
+    @staticmethod
+    def _pending_recompute(
+        out: EngineOutput,
+    ) -> list[tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]]:
+        r = out.recompute
+        return [(r.spec, r.series, r.start)] if len(r) else []
 
     def _per_partition(
         self, values: dict[int, int], default: int, partitions: npt.NDArray[np.int64]
@@ -301,37 +420,61 @@ class ProcessorEngine:
                 table[p] = v
         return table[partitions]
 
-    def _watermarks(self, partitions: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
-        return self._per_partition({p: st.watermark for p, st in self._parts.items()}, _NEG, partitions)
-
-    def _replay_until(self, partitions: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
-        return self._per_partition(self._restored, -1, partitions)
-
-    def _idle(self, now_s: float, caught_up: frozenset[int]) -> None:
-        for p, state in self._parts.items():
-            if state.max_ts == _NEG:
-                continue
-            state.watermark = max(state.watermark, state.max_ts - self._s.allowed_lateness_ns)
-            quiet_s = now_s - state.last_arrival_s
-            if p in caught_up and quiet_s >= self._s.idle_timeout_s:
-                # Nothing arrived for a while: let event time follow the clock so windows close.
-                state.watermark = max(state.watermark, state.max_ts + int(quiet_s * 1e9) - self._s.allowed_lateness_ns)
-
-    def _close(self, out: EngineOutput) -> None:
-        sizes = [w.size_ns for w in self._s.windows]
-        closed = self._open.close(sizes, {p: st.watermark for p, st in self._parts.items()}, _NEG)
+    def _close(self, now_s: float, caught_up: frozenset[int], out: EngineOutput) -> None:
+        """Advance each series' closed-until time (its event time minus the lateness; everything it
+        holds once idle) and emit the windows that closed."""
+        if not len(self._max_ts):
+            return
+        seen = self._max_ts > _NEG
+        watermark = np.where(seen, self._max_ts - self._s.allowed_lateness_ns, _NEG // 2)  # no wrap-around below
+        idle = seen & (now_s - self._arrival >= self._s.idle_timeout_s)
+        if caught_up:
+            idle &= np.isin(self._series_part, np.fromiter(caught_up, dtype=np.int64, count=len(caught_up)))
+        else:
+            idle[:] = False
+        for spec_i, spec in enumerate(self._s.windows):
+            # The latest window end at or before the watermark; once idle, the end of every
+            # window holding the series' newest reading.
+            by_time = np.where(seen, (watermark - spec.size_ns) // spec.step_ns * spec.step_ns + spec.size_ns, _NEG)
+            by_idle = self._max_ts // spec.step_ns * spec.step_ns + spec.size_ns
+            target = np.where(idle, np.maximum(by_time, by_idle), by_time)
+            np.maximum(self._closed[spec_i], target, out=self._closed[spec_i])
+        closed = self._open.close([w.size_ns for w in self._s.windows], self._closed)
         if closed is None:
             return
-        spec, series, start = closed.spec, closed.series, closed.start
-        key = _window_key(spec, series, start, self._s.windows)
-        agg = aggregate(key, closed.ts_ns, closed.value, closed.ok)
+        # Windows that may have been emitted before a restart hold only part of their readings.
+        partial = np.zeros(len(closed.spec), dtype=bool)
+        for p, state in self._parts.items():
+            if state.closed_before:
+                before = np.array(state.closed_before, dtype=np.int64)[closed.spec]
+                partial |= (closed.partition == p) & (closed.start < before)
+        if partial.any():
+            out.recompute = Recompute.of(
+                [(closed.spec[partial], closed.series[partial], closed.start[partial]), *self._pending_recompute(out)]
+            )
+        whole = ~partial
+        w_spec, w_series, w_start = closed.spec[whole], closed.series[whole], closed.start[whole]
+        if not len(w_spec):
+            return
+        key = _window_key(w_spec, w_series, w_start, self._s.windows)
+        agg = aggregate(key, closed.ts_ns[whole], closed.value[whole], closed.ok[whole])
         first = agg.first_row
-        a_spec, a_series, a_start = spec[first], series[first], start[first]
+        self._window_points(w_spec[first], w_series[first], w_start[first], agg, out)
+
+    def _window_points(
+        self,
+        spec: npt.NDArray[np.int64],
+        series: npt.NDArray[np.int64],
+        start: npt.NDArray[np.int64],
+        agg: Aggregates,
+        out: EngineOutput,
+    ) -> None:
+        """Window aggregates ``(m,)`` (one per spec, series, start) as points of ``{domain}_{window}``."""
         out.windows_emitted += len(agg)
-        domains = np.array(self._series_domain, dtype=object)[a_series]
-        metrics = np.array(self._series_metric, dtype=object)[a_series]
+        domains = np.array(self._series_domain, dtype=object)[series]
+        metrics = np.array(self._series_metric, dtype=object)[series]
         groups: dict[tuple[int, str, str], list[int]] = {}
-        for j, g in enumerate(zip(a_spec.tolist(), domains.tolist(), metrics.tolist(), strict=True)):
+        for j, g in enumerate(zip(spec.tolist(), domains.tolist(), metrics.tolist(), strict=True)):
             groups.setdefault(g, []).append(j)
         for (spec_i, domain, metric), rows in groups.items():
             idx = np.array(rows, dtype=np.int64)
@@ -346,12 +489,91 @@ class ProcessorEngine:
                 f"{metric}_p95": agg.p95[idx],
             }
             name = self._s.windows[spec_i].name
-            out.points.append((name, PointColumns(f"{domain}_{name}", self._tags(a_series[idx]), fields, a_start[idx])))
+            out.points.append((name, PointColumns(f"{domain}_{name}", self._tags(series[idx]), fields, start[idx])))
+
+    # ------------------------------------------------------------ recomputing from the store
+
+    def stored_ranges(self, windows: Recompute) -> list[SeriesRange]:
+        """What to read back from the store to recompute ``windows``: one range per domain, over
+        every sensor and metric involved, from the earliest start to the latest end."""
+        ends = windows.start + np.array([w.size_ns for w in self._s.windows], dtype=np.int64)[windows.spec]
+        domains = np.array(self._series_domain, dtype=object)[windows.series]
+        out = []
+        for domain in sorted(set(domains.tolist())):
+            mine = domains == domain
+            ids = np.unique(windows.series[mine]).tolist()
+            out.append(
+                SeriesRange(
+                    domain,
+                    tuple(sorted({self._series_sensor[i] for i in ids})),
+                    tuple(sorted({self._series_metric[i] for i in ids})),
+                    int(windows.start[mine].min()),
+                    int(ends[mine].max()),
+                )
+            )
+        return out
+
+    def recomputed(self, windows: Recompute, stored: list[StoredReadings]) -> EngineOutput:
+        """The aggregates of ``windows`` over the readings the store holds (``stored``: what
+        :meth:`stored_ranges` asked for), as window points; a window with nothing stored is
+        skipped."""
+        out = EngineOutput()
+        if not len(windows):
+            return out
+        lookup = self._series
+        ids, ts, val, acc = [], [], [], []
+        for part in stored:
+            sid = np.fromiter(
+                (lookup.get((part.domain, s, m), -1) for s, m in zip(part.sensor_id.tolist(), part.metric.tolist(),
+                                                                     strict=True)),
+                dtype=np.int64, count=len(part.ts_ns),
+            )  # fmt: skip
+            ids.append(sid)
+            ts.append(part.ts_ns)
+            val.append(part.value)
+            acc.append(part.accepted)
+        series = np.concatenate(ids) if ids else np.empty(0, dtype=np.int64)
+        ts_ns = np.concatenate(ts) if ts else np.empty(0, dtype=np.int64)
+        value = np.concatenate(val) if val else np.empty(0)
+        accepted = np.concatenate(acc) if acc else np.empty(0, dtype=bool)
+        rows_spec, rows_series, rows_start, rows_idx = [], [], [], []
+        for spec_i, spec in enumerate(self._s.windows):
+            wanted = windows.spec == spec_i
+            if not wanted.any():
+                continue
+            rows, starts = assign(ts_ns, spec)
+            asked = np.isin(
+                _pair(series[rows], starts), _pair(windows.series[wanted], windows.start[wanted])
+            )  # fmt: skip
+            rows_spec.append(np.full(int(asked.sum()), spec_i, dtype=np.int64))
+            rows_series.append(series[rows][asked])
+            rows_start.append(starts[asked])
+            rows_idx.append(rows[asked])
+        if not rows_spec:
+            return out
+        spec_c, series_c, start_c, idx = (np.concatenate(c) for c in (rows_spec, rows_series, rows_start, rows_idx))
+        if not len(idx):
+            return out
+        key = _window_key(spec_c, series_c, start_c, self._s.windows)
+        # The store keeps one point per instant and has no arrival order: order rows by time.
+        by_time = np.lexsort((ts_ns[idx], key))
+        key, spec_c, series_c, start_c, idx = (
+            key[by_time],
+            spec_c[by_time],
+            series_c[by_time],
+            start_c[by_time],
+            idx[by_time],
+        )
+        agg = aggregate(key, ts_ns[idx], value[idx], accepted[idx])
+        first = agg.first_row
+        self._window_points(spec_c[first], series_c[first], start_c[first], agg, out)
+        return out
 
     # ------------------------------------------------------------ offsets and rebalances
 
-    def safe_offsets(self) -> dict[int, tuple[int, int, int]]:
-        """Per partition: (offset to commit, watermark, next offset consumed).
+    def safe_offsets(self) -> dict[int, tuple[int, int, tuple[int, ...]]]:
+        """Per partition: (offset to commit, next offset consumed, per window spec the latest
+        window end any of its series has closed).
 
         The commit offset is the earliest record a replay needs to rebuild the open windows *and*
         the cleaning history their readings and the next ones are judged with (so a restarted
@@ -368,44 +590,69 @@ class ProcessorEngine:
         for p, replay_from in self._open.replay_from().items():
             if p < size:
                 need[p] = min(int(need[p]), replay_from)
+        closed = np.full((len(self._s.windows), size), _NEG, dtype=np.int64)
+        for spec_i in range(len(self._s.windows)):
+            np.maximum.at(closed[spec_i], self._series_part[owned], self._closed[spec_i, owned])
         out = {}
         for p in parts:
             state = self._parts[p]
-            out[p] = (min(int(need[p]), state.next_offset), state.watermark, state.next_offset)
+            before = tuple(
+                max(int(c), b) for c, b in zip(closed[:, p], state.closed_before or closed[:, p], strict=True)
+            )
+            out[p] = (min(int(need[p]), state.next_offset), state.next_offset, before)
         return out
 
-    def restore(self, partition: int, watermark: int, consumed_until: int) -> None:
-        """A partition assigned with committed metadata: windows ending at or before ``watermark``
-        were emitted, and records below ``consumed_until`` were consumed then. Replayed records for
-        those windows are skipped (counted as replayed); newer ones behind the watermark are late."""
+    def restore(self, partition: int, consumed_until: int, closed_before: dict[str, int]) -> None:
+        """A partition assigned with committed metadata: records below ``consumed_until`` were
+        consumed before, and per window name no series had closed a window ending after
+        ``closed_before[name]`` (a window not named there was not computed then). Replayed
+        readings for windows their series had closed are skipped (counted as replayed); windows
+        starting before that end are recomputed from the store when they close."""
         state = self._parts.setdefault(partition, _Partition())
-        state.watermark = max(state.watermark, watermark)
-        self._restored[partition] = consumed_until
+        state.consumed_until = max(state.consumed_until, consumed_until)
+        state.closed_before = tuple(int(closed_before.get(w.name, _NEG)) for w in self._s.windows)
+
+    def window_names(self) -> tuple[str, ...]:
+        return tuple(w.name for w in self._s.windows)
 
     def drop(self, partitions: Iterable[int]) -> None:
         """Forget revoked partitions (their windows are rebuilt by whoever gets them)."""
         gone = set(partitions)
         for p in gone:
             self._parts.pop(p, None)
-            self._restored.pop(p, None)
         forget = np.isin(self._series_part, np.array(sorted(gone), dtype=np.int64))
         if forget.any():
             self._history = self._history.forget(forget)
             self._series_part[forget] = -1
+            self._max_ts[forget] = _NEG
+            self._replayed_ts[forget] = _NEG
+            self._arrival[forget] = -np.inf
+            self._closed[:, forget] = _NEG
         self._open.drop(gone)
 
     @property
     def open_rows(self) -> int:
         return self._open.rows
 
+    @property
+    def series_count(self) -> int:
+        return len(self._series_domain)
+
     def next_offset(self, partition: int) -> int:
         """One past the highest offset consumed from ``partition`` (-1 before the first record)."""
         state = self._parts.get(partition)
         return state.next_offset if state else -1
 
-    def watermark(self, partition: int) -> int:
-        state = self._parts.get(partition)
-        return state.watermark if state else _NEG
+    def event_time_lag_ns(self, wall_ns: int) -> int:
+        """Wall clock minus the median series' newest event time (0 before any reading): how far
+        window closing trails real time for a typical series."""
+        seen = self._max_ts[self._max_ts > _NEG]
+        return max(0, wall_ns - int(np.median(seen))) if len(seen) else 0
+
+
+def _pair(a: npt.NDArray[np.int64], b: npt.NDArray[np.int64]) -> npt.NDArray[np.void]:
+    """Rows of two int64 columns as one comparable value each (for ``np.isin``)."""
+    return np.stack([a, b], axis=1).copy().view(np.dtype((np.void, 16))).reshape(-1)
 
 
 def _window_key(

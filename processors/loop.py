@@ -1,8 +1,10 @@
 """The Kafka consumer loop that drives the processor engine (the thin I/O edge).
 
-``getmany`` batch -> decode the compact values into columns -> engine (clean, windows) -> sink
-writes -> late readings to ``portpulse.late`` -> commit each partition up to the oldest record
-still needed (open window or unwritten point), with the watermark as commit metadata.
+``getmany`` batch -> decode the compact values into columns -> engine (clean, windows per series)
+-> sink writes -> windows behind a correction recomputed from the store (after flushing it) ->
+readings beyond the correction horizon to ``portpulse.late`` -> commit each partition up to the
+oldest record still needed (open window or unwritten point), with what a restart needs to know
+as commit metadata.
 """
 
 from __future__ import annotations
@@ -22,13 +24,13 @@ import orjson
 
 from portpulse.catalogue import load_catalogue
 from portpulse.kafka import BatchSender, client_options, columnar_consumer_options, fetched_columns, start_producer
-from portpulse.points import PointSink, WriteReceipt
+from portpulse.points import PointStore, WriteReceipt
 from portpulse.recordbatch import RecordColumns, concat_columns, intern_slices
 from portpulse.schema import str_array
 from portpulse.settings import Settings
 from portpulse.topics import late_topic
 from portpulse.wire import decode_columns
-from processors.engine import EngineSettings, ProcessorEngine, Readings
+from processors.engine import EngineOutput, EngineSettings, ProcessorEngine, Readings
 from processors.metrics import PROCESSOR_METRICS
 from processors.window import parse_windows
 
@@ -46,6 +48,9 @@ class ProcessorStats:
     rejected: dict[str, int] = field(default_factory=dict)
     windows: int = 0
     late: int = 0
+    repeated: int = 0
+    corrections: int = 0  # (reading, window) pairs behind an emitted window
+    windows_corrected: int = 0
     replayed: int = 0
     bad_records: int = 0
     commits: int = 0
@@ -85,19 +90,43 @@ def _decode(
 
 
 def _late_record(late: tuple[int, str, str, str, int, float, int]) -> bytes:
-    """The ``portpulse.late`` value: JSON with domain, sensor_id, metric, ts_ns, value, lateness_ns.
+    """The ``portpulse.late`` value: JSON with domain, sensor_id, metric, ts_ns, value, reason
+    (``beyond_correction_horizon``) and lateness_ns (how far before the horizon it is).
     (orjson: the standard library's encoder was most of the processor's time while a backfilling
     load made many readings late.)"""
     _partition, domain, sensor, metric, ts_ns, value, lateness_ns = late
     return orjson.dumps(
         {"domain": domain, "sensor_id": sensor, "metric": metric, "ts_ns": ts_ns, "value": value,
-         "lateness_ns": lateness_ns}
+         "reason": "beyond_correction_horizon", "lateness_ns": lateness_ns}
     )  # fmt: skip
+
+
+def _commit_metadata(engine: ProcessorEngine, consumed_until: int, closed_before: tuple[int, ...]) -> str:
+    return json.dumps({"next": consumed_until, "closed": dict(zip(engine.window_names(), closed_before, strict=True))})
+
+
+def _restore(engine: ProcessorEngine, partition: int, metadata: str) -> bool:
+    """Restore a partition from its commit metadata; False when there is none we can read."""
+    try:
+        m = json.loads(metadata)
+        closed = {str(name): int(end) for name, end in m["closed"].items()}
+        engine.restore(partition, int(m["next"]), closed)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return False
+    return True
+
+
+async def _recompute(engine: ProcessorEngine, out: EngineOutput, sink: PointStore) -> EngineOutput:
+    """Windows behind a correction (or possibly emitted before a restart): make sure the store
+    holds everything written so far, read their readings back, aggregate them."""
+    await sink.flush()
+    stored = [await sink.read(query) for query in engine.stored_ranges(out.recompute)]
+    return engine.recomputed(out.recompute, stored)
 
 
 async def run_processor(
     settings: Settings,
-    sink: PointSink,
+    sink: PointStore,
     stop: asyncio.Event,
     windows: str = "10s,1m,15m",
     allowed_lateness_s: float = 10.0,
@@ -119,13 +148,14 @@ async def run_processor(
             int(allowed_lateness_s * 1e9),
             idle_timeout_s,
             k_sigma=settings.processor.spike_k_sigma,
+            horizon_ns=int(settings.ingest.max_past_s * 1e9),
         ),
         load_catalogue(settings.processor.catalogue),
     )
     stats = ProcessorStats()
     part_ids: dict[tuple[str, int], int] = {}
     tps: dict[int, Any] = {}
-    pending: list[tuple[list[WriteReceipt], dict[int, tuple[int, int, int]]]] = []
+    pending: list[tuple[list[WriteReceipt], dict[int, tuple[int, int, tuple[int, ...]]]]] = []
     consumer = AIOKafkaConsumer(
         **client_options(k),
         group_id=k.consumer_group,
@@ -140,14 +170,14 @@ async def run_processor(
     def safe_commit() -> dict[Any, Any]:
         """The offsets to commit: the state before the oldest batch whose points are not all
         stored yet. Each pending entry holds the engine's positions from *before* its batch, so a
-        commit never covers records (or emitted windows, via the watermark metadata) that are
+        commit never covers records (or emitted windows, via the commit metadata) that are
         not durable."""
         while pending and all(r.done() for r in pending[0][0]):
             pending.pop(0)
         positions = pending[0][1] if pending else engine.safe_offsets()
         return {
-            tps[p]: OffsetAndMetadata(offset, json.dumps({"wm": wm, "next": nxt}))
-            for p, (offset, wm, nxt) in positions.items()
+            tps[p]: OffsetAndMetadata(offset, _commit_metadata(engine, nxt, closed))
+            for p, (offset, nxt, closed) in positions.items()
             if p in tps and offset >= 0
         }
 
@@ -193,10 +223,10 @@ async def run_processor(
                     # Consumption restarts at the committed offset: any state of ours is stale.
                     engine.drop([pid])
                     entry = committed.get(tp)
-                    if entry is not None and entry.offset >= 0 and entry.metadata:
-                        with contextlib.suppress(ValueError, KeyError, TypeError):
-                            m = json.loads(entry.metadata)
-                            engine.restore(pid, int(m["wm"]), int(m["next"]))
+                    if entry is not None and entry.offset >= 0 and not _restore(engine, pid, entry.metadata or ""):
+                        # Committed without metadata we can read: whatever was emitted is unknown,
+                        # so every window recomputes from the store (exact, only slower).
+                        engine.restore(pid, entry.offset, {name: 2**63 - 1 for name in engine.window_names()})
             log.info("partitions assigned: %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))
 
     late_producer = await start_producer(k, "late-record producer")
@@ -230,8 +260,20 @@ async def run_processor(
                             PROCESSOR_METRICS.consumer_lag.labels(tp.topic, str(tp.partition)).set(high - consumed)
                             if consumed >= high:
                                 caught_up.add(pid)
-                out = engine.ingest(readings, time.monotonic(), frozenset(caught_up), key_code)
+                out = engine.ingest(readings, time.monotonic(), frozenset(caught_up), key_code, time.time_ns())
                 receipts = [await sink.write(points, source=f"processor:{kind}") for kind, points in out.points]
+                if len(out.recompute):
+                    received = time.perf_counter()
+                    fixed = await _recompute(engine, out, sink)
+                    receipts += [await sink.write(points, source=f"processor:{kind}") for kind, points in fixed.points]
+                    stats.windows_corrected += fixed.windows_emitted
+                    PROCESSOR_METRICS.windows_corrected.inc(fixed.windows_emitted)
+                    PROCESSOR_METRICS.correction_seconds.observe(time.perf_counter() - received)
+                    PROCESSOR_METRICS.correction_lag.set(time.perf_counter() - received)
+                stats.corrections += out.corrections
+                stats.repeated += out.repeated
+                PROCESSOR_METRICS.corrections.inc(out.corrections)
+                PROCESSOR_METRICS.repeated.inc(out.repeated)
                 for reason, count in out.rejected.items():
                     stats.rejected[reason] = stats.rejected.get(reason, 0) + count
                     PROCESSOR_METRICS.rejected.labels(reason).inc(count)
@@ -248,9 +290,8 @@ async def run_processor(
                 PROCESSOR_METRICS.records.inc(len(readings))
                 PROCESSOR_METRICS.windows.inc(out.windows_emitted)
                 PROCESSOR_METRICS.batch_seconds.observe(time.perf_counter() - started)
-                watermarks = [w for w in (engine.watermark(p) for p in tps) if w > 0]
-                if watermarks:
-                    PROCESSOR_METRICS.watermark_lag.set(max(0.0, time.time() - min(watermarks) / 1e9))
+                PROCESSOR_METRICS.event_time_lag.set(engine.event_time_lag_ns(time.time_ns()) / 1e9)
+                PROCESSOR_METRICS.series.set(engine.series_count)
                 pending.append((receipts, before))
                 offsets = safe_commit()
             # Outside the lock: a commit may wait for a rebalance, whose callback needs the lock.

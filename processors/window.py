@@ -5,9 +5,11 @@ aligned to the Unix epoch. :func:`assign` maps readings to the windows that cont
 :func:`aggregate` reduces rows grouped by an integer key in one sorted pass.
 
 Aggregates per key over accepted values: ``count``, ``mean``, ``min``, ``max``, ``last`` (value
-with the greatest timestamp, the later row on ties), ``stddev`` (population, ddof=0), ``p95``
-(exact, linear interpolation between closest ranks like ``numpy.percentile``), and
-``rejected`` (rows flagged by cleaning, kept out of the other aggregates).
+with the greatest timestamp), ``stddev`` (population, ddof=0), ``p95`` (exact, linear
+interpolation between closest ranks like ``numpy.percentile``), and ``rejected`` (distinct
+timestamps of rows flagged by cleaning, kept out of the other aggregates). Like the store they
+mirror (InfluxDB keeps one point per series and time), a key counts one accepted value per
+timestamp: the later row of equal (key, ts) replaces the earlier.
 """
 
 from __future__ import annotations
@@ -113,13 +115,39 @@ def _sorted_within_groups(
     return x[by_value[stable_order(group[by_value])]]
 
 
+def _one_per_instant(
+    k: npt.NDArray[np.int64], t: npt.NDArray[np.int64], a: npt.NDArray[np.bool_]
+) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
+    """For rows grouped by key ``k`` (arrival order within a key): which accepted rows count (the
+    last accepted of each (key, ts)) and which rejected rows count (the first rejected of each
+    (key, ts)), both bool ``(m,)``."""
+    m = len(k)
+    same_key = k[1:] == k[:-1]
+    if not bool(np.any(same_key & (t[1:] <= t[:-1]))):  # strictly increasing ts per key: nothing repeats
+        return a, ~a
+    order = np.lexsort((t, k))  # stable: equal (key, ts) keep their arrival order
+    ks, ts_, acc = k[order], t[order], a[order]
+    run = np.ones(m, dtype=bool)
+    run[1:] = (ks[1:] != ks[:-1]) | (ts_[1:] != ts_[:-1])
+    run_id = np.cumsum(run) - 1
+    last_acc = np.full(int(run_id[-1]) + 1, -1, dtype=np.int64)
+    np.maximum.at(last_acc, run_id[acc], np.flatnonzero(acc))
+    first_rej = np.full(len(last_acc), m, dtype=np.int64)
+    np.minimum.at(first_rej, run_id[~acc], np.flatnonzero(~acc))
+    keep_acc = np.zeros(m, dtype=bool)
+    keep_rej = np.zeros(m, dtype=bool)
+    keep_acc[order[last_acc[last_acc >= 0]]] = True
+    keep_rej[order[first_rej[first_rej < m]]] = True
+    return keep_acc, keep_rej
+
+
 def aggregate(
     key: npt.NDArray[np.int64],
     ts_ns: npt.NDArray[np.int64],
     value: npt.NDArray[np.float64],
     accepted: npt.NDArray[np.bool_],
 ) -> Aggregates:
-    """Aggregate rows by ``key`` (all inputs shape ``(m,)``)."""
+    """Aggregate rows by ``key`` (all inputs shape ``(m,)``; rows of a key in arrival order)."""
     m = len(key)
     if m == 0:
         e_i, e_f = np.empty(0, np.int64), np.empty(0)
@@ -132,11 +160,12 @@ def aggregate(
     else:
         order = stable_order(key)
         k, a, t, value_k = key[order], accepted[order], ts_ns[order], value[order]
+    a, counted_rejection = _one_per_instant(k, t, a)
     starts = group_starts(k)
     total = np.diff(np.append(starts, m))
     v = _sorted_within_groups(np.where(a, value_k, np.inf), starts, total)
     count = np.add.reduceat(a.astype(np.int64), starts)
-    rejected = total - count
+    rejected = np.add.reduceat(counted_rejection.astype(np.int64), starts)
     # Accepted values are the first `count` of each group in v.
     in_group = np.arange(m) - np.repeat(starts, total)
     good = in_group < np.repeat(count, total)
@@ -154,7 +183,7 @@ def aggregate(
     frac = pos - lo_i
     with np.errstate(invalid="ignore"):
         p95 = np.where(has, v[starts + np.maximum(lo_i, 0)] * (1 - frac) + v[starts + hi_i] * frac, np.nan)
-    # last: among accepted rows of a key, the greatest ts (ties: the later input row).
+    # last: among accepted rows of a key, the value at the greatest ts.
     score_t = np.where(a, t, np.iinfo(np.int64).min)
     max_t = np.maximum.reduceat(score_t, starts)
     at_max = a & (score_t == np.repeat(max_t, total))
@@ -180,8 +209,20 @@ class ClosedRows:
 class _Bucket:
     """Rows of one (window spec, window start, partition), as appended chunks (one per step)."""
 
-    chunks: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.float64], npt.NDArray[np.bool_]]]
-    replay_from: int  # the earliest offset a replay needs to rebuild these rows
+    # (series, ts_ns, value, ok, replay_from) per chunk; replay_from: the earliest offset a replay
+    # needs to judge that row the same way again.
+    chunks: list[
+        tuple[
+            npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.float64], npt.NDArray[np.bool_],
+            npt.NDArray[np.int64],
+        ]
+    ]  # fmt: skip
+    replay_from: int  # the earliest of its rows' replay_from
+    series: npt.NDArray[np.int64]  # the distinct series with rows here, ascending
+
+    @property
+    def rows(self) -> int:
+        return sum(len(c[0]) for c in self.chunks)
 
 
 class OpenWindows:
@@ -189,7 +230,9 @@ class OpenWindows:
 
     Exact aggregates (p95) need every reading until its window closes. Kept in one set of
     arrays, each step copied all of them (a 15-minute window at 30 000 readings/s holds 27 M);
-    in buckets, adding is proportional to the step and closing touches only the bucket keys.
+    in buckets, adding is proportional to the step. Windows close per series (each series has
+    its own event time), so a bucket knows its series: closing compares their closed-until
+    times with the bucket's end and touches rows only when some of them closed.
     """
 
     def __init__(self) -> None:
@@ -218,31 +261,49 @@ class OpenWindows:
             rows = order[a:b]
             key = (spec, int(s[a]), int(p[a]))
             earliest = int(replay_from[rows].min())
+            chunk_series = series[rows]
             bucket = self._buckets.get(key)
             if bucket is None:
-                bucket = self._buckets[key] = _Bucket([], earliest)
-            bucket.chunks.append((series[rows], ts_ns[rows], value[rows], ok[rows]))
+                bucket = self._buckets[key] = _Bucket([], earliest, np.unique(chunk_series))
+            else:
+                bucket.series = np.union1d(bucket.series, chunk_series)
+            bucket.chunks.append((chunk_series, ts_ns[rows], value[rows], ok[rows], replay_from[rows]))
             bucket.replay_from = min(bucket.replay_from, earliest)
         self.rows += len(start)
 
-    def close(self, sizes: list[int], watermark: dict[int, int], default: int) -> ClosedRows | None:
-        """Remove the windows whose end (start + ``sizes[spec]``) is at or before their partition's
-        watermark (``default`` for partitions not in ``watermark``); their rows as columns
-        (spec, series, start, ts_ns, value, ok, partition), or None when none closed."""
-        done = [k for k in self._buckets if k[1] + sizes[k[0]] <= watermark.get(k[2], default)]
-        if not done:
-            return None
+    def close(self, sizes: list[int], closed_until: npt.NDArray[np.int64]) -> ClosedRows | None:
+        """Remove the rows of every window whose end (start + ``sizes[spec]``) is at or before its
+        series' ``closed_until[spec, series]`` (int64 ``(specs, k)``); their rows as columns, or
+        None when none closed."""
+        latest = closed_until.max(axis=1) if closed_until.size else np.full(len(sizes), np.iinfo(np.int64).min)
         parts: list[list[Any]] = [[], [], [], [], [], [], []]
-        for key in done:
-            bucket = self._buckets.pop(key)
-            m = sum(len(c[0]) for c in bucket.chunks)
+        for key in [k for k in self._buckets if k[1] + sizes[k[0]] <= latest[k[0]]]:
+            spec, start, _ = key
+            bucket = self._buckets[key]
+            end = start + sizes[spec]
+            ready = closed_until[spec, bucket.series] >= end
+            if not ready.any():
+                continue
+            series, ts_ns, value, ok, replay = (np.concatenate(c) for c in zip(*bucket.chunks, strict=True))
+            if ready.all():
+                del self._buckets[key]
+                take = np.ones(len(series), dtype=bool)
+            else:
+                take = closed_until[spec, series] >= end
+                keep = ~take
+                bucket.chunks = [(series[keep], ts_ns[keep], value[keep], ok[keep], replay[keep])]
+                bucket.series = bucket.series[~ready]
+                bucket.replay_from = int(replay[keep].min())
+            m = int(take.sum())
             self.rows -= m
             for k, v in enumerate(key):
                 parts[(0, 2, 6)[k]].append(np.full(m, v, dtype=np.int64))
-            for k, column in enumerate(zip(*bucket.chunks, strict=True)):
-                parts[(1, 3, 4, 5)[k]].append(np.concatenate(column))
-        spec, series, start, ts_ns, value, ok, partition = (np.concatenate(p) for p in parts)
-        return ClosedRows(spec, series, start, ts_ns, value, ok, partition)
+            for k, column in enumerate((series, ts_ns, value, ok)):
+                parts[(1, 3, 4, 5)[k]].append(column[take])
+        if not parts[0]:
+            return None
+        spec_c, series_c, start_c, ts_c, value_c, ok_c, partition_c = (np.concatenate(p) for p in parts)
+        return ClosedRows(spec_c, series_c, start_c, ts_c, value_c, ok_c, partition_c)
 
     def replay_from(self) -> dict[int, int]:
         """Per partition, the earliest offset a replay needs to rebuild its open windows."""
@@ -254,4 +315,4 @@ class OpenWindows:
     def drop(self, partitions: set[int]) -> None:
         """Forget the windows of these partitions."""
         for key in [k for k in self._buckets if k[2] in partitions]:
-            self.rows -= sum(len(c[0]) for c in self._buckets.pop(key).chunks)
+            self.rows -= self._buckets.pop(key).rows

@@ -5,14 +5,20 @@ as an escaped Flux string literal, so no argument can change the query's shape.
 
 from __future__ import annotations
 
+import calendar
 import re
+import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from portpulse.errors import ConfigError, PortPulseError, ServiceUnavailableError
+from portpulse.points import SeriesRange, StoredReadings
 from portpulse.settings import InfluxSettings
 
-__all__ = ["AGGREGATES", "QueryRow", "QuerySpec", "build_flux", "flux_string", "rows_to_dataframe", "run_query"]
+__all__ = [
+    "AGGREGATES", "QueryRow", "QuerySpec", "build_flux", "flux_string", "parse_readback", "readback_flux",
+    "rows_to_dataframe", "run_query",
+]  # fmt: skip
 
 AGGREGATES = ("mean", "min", "max", "count", "sum", "last", "first", "median", "stddev", "spread")
 _DURATION = re.compile(r"-?(\d+(ns|us|ms|s|m|h|d|w|mo|y))+")
@@ -81,6 +87,55 @@ def build_flux(spec: QuerySpec) -> str:
         lines.append('  |> sort(columns: ["_time"])')
     lines.append('  |> keep(columns: ["_time", "_value"])')
     return "\n".join(lines)
+
+
+def _flux_set(items: tuple[str, ...]) -> str:
+    return "[" + ", ".join(flux_string(x) for x in items) + "]"
+
+
+def readback_flux(bucket: str, query: SeriesRange) -> str:
+    """The Flux query for the processor's read-back of ``query`` (pure): raw points of the
+    metrics and the rejected readings' reasons, one table per series, ns timestamps."""
+    measurements = (query.domain, f"{query.domain}_rejected")
+    fields = query.metrics + tuple(f"{m}_reason" for m in query.metrics)
+    return "\n".join([
+        f"from(bucket: {flux_string(bucket)})",
+        f"  |> range(start: time(v: {int(query.start_ns)}), stop: time(v: {int(query.stop_ns)}))",
+        f"  |> filter(fn: (r) => contains(value: r._measurement, set: {_flux_set(measurements)}))",
+        f"  |> filter(fn: (r) => contains(value: r._field, set: {_flux_set(fields)}))",
+        f"  |> filter(fn: (r) => contains(value: r.sensor_id, set: {_flux_set(query.sensor_ids)}))",
+        '  |> map(fn: (r) => ({_time: r._time, _field: r._field, sensor_id: r.sensor_id,'
+        ' _value: if r._field =~ /_reason$/ then 0.0 else float(v: r._value)}))',
+    ])  # fmt: skip
+
+
+def _utc_ns(text: str) -> int:
+    """Flux's ``2023-11-14T22:13:20.123456789Z`` -> ns since the epoch, exactly (no float)."""
+    whole, _, frac = text.rstrip("Z").partition(".")
+    seconds = calendar.timegm(time.strptime(whole, "%Y-%m-%dT%H:%M:%S"))
+    return seconds * 1_000_000_000 + int((frac or "0").ljust(9, "0")[:9])
+
+
+def parse_readback(domain: str, csv_rows: list[list[str]]) -> StoredReadings:
+    """Rows of :func:`readback_flux`'s CSV (a header row per table) as :class:`StoredReadings`:
+    each ``{metric}_reason`` field is a rejected reading (its value unknown: NaN)."""
+    rows: list[tuple[str, str, int, float, bool]] = []
+    header: list[str] = []
+    for row in csv_rows:
+        if not row or not any(row):
+            continue
+        if "_time" in row and "_value" in row:
+            header = row
+            t, v, f, s = (header.index(c) for c in ("_time", "_value", "_field", "sensor_id"))
+            continue
+        if not header:
+            continue
+        name = row[f]
+        if name.endswith("_reason"):
+            rows.append((row[s], name[: -len("_reason")], _utc_ns(row[t]), float("nan"), False))
+        elif row[v] != "":
+            rows.append((row[s], name, _utc_ns(row[t]), float(row[v]), True))
+    return StoredReadings.of(domain, rows)
 
 
 @dataclass(frozen=True, slots=True)

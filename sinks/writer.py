@@ -24,6 +24,8 @@ import numpy as np
 import numpy.typing as npt
 
 from portpulse.deadletter import DeadLetter, DeadLetterSink
+from portpulse.errors import ServiceUnavailableError
+from portpulse.points import SeriesRange, StoredReadings
 from portpulse.settings import InfluxSettings, SinkSettings
 from sinks.lineprotocol import Categorical, EncodedLines, PointColumns, encode_lines
 from sinks.metrics import SINK_METRICS
@@ -167,6 +169,7 @@ class InfluxWriter:
         self._pending_lines = 0
         self._pending_since = 0.0
         self._tasks: list[asyncio.Task[None]] = []
+        self._reader: Any = None  # influxdb-client's async client for read-backs, made on first use
         self._healthy = True
         self._last_error = ""
 
@@ -196,6 +199,8 @@ class InfluxWriter:
             self._tasks = []
             if self._transport is not None:
                 await self._transport.close()
+            if self._reader is not None:
+                await self._reader.close()
 
     # ------------------------------------------------------------ public
 
@@ -250,6 +255,38 @@ class InfluxWriter:
         if self._pending:
             await self._enqueue_pending("")
         await self._queue.join()
+
+    async def read(self, query: SeriesRange, attempts: int = 30) -> StoredReadings:
+        """What InfluxDB stores for ``query`` (raw points and rejected readings), for the
+        processor's window recomputation. Connection errors and 5xx are retried with backoff
+        (``attempts`` times), since a correction must not be dropped; then it raises
+        :class:`ServiceUnavailableError`."""
+        import csv
+
+        from influxdb_client.client.influxdb_client_async import InfluxDBClientAsync
+        from influxdb_client.domain.dialect import Dialect
+
+        from sinks.query import parse_readback, readback_flux
+
+        if self._reader is None:
+            self._reader = InfluxDBClientAsync(
+                url=self._influx.url, token=self._influx.token.get_secret_value(), org=self._influx.org,
+                timeout=self._influx.timeout_ms, verify_ssl=self._influx.verify_ssl,
+            )  # fmt: skip
+        flux = readback_flux(self._influx.bucket, query)
+        for attempt in range(attempts):
+            try:
+                text = await self._reader.query_api().query_raw(flux, dialect=Dialect(header=True, annotations=[]))
+                return parse_readback(query.domain, list(csv.reader(text.splitlines())))
+            except Exception as exc:  # ApiException (5xx), aiohttp/socket errors: InfluxDB not answering
+                status = getattr(exc, "status", None)
+                if status is not None and 400 <= int(status) < 500:
+                    raise ServiceUnavailableError("influx", f"read-back refused (HTTP {status})") from None
+                self._last_error = f"read-back: {type(exc).__name__}"
+                await asyncio.sleep(
+                    backoff_s(attempt, self._sink.retry_initial_s, self._sink.retry_max_s, self._rng.random())
+                )
+        raise ServiceUnavailableError("influx", f"read-back failed {attempts} times: {self._last_error}")
 
     # ------------------------------------------------------------ internals
 

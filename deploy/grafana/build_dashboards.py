@@ -92,13 +92,16 @@ DASHBOARDS = {
         }, "ops"),
         prom_panel("Lag", {
             "consumer lag (records)": "sum(portpulse_processor_consumer_lag)",
-            "watermark lag (s)": "portpulse_processor_watermark_lag_seconds",
+            "event-time lag, median series (s)": "portpulse_processor_event_time_lag_seconds",
+            "correction lag p99 (s)":
+                "histogram_quantile(0.99, rate(portpulse_processor_correction_seconds_bucket[5m]))",
             "bridge in flight": "portpulse_ingest_in_flight",
         }, "short"),
         prom_panel("Dead letters and rejections per second", {
             "DLQ {{reason}}": "sum by (reason) (rate(portpulse_ingest_dlq_total[5m]))",
             "rejected {{reason}}": "sum by (reason) (rate(portpulse_processor_rejected_total[5m]))",
-            "late": "rate(portpulse_processor_late_total[5m])",
+            "windows corrected": "rate(portpulse_processor_windows_corrected_total[5m])",
+            "beyond correction horizon (late)": "rate(portpulse_processor_late_total[5m])",
         }, "ops"),
         prom_panel("Latency (p99)", {
             "Kafka send": "histogram_quantile(0.99, rate(portpulse_ingest_kafka_send_seconds_bucket[5m]))",
