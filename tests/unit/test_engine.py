@@ -7,6 +7,7 @@ and ``numpy.percentile``, never with the engine's kernels.
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 from collections.abc import Coroutine, Iterable
@@ -171,7 +172,7 @@ def test_any_order_and_any_delay_gives_the_same_final_aggregates(
     shuffled = Run()
     now = 0.0
     bounds = [0, *sorted(set(cuts)), len(rows)]
-    for j, (a, b) in enumerate(zip(bounds, bounds[1:], strict=False)):
+    for j, (a, b) in enumerate(itertools.pairwise(bounds)):
         shuffled.feed([rows[i] for i in order[a:b]], now_s=now)
         now += pauses[j]
     shuffled.settle(now + 1000.0)
@@ -261,7 +262,7 @@ def test_a_restart_replays_from_the_commit_and_ends_with_the_same_aggregates() -
 def test_repeats_are_dropped_and_conflicting_duplicates_rejected_once() -> None:
     run = Run()
     base = [("s0", 0, T0 + t * S, 40.0 + t % 3) for t in range(10)]
-    out = run.feed(base + [base[4], base[4]], now_s=0.0)  # the same reading delivered three times
+    out = run.feed([*base, base[4], base[4]], now_s=0.0)  # the same reading delivered three times
     assert out.repeated == 2 and out.rejected == {}
     out = run.feed([base[5], ("s0", 0, base[6][2], 99.0)], now_s=1.0)  # again, and another value
     assert out.repeated == 1 and out.rejected == {"duplicate": 1}
@@ -275,9 +276,9 @@ def test_readings_beyond_the_correction_horizon_go_to_the_late_topic_with_their_
     settings = EngineSettings(parse_windows("1m"), 2 * S, 5.0, horizon_ns=3600 * S)
     run = Run(engine=ProcessorEngine(settings, load_catalogue()))
     wall = T0 + 7200 * S
-    readings = Readings(*(np.array(x, dtype=d) for x, d in (
-        (["air", "air"], object), (["s0", "s0"], object), (["quai", "quai"], object), (["no2", "no2"], object),
-        ([T0, wall - 60 * S], np.int64), ([40.0, 41.0], np.float64), ([0, 0], np.int64), ([0, 1], np.int64))))  # fmt: skip
+    text = [np.array(x, dtype=object) for x in (["air"] * 2, ["s0"] * 2, ["quai"] * 2, ["no2"] * 2)]
+    numbers = [np.array([T0, wall - 60 * S]), np.array([40.0, 41.0]), np.array([0, 0]), np.array([0, 1])]
+    readings = Readings(*text, *numbers)
     out = run.engine.ingest(readings, 0.0, frozenset({0}), wall_ns=wall)
     assert [(late[2], late[4], late[6]) for late in out.late] == [("s0", T0, 3600 * S)]
     assert sum(len(p) for kind, p in out.points if kind == "raw") == 1
