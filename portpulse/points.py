@@ -86,8 +86,8 @@ class SeriesRange:
 class StoredReadings:
     """What a store holds for one :class:`SeriesRange`, as columns ``(n,)``: object arrays
     ``sensor_id`` and ``metric``, int64 ``ts_ns``, float64 ``value`` (NaN for rejected readings
-    without a finite value) and bool ``accepted`` (False: a rejected reading). One row per
-    (sensor, metric, time, accepted)."""
+    without a finite value), bool ``accepted`` (False: a rejected reading) and object ``reason``
+    (why it was rejected; "" when accepted). One row per (sensor, metric, time, accepted)."""
 
     domain: str
     sensor_id: npt.NDArray[np.object_]
@@ -95,21 +95,24 @@ class StoredReadings:
     ts_ns: npt.NDArray[np.int64]
     value: npt.NDArray[np.float64]
     accepted: npt.NDArray[np.bool_]
+    reason: npt.NDArray[np.object_]
 
     def __len__(self) -> int:
         return len(self.ts_ns)
 
     @staticmethod
-    def of(domain: str, rows: list[tuple[str, str, int, float, bool]]) -> StoredReadings:
-        """From rows (sensor_id, metric, ts_ns, value, accepted)."""
+    def of(domain: str, rows: list[tuple[str, str, int, float, str]]) -> StoredReadings:
+        """From rows (sensor_id, metric, ts_ns, value, reason: "" when accepted)."""
         cols = list(zip(*rows, strict=True)) if rows else [(), (), (), (), ()]
+        reason = np.array(cols[4], dtype=object)
         return StoredReadings(
             domain,
             np.array(cols[0], dtype=object),
             np.array(cols[1], dtype=object),
             np.array(cols[2], dtype=np.int64),
             np.array(cols[3], dtype=np.float64),
-            np.array(cols[4], dtype=bool),
+            reason == "",
+            reason,
         )
 
 
@@ -161,17 +164,17 @@ class MemoryPointSink:
     async def read(self, query: SeriesRange) -> StoredReadings:
         self.stored()
         sensors_wanted, metrics_wanted = set(query.sensor_ids), set(query.metrics)
-        rows: list[tuple[str, str, int, float, bool]] = []
+        rows: list[tuple[str, str, int, float, str]] = []
         rejected = f"{query.domain}_rejected"
         for (m, sensor, name, ts), v in self._stored.items():
             if sensor not in sensors_wanted or not query.start_ns <= ts < query.stop_ns:
                 continue
             if m == query.domain and name in metrics_wanted:
-                rows.append((sensor, name, ts, float(v), True))
+                rows.append((sensor, name, ts, float(v), ""))
             elif m == rejected and name.endswith("_reason") and name[: -len("_reason")] in metrics_wanted:
                 metric = name[: -len("_reason")]
                 value = self._stored.get((m, sensor, metric, ts), float("nan"))
-                rows.append((sensor, metric, ts, float(value), False))
+                rows.append((sensor, metric, ts, float(value), str(v)))
         return StoredReadings.of(query.domain, rows)
 
 

@@ -47,11 +47,11 @@ NO_OFFSET = np.iinfo(np.int64).max  # an empty history slot
 
 @dataclass(frozen=True, slots=True)
 class History:
-    """Per series, the ``W`` newest readings (in event time) that passed checks 1-3, oldest
+    """Per series, the ``H`` newest readings (in event time) that passed checks 1-3, oldest
     first, left-padded.
 
-    ``values``: float64 ``(k, W)``, NaN where empty; ``ts``: int64 ``(k, W)``, int64 min where
-    empty; ``offsets``: int64 ``(k, W)``, where each reading came from (the caller's Kafka offset),
+    ``values``: float64 ``(k, H)``, NaN where empty; ``ts``: int64 ``(k, H)``, int64 min where
+    empty; ``offsets``: int64 ``(k, H)``, where each reading came from (the caller's Kafka offset),
     int64 max where empty. A replay that starts at or before a series' smallest offset rebuilds
     its history exactly.
     """
@@ -79,6 +79,28 @@ class History:
             np.vstack([self.ts, more.ts]),
             np.vstack([self.offsets, more.offsets]),
         )
+
+    def merge(
+        self,
+        series: npt.NDArray[np.int64],
+        ts: npt.NDArray[np.int64],
+        values: npt.NDArray[np.float64],
+        offsets: npt.NDArray[np.int64],
+    ) -> History:
+        """The same history with readings ``(m,)`` of ``series`` added where they are among their
+        series' ``H`` newest (readings judged apart from the batch they came in)."""
+        if not len(series):
+            return self
+        out = History(self.values.copy(), self.ts.copy(), self.offsets.copy())
+        h = self.values.shape[1]
+        for sid in np.unique(series).tolist():
+            mine = series == sid
+            t = np.concatenate([self.ts[sid], ts[mine]])
+            order = np.argsort(t, kind="stable")[-h:]
+            out.ts[sid] = t[order]
+            out.values[sid] = np.concatenate([self.values[sid], values[mine]])[order]
+            out.offsets[sid] = np.concatenate([self.offsets[sid], offsets[mine]])[order]
+        return out
 
     def forget(self, series: npt.NDArray[np.bool_]) -> History:
         """The same history with the series where ``series`` (bool ``(k,)``) is true emptied."""
@@ -348,34 +370,35 @@ def _extended(
     o: npt.NDArray[np.int64],
     cand: npt.NDArray[np.int64],
     every: bool,
+    window: int,
 ) -> _Ext:
     """Per series of the batch (``uniq``, with ``counts`` candidates each), one sequence of its
     history and its candidates in event-time order; returns values, ts, offsets, each sequence's
     start and length, and the position of every candidate (in candidate order).
 
     In the usual batch every candidate is newer than its series' history: the sequence is the
-    history block then the candidates. Otherwise W empty slots go first, so the W slots before
-    any position stay inside its own sequence, and each sequence is sorted by time.
+    history block then the candidates. Otherwise ``window`` empty slots go first, so the window
+    before any position stays inside its own sequence, and each sequence is sorted by time.
     """
-    window = history.values.shape[1]
+    kept = history.values.shape[1]
     hist_t = history.ts[uniq]
     cv, ct, co = (v, t, o) if every else (v[cand], t[cand], o[cand])
     first = np.concatenate([[0], np.cumsum(counts)[:-1]])
     in_order = bool(np.all(ct[first] > hist_t[:, -1])) if len(first) else True
     pad = 0 if in_order else window
-    ext_len = pad + window + counts
+    ext_len = pad + kept + counts
     ext_off = np.concatenate([[0], np.cumsum(ext_len)[:-1]])
     total = int(ext_len.sum())
     ext_v = np.full(total, np.nan)
     ext_t = np.full(total, _NO_TS, dtype=np.int64)
     ext_o = np.full(total, NO_OFFSET, dtype=np.int64)
-    hist_pos = (ext_off + pad)[:, None] + np.arange(window)[None, :]
+    hist_pos = (ext_off + pad)[:, None] + np.arange(kept)[None, :]
     ext_v[hist_pos] = history.values[uniq]
     ext_t[hist_pos] = hist_t
     ext_o[hist_pos] = history.offsets[uniq]
     # Candidate i of series group g follows its group's pad and history block.
     pos = np.arange(len(cv), dtype=np.int64)
-    pos += np.repeat(ext_off + pad + window - first, counts)
+    pos += np.repeat(ext_off + pad + kept - first, counts)
     ext_v[pos], ext_t[pos], ext_o[pos] = cv, ct, co
     if in_order:
         return ext_v, ext_t, ext_o, ext_off, ext_len, pos
@@ -397,17 +420,20 @@ def clean(
     history: History,
     k_sigma: float = 4.0,
     offset: npt.NDArray[np.int64] | None = None,
+    window: int | None = None,
 ) -> tuple[npt.NDArray[np.uint8], History]:
     """Judge ``n`` readings.
 
     ``series``, ``ts_ns`` (ns), ``value``: shape ``(n,)``, in arrival order; ``lo``, ``hi``,
     ``max_rate_per_s``, ``spike_floor``: per-series limits, shape ``(k,)`` (use -inf/inf/inf/0
-    for metrics the catalogue does not know); ``history``: ``(k, W)`` from the previous batch.
-    ``offset``: where each reading came from ``(n,)`` (kept in the history; zeros when omitted).
-    Returns the reason code per reading (uint8 ``(n,)``, input order) and the new history.
+    for metrics the catalogue does not know); ``history``: ``(k, H)`` from the previous batch
+    (the H newest readings that passed checks 1-3); ``window``: the Hampel window W <= H (default
+    H). ``offset``: where each reading came from ``(n,)`` (kept in the history; zeros when
+    omitted). Returns the reason code per reading (uint8 ``(n,)``, input order) and the new history.
     """
     n = len(series)
-    window = history.values.shape[1]
+    kept = history.values.shape[1]
+    window = kept if window is None else window
     reason = np.zeros(n, dtype=np.uint8)
     if n == 0:
         return reason, history
@@ -462,12 +488,14 @@ def clean(
     uniq, counts = cs[first], np.diff(np.append(first, len(cs)))
     new_history = History(history.values.copy(), history.ts.copy(), history.offsets.copy())
     if len(cand):
-        ext_v, ext_t, ext_o, ext_off, ext_len, pos = _extended(history, uniq, counts, v, t, o, cand, len(cand) == n)
+        ext_v, ext_t, ext_o, ext_off, ext_len, pos = _extended(
+            history, uniq, counts, v, t, o, cand, len(cand) == n, window
+        )
         ext_series = np.repeat(uniq, ext_len)
         verdict = _judge_windows(ext_v, ext_t, ext_series, pos, window, spike_floor, max_rate_per_s, k_sigma)
         r[cand] = verdict
-        # The new history: the last W values of each extended sequence (the newest in event time).
-        tail = (ext_off + ext_len - window)[:, None] + np.arange(window)[None, :]
+        # The new history: the last H values of each extended sequence (the newest in event time).
+        tail = (ext_off + ext_len - kept)[:, None] + np.arange(kept)[None, :]
         new_history.values[uniq] = ext_v[tail]
         new_history.ts[uniq] = ext_t[tail]
         new_history.offsets[uniq] = ext_o[tail]

@@ -37,10 +37,10 @@ import numpy.typing as npt
 from portpulse.catalogue import Catalogue, MetricSpec
 from portpulse.points import Categorical, PointColumns, SeriesRange, StoredReadings
 from portpulse.sorting import distinct_codes, group_starts, stable_order
-from processors.clean import NO_OFFSET, OK, REASON_NAMES, REPEAT, History, clean, series_time_order
+from processors.clean import NO_OFFSET, OK, RATE, REASON_NAMES, REPEAT, SPIKE, History, clean, series_time_order
 from processors.window import Aggregates, OpenWindows, WindowSpec, aggregate, assign
 
-__all__ = ["EngineOutput", "EngineSettings", "ProcessorEngine", "Readings", "Recompute"]
+__all__ = ["Deferred", "EngineOutput", "EngineSettings", "ProcessorEngine", "Readings", "Recompute"]
 
 _NEG = np.iinfo(np.int64).min
 _POS = np.iinfo(np.int64).max
@@ -59,6 +59,9 @@ class EngineSettings:
     hampel_window: int = 7
     k_sigma: float = 4.0
     horizon_ns: int = 7 * 86_400 * 10**9
+    # Readings kept per series beyond the Hampel window: a reading up to this many places out of
+    # order is judged in memory; further back, against the store.
+    reorder_slack: int = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +104,16 @@ class Recompute:
         return Recompute(stacked[0], stacked[1], stacked[2])
 
 
+@dataclass(frozen=True, slots=True)
+class Deferred:
+    """Readings set aside for judging against their neighbours in the store: the readings, their
+    series ids and their values in the catalogue's unit (all ``(m,)``)."""
+
+    readings: Readings
+    series: npt.NDArray[np.int64]
+    value: npt.NDArray[np.float64]
+
+
 @dataclass(slots=True)
 class EngineOutput:
     points: list[tuple[str, PointColumns]] = field(default_factory=list)  # (kind "raw"/"rejected"/window name, points)
@@ -111,6 +124,23 @@ class EngineOutput:
     corrections: int = 0  # (reading, window) pairs behind an emitted window
     replayed: int = 0
     recompute: Recompute = field(default_factory=lambda: Recompute.of([]))
+    deferred: Deferred | None = None  # to judge against the store: see ProcessorEngine.ingest_deferred
+
+    def absorb(self, other: EngineOutput) -> None:
+        """Add ``other``'s points, counts and windows to recompute to this output (not its deferred)."""
+        self.points += other.points
+        self.late += other.late
+        for reason, count in other.rejected.items():
+            self.rejected[reason] = self.rejected.get(reason, 0) + count
+        self.repeated += other.repeated
+        self.windows_emitted += other.windows_emitted
+        self.corrections += other.corrections
+        self.replayed += other.replayed
+        if len(other.recompute):
+            mine = [(self.recompute.spec, self.recompute.series, self.recompute.start)] if len(self.recompute) else []
+            self.recompute = Recompute.of(
+                [*mine, (other.recompute.spec, other.recompute.series, other.recompute.start)]
+            )
 
 
 @dataclass(slots=True)
@@ -143,7 +173,7 @@ class ProcessorEngine:
         self._group_keys: list[tuple[str, str]] = []
         self._series_group: list[int] = []
         self._series_group_array = np.empty(0, dtype=np.int64)
-        self._history = History.empty(0, settings.hampel_window)
+        self._history = History.empty(0, settings.hampel_window + settings.reorder_slack)
         # Per series: the partition that last carried it (a revoked partition's series forget
         # their state), its newest event time, the newest event time of its readings replayed
         # from before a restart, and when (processing time, s) its last reading arrived.
@@ -278,30 +308,125 @@ class ProcessorEngine:
             value = r.value * factor
             self._grow()
             self._series_part[series] = r.partition
+            behind = self._behind(series, r.ts_ns)
+            if behind.any():
+                rows = np.flatnonzero(behind)
+                out.deferred = Deferred(Readings(*(getattr(r, f)[rows] for f in Readings.__dataclass_fields__)),
+                                        series[rows], value[rows])  # fmt: skip
+                keep = ~behind
+                r = Readings(*(getattr(r, f)[keep] for f in Readings.__dataclass_fields__))
+                series, value = series[keep], value[keep]
             # Replaying from here rebuilds the cleaning history these readings were judged with.
             replay_from = np.minimum(r.offset, self._history.offsets.min(axis=1)[series])
             reason, self._history = clean(
                 series, r.ts_ns, value,
                 *self._limits(),
-                self._history, self._s.k_sigma, r.offset,
+                self._history, self._s.k_sigma, r.offset, self._s.hampel_window,
             )  # fmt: skip
-            for code, count in zip(*np.unique(reason, return_counts=True), strict=True):
-                if code == REPEAT:
-                    out.repeated = int(count)
-                elif code != OK:
-                    out.rejected[REASON_NAMES[int(code)]] = int(count)
-            ok = reason == OK
-            self._stored_points(series[ok], r.ts_ns[ok], value[ok], None, out)
-            judged = reason != REPEAT
-            rejected = judged & ~ok
-            if rejected.any():
-                self._stored_points(series[rejected], r.ts_ns[rejected], value[rejected], reason[rejected], out)
-            if not judged.all():
-                r = Readings(*(getattr(r, f)[judged] for f in Readings.__dataclass_fields__))
-                series, value, ok, replay_from = series[judged], value[judged], ok[judged], replay_from[judged]
-            self._advance(series, r, now_s)
-            self._add_to_windows(series, r, value, ok, replay_from, out)
+            self._judged(series, r, value, reason, replay_from, now_s, out)
         self._close(now_s, caught_up, out)
+        return out
+
+    def _behind(self, series: npt.NDArray[np.int64], ts_ns: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
+        """Readings the history cannot judge exactly: their series has dropped older readings
+        from it (it is full) and fewer than W of the readings it holds are older than them, so
+        their Hampel window, or the reading they repeat, may be in the store only."""
+        w = self._s.hampel_window
+        full = self._history.ts[series, 0] != _NEG
+        behind: npt.NDArray[np.bool_] = full & (ts_ns <= self._history.ts[series, w - 1])
+        return behind
+
+    def _judged(
+        self,
+        series: npt.NDArray[np.int64],
+        r: Readings,
+        value: npt.NDArray[np.float64],
+        reason: npt.NDArray[np.uint8],
+        replay_from: npt.NDArray[np.int64],
+        now_s: float,
+        out: EngineOutput,
+    ) -> None:
+        """Readings with their verdicts: counted, stored (raw or rejected), into the windows."""
+        for code, count in zip(*np.unique(reason, return_counts=True), strict=True):
+            if code == REPEAT:
+                out.repeated += int(count)
+            elif code != OK:
+                name = REASON_NAMES[int(code)]
+                out.rejected[name] = out.rejected.get(name, 0) + int(count)
+        ok = reason == OK
+        self._stored_points(series[ok], r.ts_ns[ok], value[ok], None, out)
+        judged = reason != REPEAT
+        rejected = judged & ~ok
+        if rejected.any():
+            self._stored_points(series[rejected], r.ts_ns[rejected], value[rejected], reason[rejected], out)
+        if not judged.all():
+            r = Readings(*(getattr(r, f)[judged] for f in Readings.__dataclass_fields__))
+            series, value, ok, replay_from = series[judged], value[judged], ok[judged], replay_from[judged]
+        self._advance(series, r, now_s)
+        self._add_to_windows(series, r, value, ok, replay_from, out)
+
+    def neighbour_ranges(self, deferred: Deferred) -> list[SeriesRange]:
+        """What to read back to judge ``deferred`` readings: per domain, their sensors and metrics
+        from a lookback before the oldest (three Hampel windows at the series' usual interval, at
+        least a minute) to the newest."""
+        d = deferred
+        w = self._s.hampel_window
+        kept = self._history.ts.shape[1]
+        span = self._history.ts[d.series, -1] - self._history.ts[d.series, 0]
+        lookback = np.maximum(3 * w * span // max(kept - 1, 1), 60 * 10**9)
+        start = d.readings.ts_ns - np.minimum(lookback, self._s.horizon_ns)
+        out = []
+        domains = d.readings.domain
+        for domain in sorted(set(domains.tolist())):
+            mine = domains == domain
+            ids = np.unique(d.series[mine]).tolist()
+            out.append(
+                SeriesRange(
+                    str(domain),
+                    tuple(sorted({self._series_sensor[i] for i in ids})),
+                    tuple(sorted({self._series_metric[i] for i in ids})),
+                    int(start[mine].min()),
+                    int(d.readings.ts_ns[mine].max()) + 1,
+                )
+            )
+        return out
+
+    def ingest_deferred(self, deferred: Deferred, stored: list[StoredReadings], now_s: float) -> EngineOutput:
+        """Judge readings :meth:`ingest` deferred against their neighbours in the store (``stored``:
+        what :meth:`neighbour_ranges` asked for), then treat them like any other reading (most
+        fall in emitted windows: corrections)."""
+        out = EngineOutput()
+        d = deferred
+        uniq, local = np.unique(d.series, return_inverse=True)
+        local = local.reshape(-1).astype(np.int64)
+        position = {int(sid): j for j, sid in enumerate(uniq.tolist())}
+        # Each series' stored readings that passed checks 1-3 (the Hampel window's material).
+        rows: list[list[tuple[int, float]]] = [[] for _ in uniq.tolist()]
+        passed = {"", "spike", "rate_of_change"}
+        for part in stored:
+            for sensor, metric, ts, v, why in zip(part.sensor_id.tolist(), part.metric.tolist(), part.ts_ns.tolist(),
+                                                  part.value.tolist(), part.reason.tolist(), strict=True):  # fmt: skip
+                j = position.get(self._series.get((part.domain, sensor, metric), -1), -1)
+                if j >= 0 and why in passed:
+                    rows[j].append((int(ts), float(v)))
+        width = max(max((len(x) for x in rows), default=0), self._s.hampel_window)
+        history = History.empty(len(uniq), width)
+        for j, items in enumerate(rows):
+            items.sort()
+            if items:
+                history.ts[j, width - len(items) :] = [t for t, _ in items]
+                history.values[j, width - len(items) :] = [v for _, v in items]
+        lo, hi, rate, floor = (x[uniq] for x in self._limits())
+        reason, judged_history = clean(
+            local, d.readings.ts_ns, d.value, lo, hi, rate, floor, history, self._s.k_sigma, d.readings.offset,
+            self._s.hampel_window,
+        )  # fmt: skip
+        passed_now = np.isin(reason, (OK, SPIKE, RATE))
+        self._history = self._history.merge(
+            d.series[passed_now], d.readings.ts_ns[passed_now], d.value[passed_now], d.readings.offset[passed_now]
+        )
+        del judged_history
+        self._judged(d.series, d.readings, d.value, reason, d.readings.offset, now_s, out)
         return out
 
     def _beyond_horizon(self, r: Readings, beyond: npt.NDArray[np.bool_], wall_ns: int, out: EngineOutput) -> None:

@@ -49,6 +49,7 @@ class ProcessorStats:
     windows: int = 0
     late: int = 0
     repeated: int = 0
+    deferred: int = 0  # readings judged against their neighbours in the store
     corrections: int = 0  # (reading, window) pairs behind an emitted window
     windows_corrected: int = 0
     replayed: int = 0
@@ -262,6 +263,16 @@ async def run_processor(
                                 caught_up.add(pid)
                 out = engine.ingest(readings, time.monotonic(), frozenset(caught_up), key_code, time.time_ns())
                 receipts = [await sink.write(points, source=f"processor:{kind}") for kind, points in out.points]
+                if out.deferred is not None:
+                    # Readings too far out of order for the in-memory history: judged against
+                    # their neighbours in the store (after it holds everything written so far).
+                    await sink.flush()
+                    stored = [await sink.read(query) for query in engine.neighbour_ranges(out.deferred)]
+                    more = engine.ingest_deferred(out.deferred, stored, time.monotonic())
+                    receipts += [await sink.write(points, source=f"processor:{kind}") for kind, points in more.points]
+                    more.points = []
+                    out.absorb(more)
+                    stats.deferred += len(out.deferred.series)
                 if len(out.recompute):
                     received = time.perf_counter()
                     fixed = await _recompute(engine, out, sink)

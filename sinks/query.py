@@ -95,7 +95,7 @@ def _flux_set(items: tuple[str, ...]) -> str:
 
 def readback_flux(bucket: str, query: SeriesRange) -> str:
     """The Flux query for the processor's read-back of ``query`` (pure): raw points of the
-    metrics and the rejected readings' reasons, one table per series, ns timestamps."""
+    metrics, and the rejected readings' values and reasons; values as strings (one schema)."""
     measurements = (query.domain, f"{query.domain}_rejected")
     fields = query.metrics + tuple(f"{m}_reason" for m in query.metrics)
     return "\n".join([
@@ -104,8 +104,9 @@ def readback_flux(bucket: str, query: SeriesRange) -> str:
         f"  |> filter(fn: (r) => contains(value: r._measurement, set: {_flux_set(measurements)}))",
         f"  |> filter(fn: (r) => contains(value: r._field, set: {_flux_set(fields)}))",
         f"  |> filter(fn: (r) => contains(value: r.sensor_id, set: {_flux_set(query.sensor_ids)}))",
-        '  |> map(fn: (r) => ({_time: r._time, _field: r._field, sensor_id: r.sensor_id,'
-        ' _value: if r._field =~ /_reason$/ then 0.0 else float(v: r._value)}))',
+        '  |> map(fn: (r) => ({_time: r._time, _measurement: r._measurement, _field: r._field,'
+        " sensor_id: r.sensor_id, _value: string(v: r._value)}))",
+        "  |> group()",
     ])  # fmt: skip
 
 
@@ -118,23 +119,29 @@ def _utc_ns(text: str) -> int:
 
 def parse_readback(domain: str, csv_rows: list[list[str]]) -> StoredReadings:
     """Rows of :func:`readback_flux`'s CSV (a header row per table) as :class:`StoredReadings`:
-    each ``{metric}_reason`` field is a rejected reading (its value unknown: NaN)."""
-    rows: list[tuple[str, str, int, float, bool]] = []
+    raw points are accepted readings; in ``{domain}_rejected``, ``{metric}_reason`` names a
+    rejected reading and ``{metric}`` carries its value where it had a finite one."""
+    accepted: list[tuple[str, str, int, float, str]] = []
+    rejected: dict[tuple[str, str, int], list[Any]] = {}
     header: list[str] = []
+    t = v = f = s = m = 0
     for row in csv_rows:
         if not row or not any(row):
             continue
         if "_time" in row and "_value" in row:
             header = row
-            t, v, f, s = (header.index(c) for c in ("_time", "_value", "_field", "sensor_id"))
+            t, v, f, s, m = (header.index(c) for c in ("_time", "_value", "_field", "sensor_id", "_measurement"))
             continue
         if not header:
             continue
-        name = row[f]
-        if name.endswith("_reason"):
-            rows.append((row[s], name[: -len("_reason")], _utc_ns(row[t]), float("nan"), False))
-        elif row[v] != "":
-            rows.append((row[s], name, _utc_ns(row[t]), float(row[v]), True))
+        name, ts = row[f], _utc_ns(row[t])
+        if row[m] == domain:
+            accepted.append((row[s], name, ts, float(row[v]), ""))
+        elif name.endswith("_reason"):
+            rejected.setdefault((row[s], name[: -len("_reason")], ts), [float("nan"), ""])[1] = row[v]
+        else:
+            rejected.setdefault((row[s], name, ts), [float("nan"), ""])[0] = float(row[v])
+    rows = accepted + [(sn, mt, ts, val, why) for (sn, mt, ts), (val, why) in rejected.items() if why]
     return StoredReadings.of(domain, rows)
 
 

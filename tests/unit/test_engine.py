@@ -69,13 +69,21 @@ class Run:
             np.array(offsets, dtype=np.int64),
         )
         out = self.engine.ingest(readings, now_s, frozenset(self.offsets))
-        self._store(out)
+        self._store(out, now_s)
         self.outputs.append(out)
         return out
 
-    def _store(self, out: EngineOutput) -> None:
+    def _store(self, out: EngineOutput, now_s: float) -> None:
         for kind, points in out.points:
             done(self.store.write(points, f"processor:{kind}"))
+        out.points = []
+        if out.deferred is not None:
+            stored = [done(self.store.read(q)) for q in self.engine.neighbour_ranges(out.deferred)]
+            more = self.engine.ingest_deferred(out.deferred, stored, now_s)
+            for kind, points in more.points:
+                done(self.store.write(points, f"processor:{kind}"))
+            more.points = []
+            out.absorb(more)
         if len(out.recompute):
             stored = [done(self.store.read(q)) for q in self.engine.stored_ranges(out.recompute)]
             for kind, points in self.engine.recomputed(out.recompute, stored).points:
@@ -283,3 +291,22 @@ def test_readings_beyond_the_correction_horizon_go_to_the_late_topic_with_their_
     assert [(late[2], late[4], late[6]) for late in out.late] == [("s0", T0, 3600 * S)]
     assert sum(len(p) for kind, p in out.points if kind == "raw") == 1
     assert run.engine.safe_offsets()[0][1] == 2  # both records consumed
+
+
+def test_a_reading_far_out_of_order_is_judged_against_its_neighbours_in_the_store() -> None:
+    """Readings a minute behind their series (far beyond the in-memory history): a spike among
+    them is rejected, the same reading again is a repeat, another value at a stored instant a
+    duplicate; the corrected window counts each once."""
+    run = Run(lateness_s=2.0, idle_s=5.0)
+    rows = [("s0", 0, T0 + t * S, 40.0 + (t % 5) * 0.5) for t in range(130)]
+    for i in range(0, 130, 10):
+        run.feed(rows[i : i + 10], now_s=i / 10)
+    before = run.aggregates()[("s0", T0)]
+    out = run.feed([("s0", 0, T0 + 30 * S + S // 2, 400.0), rows[20], ("s0", 0, rows[21][2], 39.0)], now_s=20.0)
+    assert out.deferred is not None and len(out.deferred.series) == 3
+    assert out.rejected == {"spike": 1, "duplicate": 1} and out.repeated == 1
+    run.settle(1000.0)
+    after = run.aggregates()[("s0", T0)]
+    assert (before["count"], before["rejected"]) == (60, 0)
+    assert (after["count"], after["rejected"]) == (60, 2) and after["mean"] == before["mean"]
+    assert_same(run.aggregates(), batch_computation(run.store))
