@@ -117,10 +117,12 @@ def _utc_ns(text: str) -> int:
     return seconds * 1_000_000_000 + int((frac or "0").ljust(9, "0")[:9])
 
 
-def parse_readback(domain: str, csv_rows: list[list[str]]) -> StoredReadings:
+def parse_readback(query: SeriesRange, csv_rows: list[list[str]]) -> StoredReadings:
     """Rows of :func:`readback_flux`'s CSV (a header row per table) as :class:`StoredReadings`:
     raw points are accepted readings; in ``{domain}_rejected``, ``{metric}_reason`` names a
-    rejected reading and ``{metric}`` carries its value where it had a finite one."""
+    rejected reading and ``{metric}`` carries its value where it had a finite one. Rows outside
+    ``[start_ns, stop_ns)`` are left out (InfluxDB 1.8's Flux includes the stop instant)."""
+    domain = query.domain
     accepted: list[tuple[str, str, int, float, str]] = []
     rejected: dict[tuple[str, str, int], list[Any]] = {}
     header: list[str] = []
@@ -135,6 +137,8 @@ def parse_readback(domain: str, csv_rows: list[list[str]]) -> StoredReadings:
         if not header:
             continue
         name, ts = row[f], _utc_ns(row[t])
+        if not query.start_ns <= ts < query.stop_ns:
+            continue
         if row[m] == domain:
             accepted.append((row[s], name, ts, float(row[v]), ""))
         elif name.endswith("_reason"):

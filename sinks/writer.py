@@ -277,7 +277,7 @@ class InfluxWriter:
         for attempt in range(attempts):
             try:
                 text = await self._reader.query_api().query_raw(flux, dialect=Dialect(header=True, annotations=[]))
-                return parse_readback(query.domain, list(csv.reader(text.splitlines())))
+                return parse_readback(query, list(csv.reader(text.splitlines())))
             except Exception as exc:  # ApiException (5xx), aiohttp/socket errors: InfluxDB not answering
                 status = getattr(exc, "status", None)
                 if status is not None and 400 <= int(status) < 500:

@@ -275,3 +275,42 @@ async def test_portpulse_query_matches_a_direct_flux_query(
     minute = (ts - ts[0] + (ts[0] % 60_000_000_000)) // 60_000_000_000
     expected_max = [float(values[minute == m].max()) for m in np.unique(minute)]
     assert [r["value"] for r in cli_rows] == expected_max
+
+
+async def test_read_back_returns_exactly_the_stored_raw_points_and_rejected_readings(
+    influx: InfluxEndpoint, influx_bucket: str, kafka: KafkaEndpoint, unique: str
+) -> None:
+    """What the processor reads back to recompute a window: raw points of the asked sensors and
+    metrics in the range, rejected readings with their reason (and value where finite); nothing
+    of other sensors, metrics or times."""
+    from portpulse.points import SeriesRange
+
+    base = (time.time_ns() - 3600 * 10**9) // 60_000_000_000 * 60_000_000_000
+    sensors = _obj(["s-1", "a,b=c d", "s-1", "a,b=c d", "other"])
+    ts = base + np.array([0, 1, 2, 3, 4], dtype=np.int64) * 10**9
+    raw = PointColumns("air", {"sensor_id": sensors, "site": _obj(["q"] * 5)},
+                       {"no2": np.array([40.5, 41.0, 42.25, 43.0, 44.0]), "pm25": np.array([1.0] * 5)}, ts)  # fmt: skip
+    rejected = PointColumns(
+        "air_rejected", {"sensor_id": _obj(["s-1", "a,b=c d"]), "site": _obj(["q", "q"])},
+        {"no2": np.array([999.0, np.nan]), "no2_reason": _obj(["spike", "non_finite"])},
+        base + np.array([5, 6], dtype=np.int64) * 10**9,
+    )  # fmt: skip
+    kafka_settings = KafkaSettings(bootstrap_servers=kafka.bootstrap_servers, topic_prefix=unique)
+    async with (
+        KafkaDeadLetters(kafka_settings) as dlq,
+        InfluxWriter(influx_settings(influx, influx_bucket), SinkSettings(), dlq) as writer,
+    ):
+        for points in (raw, rejected):
+            await asyncio.wait_for((await writer.write(points)).wait(), 60)
+        got = await writer.read(SeriesRange("air", ("s-1", "a,b=c d"), ("no2",), base, base + 6 * 10**9 + 1))
+        narrower = await writer.read(SeriesRange("air", ("s-1",), ("no2",), base + 1, base + 5 * 10**9))
+    values = [None if np.isnan(v) else v for v in got.value.tolist()]
+    rows = sorted(zip(got.sensor_id.tolist(), got.metric.tolist(), (got.ts_ns - base).tolist(), values,
+                      got.reason.tolist(), strict=True), key=lambda r: r[2])  # fmt: skip
+    assert rows == [
+        ("s-1", "no2", 0, 40.5, ""), ("a,b=c d", "no2", 10**9, 41.0, ""), ("s-1", "no2", 2 * 10**9, 42.25, ""),
+        ("a,b=c d", "no2", 3 * 10**9, 43.0, ""), ("s-1", "no2", 5 * 10**9, 999.0, "spike"),
+        ("a,b=c d", "no2", 6 * 10**9, None, "non_finite"),
+    ]  # fmt: skip
+    assert got.accepted.tolist().count(True) == 4
+    assert (narrower.ts_ns - base).tolist() == [2 * 10**9]
