@@ -46,16 +46,37 @@ pytestmark = pytest.mark.integration
 FAULT_REPORT: list[str] = []
 
 
+def pipeline_env(
+    mqtt: MqttEndpoint, kafka: KafkaEndpoint, influx: InfluxEndpoint, bucket: str, unique: str
+) -> dict[str, str]:
+    """The environment of a ``portpulse run`` child that sees only this test's topics and bucket."""
+    return {
+        **{k: v for k, v in os.environ.items() if not k.startswith("PORTPULSE_")},
+        "PORTPULSE_MQTT__HOST": mqtt.host, "PORTPULSE_MQTT__PORT": str(mqtt.port),
+        "PORTPULSE_MQTT__CLIENT_ID": f"{unique}-bridge", "PORTPULSE_MQTT__TOPIC_PREFIX": unique,
+        "PORTPULSE_MQTT__SUBSCRIPTIONS": f'["{unique}/#"]', "PORTPULSE_MQTT__SESSION_EXPIRY_S": "600",
+        "PORTPULSE_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap_servers, "PORTPULSE_KAFKA__TOPIC_PREFIX": unique,
+        "PORTPULSE_KAFKA__CONSUMER_GROUP": f"{unique}-g", "PORTPULSE_KAFKA__PARTITIONS": "2",
+        "PORTPULSE_KAFKA__REQUEST_TIMEOUT_MS": "5000",
+        "PORTPULSE_INFLUX__URL": influx.url, "PORTPULSE_INFLUX__TOKEN": influx.token,
+        "PORTPULSE_INFLUX__ORG": influx.org, "PORTPULSE_INFLUX__BUCKET": bucket,
+        "PORTPULSE_SINK__FLUSH_INTERVAL_MS": "100", "PORTPULSE_OPS__METRICS_PORT": str(free_port()),
+    }  # fmt: skip
+
+
 class PipelineProcess:
     """``portpulse run`` as a child process (so it can be SIGKILLed and restarted)."""
 
-    def __init__(self, env: dict[str, str], log: Path) -> None:
+    def __init__(
+        self, env: dict[str, str], log: Path, options: tuple[str, ...] = ("--windows", "1m", "--lateness", "2",
+                                                                          "--idle-timeout", "2")
+    ) -> None:  # fmt: skip
         self.env, self.log, self.port = env, log, int(env["PORTPULSE_OPS__METRICS_PORT"])
+        self.options = options
         self.proc: subprocess.Popen[bytes] | None = None
 
     def spawn(self) -> None:
-        cmd = [sys.executable, "-m", "portpulse.cli", "run", "--windows", "1m", "--lateness", "2",
-               "--idle-timeout", "2"]  # fmt: skip
+        cmd = [sys.executable, "-m", "portpulse.cli", "run", *self.options]
         with open(self.log, "ab") as err:  # the child keeps its own copy of the descriptor
             self.proc = subprocess.Popen(cmd, env=self.env, stdout=subprocess.DEVNULL, stderr=err)
 
@@ -151,23 +172,13 @@ async def test_no_acknowledged_reading_is_lost(
                "mqtt_sigkill": "mqtt", "in_flight_full": "kafka"}.get(scenario)  # fmt: skip
     if service and not is_local(service):
         pytest.skip(f"{service} is not managed by scripts/services here; this fault needs to stop it")
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("PORTPULSE_")},
-        "PORTPULSE_MQTT__HOST": mqtt.host, "PORTPULSE_MQTT__PORT": str(mqtt.port),
-        "PORTPULSE_MQTT__CLIENT_ID": f"{unique}-bridge", "PORTPULSE_MQTT__TOPIC_PREFIX": unique,
-        "PORTPULSE_MQTT__SUBSCRIPTIONS": f'["{unique}/#"]', "PORTPULSE_MQTT__SESSION_EXPIRY_S": "600",
-        "PORTPULSE_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap_servers, "PORTPULSE_KAFKA__TOPIC_PREFIX": unique,
-        "PORTPULSE_KAFKA__CONSUMER_GROUP": f"{unique}-g", "PORTPULSE_KAFKA__PARTITIONS": "2",
-        "PORTPULSE_KAFKA__REQUEST_TIMEOUT_MS": "5000",
-        "PORTPULSE_INFLUX__URL": influx.url, "PORTPULSE_INFLUX__TOKEN": influx.token,
-        "PORTPULSE_INFLUX__ORG": influx.org, "PORTPULSE_INFLUX__BUCKET": influx_bucket,
-        "PORTPULSE_SINK__FLUSH_INTERVAL_MS": "100", "PORTPULSE_OPS__METRICS_PORT": str(free_port()),
+    env = pipeline_env(mqtt, kafka, influx, influx_bucket, unique) | {
         # Loss, not cleaning, is under test: a broker SIGKILL leaves gaps in the series, and the
         # spike filter may then rightly reject a jump across one, which would read as a loss here.
         "PORTPULSE_PROCESSOR__SPIKE_K_SIGMA": "1e9",
         # The in-flight scenario: a small limit that Kafka's outage fills while publishers go on.
         "PORTPULSE_INGEST__MAX_IN_FLIGHT": "50" if scenario == "in_flight_full" else "20000",
-    }  # fmt: skip
+    }
     pipeline = PipelineProcess(env, tmp_path / "pipeline.log")
     faults = _scenarios(pipeline)
     faults["in_flight_full"] = lambda: _restart_service("kafka", "down", 12)
