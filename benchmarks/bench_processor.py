@@ -96,7 +96,7 @@ async def produce(
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20, compression_type="lz4",
                                 max_batch_size=1 << 20)  # fmt: skip
     await producer.start()
-    t0 = 1_764_000_000 * 10**9
+    t0 = (time.time_ns() - 3600 * 10**9) // (60 * 10**9) * (60 * 10**9)  # within the correction horizon
     futures = []
     for r in range(n // per_record):
         sensor = r % sensors

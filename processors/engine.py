@@ -62,6 +62,9 @@ class EngineSettings:
     # Readings kept per series beyond the Hampel window: a reading up to this many places out of
     # order is judged in memory; further back, against the store.
     reorder_slack: int = 8
+    # A series without readings for this long (processing time, s) and no open window is
+    # forgotten, so state follows the sensors that report, not every sensor ever seen.
+    series_ttl_s: float = 6 * 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,35 +188,51 @@ class ProcessorEngine:
         self._closed = np.full((len(settings.windows), 0), _NEG, dtype=np.int64)
         self._parts: dict[int, _Partition] = {}
         self._open = OpenWindows()
+        # Slots of evicted series, reused by new ones; when the last eviction pass ran (s).
+        self._free: list[int] = []
+        self._evicted_at = -np.inf
 
     # ------------------------------------------------------------ series registry
 
     def _register(self, domain: str, sensor: str, site: str, metric: str) -> int:
-        base, factor = metric, 1.0
+        base = metric
         spec = self._catalogue.get(domain, metric)
         if spec is None and "_" in metric:
             # Unit normalisation: "no2_ppb" is no2 given in ppb when the catalogue converts ppb.
             name, _, unit = metric.rpartition("_")
             candidate = self._catalogue.get(domain, name)
             if candidate is not None and unit in candidate.convert:
-                spec, base, factor = candidate, name, candidate.convert[unit]
+                spec, base = candidate, name
         key = (domain, sensor, base)
-        if key in self._series and factor == 1.0:
-            return self._series[key]
-        sid = self._series.setdefault(key, len(self._series_domain))
-        if sid == len(self._series_domain):
+        known = self._series.get(key)
+        if known is not None:
+            return known
+        group = self._groups.setdefault((domain, base), len(self._group_keys))
+        if group == len(self._group_keys):
+            self._group_keys.append((domain, base))
+        limits = (spec.min if spec else -np.inf, spec.max if spec else np.inf,
+                  spec.max_rate_per_s if spec else np.inf, _spike_floor(spec))  # fmt: skip
+        if self._free:  # a slot an evicted series left: its arrays were reset then
+            sid = self._free.pop()
+            self._series_domain[sid], self._series_sensor[sid], self._series_site[sid] = domain, sensor, site
+            self._series_metric[sid], self._series_group[sid] = base, group
+            for column, limit in zip((self._lo, self._hi, self._rate, self._floor), limits, strict=True):
+                column[sid] = limit
+            if self._limit_arrays is not None and sid < len(self._limit_arrays[0]):
+                for array, limit in zip(self._limit_arrays, limits, strict=True):
+                    array[sid] = limit
+            if sid < len(self._series_group_array):
+                self._series_group_array[sid] = group
+        else:
+            sid = len(self._series_domain)
             self._series_domain.append(domain)
             self._series_sensor.append(sensor)
             self._series_site.append(site)
             self._series_metric.append(base)
-            self._lo.append(spec.min if spec else -np.inf)
-            self._hi.append(spec.max if spec else np.inf)
-            self._rate.append(spec.max_rate_per_s if spec else np.inf)
-            self._floor.append(_spike_floor(spec))
-            group = self._groups.setdefault((domain, base), len(self._group_keys))
-            if group == len(self._group_keys):
-                self._group_keys.append((domain, base))
+            for column, limit in zip((self._lo, self._hi, self._rate, self._floor), limits, strict=True):
+                column.append(limit)
             self._series_group.append(group)
+        self._series[key] = sid
         return sid
 
     def _limits(self) -> _Limits:
@@ -289,6 +308,9 @@ class ProcessorEngine:
         still has data.
         """
         out = EngineOutput()
+        # Before anything of this step: what the step returns must name series that still exist.
+        if now_s - self._evicted_at >= min(60.0, self._s.series_ttl_s / 10):
+            self._evict(now_s)
         if len(r):
             series, factor = self._series_ids(r, key_code)
             if wall_ns is not None:
@@ -326,6 +348,40 @@ class ProcessorEngine:
             self._judged(series, r, value, reason, replay_from, now_s, out)
         self._close(now_s, caught_up, out)
         return out
+
+    def _evict(self, now_s: float) -> None:
+        """Forget series quiet for ``series_ttl_s`` with no open window; their slots are reused.
+
+        The windows they had emitted may be corrected later by a reading of theirs: their
+        partition's ``closed_before`` grows to cover them, so such a window is recomputed from the
+        store, never from a fresh in-memory start."""
+        self._evicted_at = now_s
+        stale = np.zeros(len(self._arrival), dtype=bool)
+        stale[: len(self._series_domain)] = now_s - self._arrival[: len(self._series_domain)] >= self._s.series_ttl_s
+        stale[self._free] = False
+        stale[self._open.series()] = False
+        ids = np.flatnonzero(stale)
+        if not len(ids):
+            return
+        for p in np.unique(self._series_part[ids]).tolist():
+            state = self._parts.get(p)
+            if state is None:
+                continue
+            mine = ids[self._series_part[ids] == p]
+            latest = self._closed[:, mine].max(axis=1).tolist()
+            before = state.closed_before or tuple([_NEG] * len(latest))
+            state.closed_before = tuple(max(a, int(b)) for a, b in zip(before, latest, strict=True))
+        gone = set(ids.tolist())
+        for sid in ids.tolist():
+            self._series.pop((self._series_domain[sid], self._series_sensor[sid], self._series_metric[sid]), None)
+        self._resolved = {key: hit for key, hit in self._resolved.items() if hit[0] not in gone}
+        self._history = self._history.forget(stale)
+        self._series_part[ids] = -1
+        self._max_ts[ids] = _NEG
+        self._replayed_ts[ids] = _NEG
+        self._arrival[ids] = -np.inf
+        self._closed[:, ids] = _NEG
+        self._free.extend(ids.tolist())
 
     def _behind(self, series: npt.NDArray[np.int64], ts_ns: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
         """Readings the history cannot judge exactly: their series has dropped older readings
@@ -761,7 +817,8 @@ class ProcessorEngine:
 
     @property
     def series_count(self) -> int:
-        return len(self._series_domain)
+        """Series (sensor and metric) with state here: evicted ones are not counted."""
+        return len(self._series)
 
     def next_offset(self, partition: int) -> int:
         """One past the highest offset consumed from ``partition`` (-1 before the first record)."""

@@ -305,6 +305,12 @@ class OpenWindows:
         spec_c, series_c, start_c, ts_c, value_c, ok_c, partition_c = (np.concatenate(p) for p in parts)
         return ClosedRows(spec_c, series_c, start_c, ts_c, value_c, ok_c, partition_c)
 
+    def series(self) -> npt.NDArray[np.int64]:
+        """The series with rows in some open window (distinct, ascending)."""
+        if not self._buckets:
+            return np.empty(0, dtype=np.int64)
+        return np.unique(np.concatenate([b.series for b in self._buckets.values()]))
+
     def replay_from(self) -> dict[int, int]:
         """Per partition, the earliest offset a replay needs to rebuild its open windows."""
         out: dict[int, int] = {}

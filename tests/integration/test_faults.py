@@ -141,12 +141,14 @@ SCENARIOS = [
 ]  # fmt: skip
 
 
-def windows_from_kafka(records: list[tuple[str, bytes | None, bytes, dict[str, bytes]]]) -> dict[Window, list[float]]:
+def windows_from_kafka(
+    records: list[tuple[str, bytes | None, bytes, dict[str, bytes]]],
+) -> dict[Window, list[tuple[int, float]]]:
     """What PortPulse acknowledged to MQTT is exactly what is in Kafka: its distinct readings per
     1-minute window (for a broker SIGKILL, which loses what only the broker had)."""
     wire = decode_values([value for _, _, value, _ in records])
     seen: set[tuple[str, str, int]] = set()
-    windows: dict[Window, list[float]] = {}
+    windows: dict[Window, list[tuple[int, float]]] = {}
     for rec, metric, ts, value in zip(wire.record.tolist(), wire.metric.tolist(), wire.ts_ns.tolist(),
                                       wire.value.tolist(), strict=True):  # fmt: skip
         topic, key = records[rec][0], (records[rec][1] or b"").decode()
@@ -154,7 +156,7 @@ def windows_from_kafka(records: list[tuple[str, bytes | None, bytes, dict[str, b
             continue
         seen.add((key, metric, ts))
         window = ts // 60_000_000_000 * 60_000_000_000
-        windows.setdefault((topic.rsplit(".", 1)[-1], key, metric, window), []).append(value)
+        windows.setdefault((topic.rsplit(".", 1)[-1], key, metric, window), []).append((ts, value))
     return windows
 
 
@@ -225,7 +227,7 @@ async def test_no_acknowledged_reading_is_lost(
             records = await consume(kafka, topics, expect=len(messages), timeout_s=60, idle_s=5)
             expected = windows_from_kafka(records)
         readings = sum(len(v) for v in expected.values())
-        raw, stored = await wait_until_stored(influx, influx_bucket, readings, len(expected), timeout_s=240)
+        raw, stored = await wait_until_stored(influx, influx_bucket, expected, timeout_s=240)
         assert await pipeline.stop() == 0, pipeline.log.read_text()[-3000:]
     finally:
         if publisher.is_alive():

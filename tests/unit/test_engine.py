@@ -310,3 +310,22 @@ def test_a_reading_far_out_of_order_is_judged_against_its_neighbours_in_the_stor
     assert (before["count"], before["rejected"]) == (60, 0)
     assert (after["count"], after["rejected"]) == (60, 2) and after["mean"] == before["mean"]
     assert_same(run.aggregates(), batch_computation(run.store))
+
+
+def test_series_that_stop_reporting_are_forgotten_and_their_slots_reused() -> None:
+    """Sensors come and go: state follows the ones that report. A forgotten sensor that comes
+    back with a reading for a window it had emitted gets that window recomputed from the store."""
+    settings = EngineSettings(parse_windows("1m"), 2 * S, 5.0, series_ttl_s=100.0)
+    run = Run(engine=ProcessorEngine(settings, load_catalogue()))
+    for generation in range(5):  # 50 new sensors every 200 s, each reporting for a minute
+        rows = [(f"g{generation}-{k}", 0, T0 + (generation * 200 + t) * S, 40.0) for t in range(60) for k in range(50)]
+        for i in range(0, len(rows), 500):
+            run.feed(rows[i : i + 500], now_s=generation * 200 + i / 50)
+    assert run.engine.series_count <= 100  # two generations at most, not all 250 sensors
+    assert len(run.engine._series_domain) <= 150
+    out = run.feed([("g0-3", 0, T0 + 30 * S + S // 2, 41.0)], now_s=1200.0)  # g0-3 is back, 20 minutes late
+    run.settle(5000.0)
+    assert out.corrections == 0  # forgotten: nothing says the window was emitted, until it closes
+    got = run.aggregates()[("g0-3", T0)]
+    assert got["count"] == 61 and got["max"] == 41.0
+    assert_same(run.aggregates(), batch_computation(run.store))
