@@ -429,7 +429,9 @@ def clean(
     for metrics the catalogue does not know); ``history``: ``(k, H)`` from the previous batch
     (the H newest readings that passed checks 1-3); ``window``: the Hampel window W <= H (default
     H). ``offset``: where each reading came from ``(n,)`` (kept in the history; zeros when
-    omitted). Returns the reason code per reading (uint8 ``(n,)``, input order) and the new history.
+    omitted). Returns the reason code per reading (uint8 ``(n,)``, input order) and the new
+    history: ``history`` itself, its rows of this batch's series updated in place (copying every
+    series' rows each batch cost more than the judging).
     """
     n = len(series)
     kept = history.values.shape[1]
@@ -470,7 +472,7 @@ def clean(
     duplicate = valid & earlier_valid_in_run & ~same_as_first
     # Only readings not newer than everything in their series' history can repeat one of its
     # timestamps; where one does, the history's reading is the one kept.
-    maybe = np.flatnonzero(valid & (t <= history.ts.max(axis=1)[s]))
+    maybe = np.flatnonzero(valid & (t <= history.ts[s, -1]))  # the newest is the last slot
     if len(maybe):
         hit = history.ts[s[maybe]] == t[maybe, None]
         seen = hit.any(axis=1)
@@ -486,7 +488,7 @@ def clean(
     # cs is sorted (the candidates keep the (series, ts) order): runs, not np.unique's sort.
     first = group_starts(cs)
     uniq, counts = cs[first], np.diff(np.append(first, len(cs)))
-    new_history = History(history.values.copy(), history.ts.copy(), history.offsets.copy())
+    new_history = history  # updated in place: the caller hands its history on
     if len(cand):
         ext_v, ext_t, ext_o, ext_off, ext_len, pos = _extended(
             history, uniq, counts, v, t, o, cand, len(cand) == n, window

@@ -339,7 +339,7 @@ class ProcessorEngine:
                 r = Readings(*(getattr(r, f)[keep] for f in Readings.__dataclass_fields__))
                 series, value = series[keep], value[keep]
             # Replaying from here rebuilds the cleaning history these readings were judged with.
-            replay_from = np.minimum(r.offset, self._history.offsets.min(axis=1)[series])
+            replay_from = np.minimum(r.offset, self._history.offsets[series].min(axis=1))
             reason, self._history = clean(
                 series, r.ts_ns, value,
                 *self._limits(),
@@ -771,15 +771,14 @@ class ProcessorEngine:
         for p, replay_from in self._open.replay_from().items():
             if p < size:
                 need[p] = min(int(need[p]), replay_from)
-        closed = np.full((len(self._s.windows), size), _NEG, dtype=np.int64)
-        for spec_i in range(len(self._s.windows)):
-            np.maximum.at(closed[spec_i], self._series_part[owned], self._closed[spec_i, owned])
+        # Per window spec the latest end any series closed, over all partitions: at least each
+        # partition's own (a restart then recomputes a few more windows from the store; exact
+        # per partition would cost a scatter over every series at every step).
+        closed = self._closed.max(axis=1).tolist() if self._closed.size else [_NEG] * len(self._s.windows)
         out = {}
         for p in parts:
             state = self._parts[p]
-            before = tuple(
-                max(int(c), b) for c, b in zip(closed[:, p], state.closed_before or closed[:, p], strict=True)
-            )
+            before = tuple(max(int(c), b) for c, b in zip(closed, state.closed_before or closed, strict=True))
             out[p] = (min(int(need[p]), state.next_offset), state.next_offset, before)
         return out
 

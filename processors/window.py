@@ -218,7 +218,15 @@ class _Bucket:
         ]
     ]  # fmt: skip
     replay_from: int  # the earliest of its rows' replay_from
-    series: npt.NDArray[np.int64]  # the distinct series with rows here, ascending
+    series: npt.NDArray[np.int64]  # distinct series with rows here (ascending), as of the last merge
+    added: list[npt.NDArray[np.int64]]  # distinct series of the chunks appended since
+
+    def distinct_series(self) -> npt.NDArray[np.int64]:
+        """The distinct series with rows here (merged on demand: adding stays proportional to the step)."""
+        if self.added:
+            self.series = np.unique(np.concatenate([self.series, *self.added]))
+            self.added = []
+        return self.series
 
     @property
     def rows(self) -> int:
@@ -262,11 +270,15 @@ class OpenWindows:
             key = (spec, int(s[a]), int(p[a]))
             earliest = int(replay_from[rows].min())
             chunk_series = series[rows]
+            if bool(np.all(chunk_series[1:] >= chunk_series[:-1])):  # the engine's rows come grouped
+                distinct = chunk_series[np.flatnonzero(np.diff(chunk_series, prepend=-1))]
+            else:
+                distinct = np.unique(chunk_series)
             bucket = self._buckets.get(key)
             if bucket is None:
-                bucket = self._buckets[key] = _Bucket([], earliest, np.unique(chunk_series))
+                bucket = self._buckets[key] = _Bucket([], earliest, distinct, [])
             else:
-                bucket.series = np.union1d(bucket.series, chunk_series)
+                bucket.added.append(distinct)
             bucket.chunks.append((chunk_series, ts_ns[rows], value[rows], ok[rows], replay_from[rows]))
             bucket.replay_from = min(bucket.replay_from, earliest)
         self.rows += len(start)
@@ -281,7 +293,8 @@ class OpenWindows:
             spec, start, _ = key
             bucket = self._buckets[key]
             end = start + sizes[spec]
-            ready = closed_until[spec, bucket.series] >= end
+            present = bucket.distinct_series()
+            ready = closed_until[spec, present] >= end
             if not ready.any():
                 continue
             series, ts_ns, value, ok, replay = (np.concatenate(c) for c in zip(*bucket.chunks, strict=True))
@@ -292,7 +305,7 @@ class OpenWindows:
                 take = closed_until[spec, series] >= end
                 keep = ~take
                 bucket.chunks = [(series[keep], ts_ns[keep], value[keep], ok[keep], replay[keep])]
-                bucket.series = bucket.series[~ready]
+                bucket.series = present[~ready]
                 bucket.replay_from = int(replay[keep].min())
             m = int(take.sum())
             self.rows -= m
@@ -309,7 +322,7 @@ class OpenWindows:
         """The series with rows in some open window (distinct, ascending)."""
         if not self._buckets:
             return np.empty(0, dtype=np.int64)
-        return np.unique(np.concatenate([b.series for b in self._buckets.values()]))
+        return np.unique(np.concatenate([b.distinct_series() for b in self._buckets.values()]))
 
     def replay_from(self) -> dict[int, int]:
         """Per partition, the earliest offset a replay needs to rebuild its open windows."""
