@@ -200,15 +200,20 @@ def main() -> None:
     parser.add_argument("--probes", type=int, default=40)
     parser.add_argument("--backlog-sensors", type=int, default=1000)
     parser.add_argument("--backlog-s", type=int, default=3600)
-    parser.add_argument("--skip-services", action="store_true", help="memory only")
+    parser.add_argument("--only", choices=("memory", "corrections", "backlog"), action="append",
+                        help="run only these parts (repeatable; default all)")  # fmt: skip
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
-    results: dict[str, Any] = {"memory": memory(args.series)}
-    print(json.dumps(results["memory"]), flush=True)
-    if not args.skip_services:
-        env = service_env()
+    parts = args.only or ["memory", "corrections", "backlog"]
+    results: dict[str, Any] = {}
+    if "memory" in parts:
+        results["memory"] = memory(args.series)
+        print(json.dumps(results["memory"]), flush=True)
+    env = service_env() if {"corrections", "backlog"} & set(parts) else {}
+    if "corrections" in parts:
         results["corrections"] = corrections(env, args.probes)
         print(json.dumps(results["corrections"]), flush=True)
+    if "backlog" in parts:
         results["backlog"] = backlog(env, args.backlog_sensors, args.backlog_s)
         print(json.dumps(results["backlog"]), flush=True)
     if args.json:
