@@ -24,7 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 from portpulse.deadletter import DeadLetter, DeadLetterSink
-from portpulse.errors import ServiceUnavailableError
+from portpulse.errors import PortPulseError
 from portpulse.points import SeriesRange, StoredReadings
 from portpulse.settings import InfluxSettings, SinkSettings
 from sinks.lineprotocol import Categorical, EncodedLines, PointColumns, encode_lines
@@ -256,11 +256,12 @@ class InfluxWriter:
             await self._enqueue_pending("")
         await self._queue.join()
 
-    async def read(self, query: SeriesRange, attempts: int = 30) -> StoredReadings:
+    async def read(self, query: SeriesRange) -> StoredReadings:
         """What InfluxDB stores for ``query`` (raw points and rejected readings), for the
-        processor's window recomputation. Connection errors and 5xx are retried with backoff
-        (``attempts`` times), since a correction must not be dropped; then it raises
-        :class:`ServiceUnavailableError`."""
+        processor's window recomputation. Connection errors, timeouts and 5xx are retried with
+        backoff for as long as they last, like writes (a correction must not be dropped; the
+        processor commits nothing past it meanwhile), with ``healthy`` false; a refusal (4xx:
+        token, bucket, query) raises :class:`PortPulseError` naming it."""
         import csv
 
         from influxdb_client.client.influxdb_client_async import InfluxDBClientAsync
@@ -274,19 +275,29 @@ class InfluxWriter:
                 timeout=self._influx.timeout_ms, verify_ssl=self._influx.verify_ssl,
             )  # fmt: skip
         flux = readback_flux(self._influx.bucket, query)
-        for attempt in range(attempts):
+        attempt = 0
+        while True:
             try:
                 text = await self._reader.query_api().query_raw(flux, dialect=Dialect(header=True, annotations=[]))
+                if attempt:  # it had failed: InfluxDB answers again
+                    self._healthy = True
+                    SINK_METRICS.healthy.set(1)
                 return parse_readback(query, list(csv.reader(text.splitlines())))
-            except Exception as exc:  # ApiException (5xx), aiohttp/socket errors: InfluxDB not answering
+            except Exception as exc:  # ApiException, aiohttp/socket errors, timeouts
                 status = getattr(exc, "status", None)
                 if status is not None and 400 <= int(status) < 500:
-                    raise ServiceUnavailableError("influx", f"read-back refused (HTTP {status})") from None
+                    raise PortPulseError(
+                        f"InfluxDB refused the processor's read-back (HTTP {status}); check the token and bucket"
+                    ) from None
+                self._healthy = False
                 self._last_error = f"read-back: {type(exc).__name__}"
+                SINK_METRICS.healthy.set(0)
+                if attempt % 10 == 0:
+                    log.warning("InfluxDB read-back failing (%s); retrying", self._last_error)
                 await asyncio.sleep(
                     backoff_s(attempt, self._sink.retry_initial_s, self._sink.retry_max_s, self._rng.random())
                 )
-        raise ServiceUnavailableError("influx", f"read-back failed {attempts} times: {self._last_error}")
+                attempt += 1
 
     # ------------------------------------------------------------ internals
 

@@ -91,3 +91,67 @@ def test_backoff_grows_caps_and_honours_retry_after() -> None:
     assert backoff_s(50, 0.2, 10, 1.0) == pytest.approx(10.0)
     assert backoff_s(0, 0.2, 10, 0.0, retry_after_s=7) == 7
     assert backoff_s(0, 0.2, 10, 0.0, retry_after_s=10_000) == 100  # a bad header cannot stall the writer
+
+
+def test_readback_query_keeps_hostile_ids_inside_literals_and_parses_what_influx_returns() -> None:
+    from portpulse.points import SeriesRange
+    from sinks.query import parse_readback, readback_flux
+
+    hostile = 'x") or r._measurement =~ /.*/ or (r.a == ("'
+    query = SeriesRange("air", ("s-1", hostile), ("no2",), 1_000_000_000, 3_000_000_000)
+    flux = readback_flux("db/rp", query)
+    assert f"r.sensor_id == {flux_string(hostile)}" in flux and "contains(" not in flux
+    assert flux.count("|>") == 4  # range, filter, map, group: nothing injected
+    rows = [
+        ["", "result", "table", "_time", "_measurement", "_field", "sensor_id", "_value"],
+        ["", "_result", "0", "1970-01-01T00:00:01Z", "air", "no2", "s-1", "40.5"],
+        ["", "_result", "0", "1970-01-01T00:00:02.5Z", "air_rejected", "no2_reason", "s-1", "spike"],
+        ["", "_result", "0", "1970-01-01T00:00:02.5Z", "air_rejected", "no2", "s-1", "400"],
+        ["", "_result", "0", "1970-01-01T00:00:03Z", "air", "no2", "s-1", "41"],  # the stop is exclusive
+    ]
+    got = parse_readback(query, rows)
+    assert got.ts_ns.tolist() == [1_000_000_000, 2_500_000_000]
+    assert got.value.tolist() == [40.5, 400.0] and got.reason.tolist() == ["", "spike"]
+    assert got.accepted.tolist() == [True, False]
+
+
+async def test_readback_retries_while_influx_does_not_answer_and_stops_on_a_refusal() -> None:
+    from pydantic import SecretStr
+
+    from portpulse.deadletter import MemoryDeadLetters
+    from portpulse.errors import PortPulseError
+    from portpulse.points import SeriesRange
+    from portpulse.settings import InfluxSettings, SinkSettings
+    from sinks.writer import InfluxWriter
+
+    class Api:
+        def __init__(self, failures: list[Exception]) -> None:
+            self.failures = failures
+
+        async def query_raw(self, flux: str, dialect: object) -> str:
+            if self.failures:
+                raise self.failures.pop(0)
+            return "_time,_measurement,_field,sensor_id,_value\n1970-01-01T00:00:01Z,air,no2,s-1,40.5\n"
+
+    class Reader:
+        def __init__(self, failures: list[Exception]) -> None:
+            self.api = Api(failures)
+
+        def query_api(self) -> Api:
+            return self.api
+
+        async def close(self) -> None:
+            return None
+
+    class Refused(Exception):
+        status = 401
+
+    settings = InfluxSettings(url="http://127.0.0.1:1", token=SecretStr("u:p"), org="o", bucket="b/rp")
+    writer = InfluxWriter(settings, SinkSettings(retry_initial_s=0.001, retry_max_s=0.002), MemoryDeadLetters())
+    query = SeriesRange("air", ("s-1",), ("no2",), 0, 2_000_000_000)
+    writer._reader = Reader([OSError("refused"), TimeoutError(), OSError("refused")])
+    got = await writer.read(query)
+    assert got.value.tolist() == [40.5] and writer.healthy
+    writer._reader = Reader([Refused()])
+    with pytest.raises(PortPulseError, match="HTTP 401"):
+        await writer.read(query)
