@@ -143,7 +143,7 @@ async def test_readback_retries_while_influx_does_not_answer_and_stops_on_a_refu
         async def close(self) -> None:
             return None
 
-    class Refused(Exception):
+    class RefusedError(Exception):
         status = 401
 
     settings = InfluxSettings(url="http://127.0.0.1:1", token=SecretStr("u:p"), org="o", bucket="b/rp")
@@ -152,6 +152,6 @@ async def test_readback_retries_while_influx_does_not_answer_and_stops_on_a_refu
     writer._reader = Reader([OSError("refused"), TimeoutError(), OSError("refused")])
     got = await writer.read(query)
     assert got.value.tolist() == [40.5] and writer.healthy
-    writer._reader = Reader([Refused()])
+    writer._reader = Reader([RefusedError()])
     with pytest.raises(PortPulseError, match="HTTP 401"):
         await writer.read(query)
