@@ -49,14 +49,14 @@ def kernels(n: int, sensors: int = 10_000) -> tuple[float, float, float]:
     rate, floor = np.full(sensors, 50.0), np.full(sensors, 20.0)
     spec = WindowSpec("1m", 60 * 10**9, 60 * 10**9)
     # The engine's history shape: 15 readings per series, judged over the last 7.
-    _, warm = clean(*batch(t0), lo, hi, rate, floor, History.empty(sensors, 15), window=7)
+    _, warm, _ = clean(*batch(t0), lo, hi, rate, floor, History.empty(sensors, 15), window=7)
     series, ts, value = batch(t0 + 120 * 10**9)
 
     def run(history: History) -> float:
         t = time.process_time()
         order, s, ts_s = series_time_order(series, ts)
         v = value[order]
-        reason, _ = clean(s, ts_s, v, lo, hi, rate, floor, history, window=7)
+        reason, _, _ = clean(s, ts_s, v, lo, hi, rate, floor, history, window=7)
         rows, starts = assign(ts_s, spec)
         key = s[rows] * 1_000_000 + (starts - starts.min()) // spec.step_ns
         aggregate(key, ts_s[rows], v[rows], reason[rows] == 0)
@@ -67,7 +67,7 @@ def kernels(n: int, sensors: int = 10_000) -> tuple[float, float, float]:
     # reusing its heap batch after batch, does not (about 2x here).
     for _ in range(3):
         # clean() updates the history it is given: each run gets its own copy of the warm one.
-        steady = max(steady, run(History(warm.values.copy(), warm.ts.copy(), warm.offsets.copy())))
+        steady = max(steady, run(warm.copy()))
         cold = max(cold, run(History.empty(sensors, 15)))
         t = time.process_time()
         k2 = series * 1_000_000 + (ts - ts.min()) // spec.step_ns

@@ -274,6 +274,9 @@ class TappedSink:
     async def read(self, query: SeriesRange) -> StoredReadings:
         return await self._inner.read(query)
 
+    async def retract(self, domain: str, metric: str, instants: list[tuple[str, int]]) -> None:
+        await self._inner.retract(domain, metric, instants)
+
 
 class LiveView:
     """Samples the metric registry once a second: rates and levels for the last ``history`` seconds."""

@@ -117,9 +117,15 @@ class StoredReadings:
 
 
 class PointStore(PointSink, Protocol):
-    """A sink that can also read back what it stored (the processor recomputes windows from it)."""
+    """A sink that can also read back what it stored (the processor recomputes windows from it)
+    and take a raw value out again (a reading rejected when judged again)."""
 
     async def read(self, query: SeriesRange) -> StoredReadings: ...
+
+    async def retract(self, domain: str, metric: str, instants: list[tuple[str, int]]) -> None:
+        """Remove field ``metric`` of measurement ``domain`` at each (sensor_id, ts_ns), keeping
+        the point's other fields; after everything written before it is stored."""
+        ...
 
 
 class _Done:
@@ -147,6 +153,11 @@ class MemoryPointSink:
     async def flush(self) -> None:
         return None
 
+    async def retract(self, domain: str, metric: str, instants: list[tuple[str, int]]) -> None:
+        self.stored()
+        for sensor, ts in instants:
+            self._stored.pop((domain, sensor, metric, ts), None)
+
     def stored(self) -> dict[tuple[str, str, str, int], float | str]:
         """Everything stored: (measurement, sensor_id, field, ts_ns) -> the last value written."""
         for _, points in self.writes[self._indexed :]:
@@ -171,7 +182,10 @@ class MemoryPointSink:
                 continue
             if m == query.domain and name in metrics_wanted:
                 rows.append((sensor, name, ts, float(v), ""))
-            elif m == rejected and name.endswith("_reason") and name[: -len("_reason")] in metrics_wanted:
+            elif (
+                m == rejected and name.endswith("_reason") and name[: -len("_reason")] in metrics_wanted
+                and v != "reinstated"
+            ):  # fmt: skip
                 metric = name[: -len("_reason")]
                 value = self._stored.get((m, sensor, metric, ts), float("nan"))
                 rows.append((sensor, metric, ts, float(value), str(v)))

@@ -35,12 +35,26 @@ import numpy.typing as npt
 from portpulse.sorting import group_starts, stable_order, stable_sort
 
 __all__ = [
-    "DUPLICATE", "NON_FINITE", "NO_OFFSET", "OK", "OUT_OF_RANGE", "RATE", "REASON_NAMES", "REPEAT", "SPIKE", "History",
-    "clean", "series_time_order",
+    "DUPLICATE",
+    "NON_FINITE",
+    "NO_OFFSET",
+    "OK",
+    "OUT_OF_RANGE",
+    "RATE",
+    "REASON_NAMES",
+    "REINSTATED",
+    "REPEAT",
+    "SPIKE",
+    "History",
+    "Rejudged",
+    "clean",
+    "series_time_order",
 ]  # fmt: skip
 
-OK, NON_FINITE, OUT_OF_RANGE, DUPLICATE, SPIKE, RATE, REPEAT = range(7)
-REASON_NAMES = ("ok", "non_finite", "out_of_range", "duplicate", "spike", "rate_of_change", "repeat")
+OK, NON_FINITE, OUT_OF_RANGE, DUPLICATE, SPIKE, RATE, REPEAT, REINSTATED = range(8)
+# REINSTATED marks a stored rejection withdrawn: a reading rejected, then accepted when a reading
+# before it in event time arrived later (a store cannot delete one field of a point).
+REASON_NAMES = ("ok", "non_finite", "out_of_range", "duplicate", "spike", "rate_of_change", "repeat", "reinstated")
 _NO_TS = np.iinfo(np.int64).min
 NO_OFFSET = np.iinfo(np.int64).max  # an empty history slot
 
@@ -52,13 +66,15 @@ class History:
 
     ``values``: float64 ``(k, H)``, NaN where empty; ``ts``: int64 ``(k, H)``, int64 min where
     empty; ``offsets``: int64 ``(k, H)``, where each reading came from (the caller's Kafka offset),
-    int64 max where empty. A replay that starts at or before a series' smallest offset rebuilds
+    int64 max where empty; ``verdict``: uint8 ``(k, H)``, each reading's verdict so far (``OK``,
+    ``SPIKE`` or ``RATE``). A replay that starts at or before a series' smallest offset rebuilds
     its history exactly.
     """
 
     values: npt.NDArray[np.float64]
     ts: npt.NDArray[np.int64]
     offsets: npt.NDArray[np.int64]
+    verdict: npt.NDArray[np.uint8]
 
     @classmethod
     def empty(cls, series: int, window: int) -> History:
@@ -66,7 +82,11 @@ class History:
             np.full((series, window), np.nan),
             np.full((series, window), _NO_TS, dtype=np.int64),
             np.full((series, window), NO_OFFSET, dtype=np.int64),
+            np.zeros((series, window), dtype=np.uint8),
         )
+
+    def copy(self) -> History:
+        return History(self.values.copy(), self.ts.copy(), self.offsets.copy(), self.verdict.copy())
 
     def grow(self, series: int) -> History:
         """The same history with room for ``series`` series (new ones empty)."""
@@ -78,6 +98,7 @@ class History:
             np.vstack([self.values, more.values]),
             np.vstack([self.ts, more.ts]),
             np.vstack([self.offsets, more.offsets]),
+            np.vstack([self.verdict, more.verdict]),
         )
 
     def merge(
@@ -86,27 +107,58 @@ class History:
         ts: npt.NDArray[np.int64],
         values: npt.NDArray[np.float64],
         offsets: npt.NDArray[np.int64],
+        verdict: npt.NDArray[np.uint8],
     ) -> History:
         """The same history with readings ``(m,)`` of ``series`` added where they are among their
-        series' ``H`` newest (readings judged apart from the batch they came in)."""
+        series' ``H`` newest (readings judged apart from the batch they came in); a reading it
+        holds already (same series and time) takes the given verdict."""
         if not len(series):
             return self
-        out = History(self.values.copy(), self.ts.copy(), self.offsets.copy())
+        out = self.copy()
         h = self.values.shape[1]
         for sid in np.unique(series).tolist():
             mine = series == sid
-            t = np.concatenate([self.ts[sid], ts[mine]])
+            held = np.isin(out.ts[sid], ts[mine])
+            if held.any():  # re-judged readings: keep one copy, with the new verdict
+                again = np.isin(ts[mine], out.ts[sid])
+                lookup = dict(zip(ts[mine][again].tolist(), verdict[mine][again].tolist(), strict=True))
+                out.verdict[sid, held] = [lookup[t] for t in out.ts[sid, held].tolist()]
+                mine = mine.copy()
+                mine[np.flatnonzero(mine)[again]] = False
+            t = np.concatenate([out.ts[sid], ts[mine]])
             order = np.argsort(t, kind="stable")[-h:]
             out.ts[sid] = t[order]
-            out.values[sid] = np.concatenate([self.values[sid], values[mine]])[order]
-            out.offsets[sid] = np.concatenate([self.offsets[sid], offsets[mine]])[order]
+            out.values[sid] = np.concatenate([out.values[sid], values[mine]])[order]
+            out.offsets[sid] = np.concatenate([out.offsets[sid], offsets[mine]])[order]
+            out.verdict[sid] = np.concatenate([out.verdict[sid], verdict[mine]])[order]
         return out
 
     def forget(self, series: npt.NDArray[np.bool_]) -> History:
         """The same history with the series where ``series`` (bool ``(k,)``) is true emptied."""
-        values, ts, offsets = self.values.copy(), self.ts.copy(), self.offsets.copy()
-        values[series], ts[series], offsets[series] = np.nan, _NO_TS, NO_OFFSET
-        return History(values, ts, offsets)
+        out = self.copy()
+        out.values[series], out.ts[series], out.offsets[series], out.verdict[series] = np.nan, _NO_TS, NO_OFFSET, OK
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Rejudged:
+    """Readings judged before whose verdict changed because a reading before them in event time
+    arrived later (their Hampel window changed): series, ts_ns, value, offset and the new
+    verdict, all ``(m,)``."""
+
+    series: npt.NDArray[np.int64]
+    ts_ns: npt.NDArray[np.int64]
+    value: npt.NDArray[np.float64]
+    offset: npt.NDArray[np.int64]
+    verdict: npt.NDArray[np.uint8]
+
+    def __len__(self) -> int:
+        return len(self.series)
+
+    @staticmethod
+    def none() -> Rejudged:
+        e = np.empty(0, dtype=np.int64)
+        return Rejudged(e, e, np.empty(0), e, np.empty(0, dtype=np.uint8))
 
 
 # An optimal 16-comparator sorting network for 7 inputs (Knuth, TAOCP 5.3.4): sorting a
@@ -355,10 +407,21 @@ def _judge_windows(
     return verdict
 
 
-_Ext = tuple[
-    npt.NDArray[np.float64], npt.NDArray[np.int64], npt.NDArray[np.int64],
-    npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64],
-]  # fmt: skip
+@dataclass(frozen=True, slots=True)
+class _Ext:
+    """Per series of a batch, its history and candidates as one sequence in event time: values,
+    ts, offsets and verdicts (candidates' are placeholders) ``(total,)``; each sequence's start
+    and length ``(g,)``; every candidate's position ``(m,)``; whether the sequences are the
+    history then the candidates (no candidate older than its series' history)."""
+
+    v: npt.NDArray[np.float64]
+    t: npt.NDArray[np.int64]
+    o: npt.NDArray[np.int64]
+    d: npt.NDArray[np.uint8]
+    off: npt.NDArray[np.int64]
+    length: npt.NDArray[np.int64]
+    pos: npt.NDArray[np.int64]
+    in_order: bool
 
 
 def _extended(
@@ -392,21 +455,23 @@ def _extended(
     ext_v = np.full(total, np.nan)
     ext_t = np.full(total, _NO_TS, dtype=np.int64)
     ext_o = np.full(total, NO_OFFSET, dtype=np.int64)
+    ext_d = np.zeros(total, dtype=np.uint8)
     hist_pos = (ext_off + pad)[:, None] + np.arange(kept)[None, :]
     ext_v[hist_pos] = history.values[uniq]
     ext_t[hist_pos] = hist_t
     ext_o[hist_pos] = history.offsets[uniq]
+    ext_d[hist_pos] = history.verdict[uniq]
     # Candidate i of series group g follows its group's pad and history block.
     pos = np.arange(len(cv), dtype=np.int64)
     pos += np.repeat(ext_off + pad + kept - first, counts)
     ext_v[pos], ext_t[pos], ext_o[pos] = cv, ct, co
     if in_order:
-        return ext_v, ext_t, ext_o, ext_off, ext_len, pos
+        return _Ext(ext_v, ext_t, ext_o, ext_d, ext_off, ext_len, pos, True)
     group = np.repeat(np.arange(len(uniq), dtype=np.int64), ext_len)
     order = np.lexsort((ext_t, group))  # empty slots (int64 min) first in each group
     where = np.empty(total, dtype=np.int64)
     where[order] = np.arange(total, dtype=np.int64)
-    return ext_v[order], ext_t[order], ext_o[order], ext_off, ext_len, where[pos]
+    return _Ext(ext_v[order], ext_t[order], ext_o[order], ext_d[order], ext_off, ext_len, where[pos], False)
 
 
 def clean(
@@ -421,7 +486,7 @@ def clean(
     k_sigma: float = 4.0,
     offset: npt.NDArray[np.int64] | None = None,
     window: int | None = None,
-) -> tuple[npt.NDArray[np.uint8], History]:
+) -> tuple[npt.NDArray[np.uint8], History, Rejudged]:
     """Judge ``n`` readings.
 
     ``series``, ``ts_ns`` (ns), ``value``: shape ``(n,)``, in arrival order; ``lo``, ``hi``,
@@ -431,14 +496,16 @@ def clean(
     H). ``offset``: where each reading came from ``(n,)`` (kept in the history; zeros when
     omitted). Returns the reason code per reading (uint8 ``(n,)``, input order) and the new
     history: ``history`` itself, its rows of this batch's series updated in place (copying every
-    series' rows each batch cost more than the judging).
+    series' rows each batch cost more than the judging); and the readings of the history whose
+    verdict changed because a reading of this batch is among the W before them in event time
+    (:class:`Rejudged`): verdicts depend on the set of readings, not on their arrival order.
     """
     n = len(series)
     kept = history.values.shape[1]
     window = kept if window is None else window
     reason = np.zeros(n, dtype=np.uint8)
     if n == 0:
-        return reason, history
+        return reason, history, Rejudged.none()
     # Callers that keep their batch in (series, ts) order (the engine does) skip the permutation.
     presorted = _in_series_time_order(series, ts_ns)
     if presorted:
@@ -489,19 +556,50 @@ def clean(
     first = group_starts(cs)
     uniq, counts = cs[first], np.diff(np.append(first, len(cs)))
     new_history = history  # updated in place: the caller hands its history on
+    rejudged = Rejudged.none()
     if len(cand):
-        ext_v, ext_t, ext_o, ext_off, ext_len, pos = _extended(
-            history, uniq, counts, v, t, o, cand, len(cand) == n, window
-        )
-        ext_series = np.repeat(uniq, ext_len)
-        verdict = _judge_windows(ext_v, ext_t, ext_series, pos, window, spike_floor, max_rate_per_s, k_sigma)
+        ext = _extended(history, uniq, counts, v, t, o, cand, len(cand) == n, window)
+        ext_series = np.repeat(uniq, ext.length)
+        verdict = _judge_windows(ext.v, ext.t, ext_series, ext.pos, window, spike_floor, max_rate_per_s, k_sigma)
         r[cand] = verdict
+        ext.d[ext.pos] = verdict
+        if not ext.in_order:
+            rejudged = _rejudge(ext, ext_series, window, spike_floor, max_rate_per_s, k_sigma)
         # The new history: the last H values of each extended sequence (the newest in event time).
-        tail = (ext_off + ext_len - kept)[:, None] + np.arange(kept)[None, :]
-        new_history.values[uniq] = ext_v[tail]
-        new_history.ts[uniq] = ext_t[tail]
-        new_history.offsets[uniq] = ext_o[tail]
+        tail = (ext.off + ext.length - kept)[:, None] + np.arange(kept)[None, :]
+        new_history.values[uniq] = ext.v[tail]
+        new_history.ts[uniq] = ext.t[tail]
+        new_history.offsets[uniq] = ext.o[tail]
+        new_history.verdict[uniq] = ext.d[tail]
     if presorted:
-        return r, new_history
+        return r, new_history, rejudged
     reason[order] = r
-    return reason, new_history
+    return reason, new_history, rejudged
+
+
+def _rejudge(
+    ext: _Ext,
+    ext_series: npt.NDArray[np.int64],
+    window: int,
+    spike_floor: npt.NDArray[np.float64],
+    max_rate: npt.NDArray[np.float64],
+    k_sigma: float,
+) -> Rejudged:
+    """Judge again the history's readings that have a candidate among the ``window`` readings
+    before them (their window changed); those whose verdict changed, with it (``ext.d`` is
+    updated)."""
+    total = len(ext.v)
+    is_cand = np.zeros(total, dtype=bool)
+    is_cand[ext.pos] = True
+    before = np.zeros(total + 1, dtype=np.int64)
+    np.cumsum(is_cand, out=before[1:])
+    q = np.arange(total)
+    # Sequences start with `window` empty slots here, so a window never reaches the previous one.
+    affected = ~is_cand & (ext.t != _NO_TS) & (before[q] - before[np.maximum(q - window, 0)] > 0)
+    again = np.flatnonzero(affected)
+    if not len(again):
+        return Rejudged.none()
+    new = _judge_windows(ext.v, ext.t, ext_series, again, window, spike_floor, max_rate, k_sigma)
+    changed = again[new != ext.d[again]]
+    ext.d[again] = new
+    return Rejudged(ext_series[changed], ext.t[changed], ext.v[changed], ext.o[changed], ext.d[changed])

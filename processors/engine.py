@@ -37,7 +37,18 @@ import numpy.typing as npt
 from portpulse.catalogue import Catalogue, MetricSpec
 from portpulse.points import Categorical, PointColumns, SeriesRange, StoredReadings
 from portpulse.sorting import distinct_codes, group_starts, stable_order
-from processors.clean import NO_OFFSET, OK, RATE, REASON_NAMES, REPEAT, SPIKE, History, clean, series_time_order
+from processors.clean import (
+    NO_OFFSET,
+    OK,
+    RATE,
+    REASON_NAMES,
+    REINSTATED,
+    REPEAT,
+    SPIKE,
+    History,
+    clean,
+    series_time_order,
+)  # fmt: skip
 from processors.window import Aggregates, OpenWindows, WindowSpec, aggregate, assign
 
 __all__ = ["Deferred", "EngineOutput", "EngineSettings", "ProcessorEngine", "Readings", "Recompute"]
@@ -128,6 +139,9 @@ class EngineOutput:
     replayed: int = 0
     recompute: Recompute = field(default_factory=lambda: Recompute.of([]))
     deferred: Deferred | None = None  # to judge against the store: see ProcessorEngine.ingest_deferred
+    rejudged: int = 0  # readings whose verdict changed when a reading before them arrived
+    # Raw points to take out of the store (series ids, ts_ns): readings rejected on re-judging.
+    retract: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]] = field(default_factory=list)
 
     def absorb(self, other: EngineOutput) -> None:
         """Add ``other``'s points, counts and windows to recompute to this output (not its deferred)."""
@@ -139,6 +153,8 @@ class EngineOutput:
         self.windows_emitted += other.windows_emitted
         self.corrections += other.corrections
         self.replayed += other.replayed
+        self.rejudged += other.rejudged
+        self.retract += other.retract
         if len(other.recompute):
             mine = [(self.recompute.spec, self.recompute.series, self.recompute.start)] if len(self.recompute) else []
             self.recompute = Recompute.of(
@@ -340,11 +356,13 @@ class ProcessorEngine:
                 series, value = series[keep], value[keep]
             # Replaying from here rebuilds the cleaning history these readings were judged with.
             replay_from = np.minimum(r.offset, self._history.offsets[series].min(axis=1))
-            reason, self._history = clean(
+            reason, self._history, rejudged = clean(
                 series, r.ts_ns, value,
                 *self._limits(),
                 self._history, self._s.k_sigma, r.offset, self._s.hampel_window,
             )  # fmt: skip
+            if len(rejudged):
+                self._apply_rejudged(rejudged.series, rejudged.ts_ns, rejudged.value, rejudged.verdict, out)
             self._judged(series, r, value, reason, replay_from, now_s, out)
         self._close(now_s, caught_up, out)
         return out
@@ -442,7 +460,9 @@ class ProcessorEngine:
                     tuple(sorted({self._series_sensor[i] for i in ids})),
                     tuple(sorted({self._series_metric[i] for i in ids})),
                     int(start[mine].min()),
-                    int(d.readings.ts_ns[mine].max()) + 1,
+                    # Up to the series' newest: the readings after the deferred ones are judged
+                    # again (their Hampel windows change).
+                    int(max(int(d.readings.ts_ns[mine].max()), int(self._max_ts[ids].max()))) + 1,
                 )
             )
         return out
@@ -457,33 +477,75 @@ class ProcessorEngine:
         local = local.reshape(-1).astype(np.int64)
         position = {int(sid): j for j, sid in enumerate(uniq.tolist())}
         # Each series' stored readings that passed checks 1-3 (the Hampel window's material).
-        rows: list[list[tuple[int, float]]] = [[] for _ in uniq.tolist()]
-        passed = {"", "spike", "rate_of_change"}
+        rows: list[list[tuple[int, float, int]]] = [[] for _ in uniq.tolist()]
+        passed = {"": OK, "spike": SPIKE, "rate_of_change": RATE}
         for part in stored:
             for sensor, metric, ts, v, why in zip(part.sensor_id.tolist(), part.metric.tolist(), part.ts_ns.tolist(),
                                                   part.value.tolist(), part.reason.tolist(), strict=True):  # fmt: skip
                 j = position.get(self._series.get((part.domain, sensor, metric), -1), -1)
                 if j >= 0 and why in passed:
-                    rows[j].append((int(ts), float(v)))
+                    rows[j].append((int(ts), float(v), passed[why]))
         width = max(max((len(x) for x in rows), default=0), self._s.hampel_window)
         history = History.empty(len(uniq), width)
         for j, items in enumerate(rows):
             items.sort()
             if items:
-                history.ts[j, width - len(items) :] = [t for t, _ in items]
-                history.values[j, width - len(items) :] = [v for _, v in items]
+                history.ts[j, width - len(items) :] = [t for t, _, _ in items]
+                history.values[j, width - len(items) :] = [v for _, v, _ in items]
+                history.verdict[j, width - len(items) :] = [d for _, _, d in items]
         lo, hi, rate, floor = (x[uniq] for x in self._limits())
-        reason, judged_history = clean(
+        reason, _, rejudged = clean(
             local, d.readings.ts_ns, d.value, lo, hi, rate, floor, history, self._s.k_sigma, d.readings.offset,
             self._s.hampel_window,
         )  # fmt: skip
         passed_now = np.isin(reason, (OK, SPIKE, RATE))
+        again = uniq[rejudged.series]
+        # The deferred readings join the history where they are among the newest; re-judged ones
+        # it holds take their new verdict (their offsets: the deferred readings' replay needs them).
         self._history = self._history.merge(
-            d.series[passed_now], d.readings.ts_ns[passed_now], d.value[passed_now], d.readings.offset[passed_now]
+            np.concatenate([d.series[passed_now], again]),
+            np.concatenate([d.readings.ts_ns[passed_now], rejudged.ts_ns]),
+            np.concatenate([d.value[passed_now], rejudged.value]),
+            np.concatenate([d.readings.offset[passed_now], np.full(len(again), NO_OFFSET, dtype=np.int64)]),
+            np.concatenate([reason[passed_now], rejudged.verdict]),
         )
-        del judged_history
+        if len(rejudged):
+            self._apply_rejudged(again, rejudged.ts_ns, rejudged.value, rejudged.verdict, out)
         self._judged(d.series, d.readings, d.value, reason, d.readings.offset, now_s, out)
         return out
+
+    def _apply_rejudged(
+        self,
+        series: npt.NDArray[np.int64],
+        ts: npt.NDArray[np.int64],
+        value: npt.NDArray[np.float64],
+        verdict: npt.NDArray[np.uint8],
+        out: EngineOutput,
+    ) -> None:
+        """Readings whose verdict changed: now accepted, a raw point (and the rejection marked
+        ``reinstated``); now rejected, the raw point retracted and the rejection stored. Their
+        windows are fixed in memory while open, recomputed from the store once emitted."""
+        ok = verdict == OK
+        out.rejudged += len(series)
+        if ok.any():
+            self._stored_points(series[ok], ts[ok], value[ok], None, out)
+            self._stored_points(series[ok], ts[ok], value[ok], np.full(int(ok.sum()), REINSTATED, np.uint8), out)
+        if (~ok).any():
+            self._stored_points(series[~ok], ts[~ok], value[~ok], verdict[~ok], out)
+            out.retract.append((series[~ok], ts[~ok]))
+        behind = []
+        for spec_i, spec in enumerate(self._s.windows):
+            rows, starts = assign(ts, spec)
+            closed = starts + spec.size_ns <= self._closed[spec_i, series[rows]]
+            for i in np.flatnonzero(~closed).tolist():
+                row = int(rows[i])
+                self._open.set_ok(spec_i, int(starts[i]), int(self._series_part[series[row]]), int(series[row]),
+                                  int(ts[row]), bool(ok[row]))  # fmt: skip
+            if closed.any():
+                behind.append((np.full(int(closed.sum()), spec_i, dtype=np.int64), series[rows][closed],
+                               starts[closed]))  # fmt: skip
+        if behind:
+            out.recompute = Recompute.of([*behind, *self._pending_recompute(out)])
 
     def _beyond_horizon(self, r: Readings, beyond: npt.NDArray[np.bool_], wall_ns: int, out: EngineOutput) -> None:
         """Readings older than the correction horizon: to the late topic with how far behind they are."""
@@ -673,6 +735,17 @@ class ProcessorEngine:
             out.points.append((name, PointColumns(f"{domain}_{name}", self._tags(series[idx]), fields, start[idx])))
 
     # ------------------------------------------------------------ recomputing from the store
+
+    def retractions(
+        self, retract: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]]
+    ) -> list[tuple[str, str, list[tuple[str, int]]]]:
+        """``EngineOutput.retract`` as (domain, metric, [(sensor_id, ts_ns), ...]) for the store."""
+        grouped: dict[tuple[str, str], list[tuple[str, int]]] = {}
+        for series, ts in retract:
+            for sid, t in zip(series.tolist(), ts.tolist(), strict=True):
+                key = (self._series_domain[sid], self._series_metric[sid])
+                grouped.setdefault(key, []).append((self._series_sensor[sid], int(t)))
+        return [(domain, metric, instants) for (domain, metric), instants in grouped.items()]
 
     def stored_ranges(self, windows: Recompute) -> list[SeriesRange]:
         """What to read back from the store to recompute ``windows``: one range per domain, over

@@ -50,6 +50,7 @@ class ProcessorStats:
     late: int = 0
     repeated: int = 0
     deferred: int = 0  # readings judged against their neighbours in the store
+    rejudged: int = 0  # readings whose verdict changed when a reading before them arrived
     corrections: int = 0  # (reading, window) pairs behind an emitted window
     windows_corrected: int = 0
     replayed: int = 0
@@ -273,6 +274,14 @@ async def run_processor(
                     more.points = []
                     out.absorb(more)
                     stats.deferred += len(out.deferred.series)
+                if out.retract:
+                    # Readings rejected when judged again: their raw values leave the store
+                    # before any window is recomputed from it.
+                    await sink.flush()
+                    for domain, metric, instants in engine.retractions(out.retract):
+                        await sink.retract(domain, metric, instants)
+                stats.rejudged += out.rejudged
+                PROCESSOR_METRICS.rejudged.inc(out.rejudged)
                 if len(out.recompute):
                     received = time.perf_counter()
                     fixed = await _recompute(engine, out, sink)

@@ -35,6 +35,13 @@ class ProcessorMetrics:
         )
 
     @cached_property
+    def rejudged(self) -> Counter:
+        return Counter(
+            "portpulse_processor_readings_rejudged",
+            "Readings whose verdict changed when a reading before them in event time arrived later",
+        )
+
+    @cached_property
     def corrections(self) -> Counter:
         return Counter(
             "portpulse_processor_corrections", "Readings (per window they fall in) behind a window already emitted"

@@ -318,6 +318,14 @@ class OpenWindows:
         spec_c, series_c, start_c, ts_c, value_c, ok_c, partition_c = (np.concatenate(p) for p in parts)
         return ClosedRows(spec_c, series_c, start_c, ts_c, value_c, ok_c, partition_c)
 
+    def set_ok(self, spec: int, start: int, partition: int, series: int, ts_ns: int, ok: bool) -> None:
+        """Change the verdict of an open window's reading (one judged again)."""
+        bucket = self._buckets.get((spec, start, partition))
+        if bucket is None:
+            return
+        for chunk in bucket.chunks:
+            chunk[3][(chunk[0] == series) & (chunk[1] == ts_ns)] = ok
+
     def series(self) -> npt.NDArray[np.int64]:
         """The series with rows in some open window (distinct, ascending)."""
         if not self._buckets:

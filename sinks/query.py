@@ -16,8 +16,8 @@ from portpulse.points import SeriesRange, StoredReadings
 from portpulse.settings import InfluxSettings
 
 __all__ = [
-    "AGGREGATES", "QueryRow", "QuerySpec", "build_flux", "flux_string", "parse_readback", "readback_flux",
-    "rows_to_dataframe", "run_query",
+    "AGGREGATES", "QueryRow", "QuerySpec", "build_flux", "flux_string", "flux_time_ns", "influxql_delete",
+    "parse_readback", "point_flux", "readback_flux", "rows_to_dataframe", "run_query",
 ]  # fmt: skip
 
 AGGREGATES = ("mean", "min", "max", "count", "sum", "last", "first", "median", "stddev", "spread")
@@ -111,7 +111,27 @@ def readback_flux(bucket: str, query: SeriesRange) -> str:
     ])  # fmt: skip
 
 
-def _utc_ns(text: str) -> int:
+def point_flux(bucket: str, measurement: str, sensor_id: str, ts_ns: int) -> str:
+    """The Flux query for every field of one sensor's point at ``ts_ns`` (pure), with its site."""
+    return "\n".join([
+        f"from(bucket: {flux_string(bucket)})",
+        f"  |> range(start: time(v: {int(ts_ns)}), stop: time(v: {int(ts_ns) + 1}))",
+        f"  |> filter(fn: (r) => r._measurement == {flux_string(measurement)}"
+        f" and r.sensor_id == {flux_string(sensor_id)})",
+        '  |> keep(columns: ["_time", "_field", "_value", "site"])',
+        "  |> group()",
+    ])  # fmt: skip
+
+
+def influxql_delete(measurement: str, sensor_id: str, ts_ns: int) -> str:
+    """InfluxQL that deletes one sensor's point at ``ts_ns`` (pure; identifiers and the string
+    literal escaped)."""
+    name = measurement.replace("\\", "\\\\").replace('"', '\\"')
+    value = sensor_id.replace("\\", "\\\\").replace("'", "\\'")
+    return f'DELETE FROM "{name}" WHERE "sensor_id" = \'{value}\' AND time = {int(ts_ns)}'  # noqa: S608 (escaped)
+
+
+def flux_time_ns(text: str) -> int:
     """Flux's ``2023-11-14T22:13:20.123456789Z`` -> ns since the epoch, exactly (no float)."""
     whole, _, frac = text.rstrip("Z").partition(".")
     seconds = calendar.timegm(time.strptime(whole, "%Y-%m-%dT%H:%M:%S"))
@@ -137,7 +157,7 @@ def parse_readback(query: SeriesRange, csv_rows: list[list[str]]) -> StoredReadi
             continue
         if not header:
             continue
-        name, ts = row[f], _utc_ns(row[t])
+        name, ts = row[f], flux_time_ns(row[t])
         if not query.start_ns <= ts < query.stop_ns:
             continue
         if row[m] == domain:
@@ -146,7 +166,10 @@ def parse_readback(query: SeriesRange, csv_rows: list[list[str]]) -> StoredReadi
             rejected.setdefault((row[s], name[: -len("_reason")], ts), [float("nan"), ""])[1] = row[v]
         else:
             rejected.setdefault((row[s], name, ts), [float("nan"), ""])[0] = float(row[v])
-    rows = accepted + [(sn, mt, ts, val, why) for (sn, mt, ts), (val, why) in rejected.items() if why]
+    # "reinstated": a rejection withdrawn when the reading was judged again (it is a raw point now).
+    rows = accepted + [
+        (sn, mt, ts, val, why) for (sn, mt, ts), (val, why) in rejected.items() if why and why != "reinstated"
+    ]
     return StoredReadings.of(domain, rows)
 
 

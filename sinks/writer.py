@@ -95,6 +95,12 @@ class InfluxTransport:
         await self._client.close()
 
 
+def _rfc3339(ts_ns: int) -> str:
+    """ns since the epoch as RFC 3339 with all nine digits."""
+    seconds, ns = divmod(ts_ns, 10**9)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{ns:09d}Z"
+
+
 def _parse_retry_after(value: str | None) -> float | None:
     try:
         return float(value) if value is not None else None
@@ -170,6 +176,7 @@ class InfluxWriter:
         self._pending_since = 0.0
         self._tasks: list[asyncio.Task[None]] = []
         self._reader: Any = None  # influxdb-client's async client for read-backs, made on first use
+        self._influx_v1 = False  # InfluxDB 1.x: deletes go through InfluxQL
         self._healthy = True
         self._last_error = ""
 
@@ -264,21 +271,16 @@ class InfluxWriter:
         token, bucket, query) raises :class:`PortPulseError` naming it."""
         import csv
 
-        from influxdb_client.client.influxdb_client_async import InfluxDBClientAsync
         from influxdb_client.domain.dialect import Dialect
 
         from sinks.query import parse_readback, readback_flux
 
-        if self._reader is None:
-            self._reader = InfluxDBClientAsync(
-                url=self._influx.url, token=self._influx.token.get_secret_value(), org=self._influx.org,
-                timeout=self._influx.timeout_ms, verify_ssl=self._influx.verify_ssl,
-            )  # fmt: skip
+        reader = self._query_client()
         flux = readback_flux(self._influx.bucket, query)
         attempt = 0
         while True:
             try:
-                text = await self._reader.query_api().query_raw(flux, dialect=Dialect(header=True, annotations=[]))
+                text = await reader.query_api().query_raw(flux, dialect=Dialect(header=True, annotations=[]))
                 if attempt:  # it had failed: InfluxDB answers again
                     self._healthy = True
                     SINK_METRICS.healthy.set(1)
@@ -298,6 +300,86 @@ class InfluxWriter:
                     backoff_s(attempt, self._sink.retry_initial_s, self._sink.retry_max_s, self._rng.random())
                 )
                 attempt += 1
+
+    def _query_client(self) -> Any:
+        """influxdb-client's async client for read-backs (made on first use)."""
+        if self._reader is None:
+            from influxdb_client.client.influxdb_client_async import InfluxDBClientAsync
+
+            self._reader = InfluxDBClientAsync(
+                url=self._influx.url, token=self._influx.token.get_secret_value(), org=self._influx.org,
+                timeout=self._influx.timeout_ms, verify_ssl=self._influx.verify_ssl,
+            )  # fmt: skip
+        return self._reader
+
+    async def retract(self, domain: str, metric: str, instants: list[tuple[str, int]]) -> None:
+        """Take field ``metric`` out of each (sensor_id, ts_ns) point of measurement ``domain``.
+        InfluxDB deletes whole points (by series and time, never by field), so the point's other
+        fields are read first and written again after the delete. Rare: only readings rejected
+        when a reading before them arrived late."""
+        import csv
+
+        from influxdb_client.domain.dialect import Dialect
+
+        from sinks.query import flux_time_ns, point_flux
+
+        await self.flush()
+        reader = self._query_client()
+        for sensor, ts in instants:
+            text = await reader.query_api().query_raw(
+                point_flux(self._influx.bucket, domain, sensor, ts), dialect=Dialect(header=True, annotations=[])
+            )
+            fields: dict[str, float] = {}
+            site = ""
+            header: list[str] = []
+            for row in csv.reader(text.splitlines()):
+                if "_field" in row and "_value" in row:
+                    header = row
+                elif header and row and any(row):
+                    record = dict(zip(header, row, strict=False))
+                    if record.get("_time") and flux_time_ns(record["_time"]) == ts:
+                        fields[record["_field"]] = float(record["_value"])
+                        site = record.get("site", "") or site
+            if metric not in fields:
+                continue
+            await self._delete_point(domain, sensor, ts)
+            others = {name: np.array([v]) for name, v in fields.items() if name != metric}
+            if others:
+                tags = {"sensor_id": np.array([sensor], dtype=object), "site": np.array([site], dtype=object)}
+                await self.write(PointColumns(domain, tags, others, np.array([ts], dtype=np.int64)), "retract")
+        await self.flush()
+
+    async def _delete_point(self, measurement: str, sensor: str, ts: int) -> None:
+        """Delete one sensor's point: InfluxDB 2.x's ``/api/v2/delete``, or on 1.x (which answers
+        404 there) an InfluxQL ``DELETE`` on ``/query``."""
+        import aiohttp
+
+        from sinks.query import influxql_delete
+
+        token = self._influx.token.get_secret_value()
+        url = self._influx.url.rstrip("/")
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self._influx.timeout_ms / 1000)) as http:
+            if not self._influx_v1:
+                stamp = _rfc3339(ts)
+                body = {"start": stamp, "stop": stamp,
+                        "predicate": f'_measurement="{measurement}" AND sensor_id="{sensor}"'}  # fmt: skip
+                async with http.post(
+                    f"{url}/api/v2/delete", params={"org": self._influx.org, "bucket": self._influx.bucket},
+                    json=body, headers={"Authorization": f"Token {token}"}, ssl=self._influx.verify_ssl,
+                ) as response:  # fmt: skip
+                    if response.status == 404:
+                        self._influx_v1 = True
+                    elif response.status >= 300:
+                        raise PortPulseError(f"InfluxDB refused a delete (HTTP {response.status})")
+                    else:
+                        return
+            user, _, password = token.partition(":")
+            params = {"db": self._influx.bucket.split("/")[0], "q": influxql_delete(measurement, sensor, ts)}
+            if password:
+                params |= {"u": user, "p": password}
+            async with http.post(f"{url}/query", params=params, ssl=self._influx.verify_ssl) as response:
+                if response.status >= 300:
+                    raise PortPulseError(f"InfluxDB refused a delete (HTTP {response.status})")
 
     # ------------------------------------------------------------ internals
 

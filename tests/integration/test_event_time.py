@@ -96,7 +96,8 @@ def reference(influx: InfluxEndpoint, bucket: str) -> dict[Key, dict[str, float]
     raw = raw_frame(influx, bucket, "air")
     raw["value"] = raw["value"].astype(float)
     rejected = raw_frame(influx, bucket, "air_rejected")
-    rejected = rejected[rejected["field"].str.endswith("_reason")].assign(
+    # A rejection marked "reinstated" was withdrawn (the reading was judged again and is a raw point).
+    rejected = rejected[rejected["field"].str.endswith("_reason") & (rejected["value"] != "reinstated")].assign(
         field=lambda f: f["field"].str.removesuffix("_reason")
     )
     out: dict[Key, dict[str, float]] = {}

@@ -314,3 +314,35 @@ async def test_read_back_returns_exactly_the_stored_raw_points_and_rejected_read
     ]  # fmt: skip
     assert got.accepted.tolist().count(True) == 4
     assert (narrower.ts_ns - base).tolist() == [2 * 10**9]
+
+
+async def test_retract_removes_one_field_of_a_point_and_keeps_the_others(
+    influx: InfluxEndpoint, influx_bucket: str, kafka: KafkaEndpoint, unique: str
+) -> None:
+    """A reading rejected when judged again leaves the store: only its field of the point, the
+    sensor's other metrics at that instant stay (InfluxDB deletes whole points)."""
+    base = (time.time_ns() - 3600 * 10**9) // 60_000_000_000 * 60_000_000_000
+    ts = base + np.array([0, 10**9], dtype=np.int64)
+    points = PointColumns("air", {"sensor_id": _obj(["s-1", "s-1"]), "site": _obj(["quai", "quai"])},
+                          {"no2": np.array([40.5, 41.5]), "pm25": np.array([11.0, 12.0])}, ts)  # fmt: skip
+    other = PointColumns("air", {"sensor_id": _obj(["s-2"]), "site": _obj(["quai"])},
+                         {"no2": np.array([50.0])}, ts[:1])  # fmt: skip
+    kafka_settings = KafkaSettings(bootstrap_servers=kafka.bootstrap_servers, topic_prefix=unique)
+    async with (
+        KafkaDeadLetters(kafka_settings) as dlq,
+        InfluxWriter(influx_settings(influx, influx_bucket), SinkSettings(), dlq) as writer,
+    ):
+        for p in (points, other):
+            await asyncio.wait_for((await writer.write(p)).wait(), 60)
+        await writer.retract("air", "no2", [("s-1", int(ts[0]))])
+    rows = query_rows(
+        influx,
+        f'from(bucket: "{influx_bucket}") |> range(start: 0) |> filter(fn: (r) => r._measurement == "air")'
+        ' |> keep(columns: ["_time", "_value", "_field", "sensor_id", "site"])',
+    )
+    got = sorted((r["sensor_id"], r["site"], r["_field"], rfc3339_to_ns(r["_time"]) - base, float(r["_value"]))
+                 for r in rows)  # fmt: skip
+    assert got == [
+        ("s-1", "quai", "no2", 10**9, 41.5), ("s-1", "quai", "pm25", 0, 11.0), ("s-1", "quai", "pm25", 10**9, 12.0),
+        ("s-2", "quai", "no2", 0, 50.0),
+    ]  # fmt: skip

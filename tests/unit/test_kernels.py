@@ -15,24 +15,29 @@ from processors.window import WindowSpec, aggregate, assign, parse_windows
 W = 5
 
 
+Hist = dict[int, list[tuple[int, float, int]]]  # series -> [(ts, value, verdict)] in event time
+
+
 def reference_clean(
     readings: list[tuple[int, int, float]],
     lo: list[float],
     hi: list[float],
     rate: list[float],
     floor: list[float],
-    hist: dict[int, list[tuple[int, float]]],
+    hist: Hist,
     k_sigma: float,
     window: int = W,
-) -> tuple[list[int], dict[int, list[tuple[int, float]]]]:
+) -> tuple[list[int], Hist, set[tuple[int, int, int]]]:
     """One batch, exactly as documented: checks 1-3 one reading at a time in (series, ts, arrival)
-    order; then each reading that passed them is judged against the ``window`` readings before it
-    in event time among the history and the batch's other passing readings."""
+    order; then every reading that passed them, and every history reading with one of them among
+    the ``window`` readings before it, is judged against the ``window`` readings before it in
+    event time (history and batch). Returns the reasons, the history (the ``window`` newest) and
+    the history readings whose verdict changed (series, ts, new verdict)."""
     hist = {s: list(h) for s, h in hist.items()}
     order = sorted(range(len(readings)), key=lambda i: (readings[i][0], readings[i][1], i))
     reasons = [OK] * len(readings)
-    seen: dict[tuple[int, int], float] = {(s, t): v for s, h in hist.items() for t, v in h}
-    passed: dict[int, list[tuple[int, float, int]]] = {}
+    seen: dict[tuple[int, int], float] = {(s, t): v for s, h in hist.items() for t, v, _ in h}
+    passed: dict[int, list[tuple[int, float, int, int]]] = {}
     for i in order:
         s, t, v = readings[i]
         if not math.isfinite(v):
@@ -43,25 +48,34 @@ def reference_clean(
             reasons[i] = REPEAT if seen[(s, t)] == v else DUPLICATE
         else:
             seen[(s, t)] = v
-            passed.setdefault(s, []).append((t, v, i))
+            passed.setdefault(s, []).append((t, v, OK, i))
+    flips: set[tuple[int, int, int]] = set()
     for s, items in passed.items():
-        merged = sorted([(t, v, -1) for t, v in hist.get(s, [])] + items)
-        for j, (t, v, i) in enumerate(merged):
-            if i < 0:
+        merged = sorted([(t, v, d, -1) for t, v, d in hist.get(s, [])] + items)
+        judged = []
+        for j, (t, v, old, i) in enumerate(merged):
+            window_items = merged[max(0, j - window) : j]
+            if i < 0 and all(x[3] < 0 for x in window_items):
+                judged.append((t, v, old))
                 continue
-            window_values = merged[max(0, j - window) : j]
-            if window_values:
-                vals = [x for _, x, _ in window_values]
+            verdict = OK
+            if window_items:
+                vals = [x[1] for x in window_items]
                 med = statistics.median(vals)
                 mad = statistics.median([abs(x - med) for x in vals])
                 scale = max(1.4826 * mad, floor[s])
-                dt = statistics.median([t - u for u, _, _ in window_values]) / 1e9
+                dt = statistics.median([t - x[0] for x in window_items]) / 1e9
                 if len(vals) >= 3 and abs(v - med) > k_sigma * scale:
-                    reasons[i] = SPIKE
+                    verdict = SPIKE
                 elif dt > 0 and abs(v - med) / dt > rate[s]:
-                    reasons[i] = RATE
-        hist[s] = [(t, v) for t, v, _ in merged]
-    return reasons, {s: h[-window:] for s, h in hist.items()}
+                    verdict = RATE
+            if i >= 0:
+                reasons[i] = verdict
+            elif verdict != old:
+                flips.add((s, t, verdict))
+            judged.append((t, v, verdict))
+        hist[s] = judged
+    return reasons, {s: h[-window:] for s, h in hist.items()}, flips
 
 
 values = st.one_of(
@@ -82,11 +96,11 @@ def test_clean_equals_reference(batches: list[list[tuple[int, int, float]]], win
     lo, hi = [0.0, -10.0, 0.0, -math.inf], [100.0, 50.0, 100.0, math.inf]
     rate, floor = [5.0, 1e9, 20.0, math.inf], [1.0, 0.5, 2.0, 0.0]
     history = History.empty(k, window)
-    ref_hist: dict[int, list[tuple[int, float]]] = {}
+    ref_hist: Hist = {}
     for batch in batches:
         readings = [(s, t * 1_000_000_000, v) for s, t, v in batch]
-        expected, ref_hist = reference_clean(readings, lo, hi, rate, floor, ref_hist, 4.0, window)
-        got, history = clean(
+        expected, ref_hist, flips = reference_clean(readings, lo, hi, rate, floor, ref_hist, 4.0, window)
+        got, history, rejudged = clean(
             np.array([r[0] for r in readings], dtype=np.int64),
             np.array([r[1] for r in readings], dtype=np.int64),
             np.array([r[2] for r in readings], dtype=np.float64),
@@ -97,9 +111,13 @@ def test_clean_equals_reference(batches: list[list[tuple[int, int, float]]], win
             history,
         )
         assert got.tolist() == expected
+        assert set(zip(rejudged.series.tolist(), rejudged.ts_ns.tolist(), rejudged.verdict.tolist(),
+                       strict=True)) == flips  # fmt: skip
         for s in range(k):
             kept = [
-                (int(t), float(v)) for t, v in zip(history.ts[s], history.values[s], strict=True) if not math.isnan(v)
+                (int(t), float(v), int(d))
+                for t, v, d in zip(history.ts[s], history.values[s], history.verdict[s], strict=True)
+                if not math.isnan(v)
             ]
             assert kept == ref_hist.get(s, [])
 
@@ -107,7 +125,7 @@ def test_clean_equals_reference(batches: list[list[tuple[int, int, float]]], win
 def test_clean_catches_a_spike_and_keeps_the_next_good_value() -> None:
     t = np.arange(10, dtype=np.int64) * 10**9
     v = np.array([40, 41, 40, 42, 41, 400, 41, 40, 42, 41], dtype=np.float64)
-    reason, _ = clean(
+    reason, _, _ = clean(
         np.zeros(10, np.int64),
         t,
         v,
@@ -127,7 +145,7 @@ def test_history_remembers_where_its_readings_came_from() -> None:
     v = np.array([40, 40, 41, 40, 42, 41, 400, 41, 40, -5], dtype=np.float64)  # a spike, one out of range
     offsets = np.arange(100, 110, dtype=np.int64)
     limits = (np.array([0.0]), np.array([2000.0]), np.array([50.0]), np.array([1.0]))
-    reason, history = clean(np.zeros(10, np.int64), t, v, *limits, History.empty(1, 7), offset=offsets)
+    reason, history, _ = clean(np.zeros(10, np.int64), t, v, *limits, History.empty(1, 7), offset=offsets)
     assert reason[6] == SPIKE and reason[9] == OUT_OF_RANGE
     # Passing 1-3, by time: ts 0..7 (offsets 101..108) and ts 9 (offset 100); the last 7 by time.
     assert history.offsets[0].tolist() == [103, 104, 105, 106, 107, 108, 100]

@@ -155,3 +155,11 @@ async def test_readback_retries_while_influx_does_not_answer_and_stops_on_a_refu
     writer._reader = Reader([RefusedError()])
     with pytest.raises(PortPulseError, match="HTTP 401"):
         await writer.read(query)
+
+
+def test_influxql_delete_names_one_point_and_escapes_what_could_end_a_literal() -> None:
+    from sinks.query import influxql_delete
+
+    assert influxql_delete("air", "s-1", 5) == 'DELETE FROM "air" WHERE "sensor_id" = \'s-1\' AND time = 5'
+    hostile = influxql_delete('a"ir', "x' OR time > 0 --\\", 7)
+    assert hostile == 'DELETE FROM "a\\"ir" WHERE "sensor_id" = \'x\\\' OR time > 0 --\\\\\' AND time = 7'
