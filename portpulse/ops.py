@@ -182,6 +182,7 @@ RATES = {
     "rejected": "portpulse_processor_rejected_total",
     "late": "portpulse_processor_late_total",
     "windows_corrected": "portpulse_processor_windows_corrected_total",
+    "repeated": "portpulse_processor_readings_repeated_total",
     "sink_rejected": "portpulse_sink_points_rejected_total",
 }
 LEVELS = {

@@ -24,6 +24,7 @@ STAGE_ROWS = (
     ("points to InfluxDB", "influx_points", "/s"),
     ("bridge DLQ", "dlq", "/s"),
     ("rejected by cleaning", "rejected", "/s"),
+    ("repeats dropped (delivered again)", "repeated", "/s"),
     ("windows corrected", "windows_corrected", "/s"),
     ("beyond horizon (portpulse.late)", "late", "/s"),
     ("refused by InfluxDB", "sink_rejected", "/s"),
