@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 
 import numpy as np
 import pytest
@@ -277,6 +279,19 @@ async def test_portpulse_query_matches_a_direct_flux_query(
     assert [r["value"] for r in cli_rows] == expected_max
 
 
+@contextlib.asynccontextmanager
+async def stored_writer(
+    influx: InfluxEndpoint, bucket: str, kafka: KafkaEndpoint, unique: str
+) -> AsyncIterator[InfluxWriter]:
+    """An InfluxWriter on ``bucket`` with its dead letters in this test's Kafka topics."""
+    kafka_settings = KafkaSettings(bootstrap_servers=kafka.bootstrap_servers, topic_prefix=unique)
+    async with (
+        KafkaDeadLetters(kafka_settings) as dlq,
+        InfluxWriter(influx_settings(influx, bucket), SinkSettings(), dlq) as writer,
+    ):
+        yield writer
+
+
 async def test_read_back_returns_exactly_the_stored_raw_points_and_rejected_readings(
     influx: InfluxEndpoint, influx_bucket: str, kafka: KafkaEndpoint, unique: str
 ) -> None:
@@ -295,11 +310,7 @@ async def test_read_back_returns_exactly_the_stored_raw_points_and_rejected_read
         {"no2": np.array([999.0, np.nan]), "no2_reason": _obj(["spike", "non_finite"])},
         base + np.array([5, 6], dtype=np.int64) * 10**9,
     )  # fmt: skip
-    kafka_settings = KafkaSettings(bootstrap_servers=kafka.bootstrap_servers, topic_prefix=unique)
-    async with (
-        KafkaDeadLetters(kafka_settings) as dlq,
-        InfluxWriter(influx_settings(influx, influx_bucket), SinkSettings(), dlq) as writer,
-    ):
+    async with stored_writer(influx, influx_bucket, kafka, unique) as writer:
         for points in (raw, rejected):
             await asyncio.wait_for((await writer.write(points)).wait(), 60)
         got = await writer.read(SeriesRange("air", ("s-1", "a,b=c d"), ("no2",), base, base + 6 * 10**9 + 1))
@@ -327,11 +338,7 @@ async def test_retract_removes_one_field_of_a_point_and_keeps_the_others(
                           {"no2": np.array([40.5, 41.5]), "pm25": np.array([11.0, 12.0])}, ts)  # fmt: skip
     other = PointColumns("air", {"sensor_id": _obj(["s-2"]), "site": _obj(["quai"])},
                          {"no2": np.array([50.0])}, ts[:1])  # fmt: skip
-    kafka_settings = KafkaSettings(bootstrap_servers=kafka.bootstrap_servers, topic_prefix=unique)
-    async with (
-        KafkaDeadLetters(kafka_settings) as dlq,
-        InfluxWriter(influx_settings(influx, influx_bucket), SinkSettings(), dlq) as writer,
-    ):
+    async with stored_writer(influx, influx_bucket, kafka, unique) as writer:
         for p in (points, other):
             await asyncio.wait_for((await writer.write(p)).wait(), 60)
         await writer.retract("air", "no2", [("s-1", int(ts[0]))])
