@@ -129,6 +129,7 @@ class ProcessorSettings(_Section):
 
     catalogue: Path | None = None  # a TOML file like portpulse/catalogue.toml; None: the shipped one
     spike_k_sigma: float = Field(4.0, gt=0)  # Hampel: reject |x - median| > k * max(1.4826 MAD, floor)
+    series_ttl_s: float = Field(6 * 3600.0, gt=0)  # a series quiet this long (no open window) is forgotten
 
 
 class OpsSettings(_Section):

@@ -151,6 +151,7 @@ async def run_processor(
             idle_timeout_s,
             k_sigma=settings.processor.spike_k_sigma,
             horizon_ns=int(settings.ingest.max_past_s * 1e9),
+            series_ttl_s=settings.processor.series_ttl_s,
         ),
         load_catalogue(settings.processor.catalogue),
     )
