@@ -346,7 +346,7 @@ class ProcessorEngine:
             value = r.value * factor
             self._grow()
             self._series_part[series] = r.partition
-            behind = self._behind(series, r.ts_ns)
+            behind = self._behind(series, r.ts_ns) | self._replayed(r)
             if behind.any():
                 rows = np.flatnonzero(behind)
                 out.deferred = Deferred(Readings(*(getattr(r, f)[rows] for f in Readings.__dataclass_fields__)),
@@ -400,6 +400,14 @@ class ProcessorEngine:
         self._arrival[ids] = -np.inf
         self._closed[:, ids] = _NEG
         self._free.extend(ids.tolist())
+
+    def _replayed(self, r: Readings) -> npt.NDArray[np.bool_]:
+        """Readings consumed before a restart (below the committed ``next``): their verdicts are in
+        the store already, and judging them again with the history the replay rebuilds could
+        differ (a reading judged against the store the first time), so they take the stored one."""
+        consumed_until = self._per_partition({p: st.consumed_until for p, st in self._parts.items()}, -1, r.partition)
+        replayed: npt.NDArray[np.bool_] = r.offset < consumed_until
+        return replayed
 
     def _behind(self, series: npt.NDArray[np.int64], ts_ns: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
         """Readings the history cannot judge exactly: their series has dropped older readings
@@ -494,10 +502,16 @@ class ProcessorEngine:
                 history.values[j, width - len(items) :] = [v for _, v, _ in items]
                 history.verdict[j, width - len(items) :] = [d for _, _, d in items]
         lo, hi, rate, floor = (x[uniq] for x in self._limits())
+        stored_verdict = {(j, t): v for j, items in enumerate(rows) for t, _, v in items}
         reason, _, rejudged = clean(
             local, d.readings.ts_ns, d.value, lo, hi, rate, floor, history, self._s.k_sigma, d.readings.offset,
             self._s.hampel_window,
         )  # fmt: skip
+        # A replayed reading finds itself in the store (a repeat): it takes the verdict stored then.
+        for i in np.flatnonzero((reason == REPEAT) & self._replayed(d.readings)).tolist():
+            kept = stored_verdict.get((int(local[i]), int(d.readings.ts_ns[i])))
+            if kept is not None:
+                reason[i] = kept
         passed_now = np.isin(reason, (OK, SPIKE, RATE))
         again = uniq[rejudged.series]
         # The deferred readings join the history where they are among the newest; re-judged ones

@@ -42,8 +42,10 @@ def done(coro: Coroutine[Any, Any, T]) -> T:
 class Run:
     """One engine and one store, fed like the Kafka loop feeds them."""
 
-    def __init__(self, lateness_s: float = 2.0, idle_s: float = 5.0, engine: ProcessorEngine | None = None) -> None:
-        settings = EngineSettings(parse_windows("1m"), int(lateness_s * S), idle_s)
+    def __init__(
+        self, lateness_s: float = 2.0, idle_s: float = 5.0, engine: ProcessorEngine | None = None, windows: str = "1m"
+    ) -> None:
+        settings = EngineSettings(parse_windows(windows), int(lateness_s * S), idle_s)
         self.engine = engine or ProcessorEngine(settings, load_catalogue())
         self.store = MemoryPointSink()
         self.offsets: dict[int, int] = {}
@@ -95,20 +97,21 @@ class Run:
         """Long after the last reading: every series idle, every window closed."""
         self.feed([], now_s)
 
-    def aggregates(self) -> dict[Window, dict[str, float]]:
+    def aggregates(self, window: str = "1m") -> dict[Window, dict[str, float]]:
         out: dict[Window, dict[str, float]] = {}
         for (measurement, sensor, name, ts), value in self.store.stored().items():
-            if measurement == "air_1m":
+            if measurement == f"air_{window}":
                 out.setdefault((sensor, ts), {})[name.removeprefix("no2_")] = float(value)
         return out
 
 
-def batch_computation(store: MemoryPointSink) -> dict[Window, dict[str, float]]:
-    """The 1-minute aggregates of what the store holds as raw points and rejected readings."""
+def batch_computation(store: MemoryPointSink, size_ns: int = MINUTE) -> dict[Window, dict[str, float]]:
+    """The aggregates (windows of ``size_ns``) of what the store holds as raw points and rejected
+    readings."""
     values: dict[Window, dict[int, float]] = {}
     rejected: dict[Window, set[int]] = {}
     for (measurement, sensor, name, ts), value in store.stored().items():
-        window = (sensor, ts // MINUTE * MINUTE)
+        window = (sensor, ts // size_ns * size_ns)
         if measurement == "air" and name == "no2":
             values.setdefault(window, {})[ts] = float(value)
         elif measurement == "air_rejected" and name == "no2_reason" and value != "reinstated":
@@ -339,3 +342,32 @@ def test_series_that_stop_reporting_are_forgotten_and_their_slots_reused() -> No
     got = run.aggregates()[("g0-3", T0)]
     assert got["count"] == 61 and got["max"] == 41.0
     assert_same(run.aggregates(), batch_computation(run.store))
+
+
+def test_a_replayed_reading_keeps_the_verdict_it_was_given_against_the_store() -> None:
+    """A spike far out of order is judged against the store; the processor crashes before the
+    commit moves past it. On replay its series' history holds only what the replay rebuilt, not
+    the stored readings it was judged with: it takes its stored verdict instead of being judged
+    again (which here would accept it), so no raw point appears for it."""
+    readings = [("s0", 0, T0 + t * S, 40.0 + (t % 3) * 0.5) for t in range(41)]
+    spike = ("s0", 0, T0 + 6 * S + S // 2, 400.0)
+    arrivals = [*readings[:20], spike, *readings[20:]]  # offsets 0..41: the spike is offset 20
+    first = Run(windows="10s")
+    committed: dict[int, tuple[int, int, tuple[int, ...]]] = {}
+    for i in range(0, len(arrivals), 3):
+        first.feed(arrivals[i : i + 3], now_s=i / 3)
+        committed = first.engine.safe_offsets()  # what a commit after this step would carry
+    assert sum(o.rejected.get("spike", 0) for o in first.outputs) == 1
+    commit, consumed, closed = committed[0]
+    assert commit <= 20 < consumed, "the spike must be among the replayed readings"
+    second = Run(windows="10s")
+    second.store = first.store
+    second.engine.restore(0, consumed, dict(zip(second.engine.window_names(), closed, strict=True)))
+    for i in range(commit, len(arrivals), 3):
+        part = arrivals[i : i + 3]
+        second.feed(part, now_s=100 + i / 3, offsets=list(range(i, i + len(part))))
+    second.settle(10_000.0)
+    stored = second.store.stored()
+    assert ("air", "s0", "no2", spike[2]) not in stored
+    assert stored[("air_rejected", "s0", "no2_reason", spike[2])] == "spike"
+    assert_same(second.aggregates("10s"), batch_computation(second.store, 10 * S))
