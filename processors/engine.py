@@ -156,10 +156,14 @@ class EngineOutput:
         self.rejudged += other.rejudged
         self.retract += other.retract
         if len(other.recompute):
-            mine = [(self.recompute.spec, self.recompute.series, self.recompute.start)] if len(self.recompute) else []
-            self.recompute = Recompute.of(
-                [*mine, (other.recompute.spec, other.recompute.series, other.recompute.start)]
-            )
+            self.add_recompute([(other.recompute.spec, other.recompute.series, other.recompute.start)])
+
+    def add_recompute(
+        self, windows: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]]
+    ) -> None:
+        """Add windows ``(spec, series, start)`` to those to recompute from the store."""
+        mine = [(self.recompute.spec, self.recompute.series, self.recompute.start)] if len(self.recompute) else []
+        self.recompute = Recompute.of([*mine, *windows])
 
 
 @dataclass(slots=True)
@@ -444,8 +448,9 @@ class ProcessorEngine:
         if not judged.all():
             r = Readings(*(getattr(r, f)[judged] for f in Readings.__dataclass_fields__))
             series, value, ok, replay_from = series[judged], value[judged], ok[judged], replay_from[judged]
-        self._advance(series, r, now_s)
-        self._add_to_windows(series, r, value, ok, replay_from, out)
+        replayed = self._replayed(r)
+        self._advance(series, r, replayed, now_s)
+        self._add_to_windows(series, r, value, ok, replay_from, replayed, out)
 
     def neighbour_ranges(self, deferred: Deferred) -> list[SeriesRange]:
         """What to read back to judge ``deferred`` readings: per domain, their sensors and metrics
@@ -559,7 +564,7 @@ class ProcessorEngine:
                 behind.append((np.full(int(closed.sum()), spec_i, dtype=np.int64), series[rows][closed],
                                starts[closed]))  # fmt: skip
         if behind:
-            out.recompute = Recompute.of([*behind, *self._pending_recompute(out)])
+            out.add_recompute(behind)
 
     def _beyond_horizon(self, r: Readings, beyond: npt.NDArray[np.bool_], wall_ns: int, out: EngineOutput) -> None:
         """Readings older than the correction horizon: to the late topic with how far behind they are."""
@@ -608,17 +613,18 @@ class ProcessorEngine:
         inv = inverse.astype(np.int64).reshape(-1)
         return {"sensor_id": Categorical(inv, sensors), "site": Categorical(inv, sites)}
 
-    def _advance(self, series: npt.NDArray[np.int64], r: Readings, now_s: float) -> None:
+    def _advance(
+        self, series: npt.NDArray[np.int64], r: Readings, replayed: npt.NDArray[np.bool_], now_s: float
+    ) -> None:
         """Each series' event time and arrival; each partition's consumed offset. ``series`` and
-        ``r`` are in (series, ts) order, so a series' last row holds its newest time."""
+        ``r`` are in (series, ts) order, so a series' last row holds its newest time; ``replayed``:
+        which rows were consumed before a restart (see :meth:`_replayed`)."""
         if not len(series):
             return
         last = np.append(group_starts(series)[1:], len(series)) - 1
         uniq = series[last]
         self._max_ts[uniq] = np.maximum(self._max_ts[uniq], r.ts_ns[last])
         self._arrival[uniq] = now_s
-        consumed_until = self._per_partition({p: st.consumed_until for p, st in self._parts.items()}, -1, r.partition)
-        replayed = r.offset < consumed_until
         if replayed.any():
             np.maximum.at(self._replayed_ts, series[replayed], r.ts_ns[replayed])
         for p in np.unique(r.partition).tolist():
@@ -632,18 +638,16 @@ class ProcessorEngine:
         value: npt.NDArray[np.float64],
         ok: npt.NDArray[np.bool_],
         replay_from: npt.NDArray[np.int64],
+        replayed_rows: npt.NDArray[np.bool_],
         out: EngineOutput,
     ) -> None:
-        consumed_until = self._per_partition({p: st.consumed_until for p, st in self._parts.items()}, -1, r.partition)
         behind: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]] = []
         for spec_i, spec in enumerate(self._s.windows):
             rows, starts = assign(r.ts_ns, spec)
             s_rows = series[rows]
             ends = starts + spec.size_ns
             # Consumed before a restart, into a window its series had closed then: already stored.
-            replayed = (r.offset[rows] < consumed_until[rows]) & (
-                ends <= self._replayed_ts[s_rows] - self._s.allowed_lateness_ns
-            )
+            replayed = replayed_rows[rows] & (ends <= self._replayed_ts[s_rows] - self._s.allowed_lateness_ns)
             closed = ends <= self._closed[spec_i, s_rows]
             correction = closed & ~replayed
             out.replayed += int(replayed.sum())
@@ -656,14 +660,7 @@ class ProcessorEngine:
             self._open.add(spec_i, starts, r.partition[rows], series[rows], r.ts_ns[rows], value[rows], ok[rows],
                            replay_from[rows])  # fmt: skip
         if behind:
-            out.recompute = Recompute.of([*behind, *self._pending_recompute(out)])
-
-    @staticmethod
-    def _pending_recompute(
-        out: EngineOutput,
-    ) -> list[tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]]:
-        r = out.recompute
-        return [(r.spec, r.series, r.start)] if len(r) else []
+            out.add_recompute(behind)
 
     def _per_partition(
         self, values: dict[int, int], default: int, partitions: npt.NDArray[np.int64]
@@ -706,9 +703,7 @@ class ProcessorEngine:
                 before = np.array(state.closed_before, dtype=np.int64)[closed.spec]
                 partial |= (closed.partition == p) & (closed.start < before)
         if partial.any():
-            out.recompute = Recompute.of(
-                [(closed.spec[partial], closed.series[partial], closed.start[partial]), *self._pending_recompute(out)]
-            )
+            out.add_recompute([(closed.spec[partial], closed.series[partial], closed.start[partial])])
         whole = ~partial
         w_spec, w_series, w_start = closed.spec[whole], closed.series[whole], closed.start[whole]
         if not len(w_spec):
