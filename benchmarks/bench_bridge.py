@@ -40,7 +40,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from benchmarks.common import ROOT, SERVICES, free_port, publish, service_env
-from portpulse.wire import decode_value
+from portpulse.codecs.wire import decode_value
 
 PROBE_KEY = b"p"
 
@@ -277,11 +277,11 @@ def stage_cpu(env: dict[str, str], n: int, batch: int = 100, repeats: int = 3) -
     """CPU seconds per reading of each bridge stage for gateway batches, in this process (best of
     ``repeats``): decode (JSON + checks), build (records as columns), send (encode, compress, hand
     to aiokafka, wait for Kafka's acks). Deliveries of 2 MiB of payload, as the bridge cuts them."""
-    from ingest.bridge import MAX_DISPATCH_BYTES, KafkaRecordSink
-    from ingest.decode import DecodeLimits, Message, decode_messages
-    from ingest.records import build_records
-    from portpulse.runtime import tune_gc_for_streaming
-    from portpulse.settings import KafkaSettings, Settings
+    from portpulse.app.runtime import tune_gc_for_streaming
+    from portpulse.contract.settings import KafkaSettings, Settings
+    from portpulse.ingest.bridge import MAX_DISPATCH_BYTES, KafkaRecordSink
+    from portpulse.ingest.decode import DecodeLimits, Message, decode_messages
+    from portpulse.ingest.records import build_records
 
     prefix = f"bench{uuid.uuid4().hex[:8]}"
     now = time.time_ns()

@@ -32,9 +32,9 @@ import numpy as np
 
 from benchmarks.bench_pipeline import Pipeline
 from benchmarks.common import CpuBudget, publish, service_env
-from portpulse.catalogue import load_catalogue
-from processors.engine import EngineSettings, ProcessorEngine, Readings
-from processors.window import parse_windows
+from portpulse.contract.catalogue import load_catalogue
+from portpulse.processors.engine import EngineSettings, ProcessorEngine, Readings
+from portpulse.processors.window import parse_windows
 
 S = 10**9
 AIR = ("no2", "pm25", "pm10", "o3", "so2", "temperature", "humidity")

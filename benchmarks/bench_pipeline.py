@@ -97,7 +97,7 @@ class Pipeline:
             self.ops.append(port)
             self.procs.append(
                 subprocess.Popen(
-                    [sys.executable, "-m", "portpulse.cli", *args],
+                    [sys.executable, "-m", "portpulse", *args],
                     env={**base_env, "PORTPULSE_OPS__METRICS_PORT": str(port)},
                     stdout=subprocess.DEVNULL,
                     stderr=self.log,

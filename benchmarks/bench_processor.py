@@ -20,13 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
-from portpulse.points import MemoryPointSink
-from portpulse.runtime import keep_heap_for_reuse
-from portpulse.settings import KafkaSettings, Settings
-from portpulse.wire import VERSION_HEADER, encode_value
-from processors.clean import History, clean, series_time_order
-from processors.loop import run_processor
-from processors.window import WindowSpec, aggregate, assign
+from portpulse.app.runtime import keep_heap_for_reuse
+from portpulse.codecs.wire import VERSION_HEADER, encode_value
+from portpulse.contract.points import MemoryPointSink
+from portpulse.contract.settings import KafkaSettings, Settings
+from portpulse.processors.clean import History, clean, series_time_order
+from portpulse.processors.loop import run_processor
+from portpulse.processors.window import WindowSpec, aggregate, assign
 
 ROOT = Path(__file__).resolve().parents[1]
 

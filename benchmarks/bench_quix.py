@@ -40,7 +40,7 @@ def quix_side(bootstrap: str, topic: str, n: int) -> dict[str, float]:
     from quixstreams.dataframe.windows import Count, Max, Mean, Min
     from quixstreams.models.serializers import Deserializer
 
-    from portpulse.wire import decode_value
+    from portpulse.codecs.wire import decode_value
 
     base: Any = Deserializer  # untyped where quixstreams is installed, missing where it is not
 

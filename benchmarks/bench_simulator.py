@@ -22,8 +22,8 @@ import uuid
 from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
 
-from simulators.publish import MqttTarget, publish
-from simulators.stream import StreamConfig, generate, parse_faults
+from portpulse.simulators.publish import MqttTarget, publish
+from portpulse.simulators.stream import StreamConfig, generate, parse_faults
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -20,9 +20,9 @@ import uuid
 
 import numpy as np
 
-from portpulse.deadletter import MemoryDeadLetters
-from portpulse.settings import InfluxSettings, SinkSettings
-from sinks import Categorical, InfluxWriter, PointColumns, encode_lines
+from portpulse.contract.deadletter import MemoryDeadLetters
+from portpulse.contract.settings import InfluxSettings, SinkSettings
+from portpulse.sinks import Categorical, InfluxWriter, PointColumns, encode_lines
 
 ENCODE_TARGET, WRITE_TARGET = 2_000_000, 300_000
 

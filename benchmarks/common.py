@@ -10,7 +10,7 @@ import time
 import uuid
 from pathlib import Path
 
-from simulators.rawmqtt import RawPublisher
+from portpulse.simulators.rawmqtt import RawPublisher
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVICES = ROOT / "scripts" / "services"

@@ -18,17 +18,17 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
-from ingest.decode import DecodeLimits, decode_messages
-from ingest.metrics import INGEST_METRICS
-from ingest.mqtt import Inbound, MqttSource, PahoMqttSource
-from ingest.mqtt_asyncio import AsyncioMqttSource
-from ingest.records import OutRecords, build_dead_letters, build_records
-from portpulse.deadletter import DeadLetter, dead_letter_headers
+from portpulse.codecs.recordbatch import OutgoingRecords
+from portpulse.contract.deadletter import DeadLetter, dead_letter_headers
+from portpulse.contract.health import Health
+from portpulse.contract.settings import Settings
+from portpulse.contract.topics import dlq_topic
+from portpulse.ingest.decode import DecodeLimits, decode_messages
+from portpulse.ingest.metrics import INGEST_METRICS
+from portpulse.ingest.mqtt import Inbound, MqttSource, PahoMqttSource
+from portpulse.ingest.mqtt_asyncio import AsyncioMqttSource
+from portpulse.ingest.records import OutRecords, build_dead_letters, build_records
 from portpulse.kafka import BatchSender, KafkaOut, client_options, start_producer
-from portpulse.ops import Health
-from portpulse.recordbatch import OutgoingRecords
-from portpulse.settings import Settings
-from portpulse.topics import dlq_topic
 
 __all__ = ["Bridge", "BridgeStats", "KafkaRecordSink", "run_bridge"]
 

@@ -29,8 +29,8 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 
-from portpulse.schema import FLAG_TS_FROM_RECEIVE, ReadingColumns, str_array
-from portpulse.topics import ID_RE, MqttTopic, parse_mqtt_topic
+from portpulse.contract.schema import FLAG_TS_FROM_RECEIVE, ReadingColumns, str_array
+from portpulse.contract.topics import ID_RE, MqttTopic, parse_mqtt_topic
 
 __all__ = [
     "REASONS",

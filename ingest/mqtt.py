@@ -27,10 +27,10 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from ingest.decode import Message
-from ingest.metrics import INGEST_METRICS
-from portpulse.errors import ConfigError, ServiceUnavailableError
-from portpulse.settings import MqttSettings
+from portpulse.contract.errors import ConfigError, ServiceUnavailableError
+from portpulse.contract.settings import MqttSettings
+from portpulse.ingest.decode import Message
+from portpulse.ingest.metrics import INGEST_METRICS
 
 __all__ = ["Inbound", "MqttSource", "PahoMqttSource", "credentials_refused"]
 

@@ -24,11 +24,7 @@ import time
 from types import TracebackType
 from typing import Any
 
-from ingest.decode import Message
-from ingest.metrics import INGEST_METRICS
-from ingest.mqtt import Inbound, credentials_refused
-from portpulse.errors import ServiceUnavailableError
-from portpulse.mqttwire import (
+from portpulse.codecs.mqttwire import (
     AUTH_REFUSALS,
     CONNACK,
     DISCONNECT,
@@ -47,7 +43,11 @@ from portpulse.mqttwire import (
     parse_connack,
     parse_suback,
 )
-from portpulse.settings import MqttSettings
+from portpulse.contract.errors import ServiceUnavailableError
+from portpulse.contract.settings import MqttSettings
+from portpulse.ingest.decode import Message
+from portpulse.ingest.metrics import INGEST_METRICS
+from portpulse.ingest.mqtt import Inbound, credentials_refused
 
 __all__ = ["AsyncioMqttSource"]
 

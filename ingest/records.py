@@ -8,12 +8,12 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from ingest.decode import DecodedBatch, Message
-from portpulse.deadletter import DeadLetter
-from portpulse.recordbatch import OutgoingRecords, encode_headers
-from portpulse.sorting import distinct_codes, factorise, group_starts, stable_sort
-from portpulse.topics import readings_topic
-from portpulse.wire import VERSION_HEADER, encode_rows, value_header
+from portpulse.arrays import distinct_codes, factorise, group_starts, stable_sort
+from portpulse.codecs.recordbatch import OutgoingRecords, encode_headers
+from portpulse.codecs.wire import VERSION_HEADER, encode_rows, value_header
+from portpulse.contract.deadletter import DeadLetter
+from portpulse.contract.topics import readings_topic
+from portpulse.ingest.decode import DecodedBatch, Message
 
 __all__ = ["OutRecords", "build_dead_letters", "build_records"]
 

@@ -3,11 +3,17 @@
 This package is the shared contract: settings, reading schema, metric catalogue, topic names and errors.
 """
 
-from portpulse.catalogue import Catalogue, MetricSpec, load_catalogue
-from portpulse.errors import ConfigError, DecodeError, PortPulseError, ServiceUnavailableError, SinkRejectedError
-from portpulse.schema import FLAG_TS_FROM_RECEIVE, Reading, ReadingColumns
-from portpulse.settings import Settings, load_settings
-from portpulse.topics import dlq_topic, late_topic, parse_mqtt_topic, readings_topic
+from portpulse.contract.catalogue import Catalogue, MetricSpec, load_catalogue
+from portpulse.contract.errors import (
+    ConfigError,
+    DecodeError,
+    PortPulseError,
+    ServiceUnavailableError,
+    SinkRejectedError,
+)
+from portpulse.contract.schema import FLAG_TS_FROM_RECEIVE, Reading, ReadingColumns
+from portpulse.contract.settings import Settings, load_settings
+from portpulse.contract.topics import dlq_topic, late_topic, parse_mqtt_topic, readings_topic
 
 __version__ = "0.1.0"
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from portpulse.sorting import group_starts, stable_order, stable_sort
+from portpulse.arrays import group_starts, stable_order, stable_sort
 
 __all__ = [
     "DUPLICATE",

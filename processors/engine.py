@@ -34,10 +34,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from portpulse.catalogue import Catalogue, MetricSpec
-from portpulse.points import Categorical, PointColumns, SeriesRange, StoredReadings
-from portpulse.sorting import distinct_codes, group_starts, stable_order
-from processors.clean import (
+from portpulse.arrays import distinct_codes, group_starts, stable_order
+from portpulse.contract.catalogue import Catalogue, MetricSpec
+from portpulse.contract.points import Categorical, PointColumns, SeriesRange, StoredReadings
+from portpulse.processors.clean import (
     NO_OFFSET,
     OK,
     RATE,
@@ -49,7 +49,7 @@ from processors.clean import (
     clean,
     series_time_order,
 )  # fmt: skip
-from processors.window import Aggregates, OpenWindows, WindowSpec, aggregate, assign
+from portpulse.processors.window import Aggregates, OpenWindows, WindowSpec, aggregate, assign
 
 __all__ = ["Deferred", "EngineOutput", "EngineSettings", "ProcessorEngine", "Readings", "Recompute"]
 

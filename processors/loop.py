@@ -22,17 +22,17 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 
-from portpulse.catalogue import load_catalogue
+from portpulse.codecs.recordbatch import RecordColumns, concat_columns, intern_slices
+from portpulse.codecs.wire import decode_columns
+from portpulse.contract.catalogue import load_catalogue
+from portpulse.contract.points import PointStore, WriteReceipt
+from portpulse.contract.schema import str_array
+from portpulse.contract.settings import Settings
+from portpulse.contract.topics import late_topic
 from portpulse.kafka import BatchSender, client_options, columnar_consumer_options, fetched_columns, start_producer
-from portpulse.points import PointStore, WriteReceipt
-from portpulse.recordbatch import RecordColumns, concat_columns, intern_slices
-from portpulse.schema import str_array
-from portpulse.settings import Settings
-from portpulse.topics import late_topic
-from portpulse.wire import decode_columns
-from processors.engine import EngineOutput, EngineSettings, ProcessorEngine, Readings
-from processors.metrics import PROCESSOR_METRICS
-from processors.window import parse_windows
+from portpulse.processors.engine import EngineOutput, EngineSettings, ProcessorEngine, Readings
+from portpulse.processors.metrics import PROCESSOR_METRICS
+from portpulse.processors.window import parse_windows
 
 __all__ = ["ProcessorStats", "run_processor"]
 

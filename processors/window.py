@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from portpulse.sorting import group_starts, stable_order
+from portpulse.arrays import group_starts, stable_order
 
 __all__ = ["Aggregates", "OpenWindows", "WindowSpec", "aggregate", "assign", "parse_windows"]
 

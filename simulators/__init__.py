@@ -1,7 +1,15 @@
 """Simulators: the port's sensor fleets (pure, seeded), fault injection, MQTT publishing and replay."""
 
-from simulators.fleet import DOMAIN_METRICS, SITES, Fleet, make_fleet, reports
-from simulators.stream import FAULT_KINDS, Block, FaultRecord, OutMessage, StreamConfig, generate, parse_faults
+from portpulse.simulators.fleet import DOMAIN_METRICS, SITES, Fleet, make_fleet, reports
+from portpulse.simulators.stream import (
+    FAULT_KINDS,
+    Block,
+    FaultRecord,
+    OutMessage,
+    StreamConfig,
+    generate,
+    parse_faults,
+)
 
 __all__ = [
     "DOMAIN_METRICS",

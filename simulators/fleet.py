@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from portpulse.schema import str_array
+from portpulse.contract.schema import str_array
 
 __all__ = [
     "DOMAIN_METRICS",

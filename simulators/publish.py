@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, TextIO
 
-from simulators.rawmqtt import RawPublisher
-from simulators.stream import Block, FaultRecord, OutMessage
+from portpulse.simulators.rawmqtt import RawPublisher
+from portpulse.simulators.stream import Block, FaultRecord, OutMessage
 
 __all__ = ["MqttTarget", "PublishReport", "publish", "read_stream", "write_stream"]
 

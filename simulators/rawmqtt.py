@@ -12,7 +12,7 @@ import select
 import socket
 import time
 
-from portpulse.mqttwire import (
+from portpulse.codecs.mqttwire import (
     CONNACK,
     DISCONNECT_PACKET,
     PINGREQ,

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from simulators.fleet import DOMAIN_METRICS, Fleet, make_fleet, reports
+from portpulse.simulators.fleet import DOMAIN_METRICS, Fleet, make_fleet, reports
 
 __all__ = [
     "FAULT_KINDS",

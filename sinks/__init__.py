@@ -1,7 +1,7 @@
 """Sinks: InfluxDB line-protocol encoding (pure), the batching/retrying writer, analyst queries."""
 
-from sinks.lineprotocol import Categorical, EncodedLines, PointColumns, encode_lines
-from sinks.writer import InfluxTransport, InfluxWriter, LineTransport, WriteResult, WriteTicket
+from portpulse.sinks.lineprotocol import Categorical, EncodedLines, PointColumns, encode_lines
+from portpulse.sinks.writer import InfluxTransport, InfluxWriter, LineTransport, WriteResult, WriteTicket
 
 __all__ = [
     "Categorical",

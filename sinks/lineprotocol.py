@@ -24,8 +24,8 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
-from portpulse.points import Categorical, PointColumns
-from portpulse.sorting import factorise
+from portpulse.arrays import factorise
+from portpulse.contract.points import Categorical, PointColumns
 
 __all__ = [
     "PRECISION_NS",

@@ -11,9 +11,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from portpulse.errors import ConfigError, PortPulseError, ServiceUnavailableError
-from portpulse.points import SeriesRange, StoredReadings
-from portpulse.settings import InfluxSettings
+from portpulse.contract.errors import ConfigError, PortPulseError, ServiceUnavailableError
+from portpulse.contract.points import SeriesRange, StoredReadings
+from portpulse.contract.settings import InfluxSettings
 
 __all__ = [
     "AGGREGATES", "QueryRow", "QuerySpec", "build_flux", "flux_string", "flux_time_ns", "influxql_delete",

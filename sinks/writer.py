@@ -23,13 +23,13 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from portpulse.deadletter import DeadLetter, DeadLetterSink
-from portpulse.errors import PortPulseError
-from portpulse.points import SeriesRange, StoredReadings
-from portpulse.settings import InfluxSettings, SinkSettings
-from sinks.lineprotocol import Categorical, EncodedLines, PointColumns, encode_lines
-from sinks.metrics import SINK_METRICS
-from sinks.retry import Outcome, backoff_s, classify
+from portpulse.contract.deadletter import DeadLetter, DeadLetterSink
+from portpulse.contract.errors import PortPulseError
+from portpulse.contract.points import SeriesRange, StoredReadings
+from portpulse.contract.settings import InfluxSettings, SinkSettings
+from portpulse.sinks.lineprotocol import Categorical, EncodedLines, PointColumns, encode_lines
+from portpulse.sinks.metrics import SINK_METRICS
+from portpulse.sinks.retry import Outcome, backoff_s, classify
 
 __all__ = ["InfluxTransport", "InfluxWriter", "LineTransport", "WriteResult", "WriteTicket"]
 
@@ -273,7 +273,7 @@ class InfluxWriter:
 
         from influxdb_client.domain.dialect import Dialect
 
-        from sinks.query import parse_readback, readback_flux
+        from portpulse.sinks.query import parse_readback, readback_flux
 
         reader = self._query_client()
         flux = readback_flux(self._influx.bucket, query)
@@ -321,7 +321,7 @@ class InfluxWriter:
 
         from influxdb_client.domain.dialect import Dialect
 
-        from sinks.query import flux_time_ns, point_flux
+        from portpulse.sinks.query import flux_time_ns, point_flux
 
         await self.flush()
         reader = self._query_client()
@@ -354,7 +354,7 @@ class InfluxWriter:
         404 there) an InfluxQL ``DELETE`` on ``/query``."""
         import aiohttp
 
-        from sinks.query import influxql_delete
+        from portpulse.sinks.query import influxql_delete
 
         token = self._influx.token.get_secret_value()
         url = self._influx.url.rstrip("/")

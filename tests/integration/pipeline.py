@@ -13,9 +13,9 @@ import paho.mqtt.client as paho
 from aiokafka import AIOKafkaConsumer
 from paho.mqtt.enums import CallbackAPIVersion
 
-from ingest.bridge import BridgeStats, run_bridge
-from portpulse.settings import IngestSettings, KafkaSettings, MqttSettings, Settings
-from portpulse.wire import WireError, decode_value
+from portpulse.codecs.wire import WireError, decode_value
+from portpulse.contract.settings import IngestSettings, KafkaSettings, MqttSettings, Settings
+from portpulse.ingest.bridge import BridgeStats, run_bridge
 from tests.services import KafkaEndpoint, MqttEndpoint
 
 

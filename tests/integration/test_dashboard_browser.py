@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from portpulse.pipeline import ProcessorOptions
-from simulators.stream import generate
+from portpulse.app.pipeline import ProcessorOptions
+from portpulse.simulators.stream import generate
 from tests.integration.pipeline import Publisher
 from tests.integration.test_end_to_end import http_get, pipeline_settings, running_pipeline, stream
 from tests.services import InfluxEndpoint, KafkaEndpoint, MqttEndpoint

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from portpulse.pipeline import ProcessorOptions, run_pipeline
-from portpulse.settings import (
+from portpulse.app.pipeline import ProcessorOptions, run_pipeline
+from portpulse.contract.settings import (
     InfluxSettings,
     KafkaSettings,
     MqttSettings,
@@ -31,7 +31,7 @@ from portpulse.settings import (
     Settings,
     SinkSettings,
 )  # fmt: skip
-from simulators.stream import FaultRecord, OutMessage, StreamConfig, generate
+from portpulse.simulators.stream import FaultRecord, OutMessage, StreamConfig, generate
 from tests.integration.pipeline import Publisher, consume
 from tests.integration.test_sink_influx import query_rows
 from tests.integration.test_smoke_services import rfc3339_to_ns

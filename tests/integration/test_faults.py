@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from portpulse.wire import decode_values
-from simulators.stream import generate
+from portpulse.codecs.wire import decode_values
+from portpulse.simulators.stream import generate
 from tests.integration.pipeline import Publisher, consume
 from tests.integration.test_end_to_end import (
     Window,
@@ -76,7 +76,7 @@ class PipelineProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def spawn(self) -> None:
-        cmd = [sys.executable, "-m", "portpulse.cli", "run", *self.options]
+        cmd = [sys.executable, "-m", "portpulse", "run", *self.options]
         with open(self.log, "ab") as err:  # the child keeps its own copy of the descriptor
             self.proc = subprocess.Popen(cmd, env=self.env, stdout=subprocess.DEVNULL, stderr=err)
 

@@ -13,10 +13,17 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from portpulse.points import Categorical, MemoryPointSink, PointColumns, SeriesRange, StoredReadings, WriteReceipt
-from portpulse.settings import KafkaSettings, Settings
-from portpulse.wire import VERSION_HEADER, encode_value
-from processors.loop import run_processor
+from portpulse.codecs.wire import VERSION_HEADER, encode_value
+from portpulse.contract.points import (
+    Categorical,
+    MemoryPointSink,
+    PointColumns,
+    SeriesRange,
+    StoredReadings,
+    WriteReceipt,
+)
+from portpulse.contract.settings import KafkaSettings, Settings
+from portpulse.processors.loop import run_processor
 from tests.services import KafkaEndpoint
 
 pytestmark = pytest.mark.integration
@@ -267,8 +274,8 @@ async def test_columnar_fetch_reads_exactly_what_was_sent(
     ordinary consumer in the same process still gets aiokafka's records."""
     from aiokafka import AIOKafkaConsumer
 
+    from portpulse.codecs.recordbatch import RecordColumns
     from portpulse.kafka import columnar_consumer_options, fetched_columns
-    from portpulse.recordbatch import RecordColumns
 
     topic = f"{unique}.readings.air"
     await create_topic(kafka, topic, 1)
@@ -317,8 +324,8 @@ async def test_columns_written_by_portpulse_arrive_in_key_order_on_murmur2_parti
     from aiokafka import AIOKafkaConsumer
     from aiokafka.partitioner import murmur2
 
+    from portpulse.codecs.recordbatch import OutgoingRecords, encode_headers
     from portpulse.kafka import BatchSender, start_producer
-    from portpulse.recordbatch import OutgoingRecords, encode_headers
 
     topic = f"{unique}.readings.air"
     await create_topic(kafka, topic, 3)

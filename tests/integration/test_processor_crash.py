@@ -51,7 +51,7 @@ def start_processor(
     cmd = [
         sys.executable,
         "-m",
-        "portpulse.cli",
+        "portpulse",
         "process",
         "--windows",
         "1m",

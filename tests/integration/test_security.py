@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from prometheus_client import REGISTRY, generate_latest
 
-from ingest.bridge import run_bridge
-from portpulse.cli import main as cli_main
-from portpulse.errors import ConfigError
+from portpulse.app.cli import main as cli_main
+from portpulse.contract.errors import ConfigError
+from portpulse.ingest.bridge import run_bridge
 from tests.integration.pipeline import bridge_settings
 from tests.services import KafkaEndpoint, MqttEndpoint, free_port, wait_for
 

@@ -10,8 +10,8 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from simulators.publish import MqttTarget, publish
-from simulators.stream import StreamConfig, generate, parse_faults
+from portpulse.simulators.publish import MqttTarget, publish
+from portpulse.simulators.stream import StreamConfig, generate, parse_faults
 from tests.services import MqttEndpoint, wait_for
 
 pytestmark = pytest.mark.integration

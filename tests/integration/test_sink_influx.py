@@ -13,9 +13,9 @@ from aiokafka import AIOKafkaConsumer
 from influxdb_client import InfluxDBClient
 from influxdb_client.domain.dialect import Dialect
 
-from portpulse.deadletter import KafkaDeadLetters
-from portpulse.settings import InfluxSettings, KafkaSettings, SinkSettings
-from sinks import InfluxWriter, PointColumns
+from portpulse.contract.settings import InfluxSettings, KafkaSettings, SinkSettings
+from portpulse.kafka import KafkaDeadLetters
+from portpulse.sinks import InfluxWriter, PointColumns
 from tests.integration.test_smoke_services import rfc3339_to_ns
 from tests.services import InfluxEndpoint, KafkaEndpoint, is_local, local_service_control_async
 
@@ -218,7 +218,7 @@ async def test_portpulse_query_matches_a_direct_flux_query(
 ) -> None:
     import json
 
-    from portpulse.cli import main
+    from portpulse.app.cli import main
 
     base = 1_764_000_000_000_000_000
     n = 600  # 10 minutes at 1 Hz for two sensors of one site
@@ -298,7 +298,7 @@ async def test_read_back_returns_exactly_the_stored_raw_points_and_rejected_read
     """What the processor reads back to recompute a window: raw points of the asked sensors and
     metrics in the range, rejected readings with their reason (and value where finite); nothing
     of other sensors, metrics or times."""
-    from portpulse.points import SeriesRange
+    from portpulse.contract.points import SeriesRange
 
     base = (time.time_ns() - 3600 * 10**9) // 60_000_000_000 * 60_000_000_000
     sensors = _obj(["s-1", "a,b=c d", "s-1", "a,b=c d", "other"])

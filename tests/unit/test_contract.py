@@ -24,8 +24,8 @@ from portpulse import (
     parse_mqtt_topic,
     readings_topic,
 )
-from portpulse.cli import main
-from portpulse.topics import MqttTopic
+from portpulse.app.cli import main
+from portpulse.contract.topics import MqttTopic
 
 
 def test_settings_env_nested_and_toml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -139,11 +139,9 @@ def test_errors_carry_retriable_and_data() -> None:
 
 
 def test_cli_version_and_help() -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "portpulse.cli", "--version"], capture_output=True, text=True, check=True
-    )
+    out = subprocess.run([sys.executable, "-m", "portpulse", "--version"], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == f"portpulse {__version__}"
-    out = subprocess.run([sys.executable, "-m", "portpulse.cli", "--help"], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-m", "portpulse", "--help"], capture_output=True, text=True, check=True)
     assert "PORTPULSE_" in out.stdout and "catalogue" in out.stdout
 
 
@@ -160,7 +158,7 @@ def test_cli_config_masks_secrets_and_reports_bad_config(
 
 
 def test_cli_accepts_negative_durations_after_start_and_stop() -> None:
-    from portpulse.cli import _join_negative_values
+    from portpulse.app.cli import _join_negative_values
 
     assert _join_negative_values(["query", "--start", "-1h", "--stop", "-5m", "--every", "1m"]) == [
         "query", "--start=-1h", "--stop=-5m", "--every", "1m",

@@ -10,10 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ingest.decode import REASONS, DecodeLimits, Message, decode_messages, parse_timestamp_ns
-from ingest.records import build_dead_letters, build_records
-from portpulse.schema import FLAG_TS_FROM_RECEIVE, Reading
-from portpulse.wire import WireError, decode_value, decode_values, encode_single, encode_value
+from portpulse.codecs.wire import WireError, decode_value, decode_values, encode_single, encode_value
+from portpulse.contract.schema import FLAG_TS_FROM_RECEIVE, Reading
+from portpulse.ingest.decode import REASONS, DecodeLimits, Message, decode_messages, parse_timestamp_ns
+from portpulse.ingest.records import build_dead_letters, build_records
 
 NOW = 1_764_000_000_000_000_000  # 2025-11-24T16:00:00Z
 LIMITS = DecodeLimits(max_payload_bytes=4096)
@@ -259,7 +259,7 @@ def test_records_group_by_message_and_sensor_and_dead_letters_keep_the_payload()
     )
 )
 def test_batch_decode_equals_one_value_at_a_time(items: list[Any]) -> None:
-    from portpulse.wire import decode_values
+    from portpulse.codecs.wire import decode_values
 
     values: list[bytes] = []
     for item in items:
@@ -309,7 +309,7 @@ def test_batch_decode_equals_one_value_at_a_time(items: list[Any]) -> None:
 
 
 def test_batch_decode_fast_paths_still_reject_values_with_a_known_header_and_a_wrong_length() -> None:
-    from portpulse.wire import decode_values
+    from portpulse.codecs.wire import decode_values
 
     names = ["no2", "pm25", "o3"]
     good = encode_value("quai", names, [0, 1, 2], [1, 2, 3], [1.0, 2.0, 3.0], [0, 0, 0])
@@ -323,7 +323,7 @@ def test_batch_decode_fast_paths_still_reject_values_with_a_known_header_and_a_w
 
 
 def test_single_bodies_after_their_header_give_the_bytes_of_encode_single() -> None:
-    from portpulse.wire import encode_single, encode_single_bodies, value_header
+    from portpulse.codecs.wire import encode_single, encode_single_bodies, value_header
 
     sites = ["quai", "quai", "berth-2", "quai", "berth-2"]
     metrics = ["no2", "pm25", "no2", "no2", "o3"]
@@ -438,7 +438,7 @@ def test_the_whole_batch_path_only_changes_speed(payload: str, topic: str) -> No
     and the reasons of the per-reading path (orjson dicts) it stands in front of."""
     message = [Message(topic, payload.encode(), NOW)]
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("ingest.decode._plain_batch", lambda *args: False)
+        patch.setattr("portpulse.ingest.decode._plain_batch", lambda *args: False)
         general = decode_messages(message, DecodeLimits())  # also learns the valid names
     fast = decode_messages(message, DecodeLimits())
     assert fast.readings.rows() == general.readings.rows()

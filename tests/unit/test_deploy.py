@@ -11,10 +11,10 @@ from types import ModuleType
 
 import yaml
 
-from ingest.metrics import INGEST_METRICS
-from portpulse.catalogue import load_catalogue
-from processors.metrics import PROCESSOR_METRICS
-from sinks.metrics import SINK_METRICS
+from portpulse.contract.catalogue import load_catalogue
+from portpulse.ingest.metrics import INGEST_METRICS
+from portpulse.processors.metrics import PROCESSOR_METRICS
+from portpulse.sinks.metrics import SINK_METRICS
 
 ROOT = Path(__file__).resolve().parents[2]
 GRAFANA = ROOT / "deploy" / "grafana"
@@ -106,8 +106,9 @@ def test_compose_pipeline_is_wired_to_the_services() -> None:
 
 
 def test_dockerfile_copies_every_package() -> None:
-    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = ["portpulse", *setuptools["package-dir"].values()]
+    assert len(folders) == 5
     dockerfile = (ROOT / "Dockerfile").read_text()
-    for pattern in packages:
-        name = pattern.rstrip("*")
+    for name in folders:
         assert f"COPY {name} ./{name}" in dockerfile, name

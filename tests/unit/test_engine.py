@@ -17,10 +17,10 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from portpulse.catalogue import load_catalogue
-from portpulse.points import MemoryPointSink
-from processors.engine import EngineOutput, EngineSettings, ProcessorEngine, Readings
-from processors.window import parse_windows
+from portpulse.contract.catalogue import load_catalogue
+from portpulse.contract.points import MemoryPointSink
+from portpulse.processors.engine import EngineOutput, EngineSettings, ProcessorEngine, Readings
+from portpulse.processors.window import parse_windows
 
 T = TypeVar("T")
 S = 10**9

@@ -12,12 +12,12 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ingest.decode import REASONS, DecodeLimits, Message, decode_messages
-from ingest.records import build_records
-from portpulse.points import PointColumns
-from portpulse.topics import ID_RE
-from portpulse.wire import decode_values
-from sinks.lineprotocol import encode_lines
+from portpulse.codecs.wire import decode_values
+from portpulse.contract.points import PointColumns
+from portpulse.contract.topics import ID_RE
+from portpulse.ingest.decode import REASONS, DecodeLimits, Message, decode_messages
+from portpulse.ingest.records import build_records
+from portpulse.sinks.lineprotocol import encode_lines
 from tests.unit.test_lineprotocol import parse_line
 
 NOW = 1_764_000_000_000_000_000

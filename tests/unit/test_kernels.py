@@ -9,8 +9,19 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from processors.clean import DUPLICATE, NO_OFFSET, NON_FINITE, OK, OUT_OF_RANGE, RATE, REPEAT, SPIKE, History, clean
-from processors.window import WindowSpec, aggregate, assign, parse_windows
+from portpulse.processors.clean import (
+    DUPLICATE,
+    NO_OFFSET,
+    NON_FINITE,
+    OK,
+    OUT_OF_RANGE,
+    RATE,
+    REPEAT,
+    SPIKE,
+    History,
+    clean,
+)
+from portpulse.processors.window import WindowSpec, aggregate, assign, parse_windows
 
 W = 5
 
@@ -196,7 +207,7 @@ def test_aggregate_equals_reference(rows: list[tuple[int, int, float, bool]]) ->
 def test_sorting_network_sorts_every_binary_input_and_random_rows() -> None:
     from itertools import product
 
-    from processors.clean import _sort_columns
+    from portpulse.processors.clean import _sort_columns
 
     binary = np.array(list(product([0.0, 1.0], repeat=7)))  # the 0-1 principle: all 128 inputs
     rows = np.vstack([binary, np.random.default_rng(3).normal(size=(500, 7))])
@@ -207,7 +218,7 @@ def test_sorting_network_sorts_every_binary_input_and_random_rows() -> None:
 def test_sorting_and_median_networks_for_other_window_sizes() -> None:
     from itertools import product
 
-    from processors.clean import _full_median, _sort_columns
+    from portpulse.processors.clean import _full_median, _sort_columns
 
     for w in (1, 2, 3, 4, 5, 6, 8, 9, 11):
         binary = np.array(list(product([0.0, 1.0], repeat=w)))
@@ -218,7 +229,7 @@ def test_sorting_and_median_networks_for_other_window_sizes() -> None:
 
 
 def test_stable_order_equals_a_stable_argsort_packed_or_not() -> None:
-    from portpulse.sorting import stable_order
+    from portpulse.arrays import stable_order
 
     rng = np.random.default_rng(5)
     for key in (
@@ -250,7 +261,7 @@ def test_aggregate_with_very_uneven_groups_equals_reference() -> None:
 
 
 def test_window_keys_are_one_per_spec_series_start_and_ordered_like_them() -> None:
-    from processors.engine import _window_key
+    from portpulse.processors.engine import _window_key
 
     windows = parse_windows("10s,1m,5m/1m")
     rng = np.random.default_rng(2)
@@ -281,7 +292,7 @@ def test_open_windows_close_exactly_the_rows_added_per_window_and_series_in_orde
     """Rows (spec, start, partition, series) added over several steps come back once, when their
     window ends at or before their own series' closed-until time, in the order they were added
     (per window and series); replay offsets and dropped partitions follow."""
-    from processors.window import OpenWindows
+    from portpulse.processors.window import OpenWindows
 
     sizes = [2, 5]
     store = OpenWindows()
@@ -320,7 +331,7 @@ def test_open_windows_close_exactly_the_rows_added_per_window_and_series_in_orde
 
 @given(st.lists(st.sampled_from(["no2", "pm25", "quai", ""]), max_size=40))
 def test_factorise_codes_index_the_distinct_items_in_first_seen_order(items: list[str]) -> None:
-    from portpulse.sorting import factorise
+    from portpulse.arrays import factorise
 
     fresh = ["".join(list(s)) for s in items]  # equal strings as distinct objects, as a parser makes them
     codes, distinct = factorise(fresh)
@@ -331,7 +342,7 @@ def test_factorise_codes_index_the_distinct_items_in_first_seen_order(items: lis
 def test_late_records_are_json_with_every_field_and_never_fail_on_odd_values() -> None:
     import json
 
-    from processors.loop import _late_record
+    from portpulse.processors.loop import _late_record
 
     record = json.loads(_late_record((3, "air", "no2-1", "no2", 1_764_000_000_123_456_789, 41.25, 12 * 10**9)))
     assert record == {"domain": "air", "sensor_id": "no2-1", "metric": "no2", "ts_ns": 1_764_000_000_123_456_789,

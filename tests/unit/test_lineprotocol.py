@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sinks.lineprotocol import Categorical, PointColumns, encode_lines
+from portpulse.sinks.lineprotocol import Categorical, PointColumns, encode_lines
 
 
 def _split_unescaped(text: str, sep: str, quotes: bool = False) -> list[str]:

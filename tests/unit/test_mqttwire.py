@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from portpulse.mqttwire import (
+from portpulse.codecs.mqttwire import (
     CONNACK,
     PUBACK_TYPE,
     SUBACK,

@@ -8,10 +8,11 @@ import json
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from portpulse.catalogue import load_catalogue
-from portpulse.ops import Health, LatestValues, LiveView, OpsServer, Probe, metric_totals
-from portpulse.points import Categorical, PointColumns
-from portpulse.top import render
+from portpulse.app.ops import LatestValues, LiveView, OpsServer, metric_totals
+from portpulse.app.top import render
+from portpulse.contract.catalogue import load_catalogue
+from portpulse.contract.health import Health, Probe
+from portpulse.contract.points import Categorical, PointColumns
 
 
 def _probe(result: tuple[bool, str]) -> Probe:

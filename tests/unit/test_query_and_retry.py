@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from portpulse.errors import ConfigError
-from sinks.query import QueryRow, QuerySpec, build_flux, flux_string, format_rows
-from sinks.retry import Outcome, backoff_s, classify
+from portpulse.contract.errors import ConfigError
+from portpulse.sinks.query import QueryRow, QuerySpec, build_flux, flux_string, format_rows
+from portpulse.sinks.retry import Outcome, backoff_s, classify
 
 
 def test_flux_string_escapes_everything_that_could_end_or_interpolate() -> None:
@@ -94,8 +94,8 @@ def test_backoff_grows_caps_and_honours_retry_after() -> None:
 
 
 def test_readback_query_keeps_hostile_ids_inside_literals_and_parses_what_influx_returns() -> None:
-    from portpulse.points import SeriesRange
-    from sinks.query import parse_readback, readback_flux
+    from portpulse.contract.points import SeriesRange
+    from portpulse.sinks.query import parse_readback, readback_flux
 
     hostile = 'x") or r._measurement =~ /.*/ or (r.a == ("'
     query = SeriesRange("air", ("s-1", hostile), ("no2",), 1_000_000_000, 3_000_000_000)
@@ -118,11 +118,11 @@ def test_readback_query_keeps_hostile_ids_inside_literals_and_parses_what_influx
 async def test_readback_retries_while_influx_does_not_answer_and_stops_on_a_refusal() -> None:
     from pydantic import SecretStr
 
-    from portpulse.deadletter import MemoryDeadLetters
-    from portpulse.errors import PortPulseError
-    from portpulse.points import SeriesRange
-    from portpulse.settings import InfluxSettings, SinkSettings
-    from sinks.writer import InfluxWriter
+    from portpulse.contract.deadletter import MemoryDeadLetters
+    from portpulse.contract.errors import PortPulseError
+    from portpulse.contract.points import SeriesRange
+    from portpulse.contract.settings import InfluxSettings, SinkSettings
+    from portpulse.sinks.writer import InfluxWriter
 
     class Api:
         def __init__(self, failures: list[Exception]) -> None:
@@ -158,7 +158,7 @@ async def test_readback_retries_while_influx_does_not_answer_and_stops_on_a_refu
 
 
 def test_influxql_delete_names_one_point_and_escapes_what_could_end_a_literal() -> None:
-    from sinks.query import influxql_delete
+    from portpulse.sinks.query import influxql_delete
 
     assert influxql_delete("air", "s-1", 5) == 'DELETE FROM "air" WHERE "sensor_id" = \'s-1\' AND time = 5'
     hostile = influxql_delete('a"ir', "x' OR time > 0 --\\", 7)

@@ -12,8 +12,8 @@ from aiokafka.record.util import calc_crc32c
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from portpulse.kafka import _decompress, fetched_columns
-from portpulse.recordbatch import (
+from portpulse.arrays import distinct_codes
+from portpulse.codecs.recordbatch import (
     CorruptRecordSetError,
     OutgoingRecords,
     RecordColumns,
@@ -24,7 +24,8 @@ from portpulse.recordbatch import (
     intern_slices,
     parse_record_set,
 )
-from portpulse.sorting import distinct_codes
+from portpulse.kafka import fetched_columns
+from portpulse.kafka.hooks import decompress
 
 Rec = tuple[bytes | None, bytes | None]
 
@@ -57,7 +58,7 @@ def as_tuples(cols: RecordColumns) -> list[tuple[int, bytes | None, bytes | None
 
 
 def parse(raw: bytes, fetch_offset: int = 0) -> RecordColumns:
-    return parse_record_set(raw, fetch_offset, _decompress, calc_crc32c)
+    return parse_record_set(raw, fetch_offset, decompress, calc_crc32c)
 
 
 payload = st.one_of(st.none(), st.binary(max_size=40), st.binary(min_size=60, max_size=9000))
@@ -98,7 +99,7 @@ def test_a_corrupt_batch_is_refused_not_misread() -> None:
     framed = bytearray(batch([(b"k", b"v"), (b"k", b"v")], 0))
     framed[61] = 0x7E  # first record's length varint: 63 bytes, past the second record
     with pytest.raises(CorruptRecordSetError):
-        parse_record_set(bytes(framed), 0, _decompress)
+        parse_record_set(bytes(framed), 0, decompress)
 
 
 def test_columns_of_records_and_concat_keep_every_slice() -> None:
@@ -179,14 +180,14 @@ def test_written_batches_read_back_with_aiokafkas_reader_and_ours(
 ) -> None:
     """encode_records + frame_batch: every key, value (its parts joined), header, offset delta,
     timestamp and the idempotent producer's fields as aiokafka reads them; our parser agrees."""
-    from portpulse.kafka import _compress
+    from portpulse.kafka.hooks import compress
 
     out = outgoing(records, ["a", "b"])
     rows = np.flatnonzero(out.topic == 0)
     if not len(rows):
         rows = np.arange(len(out))
     body = out.encode(rows)
-    raw = frame_batch(_compress(codec, body) if codec else body, len(rows), 1_764_000_000_123, codec,
+    raw = frame_batch(compress(codec, body) if codec else body, len(rows), 1_764_000_000_123, codec,
                       (producer_id, 3, 17), calc_crc32c)  # fmt: skip
     read = MemoryRecords(raw).next_batch()
     assert read.validate_crc()
@@ -203,7 +204,7 @@ def test_written_batches_read_back_with_aiokafkas_reader_and_ours(
 
 
 def _record_starts(body: bytes, count: int) -> np.ndarray:
-    from portpulse.recordbatch import _record_heads
+    from portpulse.codecs.recordbatch import _record_heads
 
     heads: list[int] = []
     _record_heads(body, count, 0, heads)
@@ -220,7 +221,7 @@ def test_gather_segments_equals_joining_the_slices(pieces: list[bytes], data: st
 
 
 def test_zero_padded_reuses_the_padding_of_parsed_record_sets_and_copies_otherwise() -> None:
-    from portpulse.recordbatch import zero_padded
+    from portpulse.codecs.recordbatch import zero_padded
 
     raw = batch([(b"k", b"value-1"), (None, b"v2")], 0) + batch([(b"k2", b"x" * 300)], 2)
     for cols in (parse(raw), concat_columns([parse(raw), parse(raw)])):

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from simulators.fleet import WIND_STOP_MS, make_fleet, reports
-from simulators.publish import read_stream, write_stream
-from simulators.rawmqtt import encode_publish
-from simulators.stream import FAULT_KINDS, OutMessage, StreamConfig, generate, parse_faults
+from portpulse.simulators.fleet import WIND_STOP_MS, make_fleet, reports
+from portpulse.simulators.publish import read_stream, write_stream
+from portpulse.simulators.rawmqtt import encode_publish
+from portpulse.simulators.stream import FAULT_KINDS, OutMessage, StreamConfig, generate, parse_faults
 
 HOUR_NS = 3_600 * 10**9
 DAY0 = 1_764_028_800 * 10**9  # 2025-11-25T00:00:00Z

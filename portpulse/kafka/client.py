@@ -1,35 +1,28 @@
-"""Kafka client options and producer start-up shared by every stage (one place for security)."""
+"""The Kafka adapter every stage shares: client options (one place for security), producer
+start-up, :class:`BatchSender` and committed offsets with their metadata."""
 
 from __future__ import annotations
 
 import asyncio
 import random
 import ssl
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from portpulse.errors import ServiceUnavailableError
-from portpulse.recordbatch import (
-    BATCH_HEADER_BYTES,
-    OutgoingRecords,
-    RecordColumns,
-    concat_columns,
-    frame_batch,
-    parse_record_set,
-)
-from portpulse.settings import KafkaSettings
+from portpulse.codecs.recordbatch import BATCH_HEADER_BYTES, OutgoingRecords, decode_headers
+from portpulse.contract.errors import ServiceUnavailableError
+from portpulse.contract.settings import KafkaSettings
+from portpulse.kafka.hooks import FramedBatch, framed_batches
 
 __all__ = [
     "BatchSender",
     "KafkaOut",
     "OutgoingRecords",
     "client_options",
-    "columnar_consumer_options",
-    "fetched_columns",
+    "committed_offsets",
     "start_producer",
 ]
 
@@ -73,63 +66,6 @@ KafkaOut = tuple[str, bytes | None, bytes, list[tuple[str, bytes]] | None]
 
 #: Kafka's codec ids (the low bits of a batch's attributes).
 _CODEC_IDS = {"none": 0, "gzip": 1, "snappy": 2, "lz4": 3, "zstd": 4}
-_LZ4_FAST = 1  # lz4 frame levels below 3 are its fast mode (aiokafka's own path uses 9)
-
-
-def _compress(codec: int, payload: bytes) -> bytes:
-    from aiokafka import codec as kc
-
-    if codec == 3:
-        return bytes(kc.lz4_encode(payload, level=_LZ4_FAST))
-    encoders = {1: kc.gzip_encode, 2: kc.snappy_encode, 4: kc.zstd_encode}
-    return bytes(encoders[codec](payload))
-
-
-class _FramedBatch:
-    """Stands in for aiokafka's ``BatchBuilder`` in ``send_batch``: the records were encoded by
-    :func:`encode_records`; compression and the batch frame (which carries the idempotent
-    producer's id and sequence, known only when the sender drains it) happen in ``_build``."""
-
-    __slots__ = ("_buffer", "_codec", "_count", "_producer", "_records", "_timestamp_ms")
-
-    def __init__(self, records: bytes, count: int, codec: int) -> None:
-        self._records = records
-        self._count = count
-        self._codec = codec
-        self._producer = (-1, -1, -1)
-        self._timestamp_ms = int(time.time() * 1000)
-        self._buffer: bytes | None = None
-
-    def append(self, **_: Any) -> None:  # full: producer.send() starts a batch of its own
-        return None
-
-    def close(self) -> None:
-        pass
-
-    def closed(self) -> bool:
-        return True
-
-    def _set_producer_state(self, producer_id: int, producer_epoch: int, base_sequence: int) -> None:
-        self._producer = (producer_id, producer_epoch, base_sequence)
-
-    def _build(self) -> bytes:
-        from aiokafka.record.util import calc_crc32c
-
-        if self._buffer is None:
-            body, attributes = self._records, 0
-            if self._codec:
-                compressed = _compress(self._codec, self._records)
-                if len(compressed) < len(body):  # like aiokafka: only when it helps
-                    body, attributes = compressed, self._codec
-            self._buffer = frame_batch(body, self._count, self._timestamp_ms, attributes, self._producer,
-                                       calc_crc32c)  # fmt: skip
-        return self._buffer
-
-    def size(self) -> int:
-        return len(self._buffer if self._buffer is not None else self._records)
-
-    def record_count(self) -> int:
-        return self._count
 
 
 #: Records of one send and the future of their batch's acknowledgement.
@@ -173,6 +109,9 @@ class BatchSender:
 
     async def send_columns(self, records: OutgoingRecords) -> int:
         """Send records given as columns; returns the number of retries it took."""
+        if not framed_batches():
+            headers = decode_headers(records.headers) or None
+            return await self.send_all([(t, k, v, headers) for t, k, v in records.as_tuples()])
         rows = np.arange(len(records), dtype=np.int64)
         return await self._until_acknowledged(rows, lambda r: self._send_columns(records, r), _concat_rows)
 
@@ -302,7 +241,7 @@ class BatchSender:
                 taken = int(cum[start - 1]) if start else 0
                 end = max(int(np.searchsorted(cum, taken + room, side="right")), start + 1)
                 chunk = rows[first + start : first + end]
-                batch = _FramedBatch(records.encode(chunk), len(chunk), self._codec)
+                batch = FramedBatch(records.encode(chunk), len(chunk), self._codec)
                 sent.append((chunk, await self._producer.send_batch(batch, topic, partition=partition)))
                 start = end
         return sent
@@ -312,125 +251,28 @@ def _concat_rows(a: npt.NDArray[np.int64], b: npt.NDArray[np.int64]) -> npt.NDAr
     return np.concatenate([a, b])
 
 
-# ------------------------------------------------------------------ columnar fetches
+async def committed_offsets(
+    kafka: KafkaSettings, group_id: str, partitions: Sequence[Any], attempts: int = 5
+) -> dict[Any, Any]:
+    """The committed ``OffsetAndMetadata`` of ``partitions`` (aiokafka ``TopicPartition``s) in
+    ``group_id``, read with the admin client; partitions without a commit are left out. Retries
+    ``attempts`` times (0.2 s doubling); raises :class:`ServiceUnavailableError` after that."""
+    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.errors import KafkaError
 
-
-def _keep_raw(value: bytes) -> bytes:
-    """The value deserializer that marks a consumer as columnar (and is the identity if the
-    columnar hook is not installed, so such a consumer still works record by record)."""
-    return value
-
-
-class _RawRecordSet:
-    """aiokafka's ``MemoryRecords`` that also keeps the fetch response's bytes."""
-
-    __slots__ = ("_inner", "raw")
-
-    def __init__(self, data: bytes) -> None:
-        self.raw = data
-        self._inner = _MEMORY_RECORDS[0](data)
-
-    def has_next(self) -> bool:
-        return bool(self._inner.has_next())
-
-    def size_in_bytes(self) -> int:
-        return int(self._inner.size_in_bytes())
-
-    def next_batch(self) -> Any:
-        return self._inner.next_batch()
-
-
-class _ColumnarPartitionRecords:
-    """Stands in for aiokafka's ``PartitionRecords``: yields one :class:`RecordColumns` for the
-    whole fetched record set of a partition instead of one ``ConsumerRecord`` per record."""
-
-    def __init__(self, raw: bytes, fetch_offset: int, check_crcs: bool) -> None:
-        self.next_fetch_offset = fetch_offset
-        self._raw: bytes | None = raw
-        self._check_crcs = check_crcs
-
-    def __iter__(self) -> _ColumnarPartitionRecords:
-        return self
-
-    def __next__(self) -> RecordColumns:
-        from aiokafka.errors import CorruptRecordException
-        from aiokafka.record.util import calc_crc32c
-
-        if self._raw is None:
-            raise StopIteration
-        raw, self._raw = self._raw, None
-        try:
-            cols = parse_record_set(raw, self.next_fetch_offset, _decompress,
-                                    calc_crc32c if self._check_crcs else None, _legacy_records)  # fmt: skip
-        except ValueError as exc:
-            raise CorruptRecordException(str(exc)) from None
-        self.next_fetch_offset = cols.next_offset
-        return cols
-
-
-def _decompress(codec: int, payload: bytes) -> bytes:
-    from aiokafka import codec as kc
-
-    decoders = {1: kc.gzip_decode, 2: kc.snappy_decode, 3: kc.lz4_decode, 4: kc.zstd_decode}
-    if codec not in decoders:
-        raise ValueError(f"unknown compression codec {codec}")
-    return bytes(decoders[codec](payload))
-
-
-def _legacy_records(batch: bytes) -> list[tuple[int, bytes | None, bytes | None]]:
-    records = _MEMORY_RECORDS[0](batch)
-    out: list[tuple[int, bytes | None, bytes | None]] = []
-    while records.has_next():
-        out += [(r.offset, r.key, r.value) for r in records.next_batch()]
-    return out
-
-
-_MEMORY_RECORDS: list[Any] = []
-
-
-def _install_columnar_fetch() -> bool:
-    """Route fetches of consumers made with :func:`columnar_consumer_options` through
-    :func:`parse_record_set`; other consumers keep aiokafka's behaviour. True when installed.
-
-    This swaps two names in ``aiokafka.consumer.fetcher`` (the same in aiokafka 0.12 and 0.14,
-    pinned in pyproject); if they are not what is expected, nothing is changed and columnar
-    consumers fall back to records (:func:`fetched_columns` accepts both)."""
-    from aiokafka.consumer import fetcher
-
-    if _MEMORY_RECORDS:
-        return True
-    original_records = getattr(fetcher, "PartitionRecords", None)
-    memory_records = getattr(fetcher, "MemoryRecords", None)
-    if original_records is None or memory_records is None or not hasattr(fetcher, "READ_UNCOMMITTED"):
-        return False
-    _MEMORY_RECORDS.append(memory_records)
-
-    def partition_records(tp: Any, records: Any, aborted: Any, fetch_offset: int, key_deserializer: Any,
-                          value_deserializer: Any, check_crcs: bool, isolation_level: int) -> Any:  # fmt: skip
-        if value_deserializer is _keep_raw and isolation_level == fetcher.READ_UNCOMMITTED:
-            return _ColumnarPartitionRecords(records.raw, fetch_offset, check_crcs)
-        return original_records(tp, records, aborted, fetch_offset, key_deserializer, value_deserializer,
-                                check_crcs, isolation_level)  # fmt: skip
-
-    fetcher.MemoryRecords = _RawRecordSet
-    fetcher.PartitionRecords = partition_records
-    return True
-
-
-def columnar_consumer_options() -> dict[str, Any]:
-    """Keyword arguments for an ``AIOKafkaConsumer`` whose ``getmany`` yields, per partition, a
-    list of :class:`RecordColumns` (about 8x less CPU per record than ``ConsumerRecord``s)."""
-    _install_columnar_fetch()
-    return {"value_deserializer": _keep_raw, "isolation_level": "read_uncommitted"}
-
-
-def fetched_columns(items: list[Any]) -> RecordColumns:
-    """One partition's ``getmany`` items as columns: :class:`RecordColumns` from the columnar
-    fetch, or ``ConsumerRecord``s (the fallback path) turned into columns."""
-    parts = [item for item in items if isinstance(item, RecordColumns)]
-    records = [(r.offset, r.key, r.value) for r in items if not isinstance(r, RecordColumns)]
-    if records:
-        parts.append(RecordColumns.of(records))
-    if not parts:
-        return RecordColumns.of([])
-    return concat_columns(parts)
+    admin = AIOKafkaAdminClient(**client_options(kafka), request_timeout_ms=kafka.request_timeout_ms)
+    last = ""
+    try:
+        await admin.start()
+        for attempt in range(attempts):
+            try:
+                found = await admin.list_consumer_group_offsets(group_id, partitions=list(partitions))
+                return {tp: entry for tp, entry in found.items() if entry.offset >= 0}
+            except KafkaError as exc:
+                last = type(exc).__name__
+                await asyncio.sleep(0.2 * 2**attempt)
+    except KafkaError as exc:
+        last = type(exc).__name__
+    finally:
+        await admin.close()
+    raise ServiceUnavailableError("kafka", f"committed offsets of group {group_id}: {last}")

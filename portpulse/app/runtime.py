@@ -11,7 +11,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from portpulse.settings import OpsSettings
+from portpulse.contract.settings import OpsSettings
 
 __all__ = ["JsonFormatter", "keep_heap_for_reuse", "run_until_signal", "setup_logging", "tune_gc_for_streaming"]
 

@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from portpulse import __version__
-from portpulse.catalogue import load_catalogue
-from portpulse.errors import ConfigError, PortPulseError
-from portpulse.settings import Settings, load_settings
+from portpulse.contract.catalogue import load_catalogue
+from portpulse.contract.errors import ConfigError, PortPulseError
+from portpulse.contract.settings import Settings, load_settings
 
 __all__ = ["main"]
 
@@ -81,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_query(settings: Settings, args: argparse.Namespace) -> int:
-    from sinks.query import QuerySpec, format_rows, run_query
+    from portpulse.sinks.query import QuerySpec, format_rows, run_query
 
     spec = QuerySpec(
         bucket=settings.influx.bucket,
@@ -102,8 +102,8 @@ def _cmd_pipeline(settings: Settings, stages: tuple[str, ...], args: argparse.Na
     """``run``, ``bridge`` and ``process``: the stages until SIGINT/SIGTERM, then drain and report."""
     import logging
 
-    from portpulse.pipeline import ProcessorOptions, run_pipeline
-    from portpulse.runtime import keep_heap_for_reuse, run_until_signal, setup_logging, tune_gc_for_streaming
+    from portpulse.app.pipeline import ProcessorOptions, run_pipeline
+    from portpulse.app.runtime import keep_heap_for_reuse, run_until_signal, setup_logging, tune_gc_for_streaming
 
     setup_logging(settings.ops)
     if "processor" in stages:
@@ -119,7 +119,7 @@ def _cmd_pipeline(settings: Settings, stages: tuple[str, ...], args: argparse.Na
 
 
 def _cmd_top(settings: Settings, args: argparse.Namespace) -> int:
-    from portpulse.top import run_top
+    from portpulse.app.top import run_top
 
     url = args.url or f"http://{settings.ops.metrics_host}:{settings.ops.metrics_port}"
     return run_top(url, args.interval, once=args.once)
@@ -129,8 +129,8 @@ def _cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
     import contextlib
     import time
 
-    from simulators.publish import publish, write_stream
-    from simulators.stream import StreamConfig, generate, parse_faults
+    from portpulse.simulators.publish import publish, write_stream
+    from portpulse.simulators.stream import StreamConfig, generate, parse_faults
 
     try:
         config = StreamConfig(
@@ -166,7 +166,7 @@ def _cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _target(settings: Settings, qos: int) -> Any:
-    from simulators.publish import MqttTarget
+    from portpulse.simulators.publish import MqttTarget
 
     m = settings.mqtt
     return MqttTarget(
@@ -175,7 +175,7 @@ def _target(settings: Settings, qos: int) -> Any:
 
 
 def _cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
-    from simulators.publish import publish, read_stream
+    from portpulse.simulators.publish import publish, read_stream
 
     if not args.file.is_file():
         raise ConfigError(f"no such stream file: {args.file}")

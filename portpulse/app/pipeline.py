@@ -13,10 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from portpulse.catalogue import load_catalogue
-from portpulse.errors import ConfigError, PortPulseError
-from portpulse.ops import Health, LatestValues, LiveView, OpsServer, TappedSink, influx_probe, kafka_probe
-from portpulse.settings import Settings
+from portpulse.app.ops import Health, LatestValues, LiveView, OpsServer, TappedSink, influx_probe, kafka_probe
+from portpulse.contract.catalogue import load_catalogue
+from portpulse.contract.errors import ConfigError, PortPulseError
+from portpulse.contract.settings import Settings
 
 __all__ = ["STAGES", "ProcessorOptions", "run_pipeline"]
 
@@ -46,10 +46,10 @@ async def run_pipeline(
     The ops server listens on ``settings.ops.metrics_host:metrics_port`` (port 0: no server);
     ``on_ops_port`` is told the bound port.
     """
-    from ingest.bridge import run_bridge
-    from portpulse.deadletter import KafkaDeadLetters
-    from processors.loop import run_processor
-    from sinks.writer import InfluxWriter
+    from portpulse.ingest.bridge import run_bridge
+    from portpulse.kafka import KafkaDeadLetters
+    from portpulse.processors.loop import run_processor
+    from portpulse.sinks.writer import InfluxWriter
 
     unknown = set(stages) - set(STAGES)
     if unknown or not stages:

@@ -13,7 +13,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from portpulse.errors import ConfigError
+from portpulse.contract.errors import ConfigError
 
 __all__ = ["Catalogue", "MetricSpec", "load_catalogue"]
 
@@ -88,7 +88,7 @@ def _spec(domain: str, metric: str, raw: Mapping[str, Any]) -> MetricSpec:
 
 def load_catalogue(path: Path | None = None) -> Catalogue:
     """Load the catalogue from ``path``, or the one shipped with PortPulse."""
-    text = path.read_text() if path else resources.files("portpulse").joinpath("catalogue.toml").read_text()
+    text = path.read_text() if path else resources.files("portpulse.contract").joinpath("catalogue.toml").read_text()
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

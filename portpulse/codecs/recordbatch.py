@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from portpulse.sorting import distinct_codes
+from portpulse.arrays import distinct_codes
 
 __all__ = [
     "BATCH_HEADER_BYTES",
@@ -32,6 +32,7 @@ __all__ = [
     "OutgoingRecords",
     "RecordColumns",
     "concat_columns",
+    "decode_headers",
     "encode_headers",
     "encode_records",
     "frame_batch",
@@ -388,6 +389,19 @@ def encode_headers(headers: Sequence[tuple[str, bytes]]) -> bytes:
         name_b = name.encode()
         parts += [_varint_bytes(len(name_b)), name_b, _varint_bytes(len(value)), value]
     return b"".join(parts)
+
+
+def decode_headers(block: bytes) -> list[tuple[str, bytes]]:
+    """The headers :func:`encode_headers` encoded into ``block``."""
+    count, pos = _varint(block, 0)
+    out = []
+    for _ in range(count):
+        size, pos = _varint(block, pos)
+        name, pos = block[pos : pos + size].decode(), pos + size
+        size, pos = _varint(block, pos)
+        out.append((name, block[pos : pos + size]))
+        pos += size
+    return out
 
 
 def _varint_bytes(value: int) -> bytes:

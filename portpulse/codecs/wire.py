@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from portpulse.recordbatch import intern_slices, zero_padded
+from portpulse.codecs.recordbatch import intern_slices, zero_padded
 
 __all__ = [
     "VERSION",

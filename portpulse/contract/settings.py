@@ -18,7 +18,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from portpulse.errors import ConfigError
+from portpulse.contract.errors import ConfigError
 
 __all__ = [
     "InfluxSettings",

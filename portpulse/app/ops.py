@@ -14,16 +14,15 @@ import logging
 import struct
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
 import numpy as np
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 
-from portpulse.catalogue import Catalogue
-from portpulse.points import Categorical, PointColumns, PointStore, SeriesRange, StoredReadings, WriteReceipt
+from portpulse.contract.catalogue import Catalogue
+from portpulse.contract.health import Health, Probe
+from portpulse.contract.points import Categorical, PointColumns, PointStore, SeriesRange, StoredReadings, WriteReceipt
 
 __all__ = [
     "Health",
@@ -38,74 +37,7 @@ __all__ = [
 
 log = logging.getLogger("portpulse.ops")
 
-Probe = Callable[[], Awaitable[tuple[bool, str]]]
 Row = dict[str, Any]
-
-
-# ---------------------------------------------------------------- health
-
-
-@dataclass(slots=True)
-class _Check:
-    probe: Probe
-    ok: bool = False
-    detail: str = "not checked yet"
-    since: float = field(default_factory=time.time)
-
-
-class Health:
-    """Named dependency probes, run every ``interval_s`` in the background; answers from the cache
-    so an endpoint never blocks on a dead service."""
-
-    def __init__(self, interval_s: float = 2.0, timeout_s: float = 2.0) -> None:
-        self._checks: dict[str, _Check] = {}
-        self._stages: dict[str, bool] = {}
-        self._interval_s = interval_s
-        self._timeout_s = timeout_s
-
-    def add(self, name: str, probe: Probe) -> None:
-        self._checks[name] = _Check(probe)
-
-    def stage(self, name: str, started: bool) -> None:
-        """Record whether a pipeline stage (bridge, processor) is running."""
-        self._stages[name] = started
-
-    async def probe_once(self) -> None:
-        async def one(name: str, check: _Check) -> None:
-            try:
-                ok, detail = await asyncio.wait_for(check.probe(), self._timeout_s)
-            except TimeoutError:
-                ok, detail = False, f"no answer within {self._timeout_s:g}s"
-            except Exception as exc:  # a probe must never take the server down
-                ok, detail = False, f"{type(exc).__name__}: {exc}"
-            if ok != check.ok:
-                check.since = time.time()
-                (log.info if ok else log.warning)("%s %s: %s", name, "reachable" if ok else "UNREACHABLE", detail)
-            check.ok, check.detail = ok, detail
-
-        await asyncio.gather(*(one(n, c) for n, c in self._checks.items()))
-
-    async def run(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            await self.probe_once()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self._interval_s)
-
-    @property
-    def healthy(self) -> bool:
-        return all(c.ok for c in self._checks.values())
-
-    @property
-    def ready(self) -> bool:
-        return self.healthy and bool(self._stages) and all(self._stages.values())
-
-    def snapshot(self) -> dict[str, Any]:
-        return {
-            "healthy": self.healthy,
-            "ready": self.ready,
-            "checks": {n: {"ok": c.ok, "detail": c.detail, "since": c.since} for n, c in self._checks.items()},
-            "stages": dict(self._stages),
-        }
 
 
 def kafka_probe(bootstrap_servers: str) -> Probe:
@@ -350,7 +282,7 @@ class LiveView:
 
 
 def dashboard_html() -> bytes:
-    return resources.files("portpulse").joinpath("dashboard.html").read_bytes()
+    return resources.files("portpulse.app").joinpath("dashboard.html").read_bytes()
 
 
 class OpsServer:

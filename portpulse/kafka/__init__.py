@@ -1,0 +1,19 @@
+"""The Kafka adapter: client options, producer start-up and batched sending (``client``), dead
+letters to their topic (``deadletters``), and the aiokafka internals PortPulse's speed relies on,
+quarantined and checked at start-up (``hooks``)."""
+
+from portpulse.kafka.client import BatchSender, KafkaOut, client_options, committed_offsets, start_producer
+from portpulse.kafka.deadletters import KafkaDeadLetters
+from portpulse.kafka.hooks import check_hooks, columnar_consumer_options, fetched_columns
+
+__all__ = [
+    "BatchSender",
+    "KafkaDeadLetters",
+    "KafkaOut",
+    "check_hooks",
+    "client_options",
+    "columnar_consumer_options",
+    "committed_offsets",
+    "fetched_columns",
+    "start_producer",
+]
