@@ -14,7 +14,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $@
 
-install: $(STAMP)  ## venv + editable install with test extras
+# aiokafka versions the hooks are tested against (pyproject's [tool.portpulse] aiokafka-compat).
+COMPAT_STAMP := $(VENV)/.aiokafka-compat-stamp
+$(COMPAT_STAMP): $(STAMP)
+	for v in $$($(BIN)/python -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["tool"]["portpulse"]["aiokafka-compat"])'); do \
+	  $(BIN)/python -m pip install -q --no-deps --upgrade --target $(VENV)/aiokafka-compat/$$v aiokafka==$$v || exit 1; \
+	done
+	touch $@
+
+install: $(STAMP) $(COMPAT_STAMP)  ## venv + editable install with test extras (+ aiokafka versions the hooks are tested on)
 
 services:  ## real Mosquitto, Kafka, InfluxDB on 127.0.0.1 (idempotent)
 	scripts/services up

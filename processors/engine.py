@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -51,7 +52,7 @@ from portpulse.processors.clean import (
 )  # fmt: skip
 from portpulse.processors.window import Aggregates, OpenWindows, WindowSpec, aggregate, assign
 
-__all__ = ["Deferred", "EngineOutput", "EngineSettings", "ProcessorEngine", "Readings", "Recompute"]
+__all__ = ["Deferred", "EngineOutput", "EngineSettings", "LateReading", "ProcessorEngine", "Readings", "Recompute"]
 
 _NEG = np.iinfo(np.int64).min
 _POS = np.iinfo(np.int64).max
@@ -128,10 +129,22 @@ class Deferred:
     value: npt.NDArray[np.float64]
 
 
+class LateReading(NamedTuple):
+    """A reading older than the correction horizon, for the late topic."""
+
+    partition: int
+    domain: str
+    sensor_id: str
+    metric: str
+    ts_ns: int
+    value: float
+    lateness_ns: int  # how far before the horizon it is
+
+
 @dataclass(slots=True)
 class EngineOutput:
     points: list[tuple[str, PointColumns]] = field(default_factory=list)  # (kind "raw"/"rejected"/window name, points)
-    late: list[tuple[int, str, str, str, int, float, int]] = field(default_factory=list)
+    late: list[LateReading] = field(default_factory=list)
     rejected: dict[str, int] = field(default_factory=dict)
     repeated: int = 0  # readings delivered again (same series, time and value): dropped
     windows_emitted: int = 0
@@ -570,8 +583,8 @@ class ProcessorEngine:
         """Readings older than the correction horizon: to the late topic with how far behind they are."""
         cutoff = wall_ns - self._s.horizon_ns
         for i in np.flatnonzero(beyond).tolist():
-            out.late.append((int(r.partition[i]), str(r.domain[i]), str(r.sensor_id[i]), str(r.metric[i]),
-                             int(r.ts_ns[i]), float(r.value[i]), cutoff - int(r.ts_ns[i])))  # fmt: skip
+            out.late.append(LateReading(int(r.partition[i]), str(r.domain[i]), str(r.sensor_id[i]), str(r.metric[i]),
+                                        int(r.ts_ns[i]), float(r.value[i]), cutoff - int(r.ts_ns[i])))  # fmt: skip
         for p in np.unique(r.partition[beyond]).tolist():
             state = self._parts.setdefault(p, _Partition())
             state.next_offset = max(state.next_offset, int(r.offset[beyond & (r.partition == p)].max()) + 1)

@@ -16,6 +16,7 @@ import logging
 import re
 import time
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import Any
 
 import numpy as np
@@ -25,20 +26,29 @@ import orjson
 from portpulse.codecs.recordbatch import RecordColumns, concat_columns, intern_slices
 from portpulse.codecs.wire import decode_columns
 from portpulse.contract.catalogue import load_catalogue
+from portpulse.contract.errors import ServiceUnavailableError
 from portpulse.contract.points import PointStore, WriteReceipt
 from portpulse.contract.schema import str_array
 from portpulse.contract.settings import Settings
 from portpulse.contract.topics import late_topic
-from portpulse.kafka import BatchSender, client_options, columnar_consumer_options, fetched_columns, start_producer
-from portpulse.processors.engine import EngineOutput, EngineSettings, ProcessorEngine, Readings
+from portpulse.kafka import (
+    BatchSender,
+    client_options,
+    columnar_consumer_options,
+    committed_offsets,
+    fetched_columns,
+    start_producer,
+)
+from portpulse.processors.engine import EngineOutput, EngineSettings, LateReading, ProcessorEngine, Readings
 from portpulse.processors.metrics import PROCESSOR_METRICS
 from portpulse.processors.window import parse_windows
 
-__all__ = ["ProcessorStats", "run_processor"]
+__all__ = ["Processor", "ProcessorStats", "run_processor"]
 
 log = logging.getLogger("portpulse.processor")
 
-_NEG = np.iinfo(np.int64).min
+#: Per partition id, the engine's positions before a batch: (offset to commit, next offset, closed).
+Positions = dict[int, tuple[int, int, tuple[int, ...]]]
 
 
 @dataclass
@@ -91,23 +101,21 @@ def _decode(
     return readings, key_code, len(cols), len(wire.bad)
 
 
-def _late_record(late: tuple[int, str, str, str, int, float, int]) -> bytes:
+def late_record(late: LateReading) -> bytes:
     """The ``portpulse.late`` value: JSON with domain, sensor_id, metric, ts_ns, value, reason
-    (``beyond_correction_horizon``) and lateness_ns (how far before the horizon it is).
-    (orjson: the standard library's encoder was most of the processor's time while a backfilling
-    load made many readings late.)"""
-    _partition, domain, sensor, metric, ts_ns, value, lateness_ns = late
+    (``beyond_correction_horizon``) and lateness_ns (how far before the horizon it is). orjson,
+    because a backfilling gateway can make many readings late at once."""
     return orjson.dumps(
-        {"domain": domain, "sensor_id": sensor, "metric": metric, "ts_ns": ts_ns, "value": value,
-         "reason": "beyond_correction_horizon", "lateness_ns": lateness_ns}
+        {"domain": late.domain, "sensor_id": late.sensor_id, "metric": late.metric, "ts_ns": late.ts_ns,
+         "value": late.value, "reason": "beyond_correction_horizon", "lateness_ns": late.lateness_ns}
     )  # fmt: skip
 
 
-def _commit_metadata(engine: ProcessorEngine, consumed_until: int, closed_before: tuple[int, ...]) -> str:
+def commit_metadata(engine: ProcessorEngine, consumed_until: int, closed_before: tuple[int, ...]) -> str:
     return json.dumps({"next": consumed_until, "closed": dict(zip(engine.window_names(), closed_before, strict=True))})
 
 
-def _restore(engine: ProcessorEngine, partition: int, metadata: str) -> bool:
+def restore(engine: ProcessorEngine, partition: int, metadata: str) -> bool:
     """Restore a partition from its commit metadata; False when there is none we can read."""
     try:
         m = json.loads(metadata)
@@ -118,12 +126,301 @@ def _restore(engine: ProcessorEngine, partition: int, metadata: str) -> bool:
     return True
 
 
-async def _recompute(engine: ProcessorEngine, out: EngineOutput, sink: PointStore) -> EngineOutput:
-    """Windows behind a correction (or possibly emitted before a restart): make sure the store
-    holds everything written so far, read their readings back, aggregate them."""
-    await sink.flush()
-    stored = [await sink.read(query) for query in engine.stored_ranges(out.recompute)]
-    return engine.recomputed(out.recompute, stored)
+class Processor:
+    """Consumes ``{prefix}.readings.*`` in group ``kafka.consumer_group`` into the engine and writes
+    what it emits to ``sink``; use with ``async with`` and :meth:`run`.
+
+    One step (:meth:`step`) is one fetch: decode -> :meth:`ProcessorEngine.ingest` -> write points ->
+    judge deferred readings against the store -> retract raw values rejected on re-judging ->
+    recompute corrected windows from the store -> late readings to their topic -> commit.
+    ``fetch_max_bytes`` bounds a step (compressed bytes as stored: several times as many bytes of
+    records). The rebalance callbacks run in aiokafka's coordinator task: one lock keeps a step
+    from running half before and half after a revocation, and keeps records of a newly assigned
+    partition out of the engine until its state is restored from the commit metadata.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        sink: PointStore,
+        windows: str = "10s,1m,15m",
+        allowed_lateness_s: float = 10.0,
+        idle_timeout_s: float = 30.0,
+        fetch_max_bytes: int = 16 * 1024 * 1024,
+    ) -> None:
+        self._settings = settings
+        self._sink = sink
+        self._fetch_max_bytes = fetch_max_bytes
+        self.engine = ProcessorEngine(
+            EngineSettings(
+                parse_windows(windows),
+                int(allowed_lateness_s * 1e9),
+                idle_timeout_s,
+                k_sigma=settings.processor.spike_k_sigma,
+                horizon_ns=int(settings.ingest.max_past_s * 1e9),
+                series_ttl_s=settings.processor.series_ttl_s,
+            ),
+            load_catalogue(settings.processor.catalogue),
+        )
+        self.stats = ProcessorStats()
+        self._part_ids: dict[tuple[str, int], int] = {}  # (topic, partition) -> the engine's partition id
+        self._tps: dict[int, Any] = {}  # the engine's partition id -> aiokafka TopicPartition
+        # Steps whose points are not all stored yet, with the engine's positions before each.
+        self._pending: list[tuple[list[WriteReceipt], Positions]] = []
+        self._lock = asyncio.Lock()
+        self._consumer: Any = None
+        self._late_producer: Any = None
+        self._late_sender: BatchSender | None = None
+        self._failure: BaseException | None = None  # raised by the next step: see _assigned
+
+    async def __aenter__(self) -> Processor:
+        from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
+
+        k = self._settings.kafka
+        processor = self
+
+        class Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+            async def on_partitions_revoked(self, revoked: Any) -> None:
+                await processor._revoked(revoked)
+
+            async def on_partitions_assigned(self, assigned: Any) -> None:
+                await processor._assigned(assigned)
+
+        self._late_producer = await start_producer(k, "late-record producer")
+        self._late_sender = BatchSender(self._late_producer)
+        self._consumer = AIOKafkaConsumer(
+            **client_options(k),
+            group_id=k.consumer_group,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            fetch_max_bytes=self._fetch_max_bytes,
+            max_partition_fetch_bytes=min(self._fetch_max_bytes, 2 * 1024 * 1024),
+            metadata_max_age_ms=5000,
+            **columnar_consumer_options(),
+        )
+        try:
+            await self._consumer.start()
+            self._consumer.subscribe(pattern=f"^{re.escape(k.topic_prefix)}\\.readings\\..+", listener=Listener())
+        except BaseException:
+            await self._close()
+            raise
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self._close()
+
+    async def _close(self) -> None:
+        if self._consumer is not None:
+            await self._consumer.stop()
+            self._consumer = None
+        if self._late_producer is not None:
+            await self._late_producer.stop()
+            self._late_producer = None
+
+    async def run(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> ProcessorStats:
+        """Steps until ``stop`` is set (sets ``ready`` first), then writes and commits everything."""
+        if ready is not None:
+            ready.set()
+        while not stop.is_set():
+            await self.step()
+        await self._sink.flush()
+        await self._wait_pending()
+        await self._commit(self._safe_commit())
+        return self.stats
+
+    async def step(self, timeout_ms: int = 200) -> None:
+        """One fetch through the engine to the sink, then a commit of what is safe."""
+        if self._failure is not None:
+            raise self._failure
+        batch = await self._consumer.getmany(timeout_ms=timeout_ms)
+        async with self._lock:
+            # Never process records of a partition taken away by a rebalance during this fetch:
+            # its new owner replays them from the committed offset.
+            owned = self._consumer.assignment()
+            await self._process({tp: records for tp, records in batch.items() if tp in owned}, owned)
+            offsets = self._safe_commit()
+        # Outside the lock: a commit may wait for a rebalance, whose callback needs the lock.
+        await self._commit(offsets)
+
+    async def _process(self, batch: dict[Any, list[Any]], owned: Any) -> None:
+        engine, stats = self.engine, self.stats
+        started = time.perf_counter()
+        before = engine.safe_offsets()
+        readings, key_code, records, bad = _decode(batch, self._part_ids, self._settings.kafka.topic_prefix)
+        for tp in batch:
+            self._tps[self._part_ids[(tp.topic, tp.partition)]] = tp
+        stats.records += records
+        stats.readings += len(readings)
+        stats.bad_records += bad
+        out = engine.ingest(readings, time.monotonic(), self._caught_up(owned), key_code, time.time_ns())
+        receipts = await self._write(out)
+        if out.deferred is not None:
+            receipts += await self._judge_deferred(out)
+        if out.retract:
+            await self._retract(out)
+        if len(out.recompute):
+            receipts += await self._recompute(out)
+        if out.late:
+            await self._send_late(out.late)
+        self._count(out, len(readings))
+        PROCESSOR_METRICS.batch_seconds.observe(time.perf_counter() - started)
+        PROCESSOR_METRICS.event_time_lag.set(engine.event_time_lag_ns(time.time_ns()) / 1e9)
+        PROCESSOR_METRICS.series.set(engine.series_count)
+        self._pending.append((receipts, before))
+
+    def _caught_up(self, owned: Any) -> frozenset[int]:
+        """Partitions consumed up to their high watermark (their quiet series may close on idle);
+        sets the consumer-lag gauge on the way."""
+        from aiokafka.errors import KafkaError
+
+        caught_up = set()
+        for pid, tp in list(self._tps.items()):
+            with contextlib.suppress(AssertionError, KafkaError):  # not ours any more
+                high = self._consumer.highwater(tp)
+                if tp in owned and high is not None:
+                    consumed = max(self.engine.next_offset(pid), 0)
+                    PROCESSOR_METRICS.consumer_lag.labels(tp.topic, str(tp.partition)).set(high - consumed)
+                    if consumed >= high:
+                        caught_up.add(pid)
+        return frozenset(caught_up)
+
+    async def _write(self, out: EngineOutput) -> list[WriteReceipt]:
+        return [await self._sink.write(points, source=f"processor:{kind}") for kind, points in out.points]
+
+    async def _judge_deferred(self, out: EngineOutput) -> list[WriteReceipt]:
+        """Readings too far out of order for the in-memory history, judged against their
+        neighbours in the store once it holds everything written so far; their results join
+        ``out`` (for the retractions and recomputations that follow)."""
+        assert out.deferred is not None
+        await self._sink.flush()
+        stored = [await self._sink.read(query) for query in self.engine.neighbour_ranges(out.deferred)]
+        more = self.engine.ingest_deferred(out.deferred, stored, time.monotonic())
+        receipts = await self._write(more)
+        more.points = []
+        out.absorb(more)
+        self.stats.deferred += len(out.deferred.series)
+        return receipts
+
+    async def _retract(self, out: EngineOutput) -> None:
+        """Readings rejected when judged again: their raw values leave the store before any
+        window is recomputed from it."""
+        await self._sink.flush()
+        for domain, metric, instants in self.engine.retractions(out.retract):
+            await self._sink.retract(domain, metric, instants)
+
+    async def _recompute(self, out: EngineOutput) -> list[WriteReceipt]:
+        """Windows behind a correction (or possibly emitted before a restart): once the store
+        holds everything written so far, read their readings back and aggregate them again."""
+        received = time.perf_counter()
+        await self._sink.flush()
+        stored = [await self._sink.read(query) for query in self.engine.stored_ranges(out.recompute)]
+        fixed = self.engine.recomputed(out.recompute, stored)
+        receipts = await self._write(fixed)
+        self.stats.windows_corrected += fixed.windows_emitted
+        PROCESSOR_METRICS.windows_corrected.inc(fixed.windows_emitted)
+        PROCESSOR_METRICS.correction_seconds.observe(time.perf_counter() - received)
+        PROCESSOR_METRICS.correction_lag.set(time.perf_counter() - received)
+        return receipts
+
+    async def _send_late(self, late: list[LateReading]) -> None:
+        assert self._late_sender is not None
+        topic = late_topic(self._settings.kafka.topic_prefix)
+        await self._late_sender.send_all([(topic, r.sensor_id.encode(), late_record(r), None) for r in late])
+        self.stats.late += len(late)
+        PROCESSOR_METRICS.late.inc(len(late))
+
+    def _count(self, out: EngineOutput, readings: int) -> None:
+        stats = self.stats
+        stats.rejudged += out.rejudged
+        stats.corrections += out.corrections
+        stats.repeated += out.repeated
+        stats.windows += out.windows_emitted
+        stats.replayed += out.replayed
+        for reason, count in out.rejected.items():
+            stats.rejected[reason] = stats.rejected.get(reason, 0) + count
+            PROCESSOR_METRICS.rejected.labels(reason).inc(count)
+        PROCESSOR_METRICS.rejudged.inc(out.rejudged)
+        PROCESSOR_METRICS.corrections.inc(out.corrections)
+        PROCESSOR_METRICS.repeated.inc(out.repeated)
+        PROCESSOR_METRICS.records.inc(readings)
+        PROCESSOR_METRICS.windows.inc(out.windows_emitted)
+
+    # ---------------------------------------------------------------- commits and rebalances
+
+    def _safe_commit(self) -> dict[Any, Any]:
+        """The offsets to commit: the state before the oldest step whose points are not all
+        stored yet. Each pending entry holds the engine's positions from *before* its step, so a
+        commit never covers records (or emitted windows, via the commit metadata) that are not
+        durable."""
+        from aiokafka.structs import OffsetAndMetadata
+
+        pending = self._pending
+        while pending and all(r.done() for r in pending[0][0]):
+            pending.pop(0)
+        positions = pending[0][1] if pending else self.engine.safe_offsets()
+        return {
+            self._tps[p]: OffsetAndMetadata(offset, commit_metadata(self.engine, nxt, closed))
+            for p, (offset, nxt, closed) in positions.items()
+            if p in self._tps and offset >= 0
+        }
+
+    async def _commit(self, offsets: dict[Any, Any]) -> None:
+        """Commit; a commit refused because the group is rebalancing is skipped (the revocation
+        commits again, and an older commit only means a longer replay)."""
+        from aiokafka.errors import KafkaError
+
+        if not offsets:
+            return
+        try:
+            await self._consumer.commit(offsets)
+            self.stats.commits += 1
+        except KafkaError as exc:
+            log.info("commit skipped (%s); the next one covers it", type(exc).__name__)
+
+    async def _wait_pending(self) -> None:
+        for receipts, _ in self._pending:
+            for r in receipts:
+                await r.wait()
+
+    async def _revoked(self, revoked: Any) -> None:
+        async with self._lock:
+            await self._sink.flush()
+            await self._wait_pending()
+            await self._commit(self._safe_commit())  # allowed inside the rebalance callback
+            ids = [
+                self._part_ids[(tp.topic, tp.partition)] for tp in revoked if (tp.topic, tp.partition) in self._part_ids
+            ]
+            self.engine.drop(ids)
+            for tp in revoked:
+                with contextlib.suppress(KeyError):
+                    PROCESSOR_METRICS.consumer_lag.remove(tp.topic, str(tp.partition))
+        log.info("partitions revoked: %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in revoked))
+
+    async def _assigned(self, assigned: Any) -> None:
+        async with self._lock:
+            k = self._settings.kafka
+            try:
+                committed = await committed_offsets(k, k.consumer_group, list(assigned))
+            except ServiceUnavailableError as exc:
+                # Without the commit metadata a restart is no longer exact: stop, loudly (aiokafka
+                # would only log an exception raised here and go on).
+                self._failure = exc
+                return
+            for tp in assigned:
+                pid = self._part_ids.setdefault((tp.topic, tp.partition), len(self._part_ids))
+                self._tps[pid] = tp
+                # Consumption restarts at the committed offset: any state of ours is stale.
+                self.engine.drop([pid])
+                entry = committed.get(tp)
+                if entry is not None and not restore(self.engine, pid, entry.metadata or ""):
+                    # Committed without metadata we can read: whatever was emitted is unknown,
+                    # so every window recomputes from the store (exact, only slower).
+                    log.warning("%s[%d]: commit metadata unreadable; windows recompute from the store",
+                                tp.topic, tp.partition)  # fmt: skip
+                    self.engine.restore(pid, entry.offset, {name: 2**63 - 1 for name in self.engine.window_names()})
+        log.info("partitions assigned: %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))
 
 
 async def run_processor(
@@ -136,193 +433,7 @@ async def run_processor(
     fetch_max_bytes: int = 16 * 1024 * 1024,
     ready: asyncio.Event | None = None,
 ) -> ProcessorStats:
-    """Consume ``{prefix}.readings.*`` in group ``kafka.consumer_group`` until ``stop`` is set;
-    sets ``ready`` once the consumer has started. ``fetch_max_bytes`` bounds one step (a fetch,
-    compressed bytes as stored: several times as many bytes of records)."""
-    from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
-    from aiokafka.errors import KafkaError
-    from aiokafka.structs import OffsetAndMetadata
-
-    k = settings.kafka
-    engine = ProcessorEngine(
-        EngineSettings(
-            parse_windows(windows),
-            int(allowed_lateness_s * 1e9),
-            idle_timeout_s,
-            k_sigma=settings.processor.spike_k_sigma,
-            horizon_ns=int(settings.ingest.max_past_s * 1e9),
-            series_ttl_s=settings.processor.series_ttl_s,
-        ),
-        load_catalogue(settings.processor.catalogue),
-    )
-    stats = ProcessorStats()
-    part_ids: dict[tuple[str, int], int] = {}
-    tps: dict[int, Any] = {}
-    pending: list[tuple[list[WriteReceipt], dict[int, tuple[int, int, tuple[int, ...]]]]] = []
-    consumer = AIOKafkaConsumer(
-        **client_options(k),
-        group_id=k.consumer_group,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        fetch_max_bytes=fetch_max_bytes,
-        max_partition_fetch_bytes=min(fetch_max_bytes, 2 * 1024 * 1024),
-        metadata_max_age_ms=5000,
-        **columnar_consumer_options(),
-    )
-
-    def safe_commit() -> dict[Any, Any]:
-        """The offsets to commit: the state before the oldest batch whose points are not all
-        stored yet. Each pending entry holds the engine's positions from *before* its batch, so a
-        commit never covers records (or emitted windows, via the commit metadata) that are
-        not durable."""
-        while pending and all(r.done() for r in pending[0][0]):
-            pending.pop(0)
-        positions = pending[0][1] if pending else engine.safe_offsets()
-        return {
-            tps[p]: OffsetAndMetadata(offset, _commit_metadata(engine, nxt, closed))
-            for p, (offset, nxt, closed) in positions.items()
-            if p in tps and offset >= 0
-        }
-
-    async def commit(offsets: dict[Any, Any]) -> None:
-        """Commit; a commit refused because the group is rebalancing is skipped (the revocation
-        commits again, and an older commit only means a longer replay)."""
-        if not offsets:
-            return
-        try:
-            await consumer.commit(offsets)
-            stats.commits += 1
-        except KafkaError as exc:
-            log.info("commit skipped (%s); the next one covers it", type(exc).__name__)
-
-    # The rebalance listener runs in the coordinator's task, concurrently with the fetch loop: the
-    # lock keeps a batch from being processed half before and half after a revocation, and keeps
-    # records of a newly assigned partition out of the engine until its state is restored.
-    state_lock = asyncio.Lock()
-
-    class Listener(ConsumerRebalanceListener):  # type: ignore[misc]
-        async def on_partitions_revoked(self, revoked: Any) -> None:
-            async with state_lock:
-                await sink.flush()
-                for receipts, _ in pending:
-                    for r in receipts:
-                        await r.wait()
-                await commit(safe_commit())  # allowed inside the rebalance callback
-                ids = [part_ids[(tp.topic, tp.partition)] for tp in revoked if (tp.topic, tp.partition) in part_ids]
-                engine.drop(ids)
-                for tp in revoked:
-                    with contextlib.suppress(KeyError):
-                        PROCESSOR_METRICS.consumer_lag.remove(tp.topic, str(tp.partition))
-            log.info("partitions revoked: %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in revoked))
-
-        async def on_partitions_assigned(self, assigned: Any) -> None:
-            async with state_lock:
-                committed: dict[Any, Any] = {}
-                with contextlib.suppress(Exception):
-                    committed = await consumer._coordinator.fetch_committed_offsets(list(assigned))
-                for tp in assigned:
-                    pid = part_ids.setdefault((tp.topic, tp.partition), len(part_ids))
-                    tps[pid] = tp
-                    # Consumption restarts at the committed offset: any state of ours is stale.
-                    engine.drop([pid])
-                    entry = committed.get(tp)
-                    if entry is not None and entry.offset >= 0 and not _restore(engine, pid, entry.metadata or ""):
-                        # Committed without metadata we can read: whatever was emitted is unknown,
-                        # so every window recomputes from the store (exact, only slower).
-                        engine.restore(pid, entry.offset, {name: 2**63 - 1 for name in engine.window_names()})
-            log.info("partitions assigned: %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))
-
-    late_producer = await start_producer(k, "late-record producer")
-    late_sender = BatchSender(late_producer)
-    await consumer.start()
-    try:
-        consumer.subscribe(pattern=f"^{re.escape(k.topic_prefix)}\\.readings\\..+", listener=Listener())
-        if ready is not None:
-            ready.set()
-        while not stop.is_set():
-            batch = await consumer.getmany(timeout_ms=200)
-            async with state_lock:
-                # Never process records of a partition taken away by a rebalance during this fetch:
-                # its new owner replays them from the committed offset.
-                owned = consumer.assignment()
-                batch = {tp: records for tp, records in batch.items() if tp in owned}
-                started = time.perf_counter()
-                before = engine.safe_offsets()
-                readings, key_code, records, bad = _decode(batch, part_ids, k.topic_prefix)
-                for tp in batch:
-                    tps[part_ids[(tp.topic, tp.partition)]] = tp
-                stats.records += records
-                stats.readings += len(readings)
-                stats.bad_records += bad
-                caught_up = set()
-                for pid, tp in list(tps.items()):
-                    with contextlib.suppress(AssertionError, KafkaError):  # not ours any more
-                        high = consumer.highwater(tp)
-                        if tp in owned and high is not None:
-                            consumed = max(engine.next_offset(pid), 0)
-                            PROCESSOR_METRICS.consumer_lag.labels(tp.topic, str(tp.partition)).set(high - consumed)
-                            if consumed >= high:
-                                caught_up.add(pid)
-                out = engine.ingest(readings, time.monotonic(), frozenset(caught_up), key_code, time.time_ns())
-                receipts = [await sink.write(points, source=f"processor:{kind}") for kind, points in out.points]
-                if out.deferred is not None:
-                    # Readings too far out of order for the in-memory history: judged against
-                    # their neighbours in the store (after it holds everything written so far).
-                    await sink.flush()
-                    stored = [await sink.read(query) for query in engine.neighbour_ranges(out.deferred)]
-                    more = engine.ingest_deferred(out.deferred, stored, time.monotonic())
-                    receipts += [await sink.write(points, source=f"processor:{kind}") for kind, points in more.points]
-                    more.points = []
-                    out.absorb(more)
-                    stats.deferred += len(out.deferred.series)
-                if out.retract:
-                    # Readings rejected when judged again: their raw values leave the store
-                    # before any window is recomputed from it.
-                    await sink.flush()
-                    for domain, metric, instants in engine.retractions(out.retract):
-                        await sink.retract(domain, metric, instants)
-                stats.rejudged += out.rejudged
-                PROCESSOR_METRICS.rejudged.inc(out.rejudged)
-                if len(out.recompute):
-                    received = time.perf_counter()
-                    fixed = await _recompute(engine, out, sink)
-                    receipts += [await sink.write(points, source=f"processor:{kind}") for kind, points in fixed.points]
-                    stats.windows_corrected += fixed.windows_emitted
-                    PROCESSOR_METRICS.windows_corrected.inc(fixed.windows_emitted)
-                    PROCESSOR_METRICS.correction_seconds.observe(time.perf_counter() - received)
-                    PROCESSOR_METRICS.correction_lag.set(time.perf_counter() - received)
-                stats.corrections += out.corrections
-                stats.repeated += out.repeated
-                PROCESSOR_METRICS.corrections.inc(out.corrections)
-                PROCESSOR_METRICS.repeated.inc(out.repeated)
-                for reason, count in out.rejected.items():
-                    stats.rejected[reason] = stats.rejected.get(reason, 0) + count
-                    PROCESSOR_METRICS.rejected.labels(reason).inc(count)
-                stats.windows += out.windows_emitted
-                stats.replayed += out.replayed
-                if out.late:
-                    # Batched like the bridge's records: a backfilling gateway can make many late.
-                    topic = late_topic(k.topic_prefix)
-                    await late_sender.send_all(
-                        [(topic, late[2].encode(), _late_record(late), None) for late in out.late]
-                    )
-                    stats.late += len(out.late)
-                    PROCESSOR_METRICS.late.inc(len(out.late))
-                PROCESSOR_METRICS.records.inc(len(readings))
-                PROCESSOR_METRICS.windows.inc(out.windows_emitted)
-                PROCESSOR_METRICS.batch_seconds.observe(time.perf_counter() - started)
-                PROCESSOR_METRICS.event_time_lag.set(engine.event_time_lag_ns(time.time_ns()) / 1e9)
-                PROCESSOR_METRICS.series.set(engine.series_count)
-                pending.append((receipts, before))
-                offsets = safe_commit()
-            # Outside the lock: a commit may wait for a rebalance, whose callback needs the lock.
-            await commit(offsets)
-        await sink.flush()
-        for receipts, _ in pending:
-            for r in receipts:
-                await r.wait()
-        await commit(safe_commit())
-    finally:
-        await consumer.stop()
-        await late_producer.stop()
-    return stats
+    """A :class:`Processor` run until ``stop`` is set; sets ``ready`` once it has started."""
+    processor = Processor(settings, sink, windows, allowed_lateness_s, idle_timeout_s, fetch_max_bytes)
+    async with processor:
+        return await processor.run(stop, ready)

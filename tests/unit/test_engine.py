@@ -301,7 +301,7 @@ def test_readings_beyond_the_correction_horizon_go_to_the_late_topic_with_their_
     numbers = [np.array([T0, wall - 60 * S]), np.array([40.0, 41.0]), np.array([0, 0]), np.array([0, 1])]
     readings = Readings(*text, *numbers)
     out = run.engine.ingest(readings, 0.0, frozenset({0}), wall_ns=wall)
-    assert [(late[2], late[4], late[6]) for late in out.late] == [("s0", T0, 3600 * S)]
+    assert [(late.sensor_id, late.ts_ns, late.lateness_ns) for late in out.late] == [("s0", T0, 3600 * S)]
     assert sum(len(p) for kind, p in out.points if kind == "raw") == 1
     assert run.engine.safe_offsets()[0][1] == 2  # both records consumed
 

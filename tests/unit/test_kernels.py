@@ -342,9 +342,14 @@ def test_factorise_codes_index_the_distinct_items_in_first_seen_order(items: lis
 def test_late_records_are_json_with_every_field_and_never_fail_on_odd_values() -> None:
     import json
 
-    from portpulse.processors.loop import _late_record
+    from portpulse.processors.engine import LateReading
+    from portpulse.processors.loop import late_record
 
-    record = json.loads(_late_record((3, "air", "no2-1", "no2", 1_764_000_000_123_456_789, 41.25, 12 * 10**9)))
+    record = json.loads(
+        late_record(LateReading(3, "air", "no2-1", "no2", 1_764_000_000_123_456_789, 41.25, 12 * 10**9))
+    )
     assert record == {"domain": "air", "sensor_id": "no2-1", "metric": "no2", "ts_ns": 1_764_000_000_123_456_789,
                       "value": 41.25, "reason": "beyond_correction_horizon", "lateness_ns": 12 * 10**9}  # fmt: skip
-    assert json.loads(_late_record((0, "air", "s", "m", 0, float("nan"), 1)))["value"] is None  # valid JSON, not NaN
+    assert (
+        json.loads(late_record(LateReading(0, "air", "s", "m", 0, float("nan"), 1)))["value"] is None
+    )  # valid JSON, not NaN

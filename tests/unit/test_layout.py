@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -100,9 +101,27 @@ def test_installed_modules_come_from_the_one_namespace() -> None:
 
 
 def test_a_wheel_holds_only_the_portpulse_namespace(tmp_path: Path) -> None:
-    """Built without network from the checkout: every file under ``portpulse/``, stages included."""
+    """Built without network from a copy of the checkout (setuptools builds in its source tree):
+    every file under ``portpulse/``, stages included."""
+    src = tmp_path / "src"
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    for name in ("portpulse", *STAGES):
+        shutil.copytree(ROOT / name, src / name, symlinks=True, ignore=ignore)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
     out = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(src),
+        ],
         capture_output=True,
         text=True,
         check=False,

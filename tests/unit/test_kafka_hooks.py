@@ -1,0 +1,178 @@
+"""The aiokafka internals PortPulse relies on: checked against the oldest and newest aiokafka the
+pin admits, a change is detected (error log, gauge 0, public path), and ``BatchSender`` sends the
+same records either way (a fake producer at the seam; aiokafka's own parser reads them back)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import subprocess
+import sys
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from aiokafka.consumer import fetcher
+from aiokafka.producer.message_accumulator import BatchBuilder, MessageBatch
+from aiokafka.record.default_records import DefaultRecordBatch
+from prometheus_client import REGISTRY
+
+from portpulse.codecs.recordbatch import OutgoingRecords, encode_headers
+from portpulse.kafka import BatchSender, check_hooks
+from portpulse.kafka.hooks import columnar_consumer_options
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPAT = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["portpulse"]["aiokafka-compat"]
+COMPAT_DIR = ROOT / ".venv" / "aiokafka-compat"
+
+# Runs in a child process with one aiokafka version first on sys.path: the check, then a record
+# set through aiokafka's own fetcher names (MemoryRecords -> PartitionRecords) with the hook on.
+PROBE = """
+import numpy as np, aiokafka
+from aiokafka.consumer import fetcher
+from aiokafka.record.util import calc_crc32c
+from portpulse.codecs.recordbatch import RecordColumns, encode_headers, encode_records, frame_batch
+from portpulse.kafka.hooks import check_hooks, columnar_consumer_options
+status = check_hooks()
+opts = columnar_consumer_options()
+src = np.frombuffer(b"k1v1k2v2", dtype=np.uint8)
+recs = encode_records(src, np.array([0, 4]), np.array([2, 2]), [(np.array([2, 6]), np.array([2, 2]))],
+                      encode_headers([]))
+raw = frame_batch(recs.tobytes(), 2, 0, 0, (-1, -1, -1), calc_crc32c)
+parts = fetcher.PartitionRecords(None, fetcher.MemoryRecords(raw), None, 0, None, opts["value_deserializer"], True,
+                                 fetcher.READ_UNCOMMITTED)
+(cols,) = list(parts)
+assert isinstance(cols, RecordColumns), type(cols)
+data = cols.data.tobytes()
+got = [(int(o), data[s:s + n]) for o, s, n in zip(cols.offset, cols.value_start, cols.value_len)]
+print(aiokafka.__version__, status.fetch, status.produce, got == [(0, b"v1"), (1, b"v2")], parts.next_fetch_offset)
+"""
+
+
+@pytest.mark.parametrize("version", COMPAT)
+def test_hooks_fit_each_aiokafka_the_pin_admits(version: str) -> None:
+    where = COMPAT_DIR / version
+    assert (where / "aiokafka").is_dir(), f"{where} is missing: `make install` puts aiokafka {version} there"
+    env = {**os.environ, "PYTHONPATH": str(where)}
+    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == [version, "True", "True", "True", "2"]
+
+
+def test_the_pinned_range_is_the_tested_range() -> None:
+    pin = next(d for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+               if d.startswith("aiokafka"))  # fmt: skip
+    assert pin.endswith(f">={COMPAT[0].removesuffix('.0')},<0.15"), pin
+    assert COMPAT[-1].startswith("0.14.")
+
+
+@pytest.fixture
+def fresh_check() -> Iterator[None]:
+    check_hooks.cache_clear()
+    yield
+    check_hooks.cache_clear()
+
+
+def _gauge(hook: str) -> float | None:
+    return REGISTRY.get_sample_value("portpulse_kafka_fast_path", {"hook": hook})
+
+
+@pytest.mark.usefixtures("fresh_check")
+def test_a_changed_fetcher_turns_the_columnar_fetch_off(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def partition_records(tp: Any, records: Any, fetch_offset: int, deserializer: Any) -> Any:
+        raise AssertionError("never called")
+
+    monkeypatch.setattr(fetcher, "PartitionRecords", partition_records)
+    with caplog.at_level(logging.ERROR, logger="portpulse.kafka"):
+        status = check_hooks()
+    assert (status.fetch, status.produce) == (False, True)
+    assert "PartitionRecords takes ('tp', 'records', 'fetch_offset', 'deserializer')" in status.problems[0]
+    assert _gauge("fetch") == 0 and _gauge("produce") == 1
+    assert "fetch fast path does not fit" in caplog.text
+    columnar_consumer_options()
+    assert fetcher.PartitionRecords is partition_records  # not replaced
+
+
+@pytest.mark.usefixtures("fresh_check")
+def test_a_changed_message_batch_turns_framed_batches_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(MessageBatch, "get_data_buffer", lambda self: self._builder.build())
+    status = check_hooks()
+    assert (status.fetch, status.produce) == (True, False)
+    assert status.problems == ("MessageBatch.get_data_buffer no longer calls _builder._build(",)
+    assert _gauge("produce") == 0
+
+
+class FakeProducer:
+    """The part of ``AIOKafkaProducer`` :class:`BatchSender` uses: batches are kept, acknowledged at once."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, int, Any]] = []
+
+    def create_batch(self) -> BatchBuilder:
+        return BatchBuilder(16384, 0)  # compression type 0: none
+
+    async def send_batch(self, batch: Any, topic: str, *, partition: int) -> asyncio.Future[None]:
+        self.sent.append((topic, partition, batch))
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+    async def partitions_for(self, topic: str) -> set[int]:
+        return {0, 1, 2}
+
+    def records(self) -> list[tuple[str, int, bytes | None, bytes | None, list[tuple[str, bytes]]]]:
+        """Every sent record as aiokafka's own parser reads it: (topic, partition, key, value, headers)."""
+        out = []
+        for topic, partition, batch in self.sent:
+            batch._set_producer_state(1, 0, 0)
+            for rec in DefaultRecordBatch(bytearray(batch._build())):
+                out.append((topic, partition, rec.key, rec.value, list(rec.headers)))
+        return out
+
+
+def _outgoing() -> OutgoingRecords:
+    keys = [b"crane-1", b"crane-2", b"crane-3"]
+    data = np.frombuffer(b"".join(keys) + b"abcdefghij", dtype=np.uint8)
+    n = 10
+    return OutgoingRecords(
+        data=data,
+        topics=["portpulse.readings.crane", "portpulse.readings.air"],
+        topic=np.array([i % 2 for i in range(n)], dtype=np.int64),
+        keys=keys,
+        key=np.array([i % 3 for i in range(n)], dtype=np.int64),
+        key_start=np.array([0, 7, 14], dtype=np.int64),
+        value_parts=((np.arange(21, 21 + n, dtype=np.int64), np.ones(n, dtype=np.int64)),),
+        headers=encode_headers([("v", b"1")]),
+    )
+
+
+@pytest.mark.usefixtures("fresh_check")
+async def test_batch_sender_sends_the_same_records_with_and_without_framed_batches(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    records = _outgoing()
+    framed = FakeProducer()
+    assert await BatchSender(framed).send_columns(records) == 0
+    check_hooks.cache_clear()
+    monkeypatch.setattr(MessageBatch, "set_producer_state", lambda self, *a: None)
+    public = FakeProducer()
+    assert await BatchSender(public).send_columns(records) == 0
+    assert all(isinstance(b, BatchBuilder) for _, _, b in public.sent)
+    assert not any(isinstance(b, BatchBuilder) for _, _, b in framed.sent)
+    want = sorted((t, k, v, [("v", b"1")]) for t, k, v in records.as_tuples())
+    sent = {"framed": framed.records(), "public": public.records()}
+    for got in sent.values():
+        assert sorted((t, k, v, h) for t, _, k, v, h in got) == want
+        # a key's records share one partition
+        by_key: dict[tuple[str, bytes | None], set[int]] = {}
+        for t, p, k, _, _ in got:
+            by_key.setdefault((t, k), set()).add(p)
+        assert all(len(parts) == 1 for parts in by_key.values())
+    placed = {how: sorted((t, p, k) for t, p, k, _, _ in got) for how, got in sent.items()}
+    assert placed["framed"] == placed["public"]  # murmur2 partitions either way
