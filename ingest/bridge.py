@@ -16,7 +16,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 from portpulse.codecs.recordbatch import OutgoingRecords
 from portpulse.contract.deadletter import DeadLetter, dead_letter_headers
@@ -30,7 +30,7 @@ from portpulse.ingest.mqtt_asyncio import AsyncioMqttSource
 from portpulse.ingest.records import OutRecords, build_dead_letters, build_records
 from portpulse.kafka import BatchSender, KafkaOut, client_options, start_producer
 
-__all__ = ["Bridge", "BridgeStats", "KafkaRecordSink", "run_bridge"]
+__all__ = ["Bridge", "BridgeStats", "KafkaRecordSink", "RecordSink", "run_bridge"]
 
 log = logging.getLogger("portpulse.bridge")
 
@@ -54,6 +54,18 @@ class BridgeStats:
     kafka_retries: int = 0
     mqtt_reconnects: int = 0
     rejected_by_reason: dict[str, int] = field(default_factory=dict)
+
+
+class RecordSink(Protocol):
+    """Where the bridge hands records: :class:`KafkaRecordSink`, or a fake in unit tests."""
+
+    async def ensure_topics(self, topics: set[str]) -> None:
+        """Make sure ``topics`` exist before records are sent to them."""
+        ...
+
+    async def send(self, records: OutgoingRecords, others: list[KafkaOut]) -> int:
+        """Return once every record is acknowledged; the number of retries it took."""
+        ...
 
 
 class KafkaRecordSink:
@@ -141,7 +153,7 @@ class _Flight:
 class Bridge:
     """MQTT -> Kafka. ``await bridge.run(stop)`` until ``stop`` is set, then drain and return."""
 
-    def __init__(self, settings: Settings, source: MqttSource, sink: KafkaRecordSink) -> None:
+    def __init__(self, settings: Settings, source: MqttSource, sink: RecordSink) -> None:
         self._settings = settings
         self._source = source
         self._sink = sink

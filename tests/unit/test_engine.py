@@ -371,3 +371,48 @@ def test_a_replayed_reading_keeps_the_verdict_it_was_given_against_the_store() -
     assert ("air", "s0", "no2", spike[2]) not in stored
     assert stored[("air_rejected", "s0", "no2_reason", spike[2])] == "spike"
     assert_same(second.aggregates("10s"), batch_computation(second.store, 10 * S))
+
+
+def _windows_emitted(run: Run) -> set[Window]:
+    return set(run.aggregates())
+
+
+def test_a_quiet_series_closes_on_the_idle_timeout_only_once_its_partition_is_caught_up() -> None:
+    """Processing time is a fake clock (``now_s``): a series' last window stays open while it has
+    been quiet for less than the idle timeout, or while its partition still has records to read."""
+    run = Run(lateness_s=2.0, idle_s=5.0)
+    run.feed([("s0", 0, T0 + t * S, 40.0) for t in range(10)], now_s=100.0)
+    assert _windows_emitted(run) == set()
+    run.feed([], now_s=104.9)  # quiet for 4.9 s < 5 s
+    assert _windows_emitted(run) == set()
+    behind = Readings(*(np.array([], dtype=d) for d in (object, object, object, object, np.int64, np.float64,
+                                                           np.int64, np.int64)))  # fmt: skip
+    out = run.engine.ingest(behind, 200.0, caught_up=frozenset())  # quiet long enough, partition behind
+    assert out.windows_emitted == 0
+    run.feed([], now_s=200.0)  # quiet long enough and caught up
+    assert _windows_emitted(run) == {("s0", T0)}
+    assert run.aggregates()[("s0", T0)]["count"] == 10
+
+
+def test_the_commit_offset_stays_at_the_first_record_an_open_window_needs() -> None:
+    run = Run(lateness_s=2.0, idle_s=1000.0)
+    run.feed([("s0", 0, T0 + t * S, 40.0) for t in range(30)], now_s=0.0)  # offsets 0..29, one open window
+    offset, consumed, closed = run.engine.safe_offsets()[0]
+    assert (offset, consumed) == (0, 30)
+    assert closed == (T0,)  # closed up to the start of the open window: nothing emitted yet
+    # The next minute's readings pass the first window's end by more than the lateness: it closes.
+    run.feed([("s0", 0, T0 + MINUTE + t * S, 40.0) for t in range(5)], now_s=1.0)  # offsets 30..34
+    offset, consumed, closed = run.engine.safe_offsets()[0]
+    assert consumed == 35 and closed == (T0 + MINUTE,)
+    assert 0 < offset <= 30  # the history kept for cleaning may reach back a few records, not to 0
+    assert _windows_emitted(run) == {("s0", T0)}
+
+
+def test_a_revoked_partition_is_forgotten_and_the_others_go_on() -> None:
+    run = Run(lateness_s=2.0, idle_s=5.0)
+    run.feed([(f"s{p}", p, T0 + t * S, 40.0) for t in range(10) for p in (0, 1)], now_s=0.0)
+    run.engine.drop([0])
+    assert set(run.engine.safe_offsets()) == {1}
+    run.settle(1000.0)
+    assert _windows_emitted(run) == {("s1", T0)}  # s0's window is rebuilt by the partition's new owner
+    assert run.engine.next_offset(0) == -1 and run.engine.next_offset(1) == 10

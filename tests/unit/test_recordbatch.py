@@ -18,6 +18,7 @@ from portpulse.codecs.recordbatch import (
     OutgoingRecords,
     RecordColumns,
     concat_columns,
+    decode_headers,
     encode_headers,
     frame_batch,
     gather_segments,
@@ -234,3 +235,8 @@ def test_zero_padded_reuses_the_padding_of_parsed_record_sets_and_copies_otherwi
     assert out.tobytes() == b"abc" + bytes(8) and not np.shares_memory(out, plain)
     tail = np.frombuffer(b"abcdef", np.uint8)[:3]  # the bytes after it are not zeros: copied
     assert zero_padded(tail, 2).tobytes() == b"abc\x00\x00"
+
+
+@given(st.lists(st.tuples(st.text(max_size=20), st.binary(max_size=300)), max_size=5))
+def test_headers_decode_to_what_was_encoded(headers: list[tuple[str, bytes]]) -> None:
+    assert decode_headers(encode_headers(headers)) == headers

@@ -1,0 +1,165 @@
+"""The bridge loop with fakes at both seams (no network): an MQTT source that hands out queued
+messages and records acks, and a record sink whose deliveries the test completes by hand, like
+a Kafka that acknowledges when the test says so."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+
+from portpulse.codecs.recordbatch import OutgoingRecords
+from portpulse.codecs.wire import decode_values
+from portpulse.contract.settings import IngestSettings, Settings
+from portpulse.ingest.bridge import Bridge
+from portpulse.ingest.decode import Message
+from portpulse.ingest.mqtt import Inbound
+from portpulse.kafka import KafkaOut
+
+T0_MS = 1_764_000_000_000
+
+
+def reading(sensor: int, ts_ms: int, value: float) -> Inbound:
+    payload = json.dumps({"ts": ts_ms, "metrics": {"no2": value}}).encode()
+    return Inbound(Message(f"sensors/air/quai/s{sensor}", payload, T0_MS * 10**6), mid=sensor + 1, qos=1, generation=0)
+
+
+class FakeSource:
+    """An MQTT subscription holding ``waiting`` messages; ``acked`` is the PUBACK order."""
+
+    def __init__(self, waiting: list[Inbound]) -> None:
+        self.waiting = list(waiting)
+        self.taken = 0
+        self.most_held = 0  # the most messages taken and not yet acked at any time
+        self.acked: list[int] = []
+        self.reconnects = 0
+        self.last_error = ""
+
+    @property
+    def connected(self) -> bool:
+        return True
+
+    async def get_batch(self, max_messages: int, wait_s: float) -> list[Inbound]:
+        got, self.waiting = self.waiting[:max_messages], self.waiting[max_messages:]
+        self.taken += len(got)
+        self.most_held = max(self.most_held, self.taken - len(self.acked))
+        await asyncio.sleep(0 if got else min(wait_s, 0.001))
+        return got
+
+    def ack(self, inbound: Inbound) -> bool:
+        self.acked.append(inbound.mid)
+        return True
+
+
+@dataclass
+class Delivery:
+    records: list[tuple[str, bytes | None, bytes]]
+    others: list[KafkaOut]
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class FakeKafka:
+    """Deliveries wait until the test sets their ``done`` (or ``auto`` acknowledges at once)."""
+
+    def __init__(self, auto: bool = False) -> None:
+        self.auto = auto
+        self.deliveries: list[Delivery] = []
+        self.topics: set[str] = set()
+
+    async def ensure_topics(self, topics: set[str]) -> None:
+        self.topics |= topics
+
+    async def send(self, records: OutgoingRecords, others: list[KafkaOut]) -> int:
+        delivery = Delivery(records.as_tuples(), others)
+        self.deliveries.append(delivery)
+        if self.auto:
+            delivery.done.set()
+        await delivery.done.wait()
+        return 0
+
+
+def settings(max_in_flight: int = 20_000) -> Settings:
+    return Settings(ingest=IngestSettings(max_in_flight=max_in_flight, max_past_s=10**9))
+
+
+async def until(condition: object, what: str) -> None:
+    for _ in range(2000):
+        if callable(condition) and condition():
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def test_acks_leave_after_kafka_and_in_receive_order_when_deliveries_finish_out_of_order() -> None:
+    source, kafka = FakeSource([reading(i, T0_MS + i, 40.0 + i) for i in range(3)]), FakeKafka()
+    bridge = Bridge(settings(), source, kafka)
+    stop = asyncio.Event()
+    task = asyncio.create_task(bridge.run(stop))
+    await until(lambda: len(kafka.deliveries) == 1, "the first delivery")
+    source.waiting += [reading(i, T0_MS + i, 40.0 + i) for i in range(3, 5)]
+    for _ in range(50):  # the bridge keeps receiving while the first delivery is in flight
+        await asyncio.sleep(0.001)
+    assert source.acked == [] and bridge.in_flight == 5
+    # Nothing is acked before Kafka acknowledges it; a later delivery finishing first waits.
+    await until(lambda: source.taken == 5, "the later messages")
+    kafka.deliveries[0].done.set()
+    await until(lambda: source.acked == [1, 2, 3], "the first acks")
+    await until(lambda: len(kafka.deliveries) == 2, "the second delivery")
+    kafka.deliveries[1].done.set()
+    await until(lambda: source.acked == [1, 2, 3, 4, 5], "every ack")
+    stop.set()
+    await task
+    assert bridge.stats.acked == 5 and bridge.stats.readings == 5
+    sent = [rec for d in kafka.deliveries for rec in d.records]
+    assert sorted(key or b"" for _, key, _ in sent) == [f"s{i}".encode() for i in range(5)]
+    assert {topic for topic, _, _ in sent} == {"portpulse.readings.air"}
+    assert sorted(decode_values([v for _, _, v in sent]).value.tolist()) == [40.0, 41.0, 42.0, 43.0, 44.0]
+
+
+async def test_while_kafka_does_not_acknowledge_the_bridge_takes_no_more_than_max_in_flight() -> None:
+    source, kafka = FakeSource([reading(i % 50, T0_MS + i, 40.0) for i in range(500)]), FakeKafka()
+    bridge = Bridge(settings(max_in_flight=64), source, kafka)
+    stop = asyncio.Event()
+    task = asyncio.create_task(bridge.run(stop))
+    await until(lambda: source.taken == 64, "the bound to fill")
+    for _ in range(100):
+        await asyncio.sleep(0.001)
+    assert source.taken == 64 and bridge.in_flight == 64 and source.acked == []
+    kafka.auto = True
+    for delivery in kafka.deliveries:
+        delivery.done.set()
+    await until(lambda: len(source.acked) == 500, "every message acked once Kafka is back")
+    stop.set()
+    await task
+    assert source.most_held <= 64
+    assert sorted(source.acked) == sorted(i % 50 + 1 for i in range(500))
+
+
+async def test_bad_messages_go_to_the_dead_letter_topic_with_their_reason_and_are_acked_after_it() -> None:
+    bad = Inbound(Message("sensors/air/quai/s9", b"{not json", T0_MS * 10**6), mid=99, qos=1, generation=0)
+    source, kafka = FakeSource([reading(1, T0_MS, 40.0), bad]), FakeKafka(auto=True)
+    bridge = Bridge(settings(), source, kafka)
+    stop = asyncio.Event()
+    task = asyncio.create_task(bridge.run(stop))
+    await until(lambda: len(source.acked) == 2, "both acks")
+    stop.set()
+    await task
+    assert kafka.topics == {"portpulse.readings.air", "portpulse.dlq"}
+    (letter,) = [o for d in kafka.deliveries for o in d.others]
+    topic, key, payload, headers = letter
+    assert (topic, key, payload) == ("portpulse.dlq", None, b"{not json")
+    assert headers is not None and dict(headers)["source"] == b"sensors/air/quai/s9"
+    assert bridge.stats.dead_letters == 1 and bridge.stats.rejected_by_reason == {"malformed_json": 1}
+    (record,) = [r for d in kafka.deliveries for r in d.records]
+    assert record[1] == b"s1"
+
+
+async def test_on_shutdown_what_kafka_never_acknowledged_is_not_acked_so_mqtt_redelivers_it() -> None:
+    source, kafka = FakeSource([reading(i, T0_MS + i, 40.0) for i in range(4)]), FakeKafka()
+    bridge = Bridge(settings(), source, kafka)
+    stop = asyncio.Event()
+    task = asyncio.create_task(bridge.run(stop, drain_timeout_s=0.05))
+    await until(lambda: len(kafka.deliveries) == 1, "a delivery")
+    stop.set()
+    await asyncio.wait_for(task, 5)
+    assert source.acked == [] and bridge.in_flight == 0
