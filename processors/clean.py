@@ -28,11 +28,14 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
 from portpulse.arrays import group_starts, stable_order, stable_sort
+
+_T = TypeVar("_T", bound=np.generic)
 
 __all__ = [
     "DUPLICATE",
@@ -315,96 +318,120 @@ def _verdict(
 
 
 def _judge_windows(
-    ext_v: npt.NDArray[np.float64],
-    ext_t: npt.NDArray[np.int64],
-    ext_series: npt.NDArray[np.int64],
+    values: npt.NDArray[np.float64],
+    times: npt.NDArray[np.int64],
+    series_of: npt.NDArray[np.int64],
     pos: npt.NDArray[np.int64],
     w: int,
     floor: npt.NDArray[np.float64],
     max_rate: npt.NDArray[np.float64],
     k_sigma: float,
 ) -> npt.NDArray[np.uint8]:
-    """Verdict (OK, SPIKE or RATE) for the value at each position ``p`` in ``pos`` (``(m,)``) against
-    its window ``ext[p - w : p]``; ``ext_v`` NaN / ``ext_t`` int64 min mark empty slots,
-    ``ext_series`` is the series of each position (indexing ``floor`` and ``max_rate``).
+    """Verdict (OK, SPIKE or RATE) for the value at each position ``p`` in ``pos`` ``(m,)``
+    against its window ``values[p - w : p]``; a NaN value / ``_NO_TS`` time marks an empty slot;
+    ``series_of`` is the series of each position (indexing ``floor`` and ``max_rate``).
 
-    Fast path, for windows that are full and in time order (all but a series' first readings in
-    most batches): a pruned median network over the columns in cache-sized chunks, and the age
-    median read off the middle timestamp. When most positions are asked for (many readings per
-    series), every window is judged from contiguous slices and the verdicts picked afterwards,
-    which saves a gather per column. Other windows take the general NaN-aware path.
+    Windows that are full and in time order (all but a series' first readings in most batches)
+    take the fast path, :func:`_judge_full_windows`, in cache-sized chunks; the others take the
+    general NaN-aware path, :func:`_judge_any_windows`. When most positions are asked for (many
+    readings per series), every window is judged from contiguous slices ("dense") and the
+    verdicts picked afterwards, which saves a gather per column.
     """
-    m, total = len(pos), len(ext_v)
-    mid = w - 1 - (w - 1) // 2  # in time order the ages fall with the slot: the median's slot(s)
+    m, total = len(pos), len(values)
     # Prefix counts answer "is this window full / in time order" in O(1) per window.
     empty_before = np.zeros(total + 1, dtype=np.int64)
-    np.cumsum(np.isnan(ext_v), out=empty_before[1:])
+    np.cumsum(np.isnan(values), out=empty_before[1:])
     back_before = np.zeros(total + 1, dtype=np.int64)  # back_before[x]: q in [1, x) with t[q] < t[q-1]
-    np.cumsum(ext_t[1:] < ext_t[:-1], out=back_before[2:])
-    rows = total - w
-    dense = rows <= 2 * m
-    n_rows = rows if dense else m
-    verdict = np.empty(n_rows, dtype=np.uint8)
-    fast = np.empty(n_rows, dtype=bool)
-    for a in range(0, n_rows, _STATS_CHUNK):
-        b = min(a + _STATS_CHUNK, n_rows)
-        # p: the judged positions of this chunk; their windows start at p - w.
-        p = np.arange(a + w, b + w) if dense else pos[a:b]
-        if dense:
-            cols = [ext_v[a + j : b + j] for j in range(w)]
-            x, t, t_mid = ext_v[a + w : b + w], ext_t[a + w : b + w], ext_t[a + mid : b + mid]
-            t_mid2 = ext_t[a + w - 1 - w // 2 : b + w - 1 - w // 2]
-            series = ext_series[a + w : b + w]
-            full = empty_before[a + w : b + w] == empty_before[a:b]
-            ok = full & (back_before[a + w : b + w] == back_before[a + 1 : b + 1])
-        else:
-            start = p - w
-            cols = [ext_v[start + j] for j in range(w)]
-            x, t, t_mid, t_mid2 = ext_v[p], ext_t[p], ext_t[start + mid], ext_t[p - 1 - w // 2]
-            series = ext_series[p]
-            ok = (empty_before[p] == empty_before[start]) & (back_before[p] == back_before[start + 1])
-        med = _full_median(cols)
-        chunk_floor = floor[series]
-        # The spike scale is at least the floor, so only values further than k x floor from the
-        # median can be spikes: the MAD (a second median network) is needed for those rows alone.
-        dev_x = np.abs(x - med)
-        need = np.flatnonzero(dev_x > k_sigma * chunk_floor) if w >= 3 else np.empty(0, np.int64)
-        age = (t - t_mid).astype(np.float64)
-        if w % 2 == 0:
-            age = (age + (t - t_mid2).astype(np.float64)) / 2
-        # Checks 4 and 5 as in _verdict, for full windows: the rate check on every row, the spike
-        # check on the rows that can fail it.
-        with np.errstate(divide="ignore", invalid="ignore"):
-            too_fast = dev_x / (age / 1e9) > max_rate[series]
-        too_fast &= age > 0
-        out = np.where(too_fast, np.uint8(RATE), np.uint8(OK))
-        if len(need):
-            around = med[need]
-            mad = _full_median([np.abs(col[need] - around) for col in cols], owned=True)
-            scale = np.maximum(1.4826 * mad, chunk_floor[need])
-            out[need[dev_x[need] > k_sigma * scale]] = SPIKE
-        verdict[a:b] = out
-        fast[a:b] = ok
+    np.cumsum(times[1:] < times[:-1], out=back_before[2:])
+    dense = total - w <= 2 * m
+    n_windows = total - w if dense else m
+    verdict = np.empty(n_windows, dtype=np.uint8)
+    fast = np.empty(n_windows, dtype=bool)
+    for a in range(0, n_windows, _STATS_CHUNK):
+        b = min(a + _STATS_CHUNK, n_windows)
+        starts: slice | npt.NDArray[np.int64] = slice(a, b) if dense else pos[a:b] - w
+        fast[a:b] = (_slot(empty_before, w, starts) == _slot(empty_before, 0, starts)) & (
+            _slot(back_before, w, starts) == _slot(back_before, 1, starts)
+        )
+        verdict[a:b] = _judge_full_windows(values, times, series_of, starts, w, floor, max_rate, k_sigma)
     if dense:
-        row = pos - w
-        verdict, fast = verdict[row], fast[row]
+        verdict, fast = verdict[pos - w], fast[pos - w]
     slow = np.flatnonzero(~fast)
     if len(slow):
-        p = pos[slow]
-        start = p - w
-        cols = [ext_v[start + j] for j in range(w)]
-        med, count = _column_median(cols)
-        mad = _column_median([np.abs(col - med) for col in cols])[0]
-        t = ext_t[p]
-        ages = []
-        for j in range(w):
-            tj = ext_t[start + j]
-            empty = tj == _NO_TS
-            ages.append(np.where(empty, np.nan, (t - np.where(empty, t, tj)).astype(np.float64)))
-        age = _column_median(ages)[0]
-        series = ext_series[p]
-        verdict[slow] = _verdict(ext_v[p], med, mad, age, count, floor[series], max_rate[series], k_sigma)
+        verdict[slow] = _judge_any_windows(values, times, series_of, pos[slow], w, floor, max_rate, k_sigma)
     return verdict
+
+
+def _slot(array: npt.NDArray[_T], slot: int, starts: slice | npt.NDArray[np.int64]) -> npt.NDArray[_T]:
+    """``array[start + slot]`` for each window start: a view for a contiguous run of starts
+    (a slice), a gather for scattered ones."""
+    if isinstance(starts, slice):
+        return array[starts.start + slot : starts.stop + slot]
+    return array[starts + slot]
+
+
+def _judge_full_windows(
+    values: npt.NDArray[np.float64],
+    times: npt.NDArray[np.int64],
+    series_of: npt.NDArray[np.int64],
+    starts: slice | npt.NDArray[np.int64],
+    w: int,
+    floor: npt.NDArray[np.float64],
+    max_rate: npt.NDArray[np.float64],
+    k_sigma: float,
+) -> npt.NDArray[np.uint8]:
+    """:func:`_verdict` for windows assumed full and in time order (the caller discards the
+    others): a pruned median network over the columns, and the age median read off the middle
+    slot(s), since in time order the ages fall with the slot."""
+    cols = [_slot(values, j, starts) for j in range(w)]
+    x, t, series = _slot(values, w, starts), _slot(times, w, starts), _slot(series_of, w, starts)
+    med = _full_median(cols)
+    age = (t - _slot(times, w - 1 - (w - 1) // 2, starts)).astype(np.float64)
+    if w % 2 == 0:
+        age = (age + (t - _slot(times, w - 1 - w // 2, starts)).astype(np.float64)) / 2
+    # Checks 4 and 5 of _verdict: the rate check on every window; the spike check only where the
+    # value is further than k x floor from the median (the scale is at least the floor), so the
+    # MAD, a second median network, is needed for those rows alone.
+    dev_x = np.abs(x - med)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        too_fast = dev_x / (age / 1e9) > max_rate[series]
+    too_fast &= age > 0
+    out = np.where(too_fast, np.uint8(RATE), np.uint8(OK))
+    chunk_floor = floor[series]
+    need = np.flatnonzero(dev_x > k_sigma * chunk_floor) if w >= 3 else np.empty(0, np.int64)
+    if len(need):
+        around = med[need]
+        mad = _full_median([np.abs(col[need] - around) for col in cols], owned=True)
+        scale = np.maximum(1.4826 * mad, chunk_floor[need])
+        out[need[dev_x[need] > k_sigma * scale]] = SPIKE
+    return out
+
+
+def _judge_any_windows(
+    values: npt.NDArray[np.float64],
+    times: npt.NDArray[np.int64],
+    series_of: npt.NDArray[np.int64],
+    pos: npt.NDArray[np.int64],
+    w: int,
+    floor: npt.NDArray[np.float64],
+    max_rate: npt.NDArray[np.float64],
+    k_sigma: float,
+) -> npt.NDArray[np.uint8]:
+    """:func:`_verdict` for windows with empty slots or out of time order: NaN-aware medians of
+    the values, their deviations and the ages."""
+    start = pos - w
+    cols = [values[start + j] for j in range(w)]
+    med, count = _column_median(cols)
+    mad = _column_median([np.abs(col - med) for col in cols])[0]
+    t = times[pos]
+    ages = []
+    for j in range(w):
+        tj = times[start + j]
+        empty = tj == _NO_TS
+        ages.append(np.where(empty, np.nan, (t - np.where(empty, t, tj)).astype(np.float64)))
+    age = _column_median(ages)[0]
+    series = series_of[pos]
+    return _verdict(values[pos], med, mad, age, count, floor[series], max_rate[series], k_sigma)
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,6 +4,15 @@ Only what a subscriber and a load generator need: CONNECT, SUBSCRIBE, PUBLISH, t
 acknowledgements, PINGREQ and DISCONNECT out; CONNACK, SUBACK, PUBLISH, PUBREL, PINGRESP and
 DISCONNECT in. The reader takes whatever the socket delivered and returns every complete packet
 in it, so a 64 KiB read of small PUBLISH packets costs one call instead of three syscalls each.
+
+Every packet (big-endian; MQTT 3.1.1 section 2, MQTT 5 section 2)::
+
+    | type << 4 | flags | remaining length: 1-4 bytes, 7 bits each, low first | rest ... |
+
+    PUBLISH rest:  u16 topic length, topic, [u16 packet id if QoS > 0],
+                   [v5: varint properties length, properties], payload
+    PUBACK/PUBREC/PUBREL/PUBCOMP rest: u16 packet id [v5: reason code, properties]
+    SUBACK rest:   u16 packet id, [v5: properties], one reason code per filter
 """
 
 from __future__ import annotations

@@ -301,7 +301,15 @@ def intern_slices(data: npt.NDArray[np.uint8], start: _I64, length: _I64) -> tup
     """Codes ``(n,)`` and the distinct byte strings ``data[start:start+length]`` they index (in
     order of first appearance). Slices up to 64 bytes are read as 8-byte words, hashed, and the
     codes verified word for word; longer ones (and the astronomically rare collision) take a dict.
-    A length of -1 (a null) reads as the empty string."""
+    A length of -1 (a null) reads as the empty string.
+
+    ``words_at[x]`` is the little-endian u64 starting at byte ``x`` (a stride-1 view over ``data``
+    plus 8 zero bytes); slice ``i`` is read as its words ``k = 0, 1, ...``::
+
+        data:    ... | start[i] ........................ start[i] + length[i] | ...
+        word k:        [8k, 8k + 8) of the slice, bytes past its end masked to zero
+                       (_TAIL[min(length[i] - 8k, 8)])
+    """
     n = len(start)
     width = int(length.max()) if n else 0
     if n and width <= _MAX_VECTOR_WIDTH:
@@ -419,7 +427,13 @@ def encode_records(
     """The records section of one v2 batch (uncompressed): record ``i`` (n,) has offset delta
     ``i``, timestamp delta 0, key ``src[key_start:key_start+key_len]`` (``key_len`` -1: null), the
     value the concatenation of its ``value_parts`` (``(start, length)`` columns into ``src``) and
-    the header block ``headers`` (:func:`encode_headers`), shared by all."""
+    the header block ``headers`` (:func:`encode_headers`), shared by all.
+
+    Every record is first gathered from ``src`` as segments, then the holes are filled in::
+
+        | len | attr | tsDelta | offsetDelta | keyLen | key | valueLen | value parts ... | headers |
+        '----- segment 0: hole of prefix_len bytes -----'  seg 1  seg 2: hole   seg 3 ..  last: hole
+    """
     n = len(key_start)
     value_len = sum((length for _, length in value_parts), np.zeros(n, dtype=np.int64))
     offset_var, offset_size = _zigzag_varints(np.arange(n, dtype=np.int64))

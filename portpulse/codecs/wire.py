@@ -1,8 +1,10 @@
 """The compact Kafka value encoding of readings (pure; version 1).
 
-One Kafka record carries the readings of one sensor from one MQTT message; the record key is
-the sensor_id, the topic ``portpulse.readings.{domain}`` gives the domain, and the header
-``pp-v`` the encoding version (``b"1"``). Value layout, little-endian::
+The bridge writes one Kafka record per series (sensor, site, metric) and delivery: up to
+``MAX_READINGS_PER_RECORD`` readings (``portpulse.ingest.records``), from however many MQTT
+messages; the format itself allows several metrics per record. The record key is the sensor_id, the topic
+``portpulse.readings.{domain}`` gives the domain, and the header ``pp-v`` the encoding version
+(``b"1"``). Value layout, little-endian::
 
     u8   version (=1)
     u16  site length, then the site (UTF-8)
@@ -34,8 +36,6 @@ __all__ = [
     "decode_columns",
     "decode_value",
     "decode_values",
-    "encode_single",
-    "encode_single_bodies",
     "encode_value",
     "value_header",
 ]
@@ -97,25 +97,6 @@ def encode_value(
             for t, v, m, f in zip(ts_ns, value, metric_index, flags if flags is not None else [0] * n, strict=True)
         )
     return b"".join((value_header(site, tuple(metrics)), struct.pack("<I", n), body))
-
-
-def encode_single(site: str, metric: str, ts_ns: int, value: float, flags: int = 0) -> bytes:
-    """:func:`encode_value` for exactly one reading (the same bytes)."""
-    body = encode_single_bodies(np.array([ts_ns], np.int64), np.array([value], np.float64), np.array([flags], np.uint8))
-    return value_header(site, (metric,)) + body.tobytes()
-
-
-def encode_single_bodies(
-    ts_ns: npt.NDArray[np.int64], value: npt.NDArray[np.float64], flags: npt.NDArray[np.uint8]
-) -> npt.NDArray[np.uint8]:
-    """What follows the header in :func:`encode_single` of each reading ``i`` (n,): a byte matrix
-    (n, 22), a count of 1 then the reading's row, so ``value_header(site, (metric,)) +
-    row.tobytes()`` is ``encode_single``'s value."""
-    rows = encode_rows(ts_ns, value, flags)
-    out = np.empty((len(rows), 4 + rows.shape[1]), dtype=np.uint8)
-    out[:, :4] = np.frombuffer(struct.pack("<I", 1), dtype=np.uint8)
-    out[:, 4:] = rows
-    return out
 
 
 def encode_rows(
@@ -215,7 +196,19 @@ def decode_columns(
     """Decode the values ``data[start[i] : start[i] + length[i]]`` (a Kafka fetch as columns) at
     once: headers are walked with vectorised reads, the distinct headers (site + metric names)
     validated once each, and every reading gathered in one pass. ``record`` indexes the values;
-    malformed ones (a null value has length -1) are listed in ``bad``."""
+    malformed ones (a null value has length -1) are listed in ``bad``.
+
+    The positions computed for value ``i`` (layout in the module docstring)::
+
+        start                                    pos        pos + 4            end
+        | v | u16 len | site | M | len | name |... | u32 N   | N x 18-byte readings |
+        '------------- header (interned) ---------'
+
+    ``pos`` starts just past ``M`` and moves past one name per step. ``u16_at[x]``, ``u32_at[x]``
+    and ``records[x]`` are stride-1 views of the padded buffer: element ``x`` is the value that
+    starts at byte ``x``, so an unaligned read is an index, and a read past the end lands in the
+    zero padding (and fails the length checks) instead of raising.
+    """
     n = len(start)
     # Padding: reads past the end land in zeros. Unaligned views read a u16/u32/reading at any byte.
     padded = zero_padded(data, _RECORD.itemsize)

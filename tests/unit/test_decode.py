@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from portpulse.codecs.wire import WireError, decode_value, decode_values, encode_single, encode_value
+from portpulse.codecs.wire import WireError, decode_value, decode_values, encode_value
 from portpulse.contract.schema import FLAG_TS_FROM_RECEIVE, Reading
 from portpulse.ingest.decode import REASONS, DecodeLimits, Message, decode_messages, parse_timestamp_ns
 from portpulse.ingest.records import build_dead_letters, build_records
@@ -156,20 +156,6 @@ def test_random_input_never_crashes_and_every_rejection_has_a_known_reason(topic
     for problems in batch.problems.values():
         assert all(p.reason in REASONS for p in problems)
     assert len(batch.readings) == len(batch.message_index)
-
-
-@settings(max_examples=200, deadline=None)
-@given(
-    st.text(min_size=1, max_size=30),
-    st.text(min_size=1, max_size=30),
-    st.integers(-(2**63), 2**63 - 1),
-    st.floats(allow_nan=False),
-    st.integers(0, 255),
-)
-def test_single_reading_encoding_is_the_general_encoding(
-    site: str, metric: str, ts: int, value: float, flags: int
-) -> None:
-    assert encode_single(site, metric, ts, value, flags) == encode_value(site, [metric], [0], [ts], [value], [flags])
 
 
 def test_wire_round_trip_and_corruption() -> None:
@@ -320,24 +306,6 @@ def test_batch_decode_fast_paths_still_reject_values_with_a_known_header_and_a_w
     assert batch.record.tolist() == [0, 0, 0, 3, 5, 5, 5, 7, 7, 7]
     assert batch.value.tolist() == [1.0, 2.0, 3.0, 9.0, 1.0, 2.0, 3.0, 1.0, 2.0, 3.0]
     assert batch.metric.tolist() == [*names, "no2", *names, *names]
-
-
-def test_single_bodies_after_their_header_give_the_bytes_of_encode_single() -> None:
-    from portpulse.codecs.wire import encode_single, encode_single_bodies, value_header
-
-    sites = ["quai", "quai", "berth-2", "quai", "berth-2"]
-    metrics = ["no2", "pm25", "no2", "no2", "o3"]
-    ts = np.array([1, -2, 3, 2**62, 5], dtype=np.int64)
-    values = np.array([1.5, -0.0, 3e300, 4.25, -7.0])
-    flags = np.array([0, 1, 0, 1, 0], dtype=np.uint8)
-    bodies = encode_single_bodies(ts, values, flags)
-    got = [value_header(s, (m,)) + row.tobytes() for s, m, row in zip(sites, metrics, bodies, strict=True)]
-    assert got == [
-        encode_single(s, m, int(t), float(v), int(f))
-        for s, m, t, v, f in zip(sites, metrics, ts, values, flags, strict=True)
-    ]
-    assert got[3] == encode_value("quai", ["no2"], [0], [2**62], [4.25], [1])
-    assert encode_single_bodies(ts[:0], values[:0], flags[:0]).shape == (0, 22)
 
 
 def test_plain_gateway_batches_take_the_whole_batch_path_with_the_same_result() -> None:
