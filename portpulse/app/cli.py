@@ -1,4 +1,7 @@
-"""The ``portpulse`` command line. Settings are loaded once here and passed down."""
+"""The ``portpulse`` command line. Settings are loaded once here and passed down.
+
+Each command imports the stages it runs when it runs, so ``portpulse --help``, ``config`` and
+``catalogue`` do not load numpy kernels, aiokafka or influxdb-client."""
 
 from __future__ import annotations
 

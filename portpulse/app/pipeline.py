@@ -17,6 +17,10 @@ from portpulse.app.ops import Health, LatestValues, LiveView, OpsServer, TappedS
 from portpulse.contract.catalogue import load_catalogue
 from portpulse.contract.errors import ConfigError, PortPulseError
 from portpulse.contract.settings import Settings
+from portpulse.ingest.bridge import run_bridge
+from portpulse.kafka import KafkaDeadLetters
+from portpulse.processors.loop import run_processor
+from portpulse.sinks.writer import InfluxWriter
 
 __all__ = ["STAGES", "ProcessorOptions", "run_pipeline"]
 
@@ -46,11 +50,6 @@ async def run_pipeline(
     The ops server listens on ``settings.ops.metrics_host:metrics_port`` (port 0: no server);
     ``on_ops_port`` is told the bound port.
     """
-    from portpulse.ingest.bridge import run_bridge
-    from portpulse.kafka import KafkaDeadLetters
-    from portpulse.processors.loop import run_processor
-    from portpulse.sinks.writer import InfluxWriter
-
     unknown = set(stages) - set(STAGES)
     if unknown or not stages:
         raise ConfigError(f"unknown stage(s) {sorted(unknown)}; choose from {', '.join(STAGES)}")

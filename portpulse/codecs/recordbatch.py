@@ -53,7 +53,7 @@ _I64 = npt.NDArray[np.int64]
 
 
 #: Zero bytes kept after the data of parsed record sets, so readers that run past the end
-#: (:func:`intern_slices`, ``portpulse.wire.decode_columns``) need no copy to pad it.
+#: (:func:`intern_slices`, ``portpulse.codecs.wire.decode_columns``) need no copy to pad it.
 TAIL_PADDING = 32
 
 

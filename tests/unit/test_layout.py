@@ -136,3 +136,14 @@ def test_a_wheel_holds_only_the_portpulse_namespace(tmp_path: Path) -> None:
         assert want and want <= set(names), stage
     assert "portpulse/contract/catalogue.toml" in names
     assert "portpulse/app/dashboard.html" in names
+
+
+def test_the_console_script_and_python_dash_m_run_the_same_command_line() -> None:
+    from importlib.metadata import entry_points
+
+    from portpulse.app.cli import main
+
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "portpulse"]
+    assert script.load() is main
+    out = subprocess.run([sys.executable, "-m", "portpulse", "--version"], capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("portpulse ")
