@@ -52,7 +52,16 @@ from portpulse.processors.clean import (
 )  # fmt: skip
 from portpulse.processors.window import Aggregates, OpenWindows, WindowSpec, aggregate, assign
 
-__all__ = ["Deferred", "EngineOutput", "EngineSettings", "LateReading", "ProcessorEngine", "Readings", "Recompute"]
+__all__ = [
+    "Deferred",
+    "EngineOutput",
+    "EngineSettings",
+    "LateReading",
+    "PartitionPosition",
+    "ProcessorEngine",
+    "Readings",
+    "Recompute",
+]
 
 _NEG = np.iinfo(np.int64).min
 _POS = np.iinfo(np.int64).max
@@ -127,6 +136,14 @@ class Deferred:
     readings: Readings
     series: npt.NDArray[np.int64]
     value: npt.NDArray[np.float64]
+
+
+class PartitionPosition(NamedTuple):
+    """What a commit of one partition records (see :meth:`ProcessorEngine.safe_offsets`)."""
+
+    commit: int  # the offset to commit: the earliest record a replay needs
+    consumed_until: int  # one past the last record consumed (commit metadata "next")
+    closed: tuple[int, ...]  # per window spec, the latest window end any series closed (ns)
 
 
 class LateReading(NamedTuple):
@@ -847,9 +864,9 @@ class ProcessorEngine:
 
     # ------------------------------------------------------------ offsets and rebalances
 
-    def safe_offsets(self) -> dict[int, tuple[int, int, tuple[int, ...]]]:
-        """Per partition: (offset to commit, next offset consumed, per window spec the latest
-        window end any of its series has closed).
+    def safe_offsets(self) -> dict[int, PartitionPosition]:
+        """Per partition: the offset to commit, the next offset consumed, and per window spec the
+        latest window end any of its series has closed.
 
         The commit offset is the earliest record a replay needs to rebuild the open windows *and*
         the cleaning history their readings and the next ones are judged with (so a restarted
@@ -874,7 +891,7 @@ class ProcessorEngine:
         for p in parts:
             state = self._parts[p]
             before = tuple(max(int(c), b) for c, b in zip(closed, state.closed_before or closed, strict=True))
-            out[p] = (min(int(need[p]), state.next_offset), state.next_offset, before)
+            out[p] = PartitionPosition(min(int(need[p]), state.next_offset), state.next_offset, before)
         return out
 
     def restore(self, partition: int, consumed_until: int, closed_before: dict[str, int]) -> None:

@@ -39,7 +39,14 @@ from portpulse.kafka import (
     fetched_columns,
     start_producer,
 )
-from portpulse.processors.engine import EngineOutput, EngineSettings, LateReading, ProcessorEngine, Readings
+from portpulse.processors.engine import (
+    EngineOutput,
+    EngineSettings,
+    LateReading,
+    PartitionPosition,
+    ProcessorEngine,
+    Readings,
+)
 from portpulse.processors.metrics import PROCESSOR_METRICS
 from portpulse.processors.window import parse_windows
 
@@ -47,8 +54,8 @@ __all__ = ["Processor", "ProcessorStats", "run_processor"]
 
 log = logging.getLogger("portpulse.processor")
 
-#: Per partition id, the engine's positions before a batch: (offset to commit, next offset, closed).
-Positions = dict[int, tuple[int, int, tuple[int, ...]]]
+#: Per partition id, the engine's positions before a step.
+Positions = dict[int, PartitionPosition]
 
 
 @dataclass
@@ -361,9 +368,9 @@ class Processor:
             pending.pop(0)
         positions = pending[0][1] if pending else self.engine.safe_offsets()
         return {
-            self._tps[p]: OffsetAndMetadata(offset, commit_metadata(self.engine, nxt, closed))
-            for p, (offset, nxt, closed) in positions.items()
-            if p in self._tps and offset >= 0
+            self._tps[p]: OffsetAndMetadata(at.commit, commit_metadata(self.engine, at.consumed_until, at.closed))
+            for p, at in positions.items()
+            if p in self._tps and at.commit >= 0
         }
 
     async def _commit(self, offsets: dict[Any, Any]) -> None:

@@ -18,7 +18,7 @@ from portpulse.contract.catalogue import load_catalogue
 from portpulse.contract.errors import ConfigError, PortPulseError
 from portpulse.contract.settings import Settings
 from portpulse.ingest.bridge import run_bridge
-from portpulse.kafka import KafkaDeadLetters
+from portpulse.kafka import KafkaDeadLetters, check_hooks
 from portpulse.processors.loop import run_processor
 from portpulse.sinks.writer import InfluxWriter
 
@@ -53,6 +53,7 @@ async def run_pipeline(
     unknown = set(stages) - set(STAGES)
     if unknown or not stages:
         raise ConfigError(f"unknown stage(s) {sorted(unknown)}; choose from {', '.join(STAGES)}")
+    check_hooks()  # logs an error (and counts it) now, at start-up, if aiokafka no longer fits
     health = Health()
     health.add("kafka", kafka_probe(settings.kafka.bootstrap_servers))
     latest = LatestValues(load_catalogue(settings.processor.catalogue))

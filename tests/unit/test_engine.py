@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from portpulse.contract.catalogue import load_catalogue
 from portpulse.contract.points import MemoryPointSink
-from portpulse.processors.engine import EngineOutput, EngineSettings, ProcessorEngine, Readings
+from portpulse.processors.engine import EngineOutput, EngineSettings, PartitionPosition, ProcessorEngine, Readings
 from portpulse.processors.window import parse_windows
 
 T = TypeVar("T")
@@ -252,7 +252,7 @@ def test_a_restart_replays_from_the_commit_and_ends_with_the_same_aggregates() -
     whole.settle(10_000.0)
 
     first = Run(idle_s=5.0)
-    committed: dict[int, tuple[int, int, tuple[int, ...]]] = {}
+    committed: dict[int, PartitionPosition] = {}
     for i in range(0, 450, 50):
         committed = first.engine.safe_offsets()  # what the loop commits before each step
         first.feed(rows[i : i + 50], now_s=i / 50)
@@ -269,7 +269,7 @@ def test_a_restart_replays_from_the_commit_and_ends_with_the_same_aggregates() -
     for row in rows:
         numbered.append((row, offsets[row[1]]))
         offsets[row[1]] += 1
-    replay = [(row, o) for row, o in numbered if o >= committed[row[1]][0]]
+    replay = [(row, o) for row, o in numbered if o >= committed[row[1]].commit]
     for i in range(0, len(replay), 50):
         part = replay[i : i + 50]
         second.feed([r for r, _ in part], now_s=20 + i / 50, offsets=[o for _, o in part])
@@ -303,7 +303,7 @@ def test_readings_beyond_the_correction_horizon_go_to_the_late_topic_with_their_
     out = run.engine.ingest(readings, 0.0, frozenset({0}), wall_ns=wall)
     assert [(late.sensor_id, late.ts_ns, late.lateness_ns) for late in out.late] == [("s0", T0, 3600 * S)]
     assert sum(len(p) for kind, p in out.points if kind == "raw") == 1
-    assert run.engine.safe_offsets()[0][1] == 2  # both records consumed
+    assert run.engine.safe_offsets()[0].consumed_until == 2  # both records consumed
 
 
 def test_a_reading_far_out_of_order_is_judged_against_its_neighbours_in_the_store() -> None:
@@ -353,7 +353,7 @@ def test_a_replayed_reading_keeps_the_verdict_it_was_given_against_the_store() -
     spike = ("s0", 0, T0 + 6 * S + S // 2, 400.0)
     arrivals = [*readings[:20], spike, *readings[20:]]  # offsets 0..41: the spike is offset 20
     first = Run(windows="10s")
-    committed: dict[int, tuple[int, int, tuple[int, ...]]] = {}
+    committed: dict[int, PartitionPosition] = {}
     for i in range(0, len(arrivals), 3):
         first.feed(arrivals[i : i + 3], now_s=i / 3)
         committed = first.engine.safe_offsets()  # what a commit after this step would carry
