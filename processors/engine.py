@@ -519,15 +519,18 @@ class ProcessorEngine:
         uniq, local = np.unique(d.series, return_inverse=True)
         local = local.reshape(-1).astype(np.int64)
         position = {int(sid): j for j, sid in enumerate(uniq.tolist())}
-        # Each series' stored readings that passed checks 1-3 (the Hampel window's material).
-        rows: list[list[tuple[int, float, int]]] = [[] for _ in uniq.tolist()]
+        # Each series' stored readings that passed checks 1-3 (the Hampel window's material), one
+        # per instant: where a raw point and a rejection meet (a crash between storing a
+        # rejection and retracting the raw value), the rejection is the newer verdict.
+        by_ts: list[dict[int, tuple[float, int]]] = [{} for _ in uniq.tolist()]
         passed = {"": OK, "spike": SPIKE, "rate_of_change": RATE}
         for part in stored:
             for sensor, metric, ts, v, why in zip(part.sensor_id.tolist(), part.metric.tolist(), part.ts_ns.tolist(),
                                                   part.value.tolist(), part.reason.tolist(), strict=True):  # fmt: skip
                 j = position.get(self._series.get((part.domain, sensor, metric), -1), -1)
-                if j >= 0 and why in passed:
-                    rows[j].append((int(ts), float(v), passed[why]))
+                if j >= 0 and why in passed and (why or int(ts) not in by_ts[j]):
+                    by_ts[j][int(ts)] = (float(v), passed[why])
+        rows = [[(ts, v, verdict) for ts, (v, verdict) in items.items()] for items in by_ts]
         width = max(max((len(x) for x in rows), default=0), self._s.hampel_window)
         history = History.empty(len(uniq), width)
         for j, items in enumerate(rows):

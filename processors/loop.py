@@ -262,11 +262,12 @@ class Processor:
         stats.readings += len(readings)
         stats.bad_records += bad
         out = engine.ingest(readings, time.monotonic(), self._caught_up(owned), key_code, time.time_ns())
+        # Each phase leaves the store consistent (points written, retractions done) before the
+        # next one reads it back.
         receipts = await self._write(out)
+        await self._retract(out.retract)
         if out.deferred is not None:
             receipts += await self._judge_deferred(out)
-        if out.retract:
-            await self._retract(out)
         if len(out.recompute):
             receipts += await self._recompute(out)
         if out.late:
@@ -305,16 +306,19 @@ class Processor:
         stored = [await self._sink.read(query) for query in self.engine.neighbour_ranges(out.deferred)]
         more = self.engine.ingest_deferred(out.deferred, stored, time.monotonic())
         receipts = await self._write(more)
-        more.points = []
+        await self._retract(more.retract)
+        more.points, more.retract = [], []
         out.absorb(more)
         self.stats.deferred += len(out.deferred.series)
         return receipts
 
-    async def _retract(self, out: EngineOutput) -> None:
-        """Readings rejected when judged again: their raw values leave the store before any
-        window is recomputed from it."""
+    async def _retract(self, retract: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]]) -> None:
+        """Readings rejected when judged again: once their rejections are stored, their raw
+        values leave the store, before anything reads it back."""
+        if not retract:
+            return
         await self._sink.flush()
-        for domain, metric, instants in self.engine.retractions(out.retract):
+        for domain, metric, instants in self.engine.retractions(retract):
             await self._sink.retract(domain, metric, instants)
 
     async def _recompute(self, out: EngineOutput) -> list[WriteReceipt]:
