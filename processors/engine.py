@@ -380,7 +380,13 @@ class ProcessorEngine:
             value = r.value * factor
             self._grow()
             self._series_part[series] = r.partition
-            behind = self._behind(series, r.ts_ns) | self._replayed(r)
+            replayed = self._replayed(r)
+            behind = self._behind(series, r.ts_ns) | replayed
+            if replayed.any():
+                # A series' new readings are judged with its replayed ones, after them and against
+                # the store: a new reading may conflict with a replayed one (a duplicate) or have
+                # it in its Hampel window, and the history the replay would rebuild is incomplete.
+                behind |= np.isin(series, series[replayed])
             if behind.any():
                 rows = np.flatnonzero(behind)
                 out.deferred = Deferred(Readings(*(getattr(r, f)[rows] for f in Readings.__dataclass_fields__)),
@@ -461,9 +467,12 @@ class ProcessorEngine:
         replay_from: npt.NDArray[np.int64],
         now_s: float,
         out: EngineOutput,
+        counted: npt.NDArray[np.bool_] | None = None,
     ) -> None:
-        """Readings with their verdicts: counted, stored (raw or rejected), into the windows."""
-        for code, count in zip(*np.unique(reason, return_counts=True), strict=True):
+        """Readings with their verdicts: counted (those ``counted`` marks; default all), stored (raw
+        or rejected), into the windows."""
+        tally = reason if counted is None else reason[counted]
+        for code, count in zip(*np.unique(tally, return_counts=True), strict=True):
             if code == REPEAT:
                 out.repeated += int(count)
             elif code != OK:
@@ -545,11 +554,18 @@ class ProcessorEngine:
             local, d.readings.ts_ns, d.value, lo, hi, rate, floor, history, self._s.k_sigma, d.readings.offset,
             self._s.hampel_window,
         )  # fmt: skip
-        # A replayed reading finds itself in the store (a repeat): it takes the verdict stored then.
-        for i in np.flatnonzero((reason == REPEAT) & self._replayed(d.readings)).tolist():
+        # A reading that finds itself in the store (a repeat: replayed after a restart, or taken by
+        # a step whose commit was lost) takes the verdict stored then and joins its windows again
+        # (they count one reading per instant), as the first copy may have been lost with the
+        # memory of the process that took it.
+        # Counted as repeats (once per delivery), not as new verdicts.
+        again_stored = np.zeros(len(reason), dtype=bool)
+        for i in np.flatnonzero(reason == REPEAT).tolist():
             kept = stored_verdict.get((int(local[i]), int(d.readings.ts_ns[i])))
             if kept is not None:
                 reason[i] = kept
+                again_stored[i] = True
+        out.repeated += int((again_stored & ~self._replayed(d.readings)).sum())
         passed_now = np.isin(reason, (OK, SPIKE, RATE))
         again = uniq[rejudged.series]
         # The deferred readings join the history where they are among the newest; re-judged ones
@@ -563,7 +579,7 @@ class ProcessorEngine:
         )
         if len(rejudged):
             self._apply_rejudged(again, rejudged.ts_ns, rejudged.value, rejudged.verdict, out)
-        self._judged(d.series, d.readings, d.value, reason, d.readings.offset, now_s, out)
+        self._judged(d.series, d.readings, d.value, reason, d.readings.offset, now_s, out, counted=~again_stored)
         return out
 
     def _apply_rejudged(

@@ -442,3 +442,29 @@ def test_a_step_that_rejudges_in_memory_and_defers_reads_a_consistent_store() ->
     assert ("air", "s1", "no2", T0 + 65 * S + 10**6) not in raw  # a spike against 58..64
     assert raw == {k: v for k, v in in_order.store.stored().items() if k[0] == "air"}
     assert_same(split.aggregates(), batch_computation(split.store))
+
+
+def test_a_new_reading_that_conflicts_with_a_replayed_one_is_the_duplicate() -> None:
+    """After a restart the replay and the first new records can share a step: the new reading at
+    an instant a replayed reading holds is the duplicate (offset order decides, as without the
+    restart), and the window keeps the replayed value."""
+    rows = [("s0", 0, T0 + t * 5 * S, 42.0 + (t % 7) / 2) for t in range(24)]  # offsets 0..23, two minutes
+    first = Run(lateness_s=2.0)
+    first.feed(rows[:20], now_s=0.0)
+    committed = first.engine.safe_offsets()[0]
+    assert committed.commit <= 11 < committed.consumed_until == 20  # reading 11 (t = 55 s) is replayed
+    second = Run(lateness_s=2.0)
+    second.store = first.store
+    second.engine.restore(0, committed.consumed_until, dict(zip(second.engine.window_names(), committed.closed,
+                                                                strict=True)))  # fmt: skip
+    conflict = ("s0", 0, rows[11][2], 99.0)
+    replay = rows[committed.commit : 20]
+    second.feed([*replay, conflict, *rows[20:]], now_s=1.0,
+                 offsets=[*range(committed.commit, 20), 20, *range(21, 25)])  # fmt: skip
+    assert sum(o.rejected.get("duplicate", 0) for o in second.outputs) == 1
+    second.settle(1000.0)
+    stored = second.store.stored()
+    assert stored[("air", "s0", "no2", rows[11][2])] == rows[11][3]
+    assert stored[("air_rejected", "s0", "no2_reason", rows[11][2])] == "duplicate"
+    assert_same(second.aggregates(), batch_computation(second.store))
+    assert second.aggregates()[("s0", T0)]["count"] == 12
