@@ -236,9 +236,9 @@ class _Bucket:
 class OpenWindows:
     """Readings of the windows still open, kept per (spec, window start, partition).
 
-    Exact aggregates (p95) need every reading until its window closes. Kept in one set of
-    arrays, each step copied all of them (a 15-minute window at 30 000 readings/s holds 27 M);
-    in buckets, adding is proportional to the step. Windows close per series (each series has
+    Exact aggregates (p95) need every reading until its window closes: a 15-minute window at
+    30 000 readings/s holds 27 M of them. Buckets keep adding proportional to the step rather
+    than to what the windows hold. Windows close per series (each series has
     its own event time), so a bucket knows its series: closing compares their closed-until
     times with the bucket's end and touches rows only when some of them closed.
     """
