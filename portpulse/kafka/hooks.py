@@ -250,8 +250,9 @@ def _legacy_records(batch: bytes) -> list[tuple[int, bytes | None, bytes | None]
 
 
 def _install_columnar_fetch() -> None:
-    from aiokafka.consumer import fetcher
+    from aiokafka.consumer import fetcher as module
 
+    fetcher: FetcherModule = module  # the shape check_hooks verified
     if _MEMORY_RECORDS:
         return
     original_records = fetcher.PartitionRecords
