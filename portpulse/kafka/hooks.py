@@ -189,6 +189,7 @@ def _keep_raw(value: bytes) -> bytes:
 
 
 _MEMORY_RECORDS: list[Callable[[bytes], Any]] = []  # aiokafka's own, once the hook is installed
+_PARTITION_RECORDS: dict[str, Callable[..., Any]] = {}  # "original" (aiokafka's) and "installed" (ours)
 
 
 class _RawRecordSet:
@@ -267,6 +268,7 @@ def _install_columnar_fetch() -> None:
 
     fetcher.MemoryRecords = _RawRecordSet
     fetcher.PartitionRecords = partition_records
+    _PARTITION_RECORDS.update(original=original_records, installed=partition_records)
 
 
 def columnar_consumer_options() -> dict[str, Any]:
@@ -297,10 +299,11 @@ def _fetch_problems(fetcher: Any) -> list[str]:
     missing = [n for n in ("MemoryRecords", "PartitionRecords", "READ_UNCOMMITTED") if not hasattr(fetcher, n)]
     if missing:
         return [f"aiokafka.consumer.fetcher has no {', '.join(missing)}"]
-    if _MEMORY_RECORDS:
-        return []  # installed after an earlier check passed
+    current = fetcher.PartitionRecords
+    if _PARTITION_RECORDS and current is _PARTITION_RECORDS["installed"]:
+        current = _PARTITION_RECORDS["original"]  # installed after an earlier check: check what it wraps
     problems = []
-    params = tuple(inspect.signature(fetcher.PartitionRecords).parameters)
+    params = tuple(inspect.signature(current).parameters)
     if params != PARTITION_RECORDS_PARAMETERS:
         problems.append(f"PartitionRecords takes {params}, not {PARTITION_RECORDS_PARAMETERS}")
     source = inspect.getsource(fetcher)

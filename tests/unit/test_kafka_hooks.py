@@ -88,6 +88,8 @@ def test_a_changed_fetcher_turns_the_columnar_fetch_off(
     def partition_records(tp: Any, records: Any, fetch_offset: int, deserializer: Any) -> Any:
         raise AssertionError("never called")
 
+    columnar_consumer_options()  # installed first, as in a process that already consumed
+    check_hooks.cache_clear()
     monkeypatch.setattr(fetcher, "PartitionRecords", partition_records)
     with caplog.at_level(logging.ERROR, logger="portpulse.kafka"):
         status = check_hooks()
