@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -337,6 +337,7 @@ def _judge_windows(
     readings per series), every window is judged from contiguous slices ("dense") and the
     verdicts picked afterwards, which saves a gather per column.
     """
+    seq = _Sequence(values, times, series_of, w, floor, max_rate, k_sigma)
     m, total = len(pos), len(values)
     # Prefix counts answer "is this window full / in time order" in O(1) per window.
     empty_before = np.zeros(total + 1, dtype=np.int64)
@@ -353,12 +354,12 @@ def _judge_windows(
         fast[a:b] = (_slot(empty_before, w, starts) == _slot(empty_before, 0, starts)) & (
             _slot(back_before, w, starts) == _slot(back_before, 1, starts)
         )
-        verdict[a:b] = _judge_full_windows(values, times, series_of, starts, w, floor, max_rate, k_sigma)
+        verdict[a:b] = _judge_full_windows(seq, starts)
     if dense:
         verdict, fast = verdict[pos - w], fast[pos - w]
     slow = np.flatnonzero(~fast)
     if len(slow):
-        verdict[slow] = _judge_any_windows(values, times, series_of, pos[slow], w, floor, max_rate, k_sigma)
+        verdict[slow] = _judge_any_windows(seq, pos[slow])
     return verdict
 
 
@@ -370,19 +371,24 @@ def _slot(array: npt.NDArray[_T], slot: int, starts: slice | npt.NDArray[np.int6
     return array[starts + slot]
 
 
-def _judge_full_windows(
-    values: npt.NDArray[np.float64],
-    times: npt.NDArray[np.int64],
-    series_of: npt.NDArray[np.int64],
-    starts: slice | npt.NDArray[np.int64],
-    w: int,
-    floor: npt.NDArray[np.float64],
-    max_rate: npt.NDArray[np.float64],
-    k_sigma: float,
-) -> npt.NDArray[np.uint8]:
+class _Sequence(NamedTuple):
+    """What :func:`_judge_windows` judges over: values, times and the series of each position
+    ``(total,)``, the window size ``w``, and the per-series thresholds (indexed by series)."""
+
+    values: npt.NDArray[np.float64]
+    times: npt.NDArray[np.int64]
+    series_of: npt.NDArray[np.int64]
+    w: int
+    floor: npt.NDArray[np.float64]
+    max_rate: npt.NDArray[np.float64]
+    k_sigma: float
+
+
+def _judge_full_windows(seq: _Sequence, starts: slice | npt.NDArray[np.int64]) -> npt.NDArray[np.uint8]:
     """:func:`_verdict` for windows assumed full and in time order (the caller discards the
     others): a pruned median network over the columns, and the age median read off the middle
     slot(s), since in time order the ages fall with the slot."""
+    values, times, series_of, w, floor, max_rate, k_sigma = seq
     cols = [_slot(values, j, starts) for j in range(w)]
     x, t, series = _slot(values, w, starts), _slot(times, w, starts), _slot(series_of, w, starts)
     med = _full_median(cols)
@@ -407,18 +413,10 @@ def _judge_full_windows(
     return out
 
 
-def _judge_any_windows(
-    values: npt.NDArray[np.float64],
-    times: npt.NDArray[np.int64],
-    series_of: npt.NDArray[np.int64],
-    pos: npt.NDArray[np.int64],
-    w: int,
-    floor: npt.NDArray[np.float64],
-    max_rate: npt.NDArray[np.float64],
-    k_sigma: float,
-) -> npt.NDArray[np.uint8]:
+def _judge_any_windows(seq: _Sequence, pos: npt.NDArray[np.int64]) -> npt.NDArray[np.uint8]:
     """:func:`_verdict` for windows with empty slots or out of time order: NaN-aware medians of
     the values, their deviations and the ages."""
+    values, times, series_of, w, floor, max_rate, k_sigma = seq
     start = pos - w
     cols = [values[start + j] for j in range(w)]
     med, count = _column_median(cols)
