@@ -300,13 +300,15 @@ async def run_bridge(
             where = f"{settings.mqtt.host}:{settings.mqtt.port}"
 
             async def mqtt_probe() -> tuple[bool, str]:
-                if source.connected:
-                    return True, f"{where} connected ({source.reconnects} reconnects)"
-                return False, f"{where} disconnected: {source.last_error or 'connecting'}"
+                if not source.connected:
+                    return False, f"{where} disconnected: {source.last_error or 'connecting'}"
+                state = "subscribed" if source.subscribed else "connected, subscription not yet acknowledged"
+                shortfalls = source.shortfalls.summary()
+                return True, f"{where} {state} ({source.reconnects} reconnects)" + (
+                    f"; broker shortfall: {shortfalls}" if shortfalls else ""
+                )
 
             health.add("mqtt", mqtt_probe)
-        if ready is not None:
-            ready.set()
         log.info(
             "bridge up: MQTT %s:%d %s (QoS %d) -> Kafka %s",
             settings.mqtt.host,
@@ -316,7 +318,18 @@ async def run_bridge(
             settings.kafka.bootstrap_servers,
         )
         bridge = Bridge(settings, source, sink)
-        await bridge.run(stop)
+        # The bridge runs before the SUBACK arrives: a broker may send it only once the session's
+        # queued messages are acknowledged. ``ready`` means subscribed.
+        running = asyncio.create_task(bridge.run(stop), name="bridge")
+        try:
+            while ready is not None and not ready.is_set() and not running.done():
+                if source.subscribed:
+                    ready.set()
+                else:
+                    await asyncio.wait({running}, timeout=0.02)
+            await running
+        finally:
+            running.cancel()
         bridge.stats.mqtt_reconnects = source.reconnects
         return bridge.stats
 

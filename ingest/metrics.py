@@ -30,7 +30,19 @@ class IngestMetrics:
 
     @cached_property
     def mqtt_connected(self) -> Gauge:
-        return Gauge("portpulse_ingest_mqtt_connected", "1 while the bridge is connected and subscribed to MQTT")
+        return Gauge("portpulse_ingest_mqtt_connected", "1 while the bridge is connected to MQTT")
+
+    @cached_property
+    def mqtt_subscribed(self) -> Gauge:
+        return Gauge("portpulse_ingest_mqtt_subscribed", "1 once the broker acknowledged the subscription (SUBACK)")
+
+    @cached_property
+    def broker_shortfalls(self) -> Counter:
+        return Counter(
+            "portpulse_ingest_mqtt_broker_shortfalls",
+            "Connections on which the broker did not grant what the configuration asked, by kind",
+            ["kind"],
+        )
 
     @cached_property
     def in_flight(self) -> Gauge:

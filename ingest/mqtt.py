@@ -19,6 +19,7 @@ import queue
 import ssl
 import threading
 import time
+from collections.abc import Sequence
 from types import TracebackType
 from typing import Any, NamedTuple, Protocol
 
@@ -32,7 +33,15 @@ from portpulse.contract.settings import MqttSettings
 from portpulse.ingest.decode import Message
 from portpulse.ingest.metrics import INGEST_METRICS
 
-__all__ = ["Inbound", "MqttSource", "PahoMqttSource", "credentials_refused"]
+__all__ = [
+    "BrokerShortfalls",
+    "Inbound",
+    "MqttSource",
+    "PahoMqttSource",
+    "Shortfall",
+    "broker_shortfalls",
+    "credentials_refused",
+]
 
 log = logging.getLogger("portpulse.mqtt")
 
@@ -55,8 +64,98 @@ def credentials_refused(settings: MqttSettings, last_error: str) -> ConfigError:
     )
 
 
+class Shortfall(NamedTuple):
+    """Something the configuration asked for and the broker did not grant, said once per kind."""
+
+    kind: str  # session_not_resumed, session_expiry_reduced, qos_downgraded, shared_subscriptions_unavailable
+    detail: str
+
+
+def broker_shortfalls(
+    settings: MqttSettings,
+    *,
+    resuming: bool,
+    session_present: bool | None = None,
+    session_expiry_s: int | None = None,
+    maximum_qos: int | None = None,
+    shared_subscriptions: bool | None = None,
+    granted: Sequence[int | None] = (),
+) -> list[Shortfall]:
+    """What a CONNACK (``session_present``, the v5 properties) or a SUBACK (``granted`` QoS per
+    filter, None where refused) says the broker will not do of what ``settings`` asked.
+
+    ``resuming``: the bridge connected before with a persistent session and expects it back.
+    """
+    s = settings
+    out: list[Shortfall] = []
+    if resuming and session_present is False:
+        out.append(
+            Shortfall(
+                "session_not_resumed",
+                "the broker did not keep the bridge's session across the reconnect "
+                "(session present = 0): messages published while the bridge was away are lost",
+            )
+        )
+    if session_expiry_s is not None and session_expiry_s < s.session_expiry_s:
+        out.append(
+            Shortfall(
+                "session_expiry_reduced",
+                f"the broker keeps the session {session_expiry_s} s after a disconnect, "
+                f"not the {s.session_expiry_s} s asked (mqtt.session_expiry_s)",
+            )
+        )
+    if s.shared_group and shared_subscriptions is False:
+        out.append(
+            Shortfall(
+                "shared_subscriptions_unavailable",
+                f"the broker does not offer shared subscriptions: mqtt.shared_group {s.shared_group!r} cannot work",
+            )
+        )
+    lowest = min([q for q in granted if q is not None] + ([maximum_qos] if maximum_qos is not None else []), default=2)
+    if lowest < s.qos:
+        out.append(
+            Shortfall(
+                "qos_downgraded",
+                f"the broker grants QoS {lowest}, not the {s.qos} asked (mqtt.qos): "
+                + ("messages may be lost" if lowest == 0 else "messages may arrive twice"),
+            )
+        )
+    return out
+
+
+class BrokerShortfalls:
+    """Shortfalls of the current connection: each kind logged once per process and counted."""
+
+    def __init__(self) -> None:
+        self.current: dict[str, str] = {}
+        self._said: set[str] = set()
+
+    def note(self, shortfalls: Sequence[Shortfall], *, replace: Sequence[str] = ()) -> None:
+        """Record ``shortfalls``; kinds in ``replace`` are first forgotten (a new CONNACK or
+        SUBACK answers them afresh)."""
+        for kind in replace:
+            self.current.pop(kind, None)
+        for kind, detail in shortfalls:
+            self.current[kind] = detail
+            INGEST_METRICS.broker_shortfalls.labels(kind).inc()
+            if kind not in self._said:
+                self._said.add(kind)
+                log.warning("MQTT broker shortfall (%s): %s", kind, detail)
+
+    def summary(self) -> str:
+        return "; ".join(self.current.values())
+
+
+CONNACK_SHORTFALLS = ("session_not_resumed", "session_expiry_reduced", "shared_subscriptions_unavailable")
+SUBACK_SHORTFALLS = ("qos_downgraded",)
+
+
 class MqttSource(Protocol):
-    """What the bridge needs from an MQTT subscription (entered with ``async with``)."""
+    """What the bridge needs from an MQTT subscription (entered with ``async with``).
+
+    Entering returns once the broker accepted the connection, before SUBACK: a broker may hold
+    the SUBACK behind a resumed session's queued messages, which only the running bridge acks.
+    """
 
     reconnects: int
     last_error: str
@@ -83,6 +182,10 @@ class PahoMqttSource:
         self._generation = 0
         self._connected = threading.Event()
         self._subscribed = threading.Event()
+        self._resuming = False  # a persistent session was opened before: expect it back
+        self._subscribe_attempts = 0
+        self._broker_ids: set[int] = set()  # packet ids of the broker's messages not yet acked
+        self.shortfalls = BrokerShortfalls()
         self._stopping = False
         self._waiting = False
         self._wakeup: asyncio.Event | None = None
@@ -136,13 +239,30 @@ class PahoMqttSource:
 
     # ------------------------------------------------------------ callbacks (paho thread)
 
-    def _on_connect(self, client: paho.Client, _userdata: Any, flags: Any, reason: Any, _props: Any) -> None:
+    def _on_connect(self, client: paho.Client, _userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if reason.is_failure:
             self.last_error = f"MQTT connect refused: {reason}"
             if str(reason) in {"Not authorized", "Bad user name or password"}:
                 self.auth_failed = True
             log.error("%s", self.last_error)
             return
+        self._subscribed.clear()
+        self._broker_ids.clear()
+        INGEST_METRICS.mqtt_subscribed.set(0)
+        self.shortfalls.note(
+            broker_shortfalls(
+                self._settings,
+                resuming=self._resuming,
+                session_present=bool(flags.session_present),
+                session_expiry_s=getattr(props, "SessionExpiryInterval", None),
+                maximum_qos=getattr(props, "MaximumQoS", None),
+                shared_subscriptions=(
+                    bool(props.SharedSubscriptionAvailable) if hasattr(props, "SharedSubscriptionAvailable") else None
+                ),
+            ),
+            replace=CONNACK_SHORTFALLS,
+        )
+        self._resuming = self._settings.protocol == "3.1.1" or self._settings.session_expiry_s > 0
         self._generation += 1
         if self._generation > 1:
             self.reconnects += 1
@@ -153,27 +273,46 @@ class PahoMqttSource:
                 self._settings.port,
                 flags.session_present,
             )
-        subscriptions: list[tuple[str, int]] = [(f, self._settings.qos) for f in self._filters()]
-        client.subscribe(subscriptions)
+        self._subscribe_attempts = 0
+        self._subscribe(client)
         self._connected.set()
         INGEST_METRICS.mqtt_connected.set(1)
 
-    def _on_subscribe(self, _c: paho.Client, _u: Any, _mid: int, reason_codes: Any, _props: Any) -> None:
+    def _subscribe(self, client: paho.Client) -> None:
+        # paho takes the packet id from its own counter (never a fixed value).
+        self._subscribe_attempts += 1
+        client.subscribe([(f, self._settings.qos) for f in self._filters()])
+
+    def _on_subscribe(self, client: paho.Client, _u: Any, mid: int, reason_codes: Any, _props: Any) -> None:
         failed = [str(rc) for rc in reason_codes if rc.is_failure]
+        id_clash = any(rc.value == 0x91 for rc in reason_codes) or mid in self._broker_ids
+        if failed and id_clash and self._subscribe_attempts < 5:
+            log.info("MQTT broker refused SUBSCRIBE id %d (packet identifier in use); subscribing again", mid)
+            self._subscribe(client)
+            return
         if failed:
             self.last_error = f"MQTT subscription refused: {', '.join(failed)}"
             log.error("%s", self.last_error)
+        granted = [None if rc.is_failure else rc.value for rc in reason_codes]
+        self.shortfalls.note(
+            broker_shortfalls(self._settings, resuming=False, granted=granted), replace=SUBACK_SHORTFALLS
+        )
         self._subscribed.set()
+        INGEST_METRICS.mqtt_subscribed.set(1)
 
     def _on_disconnect(self, _c: paho.Client, _u: Any, _flags: Any, reason: Any, _props: Any) -> None:
         self._connected.clear()
+        self._subscribed.clear()
         INGEST_METRICS.mqtt_connected.set(0)
+        INGEST_METRICS.mqtt_subscribed.set(0)
         if not self._stopping:
             self.last_error = f"MQTT disconnected: {reason}"
             log.warning("%s; paho reconnects with backoff", self.last_error)
 
     def _on_message(self, _client: paho.Client, _userdata: Any, msg: paho.MQTTMessage) -> None:
         inbound = Inbound(Message(msg.topic, bytes(msg.payload), time.time_ns()), msg.mid, msg.qos, self._generation)
+        if msg.qos:
+            self._broker_ids.add(msg.mid)
         while not self._stopping:
             try:
                 self._queue.put(inbound, timeout=0.5)  # blocks paho when full: backpressure to the broker
@@ -189,6 +328,10 @@ class PahoMqttSource:
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
+
+    @property
+    def subscribed(self) -> bool:
+        return self._subscribed.is_set()
 
     @property
     def generation(self) -> int:
@@ -208,7 +351,8 @@ class PahoMqttSource:
             raise ServiceUnavailableError("mqtt", f"{s.host}:{s.port}: {exc}") from None
         self._client.loop_start()
         deadline = time.monotonic() + self._connect_timeout_s
-        while not (self._connected.is_set() and self._subscribed.is_set()):
+        # Up at CONNACK, not SUBACK (see MqttSource): messages before the SUBACK are processed.
+        while not self._connected.is_set():
             if self.auth_failed:
                 # Retrying cannot fix credentials: one attempt, then a clear error (exit code 2).
                 await self._shutdown()
@@ -258,5 +402,6 @@ class PahoMqttSource:
             return True
         if inbound.generation != self._generation or not self._connected.is_set():
             return False  # the broker redelivers it on the new connection
+        self._broker_ids.discard(inbound.mid)
         self._client.ack(inbound.mid, inbound.qos)
         return True

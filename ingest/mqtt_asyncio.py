@@ -11,6 +11,12 @@ Same contract as the paho adapter: persistent session (clean start off, session 
 only for messages of the current connection (after a reconnect the broker redelivers the rest),
 reconnect with exponential backoff and resubscribe, credentials refused → one attempt and a clear
 error, bounded buffering (reading pauses, TCP pushes back, the broker keeps the messages).
+
+The connection counts as up at CONNACK, not SUBACK: a resumed session's queued messages follow
+CONNACK at once, and some brokers (rumqttd) send the SUBACK only after the client acknowledged
+the messages their in-flight window holds, which the bridge does only once it runs. SUBSCRIBE
+takes a packet identifier the broker is not using for a message to us (some brokers, mochi
+among them, share one identifier space per session) and is sent again if refused for it.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from portpulse.codecs.mqttwire import (
     PUBREC_TYPE,
     PUBREL,
     SUBACK,
+    ConnAck,
     MalformedPacketError,
     PacketReader,
     encode_ack,
@@ -47,7 +54,14 @@ from portpulse.contract.errors import ServiceUnavailableError
 from portpulse.contract.settings import MqttSettings
 from portpulse.ingest.decode import Message
 from portpulse.ingest.metrics import INGEST_METRICS
-from portpulse.ingest.mqtt import Inbound, credentials_refused
+from portpulse.ingest.mqtt import (
+    CONNACK_SHORTFALLS,
+    SUBACK_SHORTFALLS,
+    BrokerShortfalls,
+    Inbound,
+    broker_shortfalls,
+    credentials_refused,
+)
 
 __all__ = ["AsyncioMqttSource"]
 
@@ -59,11 +73,12 @@ class _Connection(asyncio.Protocol):
 
     def __init__(self, owner: AsyncioMqttSource, generation: int) -> None:
         self._owner = owner
-        self._generation = generation
+        self.generation = generation
         self._reader = PacketReader(v5=owner.v5)
         self.transport: asyncio.Transport | None = None
-        self.lost: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self.control: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        self.lost: asyncio.Future[str] = loop.create_future()
+        self.connack: asyncio.Future[ConnAck] = loop.create_future()
         self.last_received = time.monotonic()
         self.paused = False
 
@@ -78,20 +93,36 @@ class _Connection(asyncio.Protocol):
         except MalformedPacketError as exc:
             self.close(f"malformed packet from the broker: {exc}")
             return
+        subscribe = False
+        if control and control[0][0] == CONNACK and not self.connack.done():
+            # CONNACK opens the stream: take it before the messages that arrived behind it, and
+            # subscribe after them, with a packet id none of them holds.
+            try:
+                ack = self._owner.accepted(self, control[0][1])
+            except MalformedPacketError as exc:
+                self.close(f"malformed CONNACK from the broker: {exc}")
+                return
+            self.connack.set_result(ack)
+            subscribe = not ack.reason
+            control = control[1:]
         if publishes:
             now_ns = time.time_ns()  # one receive time for everything that arrived together
-            generation = self._generation
+            generation = self.generation
             self._owner.deliver(
                 [Inbound(Message(p.topic, p.payload, now_ns), p.packet_id, p.qos, generation) for p in publishes]
             )
+        if subscribe:
+            self._owner.subscribe(self)
         for kind, body in control:
             if kind == PUBREL:  # QoS 2, second half: the message is ours already
-                self.write(encode_ack(PUBCOMP_TYPE, int.from_bytes(body[:2], "big")))
+                packet_id = int.from_bytes(body[:2], "big")
+                self._owner.released(packet_id)
+                self.write(encode_ack(PUBCOMP_TYPE, packet_id))
+            elif kind == SUBACK:
+                self._owner.subscription_answered(self, body)
             elif kind == DISCONNECT:
                 reason = body[0] if body else 0
                 self.close(f"broker sent DISCONNECT (reason 0x{reason:02x})")
-            else:
-                self.control.put_nowait((kind, body))
 
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -138,17 +169,31 @@ class AsyncioMqttSource:
         self._ack_flush_scheduled = False
         self._generation = 0
         self._connected = asyncio.Event()
+        self._subscribed = False
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        # Packet ids of the broker's QoS 1/2 messages not yet acknowledged (PUBREL for QoS 2):
+        # a SUBSCRIBE must not reuse one of them.
+        self._broker_ids: set[int] = set()
+        self._packet_id = 0  # the last id this client took for a SUBSCRIBE
+        self._subscribe_id = 0  # the SUBSCRIBE waiting for its SUBACK, 0 when none
+        self._subscribe_sent = 0.0  # time.monotonic() when it left
+        self._subscribe_attempts = 0
+        self._resuming = False  # a persistent session was opened before: expect it back
         self.reconnects = 0
         self.last_error = ""
         self.auth_failed = False
+        self.shortfalls = BrokerShortfalls()
 
     # ------------------------------------------------------------ public surface
 
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
+
+    @property
+    def subscribed(self) -> bool:
+        return self._subscribed
 
     @property
     def generation(self) -> int:
@@ -196,6 +241,8 @@ class AsyncioMqttSource:
             return True
         if inbound.generation != self._generation or self._connection is None:
             return False  # the broker redelivers it on the new connection
+        if inbound.qos == 1:
+            self._broker_ids.discard(inbound.mid)  # a QoS 2 id stays in use until PUBREL
         self._acks.append(encode_ack(PUBACK_TYPE if inbound.qos == 1 else PUBREC_TYPE, inbound.mid))
         if not self._ack_flush_scheduled:
             self._ack_flush_scheduled = True
@@ -207,9 +254,83 @@ class AsyncioMqttSource:
     def deliver(self, messages: list[Inbound]) -> None:
         """Called by the connection for each read's messages."""
         self._queue.extend(messages)
+        self._broker_ids.update([m.mid for m in messages if m.qos])
         self._wakeup.set()
         if len(self._queue) >= self._max_buffered and self._connection is not None:
             self._connection.pause()  # TCP pushes back; the broker keeps the rest in the session
+
+    def released(self, packet_id: int) -> None:
+        """The broker released a QoS 2 message (PUBREL): its packet id is free again."""
+        self._broker_ids.discard(packet_id)
+
+    def accepted(self, conn: _Connection, body: bytes) -> ConnAck:
+        """CONNACK arrived on ``conn``: when accepted, make it the current connection (before
+        any message behind the CONNACK is handed on)."""
+        ack = parse_connack(body, v5=self.v5)
+        if ack.reason:
+            return ack
+        # Messages of an old connection can no longer be acked; new ones carry this generation.
+        self._generation = conn.generation
+        self._connection = conn
+        self._broker_ids.clear()
+        self._subscribed = False
+        INGEST_METRICS.mqtt_subscribed.set(0)
+        self.shortfalls.note(
+            broker_shortfalls(
+                self._settings,
+                resuming=self._resuming,
+                session_present=ack.session_present,
+                session_expiry_s=ack.session_expiry_s,
+                shared_subscriptions=ack.shared_subscriptions,
+                maximum_qos=ack.maximum_qos,
+            ),
+            replace=CONNACK_SHORTFALLS,
+        )
+        self._resuming = not self.v5 or self._settings.session_expiry_s > 0
+        self._subscribe_attempts = 0
+        return ack
+
+    def _next_packet_id(self) -> int:
+        """The next packet id (1..65535, cycling) that no message from the broker holds."""
+        for _ in range(65536):
+            self._packet_id = self._packet_id % 65535 + 1
+            if self._packet_id not in self._broker_ids:
+                return self._packet_id
+        raise RuntimeError("every MQTT packet identifier is in use")  # receive maximum forbids this
+
+    def subscribe(self, conn: _Connection) -> None:
+        """Send SUBSCRIBE for the configured filters with a free packet id."""
+        s = self._settings
+        filters = [(f"$share/{s.shared_group}/{f}" if s.shared_group else f, s.qos) for f in s.subscriptions]
+        self._subscribe_id = self._next_packet_id()
+        self._subscribe_sent = time.monotonic()
+        self._subscribe_attempts += 1
+        conn.write(encode_subscribe(self._subscribe_id, filters, v5=self.v5))
+
+    def subscription_answered(self, conn: _Connection, body: bytes) -> None:
+        """SUBACK: note refusals and downgrades; a refusal for the packet id is sent again."""
+        try:
+            suback = parse_suback(body, v5=self.v5)
+        except MalformedPacketError as exc:
+            conn.close(f"malformed SUBACK from the broker: {exc}")
+            return
+        if conn is not self._connection or suback.packet_id != self._subscribe_id:
+            return  # an answer to a SUBSCRIBE of an earlier attempt
+        self._subscribe_id = 0
+        refused = [r for r in suback.refusals if r]
+        id_clash = "packet identifier in use" in refused or (refused and suback.packet_id in self._broker_ids)
+        if id_clash and self._subscribe_attempts < 5:
+            log.info("MQTT broker refused SUBSCRIBE id %d (%s); subscribing again", suback.packet_id, refused[0])
+            self.subscribe(conn)
+            return
+        if refused:
+            self.last_error = f"MQTT subscription refused: {', '.join(refused)}"
+            log.error("%s", self.last_error)
+        self.shortfalls.note(
+            broker_shortfalls(self._settings, resuming=False, granted=suback.granted), replace=SUBACK_SHORTFALLS
+        )
+        self._subscribed = True
+        INGEST_METRICS.mqtt_subscribed.set(1)
 
     def _flush_acks(self) -> None:
         self._ack_flush_scheduled = False
@@ -229,7 +350,9 @@ class AsyncioMqttSource:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         self._connected.clear()
+        self._subscribed = False
         INGEST_METRICS.mqtt_connected.set(0)
+        INGEST_METRICS.mqtt_subscribed.set(0)
 
     def _ssl_context(self) -> ssl.SSLContext | None:
         s = self._settings
@@ -251,7 +374,9 @@ class AsyncioMqttSource:
             if self._connected.is_set():
                 delay = s.reconnect_min_s  # the last attempt got through: start the backoff again
             self._connected.clear()
+            self._subscribed = False
             INGEST_METRICS.mqtt_connected.set(0)
+            INGEST_METRICS.mqtt_subscribed.set(0)
             self.last_error = f"MQTT {reason}"
             log.warning("%s; reconnecting in %.1f s", self.last_error, delay)
             await asyncio.sleep(delay)
@@ -295,52 +420,25 @@ class AsyncioMqttSource:
                 receive_maximum=self._max_buffered,
             )
         )
-        kind, body = await self._expect(conn, CONNACK)
-        if kind != CONNACK:
+        waiters: set[asyncio.Future[Any]] = {conn.connack, conn.lost}
+        await asyncio.wait(waiters, timeout=self._connect_timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        if not conn.connack.done():
             return "no CONNACK from the broker"
-        ack = parse_connack(body, v5=self.v5)
+        ack = conn.connack.result()
         if ack.reason:
             self.last_error = f"MQTT connect refused: {ack.reason}"
             self.auth_failed = ack.reason in AUTH_REFUSALS
             log.error("%s", self.last_error)
             return f"connect refused: {ack.reason}"
-        # Messages of an old connection can no longer be acked; new ones carry this generation.
-        # (Set before SUBSCRIBE: a persistent session's queued messages follow CONNACK at once.)
-        self._generation = generation
-        self._connection = conn
-        filters = [(f"$share/{s.shared_group}/{f}" if s.shared_group else f, s.qos) for f in s.subscriptions]
-        conn.write(encode_subscribe(1, filters, v5=self.v5))
-        kind, body = await self._expect(conn, SUBACK)
-        if kind != SUBACK:
-            return "no SUBACK from the broker"
-        refused = [r for r in parse_suback(body, v5=self.v5)[1] if r]
-        if refused:
-            self.last_error = f"MQTT subscription refused: {', '.join(refused)}"
-            log.error("%s", self.last_error)
         if generation > 1:
             self.reconnects += 1
             INGEST_METRICS.reconnects.inc()
             log.warning(
-                "reconnected to MQTT %s:%d (session present: %s); resubscribed", s.host, s.port, ack.session_present
+                "reconnected to MQTT %s:%d (session present: %s); resubscribing", s.host, s.port, ack.session_present
             )
         self._connected.set()
         INGEST_METRICS.mqtt_connected.set(1)
         return await self._keep_alive(conn)
-
-    async def _expect(self, conn: _Connection, kind: int) -> tuple[int, bytes]:
-        """The next control packet of type ``kind``; (0, b"") on timeout or loss."""
-        deadline = time.monotonic() + self._connect_timeout_s
-        while (left := deadline - time.monotonic()) > 0 and not conn.lost.done():
-            get = asyncio.ensure_future(conn.control.get())
-            waiters: set[asyncio.Future[Any]] = {get, conn.lost}
-            done, _ = await asyncio.wait(waiters, timeout=left, return_when=asyncio.FIRST_COMPLETED)
-            if get not in done:
-                get.cancel()
-                break
-            got = get.result()
-            if got[0] == kind:
-                return got
-        return 0, b""
 
     async def _keep_alive(self, conn: _Connection) -> str:
         """PINGREQ every half keepalive; a broker silent for 1.5 keepalives is gone (e.g. SIGSTOP)."""
@@ -356,5 +454,12 @@ class AsyncioMqttSource:
                 conn.close(f"broker silent for {keepalive * 1.5:.0f} s")
                 return f"broker {self._settings.host}:{self._settings.port} stopped answering"
             conn.write(PINGREQ)
-            while not conn.control.empty():
-                conn.control.get_nowait()  # PINGRESP and friends: nothing more to do
+            self._warn_if_unsubscribed()
+
+    def _warn_if_unsubscribed(self) -> None:
+        """A SUBSCRIBE unanswered for the connect timeout is said once: messages of a resumed
+        session may still flow, so the connection is kept."""
+        if self._subscribe_id and time.monotonic() - self._subscribe_sent > self._connect_timeout_s:
+            self.last_error = f"MQTT no SUBACK from the broker after {self._connect_timeout_s:.0f} s"
+            log.warning("%s; still waiting (messages received meanwhile are processed)", self.last_error)
+            self._subscribe_sent = float("inf")

@@ -112,3 +112,8 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         terminalreporter.write_line("|---|---:|---:|---:|---:|---:|")
         for line in lines:
             terminalreporter.write_line(line)
+    matrix = getattr(sys.modules.get("tests.integration.test_interop"), "MATRIX_REPORT", [])
+    if matrix:
+        terminalreporter.section("broker interop matrix")
+        for line in sorted(matrix):
+            terminalreporter.write_line(line)

@@ -37,12 +37,14 @@ __all__ = [
     "MalformedPacketError",
     "PacketReader",
     "Publish",
+    "SubAck",
     "connack_reason",
     "encode_ack",
     "encode_connect",
     "encode_publish",
     "encode_subscribe",
     "parse_connack",
+    "parse_properties",
     "parse_suback",
     "remaining_length",
 ]
@@ -54,6 +56,15 @@ DISCONNECT_PACKET = b"\xe0\x00"  # v3.1.1, and v5's "normal disconnection" short
 
 _PROP_SESSION_EXPIRY = 0x11
 _PROP_RECEIVE_MAXIMUM = 0x21
+_PROP_MAXIMUM_QOS = 0x24
+_PROP_SHARED_SUBSCRIPTIONS = 0x2A
+# MQTT 5 property identifiers by value type (section 2.2.2.2), to step over the ones not read.
+_PROPS_BYTE = frozenset({0x01, 0x17, 0x19, 0x24, 0x25, 0x28, 0x29, 0x2A})
+_PROPS_U16 = frozenset({0x13, 0x21, 0x22, 0x23})
+_PROPS_U32 = frozenset({0x02, 0x11, 0x27})
+_PROPS_VARINT = frozenset({0x0B})
+_PROPS_STRING = frozenset({0x03, 0x08, 0x09, 0x12, 0x15, 0x16, 0x1A, 0x1C, 0x1F})  # strings and binary data
+_PROP_USER = 0x26  # a string pair
 _ID = struct.Struct("!H")
 _ACK = struct.Struct("!BBH")  # type byte, remaining length 2, packet id
 
@@ -170,8 +181,23 @@ class Publish:
 
 @dataclass(frozen=True, slots=True)
 class ConnAck:
+    """A CONNACK; the v5 properties a subscriber checks are None when the broker left them out
+    (the spec's defaults then apply: the client's own expiry, QoS 2, shared subscriptions on)."""
+
     session_present: bool
     reason: str  # "" when accepted
+    session_expiry_s: int | None = None
+    maximum_qos: int | None = None
+    shared_subscriptions: bool | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SubAck:
+    """A SUBACK: per filter the granted QoS (None when refused) and the refusal ("" when granted)."""
+
+    packet_id: int
+    granted: list[int | None]
+    refusals: list[str]
 
 
 def connack_reason(code: int, *, v5: bool) -> str:
@@ -182,21 +208,67 @@ def connack_reason(code: int, *, v5: bool) -> str:
     return table.get(code, f"refused (code 0x{code:02x})")
 
 
+def parse_properties(buf: bytes, pos: int, end: int) -> dict[int, int | bytes]:
+    """MQTT 5 properties in ``buf[pos:end]``: identifier -> integer value, or the raw bytes of
+    strings and binary data (a user property keeps its last pair)."""
+    out: dict[int, int | bytes] = {}
+    try:
+        while pos < end:
+            ident = buf[pos]
+            pos += 1
+            if ident in _PROPS_BYTE:
+                out[ident], pos = buf[pos], pos + 1
+            elif ident in _PROPS_U16:
+                out[ident], pos = _ID.unpack_from(buf, pos)[0], pos + 2
+            elif ident in _PROPS_U32:
+                out[ident], pos = struct.unpack_from("!I", buf, pos)[0], pos + 4
+            elif ident in _PROPS_VARINT:
+                out[ident], pos = _varint(buf, pos)
+            elif ident in _PROPS_STRING or ident == _PROP_USER:
+                for _ in range(2 if ident == _PROP_USER else 1):
+                    size = _ID.unpack_from(buf, pos)[0]
+                    out[ident], pos = bytes(buf[pos + 2 : pos + 2 + size]), pos + 2 + size
+            else:
+                raise MalformedPacketError(f"unknown MQTT 5 property 0x{ident:02x}")
+    except (IndexError, struct.error):
+        raise MalformedPacketError("MQTT 5 properties run past the packet") from None
+    if pos != end:
+        raise MalformedPacketError("MQTT 5 properties run past their length")
+    return out
+
+
 def parse_connack(body: bytes, *, v5: bool) -> ConnAck:
     if len(body) < 2:
         raise MalformedPacketError("CONNACK shorter than 2 bytes")
-    return ConnAck(bool(body[0] & 1), connack_reason(body[1], v5=v5))
+    ack = ConnAck(bool(body[0] & 1), connack_reason(body[1], v5=v5))
+    if not v5 or len(body) < 3:
+        return ack
+    length, pos = _varint(body, 2)
+    props = parse_properties(body, pos, pos + length)
+    expiry, max_qos = props.get(_PROP_SESSION_EXPIRY), props.get(_PROP_MAXIMUM_QOS)
+    shared = props.get(_PROP_SHARED_SUBSCRIPTIONS)
+    return ConnAck(
+        ack.session_present,
+        ack.reason,
+        session_expiry_s=expiry if isinstance(expiry, int) else None,
+        maximum_qos=max_qos if isinstance(max_qos, int) else None,
+        shared_subscriptions=bool(shared) if isinstance(shared, int) else None,
+    )
 
 
-def parse_suback(body: bytes, *, v5: bool) -> tuple[int, list[str]]:
-    """(packet id, refusal reason per filter; "" for granted)."""
+def parse_suback(body: bytes, *, v5: bool) -> SubAck:
     if len(body) < 3:
         raise MalformedPacketError("SUBACK too short")
     pos = 2
     if v5:
         props, pos = _varint(body, pos)
         pos += props
-    return _ID.unpack_from(body)[0], [connack_reason(code, v5=True) if code >= 0x80 else "" for code in body[pos:]]
+    codes = body[pos:]
+    return SubAck(
+        _ID.unpack_from(body)[0],
+        [code if code < 0x80 else None for code in codes],
+        [connack_reason(code, v5=True) if code >= 0x80 else "" for code in codes],
+    )
 
 
 def _varint(buf: bytes | bytearray, pos: int) -> tuple[int, int]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -60,6 +60,19 @@ class MqttSettings(_Section):
     session_expiry_s: int = Field(3600, ge=0)
     reconnect_min_s: float = Field(0.5, gt=0)
     reconnect_max_s: float = Field(30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _paho_cannot_hold_qos2(self) -> MqttSettings:
+        if self.client == "paho" and self.qos == 2:
+            # paho answers a QoS 2 PUBLISH with PUBREC on arrival, before Kafka has the message,
+            # and keeps the exchange only in memory: a crash then loses a message the broker
+            # considers delivered.
+            raise ValueError(
+                "mqtt.qos = 2 needs mqtt.client = 'asyncio': paho acknowledges QoS 2 messages "
+                "(PUBREC) when they arrive, before Kafka has them, so a crash would lose them; "
+                "use the asyncio client, or QoS 1 (a redelivered reading is a repeat the processor drops)"
+            )
+        return self
 
 
 class KafkaSettings(_Section):

@@ -74,8 +74,9 @@ async def running_bridge(settings: Settings) -> AsyncIterator[asyncio.Task[Bridg
 class Publisher:
     """A real MQTT client publishing test messages (its own paho thread; use ``with``)."""
 
-    def __init__(self, mqtt: MqttEndpoint, client_id: str) -> None:
-        self._client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
+    def __init__(self, mqtt: MqttEndpoint, client_id: str, protocol: str = "5") -> None:
+        version = paho.MQTTv5 if protocol == "5" else paho.MQTTv311
+        self._client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=version)
         self._mqtt = mqtt
         self._connected = threading.Event()
         self._client.on_connect = lambda *_: self._connected.set()

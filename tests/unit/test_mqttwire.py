@@ -10,14 +10,17 @@ from portpulse.codecs.mqttwire import (
     CONNACK,
     PUBACK_TYPE,
     SUBACK,
+    ConnAck,
     MalformedPacketError,
     PacketReader,
     Publish,
+    SubAck,
     encode_ack,
     encode_connect,
     encode_publish,
     encode_subscribe,
     parse_connack,
+    parse_properties,
     parse_suback,
     remaining_length,
 )
@@ -54,8 +57,32 @@ def test_connack_and_suback_reasons() -> None:
     assert parse_connack(b"\x01\x00", v5=False).session_present
     assert parse_connack(b"\x00\x04", v5=False).reason == "bad user name or password"
     assert parse_connack(b"\x00\x87\x00", v5=True).reason == "not authorized"
-    assert parse_suback(b"\x00\x01\x01\x80", v5=False) == (1, ["", "unspecified error"])
-    assert parse_suback(b"\x00\x02\x00\x02\x9e", v5=True) == (2, ["", "shared subscriptions not supported"])
+    assert parse_suback(b"\x00\x01\x01\x80", v5=False) == SubAck(1, [1, None], ["", "unspecified error"])
+    assert parse_suback(b"\x00\x02\x00\x02\x9e", v5=True) == SubAck(
+        2, [2, None], ["", "shared subscriptions not supported"]
+    )
+    assert parse_suback(b"\x00\x03\x00\x00\x91", v5=True).refusals == ["", "packet identifier in use"]
+
+
+def test_connack_v5_properties_a_subscriber_checks() -> None:
+    # session present, accepted; properties: expiry 60 s, a reason string, a user property,
+    # receive maximum 10, maximum QoS 1, shared subscriptions unavailable
+    props = (
+        b"\x11\x00\x00\x00\x3c"
+        + b"\x1f\x00\x02ok"
+        + b"\x26\x00\x01k\x00\x01v"
+        + b"\x21\x00\x0a"
+        + b"\x24\x01"
+        + b"\x2a\x00"
+    )
+    ack = parse_connack(b"\x01\x00" + remaining_length(len(props)) + props, v5=True)
+    assert ack == ConnAck(True, "", session_expiry_s=60, maximum_qos=1, shared_subscriptions=False)
+    # No properties: the spec's defaults apply, none is reported.
+    assert parse_connack(b"\x00\x00\x00", v5=True) == ConnAck(False, "")
+    with pytest.raises(MalformedPacketError, match="past"):
+        parse_connack(b"\x00\x00\x05\x11\x00\x00", v5=True)
+    with pytest.raises(MalformedPacketError, match="unknown MQTT 5 property"):
+        parse_properties(b"\x7f\x00", 0, 2)
 
 
 publishes = st.lists(
