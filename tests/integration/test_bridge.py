@@ -17,8 +17,6 @@ pytestmark = pytest.mark.integration
 NOW_S = int(time.time())  # readings must be within the bridge's past/future window
 
 
-CLIENTS = [("asyncio", "5"), ("asyncio", "3.1.1"), ("paho", "5")]
-
 
 def metric_per_message(unique: str, start: int, n: int) -> list[tuple[str, bytes]]:
     """Messages ``start..start+n`` of sensor s1, each with its own metric ``m{i}`` (countable)."""
@@ -170,50 +168,6 @@ async def test_kafka_outage_loses_no_acknowledged_message(
     # While Kafka was down the bridge held (did not ack) every message of the outage window.
     assert held >= n_during
     assert bridge.result().acked == bridge.result().messages
-
-
-@pytest.mark.skipif(not is_local("mqtt"), reason="needs a Mosquitto this test may restart (scripts/services)")
-@pytest.mark.parametrize(("client", "protocol"), CLIENTS)
-async def test_mosquitto_restart_resubscribes_and_delivers_the_persistent_session(
-    mqtt: MqttEndpoint, kafka: KafkaEndpoint, unique: str, client: str, protocol: str
-) -> None:
-    extra = {"reconnect_min_s": 3, "reconnect_max_s": 3, "client": client, "protocol": protocol}
-    settings = bridge_settings(mqtt, kafka, unique, mqtt_extra=extra)
-
-    async with running_bridge(settings) as bridge:
-        with Publisher(mqtt, f"{unique}-pub-a") as pub:
-            pub.publish(metric_per_message(unique, 0, 100))
-        await consume(kafka, [f"{unique}.readings.air"], expect=100, idle_s=0)
-        await local_service_control_async("mqtt", "down")
-        await local_service_control_async("mqtt", "up")
-        # Published while the bridge is still away (it retries every 3 s): queued in its session.
-        with Publisher(mqtt, f"{unique}-pub-b") as pub:
-            pub.publish(metric_per_message(unique, 100, 100))
-        records = await consume(kafka, [f"{unique}.readings.air"], expect=200, timeout_s=90)
-    metrics = {r.metric for r in readings_of(records)}
-    assert metrics == {f"m{i}" for i in range(200)}
-    assert bridge.result().messages >= 200
-    assert bridge.result().mqtt_reconnects >= 1
-
-
-async def test_two_bridges_share_a_subscription(mqtt: MqttEndpoint, kafka: KafkaEndpoint, unique: str) -> None:
-    shared = {"shared_group": f"{unique}-g"}
-    a = bridge_settings(mqtt, kafka, unique, client_id=f"{unique}-a", mqtt_extra=shared)
-    b = bridge_settings(mqtt, kafka, unique, client_id=f"{unique}-b", mqtt_extra=shared)
-    n = 2000
-    messages = [
-        (f"{unique}/air/q/s{i % 50}", json.dumps({"ts": NOW_S, "metrics": {"no2": float(i)}}).encode())
-        for i in range(n)
-    ]
-    async with running_bridge(a) as bridge_a, running_bridge(b) as bridge_b:
-        with Publisher(mqtt, f"{unique}-pub") as pub:
-            pub.publish(messages)
-        records = await consume(kafka, [f"{unique}.readings.air"], expect=n)
-    got = sorted(r.value for r in readings_of(records))
-    assert got == [float(i) for i in range(n)]
-    share_a, share_b = bridge_a.result().messages, bridge_b.result().messages
-    print(f"shared subscription split: {share_a} / {share_b}")
-    assert share_a > 0 and share_b > 0 and share_a + share_b == n
 
 
 @pytest.mark.skipif(not is_local("mqtt"), reason="needs a Mosquitto this test may pause (scripts/services)")

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from prometheus_client import REGISTRY
 
 from tests.integration.pipeline import Publisher, bridge_settings, consume, readings_of, running_bridge
 from tests.integration.test_end_to_end import http_get
@@ -47,7 +48,17 @@ BROKERS = ("mosquitto", "mochi", "rumqttd", "artemis")
 #: The name scripts/services knows each broker by.
 SERVICE_NAME = {"mosquitto": "mqtt", "mochi": "mochi", "rumqttd": "rumqttd", "artemis": "artemis"}
 #: (broker, scenario) -> why it cannot pass: the broker's own documented behaviour.
-KNOWN_LIMITS: dict[tuple[str, str], str] = {}
+KNOWN_LIMITS: dict[tuple[str, str], str] = {
+    ("mochi", "broker_restart"): (
+        "mochi-mqtt keeps sessions in memory unless a storage hook is compiled in (its example server "
+        "has none): a restart forgets the bridge's session, so what is published before the bridge "
+        "resubscribes has no subscriber"
+    ),
+    ("rumqttd", "broker_restart"): (
+        "rumqttd keeps sessions in memory only: a restart forgets the bridge's session, so what is "
+        "published before the bridge resubscribes has no subscriber"
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -280,6 +291,8 @@ async def test_a_broker_restart_resubscribes_and_delivers(
     extra = client_settings(broker, client, reconnect_min_s=2, reconnect_max_s=2)
     settings = bridge_settings(broker.endpoint, kafka, unique, mqtt_extra=extra)
     topic = [f"{unique}.readings.air"]
+    keeps_sessions = (broker.name, "broker_restart") not in KNOWN_LIMITS
+    said_before = shortfalls_said("session_not_resumed")
     async with running_bridge(settings) as bridge:
         with Publisher(broker.endpoint, f"{unique}-pub-a", broker.protocol) as pub:
             pub.publish(messages(unique, 0, 100))
@@ -293,12 +306,14 @@ async def test_a_broker_restart_resubscribes_and_delivers(
         )
         with Publisher(broker.endpoint, f"{unique}-pub-c", broker.protocol) as pub:
             pub.publish(messages(unique, 200, 100))
-        records = await consume(kafka, topic, expect=300, timeout_s=60, idle_s=1)
+        records = await consume(kafka, topic, expect=300 if keeps_sessions else 200, timeout_s=60, idle_s=1)
     got = tally(records)
     expected = {f"m{i}" for i in range(300)}
     report("broker_restart", broker, client, expected, got)
     assert bridge.result().mqtt_reconnects >= 1
     assert {f"m{i}" for i in range(100)} | {f"m{i}" for i in range(200, 300)} <= set(got)
+    # A broker that forgot the session must be said to have done so (once per reconnect).
+    assert shortfalls_said("session_not_resumed") - said_before == (0 if keeps_sessions else 1)
     if not {f"m{i}" for i in range(100, 200)} <= set(got):
         known_limit(broker, "broker_restart")
     assert set(got) == expected, f"lost while the bridge was away: {len(expected - set(got))}"
@@ -306,6 +321,8 @@ async def test_a_broker_restart_resubscribes_and_delivers(
 
 def settings_subscribed(unique: str) -> bool:
     """True once the bridge's subscription is acknowledged again (the metric is process-wide)."""
-    from prometheus_client import REGISTRY
-
     return REGISTRY.get_sample_value("portpulse_ingest_mqtt_subscribed") == 1
+
+
+def shortfalls_said(kind: str) -> float:
+    return REGISTRY.get_sample_value("portpulse_ingest_mqtt_broker_shortfalls_total", {"kind": kind}) or 0.0
