@@ -1,11 +1,12 @@
 # PortPulse: `make test` and `make demo` take a fresh machine from nothing to running.
-# Python >= 3.11; the services script installs/builds Mosquitto, Kafka and InfluxDB itself.
+# Python >= 3.11; the services script installs/builds Mosquitto, Kafka, InfluxDB and the interop
+# brokers itself (apt, Maven Central, the Go module proxy, crates.io).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install services services-down tools lint unit integration test demo bench clean
+.PHONY: install services brokers services-down tools lint unit integration test demo bench clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "PortPulse needs Python >= 3.11")'
@@ -27,7 +28,10 @@ install: $(STAMP) $(COMPAT_STAMP)  ## venv + editable install with test extras (
 services:  ## real Mosquitto, Kafka, InfluxDB on 127.0.0.1 (idempotent)
 	scripts/services up
 
-services-down:
+brokers:  ## the interop matrix's MQTT brokers: mochi (Go module), rumqttd (crates.io), ActiveMQ Artemis (Maven Central)
+	scripts/services up mochi rumqttd artemis
+
+services-down:  ## stops the services and the interop brokers
 	scripts/services down
 
 lint: install  ## ruff + mypy --strict
@@ -38,13 +42,13 @@ lint: install  ## ruff + mypy --strict
 unit: install
 	$(BIN)/pytest -m "not integration"
 
-integration: install services tools
+integration: install services brokers tools
 	$(BIN)/pytest -m integration
 
 tools:  ## test tools: headless Chromium for the dashboard's browser test (apt)
 	scripts/services tools
 
-test: install services tools lint  ## everything CI runs
+test: install services brokers tools lint  ## everything CI runs
 	$(BIN)/pytest
 
 demo: install  ## services + portpulse run (dashboard on :9464) + simulated fleets with faults; Ctrl-C stops

@@ -122,6 +122,8 @@ def main() -> None:
         ("MQTT -> Kafka bridge (#3)",
          ["benchmarks.bench_bridge", "--messages", "50000" if q else "200000", "--outage-seconds",
           "15" if q else "60"], 900),
+        ("The bridge on every broker of the interop matrix (#17)",
+         ["benchmarks.bench_interop", "--messages", "20000" if q else "100000"], 900),
         ("Simulators (#6)", ["benchmarks.bench_simulator", "--seconds", "10" if q else "30"], 300),
         ("Processor: kernels and Kafka -> sink interface (#4)",
          # A million readings per case: shorter runs are dominated by the consumer group join.

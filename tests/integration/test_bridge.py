@@ -17,7 +17,6 @@ pytestmark = pytest.mark.integration
 NOW_S = int(time.time())  # readings must be within the bridge's past/future window
 
 
-
 def metric_per_message(unique: str, start: int, n: int) -> list[tuple[str, bytes]]:
     """Messages ``start..start+n`` of sensor s1, each with its own metric ``m{i}`` (countable)."""
     return [

@@ -57,6 +57,16 @@ def test_settings_errors_are_clear_and_hide_values(monkeypatch: pytest.MonkeyPat
     assert "hunter2" not in message
 
 
+def test_paho_with_qos2_is_refused_with_the_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PORTPULSE_MQTT__CLIENT", "paho")
+    monkeypatch.setenv("PORTPULSE_MQTT__QOS", "2")
+    with pytest.raises(ConfigError, match=r"mqtt: .*qos = 2 needs mqtt.client = 'asyncio'.*PUBREC.*before Kafka"):
+        load_settings()
+    monkeypatch.setenv("PORTPULSE_MQTT__QOS", "1")
+    assert load_settings().mqtt.client == "paho"
+    assert load_settings(mqtt={"client": "asyncio", "qos": 2}).mqtt.qos == 2
+
+
 def test_missing_config_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not found"):
         load_settings(tmp_path / "nope.toml")
