@@ -159,7 +159,7 @@ def create_session(host: str, port: int, client_id: str, topic: str, qos: int) -
     props.SessionExpiryInterval = 600
     done = threading.Event()
     client.on_subscribe = lambda *_: done.set()
-    client.connect(host, port, clean_start=True, properties=props)
+    client.connect(host, port, clean_start=False, properties=props)  # a new id: no session to resume yet
     client.loop_start()
     client.subscribe(topic, qos)
     done.wait(30)
