@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -92,10 +93,17 @@ class Publisher:
         self._client.disconnect()
         self._client.loop_stop()
 
-    def publish(self, messages: Sequence[tuple[str, bytes]], qos: int = 1) -> None:
-        infos = [self._client.publish(topic, payload, qos=qos) for topic, payload in messages]
-        for info in infos:
-            info.wait_for_publish(60)
+    def publish(self, messages: Sequence[tuple[str, bytes]], qos: int = 1, per_second: float = 0) -> None:
+        """Publish and wait until the broker acknowledged each; ``per_second`` paces it in
+        chunks of 50 (0: as fast as the broker takes them)."""
+        chunk = 50 if per_second else max(1, len(messages))
+        started = time.monotonic()
+        for at in range(0, len(messages), chunk):
+            infos = [self._client.publish(topic, payload, qos=qos) for topic, payload in messages[at : at + chunk]]
+            for info in infos:
+                info.wait_for_publish(60)
+            if per_second:
+                time.sleep(max(0.0, started + (at + chunk) / per_second - time.monotonic()))
 
 
 @dataclass(frozen=True)

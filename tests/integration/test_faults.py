@@ -65,18 +65,20 @@ def pipeline_env(
 
 
 class PipelineProcess:
-    """``portpulse run`` as a child process (so it can be SIGKILLed and restarted)."""
+    """``portpulse run`` (or another ``command``, e.g. ``bridge``) as a child process, so it can
+    be SIGKILLed and restarted; ready when its ``/readyz`` answers 200."""
 
     def __init__(
         self, env: dict[str, str], log: Path, options: tuple[str, ...] = ("--windows", "1m", "--lateness", "2",
-                                                                          "--idle-timeout", "2")
+                                                                          "--idle-timeout", "2"),
+        command: str = "run",
     ) -> None:  # fmt: skip
         self.env, self.log, self.port = env, log, int(env["PORTPULSE_OPS__METRICS_PORT"])
-        self.options = options
+        self.options, self.command = options, command
         self.proc: subprocess.Popen[bytes] | None = None
 
     def spawn(self) -> None:
-        cmd = [sys.executable, "-m", "portpulse", "run", *self.options]
+        cmd = [sys.executable, "-m", "portpulse", self.command, *self.options]
         with open(self.log, "ab") as err:  # the child keeps its own copy of the descriptor
             self.proc = subprocess.Popen(cmd, env=self.env, stdout=subprocess.DEVNULL, stderr=err)
 
@@ -85,11 +87,13 @@ class PipelineProcess:
         assert self.proc is not None
         for _ in range(600):  # bounded: 120 s
             if self.proc.poll() is not None:
-                raise AssertionError(f"portpulse run exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+                raise AssertionError(
+                    f"portpulse {self.command} exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}"
+                )
             if (await asyncio.to_thread(http_get, f"http://127.0.0.1:{self.port}/readyz"))[0] == 200:
                 return
             await asyncio.sleep(0.2)
-        raise AssertionError(f"portpulse run not ready in 120 s:\n{self.log.read_text()[-3000:]}")
+        raise AssertionError(f"portpulse {self.command} not ready in 120 s:\n{self.log.read_text()[-3000:]}")
 
     def kill(self) -> None:
         assert self.proc is not None

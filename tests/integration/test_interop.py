@@ -13,9 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -26,7 +24,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from tests.integration.pipeline import Publisher, bridge_settings, consume, readings_of, running_bridge
-from tests.integration.test_end_to_end import http_get
+from tests.integration.test_faults import PipelineProcess
 from tests.services import (
     SERVICES_SCRIPT,
     KafkaEndpoint,
@@ -183,54 +181,19 @@ async def test_a_session_queued_while_the_bridge_was_stopped_drains(
     assert bridge.result().acked == bridge.result().messages >= n
 
 
-class BridgeProcess:
+def bridge_process(broker: Broker, client: str, kafka: KafkaEndpoint, unique: str, log: Path) -> PipelineProcess:
     """``portpulse bridge`` as a child process, so it can be SIGKILLed."""
-
-    def __init__(self, broker: Broker, client: str, kafka: KafkaEndpoint, unique: str, log: Path) -> None:
-        self.port = free_port()
-        self.log = log
-        self.env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("PORTPULSE_")},
-            "PORTPULSE_MQTT__HOST": broker.endpoint.host, "PORTPULSE_MQTT__PORT": str(broker.endpoint.port),
-            "PORTPULSE_MQTT__PROTOCOL": broker.protocol, "PORTPULSE_MQTT__CLIENT": client,
-            "PORTPULSE_MQTT__QOS": "2" if client == "asyncio" else "1",
-            "PORTPULSE_MQTT__CLIENT_ID": f"{unique}-bridge", "PORTPULSE_MQTT__TOPIC_PREFIX": unique,
-            "PORTPULSE_MQTT__SUBSCRIPTIONS": f'["{unique}/#"]', "PORTPULSE_MQTT__SESSION_EXPIRY_S": "600",
-            "PORTPULSE_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap_servers, "PORTPULSE_KAFKA__TOPIC_PREFIX": unique,
-            "PORTPULSE_KAFKA__PARTITIONS": "2", "PORTPULSE_OPS__METRICS_PORT": str(self.port),
-        }  # fmt: skip
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def spawn(self) -> None:
-        with open(self.log, "ab") as err:  # the child keeps its own copy of the descriptor
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "portpulse", "bridge"], env=self.env, stdout=subprocess.DEVNULL, stderr=err
-            )
-
-    async def start(self) -> None:
-        self.spawn()
-        assert self.proc is not None
-        for _ in range(600):  # bounded: 120 s
-            if self.proc.poll() is not None:
-                raise AssertionError(f"portpulse bridge exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-            if (await asyncio.to_thread(http_get, f"http://127.0.0.1:{self.port}/readyz"))[0] == 200:
-                return
-            await asyncio.sleep(0.2)
-        raise AssertionError(f"portpulse bridge not ready in 120 s:\n{self.log.read_text()[-3000:]}")
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(30)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("PORTPULSE_")},
+        "PORTPULSE_MQTT__HOST": broker.endpoint.host, "PORTPULSE_MQTT__PORT": str(broker.endpoint.port),
+        "PORTPULSE_MQTT__PROTOCOL": broker.protocol, "PORTPULSE_MQTT__CLIENT": client,
+        "PORTPULSE_MQTT__QOS": "2" if client == "asyncio" else "1",
+        "PORTPULSE_MQTT__CLIENT_ID": f"{unique}-bridge", "PORTPULSE_MQTT__TOPIC_PREFIX": unique,
+        "PORTPULSE_MQTT__SUBSCRIPTIONS": f'["{unique}/#"]', "PORTPULSE_MQTT__SESSION_EXPIRY_S": "600",
+        "PORTPULSE_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap_servers, "PORTPULSE_KAFKA__TOPIC_PREFIX": unique,
+        "PORTPULSE_KAFKA__PARTITIONS": "2", "PORTPULSE_OPS__METRICS_PORT": str(free_port()),
+    }  # fmt: skip
+    return PipelineProcess(env, log, options=(), command="bridge")
 
 
 @matrix()
@@ -238,21 +201,24 @@ async def test_sigkill_with_a_queued_session_loses_no_acknowledged_message(
     broker: Broker, client: str, kafka: KafkaEndpoint, unique: str, tmp_path: Path
 ) -> None:
     known_limit(broker, "sigkill")
-    bridge = BridgeProcess(broker, client, kafka, unique, tmp_path / "bridge.log")
+    bridge = bridge_process(broker, client, kafka, unique, tmp_path / "bridge.log")
     n_before, n_after = 1000, 1000
     await bridge.start()
     try:
         with Publisher(broker.endpoint, f"{unique}-pub", broker.protocol) as pub:
-            publishing = asyncio.create_task(asyncio.to_thread(pub.publish, messages(unique, 0, n_before)))
-            # SIGKILL once part of the stream is in Kafka: the rest is in flight or queued.
-            await consume(kafka, [f"{unique}.readings.air"], expect=n_before // 4, timeout_s=60, idle_s=0)
+            # Paced over about 3 s, so the SIGKILL lands mid-stream: once part of it is in
+            # Kafka, the rest in flight in the bridge or still to come.
+            stream = messages(unique, 0, n_before)
+            publishing = asyncio.create_task(asyncio.to_thread(pub.publish, stream, 1, n_before / 3))
+            early = await consume(kafka, [f"{unique}.readings.air"], expect=n_before // 4, timeout_s=60, idle_s=0)
             bridge.kill()
+            assert len(tally(early)) < n_before, "the stream had finished before the SIGKILL"
             await publishing
             pub.publish(messages(unique, n_before, n_after))  # queued in the session meanwhile
         await bridge.start()
         records = await consume(kafka, [f"{unique}.readings.air"], expect=n_before + n_after, timeout_s=90, idle_s=2)
     finally:
-        bridge.stop()
+        await bridge.stop()
     got = tally(records)
     expected = {f"m{i}" for i in range(n_before + n_after)}
     report("sigkill", broker, client, expected, got)
