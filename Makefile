@@ -28,8 +28,8 @@ install: $(STAMP) $(COMPAT_STAMP)  ## venv + editable install with test extras (
 services:  ## real Mosquitto, Kafka, InfluxDB on 127.0.0.1 (idempotent)
 	scripts/services up
 
-brokers:  ## the interop matrix's MQTT brokers: mochi (Go module), rumqttd (crates.io), ActiveMQ Artemis (Maven Central)
-	scripts/services up mochi rumqttd artemis
+brokers:  ## the interop matrix's MQTT brokers: mochi (Go module), rumqttd (crates.io), ActiveMQ Artemis (Maven Central), amqtt (PyPI)
+	scripts/services up mochi rumqttd artemis amqtt
 
 services-down:  ## stops the services and the interop brokers
 	scripts/services down

@@ -118,11 +118,17 @@ class KafkaReading:
 
 
 async def consume(
-    kafka: KafkaEndpoint, topics: Sequence[str], expect: int, timeout_s: float = 60.0, idle_s: float = 2.0
+    kafka: KafkaEndpoint,
+    topics: Sequence[str],
+    expect: int,
+    timeout_s: float = 60.0,
+    idle_s: float = 2.0,
+    stall_s: float | None = None,
 ) -> list[tuple[str, bytes | None, bytes, dict[str, bytes]]]:
     """Records of ``topics`` from the beginning: stop at ``expect`` readings (a readings record
     counts its readings, any other record one; then wait ``idle_s`` more to catch extras such as
-    duplicates) or after ``timeout_s``."""
+    duplicates), after ``timeout_s``, or after ``stall_s`` without a new record (for a source
+    known to lose some)."""
     consumer = AIOKafkaConsumer(
         *topics, bootstrap_servers=kafka.bootstrap_servers, auto_offset_reset="earliest", metadata_max_age_ms=1000
     )
@@ -133,11 +139,15 @@ async def consume(
         deadline = loop.time() + timeout_s
         reached_at: float | None = None
         count = 0
+        last_new = loop.time()
         while loop.time() < deadline:
+            if stall_s is not None and loop.time() - last_new > stall_s:
+                break
             for records in (await consumer.getmany(timeout_ms=300)).values():
                 got = [(r.topic, r.key, r.value, dict(r.headers)) for r in records]
                 out += got
                 count += sum(_units(value, headers) for _, _, value, headers in got)
+                last_new = loop.time()
             if count >= expect and reached_at is None:
                 reached_at = loop.time()
             if reached_at is not None and loop.time() - reached_at >= idle_s:
