@@ -25,7 +25,7 @@ from portpulse.contract.settings import Settings
 from portpulse.contract.topics import dlq_topic
 from portpulse.ingest.decode import DecodeLimits, decode_messages
 from portpulse.ingest.metrics import INGEST_METRICS
-from portpulse.ingest.mqtt import Inbound, MqttSource, PahoMqttSource
+from portpulse.ingest.mqtt import Inbound, MqttSource, PahoMqttSource, subscription_filters
 from portpulse.ingest.mqtt_asyncio import AsyncioMqttSource
 from portpulse.ingest.records import OutRecords, build_dead_letters, build_records
 from portpulse.kafka import BatchSender, KafkaOut, client_options, start_producer
@@ -313,7 +313,7 @@ async def run_bridge(
             "bridge up: MQTT %s:%d %s (QoS %d) -> Kafka %s",
             settings.mqtt.host,
             settings.mqtt.port,
-            source_filters(settings),
+            subscription_filters(settings.mqtt),
             settings.mqtt.qos,
             settings.kafka.bootstrap_servers,
         )
@@ -332,8 +332,3 @@ async def run_bridge(
             running.cancel()
         bridge.stats.mqtt_reconnects = source.reconnects
         return bridge.stats
-
-
-def source_filters(settings: Settings) -> list[str]:
-    group = settings.mqtt.shared_group
-    return [f"$share/{group}/{f}" if group else f for f in settings.mqtt.subscriptions]

@@ -19,7 +19,7 @@ import queue
 import ssl
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from types import TracebackType
 from typing import Any, NamedTuple, Protocol
 
@@ -34,6 +34,7 @@ from portpulse.ingest.decode import Message
 from portpulse.ingest.metrics import INGEST_METRICS
 
 __all__ = [
+    "MAX_SUBSCRIBE_ATTEMPTS",
     "BrokerShortfalls",
     "Inbound",
     "MqttSource",
@@ -41,6 +42,8 @@ __all__ = [
     "Shortfall",
     "broker_shortfalls",
     "credentials_refused",
+    "subscribe_id_refused",
+    "subscription_filters",
 ]
 
 log = logging.getLogger("portpulse.mqtt")
@@ -62,6 +65,26 @@ def credentials_refused(settings: MqttSettings, last_error: str) -> ConfigError:
         f"MQTT broker {settings.host}:{settings.port} refused {who} ({last_error.split(': ', 1)[-1]}); "
         "check mqtt.username and mqtt.password"
     )
+
+
+#: SUBSCRIBEs sent per connection when the broker refuses their packet id.
+MAX_SUBSCRIBE_ATTEMPTS = 5
+
+
+def subscription_filters(settings: MqttSettings) -> list[str]:
+    """The topic filters to subscribe: ``$share/{group}/{filter}`` with ``mqtt.shared_group``
+    (several bridges split one stream), else the configured filters."""
+    group = settings.shared_group
+    return [f"$share/{group}/{f}" if group else f for f in settings.subscriptions]
+
+
+def subscribe_id_refused(refusals: Sequence[str], packet_id: int, broker_ids: Container[int]) -> bool:
+    """Whether a SUBACK refusal is about the SUBSCRIBE's packet id, so sending it again with
+    another id can succeed: the broker said so (MQTT 5 reason 0x91), or the id now belongs to one
+    of the broker's own messages (brokers that share one id space per session; MQTT 3.1.1 has no
+    reason to say it with)."""
+    refused = [r for r in refusals if r]
+    return any(r.lower() == "packet identifier in use" for r in refused) or (bool(refused) and packet_id in broker_ids)
 
 
 class Shortfall(NamedTuple):
@@ -124,15 +147,41 @@ def broker_shortfalls(
 
 
 class BrokerShortfalls:
-    """Shortfalls of the current connection: each kind logged once per process and counted."""
+    """Shortfalls of the current connection, from its CONNACK and SUBACK: each kind logged
+    once per source and counted every time."""
 
-    def __init__(self) -> None:
+    def __init__(self, settings: MqttSettings) -> None:
+        self._settings = settings
+        self._resuming = False  # a persistent session was opened before: expect it back
         self.current: dict[str, str] = {}
         self._said: set[str] = set()
 
-    def note(self, shortfalls: Sequence[Shortfall], *, replace: Sequence[str] = ()) -> None:
-        """Record ``shortfalls``; kinds in ``replace`` are first forgotten (a new CONNACK or
-        SUBACK answers them afresh)."""
+    def connected(
+        self,
+        *,
+        session_present: bool,
+        session_expiry_s: int | None = None,
+        maximum_qos: int | None = None,
+        shared_subscriptions: bool | None = None,
+    ) -> None:
+        """A CONNACK accepted the connection (v5 properties None where absent)."""
+        s = self._settings
+        found = broker_shortfalls(
+            s,
+            resuming=self._resuming,
+            session_present=session_present,
+            session_expiry_s=session_expiry_s,
+            maximum_qos=maximum_qos,
+            shared_subscriptions=shared_subscriptions,
+        )
+        self._note(found, replace=_CONNACK_SHORTFALLS)
+        self._resuming = s.protocol == "3.1.1" or s.session_expiry_s > 0
+
+    def subscribed(self, granted: Sequence[int | None]) -> None:
+        """A SUBACK answered the subscription (granted QoS per filter, None where refused)."""
+        self._note(broker_shortfalls(self._settings, resuming=False, granted=granted), replace=_SUBACK_SHORTFALLS)
+
+    def _note(self, shortfalls: Sequence[Shortfall], *, replace: Sequence[str]) -> None:
         for kind in replace:
             self.current.pop(kind, None)
         for kind, detail in shortfalls:
@@ -146,8 +195,8 @@ class BrokerShortfalls:
         return "; ".join(self.current.values())
 
 
-CONNACK_SHORTFALLS = ("session_not_resumed", "session_expiry_reduced", "shared_subscriptions_unavailable")
-SUBACK_SHORTFALLS = ("qos_downgraded",)
+_CONNACK_SHORTFALLS = ("session_not_resumed", "session_expiry_reduced", "shared_subscriptions_unavailable")
+_SUBACK_SHORTFALLS = ("qos_downgraded",)
 
 
 class MqttSource(Protocol):
@@ -182,10 +231,9 @@ class PahoMqttSource:
         self._generation = 0
         self._connected = threading.Event()
         self._subscribed = threading.Event()
-        self._resuming = False  # a persistent session was opened before: expect it back
         self._subscribe_attempts = 0
         self._broker_ids: set[int] = set()  # packet ids of the broker's messages not yet acked
-        self.shortfalls = BrokerShortfalls()
+        self.shortfalls = BrokerShortfalls(settings)
         self._stopping = False
         self._waiting = False
         self._wakeup: asyncio.Event | None = None
@@ -232,11 +280,6 @@ class PahoMqttSource:
         props.ReceiveMaximum = min(65535, max(1, self._queue.maxsize))
         return props
 
-    def _filters(self) -> list[str]:
-        group = self._settings.shared_group
-        # Shared subscriptions let several bridges split one stream ($share/{group}/{filter}).
-        return [f"$share/{group}/{f}" if group else f for f in self._settings.subscriptions]
-
     # ------------------------------------------------------------ callbacks (paho thread)
 
     def _on_connect(self, client: paho.Client, _userdata: Any, flags: Any, reason: Any, props: Any) -> None:
@@ -249,20 +292,13 @@ class PahoMqttSource:
         self._subscribed.clear()
         self._broker_ids.clear()
         INGEST_METRICS.mqtt_subscribed.set(0)
-        self.shortfalls.note(
-            broker_shortfalls(
-                self._settings,
-                resuming=self._resuming,
-                session_present=bool(flags.session_present),
-                session_expiry_s=getattr(props, "SessionExpiryInterval", None),
-                maximum_qos=getattr(props, "MaximumQoS", None),
-                shared_subscriptions=(
-                    bool(props.SharedSubscriptionAvailable) if hasattr(props, "SharedSubscriptionAvailable") else None
-                ),
-            ),
-            replace=CONNACK_SHORTFALLS,
+        shared = getattr(props, "SharedSubscriptionAvailable", None)  # paho sets only what the broker sent
+        self.shortfalls.connected(
+            session_present=bool(flags.session_present),
+            session_expiry_s=getattr(props, "SessionExpiryInterval", None),
+            maximum_qos=getattr(props, "MaximumQoS", None),
+            shared_subscriptions=None if shared is None else bool(shared),
         )
-        self._resuming = self._settings.protocol == "3.1.1" or self._settings.session_expiry_s > 0
         self._generation += 1
         if self._generation > 1:
             self.reconnects += 1
@@ -281,22 +317,18 @@ class PahoMqttSource:
     def _subscribe(self, client: paho.Client) -> None:
         # paho takes the packet id from its own counter (never a fixed value).
         self._subscribe_attempts += 1
-        client.subscribe([(f, self._settings.qos) for f in self._filters()])
+        client.subscribe([(f, self._settings.qos) for f in subscription_filters(self._settings)])
 
     def _on_subscribe(self, client: paho.Client, _u: Any, mid: int, reason_codes: Any, _props: Any) -> None:
         failed = [str(rc) for rc in reason_codes if rc.is_failure]
-        id_clash = any(rc.value == 0x91 for rc in reason_codes) or mid in self._broker_ids
-        if failed and id_clash and self._subscribe_attempts < 5:
-            log.info("MQTT broker refused SUBSCRIBE id %d (packet identifier in use); subscribing again", mid)
+        if subscribe_id_refused(failed, mid, self._broker_ids) and self._subscribe_attempts < MAX_SUBSCRIBE_ATTEMPTS:
+            log.info("MQTT broker refused SUBSCRIBE id %d (%s); subscribing again", mid, failed[0])
             self._subscribe(client)
             return
         if failed:
             self.last_error = f"MQTT subscription refused: {', '.join(failed)}"
             log.error("%s", self.last_error)
-        granted = [None if rc.is_failure else rc.value for rc in reason_codes]
-        self.shortfalls.note(
-            broker_shortfalls(self._settings, resuming=False, granted=granted), replace=SUBACK_SHORTFALLS
-        )
+        self.shortfalls.subscribed([None if rc.is_failure else rc.value for rc in reason_codes])
         self._subscribed.set()
         INGEST_METRICS.mqtt_subscribed.set(1)
 

@@ -55,12 +55,12 @@ from portpulse.contract.settings import MqttSettings
 from portpulse.ingest.decode import Message
 from portpulse.ingest.metrics import INGEST_METRICS
 from portpulse.ingest.mqtt import (
-    CONNACK_SHORTFALLS,
-    SUBACK_SHORTFALLS,
+    MAX_SUBSCRIBE_ATTEMPTS,
     BrokerShortfalls,
     Inbound,
-    broker_shortfalls,
     credentials_refused,
+    subscribe_id_refused,
+    subscription_filters,
 )
 
 __all__ = ["AsyncioMqttSource"]
@@ -179,11 +179,10 @@ class AsyncioMqttSource:
         self._subscribe_id = 0  # the SUBSCRIBE waiting for its SUBACK, 0 when none
         self._subscribe_sent = 0.0  # time.monotonic() when it left
         self._subscribe_attempts = 0
-        self._resuming = False  # a persistent session was opened before: expect it back
         self.reconnects = 0
         self.last_error = ""
         self.auth_failed = False
-        self.shortfalls = BrokerShortfalls()
+        self.shortfalls = BrokerShortfalls(settings)
 
     # ------------------------------------------------------------ public surface
 
@@ -275,18 +274,12 @@ class AsyncioMqttSource:
         self._broker_ids.clear()
         self._subscribed = False
         INGEST_METRICS.mqtt_subscribed.set(0)
-        self.shortfalls.note(
-            broker_shortfalls(
-                self._settings,
-                resuming=self._resuming,
-                session_present=ack.session_present,
-                session_expiry_s=ack.session_expiry_s,
-                shared_subscriptions=ack.shared_subscriptions,
-                maximum_qos=ack.maximum_qos,
-            ),
-            replace=CONNACK_SHORTFALLS,
+        self.shortfalls.connected(
+            session_present=ack.session_present,
+            session_expiry_s=ack.session_expiry_s,
+            maximum_qos=ack.maximum_qos,
+            shared_subscriptions=ack.shared_subscriptions,
         )
-        self._resuming = not self.v5 or self._settings.session_expiry_s > 0
         self._subscribe_attempts = 0
         return ack
 
@@ -300,8 +293,7 @@ class AsyncioMqttSource:
 
     def subscribe(self, conn: _Connection) -> None:
         """Send SUBSCRIBE for the configured filters with a free packet id."""
-        s = self._settings
-        filters = [(f"$share/{s.shared_group}/{f}" if s.shared_group else f, s.qos) for f in s.subscriptions]
+        filters = [(f, self._settings.qos) for f in subscription_filters(self._settings)]
         self._subscribe_id = self._next_packet_id()
         self._subscribe_sent = time.monotonic()
         self._subscribe_attempts += 1
@@ -318,17 +310,15 @@ class AsyncioMqttSource:
             return  # an answer to a SUBSCRIBE of an earlier attempt
         self._subscribe_id = 0
         refused = [r for r in suback.refusals if r]
-        id_clash = "packet identifier in use" in refused or (refused and suback.packet_id in self._broker_ids)
-        if id_clash and self._subscribe_attempts < 5:
+        id_refused = subscribe_id_refused(refused, suback.packet_id, self._broker_ids)
+        if id_refused and self._subscribe_attempts < MAX_SUBSCRIBE_ATTEMPTS:
             log.info("MQTT broker refused SUBSCRIBE id %d (%s); subscribing again", suback.packet_id, refused[0])
             self.subscribe(conn)
             return
         if refused:
             self.last_error = f"MQTT subscription refused: {', '.join(refused)}"
             log.error("%s", self.last_error)
-        self.shortfalls.note(
-            broker_shortfalls(self._settings, resuming=False, granted=suback.granted), replace=SUBACK_SHORTFALLS
-        )
+        self.shortfalls.subscribed(suback.granted)
         self._subscribed = True
         INGEST_METRICS.mqtt_subscribed.set(1)
 

@@ -307,9 +307,7 @@ async def test_a_broker_restart_resubscribes_and_delivers(
         await local_service_control_async(broker.service, "up")
         with Publisher(broker.endpoint, f"{unique}-pub-b", broker.protocol) as pub:
             pub.publish(messages(unique, 100, 100))  # the bridge retries every 2 s: not back yet
-        await asyncio.to_thread(
-            wait_for, lambda: settings_subscribed(unique), 60, what="the bridge resubscribed after the restart"
-        )
+        await asyncio.to_thread(wait_for, bridge_subscribed, 60, what="the bridge resubscribed after the restart")
         with Publisher(broker.endpoint, f"{unique}-pub-c", broker.protocol) as pub:
             pub.publish(messages(unique, 200, 100))
         records = await consume(kafka, topic, expect=300 if keeps_sessions else 200, timeout_s=60, idle_s=1)
@@ -325,7 +323,7 @@ async def test_a_broker_restart_resubscribes_and_delivers(
     assert set(got) == expected, f"lost while the bridge was away: {len(expected - set(got))}"
 
 
-def settings_subscribed(unique: str) -> bool:
+def bridge_subscribed() -> bool:
     """True once the bridge's subscription is acknowledged again (the metric is process-wide)."""
     return REGISTRY.get_sample_value("portpulse_ingest_mqtt_subscribed") == 1
 

@@ -22,7 +22,7 @@ from portpulse.codecs.mqttwire import (
     remaining_length,
 )
 from portpulse.contract.settings import MqttSettings
-from portpulse.ingest.mqtt import broker_shortfalls
+from portpulse.ingest.mqtt import broker_shortfalls, subscribe_id_refused
 from portpulse.ingest.mqtt_asyncio import AsyncioMqttSource, _Connection
 
 
@@ -192,3 +192,14 @@ def test_shortfalls_are_only_what_was_asked_and_refused() -> None:
     assert downgrade.kind == "qos_downgraded" and "lost" in downgrade.detail
     # A refused filter is an error of its own, not a downgrade.
     assert broker_shortfalls(plain, resuming=False, granted=[None, 1]) == []
+
+
+def test_a_refusal_is_about_the_id_when_the_broker_says_so_or_holds_the_id() -> None:
+    # MQTT 5 reason 0x91, as our codec and as paho spell it
+    assert subscribe_id_refused(["", "packet identifier in use"], 7, set())
+    assert subscribe_id_refused(["Packet identifier in use"], 7, set())
+    # MQTT 3.1.1 can only say "failure": about the id if the broker now uses it for a message to us
+    assert subscribe_id_refused(["unspecified error"], 7, {7})
+    assert not subscribe_id_refused(["unspecified error"], 7, {8})
+    assert not subscribe_id_refused(["", ""], 7, {7})  # granted
+    assert not subscribe_id_refused(["not authorized"], 7, set())
