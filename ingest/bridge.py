@@ -73,34 +73,38 @@ class KafkaRecordSink:
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        self._producer: Any = None
         self._sender: BatchSender | None = None
         self._known_topics: set[str] = set()
         self.healthy = True
 
     async def __aenter__(self) -> KafkaRecordSink:
         k = self._settings.kafka
-        self._producer = await start_producer(
+        self._sender = BatchSender(
+            await self._start_producer(),
+            on_failure=self._note_failure,
+            on_recovery=self._note_recovery,
+            compression=k.compression,
+            max_batch_bytes=k.max_batch_bytes,
+            delivery_timeout_s=k.delivery_timeout_ms / 1000,
+            new_producer=self._start_producer,
+        )
+        return self
+
+    async def _start_producer(self) -> Any:
+        k = self._settings.kafka
+        return await start_producer(
             k,
             "readings producer",
             linger_ms=k.linger_ms,
             max_batch_size=k.max_batch_bytes,
             max_request_size=max(k.max_batch_bytes, self._settings.ingest.max_payload_bytes * 2),
         )
-        self._sender = BatchSender(
-            self._producer,
-            on_failure=self._note_failure,
-            on_recovery=self._note_recovery,
-            compression=k.compression,
-            max_batch_bytes=k.max_batch_bytes,
-        )
-        return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if self._producer is not None:
-            await self._producer.stop()
+        if self._sender is not None:
+            await self._sender.producer.stop()
 
     async def ensure_topics(self, topics: set[str]) -> None:
         """Create missing topics with the configured partitions (idempotent)."""

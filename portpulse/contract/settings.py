@@ -89,6 +89,9 @@ class KafkaSettings(_Section):
     linger_ms: int = Field(5, ge=0)
     max_batch_bytes: int = Field(1_048_576, ge=16_384)
     request_timeout_ms: int = Field(30_000, ge=1000)
+    # Like Kafka's delivery.timeout.ms: a batch unacknowledged this long is sent again by a new
+    # producer (see BatchSender).
+    delivery_timeout_ms: int = Field(120_000, ge=1000)
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
     sasl_username: str | None = None

@@ -4,9 +4,10 @@ start-up, :class:`BatchSender` and committed offsets with their metadata."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -16,6 +17,8 @@ from portpulse.codecs.recordbatch import BATCH_HEADER_BYTES, OutgoingRecords, de
 from portpulse.contract.errors import ServiceUnavailableError
 from portpulse.contract.settings import KafkaSettings
 from portpulse.kafka.hooks import FramedBatch, framed_batches
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "BatchSender",
@@ -83,6 +86,12 @@ class BatchSender:
     doubling to 5 s), forever: callers bound what they hand over, and report health through
     ``on_failure`` / ``on_recovery(retries)``. ``compression`` and ``max_batch_bytes`` (records
     before compression) apply to :meth:`send_columns`; :meth:`send_all` uses the producer's.
+
+    A batch not acknowledged within ``delivery_timeout_s`` counts as failed and is sent again.
+    aiokafka can leave a batch's future pending for good after a long broker outage (aiokafka
+    #1101), so with ``new_producer`` such a stall also replaces the producer: the new one is
+    started first, the stalled one is stopped in the background (bounded), and :attr:`producer`
+    names the one in use. A batch sent twice this way is a duplicate in Kafka, never a loss.
     """
 
     def __init__(
@@ -92,8 +101,13 @@ class BatchSender:
         on_recovery: Callable[[int], None] | None = None,
         compression: str = "none",
         max_batch_bytes: int = 1_048_576,
+        delivery_timeout_s: float = 120.0,
+        new_producer: Callable[[], Awaitable[Any]] | None = None,
     ) -> None:
-        self._producer = producer
+        self.producer = producer
+        self._delivery_timeout_s = delivery_timeout_s
+        self._new_producer = new_producer
+        self._retired: set[asyncio.Task[None]] = set()
         self._on_failure = on_failure
         self._on_recovery = on_recovery
         self._codec = _CODEC_IDS[compression]
@@ -118,7 +132,7 @@ class BatchSender:
     async def _until_acknowledged(
         self, pending: Any, send: Callable[[Any], Any], join: Callable[[Any, Any], Any]
     ) -> int:
-        from aiokafka.errors import KafkaError
+        from aiokafka.errors import KafkaError, KafkaTimeoutError
 
         retries = 0
         while True:
@@ -128,12 +142,22 @@ class BatchSender:
             except KafkaError as exc:
                 sent, failed = [], pending
                 self._failed(exc)
+            if sent:
+                await asyncio.wait([fut for _, fut in sent], timeout=self._delivery_timeout_s)
+            stalled = False
             for members, fut in sent:
+                if not fut.done():
+                    fut.cancel()
+                    failed, stalled = join(failed, members), True
+                    continue
                 try:
-                    await fut
+                    fut.result()
                 except KafkaError as exc:
                     failed = join(failed, members)
                     self._failed(exc)
+            if stalled:
+                self._failed(KafkaTimeoutError(f"no acknowledgement within {self._delivery_timeout_s:g} s"))
+                await self._replace_producer()
             if not len(failed):
                 if self._on_recovery is not None:
                     self._on_recovery(retries)
@@ -142,6 +166,20 @@ class BatchSender:
             delay = min(5.0, 0.1 * 2 ** min(retries, 6)) * (0.5 + self._rng.random() / 2)
             retries += 1
             await asyncio.sleep(delay)
+
+    async def _replace_producer(self) -> None:
+        if self._new_producer is None:
+            return
+        try:
+            fresh = await self._new_producer()
+        except Exception as exc:  # Kafka still away: keep the producer, the next round tries again
+            log.warning("could not replace the stalled Kafka producer: %s", exc)
+            return
+        stalled, self.producer = self.producer, fresh
+        log.warning("Kafka producer replaced: batches stayed unacknowledged for %g s", self._delivery_timeout_s)
+        task = asyncio.create_task(_stop_within(stalled, 10.0))
+        self._retired.add(task)
+        task.add_done_callback(self._retired.discard)
 
     def _failed(self, exc: Exception) -> None:
         if self._on_failure is not None:
@@ -181,7 +219,7 @@ class BatchSender:
 
         count = self._partition_counts.get(topic)
         if count is None:
-            partitions = await asyncio.wait_for(self._producer.partitions_for(topic), 30)
+            partitions = await asyncio.wait_for(self.producer.partitions_for(topic), 30)
             if not partitions:
                 raise KafkaTimeoutError(f"no partitions for {topic}")
             count = self._partition_counts[topic] = len(partitions)
@@ -189,17 +227,17 @@ class BatchSender:
 
     async def _send_partition(self, topic: str, part: int, recs: list[KafkaOut]) -> _Sent:
         sent: _Sent = []
-        batch = self._producer.create_batch()
+        batch = self.producer.create_batch()
         members: list[KafkaOut] = []
         for rec in recs:
             if batch.append(key=rec[1], value=rec[2], timestamp=None, headers=rec[3]) is None:
-                sent.append((members, await self._producer.send_batch(batch, topic, partition=part)))
-                batch, members = self._producer.create_batch(), []  # next batch of this partition
+                sent.append((members, await self.producer.send_batch(batch, topic, partition=part)))
+                batch, members = self.producer.create_batch(), []  # next batch of this partition
                 if batch.append(key=rec[1], value=rec[2], timestamp=None, headers=rec[3]) is None:
                     raise ValueError(f"record of {len(rec[2])} bytes exceeds kafka.max_batch_bytes")
             members.append(rec)
         if members:
-            sent.append((members, await self._producer.send_batch(batch, topic, partition=part)))
+            sent.append((members, await self.producer.send_batch(batch, topic, partition=part)))
         return sent
 
     def _partitions(
@@ -242,9 +280,18 @@ class BatchSender:
                 end = max(int(np.searchsorted(cum, taken + room, side="right")), start + 1)
                 chunk = rows[first + start : first + end]
                 batch = FramedBatch(records.encode(chunk), len(chunk), self._codec)
-                sent.append((chunk, await self._producer.send_batch(batch, topic, partition=partition)))
+                sent.append((chunk, await self.producer.send_batch(batch, topic, partition=partition)))
                 start = end
         return sent
+
+
+async def _stop_within(producer: Any, timeout_s: float) -> None:
+    """Stop ``producer``, giving up after ``timeout_s``: a stalled producer's stop waits for
+    batches that may never be acknowledged."""
+    try:
+        await asyncio.wait_for(producer.stop(), timeout_s)
+    except Exception as exc:
+        log.warning("stalled Kafka producer not stopped cleanly: %s", type(exc).__name__)
 
 
 def _concat_rows(a: npt.NDArray[np.int64], b: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:

@@ -178,3 +178,41 @@ async def test_batch_sender_sends_the_same_records_with_and_without_framed_batch
         assert all(len(parts) == 1 for parts in by_key.values())
     placed = {how: sorted((t, p, k) for t, p, k, _, _ in got) for how, got in sent.items()}
     assert placed["framed"] == placed["public"]  # murmur2 partitions either way
+
+
+class StalledProducer(FakeProducer):
+    """A producer whose batches are never acknowledged (aiokafka #1101), and whose stop hangs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stop_called = False
+
+    async def send_batch(self, batch: Any, topic: str, *, partition: int) -> asyncio.Future[None]:
+        self.sent.append((topic, partition, batch))
+        return asyncio.get_running_loop().create_future()
+
+    async def stop(self) -> None:
+        self.stop_called = True
+        await asyncio.Event().wait()
+
+
+@pytest.mark.usefixtures("fresh_check")
+async def test_batches_a_stalled_producer_never_acknowledges_are_sent_again_by_a_new_one() -> None:
+    records = _outgoing()
+    stalled, fresh = StalledProducer(), FakeProducer()
+    failures: list[Exception] = []
+
+    async def new_producer() -> FakeProducer:
+        return fresh
+
+    sender = BatchSender(stalled, on_failure=failures.append, delivery_timeout_s=0.05, new_producer=new_producer)
+    retries = await asyncio.wait_for(sender.send_columns(records), 10)
+    assert retries == 1
+    assert sender.producer is fresh
+    assert [type(f).__name__ for f in failures] == ["KafkaTimeoutError"]
+    assert "0.05 s" in str(failures[0])
+    want = sorted((t, k, v) for t, k, v in records.as_tuples())
+    assert sorted((t, k, v) for t, _, k, v, _ in fresh.records()) == want
+    assert len(stalled.sent) == len(fresh.sent) > 0
+    await asyncio.sleep(0)
+    assert stalled.stop_called
