@@ -31,7 +31,7 @@ from portpulse.sinks.lineprotocol import Categorical, EncodedLines, PointColumns
 from portpulse.sinks.metrics import SINK_METRICS
 from portpulse.sinks.retry import Outcome, backoff_s, classify
 
-__all__ = ["InfluxTransport", "InfluxWriter", "LineTransport", "WriteResult", "WriteTicket"]
+__all__ = ["InfluxTransport", "InfluxWriter", "LineTransport", "WriteResult", "WriteTicket", "rejection_reason"]
 
 log = logging.getLogger("portpulse.sink")
 
@@ -457,7 +457,7 @@ class InfluxWriter:
     async def _dead_letter(self, batch: _Batch, result: WriteResult) -> None:
         letter = DeadLetter(
             payload=batch.body,
-            reason="influx_rejected",
+            reason=rejection_reason(result.message),
             source=batch.source or "influx",
             stage="sink",
             detail=f"HTTP {result.status}: {result.message}",
@@ -465,6 +465,17 @@ class InfluxWriter:
         await self._dead_letters.send([letter])
         SINK_METRICS.rejected.inc()
         log.warning("InfluxDB rejected a point, sent to the DLQ: %s", result.message[:300])
+
+
+#: What InfluxDB 1.8 says when a point would pass its cardinality guards (``max-series-per-database``,
+#: ``max-values-per-tag``) in a "partial write" answer; the other points of the write are stored.
+_CARDINALITY_REFUSALS = ("max-series-per-database limit exceeded", "max-values-per-tag limit exceeded")
+
+
+def rejection_reason(message: str) -> str:
+    """The dead-letter reason of a point InfluxDB refused with ``message``: ``cardinality_limit``
+    for its cardinality guards, ``influx_rejected`` for anything else (bad type, bad syntax)."""
+    return "cardinality_limit" if any(r in message for r in _CARDINALITY_REFUSALS) else "influx_rejected"
 
 
 def _describe_row(points: PointColumns, row: int) -> str:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from aiokafka import AIOKafkaConsumer
 from influxdb_client import InfluxDBClient
+from influxdb_client.client.write_api import SYNCHRONOUS
 from influxdb_client.domain.dialect import Dialect
 
 from portpulse.contract.settings import InfluxSettings, KafkaSettings, SinkSettings
@@ -152,6 +153,39 @@ async def test_one_type_conflicting_point_goes_to_dlq_with_server_message(
     stored = sorted((r["sensor_id"], float(r["_value"])) for r in rows)
     assert len(stored) == 1 + 100
     assert ("sts-50", 50.0) not in stored and ("sts-49", 49.0) in stored and ("sts-51", 51.0) in stored
+
+
+@pytest.mark.skipif(not is_local("influx"), reason="needs the local InfluxDB with its default max-values-per-tag")
+async def test_points_over_influx_cardinality_guard_are_dead_lettered_and_the_rest_stored(
+    influx: InfluxEndpoint, influx_bucket: str, kafka: KafkaEndpoint, unique: str
+) -> None:
+    limit = 100_000  # scripts/services starts InfluxDB with max-values-per-tag at its default
+    base = 1_764_000_000_000_000_000
+    with InfluxDBClient(url=influx.url, token=influx.token, org=influx.org, timeout=120_000) as client:
+        lines = "\n".join(f"air,sensor_id=s{i} no2=1 {base + i}" for i in range(limit))
+        client.write_api(write_options=SYNCHRONOUS).write(bucket=influx_bucket, record=lines, write_precision="ns")
+    kafka_settings = KafkaSettings(bootstrap_servers=kafka.bootstrap_servers, topic_prefix=unique)
+    sensors = ["s7", "rogue-1", "s99999", "rogue-2"]
+    async with (
+        KafkaDeadLetters(kafka_settings) as dlq,
+        InfluxWriter(influx_settings(influx, influx_bucket), SinkSettings(batch_lines=1000), dlq) as writer,
+    ):
+        points = PointColumns(
+            "air", {"sensor_id": _obj(sensors)}, {"no2": np.array([41.0, 42.0, 43.0, 44.0])},
+            base + 10**12 + np.arange(4, dtype=np.int64),
+        )  # fmt: skip
+        ticket = await writer.write(points)
+        await asyncio.wait_for(ticket.wait(), 60)
+    letters = await dlq_records(kafka, f"{unique}.dlq", expect=2)
+    assert sorted(h["reason"] for _, h in letters) == [b"cardinality_limit"] * 2
+    assert sorted(v.split(b" ")[0] for v, _ in letters) == [b"air,sensor_id=rogue-1", b"air,sensor_id=rogue-2"]
+    assert all(b"max-values-per-tag limit exceeded" in h["detail"] for _, h in letters)
+    rows = query_rows(
+        influx,
+        f'from(bucket: "{influx_bucket}") |> range(start: 0) |> filter(fn: (r) => r._value > 40.0)'
+        ' |> keep(columns: ["sensor_id", "_value"])',
+    )
+    assert sorted((r["sensor_id"], float(r["_value"])) for r in rows) == [("s7", 41.0), ("s99999", 43.0)]
 
 
 @pytest.mark.skipif(not is_local("influx"), reason="needs an InfluxDB this test may stop (scripts/services)")
