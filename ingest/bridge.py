@@ -18,19 +18,35 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Protocol
 
+import numpy as np
+
 from portpulse.codecs.recordbatch import OutgoingRecords
 from portpulse.contract.deadletter import DeadLetter, dead_letter_headers
 from portpulse.contract.health import Health
 from portpulse.contract.settings import Settings
-from portpulse.contract.topics import dlq_topic
-from portpulse.ingest.decode import DecodeLimits, decode_messages
+from portpulse.contract.topics import dlq_topic, registry_topic
+from portpulse.ingest.admission import (
+    Admission,
+    SeriesKey,
+    decode_registry_record,
+    encode_registry_record,
+    load_registry_file,
+)
+from portpulse.ingest.decode import DecodedBatch, DecodeLimits, Problem, decode_messages
 from portpulse.ingest.metrics import INGEST_METRICS
 from portpulse.ingest.mqtt import Inbound, MqttSource, PahoMqttSource, subscription_filters
 from portpulse.ingest.mqtt_asyncio import AsyncioMqttSource
 from portpulse.ingest.records import OutRecords, build_dead_letters, build_records
-from portpulse.kafka import BatchSender, KafkaOut, client_options, start_producer
+from portpulse.kafka import (
+    BatchSender,
+    KafkaOut,
+    client_options,
+    ensure_compacted_topic,
+    read_compacted,
+    start_producer,
+)
 
-__all__ = ["Bridge", "BridgeStats", "KafkaRecordSink", "RecordSink", "run_bridge"]
+__all__ = ["Bridge", "BridgeStats", "KafkaRecordSink", "RecordSink", "admission_alerts", "load_admission", "run_bridge"]
 
 log = logging.getLogger("portpulse.bridge")
 
@@ -54,6 +70,7 @@ class BridgeStats:
     kafka_retries: int = 0
     mqtt_reconnects: int = 0
     rejected_by_reason: dict[str, int] = field(default_factory=dict)
+    refused_readings: dict[str, int] = field(default_factory=dict)  # by the admission gate, per reason
 
 
 class RecordSink(Protocol):
@@ -115,10 +132,13 @@ class KafkaRecordSink:
         from aiokafka.errors import TopicAlreadyExistsError
 
         k = self._settings.kafka
+        registry = registry_topic(k.topic_prefix)
+        if registry in missing:
+            await ensure_compacted_topic(k, registry)
         admin = AIOKafkaAdminClient(**client_options(k))
         await admin.start()
         try:
-            existing = set(await admin.list_topics())
+            existing = set(await admin.list_topics()) | {registry}
             new = [NewTopic(t, k.partitions, k.replication_factor) for t in sorted(missing - existing)]
             if new:
                 with contextlib.suppress(TopicAlreadyExistsError):
@@ -157,10 +177,14 @@ class _Flight:
 class Bridge:
     """MQTT -> Kafka. ``await bridge.run(stop)`` until ``stop`` is set, then drain and return."""
 
-    def __init__(self, settings: Settings, source: MqttSource, sink: RecordSink) -> None:
+    def __init__(
+        self, settings: Settings, source: MqttSource, sink: RecordSink, admission: Admission | None = None
+    ) -> None:
         self._settings = settings
         self._source = source
         self._sink = sink
+        self.admission = admission or Admission(settings.admission)
+        self._registry_topic = registry_topic(settings.kafka.topic_prefix)
         i = settings.ingest
         self._limits = DecodeLimits(
             topic_prefix=settings.mqtt.topic_prefix,
@@ -236,6 +260,7 @@ class Bridge:
     async def _dispatch(self, batch: list[Inbound]) -> None:
         messages = [b.message for b in batch]
         decoded = decode_messages(messages, self._limits)
+        refused = self._admit(decoded)
         records = build_records(decoded, self._settings.kafka.topic_prefix)
         letters = build_dead_letters(decoded, messages)
         self.stats.messages += len(batch)
@@ -243,8 +268,19 @@ class Bridge:
             for p in problems:
                 self.stats.rejected_by_reason[p.reason] = self.stats.rejected_by_reason.get(p.reason, 0) + 1
                 INGEST_METRICS.dlq.labels(p.reason).inc()
-        await self._sink.ensure_topics(records.topics | ({self._dlq_topic} if letters else set()))
-        self._flights.append(_Flight(batch, asyncio.create_task(self._deliver(records, [x for _, x in letters]))))
+        for reason, count in refused.items():
+            self.stats.refused_readings[reason] = self.stats.refused_readings.get(reason, 0) + count
+            INGEST_METRICS.refused.labels(reason).inc(count)
+        registry = [
+            (self._registry_topic, key, value, None)
+            for key, value in map(encode_registry_record, self.admission.take_changes())
+        ]
+        topics = (
+            records.topics | ({self._dlq_topic} if letters else set()) | ({self._registry_topic} if registry else set())
+        )
+        await self._sink.ensure_topics(topics)
+        others = registry + self._dead_letter_records([x for _, x in letters])
+        self._flights.append(_Flight(batch, asyncio.create_task(self._deliver(records, others, len(letters)))))
         self._in_flight += len(batch)
         self._report_in_flight()
 
@@ -252,16 +288,41 @@ class Bridge:
     def _dlq_topic(self) -> str:
         return dlq_topic(self._settings.kafka.topic_prefix)
 
-    async def _deliver(self, records: OutRecords, letters: list[DeadLetter]) -> None:
+    def _admit(self, decoded: DecodedBatch) -> dict[str, int]:
+        """Drop from ``decoded`` the readings :class:`Admission` refuses, adding each refusal to the
+        problems of the message it came in (so the message is dead-lettered with its payload);
+        returns the refused readings per reason."""
+        r = decoded.readings
+        if not len(r):
+            return {}
+        verdict = self.admission.admit(r.domain, r.site, r.sensor_id, time.time())
+        INGEST_METRICS.known_series.set(self.admission.known_series)
+        if verdict.all_admitted:
+            return {}
+        refused = np.flatnonzero(verdict.refusal)
+        # One problem per (message, refusal): a gateway batch of 500 rogue ids is one dead letter.
+        pairs = np.unique(np.stack([decoded.message_index[refused], verdict.refusal[refused].astype(np.int64)]), axis=1)
+        for message, which in pairs.T.tolist():
+            reason, detail = verdict.refusals[which - 1]
+            decoded.problems.setdefault(message, []).append(Problem(reason, detail))
+        keep = verdict.admitted
+        decoded.readings, decoded.message_index = r.take(keep), decoded.message_index[keep]
+        counts = np.bincount(verdict.refusal[refused], minlength=len(verdict.refusals) + 1)
+        by_reason: dict[str, int] = {}
+        for (reason, _), count in zip(verdict.refusals, counts[1:].tolist(), strict=True):
+            by_reason[reason] = by_reason.get(reason, 0) + count
+        return by_reason
+
+    def _dead_letter_records(self, letters: list[DeadLetter]) -> list[KafkaOut]:
+        return [(self._dlq_topic, None, letter.payload, dead_letter_headers(letter)) for letter in letters]
+
+    async def _deliver(self, records: OutRecords, others: list[KafkaOut], dead_letters: int) -> None:
         started = time.perf_counter()
-        dead: list[KafkaOut] = [
-            (self._dlq_topic, None, letter.payload, dead_letter_headers(letter)) for letter in letters
-        ]
-        self.stats.kafka_retries += await self._sink.send(records.records, dead)
+        self.stats.kafka_retries += await self._sink.send(records.records, others)
         INGEST_METRICS.kafka_send_seconds.observe(time.perf_counter() - started)
         readings = int(records.readings.sum())
         self.stats.readings += readings
-        self.stats.dead_letters += len(letters)
+        self.stats.dead_letters += dead_letters
         INGEST_METRICS.readings.inc(readings)
 
     def _ack_completed(self) -> None:
@@ -321,7 +382,9 @@ async def run_bridge(
             settings.mqtt.qos,
             settings.kafka.bootstrap_servers,
         )
-        bridge = Bridge(settings, source, sink)
+        bridge = Bridge(settings, source, sink, await load_admission(settings))
+        if health is not None:
+            health.add_notices("admission", lambda: admission_alerts(bridge.admission))
         # The bridge runs before the SUBACK arrives: a broker may send it only once the session's
         # queued messages are acknowledged. ``ready`` means subscribed.
         running = asyncio.create_task(bridge.run(stop), name="bridge")
@@ -336,3 +399,34 @@ async def run_bridge(
             running.cancel()
         bridge.stats.mqtt_reconnects = source.reconnects
         return bridge.stats
+
+
+async def load_admission(settings: Settings) -> Admission:
+    """The admission gate with the registry file's series and the series the bridges registered
+    before (read back from the registry topic), so a restart does not spend the budgets again."""
+    allowed = load_registry_file(settings.admission.registry_file) if settings.admission.registry_file else frozenset()
+    topic = registry_topic(settings.kafka.topic_prefix)
+    started = time.perf_counter()
+    known: dict[SeriesKey, tuple[float, float]] = {}
+    for key, value in (await read_compacted(settings.kafka, topic)).items():
+        entry = decode_registry_record(key, value)
+        if entry is not None and entry[1] is not None:
+            known[entry[0]] = entry[1]
+    if known:
+        log.info("%d known series read back from %s in %.1f s", len(known), topic, time.perf_counter() - started)
+    return Admission(settings.admission, allowed, known)
+
+
+def admission_alerts(admission: Admission, within_s: float = 600.0) -> list[dict[str, Any]]:
+    """The sites refused in the last ``within_s`` s as dashboard alerts (sensor, site, value, alert)."""
+    out = []
+    for row in admission.report(time.time(), within_s):
+        refused: dict[str, int] = row["refused"]  # type: ignore[assignment]
+        samples: list[str] = row["sample_ids"]  # type: ignore[assignment]
+        out.append({
+            "domain": row["domain"], "site": row["site"], "sensor_id": ", ".join(samples),
+            "value": sum(refused.values()), "unit": "readings refused",
+            "alert": "; ".join(f"{reason} x{count}" for reason, count in sorted(refused.items())),
+            "age_s": row["age_s"],
+        })  # fmt: skip
+    return out

@@ -25,6 +25,18 @@ class IngestMetrics:
         return Counter("portpulse_ingest_dlq", "Rejected values or messages sent to the DLQ, by reason", ["reason"])
 
     @cached_property
+    def refused(self) -> Counter:
+        return Counter(
+            "portpulse_ingest_refused_readings",
+            "Readings the admission gate sent to the DLQ (cardinality_limit, unknown_sensor, rate_limit)",
+            ["reason"],
+        )
+
+    @cached_property
+    def known_series(self) -> Gauge:
+        return Gauge("portpulse_ingest_known_series", "Series (domain, site, sensor_id) the bridge has admitted")
+
+    @cached_property
     def reconnects(self) -> Counter:
         return Counter("portpulse_ingest_mqtt_reconnects", "MQTT reconnections")
 

@@ -261,6 +261,7 @@ class LiveView:
         """The JSON document of ``/api/state``: times (epoch s), series by name, totals, health,
         latest values per domain and alerts."""
         tables, alerts = self.latest.snapshot(time.time_ns()) if self.latest else ({}, [])
+        alerts = self.health.notices() + alerts
         return {
             "t": list(self._t),
             "series": {k: list(v) for k, v in self._series.items()},

@@ -35,12 +35,27 @@ class Health:
 
     def __init__(self, interval_s: float = 2.0, timeout_s: float = 2.0) -> None:
         self._checks: dict[str, _Check] = {}
+        self._notices: dict[str, Callable[[], list[dict[str, Any]]]] = {}
         self._stages: dict[str, bool] = {}
         self._interval_s = interval_s
         self._timeout_s = timeout_s
 
     def add(self, name: str, probe: Probe) -> None:
         self._checks[name] = _Check(probe)
+
+    def add_notices(self, name: str, source: Callable[[], list[dict[str, Any]]]) -> None:
+        """Register a source of alerts that do not make the process unhealthy (a stage working as
+        configured, e.g. refusing readings over a budget): rows with ``domain``, ``site``,
+        ``sensor_id``, ``value``, ``unit``, ``alert`` and ``age_s``, shown by the dashboard and
+        summarised under ``warnings`` in :meth:`snapshot`."""
+        self._notices[name] = source
+
+    def notices(self) -> list[dict[str, Any]]:
+        """Every notice source's current rows."""
+        rows: list[dict[str, Any]] = []
+        for source in self._notices.values():
+            rows += source()
+        return rows
 
     def stage(self, name: str, started: bool) -> None:
         """Record whether a pipeline stage (bridge, processor) is running."""
@@ -81,4 +96,9 @@ class Health:
             "ready": self.ready,
             "checks": {n: {"ok": c.ok, "detail": c.detail, "since": c.since} for n, c in self._checks.items()},
             "stages": dict(self._stages),
+            "warnings": {
+                name: [f"{r['domain']}/{r['site']}: {r['alert']} (e.g. {r['sensor_id']})" for r in rows]
+                for name, rows in ((n, source()) for n, source in self._notices.items())
+                if rows
+            },
         }

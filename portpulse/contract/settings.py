@@ -21,6 +21,7 @@ from pydantic_settings import (
 from portpulse.contract.errors import ConfigError
 
 __all__ = [
+    "AdmissionSettings",
     "InfluxSettings",
     "IngestSettings",
     "KafkaSettings",
@@ -140,6 +141,41 @@ class IngestSettings(_Section):
     max_past_s: float = Field(7 * 24 * 3600.0, ge=0)
 
 
+class AdmissionSettings(_Section):
+    """What the bridge lets into the pipeline: budgets of new series (a series is one sensor id of
+    one site and domain, i.e. one InfluxDB series per table), an optional registry of the sensors
+    each site may have, and a per-site rate ceiling. 0 turns a limit off. Over a limit, readings
+    go to the DLQ (``cardinality_limit``, ``unknown_sensor``, ``rate_limit``) with their payload.
+
+    The defaults fit a port: a site (a quay, a terminal, a district) holds tens to a few hundred
+    sensors, so 1 000 new ones in an hour is a whole terminal commissioned at once, and more is
+    a gateway minting ids. 200 000 series in all, times the raw table plus three window tables,
+    stays under InfluxDB's own default guard of 1 000 000 series per database.
+    """
+
+    site_new_per_hour: int = Field(1_000, ge=0)
+    site_new_per_day: int = Field(5_000, ge=0)
+    domain_new_per_hour: int = Field(5_000, ge=0)
+    domain_new_per_day: int = Field(20_000, ge=0)
+    max_series: int = Field(200_000, ge=0)
+    # A series unseen this long is forgotten (it counts as new if it returns); the default is the
+    # correction horizon (ingest.max_past_s).
+    quiet_after_s: float = Field(7 * 24 * 3600.0, gt=0)
+    # "learn": every series the budgets admit is registered; "strict": only the registry file's.
+    registry: Literal["learn", "strict"] = "learn"
+    registry_file: Path | None = None  # TOML ([site] domain = ["id", ...]) or CSV (domain,site,sensor_id)
+    # Readings per second a site may send (token bucket of site_burst_s seconds); a port's busiest
+    # terminal sends a few thousand.
+    site_rate_per_s: float = Field(20_000.0, ge=0)
+    site_burst_s: float = Field(30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _strict_needs_a_file(self) -> AdmissionSettings:
+        if self.registry == "strict" and self.registry_file is None:
+            raise ValueError("admission.registry = 'strict' needs admission.registry_file")
+        return self
+
+
 class ProcessorSettings(_Section):
     """Cleaning: the metric catalogue (ranges, rates, units) and the spike filter's threshold."""
 
@@ -171,6 +207,7 @@ class Settings(BaseSettings):
     kafka: KafkaSettings = KafkaSettings()
     influx: InfluxSettings = InfluxSettings()
     ingest: IngestSettings = IngestSettings()
+    admission: AdmissionSettings = AdmissionSettings()
     sink: SinkSettings = SinkSettings()
     processor: ProcessorSettings = ProcessorSettings()
     ops: OpsSettings = OpsSettings()

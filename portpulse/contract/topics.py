@@ -14,6 +14,7 @@ __all__ = [
     "late_topic",
     "parse_mqtt_topic",
     "readings_topic",
+    "registry_topic",
 ]
 
 DOMAIN_RE = re.compile(r"[a-z0-9_-]{1,64}")
@@ -67,3 +68,9 @@ def dlq_topic(prefix: str = "portpulse") -> str:
 def late_topic(prefix: str = "portpulse") -> str:
     """Kafka topic for readings that arrived behind an already closed window."""
     return f"{prefix}.late"
+
+
+def registry_topic(prefix: str = "portpulse") -> str:
+    """Compacted Kafka topic of the series the bridges admitted, keyed ``domain/site/sensor_id``,
+    with their first- and last-seen times (a null value: the series was forgotten)."""
+    return f"{prefix}.sensors"

@@ -64,7 +64,7 @@ async def start_producer(kafka: KafkaSettings, what: str, **options: Any) -> Any
 
 
 #: A record to send: (topic, key, value, headers).
-KafkaOut = tuple[str, bytes | None, bytes, list[tuple[str, bytes]] | None]
+KafkaOut = tuple[str, bytes | None, bytes | None, list[tuple[str, bytes]] | None]
 
 
 #: Kafka's codec ids (the low bits of a batch's attributes).
@@ -234,7 +234,7 @@ class BatchSender:
                 sent.append((members, await self.producer.send_batch(batch, topic, partition=part)))
                 batch, members = self.producer.create_batch(), []  # next batch of this partition
                 if batch.append(key=rec[1], value=rec[2], timestamp=None, headers=rec[3]) is None:
-                    raise ValueError(f"record of {len(rec[2])} bytes exceeds kafka.max_batch_bytes")
+                    raise ValueError(f"record of {len(rec[2] or b'')} bytes exceeds kafka.max_batch_bytes")
             members.append(rec)
         if members:
             sent.append((members, await self.producer.send_batch(batch, topic, partition=part)))

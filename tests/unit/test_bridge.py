@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from portpulse.codecs.recordbatch import OutgoingRecords
 from portpulse.codecs.wire import decode_values
-from portpulse.contract.settings import IngestSettings, Settings
+from portpulse.contract.settings import AdmissionSettings, IngestSettings, Settings
 from portpulse.ingest.bridge import Bridge
 from portpulse.ingest.decode import Message
 from portpulse.ingest.mqtt import Inbound
@@ -144,8 +144,10 @@ async def test_bad_messages_go_to_the_dead_letter_topic_with_their_reason_and_ar
     await until(lambda: len(source.acked) == 2, "both acks")
     stop.set()
     await task
-    assert kafka.topics == {"portpulse.readings.air", "portpulse.dlq"}
-    (letter,) = [o for d in kafka.deliveries for o in d.others]
+    assert kafka.topics == {"portpulse.readings.air", "portpulse.dlq", "portpulse.sensors"}
+    registered = [o for d in kafka.deliveries for o in d.others if o[0] == "portpulse.sensors"]
+    assert [key for _, key, _, _ in registered] == [b"air/quai/s1"]
+    (letter,) = [o for d in kafka.deliveries for o in d.others if o[0] == "portpulse.dlq"]
     topic, key, payload, headers = letter
     assert (topic, key, payload) == ("portpulse.dlq", None, b"{not json")
     assert headers is not None and dict(headers)["source"] == b"sensors/air/quai/s9"
@@ -163,3 +165,37 @@ async def test_on_shutdown_what_kafka_never_acknowledged_is_not_acked_so_mqtt_re
     stop.set()
     await asyncio.wait_for(task, 5)
     assert source.acked == [] and bridge.in_flight == 0
+
+
+async def test_readings_over_the_budget_are_dead_lettered_with_their_message_and_the_rest_pass() -> None:
+    def gateway(mid: int, ids: list[str]) -> Inbound:
+        rows = [{"sensor_id": i, "ts": T0_MS, "metrics": {"no2": 40.0, "pm10": 12.0}} for i in ids]
+        return Inbound(Message("sensors/air/quai", json.dumps({"readings": rows}).encode(), T0_MS * 10**6),
+                       mid=mid, qos=1, generation=0)  # fmt: skip
+
+    # three new series an hour for the site: a0..a2 pass; rogue ids do not, nor do they later
+    admission = AdmissionSettings(site_new_per_hour=3)
+    first, second = gateway(1, ["a0", "a1", "a2", "rogue-1", "rogue-2"]), gateway(2, ["a1", "rogue-3"])
+    source, kafka = FakeSource([first, second]), FakeKafka(auto=True)
+    bridge = Bridge(Settings(ingest=IngestSettings(max_past_s=10**9), admission=admission), source, kafka)
+    stop = asyncio.Event()
+    task = asyncio.create_task(bridge.run(stop))
+    await until(lambda: len(source.acked) == 2, "both acks")
+    stop.set()
+    await task
+    sent = [rec for d in kafka.deliveries for rec in d.records]
+    assert {(key or b"").decode() for _, key, _ in sent} == {"a0", "a1", "a2"}
+    stored = decode_values([v for _, _, v in sent])
+    keys = [(key or b"").decode() for _, key, _ in sent]
+    per_sensor = sorted(keys[r] for r in stored.record.tolist())
+    assert per_sensor == ["a0", "a0", "a1", "a1", "a1", "a1", "a2", "a2"]  # a1 in both messages, two metrics
+    letters = [o for d in kafka.deliveries for o in d.others if o[0] == "portpulse.dlq"]
+    assert sorted(payload or b"" for _, _, payload, _ in letters) == sorted(
+        [first.message.payload, second.message.payload]
+    )
+    details = sorted(dict(h or [])["detail"].decode() for _, _, _, h in letters)
+    assert all(dict(h or [])["reason"] == b"cardinality_limit" for _, _, _, h in letters)
+    assert "rogue-1" in details[0] and "rogue-2" in details[0] and "rogue-3" in details[1]
+    assert bridge.stats.refused_readings == {"cardinality_limit": 6}  # 3 ids x 2 metrics
+    registered = [key for d in kafka.deliveries for t, key, _, _ in d.others if t == "portpulse.sensors"]
+    assert registered == [b"air/quai/a0", b"air/quai/a1", b"air/quai/a2"]

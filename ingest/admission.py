@@ -1,0 +1,355 @@
+"""Pure: which readings may enter the pipeline. Budgets of new series per site and domain, a total,
+an optional registry of the sensors each site may have, and a per-site rate ceiling.
+
+A series here is one ``(domain, site, sensor_id)``: the tags of one InfluxDB series in the raw
+table and in each window table, so the budgets bound InfluxDB's series cardinality directly.
+The registry of known series is an exact dict (no sketch, no error), bounded by
+``AdmissionSettings.max_series``; series unseen for ``quiet_after_s`` are forgotten. Time is
+passed in (wall clock, s since the epoch); budgets count per UTC hour and day.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import tomllib
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from portpulse.contract.errors import ConfigError
+from portpulse.contract.settings import AdmissionSettings
+from portpulse.contract.topics import ID_RE
+
+__all__ = [
+    "Admission",
+    "RegistryChange",
+    "SeriesKey",
+    "Verdict",
+    "decode_registry_record",
+    "encode_registry_record",
+    "load_registry_file",
+]
+
+#: (domain, site, sensor_id)
+SeriesKey = tuple[str, str, str]
+
+#: How often (s of wall time) a known series' last-seen time is written to the registry topic.
+LAST_SEEN_EVERY_S = 600.0
+#: How often (s) quiet series are looked for.
+SWEEP_EVERY_S = 60.0
+#: Sample ids kept per refused site, and refused sites tracked (the rest are summed).
+SAMPLES_PER_SITE = 5
+MAX_TRACKED_SITES = 1_000
+
+
+@dataclass(frozen=True, slots=True)
+class RegistryChange:
+    """A registry entry to persist: ``last_seen_s`` None means the series was forgotten."""
+
+    key: SeriesKey
+    first_seen_s: float
+    last_seen_s: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The readings of one batch that may pass. ``refusal`` (int32 ``(n,)``): 0 for an admitted
+    reading, else 1 + the index of its refusal in ``refusals`` (``(reason, detail)`` pairs, one
+    per refused series or rate-limited site)."""
+
+    refusal: npt.NDArray[np.int32]
+    refusals: list[tuple[str, str]]
+
+    @property
+    def admitted(self) -> npt.NDArray[np.bool_]:
+        return np.equal(self.refusal, 0)
+
+    @property
+    def all_admitted(self) -> bool:
+        return not self.refusals
+
+
+@dataclass(slots=True)
+class _Refused:
+    """What was refused of one site: counts per limit, a few ids, when it last happened."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    samples: deque[str] = field(default_factory=lambda: deque(maxlen=SAMPLES_PER_SITE))
+    last_s: float = 0.0
+
+
+class _Budget:
+    """New series admitted per key (a site or a domain) in the current UTC hour and day."""
+
+    __slots__ = ("_counts", "_day", "_hour", "per_day", "per_hour")
+
+    def __init__(self, per_hour: int, per_day: int) -> None:
+        self.per_hour, self.per_day = per_hour, per_day
+        self._hour = self._day = -1
+        self._counts: dict[str, list[int]] = {}  # key -> [this hour, this day]
+
+    def spent(self, key: str, now_s: float) -> str | None:
+        """The limit ``key`` has reached ("hour" or "day"), or None if it may admit one more."""
+        hour, day = int(now_s // 3600), int(now_s // 86_400)
+        if day != self._day:
+            self._counts.clear()
+            self._day, self._hour = day, hour
+        elif hour != self._hour:
+            for counts in self._counts.values():
+                counts[0] = 0
+            self._hour = hour
+        found = self._counts.get(key)
+        if found is None:
+            return None
+        counts = found
+        if self.per_hour and counts[0] >= self.per_hour:
+            return "hour"
+        if self.per_day and counts[1] >= self.per_day:
+            return "day"
+        return None
+
+    def charge(self, key: str) -> None:
+        counts = self._counts.setdefault(key, [0, 0])
+        counts[0] += 1
+        counts[1] += 1
+
+
+class Admission:
+    """The bridge's gate, one per bridge process (budgets are not shared between bridges).
+
+    ``allowed``: the registry file's series (admitted without charging a budget; in strict mode
+    the only ones admitted). ``known``: series already registered, with their last-seen times (s),
+    as read back from the registry topic at start-up, so a restart does not count the whole fleet
+    as new.
+    """
+
+    def __init__(
+        self,
+        settings: AdmissionSettings,
+        allowed: Iterable[SeriesKey] = (),
+        known: Mapping[SeriesKey, tuple[float, float]] | None = None,
+    ) -> None:
+        self._s = settings
+        self._allowed = frozenset(allowed)
+        # key -> [first seen, last seen, last seen as written to the registry topic] (s)
+        self._known: dict[SeriesKey, list[float]] = {k: [f, s, s] for k, (f, s) in (known or {}).items()}
+        self._site_budget = _Budget(settings.site_new_per_hour, settings.site_new_per_day)
+        self._domain_budget = _Budget(settings.domain_new_per_hour, settings.domain_new_per_day)
+        self._tokens: dict[str, list[float]] = {}  # site -> [tokens, updated at (s)]
+        self._changes: list[RegistryChange] = []
+        self._swept_s = -math.inf
+        self.refused: dict[tuple[str, str], _Refused] = {}
+        self.new_series = 0
+
+    @property
+    def known_series(self) -> int:
+        return len(self._known)
+
+    def take_changes(self) -> list[RegistryChange]:
+        """Registry entries created, refreshed or forgotten since the last call."""
+        changes, self._changes = self._changes, []
+        return changes
+
+    def admit(
+        self, domain: npt.NDArray[np.object_], site: npt.NDArray[np.object_], sensor: npt.NDArray[np.object_],
+        now_s: float,
+    ) -> Verdict:  # fmt: skip
+        """The verdict on readings given as object arrays of ``str`` ``(n,)``. Python work is per
+        distinct series of the batch; a batch of known series within their rate costs one dict
+        lookup per reading."""
+        n = len(domain)
+        if now_s - self._swept_s >= SWEEP_EVERY_S:
+            self._forget_quiet(now_s)
+        position: dict[SeriesKey, int] = {}
+        keys = zip(domain.tolist(), site.tolist(), sensor.tolist(), strict=True)
+        code = np.fromiter((position.setdefault(k, len(position)) for k in keys), dtype=np.int64, count=n)
+        refusals: list[tuple[str, str]] = []
+        key_refusal = np.zeros(len(position), dtype=np.int32)
+        known, changes = self._known, self._changes
+        refused_keys: list[tuple[int, SeriesKey]] = []
+        for j, key in enumerate(position):
+            entry = known.get(key)
+            if entry is None:
+                problem = self._new_series(key, now_s)
+                if problem is not None:
+                    refusals.append(problem)
+                    key_refusal[j] = len(refusals)
+                    refused_keys.append((j, key))
+                continue
+            entry[1] = now_s
+            if now_s - entry[2] >= LAST_SEEN_EVERY_S:
+                entry[2] = now_s
+                changes.append(RegistryChange(key, entry[0], now_s))
+        refusal = key_refusal[code]
+        if refused_keys:
+            readings = np.bincount(code, minlength=len(position))
+            for j, key in refused_keys:
+                self._note_refused(key, refusals[key_refusal[j] - 1][0], now_s, int(readings[j]))
+        if self._s.site_rate_per_s:
+            self._ration(list(position), code, refusal, refusals, now_s)
+        return Verdict(refusal, refusals)
+
+    def _new_series(self, key: SeriesKey, now_s: float) -> tuple[str, str] | None:
+        """Register ``key`` if the registry and the budgets admit it, else the refusal."""
+        domain, site, sensor = key
+        s = self._s
+        if key in self._allowed:
+            limit = None
+        elif s.registry == "strict":
+            return "unknown_sensor", f"{domain}/{site}/{sensor} is not in the registry file (strict mode)"
+        elif s.max_series and len(self._known) >= s.max_series:
+            return "cardinality_limit", f"{domain}/{site}/{sensor}: {s.max_series} series in all (admission.max_series)"
+        elif limit := self._site_budget.spent(f"{domain}/{site}", now_s):
+            allowed = s.site_new_per_hour if limit == "hour" else s.site_new_per_day
+            return "cardinality_limit", (
+                f"{domain}/{site}/{sensor}: site {site} has had {allowed} new series this {limit}"
+                f" (admission.site_new_per_{limit})"
+            )
+        elif limit := self._domain_budget.spent(domain, now_s):
+            allowed = s.domain_new_per_hour if limit == "hour" else s.domain_new_per_day
+            return "cardinality_limit", (
+                f"{domain}/{site}/{sensor}: domain {domain} has had {allowed} new series this {limit}"
+                f" (admission.domain_new_per_{limit})"
+            )
+        if key not in self._allowed:
+            self._site_budget.charge(f"{domain}/{site}")
+            self._domain_budget.charge(domain)
+        self._known[key] = [now_s, now_s, now_s]
+        self._changes.append(RegistryChange(key, now_s, now_s))
+        self.new_series += 1
+        return None
+
+    def _ration(
+        self,
+        keys: list[SeriesKey],
+        code: npt.NDArray[np.int64],
+        refusal: npt.NDArray[np.int32],
+        refusals: list[tuple[str, str]],
+        now_s: float,
+    ) -> None:
+        """Per site, admit at most the tokens its bucket holds (in arrival order); mark the rest
+        refused for ``rate_limit`` in ``refusal`` (in place)."""
+        rate, burst = self._s.site_rate_per_s, self._s.site_rate_per_s * self._s.site_burst_s
+        sites: dict[tuple[str, str], int] = {}
+        key_site = np.fromiter((sites.setdefault((k[0], k[1]), len(sites)) for k in keys), np.int64, len(keys))
+        reading_site = key_site[code]
+        wanted = np.bincount(reading_site[refusal == 0], minlength=len(sites))
+        for j, (domain, site) in enumerate(sites):
+            bucket = self._tokens.get(site)
+            if bucket is None:
+                bucket = self._tokens[site] = [burst, now_s]
+            bucket[0] = min(burst, bucket[0] + rate * max(0.0, now_s - bucket[1]))
+            bucket[1] = now_s
+            if wanted[j] <= bucket[0]:
+                bucket[0] -= float(wanted[j])
+                continue
+            allowed = int(bucket[0])
+            bucket[0] -= allowed
+            rows = np.flatnonzero((reading_site == j) & (refusal == 0))[allowed:]
+            refusals.append(
+                ("rate_limit", f"site {site} over {rate:g} readings/s (admission.site_rate_per_s, burst {burst:g})")
+            )
+            refusal[rows] = len(refusals)
+            key = (domain, site, "")
+            self._note_refused(key, "rate_limit", now_s, count=len(rows))
+        if len(self._tokens) > 4 * MAX_TRACKED_SITES:  # sites that stopped sending: full buckets anyway
+            self._tokens = {s: b for s, b in self._tokens.items() if now_s - b[1] < self._s.site_burst_s}
+
+    def _note_refused(self, key: SeriesKey, reason: str, now_s: float, count: int = 1) -> None:
+        site = (key[0], key[1])
+        refused = self.refused.get(site)
+        if refused is None:
+            if len(self.refused) >= MAX_TRACKED_SITES:
+                site = (key[0], "(other sites)")
+            refused = self.refused.setdefault(site, _Refused())
+        refused.counts[reason] = refused.counts.get(reason, 0) + count
+        if key[2]:
+            refused.samples.append(key[2])
+        refused.last_s = now_s
+
+    def _forget_quiet(self, now_s: float) -> None:
+        self._swept_s = now_s
+        horizon = now_s - self._s.quiet_after_s
+        quiet = [k for k, entry in self._known.items() if entry[1] < horizon]
+        for key in quiet:
+            first = self._known.pop(key)[0]
+            self._changes.append(RegistryChange(key, first, None))
+
+    def report(self, now_s: float, within_s: float = 600.0) -> list[dict[str, object]]:
+        """Sites whose readings were refused in the last ``within_s`` seconds, most refused first:
+        domain, site, counts per reason, sample ids, seconds since the last refusal."""
+        rows: list[dict[str, object]] = [
+            {"domain": d, "site": s, "refused": dict(r.counts), "sample_ids": list(r.samples),
+             "age_s": round(now_s - r.last_s, 1)}
+            for (d, s), r in self.refused.items()
+            if now_s - r.last_s <= within_s
+        ]  # fmt: skip
+        rows.sort(key=lambda row: -sum(row["refused"].values()))  # type: ignore[attr-defined]
+        return rows
+
+
+# ---------------------------------------------------------------- registry file and topic records
+
+
+def load_registry_file(path: Path) -> frozenset[SeriesKey]:
+    """The series of a registry file: TOML (``[site]`` tables of ``domain = ["sensor_id", ...]``)
+    or CSV (header ``domain,site,sensor_id``). Raises :class:`ConfigError` naming the problem."""
+    if path.suffix not in (".csv", ".toml"):
+        raise ConfigError(f"admission.registry_file {path}: must end in .toml or .csv")
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"admission.registry_file {path}: {exc.strerror}") from None
+    keys: list[SeriesKey] = []
+    if path.suffix == ".csv":
+        rows = csv.DictReader(io.StringIO(text))
+        if rows.fieldnames is None or not {"domain", "site", "sensor_id"} <= set(rows.fieldnames):
+            raise ConfigError(f"admission.registry_file {path}: the header must name domain,site,sensor_id")
+        keys = [(r["domain"].strip(), r["site"].strip(), r["sensor_id"].strip()) for r in rows]
+    elif path.suffix == ".toml":
+        try:
+            doc = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"admission.registry_file {path}: {exc}") from None
+        for site, domains in doc.items():
+            if not isinstance(domains, dict):
+                raise ConfigError(f"admission.registry_file {path}: [{site}] must be a table of domain = [ids]")
+            for domain, ids in domains.items():
+                if not isinstance(ids, list):
+                    raise ConfigError(f"admission.registry_file {path}: {site}.{domain} must be a list of ids")
+                keys += [(domain, site, str(i)) for i in ids]
+    bad = [k for k in keys if not all(ID_RE.fullmatch(part) for part in k)]
+    if bad:
+        raise ConfigError(f"admission.registry_file {path}: invalid id in {'/'.join(bad[0])} ({len(bad)} such)")
+    return frozenset(keys)
+
+
+def encode_registry_record(change: RegistryChange) -> tuple[bytes, bytes | None]:
+    """Key and value of the registry topic's record (compacted; a None value forgets the key)."""
+    key = "/".join(change.key).encode()
+    if change.last_seen_s is None:
+        return key, None
+    return key, json.dumps({"first_seen": change.first_seen_s, "last_seen": change.last_seen_s}).encode()
+
+
+def decode_registry_record(key: bytes, value: bytes | None) -> tuple[SeriesKey, tuple[float, float] | None] | None:
+    """``(series, (first seen, last seen))`` of a registry record, ``(series, None)`` for a
+    tombstone, None for a record that is not one of ours."""
+    parts = key.decode(errors="replace").split("/")
+    if len(parts) != 3:
+        return None
+    series = (parts[0], parts[1], parts[2])
+    if value is None:
+        return series, None
+    try:
+        doc = json.loads(value)
+        return series, (float(doc["first_seen"]), float(doc["last_seen"]))
+    except (ValueError, KeyError, TypeError):
+        return None

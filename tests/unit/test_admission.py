@@ -1,0 +1,146 @@
+"""The admission gate: budgets of new series, the registry (file and learned), the per-site rate
+ceiling and forgetting quiet series, checked against counts worked out by hand."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from portpulse.contract.errors import ConfigError
+from portpulse.contract.schema import str_array
+from portpulse.contract.settings import AdmissionSettings
+from portpulse.ingest.admission import (
+    Admission,
+    RegistryChange,
+    decode_registry_record,
+    encode_registry_record,
+    load_registry_file,
+)
+
+T0 = 1_764_000_000.0 - 1_764_000_000.0 % 86_400 + 3_600  # 01:00 UTC: an hour and a day begin
+
+
+def batch(keys: list[tuple[str, str, str]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return (str_array([k[0] for k in keys]), str_array([k[1] for k in keys]), str_array([k[2] for k in keys]))
+
+
+def settings(**kw: float | int | str) -> AdmissionSettings:
+    base: dict[str, float | int | str] = {"site_rate_per_s": 0}
+    return AdmissionSettings(**{**base, **kw})
+
+
+def test_a_site_gets_its_hourly_budget_of_new_series_and_known_ones_always_pass() -> None:
+    gate = Admission(settings(site_new_per_hour=1000, site_new_per_day=2500))
+    rogue = [("air", "harfleur", f"rogue-{i}") for i in range(1500)]
+    # every rogue id twice, interleaved with a second site that stays within its budget
+    keys = rogue + rogue + [("air", "port-2000", f"air-{i}") for i in range(10)]
+    verdict = gate.admit(*batch(keys), T0)
+    admitted = np.asarray(keys, dtype=object)[verdict.admitted]
+    expected = {f"rogue-{i}" for i in range(1000)} | {f"air-{i}" for i in range(10)}
+    assert {str(k[2]) for k in admitted} == expected
+    assert int(verdict.admitted.sum()) == 2000 + 10
+    reasons = {verdict.refusals[c - 1][0] for c in verdict.refusal[verdict.refusal > 0].tolist()}
+    assert reasons == {"cardinality_limit"}
+    assert "site harfleur has had 1000 new series this hour" in verdict.refusals[0][1]
+    assert len(verdict.refusals) == 500  # one per refused series, not per reading
+    assert gate.known_series == 1010
+    # the same hour: known ones pass, new ones do not; the next hour: 1000 more
+    again = gate.admit(*batch([("air", "harfleur", "rogue-5"), ("air", "harfleur", "rogue-1200")]), T0 + 60)
+    assert again.admitted.tolist() == [True, False]
+    later = gate.admit(*batch([("air", "harfleur", f"rogue-{i}") for i in range(1000, 2600)]), T0 + 3600)
+    assert int(later.admitted.sum()) == 1000
+    # the day's budget (2500) is spent after 500 of a third hour's
+    third = gate.admit(*batch([("air", "harfleur", f"new-{i}") for i in range(700)]), T0 + 7200)
+    assert int(third.admitted.sum()) == 500
+    assert "this day (admission.site_new_per_day)" in third.refusals[0][1]
+    report = gate.report(T0 + 7200)
+    assert report[0]["site"] == "harfleur" and report[0]["refused"] == {"cardinality_limit": 1000 + 1 + 600 + 200}
+    assert report[0]["sample_ids"] == [f"new-{i}" for i in range(695, 700)]
+
+
+def test_domain_and_total_budgets() -> None:
+    gate = Admission(settings(domain_new_per_hour=300, site_new_per_hour=0, site_new_per_day=0))
+    keys = [("crane", f"site-{i % 7}", f"c-{i}") for i in range(400)] + [("air", "harfleur", "a-1")]
+    verdict = gate.admit(*batch(keys), T0)
+    assert int(verdict.admitted.sum()) == 301 and bool(verdict.admitted[-1])
+    assert "domain crane has had 300 new series this hour" in verdict.refusals[0][1]
+    total = Admission(settings(max_series=50, site_new_per_hour=0, domain_new_per_hour=0))
+    verdict = total.admit(*batch([("air", "s", f"a-{i}") for i in range(80)]), T0)
+    assert int(verdict.admitted.sum()) == 50
+    assert "50 series in all (admission.max_series)" in verdict.refusals[0][1]
+
+
+def test_strict_registry_admits_only_its_series_and_learned_ones_are_not_charged(tmp_path: Path) -> None:
+    allowed = {("air", "harfleur", "air-1"), ("air", "harfleur", "air-2")}
+    registry = tmp_path / "sensors.csv"
+    registry.write_text("domain,site,sensor_id\n" + "".join(f"{d},{s},{i}\n" for d, s, i in sorted(allowed)))
+    strict = Admission(settings(registry="strict", registry_file=str(registry)), load_registry_file(registry))
+    verdict = strict.admit(*batch([("air", "harfleur", "air-1"), ("air", "harfleur", "air-3")]), T0)
+    assert verdict.admitted.tolist() == [True, False]
+    assert verdict.refusals == [("unknown_sensor", "air/harfleur/air-3 is not in the registry file (strict mode)")]
+    # learn mode: the file's series and the series read back at start-up spend no budget
+    known = {("air", "harfleur", f"old-{i}"): (T0 - 86_400, T0 - 60) for i in range(5)}
+    learn = Admission(settings(site_new_per_hour=1), allowed, known)
+    keys = [*sorted(allowed), *known, ("air", "harfleur", "new-1"), ("air", "harfleur", "new-2")]
+    assert learn.admit(*batch(keys), T0).admitted.tolist() == [True] * 8 + [False]
+
+
+def test_a_flooding_site_is_rationed_and_the_others_are_not() -> None:
+    gate = Admission(settings(site_rate_per_s=100, site_burst_s=2))  # bucket of 200 readings
+    flood = [("air", "harfleur", f"h-{i % 10}") for i in range(1000)]
+    calm = [("air", "port-2000", f"p-{i % 10}") for i in range(150)]
+    verdict = gate.admit(*batch(flood + calm), T0)
+    admitted = verdict.admitted
+    assert admitted[:200].all() and not admitted[200:1000].any() and admitted[1000:].all()
+    assert verdict.refusals == [
+        ("rate_limit", "site harfleur over 100 readings/s (admission.site_rate_per_s, burst 200)")
+    ]
+    # one second later the flooding site has 100 new tokens, the calm one 50 + 100 left
+    verdict = gate.admit(*batch(flood[:300] + calm), T0 + 1)
+    assert int(verdict.admitted[:300].sum()) == 100 and verdict.admitted[300:].all()
+    assert gate.report(T0 + 1)[0]["refused"] == {"rate_limit": 800 + 200}
+
+
+def test_quiet_series_are_forgotten_with_a_tombstone_and_count_as_new_when_they_return() -> None:
+    gate = Admission(settings(quiet_after_s=3600, site_new_per_hour=2))
+    gate.admit(*batch([("air", "harfleur", "a"), ("air", "harfleur", "b")]), T0)
+    assert [c.key[2] for c in gate.take_changes()] == ["a", "b"]
+    gate.admit(*batch([("air", "harfleur", "b")]), T0 + 300)
+    assert gate.take_changes() == []  # last seen is written at most every 10 minutes
+    gate.admit(*batch([("air", "harfleur", "b")]), T0 + 3700)
+    assert gate.take_changes() == [RegistryChange(("air", "harfleur", "a"), T0, None),
+                                   RegistryChange(("air", "harfleur", "b"), T0, T0 + 3700)]  # fmt: skip
+    assert gate.known_series == 1
+    # "a" returns in the next hour: new again, within that hour's budget
+    assert gate.admit(*batch([("air", "harfleur", "a")]), T0 + 3800).admitted.tolist() == [True]
+
+
+def test_registry_records_round_trip_and_foreign_records_are_ignored() -> None:
+    change = RegistryChange(("cell", "port-2000", "gw-7"), T0, T0 + 5)
+    key, value = encode_registry_record(change)
+    assert key == b"cell/port-2000/gw-7"
+    assert decode_registry_record(key, value) == (("cell", "port-2000", "gw-7"), (T0, T0 + 5))
+    gone = encode_registry_record(RegistryChange(change.key, T0, None))
+    assert gone == (key, None) and decode_registry_record(*gone) == (change.key, None)
+    assert decode_registry_record(b"not-ours", b"{}") is None
+    assert decode_registry_record(key, b"{broken") is None
+
+
+def test_registry_files_in_toml_and_their_errors(tmp_path: Path) -> None:
+    toml = tmp_path / "sensors.toml"
+    toml.write_text('[harfleur]\nair = ["air-1", "air-2"]\n[port-2000]\ncrane = ["sts-1"]\n')
+    assert load_registry_file(toml) == {
+        ("air", "harfleur", "air-1"), ("air", "harfleur", "air-2"), ("crane", "port-2000", "sts-1")
+    }  # fmt: skip
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[harfleur]\nair = ["has space"]\n')
+    with pytest.raises(ConfigError, match="invalid id in air/harfleur/has space"):
+        load_registry_file(bad)
+    wrong = tmp_path / "wrong.csv"
+    wrong.write_text("site,sensor\nx,y\n")
+    with pytest.raises(ConfigError, match="header must name domain,site,sensor_id"):
+        load_registry_file(wrong)
+    with pytest.raises(ConfigError, match=r"must end in \.toml or \.csv"):
+        load_registry_file(tmp_path / "sensors.json")
