@@ -112,6 +112,11 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         terminalreporter.write_line("|---|---:|---:|---:|---:|---:|")
         for line in lines:
             terminalreporter.write_line(line)
+    cardinality = getattr(sys.modules.get("tests.integration.test_cardinality"), "CARDINALITY_REPORT", [])
+    if cardinality:
+        terminalreporter.section("cardinality budget")
+        for line in cardinality:
+            terminalreporter.write_line(line)
     matrix = getattr(sys.modules.get("tests.integration.test_interop"), "MATRIX_REPORT", [])
     if matrix:
         terminalreporter.section("broker interop matrix")

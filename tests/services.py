@@ -236,6 +236,15 @@ def local_service_control(service: str, action: str) -> None:
         raise RuntimeError(f"scripts/services {action} {service} failed:\n{result.stderr}")
 
 
+def local_service_pid(service: str) -> int | None:
+    """The pid scripts/services recorded for ``service`` (in its cache directory), if any."""
+    cache = Path(os.environ.get("PORTPULSE_CACHE", Path.home() / ".cache" / "portpulse"))
+    try:
+        return int((cache / "run" / service / "pid").read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
 def is_local(service: str) -> bool:
     """True when the tests use the service scripts/services runs (so a test may stop it)."""
     var = {

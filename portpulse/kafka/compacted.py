@@ -43,7 +43,7 @@ async def read_compacted(kafka: KafkaSettings, topic: str, timeout_s: float = 60
     latest: dict[bytes, bytes | None] = {}
     try:
         await consumer.start()
-        partitions = await asyncio.wait_for(consumer.partitions_for_topic(topic), timeout_s) or set()
+        partitions = await asyncio.wait_for(_partitions(kafka, topic), timeout_s)
         if not partitions:
             return {}
         tps = [TopicPartition(topic, p) for p in sorted(partitions)]
@@ -68,3 +68,18 @@ async def read_compacted(kafka: KafkaSettings, topic: str, timeout_s: float = 60
     finally:
         await consumer.stop()
     return latest
+
+
+async def _partitions(kafka: KafkaSettings, topic: str) -> list[int]:
+    """The partition ids of ``topic``; empty if it does not exist."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(**client_options(kafka), request_timeout_ms=kafka.request_timeout_ms)
+    await admin.start()
+    try:
+        if topic not in set(await admin.list_topics()):
+            return []
+        (described,) = await admin.describe_topics([topic])
+        return sorted(int(p["partition"]) for p in described["partitions"])
+    finally:
+        await admin.close()

@@ -1,0 +1,192 @@
+"""A misbehaving gateway cannot take the platform down: ``portpulse run`` with its default
+admission budgets, a normal simulated fleet, and a rogue gateway minting 100 000 sensor ids.
+
+Checked against the real services: every reading of the fleet stored and aggregated (against
+an independent computation), the rogue readings over budget in the DLQ with their reason and
+payload, InfluxDB's series count within the budget, both processes' memory bounded, and the
+refusal visible in the metrics, the health document and the dashboard's alerts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from aiokafka import AIOKafkaConsumer
+
+from portpulse.simulators.stream import generate
+from tests.integration.pipeline import Publisher
+from tests.integration.test_end_to_end import (
+    assert_aggregates_match,
+    expected_from_record,
+    http_get,
+    stored_aggregates,
+    stream,
+)
+from tests.integration.test_faults import PipelineProcess, pipeline_env
+from tests.integration.test_sink_influx import query_rows
+from tests.services import InfluxEndpoint, KafkaEndpoint, MqttEndpoint, is_local, local_service_pid
+
+pytestmark = pytest.mark.integration
+
+ROGUE_IDS = 100_000
+SITE_BUDGET = 1_000  # AdmissionSettings.site_new_per_hour, the default under test
+#: One line per figure, printed at the end of the pytest session (tests/conftest.py).
+CARDINALITY_REPORT: list[str] = []
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+def series_cardinality(influx: InfluxEndpoint, bucket: str) -> int:
+    """InfluxDB's own count of the series in the test's database (InfluxQL, 1.8)."""
+    from influxdb_client import InfluxDBClient
+
+    database = bucket.split("/")[0]
+    with InfluxDBClient(url=influx.url, token=influx.token, org=influx.org) as client:
+        raw = client.api_client.call_api(
+            "/query", "GET", query_params=[("db", database), ("q", "SHOW SERIES EXACT CARDINALITY")],
+            _return_http_data_only=True, _preload_content=False,
+        )  # fmt: skip
+        doc = json.loads(raw.data)
+    return sum(int(s["values"][0][0]) for s in doc["results"][0].get("series", []))
+
+
+def stored_fleet_count(influx: InfluxEndpoint, bucket: str, rogue_site: str) -> int:
+    rows = query_rows(
+        influx,
+        f'from(bucket: "{bucket}") |> range(start: 0)'
+        f' |> filter(fn: (r) => r._measurement !~ /_/ and r.site != "{rogue_site}") |> group() |> count()',
+    )
+    return int(rows[0]["_value"]) if rows else 0
+
+
+async def dead_letters(kafka: KafkaEndpoint, topic: str, expect: int, timeout_s: float = 120) -> list[dict[str, bytes]]:
+    """The DLQ's records (headers plus ``payload``), read until ``expect`` of them (bounded)."""
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=kafka.bootstrap_servers, auto_offset_reset="earliest")
+    await consumer.start()
+    out: list[dict[str, bytes]] = []
+    try:
+        deadline = time.monotonic() + timeout_s
+        while len(out) < expect and time.monotonic() < deadline:
+            for records in (await consumer.getmany(timeout_ms=500, max_records=20_000)).values():
+                out += [{**dict(r.headers), "payload": r.value or b""} for r in records]
+    finally:
+        await consumer.stop()
+    return out
+
+
+@pytest.mark.skipif(not is_local("influx"), reason="reads the local InfluxDB's resident memory (scripts/services)")
+async def test_a_rogue_gateway_minting_ids_is_held_to_its_budget_and_the_fleet_is_untouched(
+    mqtt: MqttEndpoint, kafka: KafkaEndpoint, influx: InfluxEndpoint, influx_bucket: str, unique: str, tmp_path: Path
+) -> None:
+    env = pipeline_env(mqtt, kafka, influx, influx_bucket, unique)
+    env = {k: v for k, v in env.items() if not k.startswith("PORTPULSE_ADMISSION__")}  # the defaults
+    pipeline = PipelineProcess(env, tmp_path / "pipeline.log")
+    config = stream(unique, sensors=24, seconds=100, faults={})
+    fleet = [(m.topic, m.payload) for b in generate(config) for m in b.messages]
+    expected, _, _ = expected_from_record([m for b in generate(config) for m in b.messages], [])
+    rogue_site = "gw-firmware-7"
+    now_ms = time.time_ns() // 1_000_000
+    rogue = [
+        (f"{unique}/air/{rogue_site}/rogue-{i}", json.dumps({"ts": now_ms - i % 60_000, "metrics": {"no2": 1}}))
+        for i in range(ROGUE_IDS)
+    ]
+    rogue_payloads = {topic: payload.encode() for topic, payload in rogue}
+    influx_pid = local_service_pid("influx")
+    assert influx_pid is not None, "scripts/services runs InfluxDB here but left no pid file"
+
+    await pipeline.start()
+    assert pipeline.proc is not None
+    base = f"http://127.0.0.1:{pipeline.port}"
+    before = {"portpulse run": rss_mb(pipeline.proc.pid), "InfluxDB": rss_mb(influx_pid)}
+    errors: list[BaseException] = []
+
+    def publish(messages: list[tuple[str, bytes]], client: str, per_second: float) -> None:
+        try:
+            with Publisher(mqtt, f"{unique}-{client}") as publisher:
+                publisher.publish(messages, 1, per_second=per_second)
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [
+        threading.Thread(target=publish, args=(fleet, "fleet", len(fleet) / 20)),  # 20 s of normal fleet
+        threading.Thread(
+            target=publish, args=(list(rogue_payloads.items()), "rogue", 50_000)
+        ),  # as fast as acks come back
+    ]
+    for thread in threads:
+        thread.start()
+    try:
+        for thread in threads:
+            await asyncio.to_thread(thread.join, 300)
+        assert not errors, errors
+        refused = ROGUE_IDS - SITE_BUDGET
+        letters = await dead_letters(kafka, f"{unique}.dlq", expect=refused)
+        readings = sum(len(v) for v in expected.values())
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 240
+        stored: dict[tuple[str, str, str, int], dict[str, float]] = {}
+        while loop.time() < deadline:  # bounded poll: the fleet stored and its windows aggregated
+            if await asyncio.to_thread(stored_fleet_count, influx, influx_bucket, rogue_site) >= readings:
+                every = await asyncio.to_thread(stored_aggregates, influx, influx_bucket)
+                stored = {k: v for k, v in every.items() if not k[1].startswith("rogue-")}
+                if sorted(stored) == sorted(expected):
+                    break
+            await asyncio.sleep(1)
+        after = {"portpulse run": rss_mb(pipeline.proc.pid), "InfluxDB": rss_mb(influx_pid)}
+        status, metrics = await asyncio.to_thread(http_get, f"{base}/metrics")
+        _, state_doc = await asyncio.to_thread(http_get, f"{base}/api/state")
+        state = json.loads(state_doc)
+        assert await pipeline.stop() == 0, pipeline.log.read_text()[-3000:]
+    finally:
+        for thread in threads:
+            thread.join(300)
+        await pipeline.stop()
+        await asyncio.get_running_loop().shutdown_default_executor()
+
+    # the fleet: every reading stored, every window equal to the independent computation
+    assert await asyncio.to_thread(stored_fleet_count, influx, influx_bucket, rogue_site) == readings
+    assert_aggregates_match(stored, expected)
+    # the rogue: the site's hourly budget admitted, the rest in the DLQ with reason and payload
+    assert len(letters) == refused
+    assert {letter["reason"] for letter in letters} == {b"cardinality_limit"}
+    refused_topics = {letter["source"].decode() for letter in letters}
+    assert len(refused_topics) == refused  # one letter per refused message
+    assert all(letter["payload"] == rogue_payloads[letter["source"].decode()] for letter in letters[::97])
+    assert b"site gw-firmware-7 has had 1000 new series this hour" in letters[-1]["detail"]
+    rows = query_rows(
+        influx,
+        f'from(bucket: "{influx_bucket}") |> range(start: 0) |> filter(fn: (r) => r._measurement == "air"'
+        f' and r.site == "{rogue_site}") |> keep(columns: ["sensor_id"])',
+    )
+    admitted_topics = {f"{unique}/air/{rogue_site}/{r['sensor_id']}" for r in rows}
+    assert len(rows) == len(admitted_topics) == SITE_BUDGET
+    assert admitted_topics | refused_topics == set(rogue_payloads) and not admitted_topics & refused_topics
+    # InfluxDB: one raw and one 1-minute series per admitted sensor, nothing else
+    fleet_sensors = len({k[1] for k in expected})
+    series = await asyncio.to_thread(series_cardinality, influx, influx_bucket)
+    assert fleet_sensors + SITE_BUDGET <= series <= 2 * (fleet_sensors + SITE_BUDGET), series
+    # seen by operators: counters, the health document, the dashboard's alerts
+    assert status == 200
+    assert f'portpulse_ingest_refused_readings_total{{reason="cardinality_limit"}} {float(refused)}'.encode() in metrics
+    assert f"air/{rogue_site}: cardinality_limit x{refused}" in " ".join(state["health"]["warnings"]["admission"])
+    (alert,) = [a for a in state["alerts"] if a["site"] == rogue_site]
+    assert alert["value"] == refused and alert["sensor_id"].startswith("rogue-")
+    growth = {name: after[name] - before[name] for name in before}
+    CARDINALITY_REPORT.append(
+        f"{ROGUE_IDS} rogue ids, {refused} refused; InfluxDB series {series}; "
+        + "; ".join(f"{n} RSS {before[n]:.0f} -> {after[n]:.0f} MB" for n in before)
+    )
+    # bounded memory: without the budget the same load grew InfluxDB by ~1.6 GB and the pipeline
+    # by ~350 MB (16 KB and 3.5 KB per series)
+    assert growth["InfluxDB"] < 400, growth
+    assert growth["portpulse run"] < 200, growth
