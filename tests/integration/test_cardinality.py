@@ -119,9 +119,8 @@ async def test_a_rogue_gateway_minting_ids_is_held_to_its_budget_and_the_fleet_i
 
     threads = [
         threading.Thread(target=publish, args=(fleet, "fleet", len(fleet) / 20)),  # 20 s of normal fleet
-        threading.Thread(
-            target=publish, args=(list(rogue_payloads.items()), "rogue", 50_000)
-        ),  # as fast as acks come back
+        # the rogue as fast as the broker's acks come back
+        threading.Thread(target=publish, args=(list(rogue_payloads.items()), "rogue", 50_000)),
     ]
     for thread in threads:
         thread.start()
