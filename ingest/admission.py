@@ -115,7 +115,17 @@ class _Budget:
             return "day"
         return None
 
-    def charge(self, key: str) -> None:
+    def charge(self, key: str, first_seen_s: float | None = None, now_s: float = 0.0) -> None:
+        """Count one new series of ``key``: now, or (with ``first_seen_s``) one registered earlier,
+        counted only in the hour and day it belongs to if those are the current ones."""
+        if first_seen_s is not None:
+            self.spent(key, now_s)  # roll the hour and day over first
+            hour, day = first_seen_s // 3600 == now_s // 3600, first_seen_s // 86_400 == now_s // 86_400
+            if day:
+                counts = self._counts.setdefault(key, [0, 0])
+                counts[0] += hour
+                counts[1] += 1
+            return
         counts = self._counts.setdefault(key, [0, 0])
         counts[0] += 1
         counts[1] += 1
@@ -165,6 +175,8 @@ class Admission:
         distinct series of the batch; a batch of known series within their rate costs one dict
         lookup per reading."""
         n = len(domain)
+        if self._swept_s == -math.inf:
+            self._charge_known(now_s)
         if now_s - self._swept_s >= SWEEP_EVERY_S:
             self._forget_quiet(now_s)
         position: dict[SeriesKey, int] = {}
@@ -273,6 +285,14 @@ class Admission:
         if key[2]:
             refused.samples.append(key[2])
         refused.last_s = now_s
+
+    def _charge_known(self, now_s: float) -> None:
+        """Charge the budgets with the known series first seen this hour and day (a restarted
+        bridge must not grant a site's hourly budget again)."""
+        for (domain, site, sensor), (first, _, _) in self._known.items():
+            if (domain, site, sensor) not in self._allowed:
+                self._site_budget.charge(f"{domain}/{site}", first, now_s)
+                self._domain_budget.charge(domain, first, now_s)
 
     def _forget_quiet(self, now_s: float) -> None:
         self._swept_s = now_s

@@ -23,7 +23,7 @@ import numpy as np
 from portpulse.codecs.recordbatch import OutgoingRecords
 from portpulse.contract.deadletter import DeadLetter, dead_letter_headers
 from portpulse.contract.health import Health
-from portpulse.contract.settings import Settings
+from portpulse.contract.settings import KafkaSettings, Settings
 from portpulse.contract.topics import dlq_topic, registry_topic
 from portpulse.ingest.admission import (
     Admission,
@@ -46,7 +46,16 @@ from portpulse.kafka import (
     start_producer,
 )
 
-__all__ = ["Bridge", "BridgeStats", "KafkaRecordSink", "RecordSink", "admission_alerts", "load_admission", "run_bridge"]
+__all__ = [
+    "Bridge",
+    "BridgeStats",
+    "KafkaRecordSink",
+    "RecordSink",
+    "admission_alerts",
+    "load_admission",
+    "read_registry",
+    "run_bridge",
+]
 
 log = logging.getLogger("portpulse.bridge")
 
@@ -405,16 +414,23 @@ async def load_admission(settings: Settings) -> Admission:
     """The admission gate with the registry file's series and the series the bridges registered
     before (read back from the registry topic), so a restart does not spend the budgets again."""
     allowed = load_registry_file(settings.admission.registry_file) if settings.admission.registry_file else frozenset()
-    topic = registry_topic(settings.kafka.topic_prefix)
     started = time.perf_counter()
+    known = await read_registry(settings.kafka)
+    if known:
+        log.info(
+            "%d known series read back from the registry topic in %.1f s", len(known), time.perf_counter() - started
+        )
+    return Admission(settings.admission, allowed, known)
+
+
+async def read_registry(kafka: KafkaSettings) -> dict[SeriesKey, tuple[float, float]]:
+    """The series in the registry topic with their (first seen, last seen) times, s since the epoch."""
     known: dict[SeriesKey, tuple[float, float]] = {}
-    for key, value in (await read_compacted(settings.kafka, topic)).items():
+    for key, value in (await read_compacted(kafka, registry_topic(kafka.topic_prefix))).items():
         entry = decode_registry_record(key, value)
         if entry is not None and entry[1] is not None:
             known[entry[0]] = entry[1]
-    if known:
-        log.info("%d known series read back from %s in %.1f s", len(known), topic, time.perf_counter() - started)
-    return Admission(settings.admission, allowed, known)
+    return known
 
 
 def admission_alerts(admission: Admission, within_s: float = 600.0) -> list[dict[str, Any]]:

@@ -35,6 +35,10 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("config", help="print the effective settings as JSON (secrets masked)")
     cat = sub.add_parser("catalogue", help="print the metric catalogue")
     cat.add_argument("--domain", help="only this domain")
+    sens = sub.add_parser("sensors", help="list the sensors the bridges admitted, per site, with last-seen times")
+    sens.add_argument("--site", help="list this site's sensors one by one")
+    sens.add_argument("--domain", help="only this domain")
+    sens.add_argument("--format", choices=("table", "csv", "json"), default="table")
     run = sub.add_parser("run", help="run the whole pipeline (bridge + processor + sink) with ops endpoints")
     sub.add_parser("bridge", help="run the MQTT -> Kafka bridge until SIGINT/SIGTERM")
     proc = sub.add_parser("process", help="run the processor (Kafka -> clean -> windows -> InfluxDB)")
@@ -190,6 +194,21 @@ def _cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_sensors(settings: Settings, args: argparse.Namespace) -> int:
+    import asyncio
+    import time
+
+    from portpulse.app.sensors import format_sensor_rows, sensor_rows
+    from portpulse.ingest.admission import load_registry_file
+    from portpulse.ingest.bridge import read_registry
+
+    allowed = load_registry_file(settings.admission.registry_file) if settings.admission.registry_file else frozenset()
+    seen = asyncio.run(read_registry(settings.kafka))
+    rows = sensor_rows(seen, allowed, time.time(), args.site, args.domain)
+    print(format_sensor_rows(rows, args.format))
+    return EXIT_OK
+
+
 def _cmd_config(settings: Settings) -> int:
     print(json.dumps(settings.model_dump(mode="json"), indent=2, ensure_ascii=False))
     return EXIT_OK
@@ -234,6 +253,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_config(settings)
         if args.command == "catalogue":
             return _cmd_catalogue(settings, args.domain)
+        if args.command == "sensors":
+            return _cmd_sensors(settings, args)
         if args.command == "simulate":
             return _cmd_simulate(settings, args)
         if args.command == "replay":

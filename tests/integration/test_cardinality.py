@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import threading
 import time
 from pathlib import Path
@@ -88,6 +89,15 @@ async def dead_letters(kafka: KafkaEndpoint, topic: str, expect: int, timeout_s:
 async def test_a_rogue_gateway_minting_ids_is_held_to_its_budget_and_the_fleet_is_untouched(
     mqtt: MqttEndpoint, kafka: KafkaEndpoint, influx: InfluxEndpoint, influx_bucket: str, unique: str, tmp_path: Path
 ) -> None:
+    try:
+        await rogue_beside_fleet(mqtt, kafka, influx, influx_bucket, unique, tmp_path)
+    finally:
+        await asyncio.get_running_loop().shutdown_default_executor()  # the to_thread workers
+
+
+async def rogue_beside_fleet(
+    mqtt: MqttEndpoint, kafka: KafkaEndpoint, influx: InfluxEndpoint, influx_bucket: str, unique: str, tmp_path: Path
+) -> None:
     env = pipeline_env(mqtt, kafka, influx, influx_bucket, unique)
     env = {k: v for k, v in env.items() if not k.startswith("PORTPULSE_ADMISSION__")}  # the defaults
     pipeline = PipelineProcess(env, tmp_path / "pipeline.log")
@@ -150,10 +160,9 @@ async def test_a_rogue_gateway_minting_ids_is_held_to_its_budget_and_the_fleet_i
         for thread in threads:
             thread.join(300)
         await pipeline.stop()
-        await asyncio.get_running_loop().shutdown_default_executor()
 
     # the fleet: every reading stored, every window equal to the independent computation
-    assert await asyncio.to_thread(stored_fleet_count, influx, influx_bucket, rogue_site) == readings
+    assert stored_fleet_count(influx, influx_bucket, rogue_site) == readings
     assert_aggregates_match(stored, expected)
     # the rogue: the site's hourly budget admitted, the rest in the DLQ with reason and payload
     assert len(letters) == refused
@@ -172,7 +181,7 @@ async def test_a_rogue_gateway_minting_ids_is_held_to_its_budget_and_the_fleet_i
     assert admitted_topics | refused_topics == set(rogue_payloads) and not admitted_topics & refused_topics
     # InfluxDB: one raw and one 1-minute series per admitted sensor, nothing else
     fleet_sensors = len({k[1] for k in expected})
-    series = await asyncio.to_thread(series_cardinality, influx, influx_bucket)
+    series = series_cardinality(influx, influx_bucket)
     assert fleet_sensors + SITE_BUDGET <= series <= 2 * (fleet_sensors + SITE_BUDGET), series
     # seen by operators: counters, the health document, the dashboard's alerts
     assert status == 200
@@ -180,6 +189,28 @@ async def test_a_rogue_gateway_minting_ids_is_held_to_its_budget_and_the_fleet_i
     assert f"air/{rogue_site}: cardinality_limit x{refused}" in " ".join(state["health"]["warnings"]["admission"])
     (alert,) = [a for a in state["alerts"] if a["site"] == rogue_site]
     assert alert["value"] == refused and alert["sensor_id"].startswith("rogue-")
+    # `portpulse sensors` lists what the bridge registered; a restarted bridge reads it back and
+    # does not grant the site's hourly budget again
+    lister = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "portpulse", "sensors", "--format", "json", env=env, stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await asyncio.wait_for(lister.communicate(), 120)
+    assert lister.returncode == 0
+    listed = json.loads(out)
+    sites = {(row["domain"], row["site"]): row["sensors"] for row in listed}
+    assert sites[("air", rogue_site)] == SITE_BUDGET
+    assert sum(sites.values()) == SITE_BUDGET + fleet_sensors
+    bridge = PipelineProcess(env, tmp_path / "bridge.log", options=(), command="bridge")
+    await bridge.start()
+    try:
+        with Publisher(mqtt, f"{unique}-rogue") as publisher:
+            publisher.publish([(f"{unique}/air/{rogue_site}/rogue-after-restart", rogue[0][1].encode())], 1)
+        more = await dead_letters(kafka, f"{unique}.dlq", expect=refused + 1)
+        late = [letter for letter in more if letter["source"].endswith(b"rogue-after-restart")]
+        assert len(more) == refused + 1 and len(late) == 1 and late[0]["reason"] == b"cardinality_limit"
+    finally:
+        assert await bridge.stop() == 0, bridge.log.read_text()[-3000:]
+    assert f"{SITE_BUDGET + fleet_sensors} known series read back" in bridge.log.read_text()
     growth = {name: after[name] - before[name] for name in before}
     CARDINALITY_REPORT.append(
         f"{ROGUE_IDS} rogue ids, {refused} refused; InfluxDB series {series}; "

@@ -144,3 +144,37 @@ def test_registry_files_in_toml_and_their_errors(tmp_path: Path) -> None:
         load_registry_file(wrong)
     with pytest.raises(ConfigError, match=r"must end in \.toml or \.csv"):
         load_registry_file(tmp_path / "sensors.json")
+
+
+def test_a_restarted_bridge_charges_the_budgets_with_the_series_registered_this_hour_and_day() -> None:
+    known = {("air", "harfleur", f"r-{i}"): (T0 + 60, T0 + 60) for i in range(800)}  # this hour
+    known |= {("air", "harfleur", f"d-{i}"): (T0 - 1800, T0 - 1800) for i in range(150)}  # earlier today
+    known |= {("air", "harfleur", f"y-{i}"): (T0 - 86_400, T0 - 3600) for i in range(900)}  # yesterday
+    gate = Admission(settings(site_new_per_hour=1000, site_new_per_day=1100), known=known)
+    keys = [("air", "harfleur", f"new-{i}") for i in range(500)] + list(known)
+    verdict = gate.admit(*batch(keys), T0 + 120)
+    # 1000 - 800 this hour would leave 200, but the day has 1100 - 950 = 150 left
+    assert int(verdict.admitted[:500].sum()) == 150 and verdict.admitted[500:].all()
+
+
+def test_sensors_listing_per_site_and_per_sensor() -> None:
+    from portpulse.app.sensors import format_sensor_rows, sensor_rows
+
+    seen = {("air", "harfleur", "a-1"): (T0 - 7200, T0 - 60), ("air", "harfleur", "a-2"): (T0 - 7200, T0 - 7000),
+            ("crane", "port-2000", "sts-1"): (T0, T0)}  # fmt: skip
+    allowed = frozenset({("air", "harfleur", "a-3")})
+    per_site = sensor_rows(seen, allowed, T0)
+    assert per_site == [
+        {"domain": "air", "site": "harfleur", "sensors": 3, "seen_last_hour": 1, "never_seen": 1,
+         "last_seen": "2025-11-24T00:59:00Z"},
+        {"domain": "crane", "site": "port-2000", "sensors": 1, "seen_last_hour": 1, "never_seen": 0,
+         "last_seen": "2025-11-24T01:00:00Z"},
+    ]  # fmt: skip
+    one = sensor_rows(seen, allowed, T0, site="harfleur")
+    assert [(r["sensor_id"], r["last_seen"], r["in_registry_file"]) for r in one] == [
+        ("a-1", "2025-11-24T00:59:00Z", False), ("a-2", "2025-11-23T23:03:20Z", False), ("a-3", "never", True)
+    ]  # fmt: skip
+    table = format_sensor_rows(per_site, "table").splitlines()
+    assert table[0].split() == ["domain", "site", "sensors", "seen_last_hour", "never_seen", "last_seen"]
+    assert table[2].split() == ["crane", "port-2000", "1", "1", "0", "2025-11-24T01:00:00Z"]
+    assert format_sensor_rows([], "table") == "no sensors registered yet"
