@@ -70,6 +70,9 @@ class Run:
             "PORTPULSE_KAFKA__TOPIC_PREFIX": self.prefix,
             "PORTPULSE_KAFKA__REQUEST_TIMEOUT_MS": "5000",
             "PORTPULSE_OPS__LOG_LEVEL": "WARNING",
+            # The whole load comes from one site: its rate ceiling is raised out of the way (the
+            # token bucket still runs, so its cost is in the figures).
+            "PORTPULSE_ADMISSION__SITE_RATE_PER_S": "1e9",
             "PORTPULSE_OPS__METRICS_PORT": str(self.ops_port),
             "PORTPULSE_MQTT__PROTOCOL": os.environ.get("BENCH_MQTT_PROTOCOL", "5"),
         }
@@ -275,13 +278,15 @@ def live_batches(env: dict[str, str], n: int, batch: int, timeout_s: float = 600
 
 def stage_cpu(env: dict[str, str], n: int, batch: int = 100, repeats: int = 3) -> dict[str, float]:
     """CPU seconds per reading of each bridge stage for gateway batches, in this process (best of
-    ``repeats``): decode (JSON + checks), build (records as columns), send (encode, compress, hand
-    to aiokafka, wait for Kafka's acks). Deliveries of 2 MiB of payload, as the bridge cuts them."""
+    ``repeats``): decode (JSON + checks), admit (the admission gate: budgets, registry, rate
+    ceiling), build (records as columns), send (encode, compress, hand to aiokafka, wait for
+    Kafka's acks). Deliveries of 2 MiB of payload, as the bridge cuts them."""
     from portpulse.app.runtime import tune_gc_for_streaming
-    from portpulse.contract.settings import KafkaSettings, Settings
+    from portpulse.contract.settings import AdmissionSettings, KafkaSettings, Settings
+    from portpulse.ingest.admission import Admission
     from portpulse.ingest.bridge import MAX_DISPATCH_BYTES, KafkaRecordSink
     from portpulse.ingest.decode import DecodeLimits, Message, decode_messages
-    from portpulse.ingest.records import build_records
+    from portpulse.ingest.records import SeriesCodes, build_records
 
     prefix = f"bench{uuid.uuid4().hex[:8]}"
     now = time.time_ns()
@@ -292,7 +297,8 @@ def stage_cpu(env: dict[str, str], n: int, batch: int = 100, repeats: int = 3) -
     tune_gc_for_streaming()
 
     async def run() -> dict[str, float]:
-        best = {"decode": float("inf"), "build": float("inf"), "send": float("inf")}
+        best = {"decode": float("inf"), "admit": float("inf"), "build": float("inf"), "send": float("inf")}
+        admission = Admission(AdmissionSettings(site_rate_per_s=1e9))  # every check on, no ceiling in the way
         async with KafkaRecordSink(settings) as sink:
             for _ in range(repeats):
                 spent = dict.fromkeys(best, 0.0)
@@ -300,19 +306,50 @@ def stage_cpu(env: dict[str, str], n: int, batch: int = 100, repeats: int = 3) -
                     t0 = time.process_time()
                     decoded = decode_messages(messages[i : i + per_dispatch], limits)
                     t1 = time.process_time()
-                    records = build_records(decoded, prefix)
+                    codes = SeriesCodes.of(decoded.readings)  # part of build: build_records uses them
                     t2 = time.process_time()
-                    await sink.ensure_topics(records.topics)
+                    verdict = admission.admit(codes, time.time())
+                    assert verdict.all_admitted
                     t3 = time.process_time()
-                    await sink.send(records.records, [])
+                    records = build_records(decoded, prefix, codes)
                     t4 = time.process_time()
+                    await sink.ensure_topics(records.topics)
+                    t5 = time.process_time()
+                    await sink.send(records.records, [])
+                    t6 = time.process_time()
                     spent["decode"] += t1 - t0
-                    spent["build"] += t2 - t1
-                    spent["send"] += t4 - t3
+                    spent["admit"] += t3 - t2
+                    spent["build"] += t2 - t1 + t4 - t3
+                    spent["send"] += t6 - t5
                 best = {k: min(best[k], spent[k] / n) for k in best}
         return best
 
     return asyncio.run(run())
+
+
+def admission_bytes_per_series(series: int = 200_000) -> float:
+    """Python heap bytes the admission gate holds per registered series (tracemalloc)."""
+    import tracemalloc
+
+    from portpulse.arrays import factorise
+    from portpulse.contract.settings import AdmissionSettings
+    from portpulse.ingest.admission import Admission
+    from portpulse.ingest.records import SeriesCodes
+
+    keys = [("air", f"site-{i % 40}", f"sensor-{i:07d}") for i in range(series)]
+    (domain, domains), (site, sites), (sensor, sensors) = (factorise([k[j] for k in keys]) for j in range(3))
+    codes = SeriesCodes(domain, domains, sensor, sensors, site, sites)
+    off = AdmissionSettings(site_new_per_hour=0, site_new_per_day=0, domain_new_per_hour=0, domain_new_per_day=0,
+                            max_series=0, site_rate_per_s=0)  # fmt: skip
+    tracemalloc.start()
+    gate = Admission(off)
+    before = tracemalloc.get_traced_memory()[0]
+    gate.admit(codes, time.time())
+    gate.take_changes()
+    after = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    assert gate.known_series == series
+    return (after - before) / series
 
 
 def live_qos0(env: dict[str, str], n: int) -> tuple[float, int, float]:
@@ -392,6 +429,13 @@ def main() -> None:
         + ", ".join(f"{k} {v * 1e6:.2f} us" for k, v in cpu.items())
         + f"; total {total * 1e6:.2f} us = {1 / total:,.0f} readings/s per core before MQTT receiving"
     )
+    singles = stage_cpu(env, min(args.messages, 200_000), batch=1)
+    print(
+        "Single readings (1 per message), the same stages: "
+        + ", ".join(f"{k} {v * 1e6:.2f} us" for k, v in singles.items())
+        + f"; admission {singles['admit'] / sum(singles.values()):.1%} of the bridge's CPU before MQTT receiving"
+    )
+    print(f"Admission registry: {admission_bytes_per_series():,.0f} bytes per known series (200 000 registered)")
     if not args.skip_outage:
         peak, sent, got = outage(env, args.outage_seconds, args.outage_rate)
         print(

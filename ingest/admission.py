@@ -23,9 +23,11 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from portpulse.arrays import distinct_codes
 from portpulse.contract.errors import ConfigError
 from portpulse.contract.settings import AdmissionSettings
 from portpulse.contract.topics import ID_RE
+from portpulse.ingest.records import SeriesCodes
 
 __all__ = [
     "Admission",
@@ -167,26 +169,25 @@ class Admission:
         changes, self._changes = self._changes, []
         return changes
 
-    def admit(
-        self, domain: npt.NDArray[np.object_], site: npt.NDArray[np.object_], sensor: npt.NDArray[np.object_],
-        now_s: float,
-    ) -> Verdict:  # fmt: skip
-        """The verdict on readings given as object arrays of ``str`` ``(n,)``. Python work is per
-        distinct series of the batch; a batch of known series within their rate costs one dict
-        lookup per reading."""
-        n = len(domain)
+    def admit(self, codes: SeriesCodes, now_s: float) -> Verdict:
+        """The verdict on a batch's readings, given by their factorised series. Python work is per
+        distinct series of the batch, numpy work per reading."""
         if self._swept_s == -math.inf:
             self._charge_known(now_s)
         if now_s - self._swept_s >= SWEEP_EVERY_S:
             self._forget_quiet(now_s)
-        position: dict[SeriesKey, int] = {}
-        keys = zip(domain.tolist(), site.tolist(), sensor.tolist(), strict=True)
-        code = np.fromiter((position.setdefault(k, len(position)) for k in keys), dtype=np.int64, count=n)
+        first, code = distinct_codes(codes.series())
+        domains, sites, sensors = codes.domains, codes.sites, codes.sensors
+        keys = [
+            (domains[d], sites[s], sensors[i])
+            for d, s, i in zip(codes.domain[first].tolist(), codes.site[first].tolist(), codes.sensor[first].tolist(),
+                               strict=True)
+        ]  # fmt: skip
         refusals: list[tuple[str, str]] = []
-        key_refusal = np.zeros(len(position), dtype=np.int32)
+        key_refusal = np.zeros(len(keys), dtype=np.int32)
         known, changes = self._known, self._changes
         refused_keys: list[tuple[int, SeriesKey]] = []
-        for j, key in enumerate(position):
+        for j, key in enumerate(keys):
             entry = known.get(key)
             if entry is None:
                 problem = self._new_series(key, now_s)
@@ -201,11 +202,11 @@ class Admission:
                 changes.append(RegistryChange(key, entry[0], now_s))
         refusal = key_refusal[code]
         if refused_keys:
-            readings = np.bincount(code, minlength=len(position))
+            readings = np.bincount(code, minlength=len(keys))
             for j, key in refused_keys:
                 self._note_refused(key, refusals[key_refusal[j] - 1][0], now_s, int(readings[j]))
         if self._s.site_rate_per_s:
-            self._ration(list(position), code, refusal, refusals, now_s)
+            self._ration(codes, refusal, refusals, now_s)
         return Verdict(refusal, refusals)
 
     def _new_series(self, key: SeriesKey, now_s: float) -> tuple[str, str] | None:
@@ -239,38 +240,31 @@ class Admission:
         return None
 
     def _ration(
-        self,
-        keys: list[SeriesKey],
-        code: npt.NDArray[np.int64],
-        refusal: npt.NDArray[np.int32],
-        refusals: list[tuple[str, str]],
-        now_s: float,
+        self, codes: SeriesCodes, refusal: npt.NDArray[np.int32], refusals: list[tuple[str, str]], now_s: float
     ) -> None:
         """Per site, admit at most the tokens its bucket holds (in arrival order); mark the rest
         refused for ``rate_limit`` in ``refusal`` (in place)."""
         rate, burst = self._s.site_rate_per_s, self._s.site_rate_per_s * self._s.site_burst_s
-        sites: dict[tuple[str, str], int] = {}
-        key_site = np.fromiter((sites.setdefault((k[0], k[1]), len(sites)) for k in keys), np.int64, len(keys))
-        reading_site = key_site[code]
-        wanted = np.bincount(reading_site[refusal == 0], minlength=len(sites))
-        for j, (domain, site) in enumerate(sites):
+        passing = refusal == 0
+        wanted = np.bincount(codes.site[passing], minlength=len(codes.sites)).tolist()
+        for j, site in enumerate(codes.sites):
             bucket = self._tokens.get(site)
             if bucket is None:
                 bucket = self._tokens[site] = [burst, now_s]
             bucket[0] = min(burst, bucket[0] + rate * max(0.0, now_s - bucket[1]))
             bucket[1] = now_s
             if wanted[j] <= bucket[0]:
-                bucket[0] -= float(wanted[j])
+                bucket[0] -= wanted[j]
                 continue
             allowed = int(bucket[0])
             bucket[0] -= allowed
-            rows = np.flatnonzero((reading_site == j) & (refusal == 0))[allowed:]
+            rows = np.flatnonzero((codes.site == j) & passing)[allowed:]
             refusals.append(
                 ("rate_limit", f"site {site} over {rate:g} readings/s (admission.site_rate_per_s, burst {burst:g})")
             )
             refusal[rows] = len(refusals)
-            key = (domain, site, "")
-            self._note_refused(key, "rate_limit", now_s, count=len(rows))
+            domain = codes.domains[int(codes.domain[rows[0]])]
+            self._note_refused((domain, site, ""), "rate_limit", now_s, count=len(rows))
         if len(self._tokens) > 4 * MAX_TRACKED_SITES:  # sites that stopped sending: full buckets anyway
             self._tokens = {s: b for s, b in self._tokens.items() if now_s - b[1] < self._s.site_burst_s}
 

@@ -36,7 +36,7 @@ from portpulse.ingest.decode import DecodedBatch, DecodeLimits, Problem, decode_
 from portpulse.ingest.metrics import INGEST_METRICS
 from portpulse.ingest.mqtt import Inbound, MqttSource, PahoMqttSource, subscription_filters
 from portpulse.ingest.mqtt_asyncio import AsyncioMqttSource
-from portpulse.ingest.records import OutRecords, build_dead_letters, build_records
+from portpulse.ingest.records import OutRecords, SeriesCodes, build_dead_letters, build_records
 from portpulse.kafka import (
     BatchSender,
     KafkaOut,
@@ -269,8 +269,9 @@ class Bridge:
     async def _dispatch(self, batch: list[Inbound]) -> None:
         messages = [b.message for b in batch]
         decoded = decode_messages(messages, self._limits)
-        refused = self._admit(decoded)
-        records = build_records(decoded, self._settings.kafka.topic_prefix)
+        codes = SeriesCodes.of(decoded.readings)
+        refused, codes = self._admit(decoded, codes)
+        records = build_records(decoded, self._settings.kafka.topic_prefix, codes)
         letters = build_dead_letters(decoded, messages)
         self.stats.messages += len(batch)
         for problems in decoded.problems.values():
@@ -297,17 +298,16 @@ class Bridge:
     def _dlq_topic(self) -> str:
         return dlq_topic(self._settings.kafka.topic_prefix)
 
-    def _admit(self, decoded: DecodedBatch) -> dict[str, int]:
+    def _admit(self, decoded: DecodedBatch, codes: SeriesCodes) -> tuple[dict[str, int], SeriesCodes]:
         """Drop from ``decoded`` the readings :class:`Admission` refuses, adding each refusal to the
         problems of the message it came in (so the message is dead-lettered with its payload);
-        returns the refused readings per reason."""
-        r = decoded.readings
-        if not len(r):
-            return {}
-        verdict = self.admission.admit(r.domain, r.site, r.sensor_id, time.time())
+        returns the refused readings per reason and the codes of the readings kept."""
+        if not len(decoded.readings):
+            return {}, codes
+        verdict = self.admission.admit(codes, time.time())
         INGEST_METRICS.known_series.set(self.admission.known_series)
         if verdict.all_admitted:
-            return {}
+            return {}, codes
         refused = np.flatnonzero(verdict.refusal)
         # One problem per (message, refusal): a gateway batch of 500 rogue ids is one dead letter.
         pairs = np.unique(np.stack([decoded.message_index[refused], verdict.refusal[refused].astype(np.int64)]), axis=1)
@@ -315,12 +315,12 @@ class Bridge:
             reason, detail = verdict.refusals[which - 1]
             decoded.problems.setdefault(message, []).append(Problem(reason, detail))
         keep = verdict.admitted
-        decoded.readings, decoded.message_index = r.take(keep), decoded.message_index[keep]
+        decoded.readings, decoded.message_index = decoded.readings.take(keep), decoded.message_index[keep]
         counts = np.bincount(verdict.refusal[refused], minlength=len(verdict.refusals) + 1)
         by_reason: dict[str, int] = {}
         for (reason, _), count in zip(verdict.refusals, counts[1:].tolist(), strict=True):
             by_reason[reason] = by_reason.get(reason, 0) + count
-        return by_reason
+        return by_reason, codes.take(keep)
 
     def _dead_letter_records(self, letters: list[DeadLetter]) -> list[KafkaOut]:
         return [(self._dlq_topic, None, letter.payload, dead_letter_headers(letter)) for letter in letters]

@@ -12,10 +12,11 @@ from portpulse.arrays import distinct_codes, factorise, group_starts, stable_sor
 from portpulse.codecs.recordbatch import OutgoingRecords, encode_headers
 from portpulse.codecs.wire import VERSION_HEADER, encode_rows, value_header
 from portpulse.contract.deadletter import DeadLetter
+from portpulse.contract.schema import ReadingColumns
 from portpulse.contract.topics import readings_topic
 from portpulse.ingest.decode import DecodedBatch, Message
 
-__all__ = ["OutRecords", "build_dead_letters", "build_records"]
+__all__ = ["OutRecords", "SeriesCodes", "build_dead_letters", "build_records"]
 
 
 HEADERS = encode_headers([VERSION_HEADER])  # every record's header block
@@ -42,7 +43,42 @@ class OutRecords:
         return set(self.records.topics)
 
 
-def build_records(batch: DecodedBatch, topic_prefix: str) -> OutRecords:
+@dataclass(frozen=True, slots=True)
+class SeriesCodes:
+    """The domain, sensor and site columns of a batch's readings factorised once, for the
+    admission gate and :func:`build_records` alike: codes int64 ``(n,)`` into the distinct names
+    (first-seen order)."""
+
+    domain: npt.NDArray[np.int64]
+    domains: list[str]
+    sensor: npt.NDArray[np.int64]
+    sensors: list[str]
+    site: npt.NDArray[np.int64]
+    sites: list[str]
+
+    @classmethod
+    def of(cls, readings: ReadingColumns) -> SeriesCodes:
+        domain, domains = factorise(readings.domain.tolist())
+        sensor, sensors = factorise(readings.sensor_id.tolist())
+        site, sites = factorise(readings.site.tolist())
+        return cls(domain, domains, sensor, sensors, site, sites)
+
+    def take(self, index: npt.NDArray[np.bool_] | npt.NDArray[np.int64]) -> SeriesCodes:
+        """The rows selected by ``index`` (the names stay: some may then be unused)."""
+        return SeriesCodes(self.domain[index], self.domains, self.sensor[index], self.sensors, self.site[index],
+                           self.sites)  # fmt: skip
+
+    def series(self) -> npt.NDArray[np.int64]:
+        """One int64 per reading, equal for equal (domain, site, sensor)."""
+        key = self.domain
+        for column, size in ((self.site, len(self.sites)), (self.sensor, len(self.sensors))):
+            if (int(key.max()) + 1) * size >= 2**62:  # too wide to extend (hostile input): renumber first
+                key = distinct_codes(key)[1]
+            key = key * size + column
+        return key
+
+
+def build_records(batch: DecodedBatch, topic_prefix: str, codes: SeriesCodes | None = None) -> OutRecords:
     """Encode the readings of one delivery as one record per (domain, sensor, site, metric).
 
     A stable sort by those codes gathers each series' readings in arrival order, whichever MQTT
@@ -59,9 +95,15 @@ def build_records(batch: DecodedBatch, topic_prefix: str) -> OutRecords:
     if n == 0:
         nothing = OutgoingRecords(np.zeros(0, np.uint8), [], empty, [], empty, empty, ((empty, empty),), HEADERS)
         return OutRecords(nothing, empty, empty)
-    domain, domains = factorise(r.domain.tolist())
-    sensor, sensors = factorise(r.sensor_id.tolist())
-    site, sites = factorise(r.site.tolist())
+    codes = codes or SeriesCodes.of(r)
+    domain, domains, sensor, sensors, site, sites = (
+        codes.domain,
+        codes.domains,
+        codes.sensor,
+        codes.sensors,
+        codes.site,
+        codes.sites,
+    )
     metric, metrics = factorise(r.metric.tolist())
     key = domain  # the series code: one int64 per reading
     for column, size in ((sensor, len(sensors)), (site, len(sites)), (metric, len(metrics))):

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from portpulse.arrays import factorise
 from portpulse.contract.errors import ConfigError
-from portpulse.contract.schema import str_array
 from portpulse.contract.settings import AdmissionSettings
 from portpulse.ingest.admission import (
     Admission,
@@ -18,12 +18,16 @@ from portpulse.ingest.admission import (
     encode_registry_record,
     load_registry_file,
 )
+from portpulse.ingest.records import SeriesCodes
 
 T0 = 1_764_000_000.0 - 1_764_000_000.0 % 86_400 + 3_600  # 01:00 UTC: an hour and a day begin
 
 
-def batch(keys: list[tuple[str, str, str]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    return (str_array([k[0] for k in keys]), str_array([k[1] for k in keys]), str_array([k[2] for k in keys]))
+def batch(keys: list[tuple[str, str, str]]) -> SeriesCodes:
+    domain, domains = factorise([k[0] for k in keys])
+    site, sites = factorise([k[1] for k in keys])
+    sensor, sensors = factorise([k[2] for k in keys])
+    return SeriesCodes(domain, domains, sensor, sensors, site, sites)
 
 
 def settings(**kw: float | int | str) -> AdmissionSettings:
@@ -36,7 +40,7 @@ def test_a_site_gets_its_hourly_budget_of_new_series_and_known_ones_always_pass(
     rogue = [("air", "harfleur", f"rogue-{i}") for i in range(1500)]
     # every rogue id twice, interleaved with a second site that stays within its budget
     keys = rogue + rogue + [("air", "port-2000", f"air-{i}") for i in range(10)]
-    verdict = gate.admit(*batch(keys), T0)
+    verdict = gate.admit(batch(keys), T0)
     admitted = np.asarray(keys, dtype=object)[verdict.admitted]
     expected = {f"rogue-{i}" for i in range(1000)} | {f"air-{i}" for i in range(10)}
     assert {str(k[2]) for k in admitted} == expected
@@ -47,12 +51,12 @@ def test_a_site_gets_its_hourly_budget_of_new_series_and_known_ones_always_pass(
     assert len(verdict.refusals) == 500  # one per refused series, not per reading
     assert gate.known_series == 1010
     # the same hour: known ones pass, new ones do not; the next hour: 1000 more
-    again = gate.admit(*batch([("air", "harfleur", "rogue-5"), ("air", "harfleur", "rogue-1200")]), T0 + 60)
+    again = gate.admit(batch([("air", "harfleur", "rogue-5"), ("air", "harfleur", "rogue-1200")]), T0 + 60)
     assert again.admitted.tolist() == [True, False]
-    later = gate.admit(*batch([("air", "harfleur", f"rogue-{i}") for i in range(1000, 2600)]), T0 + 3600)
+    later = gate.admit(batch([("air", "harfleur", f"rogue-{i}") for i in range(1000, 2600)]), T0 + 3600)
     assert int(later.admitted.sum()) == 1000
     # the day's budget (2500) is spent after 500 of a third hour's
-    third = gate.admit(*batch([("air", "harfleur", f"new-{i}") for i in range(700)]), T0 + 7200)
+    third = gate.admit(batch([("air", "harfleur", f"new-{i}") for i in range(700)]), T0 + 7200)
     assert int(third.admitted.sum()) == 500
     assert "this day (admission.site_new_per_day)" in third.refusals[0][1]
     report = gate.report(T0 + 7200)
@@ -63,11 +67,11 @@ def test_a_site_gets_its_hourly_budget_of_new_series_and_known_ones_always_pass(
 def test_domain_and_total_budgets() -> None:
     gate = Admission(settings(domain_new_per_hour=300, site_new_per_hour=0, site_new_per_day=0))
     keys = [("crane", f"site-{i % 7}", f"c-{i}") for i in range(400)] + [("air", "harfleur", "a-1")]
-    verdict = gate.admit(*batch(keys), T0)
+    verdict = gate.admit(batch(keys), T0)
     assert int(verdict.admitted.sum()) == 301 and bool(verdict.admitted[-1])
     assert "domain crane has had 300 new series this hour" in verdict.refusals[0][1]
     total = Admission(settings(max_series=50, site_new_per_hour=0, domain_new_per_hour=0))
-    verdict = total.admit(*batch([("air", "s", f"a-{i}") for i in range(80)]), T0)
+    verdict = total.admit(batch([("air", "s", f"a-{i}") for i in range(80)]), T0)
     assert int(verdict.admitted.sum()) == 50
     assert "50 series in all (admission.max_series)" in verdict.refusals[0][1]
 
@@ -77,44 +81,44 @@ def test_strict_registry_admits_only_its_series_and_learned_ones_are_not_charged
     registry = tmp_path / "sensors.csv"
     registry.write_text("domain,site,sensor_id\n" + "".join(f"{d},{s},{i}\n" for d, s, i in sorted(allowed)))
     strict = Admission(settings(registry="strict", registry_file=str(registry)), load_registry_file(registry))
-    verdict = strict.admit(*batch([("air", "harfleur", "air-1"), ("air", "harfleur", "air-3")]), T0)
+    verdict = strict.admit(batch([("air", "harfleur", "air-1"), ("air", "harfleur", "air-3")]), T0)
     assert verdict.admitted.tolist() == [True, False]
     assert verdict.refusals == [("unknown_sensor", "air/harfleur/air-3 is not in the registry file (strict mode)")]
     # learn mode: the file's series and the series read back at start-up spend no budget
     known = {("air", "harfleur", f"old-{i}"): (T0 - 86_400, T0 - 60) for i in range(5)}
     learn = Admission(settings(site_new_per_hour=1), allowed, known)
     keys = [*sorted(allowed), *known, ("air", "harfleur", "new-1"), ("air", "harfleur", "new-2")]
-    assert learn.admit(*batch(keys), T0).admitted.tolist() == [True] * 8 + [False]
+    assert learn.admit(batch(keys), T0).admitted.tolist() == [True] * 8 + [False]
 
 
 def test_a_flooding_site_is_rationed_and_the_others_are_not() -> None:
     gate = Admission(settings(site_rate_per_s=100, site_burst_s=2))  # bucket of 200 readings
     flood = [("air", "harfleur", f"h-{i % 10}") for i in range(1000)]
     calm = [("air", "port-2000", f"p-{i % 10}") for i in range(150)]
-    verdict = gate.admit(*batch(flood + calm), T0)
+    verdict = gate.admit(batch(flood + calm), T0)
     admitted = verdict.admitted
     assert admitted[:200].all() and not admitted[200:1000].any() and admitted[1000:].all()
     assert verdict.refusals == [
         ("rate_limit", "site harfleur over 100 readings/s (admission.site_rate_per_s, burst 200)")
     ]
     # one second later the flooding site has 100 new tokens, the calm one 50 + 100 left
-    verdict = gate.admit(*batch(flood[:300] + calm), T0 + 1)
+    verdict = gate.admit(batch(flood[:300] + calm), T0 + 1)
     assert int(verdict.admitted[:300].sum()) == 100 and verdict.admitted[300:].all()
     assert gate.report(T0 + 1)[0]["refused"] == {"rate_limit": 800 + 200}
 
 
 def test_quiet_series_are_forgotten_with_a_tombstone_and_count_as_new_when_they_return() -> None:
     gate = Admission(settings(quiet_after_s=3600, site_new_per_hour=2))
-    gate.admit(*batch([("air", "harfleur", "a"), ("air", "harfleur", "b")]), T0)
+    gate.admit(batch([("air", "harfleur", "a"), ("air", "harfleur", "b")]), T0)
     assert [c.key[2] for c in gate.take_changes()] == ["a", "b"]
-    gate.admit(*batch([("air", "harfleur", "b")]), T0 + 300)
+    gate.admit(batch([("air", "harfleur", "b")]), T0 + 300)
     assert gate.take_changes() == []  # last seen is written at most every 10 minutes
-    gate.admit(*batch([("air", "harfleur", "b")]), T0 + 3700)
+    gate.admit(batch([("air", "harfleur", "b")]), T0 + 3700)
     assert gate.take_changes() == [RegistryChange(("air", "harfleur", "a"), T0, None),
                                    RegistryChange(("air", "harfleur", "b"), T0, T0 + 3700)]  # fmt: skip
     assert gate.known_series == 1
     # "a" returns in the next hour: new again, within that hour's budget
-    assert gate.admit(*batch([("air", "harfleur", "a")]), T0 + 3800).admitted.tolist() == [True]
+    assert gate.admit(batch([("air", "harfleur", "a")]), T0 + 3800).admitted.tolist() == [True]
 
 
 def test_registry_records_round_trip_and_foreign_records_are_ignored() -> None:
@@ -152,7 +156,7 @@ def test_a_restarted_bridge_charges_the_budgets_with_the_series_registered_this_
     known |= {("air", "harfleur", f"y-{i}"): (T0 - 86_400, T0 - 3600) for i in range(900)}  # yesterday
     gate = Admission(settings(site_new_per_hour=1000, site_new_per_day=1100), known=known)
     keys = [("air", "harfleur", f"new-{i}") for i in range(500)] + list(known)
-    verdict = gate.admit(*batch(keys), T0 + 120)
+    verdict = gate.admit(batch(keys), T0 + 120)
     # 1000 - 800 this hour would leave 200, but the day has 1100 - 950 = 150 left
     assert int(verdict.admitted[:500].sum()) == 150 and verdict.admitted[500:].all()
 
