@@ -58,6 +58,9 @@ def render(state: dict[str, Any], url: str, rows_per_domain: int = 8) -> Group:
         status.append(f" {check['detail']}   ")
     for name, up in health["stages"].items():
         status.append(f" {name}: {'running' if up else 'starting/stopped'} ", style="green" if up else "yellow")
+    for name, lines in health.get("warnings", {}).items():
+        status.append(f"\n {name} ", style="bold black on yellow")
+        status.append(" " + "; ".join(lines[:3]) + (f" (+{len(lines) - 3} more)" if len(lines) > 3 else ""))
     flow = Table(title="Throughput", expand=True)
     flow.add_column("stage")
     flow.add_column("now", justify="right")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -140,3 +141,33 @@ def test_top_renders_a_state_document() -> None:
     console.print(render(state, "http://127.0.0.1:9464"))
     text = console.export_text()
     assert "MQTT messages in" in text and "sts-1" in text and "wind stop" in text and "24.5 m/s" in text
+
+
+def test_notices_reach_alerts_and_warnings_without_making_the_process_unhealthy() -> None:
+    from rich.console import Console
+
+    from portpulse.contract.schema import ReadingColumns, str_array
+    from portpulse.contract.settings import AdmissionSettings
+    from portpulse.ingest.admission import Admission
+    from portpulse.ingest.bridge import admission_alerts
+    from portpulse.ingest.records import SeriesCodes
+
+    gate = Admission(AdmissionSettings(site_new_per_hour=2, site_rate_per_s=0))
+    n = 5
+    air, site, ids = str_array(["air"] * n), str_array(["gw-7"] * n), str_array([f"rogue-{i}" for i in range(n)])
+    readings = ReadingColumns(ids, site, air, str_array(["no2"] * n), np.zeros(n, np.int64), np.zeros(n),
+                              np.zeros(n, np.uint8))  # fmt: skip
+    gate.admit(SeriesCodes.of(readings), time.time())
+    health = Health()
+    health.stage("bridge", True)
+    health.add_notices("admission", lambda: admission_alerts(gate))
+    state = LiveView(health).state()
+    assert state["health"]["ready"]  # a gate doing its job is not a fault
+    assert state["health"]["warnings"] == {
+        "admission": ["air/gw-7: cardinality_limit x3 (e.g. rogue-2, rogue-3, rogue-4)"]
+    }
+    (alert,) = state["alerts"]
+    assert (alert["site"], alert["value"], alert["unit"]) == ("gw-7", 3, "readings refused")
+    console = Console(record=True, width=160)
+    console.print(render(state, "http://127.0.0.1:9464"))
+    assert "air/gw-7: cardinality_limit x3" in console.export_text()
