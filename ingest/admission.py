@@ -136,10 +136,10 @@ class _Budget:
 class Admission:
     """The bridge's gate, one per bridge process (budgets are not shared between bridges).
 
-    ``allowed``: the registry file's series (admitted without charging a budget; in strict mode
-    the only ones admitted). ``known``: series already registered, with their last-seen times (s),
-    as read back from the registry topic at start-up, so a restart does not count the whole fleet
-    as new.
+    ``allowed``: the registry file's series (admitted without charging a budget). ``known``:
+    series already registered, with their first- and last-seen times (s), as read back from the
+    registry topic at start-up, so a restart does not count the whole fleet as new. In strict
+    mode only ``allowed`` and ``known`` pass.
     """
 
     def __init__(
@@ -149,7 +149,7 @@ class Admission:
         known: Mapping[SeriesKey, tuple[float, float]] | None = None,
     ) -> None:
         self._s = settings
-        self._allowed = frozenset(allowed)
+        self._allowed = frozenset(allowed) | (frozenset(known or ()) if settings.registry == "strict" else frozenset())
         # key -> [first seen, last seen, last seen as written to the registry topic] (s)
         self._known: dict[SeriesKey, list[float]] = {k: [f, s, s] for k, (f, s) in (known or {}).items()}
         self._site_budget = _Budget(settings.site_new_per_hour, settings.site_new_per_day)
@@ -216,7 +216,7 @@ class Admission:
         if key in self._allowed:
             limit = None
         elif s.registry == "strict":
-            return "unknown_sensor", f"{domain}/{site}/{sensor} is not in the registry file (strict mode)"
+            return "unknown_sensor", f"{domain}/{site}/{sensor} is not in the registry (strict mode)"
         elif s.max_series and len(self._known) >= s.max_series:
             return "cardinality_limit", f"{domain}/{site}/{sensor}: {s.max_series} series in all (admission.max_series)"
         elif limit := self._site_budget.spent(f"{domain}/{site}", now_s):

@@ -161,19 +161,14 @@ class AdmissionSettings(_Section):
     # A series unseen this long is forgotten (it counts as new if it returns); the default is the
     # correction horizon (ingest.max_past_s).
     quiet_after_s: float = Field(7 * 24 * 3600.0, gt=0)
-    # "learn": every series the budgets admit is registered; "strict": only the registry file's.
+    # "learn": every series the budgets admit is registered; "strict": only the series of the
+    # registry file and of the registry topic at start-up pass (learn a fleet, then freeze it).
     registry: Literal["learn", "strict"] = "learn"
     registry_file: Path | None = None  # TOML ([site] domain = ["id", ...]) or CSV (domain,site,sensor_id)
     # Readings per second a site may send (token bucket of site_burst_s seconds); a port's busiest
     # terminal sends a few thousand.
     site_rate_per_s: float = Field(20_000.0, ge=0)
     site_burst_s: float = Field(30.0, gt=0)
-
-    @model_validator(mode="after")
-    def _strict_needs_a_file(self) -> AdmissionSettings:
-        if self.registry == "strict" and self.registry_file is None:
-            raise ValueError("admission.registry = 'strict' needs admission.registry_file")
-        return self
 
 
 class ProcessorSettings(_Section):

@@ -83,7 +83,11 @@ def test_strict_registry_admits_only_its_series_and_learned_ones_are_not_charged
     strict = Admission(settings(registry="strict", registry_file=str(registry)), load_registry_file(registry))
     verdict = strict.admit(batch([("air", "harfleur", "air-1"), ("air", "harfleur", "air-3")]), T0)
     assert verdict.admitted.tolist() == [True, False]
-    assert verdict.refusals == [("unknown_sensor", "air/harfleur/air-3 is not in the registry file (strict mode)")]
+    assert verdict.refusals == [("unknown_sensor", "air/harfleur/air-3 is not in the registry (strict mode)")]
+    # strict with the series learned before (the registry topic): a frozen fleet, quiet or not
+    frozen = Admission(settings(registry="strict"), known={("air", "harfleur", "old-1"): (T0 - 10**7, T0 - 10**7)})
+    keys = [("air", "harfleur", "old-1"), ("air", "harfleur", "air-1")]
+    assert frozen.admit(batch(keys), T0).admitted.tolist() == [True, False]
     # learn mode: the file's series and the series read back at start-up spend no budget
     known = {("air", "harfleur", f"old-{i}"): (T0 - 86_400, T0 - 60) for i in range(5)}
     learn = Admission(settings(site_new_per_hour=1), allowed, known)
