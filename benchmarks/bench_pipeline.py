@@ -73,7 +73,9 @@ TOPOLOGIES = {
 class Pipeline:
     """PortPulse in its own process(es) with this run's prefixes, database and ops ports."""
 
-    def __init__(self, env: dict[str, str], name: str, topology: str = "run") -> None:
+    def __init__(
+        self, env: dict[str, str], name: str, topology: str = "run", settings: dict[str, str] | None = None
+    ) -> None:
         self.prefix = f"bench{uuid.uuid4().hex[:8]}"
         self.name = name
         self.influx = Influx(env, self.prefix)
@@ -91,6 +93,7 @@ class Pipeline:
             # The whole load comes from one site: its rate ceiling is raised out of the way (the
             # token bucket still runs, so its cost is in the figures).
             "PORTPULSE_ADMISSION__SITE_RATE_PER_S": "1e9",
+            **(settings or {}),
         }  # fmt: skip
         self.log = open(Path(tempfile.gettempdir()) / f"{self.prefix}.log", "wb")  # noqa: SIM115 (closed in stop)
         self.ops: list[int] = []
@@ -165,25 +168,33 @@ class Pipeline:
 
 
 def payloads(
-    prefix: str, n: int, batch: int, t0_ms: int, sensors: int = 1000, step_ms: int = 1000
+    prefix: str,
+    n: int,
+    batch: int,
+    t0_ms: int,
+    sensors: int = 1000,
+    step_ms: int = 1000,
+    site: str = "quai",
+    ids: str = "no2",
 ) -> list[tuple[str, bytes]]:
-    """``n`` messages of ``batch`` plausible NO2 readings: ``sensors`` sensors reporting once per
-    ``step_ms`` of event time, values moving at most 2 ug/m3 per second (so cleaning keeps them
-    all), as single JSON readings or gateway batches."""
+    """``n`` messages of ``batch`` plausible NO2 readings of ``site``: ``sensors`` sensors (ids
+    ``{ids}-0000`` ...) reporting once per ``step_ms`` of event time, values moving at most
+    2 ug/m3 per second (so cleaning keeps them all), as single JSON readings or gateway batches."""
     drift = 0.5 * min(1.0, step_ms / 1000)
     readings = [
-        (f"no2-{i % sensors:04d}", t0_ms + (i // sensors) * step_ms, 40.0 + ((i // sensors) % 5) * drift)
+        (f"{ids}-{i % sensors:04d}", t0_ms + (i // sensors) * step_ms, 40.0 + ((i // sensors) % 5) * drift)
         for i in range(n * batch)
     ]
     if batch == 1:
         return [
-            (f"{prefix}/air/quai/{sid}", b'{"ts":%d,"metrics":{"no2":%r}}' % (ts, value)) for sid, ts, value in readings
+            (f"{prefix}/air/{site}/{sid}", b'{"ts":%d,"metrics":{"no2":%r}}' % (ts, value))
+            for sid, ts, value in readings
         ]
     out = []
     for m in range(n):
         chunk = readings[m * batch : (m + 1) * batch]
         body = {"readings": [{"sensor_id": sid, "ts": ts, "metrics": {"no2": v}} for sid, ts, v in chunk]}
-        out.append((f"{prefix}/air/quai", json.dumps(body).encode()))
+        out.append((f"{prefix}/air/{site}", json.dumps(body).encode()))
     return out
 
 

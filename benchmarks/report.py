@@ -124,6 +124,8 @@ def main() -> None:
           "15" if q else "60"], 900),
         ("The bridge on every broker of the interop matrix (#17)",
          ["benchmarks.bench_interop", "--messages", "20000" if q else "100000"], 900),
+        ("Fair share: one site flooding at 10x beside calm sites (#22)",
+         ["benchmarks.bench_fair_share", "--seconds", "15" if q else "30"], 900),
         ("Simulators (#6)", ["benchmarks.bench_simulator", "--seconds", "10" if q else "30"], 300),
         ("Processor: kernels and Kafka -> sink interface (#4)",
          # A million readings per case: shorter runs are dominated by the consumer group join.

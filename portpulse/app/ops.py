@@ -111,6 +111,7 @@ RATES = {
     "processed": "portpulse_processor_readings_in_total",
     "influx_points": "portpulse_sink_points_written_total",
     "dlq": "portpulse_ingest_dlq_total",
+    "refused": "portpulse_ingest_refused_readings_total",
     "rejected": "portpulse_processor_rejected_total",
     "late": "portpulse_processor_late_total",
     "windows_corrected": "portpulse_processor_windows_corrected_total",

@@ -114,7 +114,7 @@ async def rogue_beside_fleet(
     influx_pid = local_service_pid("influx")
     assert influx_pid is not None, "scripts/services runs InfluxDB here but left no pid file"
 
-    await pipeline.start()
+    await pipeline.start()  # kills its child if it fails
     assert pipeline.proc is not None
     base = f"http://127.0.0.1:{pipeline.port}"
     before = {"portpulse run": rss_mb(pipeline.proc.pid), "InfluxDB": rss_mb(influx_pid)}
@@ -201,8 +201,8 @@ async def rogue_beside_fleet(
     assert sites[("air", rogue_site)] == SITE_BUDGET
     assert sum(sites.values()) == SITE_BUDGET + fleet_sensors
     bridge = PipelineProcess(env, tmp_path / "bridge.log", options=(), command="bridge")
-    await bridge.start()
     try:
+        await bridge.start()
         with Publisher(mqtt, f"{unique}-rogue") as publisher:
             publisher.publish([(f"{unique}/air/{rogue_site}/rogue-after-restart", rogue[0][1].encode())], 1)
         more = await dead_letters(kafka, f"{unique}.dlq", expect=refused + 1)

@@ -83,17 +83,23 @@ class PipelineProcess:
             self.proc = subprocess.Popen(cmd, env=self.env, stdout=subprocess.DEVNULL, stderr=err)
 
     async def start(self) -> None:
+        """Spawn and wait until ready; a child that does not get there is killed, never left behind."""
         self.spawn()
         assert self.proc is not None
-        for _ in range(600):  # bounded: 120 s
-            if self.proc.poll() is not None:
-                raise AssertionError(
-                    f"portpulse {self.command} exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}"
-                )
-            if (await asyncio.to_thread(http_get, f"http://127.0.0.1:{self.port}/readyz"))[0] == 200:
-                return
-            await asyncio.sleep(0.2)
-        raise AssertionError(f"portpulse {self.command} not ready in 120 s:\n{self.log.read_text()[-3000:]}")
+        try:
+            for _ in range(600):  # bounded: 120 s
+                if self.proc.poll() is not None:
+                    raise AssertionError(
+                        f"portpulse {self.command} exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}"
+                    )
+                if (await asyncio.to_thread(http_get, f"http://127.0.0.1:{self.port}/readyz"))[0] == 200:
+                    return
+                await asyncio.sleep(0.2)
+            raise AssertionError(f"portpulse {self.command} not ready in 120 s:\n{self.log.read_text()[-3000:]}")
+        except BaseException:
+            if self.proc.poll() is None:
+                self.kill()
+            raise
 
     def kill(self) -> None:
         assert self.proc is not None
