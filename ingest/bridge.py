@@ -310,8 +310,9 @@ class Bridge:
             return {}, codes
         refused = np.flatnonzero(verdict.refusal)
         # One problem per (message, refusal): a gateway batch of 500 rogue ids is one dead letter.
-        pairs = np.unique(np.stack([decoded.message_index[refused], verdict.refusal[refused].astype(np.int64)]), axis=1)
-        for message, which in pairs.T.tolist():
+        width = len(verdict.refusals) + 1
+        pairs = np.unique(decoded.message_index[refused] * width + verdict.refusal[refused])
+        for message, which in zip((pairs // width).tolist(), (pairs % width).tolist(), strict=True):
             reason, detail = verdict.refusals[which - 1]
             decoded.problems.setdefault(message, []).append(Problem(reason, detail))
         keep = verdict.admitted

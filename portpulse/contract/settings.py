@@ -165,9 +165,10 @@ class AdmissionSettings(_Section):
     # registry file and of the registry topic at start-up pass (learn a fleet, then freeze it).
     registry: Literal["learn", "strict"] = "learn"
     registry_file: Path | None = None  # TOML ([site] domain = ["id", ...]) or CSV (domain,site,sensor_id)
-    # Readings per second a site may send (token bucket of site_burst_s seconds); a port's busiest
-    # terminal sends a few thousand.
-    site_rate_per_s: float = Field(20_000.0, ge=0)
+    # Readings per second a site may send (token bucket of site_burst_s seconds), 0: no ceiling.
+    # Off by default: over-rate readings are dead-lettered with their whole message, and under a
+    # flood of gateway batches that costs more than admitting them (benchmarks/bench_fair_share).
+    site_rate_per_s: float = Field(0.0, ge=0)
     site_burst_s: float = Field(30.0, gt=0)
 
 
