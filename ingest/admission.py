@@ -158,7 +158,6 @@ class Admission:
         self._changes: list[RegistryChange] = []
         self._swept_s = -math.inf
         self.refused: dict[tuple[str, str], _Refused] = {}
-        self.new_series = 0
 
     @property
     def known_series(self) -> int:
@@ -211,32 +210,36 @@ class Admission:
 
     def _new_series(self, key: SeriesKey, now_s: float) -> tuple[str, str] | None:
         """Register ``key`` if the registry and the budgets admit it, else the refusal."""
+        if key not in self._allowed:
+            refusal = self._refusal(key, now_s)
+            if refusal is not None:
+                return refusal
+            self._site_budget.charge(f"{key[0]}/{key[1]}")
+            self._domain_budget.charge(key[0])
+        self._known[key] = [now_s, now_s, now_s]
+        self._changes.append(RegistryChange(key, now_s, now_s))
+        return None
+
+    def _refusal(self, key: SeriesKey, now_s: float) -> tuple[str, str] | None:
+        """Why a new series outside the registry file may not enter now, or None."""
         domain, site, sensor = key
         s = self._s
-        if key in self._allowed:
-            limit = None
-        elif s.registry == "strict":
+        if s.registry == "strict":
             return "unknown_sensor", f"{domain}/{site}/{sensor} is not in the registry (strict mode)"
-        elif s.max_series and len(self._known) >= s.max_series:
+        if s.max_series and len(self._known) >= s.max_series:
             return "cardinality_limit", f"{domain}/{site}/{sensor}: {s.max_series} series in all (admission.max_series)"
-        elif limit := self._site_budget.spent(f"{domain}/{site}", now_s):
+        if limit := self._site_budget.spent(f"{domain}/{site}", now_s):
             allowed = s.site_new_per_hour if limit == "hour" else s.site_new_per_day
             return "cardinality_limit", (
                 f"{domain}/{site}/{sensor}: site {site} has had {allowed} new series this {limit}"
                 f" (admission.site_new_per_{limit})"
             )
-        elif limit := self._domain_budget.spent(domain, now_s):
+        if limit := self._domain_budget.spent(domain, now_s):
             allowed = s.domain_new_per_hour if limit == "hour" else s.domain_new_per_day
             return "cardinality_limit", (
                 f"{domain}/{site}/{sensor}: domain {domain} has had {allowed} new series this {limit}"
                 f" (admission.domain_new_per_{limit})"
             )
-        if key not in self._allowed:
-            self._site_budget.charge(f"{domain}/{site}")
-            self._domain_budget.charge(domain)
-        self._known[key] = [now_s, now_s, now_s]
-        self._changes.append(RegistryChange(key, now_s, now_s))
-        self.new_series += 1
         return None
 
     def _ration(
