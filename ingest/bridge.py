@@ -40,8 +40,7 @@ from portpulse.ingest.records import OutRecords, SeriesCodes, build_dead_letters
 from portpulse.kafka import (
     BatchSender,
     KafkaOut,
-    client_options,
-    ensure_compacted_topic,
+    ensure_topics,
     read_compacted,
     start_producer,
 )
@@ -133,28 +132,15 @@ class KafkaRecordSink:
             await self._sender.producer.stop()
 
     async def ensure_topics(self, topics: set[str]) -> None:
-        """Create missing topics with the configured partitions (idempotent)."""
+        """Create missing topics with the configured partitions (idempotent); the registry topic
+        compacted."""
         missing = topics - self._known_topics
         if not missing:
             return
-        from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-        from aiokafka.errors import TopicAlreadyExistsError
-
         k = self._settings.kafka
-        registry = registry_topic(k.topic_prefix)
-        if registry in missing:
-            await ensure_compacted_topic(k, registry)
-        admin = AIOKafkaAdminClient(**client_options(k))
-        await admin.start()
-        try:
-            existing = set(await admin.list_topics()) | {registry}
-            new = [NewTopic(t, k.partitions, k.replication_factor) for t in sorted(missing - existing)]
-            if new:
-                with contextlib.suppress(TopicAlreadyExistsError):
-                    await admin.create_topics(new)
-                log.info("created Kafka topics %s", ", ".join(t.name for t in new))
-        finally:
-            await admin.close()
+        created = await ensure_topics(k, missing, compacted={registry_topic(k.topic_prefix)})
+        if created:
+            log.info("created Kafka topics %s", ", ".join(created))
         self._known_topics |= missing
 
     async def send(self, records: OutgoingRecords, others: list[KafkaOut]) -> int:

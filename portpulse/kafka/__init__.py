@@ -1,9 +1,9 @@
 """The Kafka adapter: client options, producer start-up and batched sending (``client``), dead
-letters to their topic (``deadletters``), compacted topics (``compacted``), and the aiokafka
+letters to their topic (``deadletters``), topic creation and compacted topics (``compacted``), and the aiokafka
 internals PortPulse's speed relies on, quarantined and checked at start-up (``hooks``)."""
 
 from portpulse.kafka.client import BatchSender, KafkaOut, client_options, committed_offsets, start_producer
-from portpulse.kafka.compacted import ensure_compacted_topic, read_compacted
+from portpulse.kafka.compacted import ensure_topics, read_compacted
 from portpulse.kafka.deadletters import KafkaDeadLetters
 from portpulse.kafka.hooks import check_hooks, columnar_consumer_options, fetched_columns
 
@@ -15,7 +15,7 @@ __all__ = [
     "client_options",
     "columnar_consumer_options",
     "committed_offsets",
-    "ensure_compacted_topic",
+    "ensure_topics",
     "fetched_columns",
     "read_compacted",
     "start_producer",

@@ -1,31 +1,41 @@
-"""Compacted topics: created with ``cleanup.policy=compact``, read whole at start-up."""
+"""Topics: created where missing (compacted ones with ``cleanup.policy=compact``); a compacted
+topic read whole at start-up."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import time
+from collections.abc import Iterable
 
 from portpulse.contract.errors import ServiceUnavailableError
 from portpulse.contract.settings import KafkaSettings
 from portpulse.kafka.client import client_options
 
-__all__ = ["ensure_compacted_topic", "read_compacted"]
+__all__ = ["ensure_topics", "read_compacted"]
 
 
-async def ensure_compacted_topic(kafka: KafkaSettings, topic: str) -> None:
-    """Create ``topic`` compacted with the configured partitions, if it does not exist."""
+async def ensure_topics(kafka: KafkaSettings, topics: Iterable[str], compacted: Iterable[str] = ()) -> list[str]:
+    """Create those of ``topics`` that do not exist, with the configured partitions and
+    replication; those also in ``compacted`` with ``cleanup.policy=compact``. Returns the topics
+    created (another client creating one at the same moment is fine)."""
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
     from aiokafka.errors import TopicAlreadyExistsError
 
+    compact = set(compacted)
     admin = AIOKafkaAdminClient(**client_options(kafka), request_timeout_ms=kafka.request_timeout_ms)
     await admin.start()
     try:
-        if topic not in set(await admin.list_topics()):
-            compact = {"cleanup.policy": "compact"}
-            new = NewTopic(topic, kafka.partitions, kafka.replication_factor, topic_configs=compact)
+        missing = sorted(set(topics) - set(await admin.list_topics()))
+        new = [
+            NewTopic(t, kafka.partitions, kafka.replication_factor,
+                     topic_configs={"cleanup.policy": "compact"} if t in compact else {})
+            for t in missing
+        ]  # fmt: skip
+        if new:
             with contextlib.suppress(TopicAlreadyExistsError):
-                await admin.create_topics([new])
+                await admin.create_topics(new)
+        return missing
     finally:
         await admin.close()
 
