@@ -23,16 +23,19 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from portpulse.arrays import distinct_codes
+from portpulse.arrays import distinct_codes, stable_order
 from portpulse.contract.errors import ConfigError
 from portpulse.contract.settings import AdmissionSettings
-from portpulse.contract.topics import ID_RE
+from portpulse.contract.topics import ID_RE, MqttTopic, parse_mqtt_topic
 from portpulse.ingest.records import SeriesCodes
 
 __all__ = [
+    "MESSAGE_REFUSALS",
     "Admission",
+    "MessageSites",
     "RegistryChange",
     "SeriesKey",
+    "SiteIndex",
     "Verdict",
     "decode_registry_record",
     "encode_registry_record",
@@ -49,6 +52,8 @@ SWEEP_EVERY_S = 60.0
 #: Sample ids kept per refused site, and refused sites tracked (the rest are summed).
 SAMPLES_PER_SITE = 5
 MAX_TRACKED_SITES = 1_000
+#: Refusals counted per MQTT message rather than per reading: they are decided before decoding.
+MESSAGE_REFUSALS = frozenset({"rate_limit"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +69,7 @@ class RegistryChange:
 class Verdict:
     """The readings of one batch that may pass. ``refusal`` (int32 ``(n,)``): 0 for an admitted
     reading, else 1 + the index of its refusal in ``refusals`` (``(reason, detail)`` pairs, one
-    per refused series or rate-limited site)."""
+    per refused series)."""
 
     refusal: npt.NDArray[np.int32]
     refusals: list[tuple[str, str]]
@@ -85,6 +90,69 @@ class _Refused:
     counts: dict[str, int] = field(default_factory=dict)
     samples: deque[str] = field(default_factory=lambda: deque(maxlen=SAMPLES_PER_SITE))
     last_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class MessageSites:
+    """Where each message of a batch came from: ``code`` (int64 ``(n,)``) indexes ``sites``, the
+    ``(domain, site)`` of its MQTT topic (None for a topic that is not a sensor topic: the decoder
+    rejects it)."""
+
+    code: npt.NDArray[np.int64]
+    sites: list[tuple[str, str] | None]
+
+    def rank(self) -> npt.NDArray[np.int64]:
+        """Each message's place among its site's messages in arrival order (``(n,)``, from 0)."""
+        counts = np.bincount(self.code, minlength=len(self.sites))
+        order = stable_order(self.code)
+        rank = np.empty(len(self.code), dtype=np.int64)
+        rank[order] = np.arange(len(self.code)) - np.repeat(np.cumsum(counts) - counts, counts)
+        return rank
+
+
+class SiteIndex:
+    """MQTT topic -> the code of its ``(domain, site)``, kept across batches so a batch costs one
+    dict lookup per message; topics are parsed once. Bounded: past ``max_topics`` it starts over."""
+
+    def __init__(self, prefix: str, max_topics: int = 200_000) -> None:
+        self._prefix, self._max_topics = prefix, max_topics
+        self._topic_code: dict[str, int] = {}
+        self._site_code: dict[tuple[str, str] | None, int] = {}
+        self.sites: list[tuple[str, str] | None] = []
+
+    def of(self, topics: list[str]) -> MessageSites:
+        """The sites of a batch's messages, given their topics."""
+        codes = list(map(self._topic_code.get, topics))
+        if None in codes:
+            if len(self._topic_code) > self._max_topics:
+                self._topic_code.clear()
+                self._site_code.clear()
+                self.sites = []
+                codes = [None] * len(topics)
+            for i, code in enumerate(codes):
+                if code is None:
+                    codes[i] = self._learn(topics[i])
+        return MessageSites(np.array(codes, dtype=np.int64), self.sites)
+
+    def _learn(self, topic: str) -> int:
+        parsed = parse_mqtt_topic(topic, self._prefix)
+        site = (parsed.domain, parsed.site) if isinstance(parsed, MqttTopic) else None
+        code = self._site_code.get(site)
+        if code is None:
+            code = self._site_code[site] = len(self.sites)
+            self.sites.append(site)
+        self._topic_code[topic] = code
+        return code
+
+
+@dataclass(slots=True)
+class _Bucket:
+    """A site's token bucket: readings it may still send, when it was refilled (s), and the
+    readings per message its recent messages held (what a message is charged before decoding)."""
+
+    tokens: float
+    at_s: float
+    per_message: float = 1.0
 
 
 class _Budget:
@@ -154,7 +222,7 @@ class Admission:
         self._known: dict[SeriesKey, list[float]] = {k: [f, s, s] for k, (f, s) in (known or {}).items()}
         self._site_budget = _Budget(settings.site_new_per_hour, settings.site_new_per_day)
         self._domain_budget = _Budget(settings.domain_new_per_hour, settings.domain_new_per_day)
-        self._tokens: dict[str, list[float]] = {}  # site -> [tokens, updated at (s)]
+        self._buckets: dict[tuple[str, str], _Bucket] = {}  # (domain, site) -> its readings/s ceiling
         self._changes: list[RegistryChange] = []
         self._swept_s = -math.inf
         self.refused: dict[tuple[str, str], _Refused] = {}
@@ -204,8 +272,6 @@ class Admission:
             readings = np.bincount(code, minlength=len(keys))
             for j, key in refused_keys:
                 self._note_refused(key, refusals[key_refusal[j] - 1][0], now_s, int(readings[j]))
-        if self._s.site_rate_per_s:
-            self._ration(codes, refusal, refusals, now_s)
         return Verdict(refusal, refusals)
 
     def _new_series(self, key: SeriesKey, now_s: float) -> tuple[str, str] | None:
@@ -242,34 +308,76 @@ class Admission:
             )
         return None
 
-    def _ration(
-        self, codes: SeriesCodes, refusal: npt.NDArray[np.int32], refusals: list[tuple[str, str]], now_s: float
-    ) -> None:
-        """Per site, admit at most the tokens its bucket holds (in arrival order); mark the rest
-        refused for ``rate_limit`` in ``refusal`` (in place)."""
-        rate, burst = self._s.site_rate_per_s, self._s.site_rate_per_s * self._s.site_burst_s
-        passing = refusal == 0
-        wanted = np.bincount(codes.site[passing], minlength=len(codes.sites)).tolist()
-        for j, site in enumerate(codes.sites):
-            bucket = self._tokens.get(site)
-            if bucket is None:
-                bucket = self._tokens[site] = [burst, now_s]
-            bucket[0] = min(burst, bucket[0] + rate * max(0.0, now_s - bucket[1]))
-            bucket[1] = now_s
-            if wanted[j] <= bucket[0]:
-                bucket[0] -= wanted[j]
+    @property
+    def rationing(self) -> bool:
+        """Whether sites have a rate ceiling (``site_rate_per_s``)."""
+        return bool(self._s.site_rate_per_s)
+
+    def ration(self, sites: MessageSites, now_s: float) -> dict[int, tuple[str, str]]:
+        """The messages of a batch refused for ``rate_limit``, by index, as ``(reason, detail)``.
+
+        Called before decoding, so a flood costs numpy work per message, not a decode. Per site
+        (in arrival order) messages pass while its bucket holds tokens, each charged the readings
+        the site's recent messages held, until :meth:`settle` charges what they really held.
+        Python work is per distinct site of the batch.
+        """
+        rate = self._s.site_rate_per_s
+        if not rate or not len(sites.code):
+            return {}
+        burst = rate * self._s.site_burst_s
+        counts = np.bincount(sites.code, minlength=len(sites.sites)).tolist()
+        allowed = list(counts)
+        over: dict[int, tuple[str, str]] = {}
+        for j in np.flatnonzero(counts).tolist():
+            source = sites.sites[j]
+            if source is None:
                 continue
-            allowed = int(bucket[0])
-            bucket[0] -= allowed
-            rows = np.flatnonzero((codes.site == j) & passing)[allowed:]
-            refusals.append(
-                ("rate_limit", f"site {site} over {rate:g} readings/s (admission.site_rate_per_s, burst {burst:g})")
-            )
-            refusal[rows] = len(refusals)
-            domain = codes.domains[int(codes.domain[rows[0]])]
-            self._note_refused((domain, site, ""), "rate_limit", now_s, count=len(rows))
-        if len(self._tokens) > 4 * MAX_TRACKED_SITES:  # sites that stopped sending: full buckets anyway
-            self._tokens = {s: b for s, b in self._tokens.items() if now_s - b[1] < self._s.site_burst_s}
+            bucket = self._buckets.get(source)
+            if bucket is None:
+                bucket = self._buckets[source] = _Bucket(burst, now_s)
+            elif bucket.at_s != now_s:
+                bucket.tokens = min(burst, bucket.tokens + rate * max(0.0, now_s - bucket.at_s))
+                bucket.at_s = now_s
+            passing = min(counts[j], math.ceil(bucket.tokens / bucket.per_message)) if bucket.tokens > 0 else 0
+            bucket.tokens -= passing * bucket.per_message
+            if passing < counts[j]:
+                allowed[j] = passing
+                domain, site = source
+                over[j] = (
+                    "rate_limit",
+                    f"{domain}/{site} over {rate:g} readings/s (admission.site_rate_per_s, burst {burst:g})",
+                )
+                self._note_refused((domain, site, ""), "rate_limit", now_s, counts[j] - passing)
+        if len(self._buckets) > 4 * MAX_TRACKED_SITES:  # sites that stopped sending: full buckets anyway
+            self._buckets = {k: b for k, b in self._buckets.items() if now_s - b.at_s < self._s.site_burst_s}
+        if not over:
+            return {}
+        refused = np.flatnonzero(sites.rank() >= np.asarray(allowed, dtype=np.int64)[sites.code])
+        code = sites.code[refused].tolist()
+        return {i: over[j] for i, j in zip(refused.tolist(), code, strict=True)}
+
+    def settle(self, sites: MessageSites, refused: Mapping[int, object], held: npt.NDArray[np.int64]) -> None:
+        """Charge the messages :meth:`ration` let pass (those not in ``refused``) the readings
+        they held (``held``, ``(n,)``) instead of the estimate, and make their site's mean the
+        next estimate."""
+        if not self._s.site_rate_per_s or not len(sites.code):
+            return
+        code = sites.code
+        if refused:
+            passing = np.ones(len(code), dtype=bool)
+            passing[np.fromiter(refused, dtype=np.int64, count=len(refused))] = False
+            code, held = code[passing], held[passing]
+        messages = np.bincount(code, minlength=len(sites.sites))
+        readings = np.bincount(code, weights=held, minlength=len(sites.sites))
+        present = np.flatnonzero(messages)
+        for j, count, total in zip(
+            present.tolist(), messages[present].tolist(), readings[present].tolist(), strict=True
+        ):
+            source = sites.sites[j]
+            bucket = self._buckets.get(source) if source is not None else None
+            if bucket is not None:
+                bucket.tokens -= total - count * bucket.per_message
+                bucket.per_message = max(1.0, total / count)
 
     def _note_refused(self, key: SeriesKey, reason: str, now_s: float, count: int = 1) -> None:
         site = (key[0], key[1])
@@ -301,7 +409,8 @@ class Admission:
 
     def report(self, now_s: float, within_s: float = 600.0) -> list[dict[str, object]]:
         """Sites whose readings were refused in the last ``within_s`` seconds, most refused first:
-        domain, site, counts per reason, sample ids, seconds since the last refusal."""
+        domain, site, counts per reason (messages for :data:`MESSAGE_REFUSALS`, else readings),
+        sample ids, seconds since the last refusal."""
         rows: list[dict[str, object]] = [
             {"domain": d, "site": s, "refused": dict(r.counts), "sample_ids": list(r.samples),
              "age_s": round(now_s - r.last_s, 1)}

@@ -26,13 +26,15 @@ from portpulse.contract.health import Health
 from portpulse.contract.settings import KafkaSettings, Settings
 from portpulse.contract.topics import dlq_topic, registry_topic
 from portpulse.ingest.admission import (
+    MESSAGE_REFUSALS,
     Admission,
     SeriesKey,
+    SiteIndex,
     decode_registry_record,
     encode_registry_record,
     load_registry_file,
 )
-from portpulse.ingest.decode import DecodedBatch, DecodeLimits, Problem, decode_messages
+from portpulse.ingest.decode import DecodedBatch, DecodeLimits, Message, Problem, decode_messages
 from portpulse.ingest.metrics import INGEST_METRICS
 from portpulse.ingest.mqtt import Inbound, MqttSource, PahoMqttSource, subscription_filters
 from portpulse.ingest.mqtt_asyncio import AsyncioMqttSource
@@ -180,6 +182,7 @@ class Bridge:
         self._sink = sink
         self.admission = admission or Admission(settings.admission)
         self._registry_topic = registry_topic(settings.kafka.topic_prefix)
+        self._sites = SiteIndex(settings.mqtt.topic_prefix)
         i = settings.ingest
         self._limits = DecodeLimits(
             topic_prefix=settings.mqtt.topic_prefix,
@@ -254,7 +257,7 @@ class Bridge:
 
     async def _dispatch(self, batch: list[Inbound]) -> None:
         messages = [b.message for b in batch]
-        decoded = decode_messages(messages, self._limits)
+        decoded = self._decode(messages)
         codes = SeriesCodes.of(decoded.readings)
         refused, codes = self._admit(decoded, codes)
         records = build_records(decoded, self._settings.kafka.topic_prefix, codes)
@@ -279,6 +282,17 @@ class Bridge:
         self._flights.append(_Flight(batch, asyncio.create_task(self._deliver(records, others, len(letters)))))
         self._in_flight += len(batch)
         self._report_in_flight()
+
+    def _decode(self, messages: list[Message]) -> DecodedBatch:
+        """Decode the messages whose site is within its rate ceiling; the others become
+        ``rate_limit`` problems undecoded, so a flooding site costs little more than its reception."""
+        if not self.admission.rationing:
+            return decode_messages(messages, self._limits)
+        sites = self._sites.of([m.topic for m in messages])
+        limited = self.admission.ration(sites, time.time())
+        decoded = decode_messages(messages, self._limits, {i: Problem(*r) for i, r in limited.items()})
+        self.admission.settle(sites, limited, np.bincount(decoded.message_index, minlength=len(messages)))
+        return decoded
 
     @property
     def _dlq_topic(self) -> str:
@@ -426,10 +440,14 @@ def admission_alerts(admission: Admission, within_s: float = 600.0) -> list[dict
     for row in admission.report(time.time(), within_s):
         refused: dict[str, int] = row["refused"]  # type: ignore[assignment]
         samples: list[str] = row["sample_ids"]  # type: ignore[assignment]
+        units = {"messages" if reason in MESSAGE_REFUSALS else "readings" for reason in refused}
         out.append({
             "domain": row["domain"], "site": row["site"], "sensor_id": ", ".join(samples),
-            "value": sum(refused.values()), "unit": "readings refused",
-            "alert": "; ".join(f"{reason} x{count}" for reason, count in sorted(refused.items())),
+            "value": sum(refused.values()), "unit": f"{units.pop()} refused" if len(units) == 1 else "refused",
+            "alert": "; ".join(
+                f"{reason} x{count} {'messages' if reason in MESSAGE_REFUSALS else 'readings'}"
+                for reason, count in sorted(refused.items())
+            ),
             "age_s": row["age_s"],
         })  # fmt: skip
     return out

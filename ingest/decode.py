@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from itertools import chain, repeat
@@ -168,11 +168,18 @@ class _Out:
         self.flags.append(flag)
 
 
-def decode_messages(messages: Sequence[Message], limits: DecodeLimits) -> DecodedBatch:
-    """Decode a batch of MQTT messages into reading columns and per-message problems."""
+def decode_messages(
+    messages: Sequence[Message], limits: DecodeLimits, refused: Mapping[int, Problem] | None = None
+) -> DecodedBatch:
+    """Decode a batch of MQTT messages into reading columns and per-message problems. Messages
+    in ``refused`` (by index) are not decoded: their problem is that refusal."""
     out = _Out()
     problems: dict[int, list[Problem]] = {}
+    refused = refused or {}
     for i, msg in enumerate(messages):
+        if i in refused:
+            problems[i] = [refused[i]]
+            continue
         found: list[Problem] = []
         _decode_one(i, msg, limits, out, found)
         if found:

@@ -28,7 +28,8 @@ class IngestMetrics:
     def refused(self) -> Counter:
         return Counter(
             "portpulse_ingest_refused_readings",
-            "Readings the admission gate sent to the DLQ (cardinality_limit, unknown_sensor, rate_limit)",
+            "Readings the admission gate sent to the DLQ (cardinality_limit, unknown_sensor); messages over a "
+            'site\'s rate ceiling are counted undecoded by portpulse_ingest_dlq{reason="rate_limit"}',
             ["reason"],
         )
 

@@ -165,11 +165,14 @@ class AdmissionSettings(_Section):
     # registry file and of the registry topic at start-up pass (learn a fleet, then freeze it).
     registry: Literal["learn", "strict"] = "learn"
     registry_file: Path | None = None  # TOML ([site] domain = ["id", ...]) or CSV (domain,site,sensor_id)
-    # Readings per second a site may send (token bucket of site_burst_s seconds), 0: no ceiling.
-    # Off by default: over-rate readings are dead-lettered with their whole message, and under a
-    # flood of gateway batches that costs more than admitting them (benchmarks/bench_fair_share).
-    site_rate_per_s: float = Field(0.0, ge=0)
-    site_burst_s: float = Field(30.0, gt=0)
+    # Readings per second a site (the site of the MQTT topic) may send, 0: no ceiling. A token
+    # bucket of site_burst_s seconds: a site of a few hundred sensors reporting 6-7 metrics a
+    # second sends 2-4 000 readings/s, so 20 000 is a flood, and a minute's bucket takes a
+    # gateway's store-and-forward backlog of several minutes. Messages over it are dead-lettered
+    # undecoded (rate_limit): MQTT acks leave in receive order on one session, so holding one
+    # site's messages back would hold every site's.
+    site_rate_per_s: float = Field(20_000.0, ge=0)
+    site_burst_s: float = Field(60.0, gt=0)
 
 
 class ProcessorSettings(_Section):

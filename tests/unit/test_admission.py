@@ -14,6 +14,7 @@ from portpulse.contract.settings import AdmissionSettings
 from portpulse.ingest.admission import (
     Admission,
     RegistryChange,
+    SiteIndex,
     decode_registry_record,
     encode_registry_record,
     load_registry_file,
@@ -95,20 +96,32 @@ def test_strict_registry_admits_only_its_series_and_learned_ones_are_not_charged
     assert learn.admit(batch(keys), T0).admitted.tolist() == [True] * 8 + [False]
 
 
-def test_a_flooding_site_is_rationed_and_the_others_are_not() -> None:
-    gate = Admission(settings(site_rate_per_s=100, site_burst_s=2))  # bucket of 200 readings
-    flood = [("air", "harfleur", f"h-{i % 10}") for i in range(1000)]
-    calm = [("air", "port-2000", f"p-{i % 10}") for i in range(150)]
-    verdict = gate.admit(batch(flood + calm), T0)
-    admitted = verdict.admitted
-    assert admitted[:200].all() and not admitted[200:1000].any() and admitted[1000:].all()
-    assert verdict.refusals == [
-        ("rate_limit", "site harfleur over 100 readings/s (admission.site_rate_per_s, burst 200)")
-    ]
-    # one second later the flooding site has 100 new tokens, the calm one 50 + 100 left
-    verdict = gate.admit(batch(flood[:300] + calm), T0 + 1)
-    assert int(verdict.admitted[:300].sum()) == 100 and verdict.admitted[300:].all()
-    assert gate.report(T0 + 1)[0]["refused"] == {"rate_limit": 800 + 200}
+def test_a_flooding_site_is_rationed_per_message_and_the_others_are_not() -> None:
+    gate = Admission(settings(site_rate_per_s=100, site_burst_s=2))  # buckets of 200 readings
+    assert gate.rationing and not Admission(settings()).rationing
+    harfleur, port, crane = "sensors/air/harfleur", "sensors/air/port-2000/p-1", "sensors/crane/harfleur"
+
+    index = SiteIndex("sensors", max_topics=2)  # starts over on the second batch: codes change, buckets stay
+    sites = index.of
+
+    # Before anything was decoded a message is charged 1 reading: 30 gateway batches of 10 pass,
+    # then settling charges their 300 readings: air/harfleur owes 100.
+    first = sites([harfleur] * 30 + [port] * 5 + ["elsewhere/x"])
+    assert index.sites == [("air", "harfleur"), ("air", "port-2000"), None]
+    assert gate.ration(first, T0) == {}
+    gate.settle(first, {}, np.array([10] * 30 + [1] * 5 + [0]))
+    # half a second later it still owes 50: every air/harfleur message is refused, in arrival
+    # order among the others; port-2000 and harfleur's cranes (another domain) pass
+    second = sites([port] + [harfleur] * 5 + [crane] + [harfleur] * 5 + ["elsewhere/x"])
+    refused = gate.ration(second, T0 + 0.5)
+    detail = "air/harfleur over 100 readings/s (admission.site_rate_per_s, burst 200)"
+    assert refused == {i: ("rate_limit", detail) for i in [1, 2, 3, 4, 5, 7, 8, 9, 10, 11]}
+    gate.settle(second, refused, np.array([1] + [0] * 5 + [3] + [0] * 5 + [0]))
+    # one more second: 100 tokens in, 50 left, charged 10 per message from what it sent: 5 pass
+    third = sites([harfleur] * 10)
+    assert sorted(gate.ration(third, T0 + 1.5)) == list(range(5, 10))
+    report = gate.report(T0 + 1.5)
+    assert [(r["domain"], r["site"], r["refused"]) for r in report] == [("air", "harfleur", {"rate_limit": 10 + 5})]
 
 
 def test_quiet_series_are_forgotten_with_a_tombstone_and_count_as_new_when_they_return() -> None:

@@ -199,3 +199,35 @@ async def test_readings_over_the_budget_are_dead_lettered_with_their_message_and
     assert bridge.stats.refused_readings == {"cardinality_limit": 6}  # 3 ids x 2 metrics
     registered = [key for d in kafka.deliveries for t, key, _, _ in d.others if t == "portpulse.sensors"]
     assert registered == [b"air/quai/a0", b"air/quai/a1", b"air/quai/a2"]
+
+
+async def test_a_site_over_its_rate_ceiling_is_dead_lettered_undecoded_and_the_others_pass() -> None:
+    def gateway(mid: int, site: str) -> Inbound:
+        rows = [{"sensor_id": f"s{k}", "ts": T0_MS + mid, "metrics": {"no2": 40.0}} for k in range(10)]
+        return Inbound(Message(f"sensors/air/{site}", json.dumps({"readings": rows}).encode(), T0_MS * 10**6),
+                       mid=mid, qos=1, generation=0)  # fmt: skip
+
+    # a bucket of 20 readings a site: the flood's first message is charged 1 (nothing decoded
+    # yet), so messages pass until the batch is settled; calm-0 sends far less than its ceiling
+    inbound = [gateway(i, "flood") for i in range(1, 51)] + [gateway(i, "calm-0") for i in range(51, 53)]
+    source, kafka = FakeSource(inbound), FakeKafka(auto=True)
+    admission = AdmissionSettings(site_rate_per_s=1, site_burst_s=20)
+    bridge = Bridge(Settings(ingest=IngestSettings(max_past_s=10**9), admission=admission), source, kafka)
+    stop = asyncio.Event()
+    task = asyncio.create_task(bridge.run(stop))
+    await until(lambda: len(source.acked) == 52, "every message acked")
+    stop.set()
+    await task
+    letters = [o for d in kafka.deliveries for o in d.others if o[0] == "portpulse.dlq"]
+    sent = [rec for d in kafka.deliveries for rec in d.records]
+    stored = decode_values([v for _, _, v in sent])
+    sites = sorted({(key or b"").decode() for _, key, _ in sent})
+    assert sites == [f"s{k}" for k in range(10)]
+    # every message is either stored whole (10 readings) or dead-lettered whole with its payload
+    assert len(stored.value) + 10 * len(letters) == 52 * 10
+    assert len(letters) == 50 - 20  # 20 messages of the flood pass on the 1-reading estimate
+    flood = {i.message.payload for i in inbound[:50]}
+    assert all(payload in flood for _, _, payload, _ in letters)
+    assert {dict(h or [])["reason"] for _, _, _, h in letters} == {b"rate_limit"}
+    assert bridge.stats.rejected_by_reason == {"rate_limit": 30}
+    assert bridge.stats.refused_readings == {}

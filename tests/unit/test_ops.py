@@ -164,7 +164,7 @@ def test_notices_reach_alerts_and_warnings_without_making_the_process_unhealthy(
     state = LiveView(health).state()
     assert state["health"]["ready"]  # a gate doing its job is not a fault
     assert state["health"]["warnings"] == {
-        "admission": ["air/gw-7: cardinality_limit x3 (e.g. rogue-2, rogue-3, rogue-4)"]
+        "admission": ["air/gw-7: cardinality_limit x3 readings (e.g. rogue-2, rogue-3, rogue-4)"]
     }
     (alert,) = state["alerts"]
     assert (alert["site"], alert["value"], alert["unit"]) == ("gw-7", 3, "readings refused")
