@@ -308,7 +308,8 @@ def stage_cpu(env: dict[str, str], n: int, batch: int = 100, repeats: int = 3) -
                 for i in range(0, len(messages), per_dispatch):
                     chunk = messages[i : i + per_dispatch]
                     t0 = time.process_time()
-                    sites = site_index.of([m.topic for m in chunk])  # the rate ceiling, as the bridge does
+                    # the rate ceiling, as the bridge does
+                    sites = site_index.of([m.topic for m in chunk], [len(m.payload) for m in chunk])
                     limited = admission.ration(sites, time.time())
                     tr = time.process_time()
                     decoded = decode_messages(chunk, limits)

@@ -23,13 +23,14 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from portpulse.arrays import distinct_codes, stable_order
+from portpulse.arrays import distinct_codes, group_starts, stable_sort
 from portpulse.contract.errors import ConfigError
 from portpulse.contract.settings import AdmissionSettings
 from portpulse.contract.topics import ID_RE, MqttTopic, parse_mqtt_topic
 from portpulse.ingest.records import SeriesCodes
 
 __all__ = [
+    "FIRST_BYTES_PER_READING",
     "MESSAGE_REFUSALS",
     "Admission",
     "MessageSites",
@@ -96,18 +97,11 @@ class _Refused:
 class MessageSites:
     """Where each message of a batch came from: ``code`` (int64 ``(n,)``) indexes ``sites``, the
     ``(domain, site)`` of its MQTT topic (None for a topic that is not a sensor topic: the decoder
-    rejects it)."""
+    rejects it); ``size`` (float64 ``(n,)``) is its payload's length in bytes."""
 
     code: npt.NDArray[np.int64]
     sites: list[tuple[str, str] | None]
-
-    def rank(self) -> npt.NDArray[np.int64]:
-        """Each message's place among its site's messages in arrival order (``(n,)``, from 0)."""
-        counts = np.bincount(self.code, minlength=len(self.sites))
-        order = stable_order(self.code)
-        rank = np.empty(len(self.code), dtype=np.int64)
-        rank[order] = np.arange(len(self.code)) - np.repeat(np.cumsum(counts) - counts, counts)
-        return rank
+    size: npt.NDArray[np.float64]
 
 
 class SiteIndex:
@@ -120,8 +114,8 @@ class SiteIndex:
         self._site_code: dict[tuple[str, str] | None, int] = {}
         self.sites: list[tuple[str, str] | None] = []
 
-    def of(self, topics: list[str]) -> MessageSites:
-        """The sites of a batch's messages, given their topics."""
+    def of(self, topics: list[str], sizes: list[int]) -> MessageSites:
+        """The sites of a batch's messages, given their topics and payload sizes (bytes)."""
         codes = list(map(self._topic_code.get, topics))
         if None in codes:
             if len(self._topic_code) > self._max_topics:
@@ -132,7 +126,7 @@ class SiteIndex:
             for i, code in enumerate(codes):
                 if code is None:
                     codes[i] = self._learn(topics[i])
-        return MessageSites(np.array(codes, dtype=np.int64), self.sites)
+        return MessageSites(np.array(codes, dtype=np.int64), self.sites, np.array(sizes, dtype=np.float64))
 
     def _learn(self, topic: str) -> int:
         parsed = parse_mqtt_topic(topic, self._prefix)
@@ -145,14 +139,20 @@ class SiteIndex:
         return code
 
 
+#: Payload bytes per reading assumed for a site before any of its messages was decoded: about
+#: the least a reading takes in the formats the bridge reads (one metric of a multi-metric JSON
+#: report is 11-19 bytes), so a site's first messages are charged too much rather than too little.
+FIRST_BYTES_PER_READING = 10.0
+
+
 @dataclass(slots=True)
 class _Bucket:
     """A site's token bucket: readings it may still send, when it was refilled (s), and the
-    readings per message its recent messages held (what a message is charged before decoding)."""
+    payload bytes per reading of its recent messages (how a message is charged before decoding)."""
 
     tokens: float
     at_s: float
-    per_message: float = 1.0
+    bytes_per_reading: float = FIRST_BYTES_PER_READING
 
 
 class _Budget:
@@ -316,19 +316,20 @@ class Admission:
     def ration(self, sites: MessageSites, now_s: float) -> dict[int, tuple[str, str]]:
         """The messages of a batch refused for ``rate_limit``, by index, as ``(reason, detail)``.
 
-        Called before decoding, so a flood costs numpy work per message, not a decode. Per site
-        (in arrival order) messages pass while its bucket holds tokens, each charged the readings
-        the site's recent messages held, until :meth:`settle` charges what they really held.
-        Python work is per distinct site of the batch.
+        Called before decoding, so a flood costs numpy work per message, not a decode. Each
+        message is charged its payload's bytes over its site's bytes per reading; per site, in
+        arrival order, messages pass while the bucket holds tokens. :meth:`settle` then charges
+        what they really held. Python work is per distinct site of the batch.
         """
         rate = self._s.site_rate_per_s
         if not rate or not len(sites.code):
             return {}
         burst = rate * self._s.site_burst_s
-        counts = np.bincount(sites.code, minlength=len(sites.sites)).tolist()
-        allowed = list(counts)
-        over: dict[int, tuple[str, str]] = {}
-        for j in np.flatnonzero(counts).tolist():
+        present = np.flatnonzero(np.bincount(sites.code, minlength=len(sites.sites))).tolist()
+        tokens = np.full(len(sites.sites), np.inf)
+        bytes_per_reading = np.ones(len(sites.sites))
+        buckets: dict[int, _Bucket] = {}
+        for j in present:
             source = sites.sites[j]
             if source is None:
                 continue
@@ -338,46 +339,65 @@ class Admission:
             elif bucket.at_s != now_s:
                 bucket.tokens = min(burst, bucket.tokens + rate * max(0.0, now_s - bucket.at_s))
                 bucket.at_s = now_s
-            passing = min(counts[j], math.ceil(bucket.tokens / bucket.per_message)) if bucket.tokens > 0 else 0
-            bucket.tokens -= passing * bucket.per_message
-            if passing < counts[j]:
-                allowed[j] = passing
-                domain, site = source
-                over[j] = (
-                    "rate_limit",
-                    f"{domain}/{site} over {rate:g} readings/s (admission.site_rate_per_s, burst {burst:g})",
-                )
-                self._note_refused((domain, site, ""), "rate_limit", now_s, counts[j] - passing)
+            buckets[j], tokens[j], bytes_per_reading[j] = bucket, bucket.tokens, bucket.bytes_per_reading
+        charge = sites.size / bytes_per_reading[sites.code]
+        wanted = np.bincount(sites.code, weights=charge, minlength=len(sites.sites))
+        if (wanted <= tokens).all():
+            passing = None
+            for j, bucket in buckets.items():
+                bucket.tokens -= float(wanted[j])
+        else:
+            # per site in arrival order: a message passes while the charges before it leave tokens
+            order, code = stable_sort(sites.code)
+            spent = np.cumsum(charge[order])
+            before = spent - charge[order]
+            starts = group_starts(code)
+            before -= np.repeat(before[starts], np.diff(np.append(starts, len(code))))
+            passing = np.empty(len(code), dtype=bool)
+            passing[order] = before < tokens[code]
+            charged = np.bincount(sites.code[passing], weights=charge[passing], minlength=len(sites.sites))
+            for j, bucket in buckets.items():
+                bucket.tokens -= float(charged[j])
         if len(self._buckets) > 4 * MAX_TRACKED_SITES:  # sites that stopped sending: full buckets anyway
             self._buckets = {k: b for k, b in self._buckets.items() if now_s - b.at_s < self._s.site_burst_s}
-        if not over:
+        if passing is None:
             return {}
-        refused = np.flatnonzero(sites.rank() >= np.asarray(allowed, dtype=np.int64)[sites.code])
-        code = sites.code[refused].tolist()
-        return {i: over[j] for i, j in zip(refused.tolist(), code, strict=True)}
+        refused = np.flatnonzero(~passing)
+        code_of = sites.code[refused].tolist()
+        details: dict[int, tuple[str, str]] = {}
+        for j, count in zip(*np.unique(code_of, return_counts=True), strict=True):
+            domain, site = sites.sites[j] or ("", "")
+            details[int(j)] = (
+                "rate_limit",
+                f"{domain}/{site} over {rate:g} readings/s (admission.site_rate_per_s, burst {burst:g})",
+            )
+            self._note_refused((domain, site, ""), "rate_limit", now_s, int(count))
+        return {i: details[j] for i, j in zip(refused.tolist(), code_of, strict=True)}
 
     def settle(self, sites: MessageSites, refused: Mapping[int, object], held: npt.NDArray[np.int64]) -> None:
         """Charge the messages :meth:`ration` let pass (those not in ``refused``) the readings
-        they held (``held``, ``(n,)``) instead of the estimate, and make their site's mean the
-        next estimate."""
+        they held (``held``, ``(n,)``) instead of their estimate, and learn each site's bytes per
+        reading from them."""
         if not self._s.site_rate_per_s or not len(sites.code):
             return
-        code = sites.code
+        code, size = sites.code, sites.size
         if refused:
             passing = np.ones(len(code), dtype=bool)
             passing[np.fromiter(refused, dtype=np.int64, count=len(refused))] = False
-            code, held = code[passing], held[passing]
-        messages = np.bincount(code, minlength=len(sites.sites))
-        readings = np.bincount(code, weights=held, minlength=len(sites.sites))
-        present = np.flatnonzero(messages)
-        for j, count, total in zip(
-            present.tolist(), messages[present].tolist(), readings[present].tolist(), strict=True
+            code, size, held = code[passing], size[passing], held[passing]
+        n = len(sites.sites)
+        readings = np.bincount(code, weights=held, minlength=n)
+        payload = np.bincount(code, weights=size, minlength=n)
+        present = np.flatnonzero(np.bincount(code, minlength=n))
+        for j, total, nbytes in zip(
+            present.tolist(), readings[present].tolist(), payload[present].tolist(), strict=True
         ):
             source = sites.sites[j]
             bucket = self._buckets.get(source) if source is not None else None
             if bucket is not None:
-                bucket.tokens -= total - count * bucket.per_message
-                bucket.per_message = max(1.0, total / count)
+                bucket.tokens -= total - nbytes / bucket.bytes_per_reading
+                if total:
+                    bucket.bytes_per_reading = nbytes / total
 
     def _note_refused(self, key: SeriesKey, reason: str, now_s: float, count: int = 1) -> None:
         site = (key[0], key[1])

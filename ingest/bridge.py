@@ -288,7 +288,7 @@ class Bridge:
         ``rate_limit`` problems undecoded, so a flooding site costs little more than its reception."""
         if not self.admission.rationing:
             return decode_messages(messages, self._limits)
-        sites = self._sites.of([m.topic for m in messages])
+        sites = self._sites.of([m.topic for m in messages], [len(m.payload) for m in messages])
         limited = self.admission.ration(sites, time.time())
         decoded = decode_messages(messages, self._limits, {i: Problem(*r) for i, r in limited.items()})
         self.admission.settle(sites, limited, np.bincount(decoded.message_index, minlength=len(messages)))

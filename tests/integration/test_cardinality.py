@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import sys
 import threading
 import time
@@ -30,6 +31,7 @@ from tests.integration.test_end_to_end import (
 )
 from tests.integration.test_faults import PipelineProcess, pipeline_env
 from tests.integration.test_sink_influx import query_rows
+from tests.integration.test_smoke_services import rfc3339_to_ns
 from tests.services import InfluxEndpoint, KafkaEndpoint, MqttEndpoint, is_local, local_service_pid
 
 pytestmark = pytest.mark.integration
@@ -220,3 +222,114 @@ async def rogue_beside_fleet(
     # by ~350 MB (16 KB and 3.5 KB per series)
     assert growth["InfluxDB"] < 400, growth
     assert growth["portpulse run"] < 200, growth
+
+
+FLOOD_SITE, FLOOD_MESSAGES, FLOOD_BATCH = "flood-1", 400, 50
+CEILING, BUCKET_S = 500, 2  # readings/s per site, and the bucket in seconds of it
+
+
+async def test_a_site_over_its_rate_ceiling_is_dead_lettered_and_the_others_are_stored_exactly(
+    mqtt: MqttEndpoint, kafka: KafkaEndpoint, influx: InfluxEndpoint, influx_bucket: str, unique: str, tmp_path: Path
+) -> None:
+    try:
+        await flood_beside_fleet(mqtt, kafka, influx, influx_bucket, unique, tmp_path)
+    finally:
+        await asyncio.get_running_loop().shutdown_default_executor()  # the to_thread workers
+
+
+async def flood_beside_fleet(
+    mqtt: MqttEndpoint, kafka: KafkaEndpoint, influx: InfluxEndpoint, influx_bucket: str, unique: str, tmp_path: Path
+) -> None:
+    env = pipeline_env(mqtt, kafka, influx, influx_bucket, unique)
+    env |= {"PORTPULSE_ADMISSION__SITE_RATE_PER_S": str(CEILING), "PORTPULSE_ADMISSION__SITE_BURST_S": str(BUCKET_S)}
+    pipeline = PipelineProcess(env, tmp_path / "pipeline.log")
+    config = stream(unique, sensors=24, seconds=100, faults={})
+    fleet = [(m.topic, m.payload) for b in generate(config) for m in b.messages]
+    expected, _, _ = expected_from_record([m for b in generate(config) for m in b.messages], [])
+    # Gateway batches of 50 readings, each (sensor, ts) once: 20 000 readings at 10 000/s, 20x the
+    # ceiling, beside the fleet's sites at well under 100 readings/s each.
+    now_ms = time.time_ns() // 1_000_000
+    flood = {
+        json.dumps({"readings": [{"sensor_id": f"f-{k % 20}", "ts": now_ms - 60_000 + m * FLOOD_BATCH + k,
+                                  "metrics": {"no2": 1.0}} for k in range(FLOOD_BATCH)]}).encode()
+        for m in range(FLOOD_MESSAGES)
+    }  # fmt: skip
+    sent = {(r["sensor_id"], r["ts"]) for payload in flood for r in json.loads(payload)["readings"]}
+    errors: list[BaseException] = []
+
+    def publish(messages: list[tuple[str, bytes]], client: str, per_second: float) -> None:
+        try:
+            with Publisher(mqtt, f"{unique}-{client}") as publisher:
+                publisher.publish(messages, 1, per_second=per_second)
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    await pipeline.start()
+    base = f"http://127.0.0.1:{pipeline.port}"
+    flood_started, flood_s = time.monotonic(), math.inf
+    threads = [
+        threading.Thread(target=publish, args=(fleet, "fleet", len(fleet) / 20)),
+        threading.Thread(target=publish, args=([(f"{unique}/air/{FLOOD_SITE}", p) for p in flood], "flood", 200)),
+    ]
+    for thread in threads:
+        thread.start()
+    try:
+        for thread in threads:
+            await asyncio.to_thread(thread.join, 300)
+        assert not errors, errors
+        readings = sum(len(v) for v in expected.values())
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 240
+        letters: list[dict[str, bytes]] = []
+        flood_stored: set[tuple[str, int]] = set()
+        stored: dict[tuple[str, str, str, int], dict[str, float]] = {}
+        while loop.time() < deadline:  # bounded poll: every flood reading stored or dead-lettered
+            letters = await dead_letters(kafka, f"{unique}.dlq", expect=1, timeout_s=5)
+            rows = await asyncio.to_thread(
+                query_rows, influx,
+                f'from(bucket: "{influx_bucket}") |> range(start: 0) |> filter(fn: (r) => r._measurement == "air"'
+                f' and r.site == "{FLOOD_SITE}") |> keep(columns: ["sensor_id", "_time"])',
+            )  # fmt: skip
+            flood_stored = {(r["sensor_id"], rfc3339_to_ns(r["_time"]) // 10**6) for r in rows}
+            if len(flood_stored) + FLOOD_BATCH * len(letters) >= len(sent):
+                flood_s = time.monotonic() - flood_started
+                break
+            await asyncio.sleep(1)
+        while loop.time() < deadline:  # bounded poll: the fleet stored and its windows aggregated
+            if await asyncio.to_thread(stored_fleet_count, influx, influx_bucket, FLOOD_SITE) >= readings:
+                every = await asyncio.to_thread(stored_aggregates, influx, influx_bucket)
+                stored = {k: v for k, v in every.items() if not k[1].startswith("f-")}
+                if sorted(stored) == sorted(expected):
+                    break
+            await asyncio.sleep(1)
+        status, metrics = await asyncio.to_thread(http_get, f"{base}/metrics")
+        _, state_doc = await asyncio.to_thread(http_get, f"{base}/api/state")
+        assert await pipeline.stop() == 0, pipeline.log.read_text()[-3000:]
+    finally:
+        for thread in threads:
+            thread.join(300)
+        await pipeline.stop()
+
+    # the calm sites: every reading stored, every window equal to the independent computation
+    assert stored_fleet_count(influx, influx_bucket, FLOOD_SITE) == readings
+    assert_aggregates_match(stored, expected)
+    # the flood: each reading either stored or in a dead-lettered message, never both, never lost
+    assert letters and {letter["reason"] for letter in letters} == {b"rate_limit"}
+    assert all(letter["payload"] in flood for letter in letters)
+    assert len({letter["payload"] for letter in letters}) == len(letters)
+    refused = {(r["sensor_id"], r["ts"]) for letter in letters for r in json.loads(letter["payload"])["readings"]}
+    assert flood_stored | refused == sent and not flood_stored & refused
+    assert f"air/{FLOOD_SITE} over {CEILING} readings/s (admission.site_rate_per_s".encode() in letters[0]["detail"]
+    # held to the ceiling: at most the bucket, the rate over the time from the first flood
+    # message to the last one accounted for, and one message (a message passes while tokens last)
+    assert len(flood_stored) <= CEILING * BUCKET_S + CEILING * flood_s + FLOOD_BATCH, (len(flood_stored), flood_s)
+    CARDINALITY_REPORT.append(
+        f"rate ceiling {CEILING}/s: {len(flood_stored)} of {len(sent)} flood readings stored, "
+        f"{len(letters)} messages dead-lettered, over {flood_s:.1f} s; the fleet stored exactly"
+    )
+    # seen by operators
+    assert status == 200
+    assert f'portpulse_ingest_dlq_total{{reason="rate_limit"}} {float(len(letters))}'.encode() in metrics
+    state = json.loads(state_doc)
+    warnings = " ".join(state["health"]["warnings"]["admission"])
+    assert f"air/{FLOOD_SITE}: rate_limit x{len(letters)} messages" in warnings

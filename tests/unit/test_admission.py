@@ -13,6 +13,7 @@ from portpulse.contract.errors import ConfigError
 from portpulse.contract.settings import AdmissionSettings
 from portpulse.ingest.admission import (
     Admission,
+    MessageSites,
     RegistryChange,
     SiteIndex,
     decode_registry_record,
@@ -100,28 +101,28 @@ def test_a_flooding_site_is_rationed_per_message_and_the_others_are_not() -> Non
     gate = Admission(settings(site_rate_per_s=100, site_burst_s=2))  # buckets of 200 readings
     assert gate.rationing and not Admission(settings()).rationing
     harfleur, port, crane = "sensors/air/harfleur", "sensors/air/port-2000/p-1", "sensors/crane/harfleur"
-
     index = SiteIndex("sensors", max_topics=2)  # starts over on the second batch: codes change, buckets stay
-    sites = index.of
-
-    # Before anything was decoded a message is charged 1 reading: 30 gateway batches of 10 pass,
-    # then settling charges their 300 readings: air/harfleur owes 100.
-    first = sites([harfleur] * 30 + [port] * 5 + ["elsewhere/x"])
-    assert index.sites == [("air", "harfleur"), ("air", "port-2000"), None]
-    assert gate.ration(first, T0) == {}
-    gate.settle(first, {}, np.array([10] * 30 + [1] * 5 + [0]))
-    # half a second later it still owes 50: every air/harfleur message is refused, in arrival
-    # order among the others; port-2000 and harfleur's cranes (another domain) pass
-    second = sites([port] + [harfleur] * 5 + [crane] + [harfleur] * 5 + ["elsewhere/x"])
-    refused = gate.ration(second, T0 + 0.5)
     detail = "air/harfleur over 100 readings/s (admission.site_rate_per_s, burst 200)"
-    assert refused == {i: ("rate_limit", detail) for i in [1, 2, 3, 4, 5, 7, 8, 9, 10, 11]}
-    gate.settle(second, refused, np.array([1] + [0] * 5 + [3] + [0] * 5 + [0]))
-    # one more second: 100 tokens in, 50 left, charged 10 per message from what it sent: 5 pass
-    third = sites([harfleur] * 10)
-    assert sorted(gate.ration(third, T0 + 1.5)) == list(range(5, 10))
+
+    def batch_of(topics: list[str]) -> MessageSites:  # harfleur's batches: 5 readings in 100 bytes
+        return index.of(topics, [100 if t == harfleur else 10 for t in topics])
+
+    # Nothing decoded yet: a message is charged 10 bytes per reading, 10 readings: 20 pass
+    first = batch_of([harfleur] * 30 + [port] * 5 + ["elsewhere/x"])
+    assert index.sites == [("air", "harfleur"), ("air", "port-2000"), None]
+    assert gate.ration(first, T0) == {i: ("rate_limit", detail) for i in range(20, 30)}
+    # they held 100 readings, not 200: the bucket gets 100 back and learns 20 bytes per reading
+    gate.settle(first, dict.fromkeys(range(20, 30)), np.array([5] * 30 + [1] * 5 + [0]))
+    # half a second later: 150 tokens, 5 a message: harfleur's first 30 messages pass in arrival
+    # order; port-2000 and harfleur's cranes (another domain) pass
+    second = batch_of([port] + [harfleur] * 20 + [crane] + [harfleur] * 20)
+    refused = gate.ration(second, T0 + 0.5)
+    assert refused == {i: ("rate_limit", detail) for i in range(32, 42)}
+    gate.settle(second, refused, np.array([1] + [5] * 20 + [3] + [5] * 10 + [0] * 10))
+    # one more second: 100 tokens, 20 messages
+    assert sorted(gate.ration(batch_of([harfleur] * 25), T0 + 1.5)) == list(range(20, 25))
     report = gate.report(T0 + 1.5)
-    assert [(r["domain"], r["site"], r["refused"]) for r in report] == [("air", "harfleur", {"rate_limit": 10 + 5})]
+    assert [(r["domain"], r["site"], r["refused"]) for r in report] == [("air", "harfleur", {"rate_limit": 25})]
 
 
 def test_quiet_series_are_forgotten_with_a_tombstone_and_count_as_new_when_they_return() -> None:

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from dataclasses import dataclass, field
 
 from portpulse.codecs.recordbatch import OutgoingRecords
 from portpulse.codecs.wire import decode_values
 from portpulse.contract.settings import AdmissionSettings, IngestSettings, Settings
+from portpulse.ingest.admission import FIRST_BYTES_PER_READING
 from portpulse.ingest.bridge import Bridge
 from portpulse.ingest.decode import Message
 from portpulse.ingest.mqtt import Inbound
@@ -207,11 +209,14 @@ async def test_a_site_over_its_rate_ceiling_is_dead_lettered_undecoded_and_the_o
         return Inbound(Message(f"sensors/air/{site}", json.dumps({"readings": rows}).encode(), T0_MS * 10**6),
                        mid=mid, qos=1, generation=0)  # fmt: skip
 
-    # a bucket of 20 readings a site: the flood's first message is charged 1 (nothing decoded
-    # yet), so messages pass until the batch is settled; calm-0 sends far less than its ceiling
+    # a bucket of 200 readings a site; nothing decoded yet, a message is charged 10 payload bytes
+    # a reading: about 80 readings for these 10, so the flood's first 3 pass, and calm-0's 2
     inbound = [gateway(i, "flood") for i in range(1, 51)] + [gateway(i, "calm-0") for i in range(51, 53)]
+    charged = len(inbound[0].message.payload) / FIRST_BYTES_PER_READING
+    passing = math.ceil(200 / charged)
+    assert passing == 3
     source, kafka = FakeSource(inbound), FakeKafka(auto=True)
-    admission = AdmissionSettings(site_rate_per_s=1, site_burst_s=20)
+    admission = AdmissionSettings(site_rate_per_s=10, site_burst_s=20)
     bridge = Bridge(Settings(ingest=IngestSettings(max_past_s=10**9), admission=admission), source, kafka)
     stop = asyncio.Event()
     task = asyncio.create_task(bridge.run(stop))
@@ -225,9 +230,9 @@ async def test_a_site_over_its_rate_ceiling_is_dead_lettered_undecoded_and_the_o
     assert sites == [f"s{k}" for k in range(10)]
     # every message is either stored whole (10 readings) or dead-lettered whole with its payload
     assert len(stored.value) + 10 * len(letters) == 52 * 10
-    assert len(letters) == 50 - 20  # 20 messages of the flood pass on the 1-reading estimate
-    flood = {i.message.payload for i in inbound[:50]}
+    assert len(letters) == 50 - passing
+    flood = {i.message.payload for i in inbound[passing:50]}
     assert all(payload in flood for _, _, payload, _ in letters)
     assert {dict(h or [])["reason"] for _, _, _, h in letters} == {b"rate_limit"}
-    assert bridge.stats.rejected_by_reason == {"rate_limit": 30}
+    assert bridge.stats.rejected_by_reason == {"rate_limit": 50 - passing}
     assert bridge.stats.refused_readings == {}
