@@ -23,9 +23,9 @@ import numpy.typing as npt
 
 from portpulse.arrays import group_starts, stable_order
 
-__all__ = ["Aggregates", "OpenWindows", "WindowSpec", "aggregate", "assign", "parse_windows"]
+__all__ = ["Aggregates", "OpenWindows", "WindowSpec", "aggregate", "assign", "duration_ns", "parse_windows"]
 
-_UNITS = {"s": 10**9, "m": 60 * 10**9, "h": 3600 * 10**9}
+_UNITS = {"s": 10**9, "m": 60 * 10**9, "h": 3600 * 10**9, "d": 86_400 * 10**9}
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,15 +46,16 @@ def parse_windows(text: str) -> tuple[WindowSpec, ...]:
     specs = []
     for part in filter(None, (p.strip() for p in text.split(","))):
         size_txt, _, step_txt = part.partition("/")
-        size, step = _duration(size_txt), _duration(step_txt) if step_txt else _duration(size_txt)
+        size, step = duration_ns(size_txt), duration_ns(step_txt) if step_txt else duration_ns(size_txt)
         specs.append(WindowSpec(size_txt if not step_txt else f"{size_txt}_{step_txt}", size, step))
     return tuple(specs)
 
 
-def _duration(text: str) -> int:
-    m = re.fullmatch(r"(\d+)([smh])", text)
+def duration_ns(text: str) -> int:
+    """``"10s"``, ``"15m"``, ``"1h"`` or ``"7d"`` in ns; ValueError for anything else."""
+    m = re.fullmatch(r"(\d+)([smhd])", text)
     if not m:
-        raise ValueError(f"not a duration like 10s, 1m or 15m: {text!r}")
+        raise ValueError(f"not a duration like 10s, 15m, 1h or 7d: {text!r}")
     return int(m.group(1)) * _UNITS[m.group(2)]
 
 

@@ -39,6 +39,27 @@ def _parser() -> argparse.ArgumentParser:
     sens.add_argument("--site", help="list this site's sensors one by one")
     sens.add_argument("--domain", help="only this domain")
     sens.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    dlq = sub.add_parser("dlq", help="inspect the dead-letter topic (summary, show) and replay records from it")
+    dlq_sub = dlq.add_subparsers(dest="dlq_command", metavar="ACTION", required=True)
+    dlq_summary = dlq_sub.add_parser("summary", help="letters per time bucket, reason, domain and site")
+    dlq_summary.add_argument("--bucket", default="1h", help="time bucket, e.g. 10m, 1h, 1d (default 1h)")
+    dlq_show = dlq_sub.add_parser("show", help="the letters themselves: reason, source, time, detail, payload")
+    dlq_show.add_argument("--limit", type=int, default=20, help="at most this many, the newest (default 20; 0: all)")
+    dlq_show.add_argument("--full", action="store_true", help="whole payloads (default: the first 200 characters)")
+    dlq_replay = dlq_sub.add_parser(
+        "replay", help="send letters back through the bridge's decode path (ingest-stage letters)"
+    )
+    dlq_replay.add_argument("--dry-run", action="store_true", help="say what would happen; send nothing")
+    for p in (dlq_summary, dlq_show, dlq_replay):
+        p.add_argument("--reason", help="e.g. malformed_json, out_of_range, cardinality_limit, rate_limit")
+        p.add_argument("--stage", choices=("ingest", "sink"), help="where the letter was rejected")
+        p.add_argument("--domain", help="domain of the source topic")
+        p.add_argument("--site", help="site of the source topic")
+        p.add_argument("--sensor", help="sensor_id (of the topic, or named in a gateway batch)")
+        p.add_argument("--since", help="rejected at or after: -1h, -7d, RFC 3339 or epoch seconds")
+        p.add_argument("--until", help="rejected before (same forms as --since)")
+    for p in (dlq_summary, dlq_show):
+        p.add_argument("--format", choices=("table", "csv", "json"), default="table")
     run = sub.add_parser("run", help="run the whole pipeline (bridge + processor + sink) with ops endpoints")
     sub.add_parser("bridge", help="run the MQTT -> Kafka bridge until SIGINT/SIGTERM")
     proc = sub.add_parser("process", help="run the processor (Kafka -> clean -> windows -> InfluxDB)")
@@ -198,14 +219,60 @@ def _cmd_sensors(settings: Settings, args: argparse.Namespace) -> int:
     import asyncio
     import time
 
-    from portpulse.app.sensors import format_sensor_rows, sensor_rows
+    from portpulse.app.sensors import sensor_rows
+    from portpulse.app.tables import format_table
     from portpulse.ingest.admission import load_registry_file
     from portpulse.ingest.bridge import read_registry
 
     allowed = load_registry_file(settings.admission.registry_file) if settings.admission.registry_file else frozenset()
     seen = asyncio.run(read_registry(settings.kafka))
     rows = sensor_rows(seen, allowed, time.time(), args.site, args.domain)
-    print(format_sensor_rows(rows, args.format))
+    print(format_table(rows, args.format, empty="no sensors registered yet"))
+    return EXIT_OK
+
+
+def _cmd_dlq(settings: Settings, args: argparse.Namespace) -> int:
+    import asyncio
+    import time
+
+    from portpulse.app.dlq import DlqFilter, parse_time_ns, read_dlq, replay, show_rows, summary_rows
+    from portpulse.app.tables import format_table
+    from portpulse.processors.window import duration_ns
+
+    now = time.time_ns()
+    try:
+        which = DlqFilter(
+            reason=args.reason, stage=args.stage, domain=args.domain, site=args.site, sensor_id=args.sensor,
+            since_ns=parse_time_ns(args.since, now) if args.since else None,
+            until_ns=parse_time_ns(args.until, now) if args.until else None,
+        )  # fmt: skip
+        bucket_ns = duration_ns(args.bucket) if args.dlq_command == "summary" else 0
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+    async def letters() -> list[Any]:
+        return [letter async for batch in read_dlq(settings, which) for letter in batch]
+
+    if args.dlq_command == "summary":
+        rows = summary_rows(asyncio.run(letters()), bucket_ns)
+        print(format_table(rows, args.format, empty="no dead letters match"))
+    elif args.dlq_command == "show":
+        chosen = sorted(asyncio.run(letters()), key=lambda r: (r.time_ns, r.partition, r.offset))
+        chosen = chosen[-args.limit :] if args.limit else chosen
+        print(format_table(show_rows(chosen, None if args.full else 200), args.format, empty="no dead letters match"))
+    else:
+        report = asyncio.run(replay(settings, read_dlq(settings, which), dry_run=args.dry_run))
+        verb = "would send" if args.dry_run else "sent"
+        print(
+            f"{report.selected:,} letters selected; {report.replayed:,} {verb} back through the bridge: "
+            f"{report.readings:,} readings {'would reach' if args.dry_run else 'produced to'} the readings topics"
+        )
+        if report.failed_again:
+            again = ", ".join(f"{reason} x{n:,}" for reason, n in sorted(report.failed_again.items()))
+            print(f"still failing ({'would go' if args.dry_run else 'dead-lettered'} again): {again}")
+        if report.not_replayable:
+            stages = ", ".join(f"{stage or 'unknown'} x{n:,}" for stage, n in sorted(report.not_replayable.items()))
+            print(f"not replayable through the bridge (rejected after it): {stages}")
     return EXIT_OK
 
 
@@ -255,6 +322,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_catalogue(settings, args.domain)
         if args.command == "sensors":
             return _cmd_sensors(settings, args)
+        if args.command == "dlq":
+            return _cmd_dlq(settings, args)
         if args.command == "simulate":
             return _cmd_simulate(settings, args)
         if args.command == "replay":

@@ -4,12 +4,11 @@ file's, per site, with when each was last seen."""
 from __future__ import annotations
 
 import datetime as dt
-import json
 from collections.abc import Mapping
 
 from portpulse.ingest.admission import SeriesKey
 
-__all__ = ["format_sensor_rows", "sensor_rows"]
+__all__ = ["sensor_rows"]
 
 Row = dict[str, str | int | bool]
 
@@ -54,18 +53,3 @@ def sensor_rows(
          "last_seen": _when(newest.get((d, s)))}
         for (d, s), (n, recent, never) in counts.items()
     ]  # fmt: skip
-
-
-def format_sensor_rows(rows: list[Row], fmt: str) -> str:
-    """``table`` (aligned columns), ``csv`` or ``json``."""
-    if fmt == "json":
-        return json.dumps(rows, indent=2)
-    if not rows:
-        return "no sensors registered yet"
-    columns = list(rows[0])
-    if fmt == "csv":
-        return "\n".join([",".join(columns), *(",".join(str(r[c]) for c in columns) for r in rows)])
-    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
-    lines = ["  ".join(c.ljust(widths[c]) for c in columns)]
-    lines += ["  ".join(str(r[c]).ljust(widths[c]) for c in columns) for r in rows]
-    return "\n".join(lines)

@@ -1,18 +1,20 @@
-"""Topics: created where missing (compacted ones with ``cleanup.policy=compact``); a compacted
-topic read whole at start-up."""
+"""Topics: created where missing (compacted ones with ``cleanup.policy=compact``); a topic read
+from a time or the beginning to its end without a consumer group (a compacted one whole at
+start-up, the DLQ for ``portpulse dlq``)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
 
 from portpulse.contract.errors import ServiceUnavailableError
 from portpulse.contract.settings import KafkaSettings
 from portpulse.kafka.client import client_options
 
-__all__ = ["ensure_topics", "read_compacted"]
+__all__ = ["ensure_topics", "read_compacted", "read_topic"]
 
 
 async def ensure_topics(kafka: KafkaSettings, topics: Iterable[str], compacted: Iterable[str] = ()) -> list[str]:
@@ -44,40 +46,58 @@ async def read_compacted(kafka: KafkaSettings, topic: str, timeout_s: float = 60
     """The latest value of every key of ``topic`` (None for a tombstone), read from the beginning
     to the end offsets found at the start; ``{}`` if the topic does not exist. Raises
     :class:`ServiceUnavailableError` if that takes longer than ``timeout_s``."""
+    latest: dict[bytes, bytes | None] = {}
+    async for records in read_topic(kafka, topic, timeout_s=timeout_s):
+        for record in records:
+            if record.key is not None:
+                latest[record.key] = record.value
+    return latest
+
+
+async def read_topic(
+    kafka: KafkaSettings, topic: str, since_ms: int | None = None, timeout_s: float = 60.0
+) -> AsyncIterator[list[Any]]:
+    """Batches of aiokafka ``ConsumerRecord``s of every partition of ``topic``, from the first
+    record at or after ``since_ms`` (Kafka timestamp; None: the beginning) to the end offsets
+    found at the start; nothing if the topic does not exist. No consumer group: nothing is
+    committed. Raises :class:`ServiceUnavailableError` past ``timeout_s`` without progress."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
     consumer = AIOKafkaConsumer(
         **client_options(kafka), enable_auto_commit=False, request_timeout_ms=kafka.request_timeout_ms
     )
-    deadline = time.monotonic() + timeout_s
-    latest: dict[bytes, bytes | None] = {}
     try:
         await consumer.start()
         partitions = await asyncio.wait_for(_partitions(kafka, topic), timeout_s)
         if not partitions:
-            return {}
+            return
         tps = [TopicPartition(topic, p) for p in sorted(partitions)]
         consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
         ends = await consumer.end_offsets(tps)
-        remaining = {tp for tp in tps if ends[tp] > 0}
+        starts = (
+            {tp: (found.offset if found is not None else ends[tp]) for tp, found in
+             (await consumer.offsets_for_times(dict.fromkeys(tps, since_ms))).items()}
+            if since_ms is not None else await consumer.beginning_offsets(tps)
+        )  # fmt: skip
+        for tp in tps:
+            consumer.seek(tp, starts[tp])
+        remaining = {tp for tp in tps if ends[tp] > starts[tp]}
+        deadline = time.monotonic() + timeout_s
         while remaining:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise ServiceUnavailableError("kafka", f"{topic} not read whole within {timeout_s:g} s")
+                raise ServiceUnavailableError("kafka", f"{topic} not read to its end within {timeout_s:g} s")
             batches = await consumer.getmany(*remaining, timeout_ms=int(min(left, 1.0) * 1000))
             for tp, records in batches.items():
-                for record in records:
-                    if record.key is not None:
-                        latest[record.key] = record.value
-                if records and records[-1].offset + 1 >= ends[tp]:
-                    remaining.discard(tp)
+                records = [r for r in records if r.offset < ends[tp]]
+                if records:
+                    deadline = time.monotonic() + timeout_s  # progress
+                    yield records
             for tp in list(remaining):  # compaction can leave the end offset past the last record
                 if await consumer.position(tp) >= ends[tp]:
                     remaining.discard(tp)
     finally:
         await consumer.stop()
-    return latest
 
 
 async def _partitions(kafka: KafkaSettings, topic: str) -> list[int]:

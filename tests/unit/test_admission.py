@@ -180,7 +180,8 @@ def test_a_restarted_bridge_charges_the_budgets_with_the_series_registered_this_
 
 
 def test_sensors_listing_per_site_and_per_sensor() -> None:
-    from portpulse.app.sensors import format_sensor_rows, sensor_rows
+    from portpulse.app.sensors import sensor_rows
+    from portpulse.app.tables import format_table
 
     seen = {("air", "harfleur", "a-1"): (T0 - 7200, T0 - 60), ("air", "harfleur", "a-2"): (T0 - 7200, T0 - 7000),
             ("crane", "port-2000", "sts-1"): (T0, T0)}  # fmt: skip
@@ -196,7 +197,11 @@ def test_sensors_listing_per_site_and_per_sensor() -> None:
     assert [(r["sensor_id"], r["last_seen"], r["in_registry_file"]) for r in one] == [
         ("a-1", "2025-11-24T00:59:00Z", False), ("a-2", "2025-11-23T23:03:20Z", False), ("a-3", "never", True)
     ]  # fmt: skip
-    table = format_sensor_rows(per_site, "table").splitlines()
+    table = format_table(per_site, "table").splitlines()
     assert table[0].split() == ["domain", "site", "sensors", "seen_last_hour", "never_seen", "last_seen"]
     assert table[2].split() == ["crane", "port-2000", "1", "1", "0", "2025-11-24T01:00:00Z"]
-    assert format_sensor_rows([], "table") == "no sensors registered yet"
+    assert format_table([], "table", empty="no sensors registered yet") == "no sensors registered yet"
+    assert format_table(per_site[1:], "csv").splitlines() == [
+        "domain,site,sensors,seen_last_hour,never_seen,last_seen",
+        "crane,port-2000,1,1,0,2025-11-24T01:00:00Z",
+    ]
