@@ -95,6 +95,21 @@ def influx_probe(url: str) -> Probe:
 # ---------------------------------------------------------------- live state
 
 
+def dead_letter_reasons(registry: CollectorRegistry = REGISTRY) -> list[dict[str, object]]:
+    """The bridge's dead letters so far per reason, most first, each with the command that shows
+    them (``portpulse dlq show --reason ...``)."""
+    counts: dict[str, float] = {}
+    for family in registry.collect():
+        if family.name == "portpulse_ingest_dlq":
+            for sample in family.samples:
+                if sample.name.endswith("_total") and sample.value:
+                    counts[sample.labels["reason"]] = counts.get(sample.labels["reason"], 0.0) + sample.value
+    return [
+        {"reason": reason, "count": int(count), "command": f"portpulse dlq show --reason {reason}"}
+        for reason, count in sorted(counts.items(), key=lambda kv: -kv[1])
+    ]
+
+
 def metric_totals(registry: CollectorRegistry = REGISTRY) -> dict[str, float]:
     """Every sample of the registry summed over its labels, by sample name (counters end in ``_total``)."""
     totals: dict[str, float] = {}
@@ -260,7 +275,7 @@ class LiveView:
 
     def state(self) -> dict[str, Any]:
         """The JSON document of ``/api/state``: times (epoch s), series by name, totals, health,
-        latest values per domain and alerts."""
+        latest values per domain, alerts and the bridge's dead letters per reason."""
         tables, alerts = self.latest.snapshot(time.time_ns()) if self.latest else ({}, [])
         alerts = self.health.notices() + alerts
         return {
@@ -270,6 +285,7 @@ class LiveView:
             "health": self.health.snapshot(),
             "latest": tables,
             "alerts": alerts,
+            "dead_letters": dead_letter_reasons(self._registry),
         }
 
     def state_json(self) -> bytes:

@@ -110,6 +110,15 @@ def test_live_view_turns_counters_into_rates_and_keeps_levels() -> None:
         view.sample(now=t)
     assert view.state()["t"] == [103.0, 104.0, 105.0]  # bounded history
     assert metric_totals(registry)["portpulse_ingest_messages_received_total"] == 525.0
+    assert view.state()["dead_letters"] == []
+    dlq = Counter("portpulse_ingest_dlq", "d", ["reason"], registry=registry)
+    dlq.labels("malformed_json").inc(2)
+    dlq.labels("rate_limit").inc(7)
+    dlq.labels("bad_topic")  # never incremented: not listed
+    assert view.state()["dead_letters"] == [
+        {"reason": "rate_limit", "count": 7, "command": "portpulse dlq show --reason rate_limit"},
+        {"reason": "malformed_json", "count": 2, "command": "portpulse dlq show --reason malformed_json"},
+    ]
 
 
 def test_latest_values_keep_the_newest_per_series_and_raise_catalogue_alerts() -> None:
