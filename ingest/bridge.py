@@ -21,10 +21,11 @@ from typing import Any, Protocol
 import numpy as np
 
 from portpulse.codecs.recordbatch import OutgoingRecords
+from portpulse.contract.catalogue import load_catalogue
 from portpulse.contract.deadletter import DeadLetter, dead_letter_headers
 from portpulse.contract.health import Health
 from portpulse.contract.settings import KafkaSettings, Settings
-from portpulse.contract.topics import dlq_topic, registry_topic
+from portpulse.contract.topics import dlq_topic, pipeline_topics, registry_topic
 from portpulse.ingest.admission import (
     MESSAGE_REFUSALS,
     Admission,
@@ -134,13 +135,12 @@ class KafkaRecordSink:
             await self._sender.producer.stop()
 
     async def ensure_topics(self, topics: set[str]) -> None:
-        """Create missing topics with the configured partitions (idempotent); the registry topic
-        compacted."""
+        """Create missing topics with the configured partitions, retention and cleanup policy
+        (idempotent); check the retention of those that existed (see ``ensure_topics``)."""
         missing = topics - self._known_topics
         if not missing:
             return
-        k = self._settings.kafka
-        created = await ensure_topics(k, missing, compacted={registry_topic(k.topic_prefix)})
+        created = await ensure_topics(self._settings.kafka, missing, horizon_s=self._settings.ingest.max_past_s)
         if created:
             log.info("created Kafka topics %s", ", ".join(created))
         self._known_topics |= missing
@@ -392,6 +392,8 @@ async def run_bridge(
             settings.mqtt.qos,
             settings.kafka.bootstrap_servers,
         )
+        domains = load_catalogue(settings.processor.catalogue).domains()
+        await sink.ensure_topics(pipeline_topics(settings.kafka.topic_prefix, domains))
         bridge = Bridge(settings, source, sink, await load_admission(settings))
         if health is not None:
             health.add_notices("admission", lambda: admission_alerts(bridge.admission))

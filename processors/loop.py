@@ -30,12 +30,13 @@ from portpulse.contract.errors import ServiceUnavailableError
 from portpulse.contract.points import PointStore, WriteReceipt
 from portpulse.contract.schema import str_array
 from portpulse.contract.settings import Settings
-from portpulse.contract.topics import late_topic
+from portpulse.contract.topics import late_topic, pipeline_topics
 from portpulse.kafka import (
     BatchSender,
     client_options,
     columnar_consumer_options,
     committed_offsets,
+    ensure_topics,
     fetched_columns,
     start_producer,
 )
@@ -193,6 +194,12 @@ class Processor:
             async def on_partitions_assigned(self, assigned: Any) -> None:
                 await processor._assigned(assigned)
 
+        domains = load_catalogue(self._settings.processor.catalogue).domains()
+        created = await ensure_topics(
+            k, pipeline_topics(k.topic_prefix, domains), horizon_s=self._settings.ingest.max_past_s
+        )
+        if created:
+            log.info("created Kafka topics %s", ", ".join(created))
         self._late_producer = await start_producer(k, "late-record producer")
         self._late_sender = BatchSender(self._late_producer)
         self._consumer = AIOKafkaConsumer(

@@ -99,6 +99,15 @@ class KafkaSettings(_Section):
     sasl_password: SecretStr | None = None
     ssl_ca_file: Path | None = None
     consumer_group: str = "portpulse-processor"
+    # Topics PortPulse creates: retention in seconds (-1: forever) and cleanup policy; the
+    # registry topic is always compacted. Readings topics must keep at least the correction
+    # horizon (ingest.max_past_s), or a correction could need readings Kafka no longer has: an
+    # existing one that keeps less is a start-up error. The DLQ and the late topic keep longer,
+    # for an operator to look at and replay.
+    readings_retention_s: float = Field(8 * 86_400.0, ge=-1)
+    dlq_retention_s: float = Field(30 * 86_400.0, ge=-1)
+    late_retention_s: float = Field(30 * 86_400.0, ge=-1)
+    cleanup_policy: Literal["delete", "compact,delete"] = "delete"
 
 
 class InfluxSettings(_Section):

@@ -4,17 +4,26 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from portpulse.contract.settings import KafkaSettings
 
 __all__ = [
     "DOMAIN_RE",
     "ID_RE",
     "MqttTopic",
     "dlq_topic",
+    "is_readings_topic",
     "late_topic",
     "parse_mqtt_topic",
+    "pipeline_topics",
     "readings_topic",
     "registry_topic",
+    "retention_shortfall",
+    "topic_configs",
 ]
 
 DOMAIN_RE = re.compile(r"[a-z0-9_-]{1,64}")
@@ -74,3 +83,54 @@ def registry_topic(prefix: str = "portpulse") -> str:
     """Compacted Kafka topic of the series the bridges admitted, keyed ``domain/site/sensor_id``,
     with their first- and last-seen times (a null value: the series was forgotten)."""
     return f"{prefix}.sensors"
+
+
+def is_readings_topic(topic: str, prefix: str = "portpulse") -> bool:
+    return topic.startswith(f"{prefix}.readings.")
+
+
+def pipeline_topics(prefix: str, domains: Iterable[str]) -> set[str]:
+    """Every Kafka topic the pipeline writes, for these domains: created and checked at start-up."""
+    return {readings_topic(d, prefix) for d in domains} | {
+        dlq_topic(prefix),
+        late_topic(prefix),
+        registry_topic(prefix),
+    }
+
+
+def topic_configs(topic: str, kafka: KafkaSettings) -> dict[str, str]:
+    """The topic configs PortPulse creates ``topic`` with: retention and cleanup policy by kind
+    (readings, DLQ, late), compaction for the registry; ``{}`` for a topic that is not ours."""
+    prefix = kafka.topic_prefix
+    if topic == registry_topic(prefix):
+        return {"cleanup.policy": "compact"}
+    retention_s = {dlq_topic(prefix): kafka.dlq_retention_s, late_topic(prefix): kafka.late_retention_s}.get(topic)
+    if retention_s is None and is_readings_topic(topic, prefix):
+        retention_s = kafka.readings_retention_s
+    if retention_s is None:
+        return {}
+    retention_ms = -1 if retention_s < 0 else int(retention_s * 1000)
+    return {"cleanup.policy": kafka.cleanup_policy, "retention.ms": str(retention_ms)}
+
+
+def retention_shortfall(topic: str, retention_ms: int, kafka: KafkaSettings, horizon_s: float) -> str | None:
+    """Why an existing topic's ``retention.ms`` (-1: forever) is too short, or None. A readings
+    topic must keep the correction horizon (``horizon_s``: a start-up error, see
+    :func:`is_readings_topic`); the others what their ``kafka.*_retention_s`` asks (a warning)."""
+    if retention_ms < 0:
+        return None
+    days = f"{retention_ms / 86_400_000:g} days (retention.ms={retention_ms})"
+    if is_readings_topic(topic, kafka.topic_prefix):
+        if retention_ms >= horizon_s * 1000:
+            return None
+        return (
+            f"Kafka topic {topic} keeps records {days}, less than the correction horizon of "
+            f"{horizon_s / 86_400:g} days (ingest.max_past_s): a correction could need readings Kafka has "
+            f"deleted. Raise it: kafka-configs.sh --alter --entity-type topics --entity-name {topic} "
+            f"--add-config retention.ms={int(kafka.readings_retention_s * 1000)}"
+        )
+    asked = topic_configs(topic, kafka).get("retention.ms")
+    wanted = int(asked) if asked is not None else None
+    if wanted is None or 0 <= wanted <= retention_ms:
+        return None
+    return f"Kafka topic {topic} keeps records {days}; the settings ask for retention.ms={wanted}"

@@ -1,4 +1,4 @@
-"""Topics: created where missing (compacted ones with ``cleanup.policy=compact``); a topic read
+"""Topics: created where missing with their retention and cleanup policy, checked where present; a topic read
 from a time or the beginning to its end without a consumer group (a compacted one whole at
 start-up, the DLQ for ``portpulse dlq``)."""
 
@@ -6,40 +6,65 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
-from portpulse.contract.errors import ServiceUnavailableError
+from portpulse.contract.errors import ConfigError, ServiceUnavailableError
 from portpulse.contract.settings import KafkaSettings
+from portpulse.contract.topics import is_readings_topic, retention_shortfall, topic_configs
 from portpulse.kafka.client import client_options
 
 __all__ = ["ensure_topics", "read_compacted", "read_topic"]
 
+log = logging.getLogger("portpulse.kafka")
 
-async def ensure_topics(kafka: KafkaSettings, topics: Iterable[str], compacted: Iterable[str] = ()) -> list[str]:
-    """Create those of ``topics`` that do not exist, with the configured partitions and
-    replication; those also in ``compacted`` with ``cleanup.policy=compact``. Returns the topics
-    created (another client creating one at the same moment is fine)."""
+
+async def ensure_topics(kafka: KafkaSettings, topics: Iterable[str], horizon_s: float | None = None) -> list[str]:
+    """Create those of ``topics`` that do not exist, with the configured partitions, replication
+    and :func:`topic_configs` (retention and cleanup by kind). With ``horizon_s`` (the correction
+    horizon, s), check the retention of those that existed: a readings topic keeping less raises
+    :class:`ConfigError`; a DLQ or late topic keeping less than configured is logged. Returns the
+    topics created (another client creating one at the same moment is fine)."""
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
     from aiokafka.errors import TopicAlreadyExistsError
 
-    compact = set(compacted)
     admin = AIOKafkaAdminClient(**client_options(kafka), request_timeout_ms=kafka.request_timeout_ms)
     await admin.start()
     try:
-        missing = sorted(set(topics) - set(await admin.list_topics()))
-        new = [
-            NewTopic(t, kafka.partitions, kafka.replication_factor,
-                     topic_configs={"cleanup.policy": "compact"} if t in compact else {})
-            for t in missing
-        ]  # fmt: skip
+        wanted = set(topics)
+        existing = wanted & set(await admin.list_topics())
+        missing = sorted(wanted - existing)
+        new = [NewTopic(t, kafka.partitions, kafka.replication_factor, topic_configs=topic_configs(t, kafka))
+               for t in missing]  # fmt: skip
         if new:
             with contextlib.suppress(TopicAlreadyExistsError):
                 await admin.create_topics(new)
+        if horizon_s is not None and existing:
+            for topic, retention_ms in (await _retentions(admin, sorted(existing))).items():
+                problem = retention_shortfall(topic, retention_ms, kafka, horizon_s)
+                if problem and is_readings_topic(topic, kafka.topic_prefix):
+                    raise ConfigError(problem)
+                if problem:
+                    log.warning("%s", problem)
         return missing
     finally:
         await admin.close()
+
+
+async def _retentions(admin: Any, topics: list[str]) -> dict[str, int]:
+    """``retention.ms`` of each topic, as the broker reports it (its default where not set)."""
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+    resources = [ConfigResource(ConfigResourceType.TOPIC, t, {"retention.ms": None}) for t in topics]
+    out: dict[str, int] = {}
+    for response in await admin.describe_configs(resources):
+        for _error, _message, _kind, name, entries in (r[:5] for r in response.resources):
+            for entry in entries:
+                if entry[0] == "retention.ms" and entry[1] is not None:
+                    out[name] = int(entry[1])
+    return out
 
 
 async def read_compacted(kafka: KafkaSettings, topic: str, timeout_s: float = 60.0) -> dict[bytes, bytes | None]:

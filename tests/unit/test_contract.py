@@ -189,3 +189,33 @@ def test_cli_catalogue_reads_the_configured_catalogue(
     assert rows == [["water", "level", "m", "-5", "12", "0.5", "quay", "water", "level"]]
     monkeypatch.setenv("PORTPULSE_PROCESSOR__SPIKE_K_SIGMA", "0")
     assert main(["catalogue"]) == 2  # k must be > 0: a configuration error
+
+
+def test_topics_are_created_with_retention_by_kind_and_short_readings_retention_is_named() -> None:
+    from portpulse.contract.settings import KafkaSettings
+    from portpulse.contract.topics import pipeline_topics, retention_shortfall, topic_configs
+
+    kafka = KafkaSettings(topic_prefix="pp", readings_retention_s=8 * 86_400, dlq_retention_s=-1)
+    assert pipeline_topics("pp", ["air", "crane"]) == {"pp.readings.air", "pp.readings.crane", "pp.dlq", "pp.late",
+                                                        "pp.sensors"}  # fmt: skip
+    assert topic_configs("pp.readings.air", kafka) == {"cleanup.policy": "delete", "retention.ms": "691200000"}
+    assert topic_configs("pp.late", kafka) == {"cleanup.policy": "delete", "retention.ms": str(30 * 86_400_000)}
+    assert topic_configs("pp.dlq", kafka) == {"cleanup.policy": "delete", "retention.ms": "-1"}
+    assert topic_configs("pp.sensors", kafka) == {"cleanup.policy": "compact"}
+    assert topic_configs("other.readings.air", kafka) == {}
+    week = 7 * 86_400
+    # a readings topic must keep the correction horizon; forever is fine
+    assert retention_shortfall("pp.readings.air", week * 1000, kafka, horizon_s=week) is None
+    assert retention_shortfall("pp.readings.air", -1, kafka, horizon_s=week) is None
+    short = retention_shortfall("pp.readings.air", 86_400_000, kafka, horizon_s=week)
+    assert short is not None and "keeps records 1 days (retention.ms=86400000)" in short
+    assert "correction horizon of 7 days (ingest.max_past_s)" in short and "retention.ms=691200000" in short
+    # the late topic: the configured 30 days, a warning when shorter
+    assert retention_shortfall("pp.late", week * 1000, kafka, horizon_s=week) == (
+        "Kafka topic pp.late keeps records 7 days (retention.ms=604800000); the settings ask for "
+        "retention.ms=2592000000"
+    )
+    assert retention_shortfall("pp.dlq", 1000, kafka, horizon_s=week) == (  # asked: forever
+        "Kafka topic pp.dlq keeps records 1.15741e-05 days (retention.ms=1000); the settings ask for retention.ms=-1"
+    )
+    assert retention_shortfall("pp.sensors", 1000, kafka, horizon_s=week) is None  # compacted: no retention asked
