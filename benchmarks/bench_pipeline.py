@@ -88,6 +88,8 @@ class Pipeline:
             "PORTPULSE_KAFKA__TOPIC_PREFIX": self.prefix,
             "PORTPULSE_KAFKA__CONSUMER_GROUP": f"{self.prefix}-g",
             "PORTPULSE_INFLUX__BUCKET": f"{self.prefix}/autogen",
+            "PORTPULSE_RETENTION__TIERS": "false",  # InfluxQL counts read the default policy
+            "PORTPULSE_RETENTION__RAW_S": "-1",
             "PORTPULSE_OPS__LOG_LEVEL": "WARNING",
             "PORTPULSE_SINK__FLUSH_INTERVAL_MS": "100",
             # The whole load comes from one site: its rate ceiling is raised out of the way (the

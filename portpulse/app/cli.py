@@ -110,9 +110,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def _cmd_query(settings: Settings, args: argparse.Namespace) -> int:
     from portpulse.sinks.query import QuerySpec, format_rows, run_query
+    from portpulse.sinks.tiers import tier_bucket
 
     spec = QuerySpec(
-        bucket=settings.influx.bucket,
+        bucket=tier_bucket(settings.influx, settings.retention, args.table),
         measurement=f"{args.domain}_{args.table}" if args.table else args.domain,
         field=args.metric,
         sensor_id=args.sensor,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,9 +20,11 @@ from portpulse.contract.settings import Settings
 from portpulse.ingest.bridge import run_bridge
 from portpulse.kafka import KafkaDeadLetters, check_hooks
 from portpulse.processors.loop import run_processor
+from portpulse.processors.window import parse_windows
+from portpulse.sinks.tiers import Tier, TieredStore, ensure_tiers, tier_plan
 from portpulse.sinks.writer import InfluxWriter
 
-__all__ = ["STAGES", "ProcessorOptions", "run_pipeline"]
+__all__ = ["STAGES", "ProcessorOptions", "ensure_tiers_while", "run_pipeline"]
 
 log = logging.getLogger("portpulse.pipeline")
 
@@ -99,7 +101,14 @@ async def run_pipeline(
 
         if "processor" in stages:
             dlq = await stack.enter_async_context(KafkaDeadLetters(settings.kafka))
-            writer = await stack.enter_async_context(InfluxWriter(settings.influx, settings.sink, dlq))
+            plan = tier_plan(settings.influx, settings.retention, [w.name for w in parse_windows(processor.windows)])
+            writers = {
+                bucket: await stack.enter_async_context(
+                    InfluxWriter(settings.influx.model_copy(update={"bucket": bucket}), settings.sink, dlq)
+                )
+                for bucket in sorted({tier.bucket for tier in plan.values()})
+            }
+            writer = TieredStore(plan, writers)
             http_probe = influx_probe(settings.influx.url)
 
             async def influx_health() -> tuple[bool, str]:
@@ -111,12 +120,13 @@ async def run_pipeline(
             health.add("influx", influx_health)
             sink = TappedSink(writer, latest)
             windows, lateness_s, idle_s = processor.windows, processor.lateness_s, processor.idle_timeout_s
-            tasks["processor"] = asyncio.create_task(
-                staged(
-                    "processor",
-                    lambda ready: run_processor(settings, sink, halt, windows, lateness_s, idle_s, ready=ready),
-                )
-            )
+
+            async def tiers_then_processor(ready: asyncio.Event) -> Any:
+                if not await ensure_tiers_while(settings, plan, halt):
+                    return None
+                return await run_processor(settings, sink, halt, windows, lateness_s, idle_s, ready=ready)
+
+            tasks["processor"] = asyncio.create_task(staged("processor", tiers_then_processor))
         if "bridge" in stages:
             tasks["bridge"] = asyncio.create_task(
                 staged("bridge", lambda ready: run_bridge(settings, halt, ready, health))
@@ -142,3 +152,22 @@ async def _mark_ready(health: Health, name: str, ready: asyncio.Event) -> None:
     await ready.wait()
     health.stage(name, True)
     log.info("%s ready", name)
+
+
+async def ensure_tiers_while(settings: Settings, plan: Mapping[str, Tier], halt: asyncio.Event) -> bool:
+    """:func:`ensure_tiers`, retried with backoff while InfluxDB does not answer (nothing can be
+    written meanwhile); False if ``halt`` was set first. A refusal (auth, rights) is raised."""
+    import aiohttp
+
+    attempt = 0
+    while not halt.is_set():
+        try:
+            await ensure_tiers(settings.influx, plan)
+            return True
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            if attempt % 10 == 0:
+                log.warning("InfluxDB does not answer (%s); retention tiers not checked yet, retrying", exc)
+            attempt += 1
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(halt.wait(), min(30.0, 0.5 * 2 ** min(attempt, 6)))
+    return False

@@ -28,6 +28,7 @@ __all__ = [
     "MqttSettings",
     "OpsSettings",
     "ProcessorSettings",
+    "RetentionSettings",
     "Settings",
     "SinkSettings",
     "load_settings",
@@ -116,7 +117,7 @@ class InfluxSettings(_Section):
     url: str = "http://127.0.0.1:8086"
     token: SecretStr = SecretStr("")
     org: str = "portpulse"
-    bucket: str = "portpulse/autogen"
+    bucket: str = "portpulse/raw"
     timeout_ms: int = Field(10_000, ge=100)
     verify_ssl: bool = True
 
@@ -184,6 +185,24 @@ class AdmissionSettings(_Section):
     site_burst_s: float = Field(60.0, gt=0)
 
 
+class RetentionSettings(_Section):
+    """How long InfluxDB keeps each tier (seconds; -1: forever). Raw points (and rejected
+    readings) go to ``influx.bucket``; with ``tiers``, each aggregate window goes to its own
+    retention policy ``{database}/{window}`` (InfluxDB 1.8), created at start-up where missing
+    and checked where present. The raw tier's retention policy is ``influx.bucket``'s.
+
+    The defaults fit a port: raw readings serve investigations for a month, 1-minute aggregates
+    serve a year of reporting, 15-minute aggregates are the long-term record.
+    """
+
+    tiers: bool = True
+    raw_s: float = Field(30 * 86_400.0, ge=-1)
+    windows_s: dict[str, float] = Field(
+        default_factory=lambda: {"10s": 7 * 86_400.0, "1m": 365 * 86_400.0, "15m": -1.0}
+    )
+    other_windows_s: float = Field(-1.0, ge=-1)  # windows not in windows_s
+
+
 class ProcessorSettings(_Section):
     """Cleaning: the metric catalogue (ranges, rates, units) and the spike filter's threshold."""
 
@@ -218,6 +237,7 @@ class Settings(BaseSettings):
     admission: AdmissionSettings = AdmissionSettings()
     sink: SinkSettings = SinkSettings()
     processor: ProcessorSettings = ProcessorSettings()
+    retention: RetentionSettings = RetentionSettings()
     ops: OpsSettings = OpsSettings()
 
     @classmethod

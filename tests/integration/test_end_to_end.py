@@ -28,6 +28,7 @@ from portpulse.contract.settings import (
     MqttSettings,
     OpsSettings,
     ProcessorSettings,
+    RetentionSettings,
     Settings,
     SinkSettings,
 )  # fmt: skip
@@ -60,6 +61,9 @@ def pipeline_settings(
         # late readings carry the values of their sending time, and the filter judges them against
         # neighbours 120 s earlier (tests/unit/test_engine.py and test_kernels.py cover it).
         processor=ProcessorSettings(spike_k_sigma=1e9),
+        # Retention tiers as shipped: raw points in the test's bucket (kept forever, as its
+        # autogen policy is), each window's aggregates in its own policy ({database}/{window}).
+        retention=RetentionSettings(raw_s=-1),
         ops=OpsSettings(metrics_port=free_port()),
     )  # fmt: skip
 
@@ -180,10 +184,15 @@ def stored_raw_count(influx: InfluxEndpoint, bucket: str) -> int:
 
 
 async def wait_until_stored(
-    influx: InfluxEndpoint, bucket: str, expected: dict[Window, list[tuple[int, float]]], timeout_s: float = 180
+    influx: InfluxEndpoint,
+    bucket: str,
+    expected: dict[Window, list[tuple[int, float]]],
+    timeout_s: float = 180,
+    aggregates_bucket: str | None = None,
 ) -> tuple[int, dict[Window, dict[str, float]]]:
-    """Poll InfluxDB (bounded) until every expected raw point is stored and the aggregates equal
-    the expected ones (corrections may rewrite a window after it first appears)."""
+    """Poll InfluxDB (bounded) until every expected raw point is stored in ``bucket`` and the
+    aggregates in ``aggregates_bucket`` (default: ``bucket``) equal the expected ones
+    (corrections may rewrite a window after it first appears)."""
     readings = sum(len(v) for v in expected.values())
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
@@ -191,7 +200,7 @@ async def wait_until_stored(
     while loop.time() < deadline:
         raw = await asyncio.to_thread(stored_raw_count, influx, bucket)
         if raw >= readings:
-            stored = await asyncio.to_thread(stored_aggregates, influx, bucket)
+            stored = await asyncio.to_thread(stored_aggregates, influx, aggregates_bucket or bucket)
             try:
                 assert_aggregates_match(stored, expected)
                 break
@@ -232,13 +241,15 @@ async def test_simulated_port_end_to_end_matches_an_independent_computation(
     async with running_pipeline(settings, ProcessorOptions("1m", lateness_s=2, idle_timeout_s=2)) as base:
         with Publisher(mqtt, f"{unique}-sim") as publisher:
             await asyncio.to_thread(publisher.publish, [(m.topic, m.payload) for m in messages], 1)
-        raw, stored = await wait_until_stored(influx, influx_bucket, expected)
+        minute_tier = f"{influx_bucket.split('/')[0]}/1m"
+        raw, stored = await wait_until_stored(influx, influx_bucket, expected, aggregates_bucket=minute_tier)
         status, metrics = await asyncio.to_thread(http_get, f"{base}/metrics")
         assert status == 200 and b"portpulse_processor_consumer_lag{" in metrics
         state = json.loads((await asyncio.to_thread(http_get, f"{base}/api/state"))[1])
         assert set(state["latest"]) == {"air", "crane", "cell"}
     assert raw == readings, missing_readings(influx, influx_bucket, expected)  # each once per (series, time)
     assert_aggregates_match(stored, expected)
+    assert stored_aggregates(influx, influx_bucket) == {}  # the raw tier holds no aggregate
     # Every fault is accounted for: rejected readings in the windows, malformed messages in the DLQ.
     assert sum(v.get("rejected", 0.0) for v in stored.values()) == expected_rejected
     dlq = await consume(kafka, [f"{unique}.dlq"], expect=expected_dlq, timeout_s=30, idle_s=1)

@@ -60,6 +60,8 @@ def pipeline_env(
         "PORTPULSE_KAFKA__REQUEST_TIMEOUT_MS": "5000",
         "PORTPULSE_INFLUX__URL": influx.url, "PORTPULSE_INFLUX__TOKEN": influx.token,
         "PORTPULSE_INFLUX__ORG": influx.org, "PORTPULSE_INFLUX__BUCKET": bucket,
+        # one bucket for every table (tests/integration/test_tiers.py covers the tiers)
+        "PORTPULSE_RETENTION__TIERS": "false", "PORTPULSE_RETENTION__RAW_S": "-1",
         "PORTPULSE_SINK__FLUSH_INTERVAL_MS": "100", "PORTPULSE_OPS__METRICS_PORT": str(free_port()),
     }  # fmt: skip
 

@@ -46,6 +46,8 @@ def start_processor(
         "PORTPULSE_INFLUX__TOKEN": influx.token,
         "PORTPULSE_INFLUX__ORG": influx.org,
         "PORTPULSE_INFLUX__BUCKET": bucket,
+        "PORTPULSE_RETENTION__TIERS": "false",
+        "PORTPULSE_RETENTION__RAW_S": "-1",
         "PORTPULSE_SINK__FLUSH_INTERVAL_MS": "50",
     }
     cmd = [

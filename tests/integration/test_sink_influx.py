@@ -271,6 +271,8 @@ async def test_portpulse_query_matches_a_direct_flux_query(
         "PORTPULSE_INFLUX__TOKEN": influx.token,
         "PORTPULSE_INFLUX__ORG": influx.org,
         "PORTPULSE_INFLUX__BUCKET": influx_bucket,
+        "PORTPULSE_RETENTION__TIERS": "false",
+        "PORTPULSE_RETENTION__RAW_S": "-1",
     }.items():
         monkeypatch.setenv(name, value)
     start, stop = "2025-11-24T16:00:00Z", "2025-11-24T17:00:00Z"

@@ -1,0 +1,97 @@
+"""Retention tiers against the real InfluxDB 1.8: ``portpulse run`` creates a retention policy per
+tier with the configured durations, writes raw points and each window's aggregates to their own,
+``portpulse query`` finds the tier by itself, and a policy that exists with another duration is
+left alone with a warning naming both values.
+
+(The end-to-end test checks every aggregate, corrections included, with the tiers on.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.integration.pipeline import Publisher
+from tests.integration.test_faults import PipelineProcess, pipeline_env
+from tests.integration.test_sink_influx import query_rows
+from tests.services import InfluxEndpoint, KafkaEndpoint, MqttEndpoint
+
+pytestmark = pytest.mark.integration
+
+
+def retention_policies(influx: InfluxEndpoint, database: str) -> dict[str, str]:
+    from influxdb_client import InfluxDBClient
+
+    with InfluxDBClient(url=influx.url, token=influx.token, org=influx.org) as client:
+        raw = client.api_client.call_api(
+            "/query", "GET", query_params=[("q", f'SHOW RETENTION POLICIES ON "{database}"')],
+            _return_http_data_only=True, _preload_content=False,
+        )  # fmt: skip
+    series = json.loads(raw.data)["results"][0]["series"][0]
+    return {row[0]: row[1] for row in series["values"]}
+
+
+def measurements(influx: InfluxEndpoint, bucket: str) -> set[str]:
+    rows = query_rows(influx, f'from(bucket: "{bucket}") |> range(start: 0) |> keep(columns: ["_measurement"])')
+    return {r["_measurement"] for r in rows}
+
+
+async def test_each_tier_has_its_retention_policy_and_query_finds_it(
+    mqtt: MqttEndpoint, kafka: KafkaEndpoint, influx: InfluxEndpoint, influx_bucket: str, unique: str, tmp_path: Path
+) -> None:
+    if influx.major != "1":
+        pytest.skip("retention tiers are InfluxDB 1.x retention policies")
+    database = influx_bucket.split("/")[0]
+    env = pipeline_env(mqtt, kafka, influx, influx_bucket, unique) | {
+        "PORTPULSE_INFLUX__BUCKET": f"{database}/raw", "PORTPULSE_RETENTION__TIERS": "true",
+        "PORTPULSE_RETENTION__RAW_S": str(30 * 86_400),
+    }  # fmt: skip
+    pipeline = PipelineProcess(env, tmp_path / "pipeline.log")  # windows 1m
+    now_ms = time.time_ns() // 1_000_000 - 180_000  # closed windows
+    messages = [(f"{unique}/air/quai/aq-{i % 3}", json.dumps({"ts": now_ms + i * 1000, "metrics": {"no2": i}}).encode())
+                for i in range(30)]  # fmt: skip
+    await pipeline.start()
+    try:
+        with Publisher(mqtt, f"{unique}-gw") as publisher:
+            await asyncio.to_thread(publisher.publish, messages, 1)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and measurements(influx, f"{database}/1m") != {"air_1m"}:
+            await asyncio.sleep(0.5)
+        assert await pipeline.stop() == 0, pipeline.log.read_text()[-3000:]
+    finally:
+        await pipeline.stop()
+
+    policies = retention_policies(influx, database)
+    assert (policies["raw"], policies["1m"]) == ("720h0m0s", "8760h0m0s")
+    assert measurements(influx, f"{database}/raw") == {"air"}
+    assert measurements(influx, f"{database}/1m") == {"air_1m"}
+    counts = query_rows(
+        influx,
+        f'from(bucket: "{database}/1m") |> range(start: 0) |> filter(fn: (r) => r._field == "no2_count")'
+        " |> group() |> sum()",
+    )
+    assert float(counts[0]["_value"]) == 30.0
+    query = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "portpulse", "query", "--domain", "air", "--sensor", "aq-0", "--metric", "no2_count",
+         "--table", "1m", "--start", "-1h", "--format", "json"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert query.returncode == 0, query.stderr[-2000:]
+    assert sum(row["value"] for row in json.loads(query.stdout)) == 10.0
+
+    # The 1-minute tier asked for a day now: the policy is left as it is, and the log says so.
+    again = PipelineProcess(env | {"PORTPULSE_RETENTION__WINDOWS_S": '{"1m": 86400}'}, tmp_path / "again.log")
+    await again.start()
+    assert await again.stop() == 0
+    assert (
+        f"InfluxDB keeps {database}/1m (1m tier) 365 days; retention.windows_s.1m asks for 1 days"
+        in again.log.read_text()
+    )
+    assert retention_policies(influx, database)["1m"] == "8760h0m0s"
