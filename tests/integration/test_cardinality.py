@@ -23,6 +23,7 @@ from aiokafka import AIOKafkaConsumer
 from portpulse.simulators.stream import generate
 from tests.integration.pipeline import Publisher
 from tests.integration.test_end_to_end import (
+    Window,
     assert_aggregates_match,
     expected_from_record,
     http_get,
@@ -72,6 +73,50 @@ def stored_fleet_count(influx: InfluxEndpoint, bucket: str, rogue_site: str) -> 
     return int(rows[0]["_value"]) if rows else 0
 
 
+def calm_fleet(unique: str) -> tuple[list[tuple[str, bytes]], dict[Window, list[tuple[int, float]]]]:
+    """A normal simulated fleet (24 sensors, 100 s) and its windows, computed independently."""
+    config = stream(unique, sensors=24, seconds=100, faults={})
+    fleet = [(m.topic, m.payload) for b in generate(config) for m in b.messages]
+    expected, _, _ = expected_from_record([m for b in generate(config) for m in b.messages], [])
+    return fleet, expected
+
+
+def publishing(mqtt: MqttEndpoint, unique: str, loads: list[tuple[str, list[tuple[str, bytes]], float]],
+               errors: list[BaseException]) -> list[threading.Thread]:  # fmt: skip
+    """One started thread per ``(client, messages, per_second)`` publishing at QoS 1; failures go to ``errors``."""
+
+    def publish(client: str, messages: list[tuple[str, bytes]], per_second: float) -> None:
+        try:
+            with Publisher(mqtt, f"{unique}-{client}") as publisher:
+                publisher.publish(messages, 1, per_second=per_second)
+        except BaseException as exc:  # surfaced by the caller
+            errors.append(exc)
+
+    threads = [threading.Thread(target=publish, args=load) for load in loads]
+    for thread in threads:
+        thread.start()
+    return threads
+
+
+async def fleet_stored(
+    influx: InfluxEndpoint, bucket: str, expected: dict[Window, list[tuple[int, float]]], other_site: str,
+    other_prefix: str, timeout_s: float = 240,
+) -> dict[Window, dict[str, float]]:  # fmt: skip
+    """Poll (bounded) until the fleet's readings are stored and its windows aggregated; its
+    aggregates (those of sensors named ``other_prefix...`` left out)."""
+    readings = sum(len(v) for v in expected.values())
+    deadline = time.monotonic() + timeout_s
+    stored: dict[Window, dict[str, float]] = {}
+    while time.monotonic() < deadline:
+        if await asyncio.to_thread(stored_fleet_count, influx, bucket, other_site) >= readings:
+            every = await asyncio.to_thread(stored_aggregates, influx, bucket)
+            stored = {k: v for k, v in every.items() if not k[1].startswith(other_prefix)}
+            if sorted(stored) == sorted(expected):
+                break
+        await asyncio.sleep(1)
+    return stored
+
+
 async def dead_letters(kafka: KafkaEndpoint, topic: str, expect: int, timeout_s: float = 120) -> list[dict[str, bytes]]:
     """The DLQ's records (headers plus ``payload``), read until ``expect`` of them (bounded)."""
     consumer = AIOKafkaConsumer(topic, bootstrap_servers=kafka.bootstrap_servers, auto_offset_reset="earliest")
@@ -103,9 +148,7 @@ async def rogue_beside_fleet(
     env = pipeline_env(mqtt, kafka, influx, influx_bucket, unique)
     env = {k: v for k, v in env.items() if not k.startswith("PORTPULSE_ADMISSION__")}  # the defaults
     pipeline = PipelineProcess(env, tmp_path / "pipeline.log")
-    config = stream(unique, sensors=24, seconds=100, faults={})
-    fleet = [(m.topic, m.payload) for b in generate(config) for m in b.messages]
-    expected, _, _ = expected_from_record([m for b in generate(config) for m in b.messages], [])
+    fleet, expected = calm_fleet(unique)
     rogue_site = "gw-firmware-7"
     now_ms = time.time_ns() // 1_000_000
     rogue = [
@@ -121,21 +164,9 @@ async def rogue_beside_fleet(
     base = f"http://127.0.0.1:{pipeline.port}"
     before = {"portpulse run": rss_mb(pipeline.proc.pid), "InfluxDB": rss_mb(influx_pid)}
     errors: list[BaseException] = []
-
-    def publish(messages: list[tuple[str, bytes]], client: str, per_second: float) -> None:
-        try:
-            with Publisher(mqtt, f"{unique}-{client}") as publisher:
-                publisher.publish(messages, 1, per_second=per_second)
-        except BaseException as exc:  # surfaced below
-            errors.append(exc)
-
-    threads = [
-        threading.Thread(target=publish, args=(fleet, "fleet", len(fleet) / 20)),  # 20 s of normal fleet
-        # the rogue as fast as the broker's acks come back
-        threading.Thread(target=publish, args=(list(rogue_payloads.items()), "rogue", 50_000)),
-    ]
-    for thread in threads:
-        thread.start()
+    # 20 s of normal fleet; the rogue as fast as the broker's acks come back
+    threads = publishing(mqtt, unique, [("fleet", fleet, len(fleet) / 20),
+                                        ("rogue", list(rogue_payloads.items()), 50_000)], errors)  # fmt: skip
     try:
         for thread in threads:
             await asyncio.to_thread(thread.join, 300)
@@ -143,16 +174,7 @@ async def rogue_beside_fleet(
         refused = ROGUE_IDS - SITE_BUDGET
         letters = await dead_letters(kafka, f"{unique}.dlq", expect=refused)
         readings = sum(len(v) for v in expected.values())
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 240
-        stored: dict[tuple[str, str, str, int], dict[str, float]] = {}
-        while loop.time() < deadline:  # bounded poll: the fleet stored and its windows aggregated
-            if await asyncio.to_thread(stored_fleet_count, influx, influx_bucket, rogue_site) >= readings:
-                every = await asyncio.to_thread(stored_aggregates, influx, influx_bucket)
-                stored = {k: v for k, v in every.items() if not k[1].startswith("rogue-")}
-                if sorted(stored) == sorted(expected):
-                    break
-            await asyncio.sleep(1)
+        stored = await fleet_stored(influx, influx_bucket, expected, rogue_site, "rogue-")
         after = {"portpulse run": rss_mb(pipeline.proc.pid), "InfluxDB": rss_mb(influx_pid)}
         status, metrics = await asyncio.to_thread(http_get, f"{base}/metrics")
         _, state_doc = await asyncio.to_thread(http_get, f"{base}/api/state")
@@ -243,9 +265,7 @@ async def flood_beside_fleet(
     env = pipeline_env(mqtt, kafka, influx, influx_bucket, unique)
     env |= {"PORTPULSE_ADMISSION__SITE_RATE_PER_S": str(CEILING), "PORTPULSE_ADMISSION__SITE_BURST_S": str(BUCKET_S)}
     pipeline = PipelineProcess(env, tmp_path / "pipeline.log")
-    config = stream(unique, sensors=24, seconds=100, faults={})
-    fleet = [(m.topic, m.payload) for b in generate(config) for m in b.messages]
-    expected, _, _ = expected_from_record([m for b in generate(config) for m in b.messages], [])
+    fleet, expected = calm_fleet(unique)
     # Gateway batches of 50 readings, each (sensor, ts) once: 20 000 readings at 10 000/s, 20x the
     # ceiling, beside the fleet's sites at well under 100 readings/s each.
     now_ms = time.time_ns() // 1_000_000
@@ -256,34 +276,21 @@ async def flood_beside_fleet(
     }  # fmt: skip
     sent = {(r["sensor_id"], r["ts"]) for payload in flood for r in json.loads(payload)["readings"]}
     errors: list[BaseException] = []
-
-    def publish(messages: list[tuple[str, bytes]], client: str, per_second: float) -> None:
-        try:
-            with Publisher(mqtt, f"{unique}-{client}") as publisher:
-                publisher.publish(messages, 1, per_second=per_second)
-        except BaseException as exc:  # surfaced below
-            errors.append(exc)
-
     await pipeline.start()
     base = f"http://127.0.0.1:{pipeline.port}"
     flood_started, flood_s = time.monotonic(), math.inf
-    threads = [
-        threading.Thread(target=publish, args=(fleet, "fleet", len(fleet) / 20)),
-        threading.Thread(target=publish, args=([(f"{unique}/air/{FLOOD_SITE}", p) for p in flood], "flood", 200)),
-    ]
-    for thread in threads:
-        thread.start()
+    threads = publishing(mqtt, unique, [("fleet", fleet, len(fleet) / 20),
+                                        ("flood", [(f"{unique}/air/{FLOOD_SITE}", p) for p in flood], 200)],
+                         errors)  # fmt: skip
     try:
         for thread in threads:
             await asyncio.to_thread(thread.join, 300)
         assert not errors, errors
         readings = sum(len(v) for v in expected.values())
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 240
+        deadline = time.monotonic() + 240
         letters: list[dict[str, bytes]] = []
         flood_stored: set[tuple[str, int]] = set()
-        stored: dict[tuple[str, str, str, int], dict[str, float]] = {}
-        while loop.time() < deadline:  # bounded poll: every flood reading stored or dead-lettered
+        while time.monotonic() < deadline:  # bounded poll: every flood reading stored or dead-lettered
             letters = await dead_letters(kafka, f"{unique}.dlq", expect=1, timeout_s=5)
             rows = await asyncio.to_thread(
                 query_rows, influx,
@@ -295,13 +302,7 @@ async def flood_beside_fleet(
                 flood_s = time.monotonic() - flood_started
                 break
             await asyncio.sleep(1)
-        while loop.time() < deadline:  # bounded poll: the fleet stored and its windows aggregated
-            if await asyncio.to_thread(stored_fleet_count, influx, influx_bucket, FLOOD_SITE) >= readings:
-                every = await asyncio.to_thread(stored_aggregates, influx, influx_bucket)
-                stored = {k: v for k, v in every.items() if not k[1].startswith("f-")}
-                if sorted(stored) == sorted(expected):
-                    break
-            await asyncio.sleep(1)
+        stored = await fleet_stored(influx, influx_bucket, expected, FLOOD_SITE, "f-")
         status, metrics = await asyncio.to_thread(http_get, f"{base}/metrics")
         _, state_doc = await asyncio.to_thread(http_get, f"{base}/api/state")
         assert await pipeline.stop() == 0, pipeline.log.read_text()[-3000:]

@@ -169,6 +169,18 @@ async def test_on_shutdown_what_kafka_never_acknowledged_is_not_acked_so_mqtt_re
     assert source.acked == [] and bridge.in_flight == 0
 
 
+async def run_until_acked(inbound: list[Inbound], admission: AdmissionSettings) -> tuple[Bridge, FakeSource, FakeKafka]:
+    """A bridge over ``inbound`` (every message acked by Kafka at once) run until all are acked."""
+    source, kafka = FakeSource(inbound), FakeKafka(auto=True)
+    bridge = Bridge(Settings(ingest=IngestSettings(max_past_s=10**9), admission=admission), source, kafka)
+    stop = asyncio.Event()
+    task = asyncio.create_task(bridge.run(stop))
+    await until(lambda: len(source.acked) == len(inbound), "every message acked")
+    stop.set()
+    await task
+    return bridge, source, kafka
+
+
 async def test_readings_over_the_budget_are_dead_lettered_with_their_message_and_the_rest_pass() -> None:
     def gateway(mid: int, ids: list[str]) -> Inbound:
         rows = [{"sensor_id": i, "ts": T0_MS, "metrics": {"no2": 40.0, "pm10": 12.0}} for i in ids]
@@ -178,13 +190,7 @@ async def test_readings_over_the_budget_are_dead_lettered_with_their_message_and
     # three new series an hour for the site: a0..a2 pass; rogue ids do not, nor do they later
     admission = AdmissionSettings(site_new_per_hour=3)
     first, second = gateway(1, ["a0", "a1", "a2", "rogue-1", "rogue-2"]), gateway(2, ["a1", "rogue-3"])
-    source, kafka = FakeSource([first, second]), FakeKafka(auto=True)
-    bridge = Bridge(Settings(ingest=IngestSettings(max_past_s=10**9), admission=admission), source, kafka)
-    stop = asyncio.Event()
-    task = asyncio.create_task(bridge.run(stop))
-    await until(lambda: len(source.acked) == 2, "both acks")
-    stop.set()
-    await task
+    bridge, _, kafka = await run_until_acked([first, second], admission)
     sent = [rec for d in kafka.deliveries for rec in d.records]
     assert {(key or b"").decode() for _, key, _ in sent} == {"a0", "a1", "a2"}
     stored = decode_values([v for _, _, v in sent])
@@ -215,14 +221,7 @@ async def test_a_site_over_its_rate_ceiling_is_dead_lettered_undecoded_and_the_o
     charged = len(inbound[0].message.payload) / FIRST_BYTES_PER_READING
     passing = math.ceil(200 / charged)
     assert passing == 3
-    source, kafka = FakeSource(inbound), FakeKafka(auto=True)
-    admission = AdmissionSettings(site_rate_per_s=10, site_burst_s=20)
-    bridge = Bridge(Settings(ingest=IngestSettings(max_past_s=10**9), admission=admission), source, kafka)
-    stop = asyncio.Event()
-    task = asyncio.create_task(bridge.run(stop))
-    await until(lambda: len(source.acked) == 52, "every message acked")
-    stop.set()
-    await task
+    bridge, _, kafka = await run_until_acked(inbound, AdmissionSettings(site_rate_per_s=10, site_burst_s=20))
     letters = [o for d in kafka.deliveries for o in d.others if o[0] == "portpulse.dlq"]
     sent = [rec for d in kafka.deliveries for rec in d.records]
     stored = decode_values([v for _, _, v in sent])
