@@ -251,11 +251,12 @@ def _cmd_dlq(settings: Settings, args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 
-    async def letters() -> list[Any]:
-        return [letter async for batch in read_dlq(settings, which) for letter in batch]
+    async def letters(keep_payload: bool = True) -> list[Any]:
+        return [letter if keep_payload else letter.without_payload()
+                async for batch in read_dlq(settings, which) for letter in batch]  # fmt: skip
 
     if args.dlq_command == "summary":
-        rows = summary_rows(asyncio.run(letters()), bucket_ns)
+        rows = summary_rows(asyncio.run(letters(keep_payload=False)), bucket_ns)
         print(format_table(rows, args.format, empty="no dead letters match"))
     elif args.dlq_command == "show":
         chosen = sorted(asyncio.run(letters()), key=lambda r: (r.time_ns, r.partition, r.offset))

@@ -10,6 +10,7 @@ what still fails) exactly as if they had arrived over MQTT now.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -51,6 +52,10 @@ class DlqRecord:
     domain: str = ""
     site: str = ""
     sensor_id: str = ""
+    size: int = 0  # of the payload as stored (bytes), kept when a summary drops the payload
+
+    def without_payload(self) -> DlqRecord:
+        return dataclasses.replace(self, payload=b"")
 
 
 def dlq_record(
@@ -63,7 +68,7 @@ def dlq_record(
     where = (topic.domain, topic.site, topic.sensor_id) if isinstance(topic, MqttTopic) else ("", "", "")
     return DlqRecord(
         partition, offset, value or b"", h.get("reason", "unknown"), source, h.get("stage", ""), h.get("detail", ""),
-        int(h["time_ns"]) if h.get("time_ns", "").isdigit() else 0, *where,
+        int(h["time_ns"]) if h.get("time_ns", "").isdigit() else 0, *where, size=len(value or b""),
     )  # fmt: skip
 
 
@@ -124,7 +129,7 @@ def summary_rows(records: Iterable[DlqRecord], bucket_ns: int) -> list[Row]:
         key = (r.time_ns // bucket_ns * bucket_ns, r.reason, r.domain or "-", r.site or "-")
         entry = counts.setdefault(key, [0, 0])
         entry[0] += 1
-        entry[1] += len(r.payload)
+        entry[1] += r.size
     ordered = sorted(counts.items(), key=lambda kv: (kv[0][0], -kv[1][0], kv[0][1:]))
     return [
         {"from": _iso(start), "reason": reason, "domain": domain, "site": site, "letters": n, "payload_bytes": size}
