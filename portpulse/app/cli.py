@@ -234,6 +234,7 @@ def _cmd_sensors(settings: Settings, args: argparse.Namespace) -> int:
 
 def _cmd_dlq(settings: Settings, args: argparse.Namespace) -> int:
     import asyncio
+    import heapq
     import time
 
     from portpulse.app.dlq import DlqFilter, parse_time_ns, read_dlq, replay, show_rows, summary_rows
@@ -251,16 +252,26 @@ def _cmd_dlq(settings: Settings, args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 
-    async def letters(keep_payload: bool = True) -> list[Any]:
-        return [letter if keep_payload else letter.without_payload()
-                async for batch in read_dlq(settings, which) for letter in batch]  # fmt: skip
+    async def summarised() -> list[Any]:
+        return [letter.without_payload() async for batch in read_dlq(settings, which) for letter in batch]
 
     if args.dlq_command == "summary":
-        rows = summary_rows(asyncio.run(letters(keep_payload=False)), bucket_ns)
+        rows = summary_rows(asyncio.run(summarised()), bucket_ns)
         print(format_table(rows, args.format, empty="no dead letters match"))
     elif args.dlq_command == "show":
-        chosen = sorted(asyncio.run(letters()), key=lambda r: (r.time_ns, r.partition, r.offset))
-        chosen = chosen[-args.limit :] if args.limit else chosen
+
+        def newest(r: Any) -> tuple[int, int, int]:
+            return (r.time_ns, r.partition, r.offset)
+
+        async def shown() -> list[Any]:  # the newest --limit, without holding every payload
+            kept: list[Any] = []
+            async for batch in read_dlq(settings, which):
+                kept += batch
+                if args.limit and len(kept) > 2 * args.limit:
+                    kept = heapq.nlargest(args.limit, kept, key=newest)
+            return sorted(kept, key=newest)[-args.limit :] if args.limit else sorted(kept, key=newest)
+
+        chosen = asyncio.run(shown())
         print(format_table(show_rows(chosen, None if args.full else 200), args.format, empty="no dead letters match"))
     else:
         report = asyncio.run(replay(settings, read_dlq(settings, which), dry_run=args.dry_run))
