@@ -480,6 +480,7 @@ class ProcessorEngine:
                 out.rejected[name] = out.rejected.get(name, 0) + int(count)
         ok = reason == OK
         self._stored_points(series[ok], r.ts_ns[ok], value[ok], None, out)
+        self._consumed(r.partition, r.offset)
         judged = reason != REPEAT
         rejected = judged & ~ok
         if rejected.any():
@@ -621,9 +622,15 @@ class ProcessorEngine:
         for i in np.flatnonzero(beyond).tolist():
             out.late.append(LateReading(int(r.partition[i]), str(r.domain[i]), str(r.sensor_id[i]), str(r.metric[i]),
                                         int(r.ts_ns[i]), float(r.value[i]), cutoff - int(r.ts_ns[i])))  # fmt: skip
-        for p in np.unique(r.partition[beyond]).tolist():
+        self._consumed(r.partition[beyond], r.offset[beyond])
+
+    def _consumed(self, partition: npt.NDArray[np.int64], offset: npt.NDArray[np.int64]) -> None:
+        """Each partition's consumed offset, over every reading taken from it (a repeat too: a
+        partition whose last records repeat earlier ones is caught up, and its quiet series may
+        close)."""
+        for p in np.unique(partition).tolist():
             state = self._parts.setdefault(p, _Partition())
-            state.next_offset = max(state.next_offset, int(r.offset[beyond & (r.partition == p)].max()) + 1)
+            state.next_offset = max(state.next_offset, int(offset[partition == p].max()) + 1)
 
     def _stored_points(
         self,
@@ -665,9 +672,9 @@ class ProcessorEngine:
     def _advance(
         self, series: npt.NDArray[np.int64], r: Readings, replayed: npt.NDArray[np.bool_], now_s: float
     ) -> None:
-        """Each series' event time and arrival; each partition's consumed offset. ``series`` and
-        ``r`` are in (series, ts) order, so a series' last row holds its newest time; ``replayed``:
-        which rows were consumed before a restart (see :meth:`_replayed`)."""
+        """Each series' event time and arrival. ``series`` and ``r`` are in (series, ts) order, so
+        a series' last row holds its newest time; ``replayed``: which rows were consumed before a
+        restart (see :meth:`_replayed`)."""
         if not len(series):
             return
         last = np.append(group_starts(series)[1:], len(series)) - 1
@@ -676,9 +683,6 @@ class ProcessorEngine:
         self._arrival[uniq] = now_s
         if replayed.any():
             np.maximum.at(self._replayed_ts, series[replayed], r.ts_ns[replayed])
-        for p in np.unique(r.partition).tolist():
-            state = self._parts.setdefault(p, _Partition())
-            state.next_offset = max(state.next_offset, int(r.offset[r.partition == p].max()) + 1)
 
     def _add_to_windows(
         self,

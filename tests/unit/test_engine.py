@@ -296,6 +296,18 @@ def test_repeats_are_dropped_and_conflicting_duplicates_rejected_once() -> None:
     assert got["mean"] == statistics.fmean(40.0 + t % 3 for t in range(10))
 
 
+def test_a_partition_whose_last_records_are_repeats_is_consumed_to_its_end() -> None:
+    # A redelivery (a replayed dead letter, QoS 1 after a bridge restart) at a partition's tail:
+    # the partition is caught up only if the repeats count as consumed, and only then may its
+    # quiet series close on the idle timeout.
+    run = Run()
+    base = [("s0", 0, T0 + t * S, 40.0) for t in range(5)]
+    run.feed(base, now_s=0.0)
+    assert run.engine.next_offset(0) == 5
+    out = run.feed([base[1], base[3]], now_s=1.0)
+    assert out.repeated == 2 and run.engine.next_offset(0) == 7
+
+
 def test_readings_beyond_the_correction_horizon_go_to_the_late_topic_with_their_age() -> None:
     settings = EngineSettings(parse_windows("1m"), 2 * S, 5.0, horizon_ns=3600 * S)
     run = Run(engine=ProcessorEngine(settings, load_catalogue()))
