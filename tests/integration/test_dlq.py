@@ -12,6 +12,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,15 @@ def stored_raw(influx: InfluxEndpoint, bucket: str) -> list[tuple[str, str, floa
 
 
 async def test_dead_letters_are_summarised_shown_and_replayed_once_the_cause_is_fixed(
+    mqtt: MqttEndpoint, kafka: KafkaEndpoint, influx: InfluxEndpoint, influx_bucket: str, unique: str, tmp_path: Path
+) -> None:
+    try:
+        await summarise_show_replay(mqtt, kafka, influx, influx_bucket, unique, tmp_path)
+    finally:
+        await asyncio.get_running_loop().shutdown_default_executor()  # the to_thread workers
+
+
+async def summarise_show_replay(
     mqtt: MqttEndpoint, kafka: KafkaEndpoint, influx: InfluxEndpoint, influx_bucket: str, unique: str, tmp_path: Path
 ) -> None:
     env = pipeline_env(mqtt, kafka, influx, influx_bucket, unique) | {"PORTPULSE_ADMISSION__SITE_NEW_PER_HOUR": "2"}
@@ -100,7 +110,9 @@ async def test_dead_letters_are_summarised_shown_and_replayed_once_the_cause_is_
         for _ in range(2):  # replayed twice: stored once
             done = dlq_cli(raised, "replay", "--reason", "cardinality_limit")
             assert "7 letters selected; 7 sent back through the bridge: 8 readings produced to" in done
-        await poll(lambda: sorted(stored_aggregates(influx, influx_bucket)) == sorted(expected), "every window")
+        await poll(lambda: sorted(stored_aggregates(influx, influx_bucket)) == sorted(expected),
+                   lambda: f"every window: {sorted(stored_aggregates(influx, influx_bucket))} != {sorted(expected)}; "
+                   f"raw {stored_raw(influx, influx_bucket)}")  # fmt: skip
         again = dlq_cli(raised, "replay", "--reason", "malformed_json")
         assert "still failing (dead-lettered again): malformed_json x1" in again
         after = await dead_letters(kafka, f"{unique}.dlq", expect=9)
@@ -111,15 +123,16 @@ async def test_dead_letters_are_summarised_shown_and_replayed_once_the_cause_is_
         await pipeline.stop()
 
     raw = stored_raw(influx, influx_bucket)
-    assert len(raw) == 12 and len(before) == 5  # a's third reading came with the batch
+    assert len(raw) == 12 and len(before) == 6  # a2 was admitted from the batch; its c reading was not
     assert sorted((s, v) for s, _, v in raw) == sorted((s, v) for s, vs in readings.items() for _, v in vs)
     assert_aggregates_match(stored_aggregates(influx, influx_bucket), expected)
 
 
-async def poll(condition: object, what: str, timeout_s: float = 120) -> None:
-    """Until ``condition()`` (run in a thread: it queries InfluxDB) holds, bounded."""
-    assert callable(condition)
+async def poll(condition: Callable[[], bool], what: str | Callable[[], str], timeout_s: float = 120) -> None:
+    """Until ``condition()`` (run in a thread: it queries InfluxDB) holds, bounded; ``what`` (or
+    what it returns) names it in the failure."""
     deadline = time.monotonic() + timeout_s
     while not await asyncio.to_thread(condition):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out waiting for {what() if callable(what) else what}")
         await asyncio.sleep(0.5)

@@ -35,6 +35,15 @@ async def topic_settings(kafka: KafkaEndpoint, topics: list[str]) -> dict[str, d
 async def test_topics_are_created_with_their_retention_and_a_short_readings_retention_stops_start_up(
     mqtt: MqttEndpoint, kafka: KafkaEndpoint, influx: InfluxEndpoint, influx_bucket: str, unique: str, tmp_path: Path
 ) -> None:
+    try:
+        await check_topics(mqtt, kafka, influx, influx_bucket, unique, tmp_path)
+    finally:
+        await asyncio.get_running_loop().shutdown_default_executor()  # the to_thread workers
+
+
+async def check_topics(
+    mqtt: MqttEndpoint, kafka: KafkaEndpoint, influx: InfluxEndpoint, influx_bucket: str, unique: str, tmp_path: Path
+) -> None:
     env = pipeline_env(mqtt, kafka, influx, influx_bucket, unique) | {"PORTPULSE_KAFKA__DLQ_RETENTION_S": "-1"}
     pipeline = PipelineProcess(env, tmp_path / "pipeline.log")
     await pipeline.start()
