@@ -307,11 +307,12 @@ def _cmd_catalogue(settings: Settings, domain: str | None) -> int:
 
 
 def _join_negative_values(argv: list[str]) -> list[str]:
-    """``--start -1h`` -> ``--start=-1h``: argparse would take ``-1h`` for an option."""
+    """``--start -1h`` -> ``--start=-1h`` (also ``--stop``, ``--since``, ``--until``): argparse would
+    take ``-1h`` for an option."""
     out: list[str] = []
     i = 0
     while i < len(argv):
-        if argv[i] in ("--start", "--stop") and i + 1 < len(argv) and argv[i + 1].startswith("-"):
+        if argv[i] in ("--start", "--stop", "--since", "--until") and i + 1 < len(argv) and argv[i + 1].startswith("-"):
             out.append(f"{argv[i]}={argv[i + 1]}")
             i += 2
             continue

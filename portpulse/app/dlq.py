@@ -137,12 +137,16 @@ def summary_rows(records: Iterable[DlqRecord], bucket_ns: int) -> list[Row]:
     ]
 
 
+#: Control characters as escapes: a payload's newline must not end a row of the table.
+_ESCAPED = {c: repr(chr(c))[1:-1] for c in [*range(32), 127]}
+
+
 def show_rows(records: Iterable[DlqRecord], payload_chars: int | None = 200) -> list[Row]:
     """One row per letter: where it sits, when, why, from where, and its payload as text
-    (cut to ``payload_chars``; None: whole)."""
+    (control characters escaped; cut to ``payload_chars``; None: whole)."""
     rows: list[Row] = []
     for r in records:
-        text = r.payload.decode("utf-8", "backslashreplace")
+        text = r.payload.decode("utf-8", "backslashreplace").translate(_ESCAPED)
         if payload_chars is not None and len(text) > payload_chars:
             text = f"{text[:payload_chars]}... ({len(r.payload)} bytes)"
         rows.append({

@@ -167,11 +167,14 @@ def test_cli_config_masks_secrets_and_reports_bad_config(
     assert "kafka.partitions" in capsys.readouterr().err
 
 
-def test_cli_accepts_negative_durations_after_start_and_stop() -> None:
+def test_cli_accepts_negative_durations_after_start_stop_since_and_until() -> None:
     from portpulse.app.cli import _join_negative_values
 
     assert _join_negative_values(["query", "--start", "-1h", "--stop", "-5m", "--every", "1m"]) == [
         "query", "--start=-1h", "--stop=-5m", "--every", "1m",
+    ]  # fmt: skip
+    assert _join_negative_values(["dlq", "summary", "--since", "-7d", "--until", "-1h"]) == [
+        "dlq", "summary", "--since=-7d", "--until=-1h",
     ]  # fmt: skip
 
 

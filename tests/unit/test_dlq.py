@@ -81,3 +81,5 @@ def test_summary_counts_per_bucket_reason_and_site_and_show_cuts_payloads() -> N
                    "source": "sensors/air/harfleur/aq-2", "detail": "malformed_json: why",
                    "payload": "xxxxxxxx... (20 bytes)"}  # fmt: skip
     assert show_rows(letters[1:2], payload_chars=None)[0]["payload"] == "x" * 20
+    broken = letter("sensors/air/harfleur/aq-1", b'{"ts": 1,\n\t"m": \xff}', "malformed_json", NOW_NS)
+    assert show_rows([broken])[0]["payload"] == '{"ts": 1,\\n\\t"m": \\xff}'  # one line, bytes kept visible
