@@ -93,8 +93,7 @@ def build_records(batch: DecodedBatch, topic_prefix: str, codes: SeriesCodes | N
     n = len(r)
     empty = np.zeros(0, dtype=np.int64)
     if n == 0:
-        nothing = OutgoingRecords(np.zeros(0, np.uint8), [], empty, [], empty, empty, ((empty, empty),), HEADERS)
-        return OutRecords(nothing, empty, empty)
+        return OutRecords(OutgoingRecords.empty(HEADERS), empty, empty)
     codes = codes or SeriesCodes.of(r)
     domain, domains, sensor, sensors, site, sites = (
         codes.domain,

@@ -58,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--sensor", help="sensor_id (of the topic, or named in a gateway batch)")
         p.add_argument("--since", help="rejected at or after: -1h, -7d, RFC 3339 or epoch seconds")
         p.add_argument("--until", help="rejected before (same forms as --since)")
+        p.add_argument("--all", action="store_true", help="also the letters a replay already sent back")
     for p in (dlq_summary, dlq_show):
         p.add_argument("--format", choices=("table", "csv", "json"), default="table")
     run = sub.add_parser("run", help="run the whole pipeline (bridge + processor + sink) with ops endpoints")
@@ -253,7 +254,7 @@ def _cmd_dlq(settings: Settings, args: argparse.Namespace) -> int:
         raise ConfigError(str(exc)) from None
 
     async def summarised() -> list[Any]:
-        return [letter.without_payload() async for batch in read_dlq(settings, which) for letter in batch]
+        return [letter.without_payload() async for batch in read_dlq(settings, which, args.all) for letter in batch]
 
     if args.dlq_command == "summary":
         rows = summary_rows(asyncio.run(summarised()), bucket_ns)
@@ -265,7 +266,7 @@ def _cmd_dlq(settings: Settings, args: argparse.Namespace) -> int:
 
         async def shown() -> list[Any]:  # the newest --limit, without holding every payload
             kept: list[Any] = []
-            async for batch in read_dlq(settings, which):
+            async for batch in read_dlq(settings, which, args.all):
                 kept += batch
                 if args.limit and len(kept) > 2 * args.limit:
                     kept = heapq.nlargest(args.limit, kept, key=newest)
@@ -274,7 +275,7 @@ def _cmd_dlq(settings: Settings, args: argparse.Namespace) -> int:
         chosen = asyncio.run(shown())
         print(format_table(show_rows(chosen, None if args.full else 200), args.format, empty="no dead letters match"))
     else:
-        report = asyncio.run(replay(settings, read_dlq(settings, which), dry_run=args.dry_run))
+        report = asyncio.run(replay(settings, read_dlq(settings, which, args.all), dry_run=args.dry_run))
         verb = "would send" if args.dry_run else "sent"
         print(
             f"{report.selected:,} letters selected; {report.replayed:,} {verb} back through the bridge: "

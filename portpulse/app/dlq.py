@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from portpulse.contract.settings import Settings
-from portpulse.contract.topics import MqttTopic, dlq_topic, parse_mqtt_topic
+from portpulse.contract.topics import MqttTopic, dlq_topic, parse_mqtt_topic, replayed_topic
 
 __all__ = [
     "DlqFilter",
@@ -28,6 +28,7 @@ __all__ = [
     "parse_time_ns",
     "read_dlq",
     "replay",
+    "replayed_letters",
     "show_rows",
     "summary_rows",
 ]
@@ -156,19 +157,37 @@ def show_rows(records: Iterable[DlqRecord], payload_chars: int | None = 200) -> 
     return rows
 
 
-async def read_dlq(settings: Settings, which: DlqFilter, timeout_s: float = 120.0) -> AsyncIterator[list[DlqRecord]]:
-    """Batches of the dead letters ``which`` selects, oldest offsets first per partition."""
+async def read_dlq(
+    settings: Settings, which: DlqFilter, include_replayed: bool = False, timeout_s: float = 120.0
+) -> AsyncIterator[list[DlqRecord]]:
+    """Batches of the dead letters ``which`` selects, oldest offsets first per partition; without
+    ``include_replayed``, not those a replay already sent back (see :func:`replayed_letters`)."""
     from portpulse.kafka import read_topic
+
+    skip = set() if include_replayed else await replayed_letters(settings)
 
     # A letter is written after it was rejected: none rejected since T was written before T.
     since_ms = which.since_ns // 10**6 if which.since_ns is not None else None
     prefix = settings.mqtt.topic_prefix
     topic = dlq_topic(settings.kafka.topic_prefix)
     async for records in read_topic(settings.kafka, topic, since_ms=since_ms, timeout_s=timeout_s):
-        letters = [dlq_record(r.partition, r.offset, r.headers, r.value, prefix) for r in records]
+        letters = [dlq_record(r.partition, r.offset, r.headers, r.value, prefix) for r in records
+                   if (r.partition, r.offset) not in skip]  # fmt: skip
         chosen = [letter for letter in letters if which.matches(letter)]
         if chosen:
             yield chosen
+
+
+async def replayed_letters(settings: Settings) -> set[tuple[int, int]]:
+    """The (partition, offset) of every dead letter a replay has sent back."""
+    from portpulse.kafka import read_compacted
+
+    out = set()
+    for key, value in (await read_compacted(settings.kafka, replayed_topic(settings.kafka.topic_prefix))).items():
+        partition, _, offset = key.decode().partition(":")
+        if value is not None and partition.isdigit() and offset.isdigit():
+            out.add((int(partition), int(offset)))
+    return out
 
 
 @dataclass
@@ -225,14 +244,17 @@ async def replay(
     """Send the ingest-stage letters of ``batches`` through the bridge as if they arrived over
     MQTT now: decoded, held to the admission budgets (not to the per-site rate ceiling: a
     replay is the operator's choice), their readings produced to the readings topics, and what
-    still fails dead-lettered again with its new reason. Replaying a letter twice stores its
-    readings once (the same reading again is no fault). ``dry_run`` sends nothing."""
+    still fails dead-lettered again with its new reason. Each letter sent back is recorded in
+    the replayed topic once Kafka has what it made. Replaying a letter twice stores its readings
+    once (the same reading again is no fault). ``dry_run`` sends and records nothing."""
+    from portpulse.codecs.recordbatch import OutgoingRecords
     from portpulse.ingest.bridge import Bridge, KafkaRecordSink, load_admission
     from portpulse.ingest.decode import Message
     from portpulse.ingest.mqtt import Inbound
 
     settings = settings.model_copy(update={"admission": settings.admission.model_copy(update={"site_rate_per_s": 0.0})})
     report = ReplayReport()
+    marked = replayed_topic(settings.kafka.topic_prefix)
     admission = await load_admission(settings)
     sink: Any = _DrySink() if dry_run else KafkaRecordSink(settings)
     if not dry_run:
@@ -253,6 +275,11 @@ async def replay(
             acked.cancel()
             stop.set()
             await task
+            if not dry_run and source.all_acked.is_set():
+                when = str(time.time_ns()).encode()
+                marks = [(marked, f"{r.partition}:{r.offset}".encode(), when, None) for r in letters]
+                await sink.ensure_topics({marked})
+                await sink.send(OutgoingRecords.empty(), marks)
             report.replayed += len(letters)
             report.readings += bridge.stats.readings
             for reason, count in bridge.stats.rejected_by_reason.items():

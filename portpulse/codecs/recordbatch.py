@@ -509,6 +509,12 @@ class OutgoingRecords:
     def __post_init__(self) -> None:
         object.__setattr__(self, "key_len", np.fromiter(map(len, self.keys), dtype=np.int64, count=len(self.keys)))
 
+    @classmethod
+    def empty(cls, headers: bytes = b"") -> OutgoingRecords:
+        """No records."""
+        none = np.zeros(0, dtype=np.int64)
+        return cls(np.zeros(0, np.uint8), [], none, [], none, none, ((none, none),), headers)
+
     def __len__(self) -> int:
         return len(self.topic)
 

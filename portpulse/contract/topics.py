@@ -22,6 +22,7 @@ __all__ = [
     "pipeline_topics",
     "readings_topic",
     "registry_topic",
+    "replayed_topic",
     "retention_shortfall",
     "topic_configs",
 ]
@@ -85,6 +86,12 @@ def registry_topic(prefix: str = "portpulse") -> str:
     return f"{prefix}.sensors"
 
 
+def replayed_topic(prefix: str = "portpulse") -> str:
+    """Compacted Kafka topic of the dead letters ``portpulse dlq replay`` sent back, keyed
+    ``partition:offset`` of the DLQ, valued with the time of the replay (ns, text)."""
+    return f"{prefix}.dlq.replayed"
+
+
 def is_readings_topic(topic: str, prefix: str = "portpulse") -> bool:
     return topic.startswith(f"{prefix}.readings.")
 
@@ -102,7 +109,7 @@ def topic_configs(topic: str, kafka: KafkaSettings) -> dict[str, str]:
     """The topic configs PortPulse creates ``topic`` with: retention and cleanup policy by kind
     (readings, DLQ, late), compaction for the registry; ``{}`` for a topic that is not ours."""
     prefix = kafka.topic_prefix
-    if topic == registry_topic(prefix):
+    if topic in (registry_topic(prefix), replayed_topic(prefix)):
         return {"cleanup.policy": "compact"}
     retention_s = {dlq_topic(prefix): kafka.dlq_retention_s, late_topic(prefix): kafka.late_retention_s}.get(topic)
     if retention_s is None and is_readings_topic(topic, prefix):

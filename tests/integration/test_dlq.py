@@ -1,8 +1,8 @@
 """``portpulse dlq`` against the real services: a site over its budget of new sensors and a
 malformed message land in the DLQ; ``summary`` and ``show`` say so; the budget is raised and
 ``replay`` (after a dry run that changes nothing) stores the refused readings once, however
-often it runs, with every window equal to an independent computation; what still fails goes
-back to the DLQ with its reason.
+often it runs, with every window equal to an independent computation; replayed letters leave
+the listings; what still fails goes back to the DLQ with its reason.
 """
 
 from __future__ import annotations
@@ -107,9 +107,14 @@ async def summarise_show_replay(
         before = stored_raw(influx, influx_bucket)
         assert len(await dead_letters(kafka, f"{unique}.dlq", expect=9, timeout_s=5)) == 8
 
-        for _ in range(2):  # replayed twice: stored once
-            done = dlq_cli(raised, "replay", "--reason", "cardinality_limit")
-            assert "7 letters selected; 7 sent back through the bridge: 8 readings produced to" in done
+        done = dlq_cli(raised, "replay", "--reason", "cardinality_limit")
+        assert "7 letters selected; 7 sent back through the bridge: 8 readings produced to" in done
+        # replayed letters leave the listings and later replays, unless --all asks for them
+        assert dlq_cli(raised, "replay", "--reason", "cardinality_limit").startswith("0 letters selected")
+        outstanding = json.loads(dlq_cli(env, "summary", "--format", "json"))
+        assert [(r["reason"], r["letters"]) for r in outstanding] == [("malformed_json", 1)]
+        twice = dlq_cli(raised, "replay", "--reason", "cardinality_limit", "--all")  # replayed twice: stored once
+        assert "7 letters selected; 7 sent back through the bridge: 8 readings produced to" in twice
         await poll(lambda: sorted(stored_aggregates(influx, influx_bucket)) == sorted(expected),
                    lambda: f"every window: {sorted(stored_aggregates(influx, influx_bucket))} != {sorted(expected)}; "
                    f"raw {stored_raw(influx, influx_bucket)}")  # fmt: skip
@@ -117,6 +122,9 @@ async def summarise_show_replay(
         assert "still failing (dead-lettered again): malformed_json x1" in again
         after = await dead_letters(kafka, f"{unique}.dlq", expect=9)
         assert sorted(letter["reason"] for letter in after) == [b"cardinality_limit"] * 7 + [b"malformed_json"] * 2
+        assert [(r["reason"], r["letters"]) for r in json.loads(dlq_cli(env, "summary", "--format", "json"))] == [
+            ("malformed_json", 1)  # the new letter of the message that failed again
+        ]
         await poll(lambda: len(stored_raw(influx, influx_bucket)) == 12, "12 readings")
         assert await pipeline.stop() == 0, pipeline.log.read_text()[-3000:]
     finally:
