@@ -106,6 +106,16 @@ class Readings:
     def __len__(self) -> int:
         return len(self.ts_ns)
 
+    def take(self, rows: npt.NDArray[np.int64] | npt.NDArray[np.bool_]) -> Readings:
+        """The readings at ``rows`` (indices or a mask)."""
+        return Readings(*(getattr(self, f)[rows] for f in Readings.__dataclass_fields__))
+
+    @staticmethod
+    def empty() -> Readings:
+        e = np.empty(0, dtype=object)
+        i = np.empty(0, dtype=np.int64)
+        return Readings(e, e, e, e, i, np.empty(0, dtype=np.float64), i, i)
+
 
 @dataclass(frozen=True, slots=True)
 class Recompute:
@@ -368,14 +378,14 @@ class ProcessorEngine:
                 if beyond.any():
                     self._beyond_horizon(r, beyond, wall_ns, out)
                     keep = ~beyond
-                    r = Readings(*(getattr(r, f)[keep] for f in Readings.__dataclass_fields__))
+                    r = r.take(keep)
                     series, factor = series[keep], factor[keep]
         if len(r):
             # One (series, ts) order for the whole step: cleaning, windows and aggregates then
             # work on grouped rows and skip their own sorts and gathers.
             order, series_sorted, _ = series_time_order(series, r.ts_ns)
             if not np.array_equal(order, np.arange(len(order))):
-                r = Readings(*(getattr(r, f)[order] for f in Readings.__dataclass_fields__))
+                r = r.take(order)
                 series, factor = series_sorted, factor[order]
             value = r.value * factor
             self._grow()
@@ -389,10 +399,10 @@ class ProcessorEngine:
                 behind |= np.isin(series, series[replayed])
             if behind.any():
                 rows = np.flatnonzero(behind)
-                out.deferred = Deferred(Readings(*(getattr(r, f)[rows] for f in Readings.__dataclass_fields__)),
+                out.deferred = Deferred(r.take(rows),
                                         series[rows], value[rows])  # fmt: skip
                 keep = ~behind
-                r = Readings(*(getattr(r, f)[keep] for f in Readings.__dataclass_fields__))
+                r = r.take(keep)
                 series, value = series[keep], value[keep]
             # Replaying from here rebuilds the cleaning history these readings were judged with.
             replay_from = np.minimum(r.offset, self._history.offsets[series].min(axis=1))
@@ -486,7 +496,7 @@ class ProcessorEngine:
         if rejected.any():
             self._stored_points(series[rejected], r.ts_ns[rejected], value[rejected], reason[rejected], out)
         if not judged.all():
-            r = Readings(*(getattr(r, f)[judged] for f in Readings.__dataclass_fields__))
+            r = r.take(judged)
             series, value, ok, replay_from = series[judged], value[judged], ok[judged], replay_from[judged]
         replayed = self._replayed(r)
         self._advance(series, r, replayed, now_s)

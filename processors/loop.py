@@ -15,6 +15,7 @@ import json
 import logging
 import re
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -51,7 +52,7 @@ from portpulse.processors.engine import (
 from portpulse.processors.metrics import PROCESSOR_METRICS
 from portpulse.processors.window import parse_windows
 
-__all__ = ["Processor", "ProcessorStats", "run_processor"]
+__all__ = ["Emitter", "Processor", "ProcessorStats", "decode_fetch", "run_processor"]
 
 log = logging.getLogger("portpulse.processor")
 
@@ -76,7 +77,7 @@ class ProcessorStats:
     commits: int = 0
 
 
-def _decode(
+def decode_fetch(
     records_by_tp: dict[Any, list[Any]], part_ids: dict[tuple[str, int], int], prefix: str
 ) -> tuple[Readings, npt.NDArray[np.int64], int, int]:
     """A fetch -> reading columns (one vectorised decode for all partitions); returns the columns,
@@ -107,6 +108,94 @@ def _decode(
         int(wire.name_code.max()) + 1 if len(r) else 1
     ) + wire.name_code
     return readings, key_code, len(cols), len(wire.bad)
+
+
+class Emitter:
+    """Sends what the engine emits to the store, each phase leaving it consistent (points
+    written, retractions done) before the next one reads it back: points -> retractions ->
+    deferred readings judged against the store -> windows recomputed from it -> late readings
+    (to ``send_late``; None: the engine was given no correction horizon). Counts into ``stats``."""
+
+    def __init__(
+        self,
+        engine: ProcessorEngine,
+        sink: PointStore,
+        stats: ProcessorStats,
+        send_late: Callable[[list[LateReading]], Awaitable[None]] | None = None,
+    ) -> None:
+        self.engine, self._sink, self.stats, self._send_late = engine, sink, stats, send_late
+
+    async def emit(self, out: EngineOutput, readings: int) -> list[WriteReceipt]:
+        """Everything ``out`` (from a step of ``readings`` readings) asks for; the receipts of its writes."""
+        receipts = await self._write(out)
+        await self._retract(out.retract)
+        if out.deferred is not None:
+            receipts += await self._judge_deferred(out)
+        if len(out.recompute):
+            receipts += await self._recompute(out)
+        if out.late:
+            if self._send_late is None:
+                raise ValueError("the engine sent readings to the late topic, and this run has none")
+            await self._send_late(out.late)
+        self._count(out, readings)
+        return receipts
+
+    async def _write(self, out: EngineOutput) -> list[WriteReceipt]:
+        return [await self._sink.write(points, source=f"processor:{kind}") for kind, points in out.points]
+
+    async def _judge_deferred(self, out: EngineOutput) -> list[WriteReceipt]:
+        """Readings too far out of order for the in-memory history, judged against their
+        neighbours in the store once it holds everything written so far; their results join
+        ``out`` (for the retractions and recomputations that follow)."""
+        assert out.deferred is not None
+        await self._sink.flush()
+        stored = [await self._sink.read(query) for query in self.engine.neighbour_ranges(out.deferred)]
+        more = self.engine.ingest_deferred(out.deferred, stored, time.monotonic())
+        receipts = await self._write(more)
+        await self._retract(more.retract)
+        more.points, more.retract = [], []
+        out.absorb(more)
+        self.stats.deferred += len(out.deferred.series)
+        return receipts
+
+    async def _retract(self, retract: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]]) -> None:
+        """Readings rejected when judged again: once their rejections are stored, their raw
+        values leave the store, before anything reads it back."""
+        if not retract:
+            return
+        await self._sink.flush()
+        for domain, metric, instants in self.engine.retractions(retract):
+            await self._sink.retract(domain, metric, instants)
+
+    async def _recompute(self, out: EngineOutput) -> list[WriteReceipt]:
+        """Windows behind a correction (or possibly emitted before a restart): once the store
+        holds everything written so far, read their readings back and aggregate them again."""
+        received = time.perf_counter()
+        await self._sink.flush()
+        stored = [await self._sink.read(query) for query in self.engine.stored_ranges(out.recompute)]
+        fixed = self.engine.recomputed(out.recompute, stored)
+        receipts = await self._write(fixed)
+        self.stats.windows_corrected += fixed.windows_emitted
+        PROCESSOR_METRICS.windows_corrected.inc(fixed.windows_emitted)
+        PROCESSOR_METRICS.correction_seconds.observe(time.perf_counter() - received)
+        PROCESSOR_METRICS.correction_lag.set(time.perf_counter() - received)
+        return receipts
+
+    def _count(self, out: EngineOutput, readings: int) -> None:
+        stats = self.stats
+        stats.rejudged += out.rejudged
+        stats.corrections += out.corrections
+        stats.repeated += out.repeated
+        stats.windows += out.windows_emitted
+        stats.replayed += out.replayed
+        for reason, count in out.rejected.items():
+            stats.rejected[reason] = stats.rejected.get(reason, 0) + count
+            PROCESSOR_METRICS.rejected.labels(reason).inc(count)
+        PROCESSOR_METRICS.rejudged.inc(out.rejudged)
+        PROCESSOR_METRICS.corrections.inc(out.corrections)
+        PROCESSOR_METRICS.repeated.inc(out.repeated)
+        PROCESSOR_METRICS.records.inc(readings)
+        PROCESSOR_METRICS.windows.inc(out.windows_emitted)
 
 
 def late_record(late: LateReading) -> bytes:
@@ -171,6 +260,7 @@ class Processor:
             load_catalogue(settings.processor.catalogue),
         )
         self.stats = ProcessorStats()
+        self._emitter = Emitter(self.engine, sink, self.stats, self._send_late)
         self._part_ids: dict[tuple[str, int], int] = {}  # (topic, partition) -> the engine's partition id
         self._tps: dict[int, Any] = {}  # the engine's partition id -> aiokafka TopicPartition
         # Steps whose points are not all stored yet, with the engine's positions before each.
@@ -262,24 +352,14 @@ class Processor:
         engine, stats = self.engine, self.stats
         started = time.perf_counter()
         before = engine.safe_offsets()
-        readings, key_code, records, bad = _decode(batch, self._part_ids, self._settings.kafka.topic_prefix)
+        readings, key_code, records, bad = decode_fetch(batch, self._part_ids, self._settings.kafka.topic_prefix)
         for tp in batch:
             self._tps[self._part_ids[(tp.topic, tp.partition)]] = tp
         stats.records += records
         stats.readings += len(readings)
         stats.bad_records += bad
         out = engine.ingest(readings, time.monotonic(), self._caught_up(owned), key_code, time.time_ns())
-        # Each phase leaves the store consistent (points written, retractions done) before the
-        # next one reads it back.
-        receipts = await self._write(out)
-        await self._retract(out.retract)
-        if out.deferred is not None:
-            receipts += await self._judge_deferred(out)
-        if len(out.recompute):
-            receipts += await self._recompute(out)
-        if out.late:
-            await self._send_late(out.late)
-        self._count(out, len(readings))
+        receipts = await self._emitter.emit(out, len(readings))
         PROCESSOR_METRICS.batch_seconds.observe(time.perf_counter() - started)
         PROCESSOR_METRICS.event_time_lag.set(engine.event_time_lag_ns(time.time_ns()) / 1e9)
         PROCESSOR_METRICS.series.set(engine.series_count)
@@ -301,69 +381,12 @@ class Processor:
                         caught_up.add(pid)
         return frozenset(caught_up)
 
-    async def _write(self, out: EngineOutput) -> list[WriteReceipt]:
-        return [await self._sink.write(points, source=f"processor:{kind}") for kind, points in out.points]
-
-    async def _judge_deferred(self, out: EngineOutput) -> list[WriteReceipt]:
-        """Readings too far out of order for the in-memory history, judged against their
-        neighbours in the store once it holds everything written so far; their results join
-        ``out`` (for the retractions and recomputations that follow)."""
-        assert out.deferred is not None
-        await self._sink.flush()
-        stored = [await self._sink.read(query) for query in self.engine.neighbour_ranges(out.deferred)]
-        more = self.engine.ingest_deferred(out.deferred, stored, time.monotonic())
-        receipts = await self._write(more)
-        await self._retract(more.retract)
-        more.points, more.retract = [], []
-        out.absorb(more)
-        self.stats.deferred += len(out.deferred.series)
-        return receipts
-
-    async def _retract(self, retract: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]]) -> None:
-        """Readings rejected when judged again: once their rejections are stored, their raw
-        values leave the store, before anything reads it back."""
-        if not retract:
-            return
-        await self._sink.flush()
-        for domain, metric, instants in self.engine.retractions(retract):
-            await self._sink.retract(domain, metric, instants)
-
-    async def _recompute(self, out: EngineOutput) -> list[WriteReceipt]:
-        """Windows behind a correction (or possibly emitted before a restart): once the store
-        holds everything written so far, read their readings back and aggregate them again."""
-        received = time.perf_counter()
-        await self._sink.flush()
-        stored = [await self._sink.read(query) for query in self.engine.stored_ranges(out.recompute)]
-        fixed = self.engine.recomputed(out.recompute, stored)
-        receipts = await self._write(fixed)
-        self.stats.windows_corrected += fixed.windows_emitted
-        PROCESSOR_METRICS.windows_corrected.inc(fixed.windows_emitted)
-        PROCESSOR_METRICS.correction_seconds.observe(time.perf_counter() - received)
-        PROCESSOR_METRICS.correction_lag.set(time.perf_counter() - received)
-        return receipts
-
     async def _send_late(self, late: list[LateReading]) -> None:
         assert self._late_sender is not None
         topic = late_topic(self._settings.kafka.topic_prefix)
         await self._late_sender.send_all([(topic, r.sensor_id.encode(), late_record(r), None) for r in late])
         self.stats.late += len(late)
         PROCESSOR_METRICS.late.inc(len(late))
-
-    def _count(self, out: EngineOutput, readings: int) -> None:
-        stats = self.stats
-        stats.rejudged += out.rejudged
-        stats.corrections += out.corrections
-        stats.repeated += out.repeated
-        stats.windows += out.windows_emitted
-        stats.replayed += out.replayed
-        for reason, count in out.rejected.items():
-            stats.rejected[reason] = stats.rejected.get(reason, 0) + count
-            PROCESSOR_METRICS.rejected.labels(reason).inc(count)
-        PROCESSOR_METRICS.rejudged.inc(out.rejudged)
-        PROCESSOR_METRICS.corrections.inc(out.corrections)
-        PROCESSOR_METRICS.repeated.inc(out.repeated)
-        PROCESSOR_METRICS.records.inc(readings)
-        PROCESSOR_METRICS.windows.inc(out.windows_emitted)
 
     # ---------------------------------------------------------------- commits and rebalances
 

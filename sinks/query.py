@@ -123,12 +123,16 @@ def point_flux(bucket: str, measurement: str, sensor_id: str, ts_ns: int) -> str
     ])  # fmt: skip
 
 
-def influxql_delete(measurement: str, sensor_id: str, ts_ns: int) -> str:
-    """InfluxQL that deletes one sensor's point at ``ts_ns`` (pure; identifiers and the string
-    literal escaped)."""
+def influxql_delete(measurement: str, sensor_id: str | None, start_ns: int, stop_ns: int | None = None) -> str:
+    """InfluxQL that deletes the points of ``measurement`` at ``start_ns`` (``stop_ns`` None) or in
+    ``[start_ns, stop_ns)``, of one sensor or (``sensor_id`` None) all (pure; identifiers and the
+    string literal escaped). InfluxDB 1.x deletes them from every retention policy of the database."""
     name = measurement.replace("\\", "\\\\").replace('"', '\\"')
+    when = f"time = {int(start_ns)}" if stop_ns is None else f"time >= {int(start_ns)} AND time < {int(stop_ns)}"
+    if sensor_id is None:
+        return f'DELETE FROM "{name}" WHERE {when}'  # noqa: S608 (escaped)
     value = sensor_id.replace("\\", "\\\\").replace("'", "\\'")
-    return f'DELETE FROM "{name}" WHERE "sensor_id" = \'{value}\' AND time = {int(ts_ns)}'  # noqa: S608 (escaped)
+    return f'DELETE FROM "{name}" WHERE "sensor_id" = \'{value}\' AND {when}'  # noqa: S608 (escaped)
 
 
 def flux_time_ns(text: str) -> int:

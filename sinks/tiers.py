@@ -9,14 +9,16 @@ what is missing and the mismatches to report. I/O: :func:`ensure_tiers` at start
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from portpulse.contract.deadletter import DeadLetterSink
 from portpulse.contract.errors import PortPulseError
 from portpulse.contract.points import PointColumns, SeriesRange, StoredReadings, WriteReceipt
-from portpulse.contract.settings import InfluxSettings, RetentionSettings
+from portpulse.contract.settings import InfluxSettings, RetentionSettings, Settings
 from portpulse.sinks.query import flux_string
 from portpulse.sinks.writer import InfluxWriter
 
@@ -25,6 +27,7 @@ __all__ = [
     "TieredStore",
     "ensure_tiers",
     "go_duration_s",
+    "open_tiered_store",
     "retention_statements",
     "tier_bucket",
     "tier_plan",
@@ -190,6 +193,10 @@ class TieredStore:
         await self.flush()
         await self._raw.retract(domain, metric, instants)
 
+    async def delete_range(self, measurement: str, start_ns: int, stop_ns: int) -> None:
+        await self.flush()
+        await self._writer_for(measurement).delete_range(measurement, start_ns, stop_ns)
+
     @property
     def healthy(self) -> bool:
         return all(w.healthy for w in self._writers.values())
@@ -197,3 +204,16 @@ class TieredStore:
     @property
     def last_error(self) -> str:
         return "; ".join(w.last_error for w in self._writers.values() if not w.healthy)
+
+
+async def open_tiered_store(
+    stack: contextlib.AsyncExitStack, settings: Settings, plan: Mapping[str, Tier], dlq: DeadLetterSink
+) -> TieredStore:
+    """A :class:`TieredStore` with one writer per bucket of ``plan``, each closed with ``stack``."""
+    writers = {
+        bucket: await stack.enter_async_context(
+            InfluxWriter(settings.influx.model_copy(update={"bucket": bucket}), settings.sink, dlq)
+        )
+        for bucket in sorted({tier.bucket for tier in plan.values()})
+    }
+    return TieredStore(plan, writers)

@@ -342,27 +342,38 @@ class InfluxWriter:
                         site = record.get("site", "") or site
             if metric not in fields:
                 continue
-            await self._delete_point(domain, sensor, ts)
+            await self._delete(domain, sensor, ts)
             others = {name: np.array([v]) for name, v in fields.items() if name != metric}
             if others:
                 tags = {"sensor_id": np.array([sensor], dtype=object), "site": np.array([site], dtype=object)}
                 await self.write(PointColumns(domain, tags, others, np.array([ts], dtype=np.int64)), "retract")
         await self.flush()
 
-    async def _delete_point(self, measurement: str, sensor: str, ts: int) -> None:
-        """Delete one sensor's point: InfluxDB 2.x's ``/api/v2/delete``, or on 1.x (which answers
-        404 there) an InfluxQL ``DELETE`` on ``/query``."""
+    async def delete_range(self, measurement: str, start_ns: int, stop_ns: int) -> None:
+        """Delete every point of ``measurement`` in ``[start_ns, stop_ns)`` from this writer's
+        bucket (on InfluxDB 1.x: from every retention policy of its database), after everything
+        written before it is stored."""
+        await self.flush()
+        await self._delete(measurement, None, start_ns, stop_ns)
+
+    async def _delete(self, measurement: str, sensor: str | None, start_ns: int, stop_ns: int | None = None) -> None:
+        """Delete points of ``measurement`` (of one sensor, or all) at ``start_ns`` or in
+        ``[start_ns, stop_ns)``: InfluxDB 2.x's ``/api/v2/delete``, or on 1.x (which answers 404
+        there) an InfluxQL ``DELETE`` on ``/query``."""
         import aiohttp
 
-        from portpulse.sinks.query import influxql_delete
+        from portpulse.sinks.query import flux_string, influxql_delete
 
         token = self._influx.token.get_secret_value()
         url = self._influx.url.rstrip("/")
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self._influx.timeout_ms / 1000)) as http:
             if not self._influx_v1:
-                stamp = _rfc3339(ts)
-                body = {"start": stamp, "stop": stamp,
-                        "predicate": f'_measurement="{measurement}" AND sensor_id="{sensor}"'}  # fmt: skip
+                predicate = f"_measurement={flux_string(measurement)}"
+                if sensor is not None:
+                    predicate += f" AND sensor_id={flux_string(sensor)}"
+                # /api/v2/delete takes both ends inclusive
+                body = {"start": _rfc3339(start_ns), "stop": _rfc3339(start_ns if stop_ns is None else stop_ns - 1),
+                        "predicate": predicate}  # fmt: skip
                 async with http.post(
                     f"{url}/api/v2/delete", params={"org": self._influx.org, "bucket": self._influx.bucket},
                     json=body, headers={"Authorization": f"Token {token}"}, ssl=self._influx.verify_ssl,
@@ -374,12 +385,15 @@ class InfluxWriter:
                     else:
                         return
             user, _, password = token.partition(":")
-            params = {"db": self._influx.bucket.split("/")[0], "q": influxql_delete(measurement, sensor, ts)}
+            q = influxql_delete(measurement, sensor, start_ns, stop_ns)
+            params = {"db": self._influx.bucket.split("/")[0], "q": q}
             if password:
                 params |= {"u": user, "p": password}
             async with http.post(f"{url}/query", params=params, ssl=self._influx.verify_ssl) as response:
-                if response.status >= 300:
-                    raise PortPulseError(f"InfluxDB refused a delete (HTTP {response.status})")
+                answer = await response.text()
+                # InfluxQL answers 200 with {"results":[{"error": ...}]} for a statement it refused
+                if response.status >= 300 or '"error"' in answer:
+                    raise PortPulseError(f"InfluxDB refused a delete (HTTP {response.status}): {answer[:300]}")
 
     # ------------------------------------------------------------ internals
 

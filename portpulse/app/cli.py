@@ -61,6 +61,15 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--all", action="store_true", help="also the letters a replay already sent back")
     for p in (dlq_summary, dlq_show):
         p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    rp = sub.add_parser(
+        "reprocess",
+        help="clean and aggregate a range again from the readings Kafka holds, over what InfluxDB stores for it",
+    )
+    rp.add_argument("--from", dest="start", required=True, help="event time: -7d, RFC 3339 or epoch seconds")
+    rp.add_argument("--to", dest="stop", required=True, help="event time, excluded (same forms as --from)")
+    rp.add_argument("--domain", action="append", help="only this domain (repeat for more; default: the catalogue's)")
+    rp.add_argument("--windows", default="10s,1m,15m", help="the windows 'portpulse run' writes (default 10s,1m,15m)")
+    rp.add_argument("--dry-run", action="store_true", help="check the range and say what would be read; change nothing")
     run = sub.add_parser("run", help="run the whole pipeline (bridge + processor + sink) with ops endpoints")
     sub.add_parser("bridge", help="run the MQTT -> Kafka bridge until SIGINT/SIGTERM")
     proc = sub.add_parser("process", help="run the processor (Kafka -> clean -> windows -> InfluxDB)")
@@ -238,8 +247,9 @@ def _cmd_dlq(settings: Settings, args: argparse.Namespace) -> int:
     import heapq
     import time
 
-    from portpulse.app.dlq import DlqFilter, parse_time_ns, read_dlq, replay, show_rows, summary_rows
+    from portpulse.app.dlq import DlqFilter, read_dlq, replay, show_rows, summary_rows
     from portpulse.app.tables import format_table
+    from portpulse.app.times import parse_time_ns
     from portpulse.processors.window import duration_ns
 
     now = time.time_ns()
@@ -290,6 +300,69 @@ def _cmd_dlq(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_reprocess(settings: Settings, args: argparse.Namespace) -> int:
+    import asyncio
+    import contextlib
+    import time
+
+    from portpulse.app.times import iso_time, parse_time_ns
+    from portpulse.kafka import KafkaDeadLetters
+    from portpulse.processors.reprocess import ReprocessProgress, describe, plan_reprocess, progress_line, reprocess
+    from portpulse.processors.window import parse_windows
+    from portpulse.sinks.tiers import ensure_tiers, open_tiered_store, tier_plan
+
+    now = time.time_ns()
+    domains = load_catalogue(settings.processor.catalogue).domains()
+    chosen = [d for arg in args.domain or [] for d in arg.split(",") if d] or domains
+    if unknown := sorted(set(chosen) - set(domains)):
+        raise ConfigError(f"unknown domain(s) {', '.join(unknown)}; the catalogue has {', '.join(domains)}")
+    try:
+        windows = parse_windows(args.windows)
+        # The live processor closes a window once its series' lateness (10 s) and idle timeout
+        # (30 s) have passed after its end: a window ending within the last minute may be open.
+        latest = now - 60 * 10**9
+        plan = plan_reprocess(parse_time_ns(args.start, now), parse_time_ns(args.stop, now), chosen, windows, latest)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    tty = sys.stderr.isatty()
+    shown = [0.0]
+
+    def on_progress(p: ReprocessProgress) -> None:
+        if tty:
+            print(f"\r{progress_line(p)}", end="", file=sys.stderr, flush=True)
+        elif p.elapsed_s - shown[0] >= 5 or p.done >= p.total:
+            shown[0] = p.elapsed_s
+            print(progress_line(p), file=sys.stderr, flush=True)
+
+    async def go() -> Any:
+        async with contextlib.AsyncExitStack() as stack:
+            tiers = tier_plan(settings.influx, settings.retention, [w.name for w in windows])
+            if not args.dry_run:
+                await ensure_tiers(settings.influx, tiers)
+            dlq = await stack.enter_async_context(KafkaDeadLetters(settings.kafka))
+            store = await open_tiered_store(stack, settings, tiers, dlq)
+            return await reprocess(settings, store, plan, on_progress, dry_run=args.dry_run)
+
+    widest = max(windows, key=lambda w: w.size_ns).name
+    print(f"range {iso_time(plan.start_ns)} .. {iso_time(plan.stop_ns)} (whole {widest} windows)", file=sys.stderr)
+    try:
+        report = asyncio.run(go())
+    except KeyboardInterrupt:
+        print("\ninterrupted: the range is partly rewritten; run the same command again to finish it", file=sys.stderr)
+        raise
+    if tty:
+        print(file=sys.stderr)
+    if report.without_topic:
+        print(f"left as stored (Kafka has no readings topic): {', '.join(report.without_topic)}")
+    if args.dry_run:
+        cleared = ", ".join(m for m, _, _ in report.plan.deletions())
+        print(f"would clear {cleared} in the range and read {report.to_read:,} records from {report.partitions} "
+              "partitions")  # fmt: skip
+    else:
+        print(describe(report))
+    return EXIT_OK
+
+
 def _cmd_config(settings: Settings) -> int:
     print(json.dumps(settings.model_dump(mode="json"), indent=2, ensure_ascii=False))
     return EXIT_OK
@@ -307,13 +380,20 @@ def _cmd_catalogue(settings: Settings, domain: str | None) -> int:
     return EXIT_OK
 
 
+_TIME_OPTIONS = ("--start", "--stop", "--since", "--until", "--from", "--to")
+
+
 def _join_negative_values(argv: list[str]) -> list[str]:
-    """``--start -1h`` -> ``--start=-1h`` (also ``--stop``, ``--since``, ``--until``): argparse would
-    take ``-1h`` for an option."""
+    """``--start -1h`` -> ``--start=-1h`` (also ``--stop``, ``--since``, ``--until``, ``--from``,
+    ``--to``): argparse would take ``-1h`` for an option."""
     out: list[str] = []
     i = 0
     while i < len(argv):
-        if argv[i] in ("--start", "--stop", "--since", "--until") and i + 1 < len(argv) and argv[i + 1].startswith("-"):
+        if (
+            argv[i] in ("--start", "--stop", "--since", "--until", "--from", "--to")
+            and i + 1 < len(argv)
+            and argv[i + 1].startswith("-")
+        ):
             out.append(f"{argv[i]}={argv[i + 1]}")
             i += 2
             continue
@@ -339,6 +419,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_sensors(settings, args)
         if args.command == "dlq":
             return _cmd_dlq(settings, args)
+        if args.command == "reprocess":
+            return _cmd_reprocess(settings, args)
         if args.command == "simulate":
             return _cmd_simulate(settings, args)
         if args.command == "replay":

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import datetime as dt
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from portpulse.app.times import iso_time
 from portpulse.contract.settings import Settings
 from portpulse.contract.topics import MqttTopic, dlq_topic, parse_mqtt_topic, replayed_topic
 
@@ -25,7 +25,6 @@ __all__ = [
     "DlqRecord",
     "ReplayReport",
     "dlq_record",
-    "parse_time_ns",
     "read_dlq",
     "replay",
     "replayed_letters",
@@ -100,28 +99,6 @@ class DlqFilter:
         )
 
 
-def parse_time_ns(text: str, now_ns: int) -> int:
-    """``-1h``/``-7d`` (back from now), RFC 3339 (``2026-11-30T10:00:00Z``) or epoch seconds, in
-    ns since the epoch; ValueError naming the accepted forms."""
-    from portpulse.processors.window import duration_ns
-
-    try:
-        if text.startswith("-"):
-            return now_ns - duration_ns(text[1:])
-        if text.replace(".", "", 1).isdigit():
-            return int(float(text) * 1e9)
-        when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise ValueError(f"not a time like -1h, -7d, 2026-11-30T10:00:00Z or epoch seconds: {text!r}") from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.UTC)
-    return int(when.timestamp() * 1e9)
-
-
-def _iso(ns: int) -> str:
-    return dt.datetime.fromtimestamp(ns / 1e9, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def summary_rows(records: Iterable[DlqRecord], bucket_ns: int) -> list[Row]:
     """Counts and payload bytes per (time bucket, reason, domain, site): oldest bucket first,
     most letters first within it. A bucket is labelled with its start (UTC)."""
@@ -133,7 +110,7 @@ def summary_rows(records: Iterable[DlqRecord], bucket_ns: int) -> list[Row]:
         entry[1] += r.size
     ordered = sorted(counts.items(), key=lambda kv: (kv[0][0], -kv[1][0], kv[0][1:]))
     return [
-        {"from": _iso(start), "reason": reason, "domain": domain, "site": site, "letters": n, "payload_bytes": size}
+        {"from": iso_time(start), "reason": reason, "domain": domain, "site": site, "letters": n, "payload_bytes": size}
         for (start, reason, domain, site), (n, size) in ordered
     ]
 
@@ -151,7 +128,7 @@ def show_rows(records: Iterable[DlqRecord], payload_chars: int | None = 200) -> 
         if payload_chars is not None and len(text) > payload_chars:
             text = f"{text[:payload_chars]}... ({len(r.payload)} bytes)"
         rows.append({
-            "at": f"{r.partition}:{r.offset}", "time": _iso(r.time_ns), "reason": r.reason, "stage": r.stage,
+            "at": f"{r.partition}:{r.offset}", "time": iso_time(r.time_ns), "reason": r.reason, "stage": r.stage,
             "source": r.source, "detail": r.detail, "payload": text,
         })  # fmt: skip
     return rows

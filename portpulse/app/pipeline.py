@@ -21,8 +21,7 @@ from portpulse.ingest.bridge import run_bridge
 from portpulse.kafka import KafkaDeadLetters, check_hooks
 from portpulse.processors.loop import run_processor
 from portpulse.processors.window import parse_windows
-from portpulse.sinks.tiers import Tier, TieredStore, ensure_tiers, tier_plan
-from portpulse.sinks.writer import InfluxWriter
+from portpulse.sinks.tiers import Tier, ensure_tiers, open_tiered_store, tier_plan
 
 __all__ = ["STAGES", "ProcessorOptions", "ensure_tiers_while", "run_pipeline"]
 
@@ -102,13 +101,7 @@ async def run_pipeline(
         if "processor" in stages:
             dlq = await stack.enter_async_context(KafkaDeadLetters(settings.kafka))
             plan = tier_plan(settings.influx, settings.retention, [w.name for w in parse_windows(processor.windows)])
-            writers = {
-                bucket: await stack.enter_async_context(
-                    InfluxWriter(settings.influx.model_copy(update={"bucket": bucket}), settings.sink, dlq)
-                )
-                for bucket in sorted({tier.bucket for tier in plan.values()})
-            }
-            writer = TieredStore(plan, writers)
+            writer = await open_tiered_store(stack, settings, plan, dlq)
             http_probe = influx_probe(settings.influx.url)
 
             async def influx_health() -> tuple[bool, str]:

@@ -10,8 +10,8 @@ import numpy as np
 import numpy.typing as npt
 
 __all__ = [
-    "Categorical", "MemoryPointSink", "PointColumns", "PointSink", "PointStore", "SeriesRange", "StoredReadings",
-    "WriteReceipt",
+    "Categorical", "MemoryPointSink", "PointColumns", "PointSink", "PointStore", "RewritableStore", "SeriesRange",
+    "StoredReadings", "WriteReceipt",
 ]  # fmt: skip
 
 
@@ -128,6 +128,15 @@ class PointStore(PointSink, Protocol):
         ...
 
 
+class RewritableStore(PointStore, Protocol):
+    """A point store whose stored range can be cleared, for a rewrite (``portpulse reprocess``)."""
+
+    async def delete_range(self, measurement: str, start_ns: int, stop_ns: int) -> None:
+        """Delete every point of ``measurement`` in ``[start_ns, stop_ns)``, after everything
+        written before it is stored."""
+        ...
+
+
 class _Done:
     def done(self) -> bool:
         return True
@@ -157,6 +166,11 @@ class MemoryPointSink:
         self.stored()
         for sensor, ts in instants:
             self._stored.pop((domain, sensor, metric, ts), None)
+
+    async def delete_range(self, measurement: str, start_ns: int, stop_ns: int) -> None:
+        self.stored()
+        for key in [k for k in self._stored if k[0] == measurement and start_ns <= k[3] < stop_ns]:
+            del self._stored[key]
 
     def stored(self) -> dict[tuple[str, str, str, int], float | str]:
         """Everything stored: (measurement, sensor_id, field, ts_ns) -> the last value written."""

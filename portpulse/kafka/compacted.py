@@ -125,16 +125,22 @@ async def read_topic(
         await consumer.stop()
 
 
-async def _partitions(kafka: KafkaSettings, topic: str) -> list[int]:
-    """The partition ids of ``topic``; empty if it does not exist."""
+async def topic_partitions(kafka: KafkaSettings, topics: Iterable[str]) -> dict[str, list[int]]:
+    """The partition ids of each of ``topics`` that exists (those that do not are left out)."""
     from aiokafka.admin import AIOKafkaAdminClient
 
     admin = AIOKafkaAdminClient(**client_options(kafka), request_timeout_ms=kafka.request_timeout_ms)
     await admin.start()
     try:
-        if topic not in set(await admin.list_topics()):
-            return []
-        (described,) = await admin.describe_topics([topic])
-        return sorted(int(p["partition"]) for p in described["partitions"])
+        existing = sorted(set(topics) & set(await admin.list_topics()))
+        if not existing:
+            return {}
+        return {d["topic"]: sorted(int(p["partition"]) for p in d["partitions"])
+                for d in await admin.describe_topics(existing)}  # fmt: skip
     finally:
         await admin.close()
+
+
+async def _partitions(kafka: KafkaSettings, topic: str) -> list[int]:
+    """The partition ids of ``topic``; empty if it does not exist."""
+    return (await topic_partitions(kafka, [topic])).get(topic, [])

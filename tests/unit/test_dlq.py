@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from portpulse.app.dlq import DlqFilter, DlqRecord, dlq_record, parse_time_ns, show_rows, summary_rows
+from portpulse.app.dlq import DlqFilter, DlqRecord, dlq_record, show_rows, summary_rows
+from portpulse.app.times import parse_time_ns
 from portpulse.contract.deadletter import DeadLetter, dead_letter_headers
 
 NOW_NS = 1_764_000_000 * 10**9 + 3_600 * 10**9  # 2025-11-24T17:00:00Z
