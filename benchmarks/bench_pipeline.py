@@ -74,7 +74,12 @@ class Pipeline:
     """PortPulse in its own process(es) with this run's prefixes, database and ops ports."""
 
     def __init__(
-        self, env: dict[str, str], name: str, topology: str = "run", settings: dict[str, str] | None = None
+        self,
+        env: dict[str, str],
+        name: str,
+        topology: str = "run",
+        settings: dict[str, str] | None = None,
+        processor_args: list[str] | None = None,
     ) -> None:
         self.prefix = f"bench{uuid.uuid4().hex[:8]}"
         self.name = name
@@ -100,7 +105,9 @@ class Pipeline:
         self.log = open(Path(tempfile.gettempdir()) / f"{self.prefix}.log", "wb")  # noqa: SIM115 (closed in stop)
         self.ops: list[int] = []
         self.procs: list[subprocess.Popen[bytes]] = []
-        for args in TOPOLOGIES[topology]:
+        commands = [[args[0], *(processor_args if processor_args is not None else args[1:])]
+                    for args in TOPOLOGIES[topology]]  # fmt: skip
+        for args in commands:
             port = free_port()
             self.ops.append(port)
             self.procs.append(
