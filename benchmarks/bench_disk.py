@@ -87,7 +87,8 @@ class OwnInflux:
             return False
 
     def policy_bytes(self) -> dict[str, int]:
-        """Bytes on disk per retention policy of the database (TSM files and field indexes)."""
+        """Bytes on disk per retention policy of the database (TSM files and field indexes), and
+        ``_series``: the database's series file."""
         out = {}
         for rp in sorted((self.base / "data" / DATABASE).glob("*")):
             out[rp.name] = sum(f.stat().st_size for f in rp.rglob("*") if f.is_file())
@@ -176,6 +177,7 @@ def measure(env: dict[str, str], influx: OwnInflux, sensors: int, interval_s: fl
     on_disk = influx.policy_bytes()
     days = span_s / DAY_S
     tiers: dict[str, dict[str, Any]] = {}
+    index = on_disk.pop("_series", 0)  # the database's series file: preallocated, shared by the tiers
     for tier, size in on_disk.items():
         per_day = size / sensors / days
         keep = RETENTION_DAYS.get(tier, -1.0)
@@ -188,7 +190,7 @@ def measure(env: dict[str, str], influx: OwnInflux, sensors: int, interval_s: fl
     return {
         "sensors": sensors, "interval_s": interval_s, "event_hours": hours, "metric_values": values,
         "points_written": points, "raw_bytes_per_value": raw / values if values else float("nan"), "tiers": tiers,
-        "influxdb": "1.8.10, fully compacted (cold shards)",
+        "series_file_bytes": index, "influxdb": "1.8.10, fully compacted (cold shards)",
     }  # fmt: skip
 
 

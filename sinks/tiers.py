@@ -1,10 +1,13 @@
 """Retention tiers: raw points and each aggregate window kept as long as the settings say.
 
-On InfluxDB 1.8 a tier is a retention policy of ``influx.bucket``'s database: raw points (and
-rejected readings) go to ``influx.bucket`` itself, a window's aggregates to ``{database}/{window}``.
-Pure: the plan (:func:`tier_plan`), which tier a measurement belongs to, the InfluxQL to create
-what is missing and the mismatches to report. I/O: :func:`ensure_tiers` at start-up, and
-:class:`TieredStore`, a point store that sends each measurement to its tier's writer.
+Raw points (and rejected readings) go to ``influx.bucket`` itself. On InfluxDB 1.8 (a bucket
+``database/retention_policy``) a tier is a retention policy of the same database: a window's
+aggregates go to ``{database}/{window}``. On InfluxDB 2.x (a bucket name without ``/``) a tier is
+a bucket with its own retention: ``{bucket}_{window}``.
+Pure: the plan (:func:`tier_plan`), which tier a measurement belongs to, what to create and the
+mismatches to report (:func:`retention_statements`, :func:`bucket_changes`). I/O:
+:func:`ensure_tiers` at start-up, and :class:`TieredStore`, a point store that sends each
+measurement to its tier's writer.
 """
 
 from __future__ import annotations
@@ -14,9 +17,10 @@ import logging
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from portpulse.contract.deadletter import DeadLetterSink
-from portpulse.contract.errors import PortPulseError
+from portpulse.contract.errors import ConfigError, PortPulseError
 from portpulse.contract.points import PointColumns, SeriesRange, StoredReadings, WriteReceipt
 from portpulse.contract.settings import InfluxSettings, RetentionSettings, Settings
 from portpulse.sinks.query import flux_string
@@ -25,6 +29,7 @@ from portpulse.sinks.writer import InfluxWriter
 __all__ = [
     "Tier",
     "TieredStore",
+    "bucket_changes",
     "ensure_tiers",
     "go_duration_s",
     "open_tiered_store",
@@ -52,16 +57,16 @@ class Tier:
 
 
 def tier_plan(influx: InfluxSettings, retention: RetentionSettings, windows: Sequence[str]) -> dict[str, Tier]:
-    """The tiers for these window names (``"1m"``, ``"5m_1m"``), by name, ``"raw"`` first. Without
-    ``retention.tiers``, or for a bucket that is not ``database/retention_policy`` (InfluxDB 2.x),
-    every tier is ``influx.bucket``."""
+    """The tiers for these window names (``"1m"``, ``"5m_1m"``), by name, ``"raw"`` first: each
+    window in ``{database}/{window}`` for a bucket ``database/retention_policy`` (InfluxDB 1.x),
+    else in the bucket ``{bucket}_{window}`` (InfluxDB 2.x). Without ``retention.tiers`` every
+    tier is ``influx.bucket``."""
     plan = {RAW: Tier(RAW, influx.bucket, retention.raw_s)}
+    database, slash, _ = influx.bucket.partition("/")
     for window in windows:
-        if retention.tiers and "/" in influx.bucket:
-            database = influx.bucket.partition("/")[0]
-            plan[window] = Tier(
-                window, f"{database}/{window}", retention.windows_s.get(window, retention.other_windows_s)
-            )
+        if retention.tiers:
+            bucket = f"{database}/{window}" if slash else f"{influx.bucket}_{window}"
+            plan[window] = Tier(window, bucket, retention.windows_s.get(window, retention.other_windows_s))
         else:
             plan[window] = plan[RAW]
     return plan
@@ -100,60 +105,125 @@ def retention_statements(
                 f"CREATE RETENTION POLICY {flux_string(tier.policy)} ON {flux_string(database)} "
                 f"DURATION {_influxql_duration(tier.retention_s)} REPLICATION 1"
             )
-        elif abs(have - tier.retention_s) > 1 and not (have < 0 and tier.retention_s < 0):
-            setting = "retention.raw_s" if tier.name == RAW else f"retention.windows_s.{tier.name}"
-            mismatches.append(
-                f"InfluxDB keeps {tier.bucket} ({tier.name} tier) {_days(have)}; {setting} asks for "
-                f"{_days(tier.retention_s)}. PortPulse does not change a retention policy that exists: "
-                f"ALTER RETENTION POLICY {flux_string(tier.policy)} ON {flux_string(database)} "
-                f"DURATION {_influxql_duration(tier.retention_s)}, or set {setting} to match"
-            )
+        elif _differs(have, tier.retention_s):
+            fix = (f"ALTER RETENTION POLICY {flux_string(tier.policy)} ON {flux_string(database)} "
+                   f"DURATION {_influxql_duration(tier.retention_s)}")  # fmt: skip
+            mismatches.append(_mismatch(tier, have, "a retention policy", fix))
     return creates, mismatches
 
 
-async def ensure_tiers(influx: InfluxSettings, plan: Mapping[str, Tier]) -> bool:
-    """Create the tiers' retention policies that are missing (and the database), and log a
-    warning for each present one whose retention differs. Returns False on a server that is not
-    InfluxDB 1.x (logged: its bucket's retention is set in InfluxDB), True otherwise. Connection
-    errors are raised as aiohttp raises them."""
+def bucket_changes(existing: Mapping[str, float], plan: Mapping[str, Tier]) -> tuple[list[Tier], list[str]]:
+    """InfluxDB 2.x: the tiers whose bucket is missing from ``existing`` (bucket -> retention, s;
+    -1 forever), and a message per present one whose retention differs."""
+    creates, mismatches = [], []
+    for tier in {t.bucket: t for t in plan.values()}.values():
+        have = existing.get(tier.bucket)
+        if have is None:
+            creates.append(tier)
+        elif _differs(have, tier.retention_s):
+            fix = f"influx bucket update --name {tier.bucket} --retention {_bucket_retention_s(tier.retention_s)}s"
+            mismatches.append(_mismatch(tier, have, "a bucket", fix))
+    return creates, mismatches
+
+
+def _differs(have_s: float, want_s: float) -> bool:
+    return abs(have_s - want_s) > 1 and not (have_s < 0 and want_s < 0)
+
+
+def _mismatch(tier: Tier, have_s: float, what: str, fix: str) -> str:
+    setting = "retention.raw_s" if tier.name == RAW else f"retention.windows_s.{tier.name}"
+    return (
+        f"InfluxDB keeps {tier.bucket} ({tier.name} tier) {_days(have_s)}; {setting} asks for "
+        f"{_days(tier.retention_s)}. PortPulse does not change {what} that exists: {fix}, or set {setting} to match"
+    )
+
+
+def _bucket_retention_s(seconds: float) -> int:
+    """InfluxDB 2.x's ``everySeconds``: 0 is forever, and the shortest is 1 h."""
+    return 0 if seconds < 0 else max(3600, int(seconds))
+
+
+async def ensure_tiers(influx: InfluxSettings, plan: Mapping[str, Tier]) -> None:
+    """Create the tiers that are missing (retention policies and the database on InfluxDB 1.x,
+    buckets on 2.x) and log a warning for each present one whose retention differs. A bucket
+    named in the other version's form raises :class:`ConfigError`, a refusal
+    :class:`PortPulseError`; connection errors are raised as aiohttp raises them."""
     import aiohttp
 
-    token = influx.token.get_secret_value()
-    user, _, password = token.partition(":")
-    auth = {"u": user, "p": password} if password else {}
-    database = influx.bucket.partition("/")[0]
     timeout = aiohttp.ClientTimeout(total=influx.timeout_ms / 1000)
     async with aiohttp.ClientSession(timeout=timeout) as http:
-
-        async def influxql(q: str) -> dict[str, object]:
-            async with http.post(f"{influx.url}/query", params={"q": q, **auth}, ssl=influx.verify_ssl) as response:
-                body = await response.json(content_type=None)
-                if response.status >= 300:
-                    raise PortPulseError(f"InfluxDB refused {q.split(' ON ')[0]!r} (HTTP {response.status}): {body}")
-                return body  # type: ignore[no-any-return]
-
         async with http.get(f"{influx.url}/ping", ssl=influx.verify_ssl) as response:
             version = response.headers.get("X-Influxdb-Version", "")
-        if not version.startswith("1."):
-            log.warning(
-                "InfluxDB %s: retention tiers are retention policies of InfluxDB 1.x; every tier goes to %s: "
-                "give that bucket its retention in InfluxDB", version or "(no version header)", influx.bucket,
-            )  # fmt: skip
-            return False
-        shown = await influxql(f"SHOW RETENTION POLICIES ON {flux_string(database)}")
-        result = shown["results"][0]  # type: ignore[index]
-        if "database not found" in str(result.get("error", "")):
-            await influxql(f"CREATE DATABASE {flux_string(database)}")
-            result = {}
-        rows = result.get("series", [{}])[0].get("values", []) if result.get("series") else []
-        existing = {str(row[0]): go_duration_s(str(row[1])) for row in rows}
-        creates, mismatches = retention_statements(database, existing, plan)
-        for statement in creates:
-            await influxql(statement)
-            log.info("created InfluxDB retention policy: %s", statement)
-        for message in mismatches:
-            log.warning("%s", message)
-    return True
+        if version.startswith("1."):
+            await _ensure_policies(http, influx, plan)
+        else:
+            await _ensure_buckets(http, influx, plan)
+
+
+async def _ensure_policies(http: Any, influx: InfluxSettings, plan: Mapping[str, Tier]) -> None:
+    if any("/" not in t.bucket for t in plan.values() if t.bucket != influx.bucket):
+        raise ConfigError(
+            f"InfluxDB 1.x keeps tiers as retention policies: set influx.bucket to database/retention_policy "
+            f"(e.g. {influx.bucket}/raw), or retention.tiers = false to keep everything in {influx.bucket}"
+        )
+    user, _, password = influx.token.get_secret_value().partition(":")
+    auth = {"u": user, "p": password} if password else {}
+    database = influx.bucket.partition("/")[0]
+
+    async def influxql(q: str) -> dict[str, Any]:
+        async with http.post(f"{influx.url}/query", params={"q": q, **auth}, ssl=influx.verify_ssl) as response:
+            body = await response.json(content_type=None)
+            if response.status >= 300:
+                raise PortPulseError(f"InfluxDB refused {q.split(' ON ')[0]!r} (HTTP {response.status}): {body}")
+            return body  # type: ignore[no-any-return]
+
+    shown = await influxql(f"SHOW RETENTION POLICIES ON {flux_string(database)}")
+    result = shown["results"][0]
+    if "database not found" in str(result.get("error", "")):
+        await influxql(f"CREATE DATABASE {flux_string(database)}")
+        result = {}
+    rows = result.get("series", [{}])[0].get("values", []) if result.get("series") else []
+    existing = {str(row[0]): go_duration_s(str(row[1])) for row in rows}
+    creates, mismatches = retention_statements(database, existing, plan)
+    for statement in creates:
+        await influxql(statement)
+        log.info("created InfluxDB retention policy: %s", statement)
+    for message in mismatches:
+        log.warning("%s", message)
+
+
+async def _ensure_buckets(http: Any, influx: InfluxSettings, plan: Mapping[str, Tier]) -> None:
+    headers = {"Authorization": f"Token {influx.token.get_secret_value()}"}
+
+    async def api(method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        async with http.request(
+            method, f"{influx.url}{path}", headers=headers, ssl=influx.verify_ssl, **kwargs
+        ) as response:
+            body = await response.json(content_type=None)
+            if response.status >= 300:
+                what = body.get("message", body) if isinstance(body, dict) else body
+                raise PortPulseError(f"InfluxDB refused {method} {path} (HTTP {response.status}): {what}")
+            return body  # type: ignore[no-any-return]
+
+    orgs = (await api("GET", "/api/v2/orgs", params={"org": influx.org})).get("orgs", [])
+    if not orgs:
+        raise ConfigError(f"InfluxDB has no organisation {influx.org!r} (influx.org)")
+    org_id = str(orgs[0]["id"])
+    existing = {}
+    for name in sorted({t.bucket for t in plan.values()}):
+        found = (await api("GET", "/api/v2/buckets", params={"orgID": org_id, "name": name})).get("buckets", [])
+        if found:
+            rules = [r for r in found[0].get("retentionRules") or [] if r.get("type") == "expire"]
+            every = int(rules[0].get("everySeconds", 0)) if rules else 0
+            existing[name] = float(every) if every > 0 else -1.0
+    creates, mismatches = bucket_changes(existing, plan)
+    for tier in creates:
+        every = _bucket_retention_s(tier.retention_s)
+        rules = [{"type": "expire", "everySeconds": every}] if every else []
+        await api("POST", "/api/v2/buckets", json={"orgID": org_id, "name": tier.bucket, "retentionRules": rules})
+        log.info("created InfluxDB bucket %s (%s tier), kept %s", tier.bucket, tier.name, _days(tier.retention_s))
+    for message in mismatches:
+        log.warning("%s", message)
 
 
 class TieredStore:

@@ -79,7 +79,8 @@ def influx() -> Iterator[InfluxEndpoint]:
 
 @pytest.fixture
 def influx_bucket(influx: InfluxEndpoint, unique: str) -> Iterator[str]:
-    """A fresh, empty bucket for one test (a database ``{unique}/autogen`` on 1.8); dropped afterwards."""
+    """A fresh, empty bucket for one test (a database ``{unique}/autogen`` on 1.8); dropped afterwards,
+    with the retention tiers' buckets on 2.x."""
     from influxdb_client import InfluxDBClient
 
     with InfluxDBClient(url=influx.url, token=influx.token, org=influx.org) as client:
@@ -92,9 +93,12 @@ def influx_bucket(influx: InfluxEndpoint, unique: str) -> Iterator[str]:
                 "/query", "POST", query_params=[("q", f'DROP DATABASE "{unique}"')], _return_http_data_only=True
             )
         else:
-            bucket = client.buckets_api().create_bucket(bucket_name=unique, org=influx.org)
+            client.buckets_api().create_bucket(bucket_name=unique, org=influx.org)
             yield unique
-            client.buckets_api().delete_bucket(bucket)
+            # with the tiers' buckets ({unique}_{window}) the pipeline made
+            for bucket in client.buckets_api().find_buckets_iter():
+                if bucket.name == unique or bucket.name.startswith(f"{unique}_"):
+                    client.buckets_api().delete_bucket(bucket)
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

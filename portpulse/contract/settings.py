@@ -188,8 +188,9 @@ class AdmissionSettings(_Section):
 class RetentionSettings(_Section):
     """How long InfluxDB keeps each tier (seconds; -1: forever). Raw points (and rejected
     readings) go to ``influx.bucket``; with ``tiers``, each aggregate window goes to its own
-    retention policy ``{database}/{window}`` (InfluxDB 1.8), created at start-up where missing
-    and checked where present. The raw tier's retention policy is ``influx.bucket``'s.
+    retention policy ``{database}/{window}`` (InfluxDB 1.x) or bucket ``{bucket}_{window}``
+    (InfluxDB 2.x), created at start-up where missing and checked where present. The raw tier
+    is ``influx.bucket`` itself.
 
     The defaults fit a port: raw readings serve investigations for a month, 1-minute aggregates
     serve a year of reporting, 15-minute aggregates are the long-term record.

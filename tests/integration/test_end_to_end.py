@@ -62,7 +62,8 @@ def pipeline_settings(
         # neighbours 120 s earlier (tests/unit/test_engine.py and test_kernels.py cover it).
         processor=ProcessorSettings(spike_k_sigma=1e9),
         # Retention tiers as shipped: raw points in the test's bucket (kept forever, as its
-        # autogen policy is), each window's aggregates in its own policy ({database}/{window}).
+        # autogen policy is), each window's aggregates in its own policy ({database}/{window}) on
+        # InfluxDB 1.x, its own bucket ({bucket}_{window}) on 2.x.
         retention=RetentionSettings(raw_s=-1),
         ops=OpsSettings(metrics_port=free_port()),
     )  # fmt: skip
@@ -241,7 +242,8 @@ async def test_simulated_port_end_to_end_matches_an_independent_computation(
     async with running_pipeline(settings, ProcessorOptions("1m", lateness_s=2, idle_timeout_s=2)) as base:
         with Publisher(mqtt, f"{unique}-sim") as publisher:
             await asyncio.to_thread(publisher.publish, [(m.topic, m.payload) for m in messages], 1)
-        minute_tier = f"{influx_bucket.split('/')[0]}/1m"
+        # a policy of the database on 1.x, a bucket of its own on 2.x
+        minute_tier = f"{influx_bucket.split('/')[0]}/1m" if "/" in influx_bucket else f"{influx_bucket}_1m"
         raw, stored = await wait_until_stored(influx, influx_bucket, expected, aggregates_bucket=minute_tier)
         status, metrics = await asyncio.to_thread(http_get, f"{base}/metrics")
         assert status == 200 and b"portpulse_processor_consumer_lag{" in metrics

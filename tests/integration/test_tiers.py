@@ -109,3 +109,42 @@ async def check_tiers(
         in again.log.read_text()
     )
     assert retention_policies(influx, database)["1m"] == "8760h0m0s"
+
+
+async def test_tiers_take_the_form_of_the_server_at_hand(
+    influx: InfluxEndpoint, influx_bucket: str, unique: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """InfluxDB 2.x: a bucket per window, created with its retention and left alone (with a
+    warning naming both values) when it exists with another. InfluxDB 1.x: a bucket named the 2.x
+    way is refused, naming the form it needs."""
+    from portpulse.contract.errors import ConfigError
+    from portpulse.contract.settings import InfluxSettings, RetentionSettings
+    from portpulse.sinks.tiers import ensure_tiers, tier_plan
+
+    if influx.major == "1":
+        settings = InfluxSettings(url=influx.url, token=influx.token, org=influx.org, bucket=unique)
+        with pytest.raises(
+            ConfigError, match=f"set influx.bucket to database/retention_policy \\(e.g. {unique}/raw\\)"
+        ):
+            await ensure_tiers(settings, tier_plan(settings, RetentionSettings(), ["1m"]))
+        return
+    settings = InfluxSettings(url=influx.url, token=influx.token, org=influx.org, bucket=influx_bucket)
+    retention = RetentionSettings(raw_s=-1)  # the test's bucket keeps everything
+    await ensure_tiers(settings, tier_plan(settings, retention, ["1m", "15m"]))
+    assert bucket_retentions(influx, unique) == {unique: 0, f"{unique}_1m": 365 * 86_400, f"{unique}_15m": 0}
+    shorter = RetentionSettings(raw_s=-1, windows_s={"1m": 86_400.0, "15m": -1.0})
+    await ensure_tiers(settings, tier_plan(settings, shorter, ["1m", "15m"]))
+    assert bucket_retentions(influx, unique)[f"{unique}_1m"] == 365 * 86_400
+    assert f"InfluxDB keeps {unique}_1m (1m tier) 365 days; retention.windows_s.1m asks for 1 days" in caplog.text
+
+
+def bucket_retentions(influx: InfluxEndpoint, prefix: str) -> dict[str, int]:
+    """InfluxDB 2.x: each bucket named ``prefix`` or ``{prefix}_*`` -> its expiry (s; 0 forever)."""
+    from influxdb_client import InfluxDBClient
+
+    with InfluxDBClient(url=influx.url, token=influx.token, org=influx.org) as client:
+        return {
+            b.name: next((r.every_seconds for r in b.retention_rules or [] if r.type == "expire"), 0)
+            for b in client.buckets_api().find_buckets_iter()
+            if b.name == prefix or b.name.startswith(f"{prefix}_")
+        }

@@ -9,7 +9,15 @@ import numpy as np
 
 from portpulse.contract.points import MemoryPointSink, PointColumns
 from portpulse.contract.settings import InfluxSettings, RetentionSettings
-from portpulse.sinks.tiers import Tier, TieredStore, go_duration_s, retention_statements, tier_bucket, tier_plan
+from portpulse.sinks.tiers import (
+    Tier,
+    TieredStore,
+    bucket_changes,
+    go_duration_s,
+    retention_statements,
+    tier_bucket,
+    tier_plan,
+)
 
 DAY = 86_400.0
 
@@ -26,11 +34,36 @@ def test_the_plan_puts_raw_in_the_bucket_and_each_window_in_its_policy() -> None
     }
     assert tier_bucket(influx, RetentionSettings(), "1m") == "port/1m"
     assert tier_bucket(influx, RetentionSettings(), None) == "port/raw"
-    # off, or an InfluxDB 2.x bucket: every tier in the one bucket
+    # off: every tier in the one bucket
     assert {t.bucket for t in tier_plan(influx, RetentionSettings(tiers=False), ["1m"]).values()} == {"port/raw"}
-    assert {t.bucket for t in tier_plan(InfluxSettings(bucket="port"), RetentionSettings(), ["1m"]).values()} == {
-        "port"
+
+
+def test_on_influxdb_2_each_window_has_a_bucket_of_its_own() -> None:
+    influx = InfluxSettings(bucket="port")
+    assert tier_plan(influx, RetentionSettings(), ["10s", "1m"]) == {
+        "raw": Tier("raw", "port", 30 * DAY),
+        "10s": Tier("10s", "port_10s", 7 * DAY),
+        "1m": Tier("1m", "port_1m", 365 * DAY),
     }
+    assert tier_bucket(influx, RetentionSettings(), "1m") == "port_1m"
+    assert {t.bucket for t in tier_plan(influx, RetentionSettings(tiers=False), ["1m"]).values()} == {"port"}
+
+
+def test_missing_buckets_are_created_and_different_ones_named() -> None:
+    plan = tier_plan(InfluxSettings(bucket="port"), RetentionSettings(), ["1m", "15m"])
+    creates, mismatches = bucket_changes({"port": -1.0, "port_15m": -1.0}, plan)
+    assert creates == [Tier("1m", "port_1m", 365 * DAY)]
+    assert mismatches == [
+        "InfluxDB keeps port (raw tier) forever; retention.raw_s asks for 30 days. PortPulse does not change a "
+        "bucket that exists: influx bucket update --name port --retention 2592000s, or set retention.raw_s to match"
+    ]
+    assert bucket_changes({"port": 30 * DAY, "port_1m": 365 * DAY, "port_15m": -1.0}, plan) == ([], [])
+    forever = bucket_changes({"port": 30 * DAY, "port_1m": 365 * DAY, "port_15m": DAY}, plan)[1]
+    assert forever == [
+        "InfluxDB keeps port_15m (15m tier) 1 days; retention.windows_s.15m asks for forever. PortPulse does not "
+        "change a bucket that exists: influx bucket update --name port_15m --retention 0s, or set "
+        "retention.windows_s.15m to match"
+    ]
 
 
 def test_missing_policies_are_created_and_different_ones_named() -> None:
