@@ -19,10 +19,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
+import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -118,6 +123,7 @@ class OwnInflux:
                 self.proc.kill()
                 self.proc.wait()
         self.log.close()
+        shutil.rmtree(self.base, ignore_errors=True)
 
 
 def main() -> None:
@@ -175,6 +181,10 @@ def measure(env: dict[str, str], influx: OwnInflux, sensors: int, interval_s: fl
         run.stop()
     influx.at_rest()
     on_disk = influx.policy_bytes()
+    cli_env = {**os.environ, **env, **settings, "PORTPULSE_KAFKA__TOPIC_PREFIX": run.prefix,
+               "PORTPULSE_OPS__LOG_LEVEL": "WARNING"}  # fmt: skip
+    span = ["--from", str(start_ns // 10**9), "--to", str(-(-(start_ns + int(span_s * 1e9)) // 10**9))]
+    reprocessed = reprocess_twice(influx, cli_env, [*span, "--windows", "10s,1m,15m"])
     days = span_s / DAY_S
     tiers: dict[str, dict[str, Any]] = {}
     index = on_disk.pop("_series", 0)  # the database's series file: preallocated, shared by the tiers
@@ -191,6 +201,42 @@ def measure(env: dict[str, str], influx: OwnInflux, sensors: int, interval_s: fl
         "sensors": sensors, "interval_s": interval_s, "event_hours": hours, "metric_values": values,
         "points_written": points, "raw_bytes_per_value": raw / values if values else float("nan"), "tiers": tiers,
         "series_file_bytes": index, "influxdb": "1.8.10, fully compacted (cold shards)",
+        "reprocess": reprocessed,
+    }  # fmt: skip
+
+
+def stored_counts(influx: OwnInflux) -> dict[str, int]:
+    """Values stored per retention policy (every field of every measurement counted)."""
+    out = {}
+    for rp in ("raw", "10s", "1m", "15m"):
+        q = f'SELECT count(*) FROM "{DATABASE}"."{rp}"./.*/'  # noqa: S608 (our own names)
+        url = f"{influx.url}/query?" + urllib.parse.urlencode({"db": DATABASE, "q": q})
+        with urllib.request.urlopen(url, timeout=300) as r:  # noqa: S310 (loopback)
+            series = json.loads(r.read())["results"][0].get("series", [])
+        out[rp] = sum(int(v) for s in series for v in s["values"][0][1:] if v is not None)
+    return out
+
+
+def reprocess_twice(influx: OwnInflux, env: dict[str, str], args: list[str]) -> dict[str, Any]:
+    """``portpulse reprocess`` over the whole range: interrupted (SIGINT) after 3 s, then run to
+    the end, timed; what is stored afterwards compared with before."""
+    before = stored_counts(influx)
+    command = [sys.executable, "-m", "portpulse", "reprocess", *args]
+    first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(3)  # a benchmark step, not a test: somewhere in the middle of the run
+    first.send_signal(signal.SIGINT)
+    _, said = first.communicate(timeout=300)
+    started = time.monotonic()
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=3600)
+    took = time.monotonic() - started
+    if done.returncode != 0:
+        raise SystemExit(f"reprocess failed ({done.returncode}): {done.stderr[-2000:]}")
+    readings = int(re.search(r"(\d+) readings in the range", done.stdout).group(1))  # type: ignore[union-attr]
+    after = stored_counts(influx)
+    return {
+        "interrupted_exit": first.returncode, "interrupted_said": said.strip().splitlines()[-1:],
+        "seconds": took, "readings": readings, "readings_per_s": readings / took, "summary": done.stdout.strip(),
+        "stored_before": before, "stored_after": after, "same": before == after,
     }  # fmt: skip
 
 

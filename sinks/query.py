@@ -193,8 +193,9 @@ def run_query(influx: InfluxSettings, spec: QuerySpec) -> list[QueryRow]:
 
     try:
         with InfluxDBClient(
-            url=influx.url, token=influx.token.get_secret_value(), org=influx.org, timeout=influx.timeout_ms
-        ) as client:
+            url=influx.url, token=influx.token.get_secret_value(), org=influx.org, timeout=influx.timeout_ms,
+            verify_ssl=influx.verify_ssl, ssl_ca_cert=str(influx.ca_file) if influx.ca_file else None,
+        ) as client:  # fmt: skip
             csv = client.query_api().query_csv(build_flux(spec), dialect=Dialect(header=True, annotations=[]))
             raw = [r for r in csv if r]
     except ApiException as exc:

@@ -152,7 +152,7 @@ async def ensure_tiers(influx: InfluxSettings, plan: Mapping[str, Tier]) -> None
 
     timeout = aiohttp.ClientTimeout(total=influx.timeout_ms / 1000)
     async with aiohttp.ClientSession(timeout=timeout) as http:
-        async with http.get(f"{influx.url}/ping", ssl=influx.verify_ssl) as response:
+        async with http.get(f"{influx.url}/ping", ssl=influx.ssl_option()) as response:
             version = response.headers.get("X-Influxdb-Version", "")
         if version.startswith("1."):
             await _ensure_policies(http, influx, plan)
@@ -171,7 +171,7 @@ async def _ensure_policies(http: Any, influx: InfluxSettings, plan: Mapping[str,
     database = influx.bucket.partition("/")[0]
 
     async def influxql(q: str) -> dict[str, Any]:
-        async with http.post(f"{influx.url}/query", params={"q": q, **auth}, ssl=influx.verify_ssl) as response:
+        async with http.post(f"{influx.url}/query", params={"q": q, **auth}, ssl=influx.ssl_option()) as response:
             body = await response.json(content_type=None)
             if response.status >= 300:
                 raise PortPulseError(f"InfluxDB refused {q.split(' ON ')[0]!r} (HTTP {response.status}): {body}")
@@ -197,7 +197,7 @@ async def _ensure_buckets(http: Any, influx: InfluxSettings, plan: Mapping[str, 
 
     async def api(method: str, path: str, **kwargs: Any) -> dict[str, Any]:
         async with http.request(
-            method, f"{influx.url}{path}", headers=headers, ssl=influx.verify_ssl, **kwargs
+            method, f"{influx.url}{path}", headers=headers, ssl=influx.ssl_option(), **kwargs
         ) as response:
             body = await response.json(content_type=None)
             if response.status >= 300:

@@ -72,6 +72,7 @@ class InfluxTransport:
             timeout=influx.timeout_ms,
             enable_gzip=gzip,
             verify_ssl=influx.verify_ssl,
+            ssl_ca_cert=str(influx.ca_file) if influx.ca_file else None,
         )
         self._api = self._client.write_api()
 
@@ -308,7 +309,7 @@ class InfluxWriter:
 
             self._reader = InfluxDBClientAsync(
                 url=self._influx.url, token=self._influx.token.get_secret_value(), org=self._influx.org,
-                timeout=self._influx.timeout_ms, verify_ssl=self._influx.verify_ssl,
+                timeout=self._influx.timeout_ms, verify_ssl=self._influx.ssl_option(),
             )  # fmt: skip
         return self._reader
 
@@ -376,7 +377,7 @@ class InfluxWriter:
                         "predicate": predicate}  # fmt: skip
                 async with http.post(
                     f"{url}/api/v2/delete", params={"org": self._influx.org, "bucket": self._influx.bucket},
-                    json=body, headers={"Authorization": f"Token {token}"}, ssl=self._influx.verify_ssl,
+                    json=body, headers={"Authorization": f"Token {token}"}, ssl=self._influx.ssl_option(),
                 ) as response:  # fmt: skip
                     if response.status == 404:
                         self._influx_v1 = True
@@ -389,7 +390,7 @@ class InfluxWriter:
             params = {"db": self._influx.bucket.split("/")[0], "q": q}
             if password:
                 params |= {"u": user, "p": password}
-            async with http.post(f"{url}/query", params=params, ssl=self._influx.verify_ssl) as response:
+            async with http.post(f"{url}/query", params=params, ssl=self._influx.ssl_option()) as response:
                 answer = await response.text()
                 # InfluxQL answers 200 with {"results":[{"error": ...}]} for a statement it refused
                 if response.status >= 300 or '"error"' in answer:

@@ -9,6 +9,7 @@ way works, the fixture fails with the service's log tail.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import shutil
@@ -88,6 +89,37 @@ def local_services_env(service: str) -> dict[str, str]:
     out = subprocess.run([str(SERVICES_SCRIPT), "env"], capture_output=True, text=True, env=env, check=True).stdout
     pairs = (line.removeprefix("export ").split("=", 1) for line in out.splitlines() if line.startswith("export "))
     return {k: v for k, v in pairs}
+
+
+@dataclass(frozen=True)
+class SecuredServices:
+    """``scripts/services up secure``: ``env`` runs PortPulse with every hop secured; ``pki`` holds the
+    run's CA (``ca.pem``, ``ca.key``), certificates and ``credentials.json`` (passwords by
+    ``service:user``); the MQTT ports take TLS with a password and mutual TLS."""
+
+    env: dict[str, str]
+    pki: Path
+    credentials: dict[str, str]
+    mqtt_tls_port: int
+    mqtt_mtls_port: int
+    kafka_admin: str  # the plaintext listener, for administration
+
+
+def secured_services() -> SecuredServices:
+    """Start the secured services (idempotent) and describe them."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PORTPULSE_")}
+    up = subprocess.run([str(SERVICES_SCRIPT), "up", "secure"], capture_output=True, text=True, env=env, check=False)
+    if up.returncode != 0:
+        raise RuntimeError(f"scripts/services up secure failed:\n{up.stderr[-5000:]}")
+    out = subprocess.run(
+        [str(SERVICES_SCRIPT), "env", "secure"], capture_output=True, text=True, env=env, check=True
+    ).stdout
+    pairs = dict(line.removeprefix("export ").split("=", 1) for line in out.splitlines() if line.startswith("export "))
+    pki = Path(pairs["PORTPULSE_MQTT__CA_FILE"]).parent
+    mtls = int(pairs["PORTPULSE_MQTT__PORT"])
+    admin_port = int(pairs["PORTPULSE_KAFKA__BOOTSTRAP_SERVERS"].rsplit(":", 1)[1]) - 2
+    return SecuredServices(pairs, pki, json.loads((pki / "credentials.json").read_text()), mtls - 1, mtls,
+                           f"127.0.0.1:{admin_port}")  # fmt: skip
 
 
 def _connects(host: str, port: int) -> bool:

@@ -23,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, 
 from portpulse.contract.catalogue import Catalogue
 from portpulse.contract.health import Health, Probe
 from portpulse.contract.points import Categorical, PointColumns, PointStore, SeriesRange, StoredReadings, WriteReceipt
+from portpulse.contract.settings import InfluxSettings, KafkaSettings
 
 __all__ = [
     "Health",
@@ -40,16 +41,22 @@ log = logging.getLogger("portpulse.ops")
 Row = dict[str, Any]
 
 
-def kafka_probe(bootstrap_servers: str) -> Probe:
-    """A real Kafka answer (ApiVersions v0) from any bootstrap server, not just an open port: a
-    paused broker still accepts TCP connections."""
+def kafka_probe(kafka: KafkaSettings) -> Probe:
+    """A real Kafka answer (ApiVersions v0, over TLS where the listener has it; Kafka answers it
+    before SASL authentication) from any bootstrap server, not just an open port: a paused broker
+    still accepts TCP connections."""
+    from portpulse.kafka.client import ssl_context
+
+    context = ssl_context(kafka)
 
     async def probe() -> tuple[bool, str]:
         errors = []
-        for server in bootstrap_servers.split(","):
+        for server in kafka.bootstrap_servers.split(","):
             host, _, port = server.strip().rpartition(":")
             try:
-                reader, writer = await asyncio.open_connection(host.strip("[]"), int(port))
+                reader, writer = await asyncio.open_connection(
+                    host.strip("[]"), int(port), ssl=context, server_hostname=host.strip("[]") if context else None
+                )
             except (OSError, ValueError) as exc:
                 errors.append(f"{server}: {exc}")
                 continue
@@ -73,15 +80,18 @@ def kafka_probe(bootstrap_servers: str) -> Probe:
     return probe
 
 
-def influx_probe(url: str) -> Probe:
-    """``GET {url}/health`` (InfluxDB 1.8 and 2.x) answers 200."""
+def influx_probe(influx: InfluxSettings) -> Probe:
+    """``GET {influx.url}/health`` (InfluxDB 1.8 and 2.x) answers 200."""
     import aiohttp
+
+    url = influx.url
+    ssl = influx.ssl_option()
 
     async def probe() -> tuple[bool, str]:
         try:
             async with (
                 aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session,
-                session.get(f"{url}/health") as response,
+                session.get(f"{url}/health", ssl=ssl) as response,
             ):
                 if response.status == 200:
                     return True, f"{url} answers"

@@ -56,7 +56,7 @@ async def run_pipeline(
         raise ConfigError(f"unknown stage(s) {sorted(unknown)}; choose from {', '.join(STAGES)}")
     check_hooks()  # logs an error (and counts it) now, at start-up, if aiokafka no longer fits
     health = Health()
-    health.add("kafka", kafka_probe(settings.kafka.bootstrap_servers))
+    health.add("kafka", kafka_probe(settings.kafka))
     latest = LatestValues(load_catalogue(settings.processor.catalogue))
     view = LiveView(health, latest)
     halt = asyncio.Event()  # stop or a failed stage: tells every stage to drain
@@ -102,7 +102,7 @@ async def run_pipeline(
             dlq = await stack.enter_async_context(KafkaDeadLetters(settings.kafka))
             plan = tier_plan(settings.influx, settings.retention, [w.name for w in parse_windows(processor.windows)])
             writer = await open_tiered_store(stack, settings, plan, dlq)
-            http_probe = influx_probe(settings.influx.url)
+            http_probe = influx_probe(settings.influx)
 
             async def influx_health() -> tuple[bool, str]:
                 ok, detail = await http_probe()

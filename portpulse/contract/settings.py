@@ -7,6 +7,7 @@ then the defaults below. Secrets are ``SecretStr`` and print as ``**********``.
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 from typing import Any, Literal
 
@@ -112,7 +113,8 @@ class KafkaSettings(_Section):
 
 
 class InfluxSettings(_Section):
-    """InfluxDB endpoint. For 1.8 the token is ``user:password`` and the bucket ``database/retention``."""
+    """InfluxDB endpoint. For 1.8 the token is ``user:password`` and the bucket ``database/retention``.
+    Over HTTPS, ``ca_file`` is the CA that signed the server's certificate (default: the system's)."""
 
     url: str = "http://127.0.0.1:8086"
     token: SecretStr = SecretStr("")
@@ -120,6 +122,13 @@ class InfluxSettings(_Section):
     bucket: str = "portpulse/raw"
     timeout_ms: int = Field(10_000, ge=100)
     verify_ssl: bool = True
+    ca_file: Path | None = None
+
+    def ssl_option(self) -> ssl.SSLContext | bool:
+        """aiohttp's ``ssl=``: the CA of ``ca_file``, the system's (True), or no verification (False)."""
+        if not self.verify_ssl:
+            return False
+        return ssl.create_default_context(cafile=str(self.ca_file)) if self.ca_file else True
 
     @field_validator("url")
     @classmethod

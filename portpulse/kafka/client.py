@@ -26,6 +26,7 @@ __all__ = [
     "OutgoingRecords",
     "client_options",
     "committed_offsets",
+    "ssl_context",
     "start_producer",
 ]
 
@@ -37,9 +38,16 @@ def client_options(kafka: KafkaSettings) -> dict[str, Any]:
         out["sasl_mechanism"] = kafka.sasl_mechanism
         out["sasl_plain_username"] = kafka.sasl_username
         out["sasl_plain_password"] = kafka.sasl_password.get_secret_value() if kafka.sasl_password else None
-    if kafka.security_protocol in ("SSL", "SASL_SSL"):
-        out["ssl_context"] = ssl.create_default_context(cafile=str(kafka.ssl_ca_file) if kafka.ssl_ca_file else None)
+    if (context := ssl_context(kafka)) is not None:
+        out["ssl_context"] = context
     return out
+
+
+def ssl_context(kafka: KafkaSettings) -> ssl.SSLContext | None:
+    """The TLS context for ``SSL``/``SASL_SSL`` (the CA of ``ssl_ca_file``, else the system's); None without TLS."""
+    if kafka.security_protocol not in ("SSL", "SASL_SSL"):
+        return None
+    return ssl.create_default_context(cafile=str(kafka.ssl_ca_file) if kafka.ssl_ca_file else None)
 
 
 async def start_producer(kafka: KafkaSettings, what: str, **options: Any) -> Any:

@@ -1,0 +1,140 @@
+"""Every hop secured, against the real services ``scripts/services up secure`` starts: Mosquitto
+with mutual TLS and ACLs, Kafka over SASL_SSL (SCRAM-SHA-512) with ACLs, InfluxDB 1.8 over HTTPS
+with authentication. The whole pipeline delivers exactly; each way a hop can refuse gives one
+clear error naming the hop and the cause; no secret reaches a log line or ``portpulse config``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import ssl
+import statistics
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from tests.integration.test_faults import PipelineProcess
+from tests.services import SecuredServices, free_port, secured_services
+
+pytestmark = pytest.mark.integration
+
+MINUTE = 60 * 10**9
+
+
+@pytest.fixture(scope="module")
+def secured() -> SecuredServices:
+    return secured_services()
+
+
+def secured_env(secured: SecuredServices, unique: str, **overrides: str) -> dict[str, str]:
+    """The environment of a ``portpulse`` child with every hop secured, this test's Kafka topics
+    and group, and ``overrides`` (``PORTPULSE_*`` names without the prefix)."""
+    import os
+
+    return {
+        **{k: v for k, v in os.environ.items() if not k.startswith("PORTPULSE_")},
+        **secured.env,
+        "PORTPULSE_MQTT__CLIENT_ID": f"{unique}-bridge", "PORTPULSE_MQTT__SESSION_EXPIRY_S": "60",
+        "PORTPULSE_KAFKA__TOPIC_PREFIX": unique, "PORTPULSE_KAFKA__CONSUMER_GROUP": f"{unique}-g",
+        "PORTPULSE_KAFKA__PARTITIONS": "2", "PORTPULSE_KAFKA__REQUEST_TIMEOUT_MS": "5000",
+        "PORTPULSE_SINK__FLUSH_INTERVAL_MS": "100", "PORTPULSE_OPS__METRICS_PORT": str(free_port()),
+        **{f"PORTPULSE_{k}": v for k, v in overrides.items()},
+    }  # fmt: skip
+
+
+def publish_over_tls(secured: SecuredServices, messages: list[tuple[str, bytes]]) -> None:
+    """A gateway: TLS with the run's CA, user gateway-7 and its password, QoS 1, every message acknowledged."""
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id="gateway-7-test", protocol=paho.MQTTv311)
+    client.tls_set(ca_certs=str(secured.pki / "ca.pem"))
+    client.username_pw_set("gateway-7", secured.credentials["mqtt:gateway-7"])
+    client.connect("127.0.0.1", secured.mqtt_tls_port)
+    client.loop_start()
+    try:
+        infos = [client.publish(topic, payload, qos=1) for topic, payload in messages]
+        for info in infos:
+            info.wait_for_publish(30)
+            assert info.is_published()
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def influx_rows(secured: SecuredServices, q: str) -> list[list[Any]]:
+    """InfluxQL over HTTPS as the read-only user: the rows of the first series set, all series concatenated."""
+    auth = urllib.parse.urlencode({"u": "reader", "p": secured.credentials["influx:reader"], "db": "portpulse"})
+    url = f"{secured.env['PORTPULSE_INFLUX__URL']}/query?{auth}"
+    context = ssl.create_default_context(cafile=str(secured.pki / "ca.pem"))
+    data = urllib.parse.urlencode({"q": q, "epoch": "ns"}).encode()
+    with urllib.request.urlopen(url, data=data, timeout=30, context=context) as r:
+        result = json.loads(r.read())["results"][0]
+    return [row for series in result.get("series", []) for row in series["values"]]
+
+
+async def test_every_hop_secured_delivers_exactly_and_keeps_its_secrets(
+    secured: SecuredServices, unique: str, tmp_path: Path
+) -> None:
+    try:
+        await deliver_secured(secured, unique, tmp_path)
+    finally:
+        await asyncio.get_running_loop().shutdown_default_executor()  # the to_thread workers
+
+
+async def deliver_secured(secured: SecuredServices, unique: str, tmp_path: Path) -> None:
+    env = secured_env(secured, unique, OPS__LOG_LEVEL="DEBUG")
+    base = (time.time_ns() - 5 * MINUTE) // MINUTE * MINUTE  # closed minutes
+    sensors = [f"{unique}-{i}" for i in range(3)]
+    readings = {s: [(base + k * 7 * 10**9, 10.0 * i + k * 0.5) for k in range(12)] for i, s in enumerate(sensors)}
+    messages = [(f"sensors/air/quai/{s}", json.dumps({"ts": ts // 10**6, "metrics": {"no2": v}}).encode())
+                for s, values in readings.items() for ts, v in values]  # fmt: skip
+    pipeline = PipelineProcess(env, tmp_path / "pipeline.log")  # windows 1m
+    await pipeline.start()
+    try:
+        await asyncio.to_thread(publish_over_tls, secured, messages)
+        where = f'"sensor_id" =~ /^{unique}-/'
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            raw = await asyncio.to_thread(influx_rows, secured, f'SELECT sensor_id, no2 FROM "raw"."air" WHERE {where}')
+            minutes = await asyncio.to_thread(
+                influx_rows, secured, f'SELECT sensor_id, no2_count, no2_mean FROM "1m"."air_1m" WHERE {where}'
+            )
+            if len(raw) == len(messages) and sum(float(r[2]) for r in minutes) == len(messages):
+                break
+            await asyncio.sleep(0.5)
+        assert await pipeline.stop() == 0, pipeline.log.read_text()[-3000:]
+    finally:
+        await pipeline.stop()
+    assert sorted((r[1], r[0], r[2]) for r in raw) == sorted(
+        (s, ts, v) for s, values in readings.items() for ts, v in values
+    )
+    expected: dict[tuple[str, int], list[float]] = {}
+    for s, values in readings.items():
+        for ts, v in values:
+            expected.setdefault((s, ts // MINUTE * MINUTE), []).append(v)
+    got = {(str(r[1]), int(r[0])): (float(r[2]), float(r[3])) for r in minutes}
+    assert sorted(got) == sorted(expected)
+    for window, window_values in expected.items():
+        count, mean = got[window]
+        assert count == len(window_values) and math.isclose(mean, statistics.fmean(window_values)), window
+
+    log = pipeline.log.read_text()
+    assert "portpulse.bridge" in log and "portpulse.processor" in log  # DEBUG: everything was logged
+    config = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "portpulse", "config"], env=env, capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert config.returncode == 0, config.stderr
+    for name, secret in secured.credentials.items():
+        assert secret not in log, f"the password of {name} is in the pipeline's log"
+        assert secret not in config.stdout + config.stderr, f"the password of {name} is in portpulse config"
+    key_line = (secured.pki / "bridge.key").read_text().splitlines()[1]
+    assert key_line not in log and key_line not in config.stdout
