@@ -115,6 +115,7 @@ class KafkaRecordSink:
             max_batch_bytes=k.max_batch_bytes,
             delivery_timeout_s=k.delivery_timeout_ms / 1000,
             new_producer=self._start_producer,
+            kafka=k,
         )
         return self
 

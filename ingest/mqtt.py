@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import queue
+import re
 import ssl
 import threading
 import time
@@ -65,6 +66,24 @@ def credentials_refused(settings: MqttSettings, last_error: str) -> ConfigError:
         f"MQTT broker {settings.host}:{settings.port} refused {who} ({last_error.split(': ', 1)[-1]}); "
         "check mqtt.username and mqtt.password"
     )
+
+
+def tls_refused(settings: MqttSettings, exc: ssl.SSLError) -> ConfigError:
+    """The error for a TLS handshake that cannot succeed by retrying: we do not trust the broker's
+    certificate, or the broker refused ours (an alert such as ``certificate expired``)."""
+    where = f"MQTT broker {settings.host}:{settings.port}"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return ConfigError(
+            f"{where}: its TLS certificate is not trusted ({exc.verify_message}); check mqtt.ca_file "
+            f"({settings.ca_file or 'the system CAs'}) and that the host name is in the certificate"
+        )
+    alert = re.search(r"alert ([a-z ]+)", str(exc))
+    if alert:
+        mine = (
+            f"mqtt.cert_file {settings.cert_file}" if settings.cert_file else "no client certificate (mqtt.cert_file)"
+        )
+        return ConfigError(f"{where} refused our TLS client certificate ({alert.group(1).strip()}); we sent {mine}")
+    return ConfigError(f"{where}: TLS failed ({exc.reason or exc}); check mqtt.tls, mqtt.port and mqtt.ca_file")
 
 
 #: SUBSCRIBEs sent per connection when the broker refuses their packet id.

@@ -50,7 +50,7 @@ from portpulse.codecs.mqttwire import (
     parse_connack,
     parse_suback,
 )
-from portpulse.contract.errors import ServiceUnavailableError
+from portpulse.contract.errors import ConfigError, ServiceUnavailableError
 from portpulse.contract.settings import MqttSettings
 from portpulse.ingest.decode import Message
 from portpulse.ingest.metrics import INGEST_METRICS
@@ -61,6 +61,7 @@ from portpulse.ingest.mqtt import (
     credentials_refused,
     subscribe_id_refused,
     subscription_filters,
+    tls_refused,
 )
 
 __all__ = ["AsyncioMqttSource"]
@@ -78,6 +79,7 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         loop = asyncio.get_running_loop()
         self.lost: asyncio.Future[str] = loop.create_future()
+        self.lost_exc: Exception | None = None  # what ended the connection, if an error did
         self.connack: asyncio.Future[ConnAck] = loop.create_future()
         self.last_received = time.monotonic()
         self.paused = False
@@ -151,6 +153,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.lost.done():
+            self.lost_exc = exc
             self.lost.set_result(f"connection lost ({exc})" if exc else "connection closed by the broker")
 
 
@@ -181,7 +184,7 @@ class AsyncioMqttSource:
         self._subscribe_attempts = 0
         self.reconnects = 0
         self.last_error = ""
-        self.auth_failed = False
+        self.refused: ConfigError | None = None  # the broker can never accept us as configured
         self.shortfalls = BrokerShortfalls(settings)
 
     # ------------------------------------------------------------ public surface
@@ -203,11 +206,11 @@ class AsyncioMqttSource:
         self._task = asyncio.create_task(self._run(), name="mqtt-connection")
         deadline = time.monotonic() + self._connect_timeout_s
         while not self._connected.is_set():
-            if self.auth_failed or self._task.done() or time.monotonic() > deadline:
+            if self.refused or self._task.done() or time.monotonic() > deadline:
                 await self._shutdown()
-                if self.auth_failed:
-                    # Retrying cannot fix credentials: one attempt, then a clear error (exit code 2).
-                    raise credentials_refused(s, self.last_error)
+                if self.refused:
+                    # Retrying cannot fix credentials or certificates: one attempt, then a clear error (exit code 2).
+                    raise self.refused
                 raise ServiceUnavailableError("mqtt", self.last_error or f"no connection to {s.host}:{s.port}")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._connected.wait(), 0.05)
@@ -359,7 +362,7 @@ class AsyncioMqttSource:
         delay = s.reconnect_min_s
         while not self._stopping:
             reason = await self._session()
-            if self._stopping or self.auth_failed:
+            if self._stopping or self.refused:
                 return
             if self._connected.is_set():
                 delay = s.reconnect_min_s  # the last attempt got through: start the backoff again
@@ -378,17 +381,29 @@ class AsyncioMqttSource:
         loop = asyncio.get_running_loop()
         generation = self._generation + 1
         try:
+            # Read on every connection: certificate files replaced on disk are used from the next one.
+            context = self._ssl_context()
+        except (OSError, ssl.SSLError) as exc:
+            self.refused = ConfigError(
+                f"MQTT TLS files (mqtt.ca_file, mqtt.cert_file, mqtt.key_file) cannot be used: {exc}"
+            )
+            return f"TLS set-up failed: {exc}"
+        try:
             _, conn = await asyncio.wait_for(
                 loop.create_connection(
                     lambda: _Connection(self, generation),
                     s.host,
                     s.port,
-                    ssl=self._ssl_context(),
+                    ssl=context,
                     server_hostname=s.host if s.tls else None,
                 ),
                 self._connect_timeout_s,
             )
-        except (OSError, TimeoutError, ssl.SSLError) as exc:
+        except ssl.SSLError as exc:
+            # Retrying cannot make a certificate trusted: the start-up fails with the cause.
+            self.refused = tls_refused(s, exc)
+            return f"connect to {s.host}:{s.port} failed: {exc}"
+        except (OSError, TimeoutError) as exc:
             return f"connect to {s.host}:{s.port} failed: {exc or type(exc).__name__}"
         try:
             return await self._converse(conn, generation)
@@ -413,11 +428,15 @@ class AsyncioMqttSource:
         waiters: set[asyncio.Future[Any]] = {conn.connack, conn.lost}
         await asyncio.wait(waiters, timeout=self._connect_timeout_s, return_when=asyncio.FIRST_COMPLETED)
         if not conn.connack.done():
+            if isinstance(conn.lost_exc, ssl.SSLError):  # TLS 1.3: the broker judges our certificate now
+                self.refused = tls_refused(s, conn.lost_exc)
+                return f"TLS refused: {conn.lost_exc}"
             return "no CONNACK from the broker"
         ack = conn.connack.result()
         if ack.reason:
             self.last_error = f"MQTT connect refused: {ack.reason}"
-            self.auth_failed = ack.reason in AUTH_REFUSALS
+            if ack.reason in AUTH_REFUSALS:
+                self.refused = credentials_refused(s, self.last_error)
             log.error("%s", self.last_error)
             return f"connect refused: {ack.reason}"
         if generation > 1:

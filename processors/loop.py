@@ -39,6 +39,7 @@ from portpulse.kafka import (
     committed_offsets,
     ensure_topics,
     fetched_columns,
+    start_client,
     start_producer,
 )
 from portpulse.processors.engine import (
@@ -291,7 +292,7 @@ class Processor:
         if created:
             log.info("created Kafka topics %s", ", ".join(created))
         self._late_producer = await start_producer(k, "late-record producer")
-        self._late_sender = BatchSender(self._late_producer)
+        self._late_sender = BatchSender(self._late_producer, kafka=k)
         self._consumer = AIOKafkaConsumer(
             **client_options(k),
             group_id=k.consumer_group,
@@ -303,7 +304,7 @@ class Processor:
             **columnar_consumer_options(),
         )
         try:
-            await self._consumer.start()
+            await start_client(self._consumer, k, "readings consumer")
             self._consumer.subscribe(pattern=f"^{re.escape(k.topic_prefix)}\\.readings\\..+", listener=Listener())
         except BaseException:
             await self._close()

@@ -151,13 +151,31 @@ async def ensure_tiers(influx: InfluxSettings, plan: Mapping[str, Tier]) -> None
     import aiohttp
 
     timeout = aiohttp.ClientTimeout(total=influx.timeout_ms / 1000)
-    async with aiohttp.ClientSession(timeout=timeout) as http:
-        async with http.get(f"{influx.url}/ping", ssl=influx.ssl_option()) as response:
-            version = response.headers.get("X-Influxdb-Version", "")
-        if version.startswith("1."):
-            await _ensure_policies(http, influx, plan)
-        else:
-            await _ensure_buckets(http, influx, plan)
+    try:
+        async with aiohttp.ClientSession(timeout=timeout) as http:
+            async with http.get(f"{influx.url}/ping", ssl=influx.ssl_option()) as response:
+                version = response.headers.get("X-Influxdb-Version", "")
+            if version.startswith("1."):
+                await _ensure_policies(http, influx, plan)
+            else:
+                await _ensure_buckets(http, influx, plan)
+    except aiohttp.ClientConnectorCertificateError as exc:
+        raise ConfigError(
+            f"InfluxDB {influx.url}: its TLS certificate is not trusted "
+            f"({getattr(exc.certificate_error, 'verify_message', exc.certificate_error)}); "
+            f"check influx.ca_file ({influx.ca_file or 'the system CAs'})"
+        ) from None
+    except aiohttp.ClientSSLError as exc:
+        raise ConfigError(f"InfluxDB {influx.url}: TLS failed ({exc}); check influx.url and influx.ca_file") from None
+
+
+def _refused(influx: InfluxSettings, status: int, body: object) -> PortPulseError:
+    """The error for an answer that is no success: a refused login or right is configuration."""
+    if status in (401, 403):
+        user = influx.token.get_secret_value().partition(":")[0] if ":" in influx.token.get_secret_value() else ""
+        who = f"user {user!r}" if user else "the token"
+        return ConfigError(f"InfluxDB {influx.url} refused {who} (HTTP {status}: {body}); check influx.token")
+    return PortPulseError(f"InfluxDB {influx.url} answered HTTP {status}: {body}")
 
 
 async def _ensure_policies(http: Any, influx: InfluxSettings, plan: Mapping[str, Tier]) -> None:
@@ -173,6 +191,8 @@ async def _ensure_policies(http: Any, influx: InfluxSettings, plan: Mapping[str,
     async def influxql(q: str) -> dict[str, Any]:
         async with http.post(f"{influx.url}/query", params={"q": q, **auth}, ssl=influx.ssl_option()) as response:
             body = await response.json(content_type=None)
+            if response.status in (401, 403):
+                raise _refused(influx, response.status, body.get("error", body) if isinstance(body, dict) else body)
             if response.status >= 300:
                 raise PortPulseError(f"InfluxDB refused {q.split(' ON ')[0]!r} (HTTP {response.status}): {body}")
             return body  # type: ignore[no-any-return]
@@ -202,6 +222,8 @@ async def _ensure_buckets(http: Any, influx: InfluxSettings, plan: Mapping[str, 
             body = await response.json(content_type=None)
             if response.status >= 300:
                 what = body.get("message", body) if isinstance(body, dict) else body
+                if response.status in (401, 403):
+                    raise _refused(influx, response.status, what)
                 raise PortPulseError(f"InfluxDB refused {method} {path} (HTTP {response.status}): {what}")
             return body  # type: ignore[no-any-return]
 

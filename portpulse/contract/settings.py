@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import ssl
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -40,6 +40,20 @@ class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+def _file_or_none(value: Any) -> Any:
+    """A certificate, key or CA file: empty means none; one that is named must be a readable file
+    (said at start-up, not discovered on the first connection)."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    path = Path(value)
+    if not path.is_file():
+        raise ValueError(f"no such file: {path}")
+    return path
+
+
+TlsFile = Annotated[Path | None, BeforeValidator(_file_or_none)]
+
+
 class MqttSettings(_Section):
     """Connection to the MQTT broker the field gateways publish to."""
 
@@ -56,9 +70,9 @@ class MqttSettings(_Section):
     username: str | None = None
     password: SecretStr | None = None
     tls: bool = False
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
+    ca_file: TlsFile = None
+    cert_file: TlsFile = None
+    key_file: TlsFile = None
     keepalive_s: int = Field(30, ge=5)
     session_expiry_s: int = Field(3600, ge=0)
     reconnect_min_s: float = Field(0.5, gt=0)
@@ -99,7 +113,7 @@ class KafkaSettings(_Section):
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
     sasl_username: str | None = None
     sasl_password: SecretStr | None = None
-    ssl_ca_file: Path | None = None
+    ssl_ca_file: TlsFile = None
     consumer_group: str = "portpulse-processor"
     # Topics PortPulse creates: retention in seconds (-1: forever) and cleanup policy; the
     # registry topic is always compacted. Readings topics must keep at least the correction
@@ -122,7 +136,7 @@ class InfluxSettings(_Section):
     bucket: str = "portpulse/raw"
     timeout_ms: int = Field(10_000, ge=100)
     verify_ssl: bool = True
-    ca_file: Path | None = None
+    ca_file: TlsFile = None
 
     def ssl_option(self) -> ssl.SSLContext | bool:
         """aiohttp's ``ssl=``: the CA of ``ca_file``, the system's (True), or no verification (False)."""

@@ -14,7 +14,7 @@ import numpy as np
 import numpy.typing as npt
 
 from portpulse.codecs.recordbatch import BATCH_HEADER_BYTES, OutgoingRecords, decode_headers
-from portpulse.contract.errors import ServiceUnavailableError
+from portpulse.contract.errors import ConfigError, ServiceUnavailableError
 from portpulse.contract.settings import KafkaSettings
 from portpulse.kafka.hooks import FramedBatch, framed_batches
 
@@ -26,7 +26,10 @@ __all__ = [
     "OutgoingRecords",
     "client_options",
     "committed_offsets",
+    "diagnose",
+    "kafka_refused",
     "ssl_context",
+    "start_client",
     "start_producer",
 ]
 
@@ -63,12 +66,79 @@ async def start_producer(kafka: KafkaSettings, what: str, **options: Any) -> Any
         request_timeout_ms=kafka.request_timeout_ms,
         **options,
     )
-    try:
-        await producer.start()
-    except Exception as exc:
-        await producer.stop()
-        raise ServiceUnavailableError("kafka", f"{what} at {kafka.bootstrap_servers}: {type(exc).__name__}") from None
+    await start_client(producer, kafka, what)
     return producer
+
+
+async def start_client(client: Any, kafka: KafkaSettings, what: str) -> None:
+    """``await client.start()`` for an aiokafka producer, consumer or admin client; if it fails it
+    is stopped, and a refusal retrying cannot fix is raised as :class:`ConfigError` (see
+    :func:`kafka_refused`, :func:`diagnose`), anything else as :class:`ServiceUnavailableError`."""
+    try:
+        await client.start()
+    except Exception as exc:
+        await (client.close() if hasattr(client, "close") else client.stop())
+        refused = kafka_refused(kafka, exc, f"the {what}") or await diagnose(kafka)
+        if refused is not None:
+            raise refused from None
+        raise ServiceUnavailableError("kafka", f"{what} at {kafka.bootstrap_servers}: {type(exc).__name__}") from None
+
+
+def kafka_refused(kafka: KafkaSettings | None, exc: BaseException, what: str) -> ConfigError | None:
+    """The error for a refusal that retrying cannot fix (credentials, ACLs, an untrusted
+    certificate), naming the hop, the user and the cause, never the password; None otherwise.
+    ``what``: what was refused (``"writes to portpulse.readings.air"``)."""
+    from aiokafka import errors
+
+    where = f"Kafka {kafka.bootstrap_servers}" if kafka else "Kafka"
+    mechanism = kafka.sasl_mechanism if kafka else None
+    who = f"user {kafka.sasl_username!r}" if kafka and mechanism else "this client (no SASL user)"
+    if isinstance(exc, errors.SaslAuthenticationFailed | errors.AuthenticationFailedError):
+        return ConfigError(
+            f"{where} refused {who} ({mechanism}: authentication failed); "
+            "check kafka.sasl_username and kafka.sasl_password"
+        )
+    if isinstance(exc, errors.AuthenticationMethodNotSupported | errors.UnsupportedSaslMechanismError):
+        return ConfigError(f"{where} does not offer kafka.sasl_mechanism {mechanism} to {who}")
+    denied = (
+        errors.TopicAuthorizationFailedError, errors.ClusterAuthorizationFailedError,
+        errors.GroupAuthorizationFailedError, errors.TransactionalIdAuthorizationFailed,
+    )  # fmt: skip
+    if isinstance(exc, denied):
+        return ConfigError(f"{where} denied {who} {what} ({type(exc).__name__}): its ACLs do not allow it")
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        ca = kafka.ssl_ca_file if kafka else None
+        return ConfigError(
+            f"{where}: its TLS certificate is not trusted ({exc.verify_message}); check kafka.ssl_ca_file "
+            f"({ca or 'the system CAs'})"
+        )
+    if isinstance(exc, ssl.SSLError):
+        return ConfigError(f"{where}: TLS failed ({exc.reason or exc}); check kafka.security_protocol")
+    return None
+
+
+async def diagnose(kafka: KafkaSettings, timeout_s: float = 10.0) -> ConfigError | None:
+    """Why clients cannot bootstrap, where retrying cannot help: aiokafka's clients only log the
+    cause (a failed SASL authentication, an untrusted certificate) and raise a bare connection
+    error, so one connection to the first bootstrap server is made by hand to find it."""
+    from aiokafka.conn import create_conn
+
+    host, _, port = kafka.bootstrap_servers.split(",")[0].strip().rpartition(":")
+    options = client_options(kafka)
+    try:
+        conn = await asyncio.wait_for(
+            create_conn(
+                host.strip("[]"), int(port), request_timeout_ms=kafka.request_timeout_ms,
+                ssl_context=options.get("ssl_context"), security_protocol=kafka.security_protocol,
+                sasl_mechanism=options.get("sasl_mechanism"), sasl_plain_username=options.get("sasl_plain_username"),
+                sasl_plain_password=options.get("sasl_plain_password"),
+            ),
+            timeout_s,
+        )  # fmt: skip
+    except Exception as exc:
+        return kafka_refused(kafka, exc, "a connection")
+    conn.close()
+    return None
 
 
 #: A record to send: (topic, key, value, headers).
@@ -111,8 +181,10 @@ class BatchSender:
         max_batch_bytes: int = 1_048_576,
         delivery_timeout_s: float = 120.0,
         new_producer: Callable[[], Awaitable[Any]] | None = None,
+        kafka: KafkaSettings | None = None,
     ) -> None:
         self.producer = producer
+        self._kafka = kafka  # named in the error when Kafka refuses the writes
         self._delivery_timeout_s = delivery_timeout_s
         self._new_producer = new_producer
         self._retired: set[asyncio.Task[None]] = set()
@@ -148,6 +220,7 @@ class BatchSender:
             try:
                 sent = await send(pending)
             except KafkaError as exc:
+                self._refused(exc)
                 sent, failed = [], pending
                 self._failed(exc)
             if sent:
@@ -161,6 +234,7 @@ class BatchSender:
                 try:
                     fut.result()
                 except KafkaError as exc:
+                    self._refused(exc)
                     failed = join(failed, members)
                     self._failed(exc)
             if stalled:
@@ -188,6 +262,12 @@ class BatchSender:
         task = asyncio.create_task(_stop_within(stalled, 10.0))
         self._retired.add(task)
         task.add_done_callback(self._retired.discard)
+
+    def _refused(self, exc: Exception) -> None:
+        """Raise what retrying cannot fix (the ACLs deny the writes): callers stop, nothing is
+        acknowledged upstream."""
+        if (refused := kafka_refused(self._kafka, exc, "writes")) is not None:
+            raise refused
 
     def _failed(self, exc: Exception) -> None:
         if self._on_failure is not None:

@@ -14,7 +14,7 @@ from typing import Any
 from portpulse.contract.errors import ConfigError, ServiceUnavailableError
 from portpulse.contract.settings import KafkaSettings
 from portpulse.contract.topics import is_readings_topic, retention_shortfall, topic_configs
-from portpulse.kafka.client import client_options
+from portpulse.kafka.client import client_options, kafka_refused, start_client
 
 __all__ = ["ensure_topics", "read_compacted", "read_topic"]
 
@@ -28,10 +28,10 @@ async def ensure_topics(kafka: KafkaSettings, topics: Iterable[str], horizon_s: 
     :class:`ConfigError`; a DLQ or late topic keeping less than configured is logged. Returns the
     topics created (another client creating one at the same moment is fine)."""
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-    from aiokafka.errors import TopicAlreadyExistsError
+    from aiokafka.errors import TopicAlreadyExistsError, for_code
 
     admin = AIOKafkaAdminClient(**client_options(kafka), request_timeout_ms=kafka.request_timeout_ms)
-    await admin.start()
+    await start_client(admin, kafka, "admin client")
     try:
         wanted = set(topics)
         existing = wanted & set(await admin.list_topics())
@@ -40,7 +40,11 @@ async def ensure_topics(kafka: KafkaSettings, topics: Iterable[str], horizon_s: 
                for t in missing]  # fmt: skip
         if new:
             with contextlib.suppress(TopicAlreadyExistsError):
-                await admin.create_topics(new)
+                response = await admin.create_topics(new)
+                for topic, code, *_ in response.topic_errors:
+                    error = for_code(code)
+                    if code and (refused := kafka_refused(kafka, error(), f"creating topic {topic}")) is not None:
+                        raise refused
         if horizon_s is not None and existing:
             for topic, retention_ms in (await _retentions(admin, sorted(existing))).items():
                 problem = retention_shortfall(topic, retention_ms, kafka, horizon_s)

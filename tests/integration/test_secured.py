@@ -138,3 +138,145 @@ async def deliver_secured(secured: SecuredServices, unique: str, tmp_path: Path)
         assert secret not in config.stdout + config.stderr, f"the password of {name} is in portpulse config"
     key_line = (secured.pki / "bridge.key").read_text().splitlines()[1]
     assert key_line not in log and key_line not in config.stdout
+
+
+def expired_certificate(pki: Path, out: Path) -> tuple[Path, Path]:
+    """A client certificate for portpulse-bridge, signed by the run's CA, that expired yesterday."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    ca_key = serialization.load_pem_private_key((pki / "ca.key").read_bytes(), None)
+    assert isinstance(ca_key, rsa.RSAPrivateKey)
+    ca = x509.load_pem_x509_certificate((pki / "ca.pem").read_bytes())
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "portpulse-bridge")]))
+        .issuer_name(ca.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=3)).not_valid_after(now - dt.timedelta(days=1))
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    (out / "expired.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    pkcs8 = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                              serialization.NoEncryption())  # fmt: skip
+    (out / "expired.key").write_bytes(pkcs8)
+    return out / "expired.pem", out / "expired.key"
+
+
+def other_ca(out: Path) -> Path:
+    """A CA that signed none of the services' certificates."""
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(out / "other.key"), "-out",
+         str(out / "other.pem"), "-days", "2", "-subj", "/CN=Some other CA"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return out / "other.pem"
+
+
+async def create_pipeline_topics(secured: SecuredServices, prefix: str) -> None:
+    """The pipeline's topics, made as the administrator (the plaintext listener)."""
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    from portpulse.contract.catalogue import load_catalogue
+    from portpulse.contract.topics import pipeline_topics
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=secured.kafka_admin)
+    await admin.start()
+    try:
+        topics = sorted(pipeline_topics(prefix, load_catalogue().domains()))
+        await admin.create_topics([NewTopic(t, 2, 1) for t in topics])
+    finally:
+        await admin.close()
+
+
+#: case -> (settings that break one hop, with {other_ca}, {expired_cert}, {expired_key}, {reader} filled
+#: in; what the one error line says)
+REFUSALS = {
+    "mqtt: a CA that did not sign the broker's certificate": (
+        {"MQTT__CA_FILE": "{other_ca}"},
+        "MQTT broker 127.0.0.1:11894: its TLS certificate is not trusted (self-signed certificate in certificate "
+        "chain); check mqtt.ca_file",
+    ),
+    "mqtt: an expired client certificate": (
+        {"MQTT__CERT_FILE": "{expired_cert}", "MQTT__KEY_FILE": "{expired_key}"},
+        "MQTT broker 127.0.0.1:11894 refused our TLS client certificate (certificate expired)",
+    ),
+    "mqtt: a wrong password": (
+        {"MQTT__PORT": "{mqtt_tls_port}", "MQTT__CERT_FILE": "", "MQTT__KEY_FILE": "", "MQTT__USERNAME": "portpulse",
+         "MQTT__PASSWORD": "not-the-mqtt-password-1"},
+        "MQTT broker 127.0.0.1:11893 refused user 'portpulse' (not authorized); check mqtt.username and mqtt.password",
+    ),
+    "kafka: a wrong password": (
+        {"KAFKA__SASL_PASSWORD": "not-the-kafka-password-2"},
+        "Kafka 127.0.0.1:19194 refused user 'portpulse' (SCRAM-SHA-512: authentication failed); check "
+        "kafka.sasl_username and kafka.sasl_password",
+    ),
+    "kafka: a CA that did not sign the broker's certificate": (
+        {"KAFKA__SSL_CA_FILE": "{other_ca}"},
+        "Kafka 127.0.0.1:19194: its TLS certificate is not trusted (unable to get local issuer certificate)",
+    ),
+    "kafka: a user without write permission": (
+        {"KAFKA__SASL_USERNAME": "reader", "KAFKA__SASL_PASSWORD": "{reader}"},
+        "Kafka 127.0.0.1:19194 denied user 'reader' writes (TopicAuthorizationFailedError): its ACLs do not allow it",
+    ),
+    "influx: a wrong password": (
+        {"INFLUX__TOKEN": "portpulse:not-the-influx-password-3"},
+        "InfluxDB https://127.0.0.1:18096 refused user 'portpulse' (HTTP 401: authorization failed); check "
+        "influx.token",
+    ),
+    "influx: a CA that did not sign the server's certificate": (
+        {"INFLUX__CA_FILE": "{other_ca}"},
+        "InfluxDB https://127.0.0.1:18096: its TLS certificate is not trusted (unable to get local issuer "
+        "certificate); check influx.ca_file",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(REFUSALS))
+async def test_a_refusing_hop_stops_start_up_with_one_clear_error(
+    secured: SecuredServices, unique: str, tmp_path: Path, case: str
+) -> None:
+    try:
+        await refused(secured, unique, tmp_path, case)
+    finally:
+        await asyncio.get_running_loop().shutdown_default_executor()  # the to_thread workers
+
+
+async def refused(secured: SecuredServices, unique: str, tmp_path: Path, case: str) -> None:
+    broken, said = REFUSALS[case]
+    cert, key = expired_certificate(secured.pki, tmp_path)
+    values = {"other_ca": str(other_ca(tmp_path)), "expired_cert": str(cert), "expired_key": str(key),
+              "reader": secured.credentials["kafka:reader"], "mqtt_tls_port": str(secured.mqtt_tls_port)}  # fmt: skip
+    env = secured_env(secured, unique, **{k: v.format(**values) for k, v in broken.items()})
+    if "without write permission" in case:
+        await create_pipeline_topics(secured, unique)  # creating them is not the reader's to do
+    run = PipelineProcess(env, tmp_path / "run.log")
+    writes = "without write permission" in case
+    await run.start() if writes else run.spawn()  # start: spawn, then wait until ready
+    assert run.proc is not None
+    try:
+        if writes:  # the bridge writes nothing before a reading arrives: one, once it is subscribed
+            await asyncio.to_thread(
+                publish_over_tls, secured, [(f"sensors/air/quai/{unique}", b'{"metrics": {"no2": 1.0}}')]
+            )
+        for _ in range(900):  # bounded: 90 s
+            if run.proc.poll() is not None:
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        if run.proc.poll() is None:
+            run.kill()
+    err = run.log.read_bytes()
+    stderr = err.decode()
+    assert run.proc.returncode == 2, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith(f"portpulse: {said}"), stderr[-3000:]
+    assert stderr.count(said) == 1, stderr[-3000:]  # said once: no retry loop repeating it
+    for name, secret in {**secured.credentials, **{k: v for k, v in broken.items() if "PASSWORD" in k}}.items():
+        assert secret not in stderr, f"{name}'s secret is in the output"
