@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install services brokers services-down tools lint unit integration test demo bench clean
+.PHONY: install services brokers secure services-down tools lint unit integration test demo bench clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "PortPulse needs Python >= 3.11")'
@@ -31,7 +31,10 @@ services:  ## real Mosquitto, Kafka, InfluxDB on 127.0.0.1 (idempotent)
 brokers:  ## the interop matrix's MQTT brokers: mochi (Go module), rumqttd (crates.io), ActiveMQ Artemis (Maven Central), amqtt (PyPI)
 	scripts/services up mochi rumqttd artemis amqtt
 
-services-down:  ## stops the services and the interop brokers
+secure:  ## the secured services: Mosquitto (TLS, mutual TLS, ACLs), Kafka (SASL_SSL, ACLs), InfluxDB (HTTPS, users)
+	scripts/services up secure
+
+services-down:  ## stops the services, the interop brokers and the secured services
 	scripts/services down
 
 lint: install  ## ruff + mypy --strict
@@ -42,13 +45,13 @@ lint: install  ## ruff + mypy --strict
 unit: install
 	$(BIN)/pytest -m "not integration"
 
-integration: install services brokers tools
+integration: install services brokers secure tools
 	$(BIN)/pytest -m integration
 
 tools:  ## test tools: headless Chromium for the dashboard's browser test (apt)
 	scripts/services tools
 
-test: install services brokers tools lint  ## everything CI runs
+test: install services brokers secure tools lint  ## everything CI runs
 	$(BIN)/pytest
 
 demo: install  ## services + portpulse run (dashboard on :9464) + simulated fleets with faults; Ctrl-C stops

@@ -185,6 +185,7 @@ class AsyncioMqttSource:
         self.reconnects = 0
         self.last_error = ""
         self.refused: ConfigError | None = None  # the broker can never accept us as configured
+        self._ever_connected = False
         self.shortfalls = BrokerShortfalls(settings)
 
     # ------------------------------------------------------------ public surface
@@ -362,8 +363,13 @@ class AsyncioMqttSource:
         delay = s.reconnect_min_s
         while not self._stopping:
             reason = await self._session()
-            if self._stopping or self.refused:
-                return
+            if self._stopping or (self.refused and not self._ever_connected):
+                return  # at start-up: __aenter__ raises the refusal
+            if self.refused:
+                # Once running (certificates rotated, a password changed), keep trying: the next
+                # files or the broker's fix may be one reconnect away; each attempt logs the cause.
+                log.error("%s", self.refused)
+                self.refused = None
             if self._connected.is_set():
                 delay = s.reconnect_min_s  # the last attempt got through: start the backoff again
             self._connected.clear()
@@ -446,6 +452,7 @@ class AsyncioMqttSource:
                 "reconnected to MQTT %s:%d (session present: %s); resubscribing", s.host, s.port, ack.session_present
             )
         self._connected.set()
+        self._ever_connected = True
         INGEST_METRICS.mqtt_connected.set(1)
         return await self._keep_alive(conn)
 

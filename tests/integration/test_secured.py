@@ -16,6 +16,7 @@ import sys
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from tests.integration.test_faults import PipelineProcess
-from tests.services import SecuredServices, free_port, secured_services
+from tests.services import SERVICES_SCRIPT, SecuredServices, free_port, secured_services
 
 pytestmark = pytest.mark.integration
 
@@ -140,8 +141,9 @@ async def deliver_secured(secured: SecuredServices, unique: str, tmp_path: Path)
     assert key_line not in log and key_line not in config.stdout
 
 
-def expired_certificate(pki: Path, out: Path) -> tuple[Path, Path]:
-    """A client certificate for portpulse-bridge, signed by the run's CA, that expired yesterday."""
+def client_certificate(pki: Path, out: Path, name: str, expired: bool = False) -> tuple[Path, Path]:
+    """A client certificate for portpulse-bridge signed by the run's CA (valid for a day, or
+    expired yesterday) and its key, as ``{name}.pem`` and ``{name}.key`` in ``out``."""
     import datetime as dt
 
     from cryptography import x509
@@ -154,19 +156,20 @@ def expired_certificate(pki: Path, out: Path) -> tuple[Path, Path]:
     ca = x509.load_pem_x509_certificate((pki / "ca.pem").read_bytes())
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     now = dt.datetime.now(dt.UTC)
+    start, end = (now - dt.timedelta(days=3), now - dt.timedelta(days=1)) if expired else (now, now + dt.timedelta(1))
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "portpulse-bridge")]))
         .issuer_name(ca.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(days=3)).not_valid_after(now - dt.timedelta(days=1))
+        .not_valid_before(start).not_valid_after(end)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
         .sign(ca_key, hashes.SHA256())
     )  # fmt: skip
-    (out / "expired.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (out / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     pkcs8 = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                               serialization.NoEncryption())  # fmt: skip
-    (out / "expired.key").write_bytes(pkcs8)
-    return out / "expired.pem", out / "expired.key"
+    (out / f"{name}.key").write_bytes(pkcs8)
+    return out / f"{name}.pem", out / f"{name}.key"
 
 
 def other_ca(out: Path) -> Path:
@@ -250,7 +253,7 @@ async def test_a_refusing_hop_stops_start_up_with_one_clear_error(
 
 async def refused(secured: SecuredServices, unique: str, tmp_path: Path, case: str) -> None:
     broken, said = REFUSALS[case]
-    cert, key = expired_certificate(secured.pki, tmp_path)
+    cert, key = client_certificate(secured.pki, tmp_path, "expired", expired=True)
     values = {"other_ca": str(other_ca(tmp_path)), "expired_cert": str(cert), "expired_key": str(key),
               "reader": secured.credentials["kafka:reader"], "mqtt_tls_port": str(secured.mqtt_tls_port)}  # fmt: skip
     env = secured_env(secured, unique, **{k: v.format(**values) for k, v in broken.items()})
@@ -280,3 +283,76 @@ async def refused(secured: SecuredServices, unique: str, tmp_path: Path, case: s
     assert stderr.count(said) == 1, stderr[-3000:]  # said once: no retry loop repeating it
     for name, secret in {**secured.credentials, **{k: v for k, v in broken.items() if "PASSWORD" in k}}.items():
         assert secret not in stderr, f"{name}'s secret is in the output"
+
+
+async def test_client_certificates_replaced_on_disk_are_used_on_the_next_reconnect(
+    secured: SecuredServices, unique: str, tmp_path: Path
+) -> None:
+    try:
+        await rotate(secured, unique, tmp_path)
+    finally:
+        await asyncio.get_running_loop().shutdown_default_executor()  # the to_thread workers
+
+
+async def rotate(secured: SecuredServices, unique: str, tmp_path: Path) -> None:
+    """The bridge's certificate files are replaced while it runs and the broker restarts: an
+    expired certificate is refused on each reconnect (so the new files are read, and the refusal
+    logged), then a valid new one gets through and readings flow again, all without a restart."""
+    cert, key = tmp_path / "bridge.pem", tmp_path / "bridge.key"
+    cert.write_bytes((secured.pki / "bridge.pem").read_bytes())
+    key.write_bytes((secured.pki / "bridge.key").read_bytes())
+    env = secured_env(secured, unique, MQTT__CERT_FILE=str(cert), MQTT__KEY_FILE=str(key),
+                      MQTT__RECONNECT_MAX_S="1")  # fmt: skip
+    pipeline = PipelineProcess(env, tmp_path / "pipeline.log")
+    now_ms = time.time_ns() // 10**6
+
+    def reading(sensor: str, value: float) -> tuple[str, bytes]:
+        return f"sensors/air/quai/{sensor}", json.dumps({"ts": now_ms, "metrics": {"no2": value}}).encode()
+
+    async def stored(sensor: str) -> bool:
+        rows = await asyncio.to_thread(
+            influx_rows, secured, f'SELECT no2 FROM "raw"."air" WHERE sensor_id = \'{sensor}\''
+        )
+        return len(rows) == 1
+
+    async def until(condition: Callable[[], Awaitable[bool]], what: str) -> None:
+        for _ in range(240):  # bounded: 120 s
+            if await condition():
+                return
+            await asyncio.sleep(0.5)
+        raise AssertionError(f"timed out waiting for {what}:\n{pipeline.log.read_text()[-3000:]}")
+
+    await pipeline.start()
+    try:
+        await asyncio.to_thread(publish_over_tls, secured, [reading(f"{unique}-before", 1.0)])
+        await until(lambda: stored(f"{unique}-before"), "the first reading")
+        expired = client_certificate(secured.pki, tmp_path, "expired", expired=True)
+        for new, old in zip(expired, (cert, key), strict=True):
+            new.replace(old)
+        await asyncio.to_thread(restart_secured_mqtt)
+
+        async def refused() -> bool:
+            return "refused our TLS client certificate (certificate expired)" in pipeline.log.read_text()
+
+        await until(refused, "the expired certificate to be refused")
+        assert pipeline.proc is not None and pipeline.proc.poll() is None  # still running
+        fresh = client_certificate(secured.pki, tmp_path, "fresh")
+        for new, old in zip(fresh, (cert, key), strict=True):
+            new.replace(old)
+
+        async def resubscribed() -> bool:  # the restarted broker kept no session: publish after it
+            return "subscribed (1 reconnects)" in pipeline.log.read_text()
+
+        await until(resubscribed, "the bridge to subscribe again")
+        await asyncio.to_thread(publish_over_tls, secured, [reading(f"{unique}-after", 2.0)])
+        await until(lambda: stored(f"{unique}-after"), "a reading through the new certificate")
+        assert await pipeline.stop() == 0, pipeline.log.read_text()[-3000:]
+    finally:
+        await pipeline.stop()
+
+
+def restart_secured_mqtt() -> None:
+    for command in ("down", "up"):
+        done = subprocess.run([str(SERVICES_SCRIPT), command, "mqtt-secure"], capture_output=True, text=True,
+                              timeout=120)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
