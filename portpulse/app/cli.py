@@ -160,8 +160,11 @@ def _cmd_pipeline(settings: Settings, stages: tuple[str, ...], args: argparse.Na
 def _cmd_top(settings: Settings, args: argparse.Namespace) -> int:
     from portpulse.app.top import run_top
 
-    url = args.url or f"http://{settings.ops.metrics_host}:{settings.ops.metrics_port}"
-    return run_top(url, args.interval, once=args.once)
+    ops = settings.ops
+    scheme = "https" if ops.tls_cert_file else "http"
+    url = args.url or f"{scheme}://{ops.metrics_host}:{ops.metrics_port}"
+    token = ops.auth_token.get_secret_value() if ops.auth_token else None
+    return run_top(url, args.interval, once=args.once, token=token)
 
 
 def _cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:

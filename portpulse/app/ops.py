@@ -8,9 +8,14 @@ the dashboard and ``portpulse top``) and ``/`` (the live dashboard). Loopback by
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hmac
+import ipaddress
 import json
 import logging
+import socket
+import ssl
 import struct
 import time
 from collections import deque
@@ -21,9 +26,10 @@ import numpy as np
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 
 from portpulse.contract.catalogue import Catalogue
+from portpulse.contract.errors import ConfigError
 from portpulse.contract.health import Health, Probe
 from portpulse.contract.points import Categorical, PointColumns, PointStore, SeriesRange, StoredReadings, WriteReceipt
-from portpulse.contract.settings import InfluxSettings, KafkaSettings
+from portpulse.contract.settings import InfluxSettings, KafkaSettings, OpsSettings
 
 __all__ = [
     "Health",
@@ -31,9 +37,11 @@ __all__ = [
     "LiveView",
     "OpsServer",
     "TappedSink",
+    "authorized",
     "influx_probe",
     "kafka_probe",
     "metric_totals",
+    "ops_tls",
 ]
 
 log = logging.getLogger("portpulse.ops")
@@ -313,13 +321,70 @@ def dashboard_html() -> bytes:
     return resources.files("portpulse.app").joinpath("dashboard.html").read_bytes()
 
 
-class OpsServer:
-    """A small HTTP/1.1 server (GET only, one request per connection) on the event loop."""
+def ops_tls(ops: OpsSettings) -> ssl.SSLContext | None:
+    """The server's TLS context from ``ops.tls_cert_file``/``tls_key_file``; None for plain HTTP."""
+    if ops.tls_cert_file is None or ops.tls_key_file is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(str(ops.tls_cert_file), str(ops.tls_key_file))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"ops.tls_cert_file/tls_key_file cannot be used: {exc}") from None
+    return context
 
-    def __init__(self, view: LiveView, host: str, port: int, registry: CollectorRegistry = REGISTRY) -> None:
+
+#: Endpoints open without the token: an orchestrator's liveness and readiness probes.
+OPEN_PATHS = frozenset({"/livez", "/readyz"})
+
+
+def authorized(authorization: str | None, token: str | None) -> bool:
+    """Whether an ``Authorization`` header carries ``token``: ``Bearer <token>``, or basic auth with
+    it as the password (any user name). No token: everyone is."""
+    if token is None:
+        return True
+    if not authorization:
+        return False
+    scheme, _, value = authorization.strip().partition(" ")
+    if scheme.lower() == "bearer":
+        offered = value.strip()
+    elif scheme.lower() == "basic":
+        try:
+            offered = base64.b64decode(value.strip(), validate=True).decode().partition(":")[2]
+        except (ValueError, UnicodeDecodeError):
+            return False
+    else:
+        return False
+    return hmac.compare_digest(offered.encode(), token.encode())
+
+
+def _resolved(host: str) -> str:
+    """An address for ``host`` ("" and "0.0.0.0" bind every interface: not loopback)."""
+    if host in ("", "0.0.0.0", "::"):  # noqa: S104 (what is being checked)
+        return "0.0.0.0"  # noqa: S104
+    try:
+        return str(socket.getaddrinfo(host, None)[0][4][0])
+    except OSError:
+        return "0.0.0.0"  # noqa: S104 (unknown: assume reachable)
+
+
+class OpsServer:
+    """A small HTTP/1.1 server (GET only, one request per connection) on the event loop. With
+    ``token``, every path but :data:`OPEN_PATHS` needs it (see :func:`authorized`); with ``tls``
+    it speaks HTTPS."""
+
+    def __init__(
+        self,
+        view: LiveView,
+        host: str,
+        port: int,
+        registry: CollectorRegistry = REGISTRY,
+        token: str | None = None,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self._view = view
         self._host, self._port = host, port
         self._registry = registry
+        self._token, self._tls = token, tls
         self._server: asyncio.Server | None = None
 
     @property
@@ -329,8 +394,15 @@ class OpsServer:
         return int(self._server.sockets[0].getsockname()[1])
 
     async def __aenter__(self) -> OpsServer:
-        self._server = await asyncio.start_server(self._handle, self._host, self._port)
-        log.info("ops endpoints on http://%s:%d/ (/metrics, /healthz, /readyz)", self._host, self.port)
+        self._server = await asyncio.start_server(self._handle, self._host, self._port, ssl=self._tls)
+        scheme = "https" if self._tls else "http"
+        log.info("ops endpoints on %s://%s:%d/ (/metrics, /healthz, /readyz)%s", scheme, self._host, self.port,
+                 "; a token is needed but for /livez and /readyz" if self._token else "")  # fmt: skip
+        if self._token is None and not ipaddress.ip_address(_resolved(self._host)).is_loopback:
+            log.warning(
+                "ops endpoints on %s are reachable from other machines without a token: set ops.auth_token "
+                "(and ops.tls_cert_file/tls_key_file, or a TLS reverse proxy)", self._host,
+            )  # fmt: skip
         return self
 
     async def __aexit__(self, *_exc: object) -> None:
@@ -358,20 +430,27 @@ class OpsServer:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-            method, path, _ = request.split(b"\r\n", 1)[0].decode("latin-1").split(" ", 2)
+            first, _, rest = request.decode("latin-1").partition("\r\n")
+            method, path, _ = first.split(" ", 2)
+            headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in rest.split("\r\n")) if k}
+            challenge = ""
             if method not in ("GET", "HEAD"):
                 status, ctype, body = 405, "text/plain", b"GET only\n"
+            elif path.split("?", 1)[0] not in OPEN_PATHS and not authorized(headers.get("authorization"), self._token):
+                status, ctype, body = 401, "text/plain", b"a token is needed (ops.auth_token)\n"
+                challenge = 'WWW-Authenticate: Basic realm="PortPulse", charset="UTF-8"\r\n'
             else:
                 status, ctype, body = self.route(path)
-            reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}[status]
+            reason = {200: "OK", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed",
+                      503: "Service Unavailable"}[status]  # fmt: skip
             head = (
                 f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
-                "Cache-Control: no-store\r\nConnection: close\r\n\r\n"
+                f"{challenge}Cache-Control: no-store\r\nConnection: close\r\n\r\n"
             )
             writer.write(head.encode() + (body if method == "GET" else b""))
             await writer.drain()
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ValueError, OSError):
-            pass  # a broken or idle client: nothing to answer
+            pass  # a broken or idle client (or a failed TLS handshake): nothing to answer
         finally:
             writer.close()
             with contextlib.suppress(OSError):

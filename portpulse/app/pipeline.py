@@ -13,7 +13,16 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from portpulse.app.ops import Health, LatestValues, LiveView, OpsServer, TappedSink, influx_probe, kafka_probe
+from portpulse.app.ops import (
+    Health,
+    LatestValues,
+    LiveView,
+    OpsServer,
+    TappedSink,
+    influx_probe,
+    kafka_probe,
+    ops_tls,
+)
 from portpulse.contract.catalogue import load_catalogue
 from portpulse.contract.errors import ConfigError, PortPulseError
 from portpulse.contract.settings import Settings
@@ -65,11 +74,18 @@ async def run_pipeline(
         await stop.wait()
         halt.set()
 
+    ops_token = settings.ops.auth_token.get_secret_value() if settings.ops.auth_token else None
     async with contextlib.AsyncExitStack() as stack:
         if settings.ops.metrics_port:
             try:
                 server = await stack.enter_async_context(
-                    OpsServer(view, settings.ops.metrics_host, settings.ops.metrics_port)
+                    OpsServer(
+                        view,
+                        settings.ops.metrics_host,
+                        settings.ops.metrics_port,
+                        token=ops_token,
+                        tls=ops_tls(settings.ops),
+                    )
                 )
             except OSError as exc:
                 raise ConfigError(

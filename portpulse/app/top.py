@@ -38,8 +38,12 @@ LEVEL_ROWS = (
 )
 
 
-def fetch_state(url: str, timeout_s: float = 2.0) -> dict[str, Any]:
-    with urllib.request.urlopen(f"{url.rstrip('/')}/api/state", timeout=timeout_s) as response:  # noqa: S310
+def fetch_state(url: str, timeout_s: float = 2.0, token: str | None = None) -> dict[str, Any]:
+    """``/api/state`` of the ops endpoint at ``url`` (with the bearer ``token`` where it needs one)."""
+    request = urllib.request.Request(f"{url.rstrip('/')}/api/state")  # noqa: S310 (the operator's endpoint)
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    with urllib.request.urlopen(request, timeout=timeout_s) as response:  # noqa: S310
         state: dict[str, Any] = json.loads(response.read())
     return state
 
@@ -93,12 +97,14 @@ def render(state: dict[str, Any], url: str, rows_per_domain: int = 8) -> Group:
     return Group(*parts)
 
 
-def run_top(url: str, interval_s: float = 1.0, once: bool = False, max_frames: int | None = None) -> int:
+def run_top(
+    url: str, interval_s: float = 1.0, once: bool = False, max_frames: int | None = None, token: str | None = None
+) -> int:
     """Refresh the view every ``interval_s`` until Ctrl-C (or once); exit code 1 if unreachable with ``once``."""
     console = Console()
     if once:
         try:
-            console.print(render(fetch_state(url), url))
+            console.print(render(fetch_state(url, token=token), url))
         except (urllib.error.URLError, OSError) as exc:
             console.print(f"[red]no PortPulse ops endpoint at {url}: {exc}[/red]")
             return 1
@@ -108,7 +114,7 @@ def run_top(url: str, interval_s: float = 1.0, once: bool = False, max_frames: i
         try:
             while max_frames is None or frames < max_frames:
                 try:
-                    live.update(render(fetch_state(url), url))
+                    live.update(render(fetch_state(url, token=token), url))
                 except (urllib.error.URLError, OSError) as exc:
                     live.update(Text(f"no PortPulse ops endpoint at {url}: {exc} (retrying)", style="red"))
                 frames += 1

@@ -242,6 +242,17 @@ class OpsSettings(_Section):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(9464, ge=0, le=65535)
+    # With a token, every endpoint but /livez and /readyz needs it: "Authorization: Bearer <token>",
+    # or basic auth with the token as password (what a browser asks for the dashboard).
+    auth_token: SecretStr | None = None
+    tls_cert_file: TlsFile = None  # HTTPS for the ops endpoints (or put a TLS reverse proxy in front)
+    tls_key_file: TlsFile = None
+
+    @model_validator(mode="after")
+    def _tls_needs_both(self) -> OpsSettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("ops.tls_cert_file and ops.tls_key_file go together")
+        return self
 
 
 class Settings(BaseSettings):

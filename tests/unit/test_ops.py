@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import ssl
+import subprocess
 import time
+from pathlib import Path
 
 import numpy as np
+import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from portpulse.app.ops import LatestValues, LiveView, OpsServer, metric_totals
@@ -180,3 +185,56 @@ def test_notices_reach_alerts_and_warnings_without_making_the_process_unhealthy(
     console = Console(record=True, width=160)
     console.print(render(state, "http://127.0.0.1:9464"))
     assert "air/gw-7: cardinality_limit x3" in console.export_text()
+
+
+def test_a_token_is_taken_as_bearer_or_as_the_basic_auth_password() -> None:
+    import base64
+
+    from portpulse.app.ops import authorized
+
+    basic = "Basic " + base64.b64encode(b"ops:s3cret").decode()
+    assert authorized("Bearer s3cret", "s3cret") and authorized(basic, "s3cret") and authorized(None, None)
+    wrong_basic = "Basic " + base64.b64encode(b"s3cret:nope").decode()  # the user name is not the token
+    for header in (None, "", "Bearer s3cre", "Bearer s3cret2", wrong_basic, "Basic !!!", "Token s3cret"):
+        assert not authorized(header, "s3cret"), header
+
+
+@pytest.fixture
+def self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 (signing itself) and its key."""
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(tmp_path / "key.pem"), "-out",
+         str(tmp_path / "cert.pem"), "-days", "1", "-subj", "/CN=localhost", "-addext",
+         "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return tmp_path / "cert.pem", tmp_path / "key.pem"
+
+
+async def test_with_a_token_only_liveness_and_readiness_are_open(self_signed: tuple[Path, Path]) -> None:
+    health = Health()
+    health.add("kafka", _probe((True, "ok")))
+    await health.probe_once()
+    health.stage("bridge", True)
+    cert, key = self_signed
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(str(cert), str(key))
+    client_tls = ssl.create_default_context(cafile=str(cert))
+
+    async def get(port: int, path: str, authorization: str = "") -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_tls)
+        extra = f"Authorization: {authorization}\r\n" if authorization else ""
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n{extra}\r\n".encode())
+        response = await reader.read()
+        writer.close()
+        with contextlib.suppress(ssl.SSLError, ConnectionResetError):
+            await writer.wait_closed()
+        return response
+
+    async with OpsServer(LiveView(health), "127.0.0.1", 0, token="s3cret", tls=server_tls) as server:
+        assert (await get(server.port, "/readyz")).startswith(b"HTTP/1.1 200")
+        assert (await get(server.port, "/livez")).startswith(b"HTTP/1.1 200")
+        for path in ("/", "/metrics", "/healthz", "/api/state", "/api/totals"):
+            refused = await get(server.port, path)
+            assert refused.startswith(b"HTTP/1.1 401") and b'WWW-Authenticate: Basic realm="PortPulse"' in refused
+            assert (await get(server.port, path, "Bearer s3cret")).startswith(b"HTTP/1.1 200"), path
