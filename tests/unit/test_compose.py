@@ -41,6 +41,8 @@ def test_compose_services_are_well_formed_and_loopback_only() -> None:
             "healthcheck",
             "depends_on",
             "restart",
+            "profiles",
+            "entrypoint",
         }, name
         assert "image" in service or "build" in service, name
         for port in service.get("ports", []):
@@ -56,3 +58,23 @@ def test_compose_influx_matches_documented_settings() -> None:
     assert env["DOCKER_INFLUXDB_INIT_ORG"] == "portpulse"
     assert env["DOCKER_INFLUXDB_INIT_BUCKET"] == "portpulse"
     assert env["DOCKER_INFLUXDB_INIT_MODE"] == "setup"
+
+
+def test_the_secure_profile_secures_every_hop_of_its_pipeline() -> None:
+    services = _compose()["services"]
+    secure = {name for name, s in services.items() if s.get("profiles") == ["secure"]}
+    assert secure == {"certs", "mosquitto-secure", "kafka-secure", "influxdb-secure", "pipeline-secure"}
+    env = services["pipeline-secure"]["environment"]
+    assert env["PORTPULSE_MQTT__TLS"] == "true" and env["PORTPULSE_MQTT__PORT"] == "8884"  # mutual TLS
+    assert env["PORTPULSE_KAFKA__SECURITY_PROTOCOL"] == "SASL_SSL"
+    assert env["PORTPULSE_INFLUX__URL"].startswith("https://")
+    assert (
+        env["PORTPULSE_OPS__TLS_CERT_FILE"] and "PORTPULSE_OPS__AUTH_TOKEN" in services["pipeline-secure"]["command"][0]
+    )
+    for name in secure - {"certs"}:
+        assert services[name]["depends_on"]["certs" if name != "pipeline-secure" else "mosquitto-secure"], name
+    kafka = services["kafka-secure"]["environment"]
+    assert "SECURE:SASL_SSL" in kafka["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"]
+    mosquitto = (COMPOSE.parent / "deploy" / "secure" / "mosquitto.conf").read_text()
+    assert "require_certificate true" in mosquitto and "use_identity_as_username true" in mosquitto
+    assert mosquitto.count("acl_file") == 2 and "allow_anonymous true" not in mosquitto
