@@ -17,6 +17,7 @@ import contextlib
 import logging
 import queue
 import re
+import socket
 import ssl
 import threading
 import time
@@ -66,6 +67,36 @@ def credentials_refused(settings: MqttSettings, last_error: str) -> ConfigError:
         f"MQTT broker {settings.host}:{settings.port} refused {who} ({last_error.split(': ', 1)[-1]}); "
         "check mqtt.username and mqtt.password"
     )
+
+
+def mqtt_ssl_context(settings: MqttSettings) -> ssl.SSLContext | None:
+    """The client's TLS context (``mqtt.ca_file``, else the system's CAs; ``mqtt.cert_file`` and
+    ``key_file`` for mutual TLS), read from the files now; None without ``mqtt.tls``."""
+    if not settings.tls:
+        return None
+    context = ssl.create_default_context(cafile=str(settings.ca_file) if settings.ca_file else None)
+    if settings.cert_file:
+        context.load_cert_chain(str(settings.cert_file), str(settings.key_file) if settings.key_file else None)
+    return context
+
+
+def tls_preflight(settings: MqttSettings, context: ssl.SSLContext, timeout_s: float = 5.0) -> ConfigError | None:
+    """One TLS handshake with the broker, and a moment for its verdict on our certificate (in
+    TLS 1.3 it comes after the handshake), for a client that reports neither itself (paho);
+    the refusal, or None (the broker is away, or content: the client's own attempts say more)."""
+    try:
+        with (
+            socket.create_connection((settings.host, settings.port), timeout=timeout_s) as raw,
+            context.wrap_socket(raw, server_hostname=settings.host) as tls,
+        ):
+            tls.settimeout(0.5)
+            with contextlib.suppress(TimeoutError):  # the broker waits for a CONNECT: it took our certificate
+                tls.recv(1)
+    except ssl.SSLError as exc:
+        return tls_refused(settings, exc)
+    except OSError:
+        return None
+    return None
 
 
 def tls_refused(settings: MqttSettings, exc: ssl.SSLError) -> ConfigError:
@@ -260,6 +291,7 @@ class PahoMqttSource:
         self.reconnects = 0
         self.last_error = ""
         self.auth_failed = False
+        self._tls: ssl.SSLContext | None = None
         self._client = self._make_client()
 
     # ------------------------------------------------------------ paho setup
@@ -276,11 +308,10 @@ class PahoMqttSource:
         )
         if s.username:
             client.username_pw_set(s.username, s.password.get_secret_value() if s.password else None)
-        if s.tls:
-            context = ssl.create_default_context(cafile=str(s.ca_file) if s.ca_file else None)
-            if s.cert_file:
-                context.load_cert_chain(str(s.cert_file), str(s.key_file) if s.key_file else None)
+        if (context := mqtt_ssl_context(s)) is not None:
+            # paho keeps this context for every reconnect: rotated files need a restart
             client.tls_set_context(context)
+            self._tls = context
         client.reconnect_delay_set(
             min_delay=max(1, round(s.reconnect_min_s)), max_delay=max(1, round(s.reconnect_max_s))
         )
@@ -396,6 +427,8 @@ class PahoMqttSource:
         if s.protocol == "5":
             kwargs["clean_start"] = False
             kwargs["properties"] = self._connect_properties()
+        if self._tls is not None and (refused := await asyncio.to_thread(tls_preflight, s, self._tls)) is not None:
+            raise refused  # paho would only report "Unspecified error" and retry
         try:
             self._client.connect_async(s.host, s.port, **kwargs)
         except (OSError, ValueError) as exc:

@@ -59,6 +59,7 @@ from portpulse.ingest.mqtt import (
     BrokerShortfalls,
     Inbound,
     credentials_refused,
+    mqtt_ssl_context,
     subscribe_id_refused,
     subscription_filters,
     tls_refused,
@@ -348,15 +349,6 @@ class AsyncioMqttSource:
         INGEST_METRICS.mqtt_connected.set(0)
         INGEST_METRICS.mqtt_subscribed.set(0)
 
-    def _ssl_context(self) -> ssl.SSLContext | None:
-        s = self._settings
-        if not s.tls:
-            return None
-        context = ssl.create_default_context(cafile=str(s.ca_file) if s.ca_file else None)
-        if s.cert_file:
-            context.load_cert_chain(str(s.cert_file), str(s.key_file) if s.key_file else None)
-        return context
-
     async def _run(self) -> None:
         """Connect, subscribe, keep alive; on loss reconnect with backoff until shut down."""
         s = self._settings
@@ -388,7 +380,7 @@ class AsyncioMqttSource:
         generation = self._generation + 1
         try:
             # Read on every connection: certificate files replaced on disk are used from the next one.
-            context = self._ssl_context()
+            context = mqtt_ssl_context(s)
         except (OSError, ssl.SSLError) as exc:
             self.refused = ConfigError(
                 f"MQTT TLS files (mqtt.ca_file, mqtt.cert_file, mqtt.key_file) cannot be used: {exc}"

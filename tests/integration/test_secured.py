@@ -210,6 +210,15 @@ REFUSALS = {
         {"MQTT__CERT_FILE": "{expired_cert}", "MQTT__KEY_FILE": "{expired_key}"},
         "MQTT broker 127.0.0.1:11894 refused our TLS client certificate (certificate expired)",
     ),
+    "mqtt (paho client): a CA that did not sign the broker's certificate": (
+        {"MQTT__CLIENT": "paho", "MQTT__CA_FILE": "{other_ca}"},
+        "MQTT broker 127.0.0.1:11894: its TLS certificate is not trusted (self-signed certificate in certificate "
+        "chain); check mqtt.ca_file",
+    ),
+    "mqtt (paho client): an expired client certificate": (
+        {"MQTT__CLIENT": "paho", "MQTT__CERT_FILE": "{expired_cert}", "MQTT__KEY_FILE": "{expired_key}"},
+        "MQTT broker 127.0.0.1:11894 refused our TLS client certificate (certificate expired)",
+    ),
     "mqtt: a wrong password": (
         {"MQTT__PORT": "{mqtt_tls_port}", "MQTT__CERT_FILE": "", "MQTT__KEY_FILE": "", "MQTT__USERNAME": "portpulse",
          "MQTT__PASSWORD": "not-the-mqtt-password-1"},
