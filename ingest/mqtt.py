@@ -99,6 +99,18 @@ def tls_preflight(settings: MqttSettings, context: ssl.SSLContext, timeout_s: fl
     return None
 
 
+def subscription_denied(settings: MqttSettings, refusals: Sequence[str]) -> ConfigError | None:
+    """The error for a SUBACK that says the broker's ACL forbids our subscription (MQTT 5 reason
+    0x87): the bridge cannot read what it is for, so it stops. Other refusals are reported only."""
+    if "not authorized" not in refusals:
+        return None
+    who = f"user {settings.username!r}" if settings.username else "this client (its certificate or anonymous)"
+    return ConfigError(
+        f"MQTT broker {settings.host}:{settings.port} denied {who} the subscription to "
+        f"{', '.join(settings.subscriptions)} (not authorized: the broker's ACL); check the ACL and mqtt.subscriptions"
+    )
+
+
 def tls_refused(settings: MqttSettings, exc: ssl.SSLError) -> ConfigError:
     """The error for a TLS handshake that cannot succeed by retrying: we do not trust the broker's
     certificate, or the broker refused ours (an alert such as ``certificate expired``)."""
@@ -291,6 +303,7 @@ class PahoMqttSource:
         self.reconnects = 0
         self.last_error = ""
         self.auth_failed = False
+        self.denied: ConfigError | None = None  # raised by get_batch: the ACL forbids the subscription
         self._tls: ssl.SSLContext | None = None
         self._client = self._make_client()
 
@@ -378,6 +391,7 @@ class PahoMqttSource:
         if failed:
             self.last_error = f"MQTT subscription refused: {', '.join(failed)}"
             log.error("%s", self.last_error)
+            self.denied = subscription_denied(self._settings, [f.lower() for f in failed])
         self.shortfalls.subscribed([None if rc.is_failure else rc.value for rc in reason_codes])
         self._subscribed.set()
         INGEST_METRICS.mqtt_subscribed.set(1)
@@ -459,6 +473,8 @@ class PahoMqttSource:
 
     async def get_batch(self, max_messages: int, wait_s: float) -> list[Inbound]:
         """Up to ``max_messages`` messages; waits at most ``wait_s`` for the first one."""
+        if self.denied is not None:
+            raise self.denied
         out: list[Inbound] = []
         try:
             while len(out) < max_messages:

@@ -61,6 +61,7 @@ from portpulse.ingest.mqtt import (
     credentials_refused,
     mqtt_ssl_context,
     subscribe_id_refused,
+    subscription_denied,
     subscription_filters,
     tls_refused,
 )
@@ -186,6 +187,7 @@ class AsyncioMqttSource:
         self.reconnects = 0
         self.last_error = ""
         self.refused: ConfigError | None = None  # the broker can never accept us as configured
+        self.denied: ConfigError | None = None  # the broker's ACL forbids the subscription
         self._ever_connected = False
         self.shortfalls = BrokerShortfalls(settings)
 
@@ -224,7 +226,10 @@ class AsyncioMqttSource:
         await self._shutdown()
 
     async def get_batch(self, max_messages: int, wait_s: float) -> list[Inbound]:
-        """Up to ``max_messages`` messages; waits at most ``wait_s`` for the first one."""
+        """Up to ``max_messages`` messages; waits at most ``wait_s`` for the first one. Raises
+        :class:`ConfigError` once the broker's ACL has denied the subscription."""
+        if self.denied is not None:
+            raise self.denied
         if not self._queue:
             self._wakeup.clear()
             with contextlib.suppress(TimeoutError):
@@ -323,6 +328,7 @@ class AsyncioMqttSource:
         if refused:
             self.last_error = f"MQTT subscription refused: {', '.join(refused)}"
             log.error("%s", self.last_error)
+            self.denied = subscription_denied(self._settings, refused)
         self.shortfalls.subscribed(suback.granted)
         self._subscribed = True
         INGEST_METRICS.mqtt_subscribed.set(1)

@@ -95,7 +95,8 @@ def local_services_env(service: str) -> dict[str, str]:
 class SecuredServices:
     """``scripts/services up secure``: ``env`` runs PortPulse with every hop secured; ``pki`` holds the
     run's CA (``ca.pem``, ``ca.key``), certificates and ``credentials.json`` (passwords by
-    ``service:user``); the MQTT ports take TLS with a password and mutual TLS."""
+    ``service:user``); the MQTT ports take TLS with a password, mutual TLS, and TLS with the
+    dynamic security plugin's users."""
 
     env: dict[str, str]
     pki: Path
@@ -103,6 +104,11 @@ class SecuredServices:
     mqtt_tls_port: int
     mqtt_mtls_port: int
     kafka_admin: str  # the plaintext listener, for administration
+
+    @property
+    def mqtt_dynsec_port(self) -> int:
+        """TLS, users and ACLs of Mosquitto's dynamic security plugin (it refuses SUBSCRIBEs)."""
+        return self.mqtt_tls_port + 2
 
 
 def secured_services() -> SecuredServices:

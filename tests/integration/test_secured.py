@@ -219,6 +219,12 @@ REFUSALS = {
         {"MQTT__CLIENT": "paho", "MQTT__CERT_FILE": "{expired_cert}", "MQTT__KEY_FILE": "{expired_key}"},
         "MQTT broker 127.0.0.1:11894 refused our TLS client certificate (certificate expired)",
     ),
+    "mqtt: a user the broker's ACL does not let subscribe": (
+        {"MQTT__PORT": "{mqtt_dynsec_port}", "MQTT__CERT_FILE": "", "MQTT__KEY_FILE": "",
+         "MQTT__USERNAME": "gateway-7", "MQTT__PASSWORD": "{gateway}"},
+        "MQTT broker 127.0.0.1:11895 denied user 'gateway-7' the subscription to sensors/# (not authorized: the "
+        "broker's ACL)",
+    ),
     "mqtt: a wrong password": (
         {"MQTT__PORT": "{mqtt_tls_port}", "MQTT__CERT_FILE": "", "MQTT__KEY_FILE": "", "MQTT__USERNAME": "portpulse",
          "MQTT__PASSWORD": "not-the-mqtt-password-1"},
@@ -264,7 +270,8 @@ async def refused(secured: SecuredServices, unique: str, tmp_path: Path, case: s
     broken, said = REFUSALS[case]
     cert, key = client_certificate(secured.pki, tmp_path, "expired", expired=True)
     values = {"other_ca": str(other_ca(tmp_path)), "expired_cert": str(cert), "expired_key": str(key),
-              "reader": secured.credentials["kafka:reader"], "mqtt_tls_port": str(secured.mqtt_tls_port)}  # fmt: skip
+              "reader": secured.credentials["kafka:reader"], "mqtt_tls_port": str(secured.mqtt_tls_port),
+              "mqtt_dynsec_port": str(secured.mqtt_dynsec_port), "gateway": secured.credentials["mqtt:gateway-7"]}  # fmt: skip
     env = secured_env(secured, unique, **{k: v.format(**values) for k, v in broken.items()})
     if "without write permission" in case:
         await create_pipeline_topics(secured, unique)  # creating them is not the reader's to do

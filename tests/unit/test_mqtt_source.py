@@ -21,6 +21,7 @@ from portpulse.codecs.mqttwire import (
     encode_publish,
     remaining_length,
 )
+from portpulse.contract.errors import ConfigError
 from portpulse.contract.settings import MqttSettings
 from portpulse.ingest.mqtt import broker_shortfalls, subscribe_id_refused
 from portpulse.ingest.mqtt_asyncio import AsyncioMqttSource, _Connection
@@ -140,6 +141,21 @@ async def test_a_refusal_that_is_not_about_the_id_is_reported_not_retried(caplog
     assert subscribe_ids(transport.take()) == []
     assert source.last_error == "MQTT subscription refused: not authorized"
     assert "not authorized" in caplog.text
+    # the broker's ACL forbids what the bridge is for: it stops with the cause
+    with pytest.raises(
+        ConfigError, match=r"denied this client .* the subscription to s/# \(not authorized: the broker's ACL\)"
+    ):
+        await source.get_batch(10, 0.01)
+
+
+async def test_a_refusal_for_another_reason_is_reported_and_the_bridge_goes_on() -> None:
+    source = AsyncioMqttSource(MqttSettings(subscriptions=("s/#",)), max_in_flight=100)
+    conn, transport = connection(source)
+    conn.data_received(connack(False, True))
+    [sub_id] = subscribe_ids(transport.take())
+    conn.data_received(suback(sub_id, b"\x9e", True))  # shared subscriptions not supported
+    assert source.last_error.startswith("MQTT subscription refused:")
+    assert await source.get_batch(10, 0.01) == []
 
 
 async def test_qos2_is_released_only_after_the_ack_and_its_id_stays_taken_until_pubrel() -> None:
