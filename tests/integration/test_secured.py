@@ -269,9 +269,11 @@ async def test_a_refusing_hop_stops_start_up_with_one_clear_error(
 async def refused(secured: SecuredServices, unique: str, tmp_path: Path, case: str) -> None:
     broken, said = REFUSALS[case]
     cert, key = client_certificate(secured.pki, tmp_path, "expired", expired=True)
-    values = {"other_ca": str(other_ca(tmp_path)), "expired_cert": str(cert), "expired_key": str(key),
-              "reader": secured.credentials["kafka:reader"], "mqtt_tls_port": str(secured.mqtt_tls_port),
-              "mqtt_dynsec_port": str(secured.mqtt_dynsec_port), "gateway": secured.credentials["mqtt:gateway-7"]}  # fmt: skip
+    values = {
+        "other_ca": str(other_ca(tmp_path)), "expired_cert": str(cert), "expired_key": str(key),
+        "reader": secured.credentials["kafka:reader"], "gateway": secured.credentials["mqtt:gateway-7"],
+        "mqtt_tls_port": str(secured.mqtt_tls_port), "mqtt_dynsec_port": str(secured.mqtt_dynsec_port),
+    }  # fmt: skip
     env = secured_env(secured, unique, **{k: v.format(**values) for k, v in broken.items()})
     if "without write permission" in case:
         await create_pipeline_topics(secured, unique)  # creating them is not the reader's to do
