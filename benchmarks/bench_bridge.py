@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -39,7 +38,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from benchmarks.common import ROOT, SERVICES, free_port, publish, service_env
+from benchmarks.common import ROOT, SERVICES, free_port, publish, service_env, stop_process
 from portpulse.codecs.wire import decode_value
 
 PROBE_KEY = b"p"
@@ -96,12 +95,7 @@ class Run:
 
     def stop_bridge(self) -> None:
         if self.proc is not None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            stop_process(self.proc)
             self.proc = None
 
     def totals(self) -> dict[str, float]:

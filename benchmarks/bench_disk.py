@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.bench_pipeline import Pipeline
-from benchmarks.common import SERVICES_RUN, free_port, publish, service_env
+from benchmarks.common import SERVICES_RUN, free_port, publish, service_env, stop_process
 from portpulse.simulators.stream import StreamConfig, generate
 
 DAY_S = 86_400.0
@@ -115,13 +115,7 @@ class OwnInflux:
         raise SystemExit("InfluxDB did not come to rest (WAL not snapshotted, or compactions still running)")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self.log.close()
         shutil.rmtree(self.base, ignore_errors=True)
 

@@ -36,7 +36,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import CpuBudget, free_port, publish, service_env
+from benchmarks.common import CpuBudget, free_port, publish, service_env, stop_process
 
 
 class Influx:
@@ -167,11 +167,7 @@ class Pipeline:
         for proc in self.procs:
             proc.terminate()
         for proc in self.procs:
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc)
         self.log.close()
         self.influx.query(f'DROP DATABASE "{self.prefix}"')
 

@@ -32,7 +32,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from benchmarks.bench_pipeline import payloads
-from benchmarks.common import cpu_seconds, free_port, service_env
+from benchmarks.common import cpu_seconds, free_port, service_env, stop_process
 from tests.services import SecuredServices, secured_services
 
 
@@ -102,8 +102,7 @@ def run_once(base: dict[str, str], secured: SecuredServices | None, n: int, batc
             time.sleep(0.2)
         elapsed, cpu = time.monotonic() - started, cpu_seconds(proc.pid) - cpu0
     finally:
-        proc.terminate()
-        proc.wait(60)
+        stop_process(proc)
         log.close()
     readings = n * batch
     return {"secured": secured is not None, "readings": readings, "seconds": elapsed,

@@ -59,6 +59,17 @@ class CpuBudget:
         return self.used
 
 
+def stop_process(proc: subprocess.Popen[bytes], timeout_s: float = 60.0) -> None:
+    """SIGTERM (PortPulse drains and commits), SIGKILL if it has not exited within ``timeout_s``."""
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -32,7 +32,7 @@ import numpy as np
 from portpulse.app.times import iso_time
 from portpulse.contract.catalogue import load_catalogue
 from portpulse.contract.errors import ConfigError, ServiceUnavailableError
-from portpulse.contract.points import PointColumns, RewritableStore, WriteReceipt
+from portpulse.contract.points import ForwardingStore, PointColumns, RewritableStore, WriteReceipt
 from portpulse.contract.settings import Settings
 from portpulse.contract.topics import readings_topic
 from portpulse.processors.engine import EngineSettings, ProcessorEngine, Readings
@@ -161,11 +161,12 @@ class ReprocessReport:
     stats: ProcessorStats = field(default_factory=ProcessorStats)
 
 
-class _InRange:
+class _InRange(ForwardingStore):
     """The store as the engine sees it: aggregates of windows across an end of the range stay as stored."""
 
     def __init__(self, inner: RewritableStore, plan: ReprocessPlan) -> None:
-        self._inner, self._plan = inner, plan
+        super().__init__(inner)
+        self._plan = plan
         self._names = {w.name for w in plan.windows}
 
     async def write(self, points: PointColumns, source: str = "") -> WriteReceipt:
@@ -175,15 +176,6 @@ class _InRange:
             if not inside.all():
                 points = _rows(points, np.flatnonzero(inside))
         return await self._inner.write(points, source)
-
-    async def flush(self) -> None:
-        await self._inner.flush()
-
-    async def read(self, query: Any) -> Any:
-        return await self._inner.read(query)
-
-    async def retract(self, domain: str, metric: str, instants: list[tuple[str, int]]) -> None:
-        await self._inner.retract(domain, metric, instants)
 
 
 def _rows(points: PointColumns, rows: np.ndarray[Any, np.dtype[np.int64]]) -> PointColumns:

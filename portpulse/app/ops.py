@@ -28,7 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, 
 from portpulse.contract.catalogue import Catalogue
 from portpulse.contract.errors import ConfigError
 from portpulse.contract.health import Health, Probe
-from portpulse.contract.points import Categorical, PointColumns, PointStore, SeriesRange, StoredReadings, WriteReceipt
+from portpulse.contract.points import Categorical, ForwardingStore, PointColumns, PointStore, WriteReceipt
 from portpulse.contract.settings import InfluxSettings, KafkaSettings, OpsSettings
 
 __all__ = [
@@ -223,26 +223,17 @@ def _codes(column: Any) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
     return codes.reshape(-1), names.astype(object)
 
 
-class TappedSink:
+class TappedSink(ForwardingStore):
     """A :class:`PointStore` that shows raw points to :class:`LatestValues` on their way to ``inner``."""
 
     def __init__(self, inner: PointStore, latest: LatestValues) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self._latest = latest
 
     async def write(self, points: PointColumns, source: str = "") -> WriteReceipt:
         if source == "processor:raw":
             self._latest.offer(points)
         return await self._inner.write(points, source)
-
-    async def flush(self) -> None:
-        await self._inner.flush()
-
-    async def read(self, query: SeriesRange) -> StoredReadings:
-        return await self._inner.read(query)
-
-    async def retract(self, domain: str, metric: str, instants: list[tuple[str, int]]) -> None:
-        await self._inner.retract(domain, metric, instants)
 
 
 class LiveView:

@@ -10,8 +10,8 @@ import numpy as np
 import numpy.typing as npt
 
 __all__ = [
-    "Categorical", "MemoryPointSink", "PointColumns", "PointSink", "PointStore", "RewritableStore", "SeriesRange",
-    "StoredReadings", "WriteReceipt",
+    "Categorical", "ForwardingStore", "MemoryPointSink", "PointColumns", "PointSink", "PointStore",
+    "RewritableStore", "SeriesRange", "StoredReadings", "WriteReceipt",
 ]  # fmt: skip
 
 
@@ -135,6 +135,25 @@ class RewritableStore(PointStore, Protocol):
         """Delete every point of ``measurement`` in ``[start_ns, stop_ns)``, after everything
         written before it is stored."""
         ...
+
+
+class ForwardingStore:
+    """A :class:`PointStore` that hands everything to ``inner``: subclasses change what they need."""
+
+    def __init__(self, inner: PointStore) -> None:
+        self._inner = inner
+
+    async def write(self, points: PointColumns, source: str = "") -> WriteReceipt:
+        return await self._inner.write(points, source)
+
+    async def flush(self) -> None:
+        await self._inner.flush()
+
+    async def read(self, query: SeriesRange) -> StoredReadings:
+        return await self._inner.read(query)
+
+    async def retract(self, domain: str, metric: str, instants: list[tuple[str, int]]) -> None:
+        await self._inner.retract(domain, metric, instants)
 
 
 class _Done:

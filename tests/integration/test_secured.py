@@ -374,3 +374,36 @@ def restart_secured_mqtt() -> None:
         done = subprocess.run([str(SERVICES_SCRIPT), command, "mqtt-secure"], capture_output=True, text=True,
                               timeout=120)  # fmt: skip
         assert done.returncode == 0, done.stderr[-2000:]
+
+
+async def test_kafka_plain_over_tls_creates_topics_and_takes_records(secured: SecuredServices, unique: str) -> None:
+    """SASL PLAIN (user portpulse-plain) on the same SASL_SSL listener: what the pipeline does
+    first, creating its topics and producing, works; the record is read back as written."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    from portpulse.contract.settings import KafkaSettings
+    from portpulse.kafka import client_options, ensure_topics, start_producer
+
+    kafka = KafkaSettings(
+        bootstrap_servers=secured.env["PORTPULSE_KAFKA__BOOTSTRAP_SERVERS"], security_protocol="SASL_SSL",
+        sasl_mechanism="PLAIN", sasl_username="portpulse-plain",
+        sasl_password=secured.credentials["kafka:portpulse-plain"], ssl_ca_file=secured.pki / "ca.pem",
+        topic_prefix=unique, partitions=1, request_timeout_ms=5000,
+    )  # fmt: skip
+    topic = f"{unique}.readings.air"
+    assert await ensure_topics(kafka, [topic]) == [topic]
+    producer = await start_producer(kafka, "test producer")
+    try:
+        sent = await producer.send_and_wait(topic, b"plain-value", key=b"k")
+    finally:
+        await producer.stop()
+    consumer = AIOKafkaConsumer(**client_options(kafka), enable_auto_commit=False)
+    await consumer.start()
+    try:
+        tp = TopicPartition(topic, sent.partition)
+        consumer.assign([tp])
+        consumer.seek(tp, sent.offset)
+        records = (await consumer.getmany(tp, timeout_ms=10_000)).get(tp, [])
+    finally:
+        await consumer.stop()
+    assert [(r.key, r.value) for r in records[:1]] == [(b"k", b"plain-value")]
