@@ -203,7 +203,7 @@ async def reprocess(
     ``dry_run``: only the checks, and the count of records a run would read."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
-    from portpulse.kafka import client_options, columnar_consumer_options, topic_partitions
+    from portpulse.kafka import client_options, columnar_consumer_options, start_client, topic_partitions
 
     k = settings.kafka
     report = ReprocessReport(plan)
@@ -211,7 +211,7 @@ async def reprocess(
         **client_options(k), enable_auto_commit=False, request_timeout_ms=k.request_timeout_ms,
         fetch_max_bytes=16 * 1024 * 1024, max_partition_fetch_bytes=2 * 1024 * 1024, **columnar_consumer_options(),
     )  # fmt: skip
-    await consumer.start()
+    await start_client(consumer, k, "reprocess consumer")
     try:
         partitions = await topic_partitions(k, [readings_topic(d, k.topic_prefix) for d in plan.domains])
         present = tuple(d for d in plan.domains if readings_topic(d, k.topic_prefix) in partitions)
@@ -270,6 +270,7 @@ async def _rewrite(
     for tp in starts:
         end_of[part_ids.setdefault((tp.topic, tp.partition), len(part_ids))] = ends[tp]
         consumer.seek(tp, starts[tp])
+    end_table = np.array([end_of[p] for p in range(len(part_ids))], dtype=np.int64)  # by the engine's id
     remaining = {tp for tp in starts if ends[tp] > starts[tp]}
     for tp in set(starts) - remaining:
         consumer.pause(tp)
@@ -291,7 +292,7 @@ async def _rewrite(
             deadline = time.monotonic() + stall_timeout_s
         readings, key_code, records, _bad = decode_fetch(batch, part_ids, settings.kafka.topic_prefix)
         keep = (
-            (readings.offset < np.array([end_of[p] for p in readings.partition.tolist()], dtype=np.int64))
+            (readings.offset < end_table[readings.partition])
             & (readings.ts_ns >= plan.start_ns) & (readings.ts_ns < plan.stop_ns)
         )  # fmt: skip
         readings, key_code = readings.take(keep), key_code[keep]

@@ -96,7 +96,7 @@ async def read_topic(
         **client_options(kafka), enable_auto_commit=False, request_timeout_ms=kafka.request_timeout_ms
     )
     try:
-        await consumer.start()
+        await start_client(consumer, kafka, f"reader of {topic}")
         partitions = await asyncio.wait_for(_partitions(kafka, topic), timeout_s)
         if not partitions:
             return
@@ -134,7 +134,7 @@ async def topic_partitions(kafka: KafkaSettings, topics: Iterable[str]) -> dict[
     from aiokafka.admin import AIOKafkaAdminClient
 
     admin = AIOKafkaAdminClient(**client_options(kafka), request_timeout_ms=kafka.request_timeout_ms)
-    await admin.start()
+    await start_client(admin, kafka, "admin client")
     try:
         existing = sorted(set(topics) & set(await admin.list_topics()))
         if not existing:
