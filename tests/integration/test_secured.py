@@ -379,6 +379,13 @@ def restart_secured_mqtt() -> None:
 async def test_kafka_plain_over_tls_creates_topics_and_takes_records(secured: SecuredServices, unique: str) -> None:
     """SASL PLAIN (user portpulse-plain) on the same SASL_SSL listener: what the pipeline does
     first, creating its topics and producing, works; the record is read back as written."""
+    try:
+        await plain_over_tls(secured, unique)
+    finally:
+        await asyncio.get_running_loop().shutdown_default_executor()  # aiokafka's name lookups
+
+
+async def plain_over_tls(secured: SecuredServices, unique: str) -> None:
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
     from portpulse.contract.settings import KafkaSettings
