@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import subprocess
 import time
@@ -84,16 +85,24 @@ REPORT_METRICS = ("no2", "pm25", "pm10", "o3", "so2", "temperature", "humidity")
 
 
 async def produce(
-    bootstrap: str, topic: str, n: int, per_record: int, sensors: int = 10_000, report: bool = False
+    bootstrap: str,
+    topic: str,
+    n: int,
+    per_record: int,
+    sensors: int = 10_000,
+    report: bool = False,
+    json_topic: str | None = None,
 ) -> None:
     """``n`` readings in records of ``per_record`` readings of one sensor: successive seconds of
-    ``no2``, or with ``report`` the seven air metrics of one instant (``per_record`` must be 7)."""
+    ``no2``, or with ``report`` the seven air metrics of one instant (``per_record`` must be 7).
+    ``json_topic``: the same readings also as JSON, one per record (``per_record`` 1), keyed
+    alike: ``{"sensor_id", "site", "metric", "ts_ms", "value"}``, what a JSON pipeline carries."""
     from aiokafka import AIOKafkaProducer
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
-    await admin.create_topics([NewTopic(topic, 4, 1)])
+    await admin.create_topics([NewTopic(t, 4, 1) for t in (topic, json_topic) if t])
     await admin.close()
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20, compression_type="lz4",
                                 max_batch_size=1 << 20)  # fmt: skip
@@ -110,7 +119,12 @@ async def produce(
         else:
             ts = [t0 + ((r // sensors) * per_record + k) * 10**9 for k in range(per_record)]
             value = encode_value("quai", ["no2"], [0] * per_record, ts, values, [0] * per_record)
-        futures.append(await producer.send(topic, value, key=f"aq-{sensor}".encode(), headers=[VERSION_HEADER]))
+        key = f"aq-{sensor}".encode()
+        futures.append(await producer.send(topic, value, key=key, headers=[VERSION_HEADER]))
+        if json_topic:
+            body = {"sensor_id": f"aq-{sensor}", "site": "quai", "metric": "no2", "ts_ms": ts[0] // 1_000_000,
+                    "value": values[0]}  # fmt: skip
+            futures.append(await producer.send(json_topic, json.dumps(body).encode(), key=key))
     await asyncio.gather(*futures)
     await producer.stop()
 
