@@ -316,8 +316,10 @@ async def test_a_broker_restart_resubscribes_and_delivers(
     report("broker_restart", broker, client, expected, got)
     assert bridge.result().mqtt_reconnects >= 1
     assert {f"m{i}" for i in range(100)} | {f"m{i}" for i in range(200, 300)} <= set(got)
-    # A broker that forgot the session must be said to have done so (once per reconnect).
-    assert shortfalls_said("session_not_resumed") - said_before == (0 if keeps_sessions else 1)
+    # A broker that forgot the session must be said to have done so, once per reconnect (rumqttd
+    # may drop the fresh connection again while it settles: "Duplicate client_id" in its log).
+    reconnects = bridge.result().mqtt_reconnects
+    assert shortfalls_said("session_not_resumed") - said_before == (0 if keeps_sessions else reconnects)
     if not {f"m{i}" for i in range(100, 200)} <= set(got):
         known_limit(broker, "broker_restart")
     assert set(got) == expected, f"lost while the bridge was away: {len(expected - set(got))}"
