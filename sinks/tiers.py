@@ -215,11 +215,13 @@ async def _ensure_policies(http: Any, influx: InfluxSettings, plan: Mapping[str,
 async def _ensure_buckets(http: Any, influx: InfluxSettings, plan: Mapping[str, Tier]) -> None:
     headers = {"Authorization": f"Token {influx.token.get_secret_value()}"}
 
-    async def api(method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+    async def api(method: str, path: str, missing_ok: bool = False, **kwargs: Any) -> dict[str, Any]:
         async with http.request(
             method, f"{influx.url}{path}", headers=headers, ssl=influx.ssl_option(), **kwargs
         ) as response:
             body = await response.json(content_type=None)
+            if response.status == 404 and missing_ok:  # a lookup by name answers 404 for none
+                return {}
             if response.status >= 300:
                 what = body.get("message", body) if isinstance(body, dict) else body
                 if response.status in (401, 403):
@@ -233,7 +235,8 @@ async def _ensure_buckets(http: Any, influx: InfluxSettings, plan: Mapping[str, 
     org_id = str(orgs[0]["id"])
     existing = {}
     for name in sorted({t.bucket for t in plan.values()}):
-        found = (await api("GET", "/api/v2/buckets", params={"orgID": org_id, "name": name})).get("buckets", [])
+        lookup = await api("GET", "/api/v2/buckets", missing_ok=True, params={"orgID": org_id, "name": name})
+        found = lookup.get("buckets", [])
         if found:
             rules = [r for r in found[0].get("retentionRules") or [] if r.get("type") == "expire"]
             every = int(rules[0].get("everySeconds", 0)) if rules else 0
