@@ -172,8 +172,8 @@ async def ensure_tiers(influx: InfluxSettings, plan: Mapping[str, Tier]) -> None
 def _refused(influx: InfluxSettings, status: int, body: object) -> PortPulseError:
     """The error for an answer that is no success: a refused login or right is configuration."""
     if status in (401, 403):
-        user = influx.token.get_secret_value().partition(":")[0] if ":" in influx.token.get_secret_value() else ""
-        who = f"user {user!r}" if user else "the token"
+        user, colon, _ = influx.token.get_secret_value().partition(":")  # 1.x: user:password
+        who = f"user {user!r}" if colon and user else "the token"
         return ConfigError(f"InfluxDB {influx.url} refused {who} (HTTP {status}: {body}); check influx.token")
     return PortPulseError(f"InfluxDB {influx.url} answered HTTP {status}: {body}")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import ssl
 import statistics
 import subprocess
@@ -40,8 +41,6 @@ def secured() -> SecuredServices:
 def secured_env(secured: SecuredServices, unique: str, **overrides: str) -> dict[str, str]:
     """The environment of a ``portpulse`` child with every hop secured, this test's Kafka topics
     and group, and ``overrides`` (``PORTPULSE_*`` names without the prefix)."""
-    import os
-
     return {
         **{k: v for k, v in os.environ.items() if not k.startswith("PORTPULSE_")},
         **secured.env,
