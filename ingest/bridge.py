@@ -25,7 +25,7 @@ from portpulse.contract.catalogue import load_catalogue
 from portpulse.contract.deadletter import DeadLetter, dead_letter_headers
 from portpulse.contract.health import Health
 from portpulse.contract.settings import KafkaSettings, Settings
-from portpulse.contract.topics import dlq_topic, pipeline_topics, registry_topic
+from portpulse.contract.topics import births_topic, dlq_topic, pipeline_topics, registry_topic
 from portpulse.ingest.admission import (
     MESSAGE_REFUSALS,
     Admission,
@@ -37,9 +37,10 @@ from portpulse.ingest.admission import (
 )
 from portpulse.ingest.decode import DecodedBatch, DecodeLimits, Message, Problem, decode_messages
 from portpulse.ingest.metrics import INGEST_METRICS
-from portpulse.ingest.mqtt import Inbound, MqttSource, PahoMqttSource, subscription_filters
+from portpulse.ingest.mqtt import Inbound, MqttSource, PahoMqttSource, Presence, subscription_filters
 from portpulse.ingest.mqtt_asyncio import AsyncioMqttSource
 from portpulse.ingest.records import OutRecords, SeriesCodes, build_dead_letters, build_records
+from portpulse.ingest.sparkplug import NAMESPACE, SparkplugHost, load_mapping, state_payload
 from portpulse.kafka import (
     BatchSender,
     KafkaOut,
@@ -57,6 +58,10 @@ __all__ = [
     "load_admission",
     "read_registry",
     "run_bridge",
+    "sparkplug_alerts",
+    "sparkplug_presence",
+    "sparkplug_summary",
+    "start_sparkplug_host",
 ]
 
 log = logging.getLogger("portpulse.bridge")
@@ -176,11 +181,17 @@ class Bridge:
     """MQTT -> Kafka. ``await bridge.run(stop)`` until ``stop`` is set, then drain and return."""
 
     def __init__(
-        self, settings: Settings, source: MqttSource, sink: RecordSink, admission: Admission | None = None
+        self,
+        settings: Settings,
+        source: MqttSource,
+        sink: RecordSink,
+        admission: Admission | None = None,
+        sparkplug: SparkplugHost | None = None,
     ) -> None:
         self._settings = settings
         self._source = source
         self._sink = sink
+        self.sparkplug = sparkplug
         self.admission = admission or Admission(settings.admission)
         self._registry_topic = registry_topic(settings.kafka.topic_prefix)
         self._sites = SiteIndex(settings.mqtt.topic_prefix)
@@ -271,27 +282,56 @@ class Bridge:
         for reason, count in refused.items():
             self.stats.refused_readings[reason] = self.stats.refused_readings.get(reason, 0) + count
             INGEST_METRICS.refused.labels(reason).inc(count)
-        registry = [
+        registry: list[KafkaOut] = [
             (self._registry_topic, key, value, None)
             for key, value in map(encode_registry_record, self.admission.take_changes())
         ]
-        topics = (
-            records.topics | ({self._dlq_topic} if letters else set()) | ({self._registry_topic} if registry else set())
-        )
+        registry += self._sparkplug_outcome()
+        topics = records.topics | ({self._dlq_topic} if letters else set()) | {topic for topic, *_ in registry}
         await self._sink.ensure_topics(topics)
         others = registry + self._dead_letter_records([x for _, x in letters])
         self._flights.append(_Flight(batch, asyncio.create_task(self._deliver(records, others, len(letters)))))
         self._in_flight += len(batch)
         self._report_in_flight()
 
+    def _sparkplug_outcome(self) -> list[KafkaOut]:
+        """Publish the rebirth requests the Sparkplug host wants; its births topic records."""
+        host = self.sparkplug
+        if host is None:
+            return []
+        for topic, payload in host.commands:
+            group, _, edge_node = topic.removeprefix(f"{NAMESPACE}/").partition("/NCMD/")
+            sent = self._source.publish(topic, payload)
+            log.info(
+                "asked Sparkplug edge node %s/%s for a rebirth%s", group, edge_node, "" if sent else " (not connected)"
+            )
+            INGEST_METRICS.sparkplug_rebirths.labels(group, edge_node).inc()
+        host.commands.clear()
+        for kind, count in host.counts.items():
+            if count and kind != "commands_ignored":
+                INGEST_METRICS.sparkplug_values.labels(kind).inc(count)
+                host.counts[kind] = 0
+        out: list[KafkaOut] = [(self._births_topic, key, value, None) for key, value in host.birth_records]
+        if out:
+            for node in host.nodes.values():
+                INGEST_METRICS.sparkplug_online.labels(node.group, node.edge_node).set(int(node.online))
+        host.birth_records.clear()
+        return out
+
+    @property
+    def _births_topic(self) -> str:
+        return births_topic(self._settings.kafka.topic_prefix)
+
     def _decode(self, messages: list[Message]) -> DecodedBatch:
         """Decode the messages whose site is within its rate ceiling; the others become
         ``rate_limit`` problems undecoded, so a flooding site costs little more than its reception."""
         if not self.admission.rationing:
-            return decode_messages(messages, self._limits)
+            return decode_messages(messages, self._limits, sparkplug=self.sparkplug)
         sites = self._sites.of([m.topic for m in messages], [len(m.payload) for m in messages])
         limited = self.admission.ration(sites, time.time())
-        decoded = decode_messages(messages, self._limits, {i: Problem(*r) for i, r in limited.items()})
+        decoded = decode_messages(
+            messages, self._limits, {i: Problem(*r) for i, r in limited.items()}, sparkplug=self.sparkplug
+        )
         self.admission.settle(sites, limited, np.bincount(decoded.message_index, minlength=len(messages)))
         return decoded
 
@@ -371,7 +411,16 @@ async def run_bridge(
     """Run a bridge until ``stop`` is set; sets ``ready`` once subscribed; returns its counters.
     With ``health``, reports the MQTT connection there."""
     source_class = PahoMqttSource if settings.mqtt.client == "paho" else AsyncioMqttSource
-    async with KafkaRecordSink(settings) as sink, source_class(settings.mqtt, settings.ingest.max_in_flight) as source:
+    mqtt, sparkplug, presence = settings.mqtt, None, None
+    if settings.sparkplug.enabled:
+        sparkplug = await start_sparkplug_host(settings)
+        if f"{NAMESPACE}/#" not in mqtt.subscriptions:
+            mqtt = mqtt.model_copy(update={"subscriptions": (*mqtt.subscriptions, f"{NAMESPACE}/#")})
+        presence = sparkplug_presence(settings.sparkplug.host_id)
+    async with (
+        KafkaRecordSink(settings) as sink,
+        source_class(mqtt, settings.ingest.max_in_flight, presence=presence) as source,
+    ):
         if health is not None:
             where = f"{settings.mqtt.host}:{settings.mqtt.port}"
 
@@ -389,15 +438,24 @@ async def run_bridge(
             "bridge up: MQTT %s:%d %s (QoS %d) -> Kafka %s",
             settings.mqtt.host,
             settings.mqtt.port,
-            subscription_filters(settings.mqtt),
+            subscription_filters(mqtt),
             settings.mqtt.qos,
             settings.kafka.bootstrap_servers,
         )
         domains = load_catalogue(settings.processor.catalogue).domains()
         await sink.ensure_topics(pipeline_topics(settings.kafka.topic_prefix, domains))
-        bridge = Bridge(settings, source, sink, await load_admission(settings))
+        bridge = Bridge(settings, source, sink, await load_admission(settings), sparkplug)
         if health is not None:
             health.add_notices("admission", lambda: admission_alerts(bridge.admission))
+            if sparkplug is not None:
+                host = sparkplug
+                health.add_notices("sparkplug", lambda: sparkplug_alerts(host))
+
+                async def sparkplug_probe() -> tuple[bool, str]:
+                    # Edge nodes offline are the field's state, not the pipeline's: always ok.
+                    return True, sparkplug_summary(host)
+
+                health.add("sparkplug", sparkplug_probe)
         # The bridge runs before the SUBACK arrives: a broker may send it only once the session's
         # queued messages are acknowledged. ``ready`` means subscribed.
         running = asyncio.create_task(bridge.run(stop), name="bridge")
@@ -412,6 +470,67 @@ async def run_bridge(
             running.cancel()
         bridge.stats.mqtt_reconnects = source.reconnects
         return bridge.stats
+
+
+async def start_sparkplug_host(settings: Settings) -> SparkplugHost:
+    """The Sparkplug host with its mapping, and the births a previous run kept (so it decodes
+    DATA at once instead of asking every node for a rebirth)."""
+    from importlib.resources import files
+    from pathlib import Path
+
+    sp, i = settings.sparkplug, settings.ingest
+    mapping_file = sp.mapping_file or Path(str(files("portpulse.contract").joinpath("sparkplug.toml")))
+    mapping = load_mapping(mapping_file, load_catalogue(settings.processor.catalogue))
+    host = SparkplugHost(
+        mapping,
+        max_future_ns=int(i.max_future_s * 1e9),
+        max_past_ns=int(i.max_past_s * 1e9),
+        rebirth_interval_s=sp.rebirth_interval_s,
+    )
+    restored = host.restore(await read_compacted(settings.kafka, births_topic(settings.kafka.topic_prefix)))
+    log.info(
+        "Sparkplug host%s: %d metrics mapped from %s; %d births read back",
+        f" {sp.host_id!r} (primary: STATE published)" if sp.host_id else "",
+        len(mapping.metrics),
+        mapping_file,
+        restored,
+    )
+    return host
+
+
+def sparkplug_presence(host_id: str | None) -> Presence | None:
+    """A primary host's STATE on ``spBv1.0/STATE/{host_id}``: online once subscribed, offline as
+    the will, both with the connection's timestamp (ms), as spec 3.0 requires."""
+    if host_id is None:
+        return None
+
+    def payloads() -> tuple[bytes, bytes]:
+        now_ms = time.time_ns() // 1_000_000
+        return state_payload(False, now_ms), state_payload(True, now_ms)
+
+    return Presence(f"{NAMESPACE}/STATE/{host_id}", payloads)
+
+
+def sparkplug_summary(host: SparkplugHost) -> str:
+    """Edge nodes online and offline, for the dashboard's sparkplug check, e.g.
+    ``2 of 3 edge nodes online; terminal-a/gw-2 offline for 40 s``."""
+    rows = host.status(time.time())
+    offline = [r for r in rows if not r["online"]]
+    text = f"{len(rows) - len(offline)} of {len(rows)} edge nodes online"
+    details = [f"{r['group']}/{r['edge_node']} offline for {r['for_s']:.0f} s" for r in offline[:20]]
+    return "; ".join([text, *details])
+
+
+def sparkplug_alerts(host: SparkplugHost) -> list[dict[str, Any]]:
+    """Each sensor of an offline edge node as a dashboard alert: its last values are stale."""
+    now = time.time()
+    return [
+        {"domain": host.mapping.domain, "site": site, "sensor_id": sensor, "value": round(now - node.changed_s),
+         "unit": "s offline",
+         "alert": f"stale: Sparkplug edge node {node.group}/{node.edge_node} is offline (NDEATH)",
+         "age_s": round(now - node.changed_s, 1)}
+        for node, site, sensor in host.stale_sensors()
+    ]  # fmt: skip
 
 
 async def load_admission(settings: Settings) -> Admission:

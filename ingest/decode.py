@@ -6,6 +6,7 @@ Accepted payloads (see the README's wire contract):
 2. JSON gateway batch: ``{"readings": [{"sensor_id": "...", "ts": ..., "metrics": {...}}, ...]}``
    on ``sensors/{domain}/{site}`` or ``sensors/{domain}/{site}/{gateway_id}``
 3. InfluxDB line protocol, one or many lines; tags ``sensor_id`` and ``site`` override the topic.
+4. Sparkplug B on ``spBv1.0/...``, with a :class:`portpulse.ingest.sparkplug.SparkplugHost`.
 
 Timestamps: epoch s/ms/us/ns (told apart by magnitude) or RFC 3339 text; a reading without one
 gets the receive time and ``FLAG_TS_FROM_RECEIVE``. Every rejected value is reported as a
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from itertools import chain, repeat
 from operator import attrgetter
-from typing import Any, NamedTuple, TypeGuard, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeGuard, TypeVar
 
 import msgspec
 import numpy as np
@@ -31,6 +32,9 @@ import orjson
 
 from portpulse.contract.schema import FLAG_TS_FROM_RECEIVE, ReadingColumns, str_array
 from portpulse.contract.topics import ID_RE, MqttTopic, parse_mqtt_topic
+
+if TYPE_CHECKING:
+    from portpulse.ingest.sparkplug import SparkplugHost
 
 __all__ = [
     "REASONS",
@@ -58,6 +62,16 @@ REASONS = (
     "bad_timestamp",
     "ts_too_far_future",
     "ts_too_far_past",
+    # Sparkplug B (see portpulse.ingest.sparkplug)
+    "sparkplug_bad_protobuf",
+    "sparkplug_bad_seq",
+    "sparkplug_seq_gap",
+    "sparkplug_data_before_birth",
+    "sparkplug_unknown_alias",
+    "sparkplug_unmapped_metric",
+    "sparkplug_unsupported_type",
+    "sparkplug_datatype_mismatch",
+    "sparkplug_stale_death",
 )
 
 T = TypeVar("T")
@@ -100,6 +114,7 @@ class _Seen:
 
 
 _IDS = _Seen(ID_RE)
+_SPARKPLUG_PREFIX = "spBv1.0/"
 _METRICS = _Seen(METRIC_RE)
 _MAX_READINGS_PER_MESSAGE = 100_000
 
@@ -169,10 +184,14 @@ class _Out:
 
 
 def decode_messages(
-    messages: Sequence[Message], limits: DecodeLimits, refused: Mapping[int, Problem] | None = None
+    messages: Sequence[Message],
+    limits: DecodeLimits,
+    refused: Mapping[int, Problem] | None = None,
+    sparkplug: SparkplugHost | None = None,
 ) -> DecodedBatch:
     """Decode a batch of MQTT messages into reading columns and per-message problems. Messages
-    in ``refused`` (by index) are not decoded: their problem is that refusal."""
+    in ``refused`` (by index) are not decoded: their problem is that refusal. With ``sparkplug``,
+    messages on ``spBv1.0/...`` go to that host application (in receive order)."""
     out = _Out()
     problems: dict[int, list[Problem]] = {}
     refused = refused or {}
@@ -181,9 +200,30 @@ def decode_messages(
             problems[i] = [refused[i]]
             continue
         found: list[Problem] = []
-        _decode_one(i, msg, limits, out, found)
+        if sparkplug is not None and msg.topic.startswith(_SPARKPLUG_PREFIX):
+            if len(msg.payload) > limits.max_payload_bytes:
+                found.append(
+                    Problem("payload_too_large", f"{len(msg.payload)} bytes > limit {limits.max_payload_bytes}")
+                )
+            else:
+                sparkplug.take(i, msg.topic, msg.payload, msg.received_ns)
+        else:
+            _decode_one(i, msg, limits, out, found)
         if found:
             problems[i] = found
+    if sparkplug is not None:
+        rows, sparkplug_problems = sparkplug.finish()
+        for i, found_there in sparkplug_problems.items():
+            problems.setdefault(i, []).extend(Problem(*p) for p in found_there)
+        n = len(rows.message)
+        out.message += rows.message
+        out.sensor += rows.sensor
+        out.site += rows.site
+        out.domain += [sparkplug.mapping.domain] * n
+        out.metric += rows.metric
+        out.ts += rows.ts
+        out.value += rows.value
+        out.flags += rows.flags
     readings = ReadingColumns(
         sensor_id=str_array(out.sensor),
         site=str_array(out.site),

@@ -73,5 +73,28 @@ class IngestMetrics:
     def kafka_healthy(self) -> Gauge:
         return Gauge("portpulse_ingest_kafka_healthy", "1 while Kafka acknowledges records, 0 while retrying")
 
+    @cached_property
+    def sparkplug_online(self) -> Gauge:
+        return Gauge(
+            "portpulse_sparkplug_node_online",
+            "1 while a Sparkplug edge node is born and not dead, 0 after its NDEATH",
+            ["group", "edge_node"],
+        )
+
+    @cached_property
+    def sparkplug_rebirths(self) -> Counter:
+        return Counter(
+            "portpulse_sparkplug_rebirth_requests", "Rebirth requests (NCMD) sent to edge nodes", ["group", "edge_node"]
+        )
+
+    @cached_property
+    def sparkplug_values(self) -> Counter:
+        return Counter(
+            "portpulse_sparkplug_values",
+            "Sparkplug metric values not stored as readings, by kind: null (is_null), unmapped "
+            "(the mapping file lacks the name), and historical values stored (is_historical)",
+            ["kind"],
+        )
+
 
 INGEST_METRICS = IngestMetrics()

@@ -21,7 +21,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Container, Sequence
+from collections.abc import Callable, Container, Sequence
 from types import TracebackType
 from typing import Any, NamedTuple, Protocol
 
@@ -41,6 +41,7 @@ __all__ = [
     "Inbound",
     "MqttSource",
     "PahoMqttSource",
+    "Presence",
     "Shortfall",
     "broker_shortfalls",
     "credentials_refused",
@@ -49,6 +50,15 @@ __all__ = [
 ]
 
 log = logging.getLogger("portpulse.mqtt")
+
+
+class Presence(NamedTuple):
+    """How a client announces itself on ``topic`` (retained, QoS 1): ``payloads()`` is called for
+    each connection and gives (offline, online): offline is the MQTT will and what a clean
+    shutdown publishes, online is published once subscribed (a Sparkplug host's STATE)."""
+
+    topic: str
+    payloads: Callable[[], tuple[bytes, bytes]]
 
 
 class Inbound(NamedTuple):
@@ -282,12 +292,24 @@ class MqttSource(Protocol):
         """Acknowledge a QoS 1/2 message if it belongs to the current connection; False if skipped."""
         ...
 
+    def publish(self, topic: str, payload: bytes) -> bool:
+        """Publish at QoS 0 (commands: a lost one is asked again); False when not connected."""
+        ...
+
 
 class PahoMqttSource:
     """Subscribe with a persistent session and hand messages to asyncio; ``async with`` to run."""
 
-    def __init__(self, settings: MqttSettings, max_in_flight: int, connect_timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        settings: MqttSettings,
+        max_in_flight: int,
+        connect_timeout_s: float = 30.0,
+        presence: Presence | None = None,
+    ) -> None:
         self._settings = settings
+        self._presence = presence
+        self._offline = b""
         self._queue: queue.Queue[Inbound] = queue.Queue(maxsize=max_in_flight)
         self._connect_timeout_s = connect_timeout_s
         self._generation = 0
@@ -329,6 +351,10 @@ class PahoMqttSource:
             min_delay=max(1, round(s.reconnect_min_s)), max_delay=max(1, round(s.reconnect_max_s))
         )
         client.max_inflight_messages_set(65535)
+        if self._presence is not None:
+            # paho keeps one will for every reconnect: its timestamp is the first connection's
+            self._offline, self._online = self._presence.payloads()
+            client.will_set(self._presence.topic, self._offline, qos=1, retain=True)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
@@ -374,6 +400,8 @@ class PahoMqttSource:
             )
         self._subscribe_attempts = 0
         self._subscribe(client)
+        if self._presence is not None:
+            client.publish(self._presence.topic, self._online, qos=1, retain=True)
         self._connected.set()
         INGEST_METRICS.mqtt_connected.set(1)
 
@@ -466,8 +494,15 @@ class PahoMqttSource:
     ) -> None:
         await self._shutdown()
 
+    def publish(self, topic: str, payload: bytes) -> bool:
+        """Publish at QoS 0; False when not connected."""
+        return self._connected.is_set() and self._client.publish(topic, payload, qos=0).rc == paho.MQTT_ERR_SUCCESS
+
     async def _shutdown(self) -> None:
         self._stopping = True
+        if self._presence is not None and self._connected.is_set():
+            # a clean DISCONNECT discards the will: say offline ourselves
+            self._client.publish(self._presence.topic, self._offline, qos=1, retain=True).wait_for_publish(2.0)
         self._client.disconnect()
         self._client.loop_stop()  # joins paho's thread; it wakes within 0.5 s even if blocked on a full queue
 

@@ -46,6 +46,7 @@ from portpulse.codecs.mqttwire import (
     PacketReader,
     encode_ack,
     encode_connect,
+    encode_publish,
     encode_subscribe,
     parse_connack,
     parse_suback,
@@ -58,6 +59,7 @@ from portpulse.ingest.mqtt import (
     MAX_SUBSCRIBE_ATTEMPTS,
     BrokerShortfalls,
     Inbound,
+    Presence,
     credentials_refused,
     mqtt_ssl_context,
     subscribe_id_refused,
@@ -162,8 +164,16 @@ class _Connection(asyncio.Protocol):
 class AsyncioMqttSource:
     """Subscribe with a persistent session and hand messages to asyncio; ``async with`` to run."""
 
-    def __init__(self, settings: MqttSettings, max_in_flight: int, connect_timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        settings: MqttSettings,
+        max_in_flight: int,
+        connect_timeout_s: float = 30.0,
+        presence: Presence | None = None,
+    ) -> None:
         self._settings = settings
+        self._presence = presence
+        self._presence_payloads = (b"", b"")  # (offline, online) of the current connection
         self._max_buffered = max_in_flight
         self._connect_timeout_s = connect_timeout_s
         self.v5 = settings.protocol == "5"
@@ -308,6 +318,17 @@ class AsyncioMqttSource:
         self._subscribe_sent = time.monotonic()
         self._subscribe_attempts += 1
         conn.write(encode_subscribe(self._subscribe_id, filters, v5=self.v5))
+        if self._presence is not None and self._subscribe_attempts == 1:
+            online = encode_publish(self._presence.topic, self._presence_payloads[1], qos=1,
+                                    packet_id=self._next_packet_id(), v5=self.v5, retain=True)  # fmt: skip
+            conn.write(online)
+
+    def publish(self, topic: str, payload: bytes) -> bool:
+        """Publish at QoS 0; False when not connected."""
+        if self._connection is None or not self._connected.is_set():
+            return False
+        self._connection.write(encode_publish(topic, payload, v5=self.v5))
+        return True
 
     def subscription_answered(self, conn: _Connection, body: bytes) -> None:
         """SUBACK: note refusals and downgrades; a refusal for the packet id is sent again."""
@@ -343,6 +364,12 @@ class AsyncioMqttSource:
         self._stopping = True
         if self._connection is not None:
             self._flush_acks()
+            if self._presence is not None:  # a clean DISCONNECT discards the will: say offline ourselves
+                offline = self._presence_payloads[0]
+                packet_id = self._next_packet_id()
+                self._connection.write(
+                    encode_publish(self._presence.topic, offline, qos=1, packet_id=packet_id, v5=self.v5, retain=True)
+                )
             self._connection.write(DISCONNECT_PACKET)
             if self._connection.transport is not None:
                 self._connection.transport.close()
@@ -417,6 +444,8 @@ class AsyncioMqttSource:
 
     async def _converse(self, conn: _Connection, generation: int) -> str:
         s = self._settings
+        if self._presence is not None:
+            self._presence_payloads = self._presence.payloads()
         conn.write(
             encode_connect(
                 s.client_id,
@@ -427,6 +456,7 @@ class AsyncioMqttSource:
                 password=s.password.get_secret_value() if s.password else None,
                 session_expiry_s=s.session_expiry_s,
                 receive_maximum=self._max_buffered,
+                will=(self._presence.topic, self._presence_payloads[0]) if self._presence is not None else None,
             )
         )
         waiters: set[asyncio.Future[Any]] = {conn.connack, conn.lost}

@@ -204,6 +204,9 @@ class _ListSource:
             self.all_acked.set()
         return True
 
+    def publish(self, topic: str, payload: bytes) -> bool:
+        return False
+
 
 class _DrySink:
     """A record sink that keeps nothing: a dry run counts what the bridge would send."""

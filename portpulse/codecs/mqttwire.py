@@ -129,10 +129,15 @@ def encode_connect(
     password: str | None = None,
     session_expiry_s: int = 0,
     receive_maximum: int = 65535,
+    will: tuple[str, bytes] | None = None,
 ) -> bytes:
-    """CONNECT; for v5 with Session Expiry Interval (s) and Receive Maximum (messages) properties."""
+    """CONNECT; for v5 with Session Expiry Interval (s) and Receive Maximum (messages) properties.
+    ``will``: (topic, payload) the broker publishes, retained at QoS 1, if the connection is lost."""
     flags = 0x02 if clean_start else 0
     payload = _string(client_id)
+    if will is not None:
+        flags |= 0x04 | (1 << 3) | 0x20  # will, will QoS 1, will retain
+        payload += (b"\x00" if v5 else b"") + _string(will[0]) + _ID.pack(len(will[1])) + will[1]
     if username is not None:
         flags |= 0x80
         payload += _string(username)
@@ -157,11 +162,13 @@ def encode_subscribe(packet_id: int, filters: list[tuple[str, int]], *, v5: bool
     return b"\x82" + remaining_length(len(body)) + body
 
 
-def encode_publish(topic: str, payload: bytes, *, qos: int = 0, packet_id: int = 0, v5: bool = False) -> bytes:
+def encode_publish(
+    topic: str, payload: bytes, *, qos: int = 0, packet_id: int = 0, v5: bool = False, retain: bool = False
+) -> bytes:
     """One PUBLISH packet (no properties)."""
     t = topic.encode()
     var = _ID.pack(len(t)) + t + (_ID.pack(packet_id) if qos else b"") + (b"\x00" if v5 else b"")
-    return bytes([0x30 | (qos << 1)]) + remaining_length(len(var) + len(payload)) + var + payload
+    return bytes([0x30 | (qos << 1) | retain]) + remaining_length(len(var) + len(payload)) + var + payload
 
 
 def encode_ack(packet_type: int, packet_id: int) -> bytes:

@@ -32,6 +32,7 @@ __all__ = [
     "RetentionSettings",
     "Settings",
     "SinkSettings",
+    "SparkplugSettings",
     "load_settings",
 ]
 
@@ -174,6 +175,19 @@ class IngestSettings(_Section):
     max_past_s: float = Field(7 * 24 * 3600.0, ge=0)
 
 
+class SparkplugSettings(_Section):
+    """The bridge as an Eclipse Sparkplug B host application (``spBv1.0/#``, see docs/sparkplug.md)."""
+
+    enabled: bool = False
+    #: With a host id the bridge is a primary host: it publishes ``spBv1.0/STATE/{host_id}``
+    #: (retained, online at connect, offline as its MQTT will), which edge nodes wait for.
+    host_id: str | None = Field(None, pattern=r"^[^/#+]+$")
+    #: Sparkplug metric names -> catalogue metrics, and ids -> site/sensor (None: the crane mapping shipped).
+    mapping_file: Path | None = None
+    #: A node is asked for a rebirth at most once per this many seconds.
+    rebirth_interval_s: float = Field(30.0, gt=0)
+
+
 class AdmissionSettings(_Section):
     """What the bridge lets into the pipeline: budgets of new series (a series is one sensor id of
     one site and domain, i.e. one InfluxDB series per table), an optional registry of the sensors
@@ -274,6 +288,17 @@ class Settings(BaseSettings):
     processor: ProcessorSettings = ProcessorSettings()
     retention: RetentionSettings = RetentionSettings()
     ops: OpsSettings = OpsSettings()
+    sparkplug: SparkplugSettings = SparkplugSettings()
+
+    @model_validator(mode="after")
+    def _sparkplug_needs_every_message(self) -> Settings:
+        if self.sparkplug.enabled and self.mqtt.shared_group:
+            # A node's seq and aliases are followed message by message: a share of them cannot decode.
+            raise ValueError(
+                "sparkplug.enabled needs every message of an edge node in one bridge: "
+                "unset mqtt.shared_group (run one Sparkplug bridge per broker)"
+            )
+        return self
 
     @classmethod
     def settings_customise_sources(

@@ -15,6 +15,7 @@ __all__ = [
     "DOMAIN_RE",
     "ID_RE",
     "MqttTopic",
+    "births_topic",
     "dlq_topic",
     "is_readings_topic",
     "late_topic",
@@ -86,6 +87,12 @@ def registry_topic(prefix: str = "portpulse") -> str:
     return f"{prefix}.sensors"
 
 
+def births_topic(prefix: str = "portpulse") -> str:
+    """Compacted Kafka topic of the Sparkplug births the bridge holds, keyed
+    ``group/edge_node[/device]``, valued with the NBIRTH/DBIRTH payload (a null value: it died)."""
+    return f"{prefix}.sparkplug.births"
+
+
 def replayed_topic(prefix: str = "portpulse") -> str:
     """Compacted Kafka topic of the dead letters ``portpulse dlq replay`` sent back, keyed
     ``partition:offset`` of the DLQ, valued with the time of the replay (ns, text)."""
@@ -109,7 +116,7 @@ def topic_configs(topic: str, kafka: KafkaSettings) -> dict[str, str]:
     """The topic configs PortPulse creates ``topic`` with: retention and cleanup policy by kind
     (readings, DLQ, late), compaction for the registry; ``{}`` for a topic that is not ours."""
     prefix = kafka.topic_prefix
-    if topic in (registry_topic(prefix), replayed_topic(prefix)):
+    if topic in (registry_topic(prefix), replayed_topic(prefix), births_topic(prefix)):
         return {"cleanup.policy": "compact"}
     retention_s = {dlq_topic(prefix): kafka.dlq_retention_s, late_topic(prefix): kafka.late_retention_s}.get(topic)
     if retention_s is None and is_readings_topic(topic, prefix):

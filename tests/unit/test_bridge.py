@@ -52,6 +52,9 @@ class FakeSource:
         self.acked.append(inbound.mid)
         return True
 
+    def publish(self, topic: str, payload: bytes) -> bool:
+        return False
+
 
 @dataclass
 class Delivery:
