@@ -14,7 +14,7 @@ from typing import Any
 
 from portpulse import __version__
 from portpulse.contract.catalogue import load_catalogue
-from portpulse.contract.errors import ConfigError, PortPulseError
+from portpulse.contract.errors import ConfigError, PortPulseError, ServiceUnavailableError
 from portpulse.contract.settings import Settings, load_settings
 
 __all__ = ["main"]
@@ -91,9 +91,15 @@ def _parser() -> argparse.ArgumentParser:
         "--faults",
         default="",
         help="kind=rate,... (spike, stuck, dropout, duplicate, out_of_order, "
-        "late, clock_skew, malformed, out_of_range, oversized) or all=RATE",
+        "late, clock_skew, malformed, out_of_range, oversized) or all=RATE; "
+        "with --format sparkplug: outage, seq_gap",
     )
-    sim.add_argument("--format", choices=("json", "json-batch", "line"), default="json")
+    sim.add_argument(
+        "--format",
+        choices=("json", "json-batch", "line", "sparkplug"),
+        default="json",
+        help="sparkplug: the crane fleet as Sparkplug B edge nodes (births, aliases, will, rebirth)",
+    )
     sim.add_argument("--batch-size", type=int, default=100, help="readings per gateway batch message")
     sim.add_argument("--qos", type=int, choices=(0, 1), default=0)
     sim.add_argument("--start", type=float, help="stream start, epoch seconds (default: now)")
@@ -174,6 +180,8 @@ def _cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
     from portpulse.simulators.publish import publish, write_stream
     from portpulse.simulators.stream import StreamConfig, generate, parse_faults
 
+    if args.format == "sparkplug":
+        return _simulate_sparkplug(settings, args)
     try:
         config = StreamConfig(
             fleets=tuple(f.strip() for f in args.fleet.split(",") if f.strip()),
@@ -203,6 +211,42 @@ def _cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
     print(
         f"published {report.messages:,} messages, {report.reports:,} reports in {report.elapsed_s:.1f}s: "
         f"{report.reports_per_s:,.0f} reports/s (target {config.rate:,.0f}), {report.faults:,} faults injected"
+    )
+    return EXIT_OK
+
+
+def _simulate_sparkplug(settings: Settings, args: argparse.Namespace) -> int:
+    import contextlib
+    import time
+
+    from portpulse.simulators.sparkplug import SparkplugConfig, run_sparkplug_fleet
+    from portpulse.simulators.stream import parse_faults
+
+    if args.out:
+        raise ConfigError(
+            "--format sparkplug publishes live (edge nodes answer rebirth requests): --out is not available"
+        )
+    try:
+        config = SparkplugConfig(
+            sensors=args.sensors,
+            rate=args.rate,
+            duration_s=args.duration,
+            seed=args.seed,
+            start_ns=int((args.start if args.start is not None else time.time()) * 1e9),
+            faults=parse_faults(args.faults),
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    with contextlib.ExitStack() as stack:
+        manifest = stack.enter_context(open(args.manifest, "w")) if args.manifest else None
+        try:
+            report = run_sparkplug_fleet(config, _target(settings, args.qos), manifest)
+        except ConnectionError as exc:
+            raise ServiceUnavailableError("mqtt", str(exc)) from None
+    print(
+        f"published {report.messages:,} Sparkplug messages, {report.reports:,} crane reports in "
+        f"{report.elapsed_s:.1f}s: {report.reports_per_s:,.0f} reports/s (target {config.rate:,.0f}), "
+        f"{report.faults:,} faults injected"
     )
     return EXIT_OK
 
