@@ -23,7 +23,15 @@ $(COMPAT_STAMP): $(STAMP)
 	done
 	touch $@
 
-install: $(STAMP) $(COMPAT_STAMP)  ## venv + editable install with test extras (+ aiokafka versions the hooks are tested on)
+# An independent Sparkplug B edge node for tests/integration/test_sparkplug.py: pysparkplug pins
+# paho-mqtt < 2, so it gets a venv of its own.
+PEER_STAMP := $(VENV)/.sparkplug-peer-stamp
+$(PEER_STAMP): $(STAMP)
+	test -x $(VENV)/sparkplug-peer/bin/python || $(BIN)/python -m venv $(VENV)/sparkplug-peer
+	$(VENV)/sparkplug-peer/bin/python -m pip install -q 'pysparkplug==0.6.1'
+	touch $@
+
+install: $(STAMP) $(COMPAT_STAMP) $(PEER_STAMP)  ## venv + editable install with test extras (+ aiokafka versions the hooks are tested on, the Sparkplug peer)
 
 services:  ## real Mosquitto, Kafka, InfluxDB on 127.0.0.1 (idempotent)
 	scripts/services up

@@ -414,7 +414,8 @@ async def run_bridge(
     mqtt, sparkplug, presence = settings.mqtt, None, None
     if settings.sparkplug.enabled:
         sparkplug = await start_sparkplug_host(settings)
-        if f"{NAMESPACE}/#" not in mqtt.subscriptions:
+        # Filters of the namespace already configured (some groups only) are kept as they are.
+        if not any(f.startswith(f"{NAMESPACE}/") for f in mqtt.subscriptions):
             mqtt = mqtt.model_copy(update={"subscriptions": (*mqtt.subscriptions, f"{NAMESPACE}/#")})
         presence = sparkplug_presence(settings.sparkplug.host_id)
     async with (

@@ -357,7 +357,6 @@ class SparkplugHost:
         if not (self._valid_id(site) and self._valid_id(sensor)):
             self._problem(index, "bad_sensor_id", f"site {site!r} / sensor {sensor!r} from the topic {topic!r}")
             return
-        node.sensors.add((site, sensor))
         first = len(self._blobs)
         self._blobs += blobs
         self._pending.append(_Data(index, node, birth, first, len(self._blobs), payload_ts, received_ns, site, sensor))
@@ -512,6 +511,7 @@ class SparkplugHost:
         n = len(keep)
         if not n:
             return
+        data.node.sensors.add((data.site, data.sensor))
         rows.message.extend([data.message] * n)
         rows.site.extend([data.site] * n)
         rows.sensor.extend([data.sensor] * n)
@@ -532,8 +532,12 @@ class SparkplugHost:
         """float64 values (NaN where not used or not numeric) by datatype."""
         raw = c.int_value[span]
         values = np.full(len(raw), np.nan)
-        small_signed = use & (datatype >= 1) & (datatype <= 3)
-        values[small_signed] = raw[small_signed].astype(np.uint32).view(np.int32)
+        # Int8/16/32 in a uint32: some encoders sign-extend to 32 bits (Tahu), others keep the
+        # type's width (pysparkplug: Int16 -5 is 65531); the low bits read as signed fit both.
+        for code, bits in ((1, 8), (2, 16), (3, 32)):
+            signed = use & (datatype == code)
+            low = (raw[signed] & np.uint64(2**bits - 1)).astype(np.int64)
+            values[signed] = np.where(low >= 2 ** (bits - 1), low - 2**bits, low)
         unsigned = use & (((datatype >= 5) & (datatype <= 8)) | (datatype == 13) | (datatype == 11))
         values[unsigned] = raw[unsigned]
         values[datatype == 11] = values[datatype == 11] != 0

@@ -129,7 +129,7 @@ class EdgeNode:
         """A DDATA by alias with every metric of each (ts ms, catalogue values) row."""
         payload = Payload(timestamp=rows[-1][0], seq=self._next_seq())
         for ts_ms, values in rows:
-            for metric, (name, datatype, factor) in CRANE_METRICS.items():
+            for metric, (_, datatype, factor) in CRANE_METRICS.items():
                 m = payload.metrics.add(alias=self.aliases[metric], timestamp=ts_ms)
                 if historical:
                     m.is_historical = True
@@ -201,11 +201,11 @@ def run_sparkplug_fleet(
     nodes = {site: EdgeNode(site, f"gw-{k}", []) for k, site in enumerate(sites)}
     for sensor, site in zip(fleet.sensor_id.tolist(), fleet.site.tolist(), strict=True):
         nodes[site].devices.append(sensor)
-    first = reports(
-        fleet, np.arange(len(fleet)), np.full(len(fleet), config.start_ns), np.random.default_rng([config.seed, 5])
-    )
+    # The values the cranes hold before the stream starts (a second before it): the first births carry them.
+    before = config.start_ns - 10**9
+    first = reports(fleet, np.arange(len(fleet)), np.full(len(fleet), before), np.random.default_rng([config.seed, 5]))
     latest = {
-        str(fleet.sensor_id[k]): (config.start_ns // 10**6, {m: float(first.values[m][k]) for m in CRANE_METRICS})
+        str(fleet.sensor_id[k]): (before // 10**6, {m: float(first.values[m][k]) for m in CRANE_METRICS})
         for k in range(len(fleet))
     }
     links: dict[str, _Link] = {}
