@@ -26,6 +26,7 @@ __all__ = [
     "DATATYPES",
     "NUMERIC_VALUE_FIELD",
     "DecodeError",
+    "Metric",
     "MetricColumns",
     "Payload",
     "SplitPayload",
@@ -72,8 +73,8 @@ _METRIC_FIELDS = (
 )
 
 
-def _message_classes() -> tuple[Any, Any]:
-    """The Payload class and a twin whose metrics stay encoded (``repeated bytes``)."""
+def _message_classes() -> tuple[Any, Any, Any]:
+    """The Payload class, a twin whose metrics stay encoded (``repeated bytes``), and Metric."""
     package = "portpulse.sparkplug_b"
     proto = descriptor_pb2.FileDescriptorProto(name="portpulse_sparkplug_b.proto", package=package, syntax="proto2")
     metric = proto.message_type.add(name="Metric")
@@ -95,11 +96,11 @@ def _message_classes() -> tuple[Any, Any]:
     pool = descriptor_pool.DescriptorPool()
     pool.Add(proto)
     return tuple(message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{package}.{m}"))
-                 for m in ("Payload", "SplitPayload"))  # type: ignore[return-value]  # fmt: skip
+                 for m in ("Payload", "SplitPayload", "Metric"))  # type: ignore[return-value]  # fmt: skip
 
 
-#: ``Payload`` (whole) and ``SplitPayload`` (metrics as encoded bytes) protobuf message classes.
-Payload, SplitPayload = _message_classes()
+#: ``Payload`` (whole), ``SplitPayload`` (metrics as encoded bytes) and ``Metric`` protobuf message classes.
+Payload, SplitPayload, Metric = _message_classes()
 
 
 def split_payload(data: bytes) -> tuple[int | None, int | None, list[bytes]]:
