@@ -473,9 +473,9 @@ async def run_bridge(
         return bridge.stats
 
 
-async def start_sparkplug_host(settings: Settings) -> SparkplugHost:
+async def start_sparkplug_host(settings: Settings, live: bool = True) -> SparkplugHost:
     """The Sparkplug host with its mapping, and the births a previous run kept (so it decodes
-    DATA at once instead of asking every node for a rebirth)."""
+    DATA at once instead of asking every node for a rebirth); ``live`` False for a DLQ replay."""
     from importlib.resources import files
     from pathlib import Path
 
@@ -487,6 +487,7 @@ async def start_sparkplug_host(settings: Settings) -> SparkplugHost:
         max_future_ns=int(i.max_future_s * 1e9),
         max_past_ns=int(i.max_past_s * 1e9),
         rebirth_interval_s=sp.rebirth_interval_s,
+        live=live,
     )
     restored = host.restore(await read_compacted(settings.kafka, births_topic(settings.kafka.topic_prefix)))
     log.info(

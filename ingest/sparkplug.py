@@ -262,8 +262,12 @@ class SparkplugHost:
         max_past_ns: int,
         rebirth_interval_s: float = 30.0,
         valid_id: Any = ID_RE.fullmatch,
+        live: bool = True,
     ) -> None:
         self.mapping = mapping
+        #: False for a DLQ replay: messages decode against the births held now (a birth against its
+        #: own), and nothing is checked or changed: no seq, no state, no rebirth request.
+        self.live = live
         self._max_future_ns = max_future_ns
         self._max_past_ns = max_past_ns
         self._rebirth_interval_s = rebirth_interval_s
@@ -326,18 +330,25 @@ class SparkplugHost:
             return
         node = self._node(where.group, where.edge_node)
         now_s = received_ns / 1e9
-        if where.kind == "NBIRTH":
-            self._node_birth(index, node, payload, seq, now_s)
+        birth: Birth | None
+        if not self.live:  # a replay: births decode their own values and change nothing
+            if where.kind in ("NDEATH", "DDEATH"):
+                return
+            birth = self._parse_birth(index, where, payload) if where.kind.endswith("BIRTH") else None
+        elif where.kind == "NBIRTH":
+            birth = self._node_birth(index, node, payload, seq, now_s)
+            if birth is None:
+                return
         elif where.kind == "NDEATH":
             self._node_death(index, node, payload, now_s)
             return
         elif not self._in_sequence(index, node, where, seq, now_s):
             return
-        if where.kind == "DDEATH":
+        elif where.kind == "DDEATH":
             assert where.device is not None
             node.devices_online.discard(where.device)
             return
-        if where.kind == "DBIRTH":
+        elif where.kind == "DBIRTH":
             assert where.device is not None
             birth = self._parse_birth(index, where, payload)
             if birth is None:
@@ -346,13 +357,14 @@ class SparkplugHost:
             node.devices_online.add(where.device)
             self.birth_records.append((f"{where.group}/{where.edge_node}/{where.device}".encode(), payload))
         else:
-            known = node.birth if where.device is None else node.devices.get(where.device)
-            if known is None:
+            birth = None
+        if birth is None:
+            birth = node.birth if where.device is None else node.devices.get(where.device)
+            if birth is None:
                 what = "NBIRTH" if where.device is None else f"DBIRTH of device {where.device!r}"
                 self._problem(index, "sparkplug_data_before_birth", f"{where.kind} before its {what}")
                 self._ask_rebirth(node, now_s)
                 return
-            birth = known
         site, sensor = self.mapping.ids(where.group, where.edge_node, where.device)
         if not (self._valid_id(site) and self._valid_id(sensor)):
             self._problem(index, "bad_sensor_id", f"site {site!r} / sensor {sensor!r} from the topic {topic!r}")
@@ -361,14 +373,15 @@ class SparkplugHost:
         self._blobs += blobs
         self._pending.append(_Data(index, node, birth, first, len(self._blobs), payload_ts, received_ns, site, sensor))
 
-    def _node_birth(self, index: int, node: NodeStatus, payload: bytes, seq: int | None, now_s: float) -> None:
+    def _node_birth(self, index: int, node: NodeStatus, payload: bytes, seq: int | None, now_s: float) -> Birth | None:
         birth = self._parse_birth(index, SparkplugTopic(node.group, "NBIRTH", node.edge_node, None), payload)
         if birth is None:
-            return
+            return None
         # A new session of the node: its devices are born again after it, and seq restarts.
         node.birth, node.devices, node.devices_online = birth, {}, set()
         node.seq, node.online, node.changed_s = seq, True, now_s
         self.birth_records.append((f"{node.group}/{node.edge_node}".encode(), payload))
+        return birth
 
     def _parse_birth(self, index: int, where: SparkplugTopic, payload: bytes) -> Birth | None:
         try:
@@ -421,7 +434,7 @@ class SparkplugHost:
         return True
 
     def _ask_rebirth(self, node: NodeStatus, now_s: float) -> bool:
-        if now_s - node.rebirth_asked_s < self._rebirth_interval_s:
+        if not self.live or now_s - node.rebirth_asked_s < self._rebirth_interval_s:
             return False
         node.rebirth_asked_s = now_s
         node.rebirths_asked += 1

@@ -228,7 +228,7 @@ async def replay(
     the replayed topic once Kafka has what it made. Replaying a letter twice stores its readings
     once (the same reading again is no fault). ``dry_run`` sends and records nothing."""
     from portpulse.codecs.recordbatch import OutgoingRecords
-    from portpulse.ingest.bridge import Bridge, KafkaRecordSink, load_admission
+    from portpulse.ingest.bridge import Bridge, KafkaRecordSink, load_admission, start_sparkplug_host
     from portpulse.ingest.decode import Message
     from portpulse.ingest.mqtt import Inbound
 
@@ -236,6 +236,8 @@ async def replay(
     report = ReplayReport()
     marked = replayed_topic(settings.kafka.topic_prefix)
     admission = await load_admission(settings)
+    # Sparkplug letters decode against the births the bridge holds now (see SparkplugHost.live).
+    sparkplug = await start_sparkplug_host(settings, live=False) if settings.sparkplug.enabled else None
     sink: Any = _DrySink() if dry_run else KafkaRecordSink(settings)
     if not dry_run:
         await sink.__aenter__()
@@ -247,7 +249,7 @@ async def replay(
             inbound = [Inbound(Message(r.source, r.payload, now), mid=i, qos=1, generation=0) for i, r in
                        enumerate(letters)]  # fmt: skip
             source = _ListSource(inbound)
-            bridge = Bridge(settings, source, sink, admission)
+            bridge = Bridge(settings, source, sink, admission, sparkplug)
             stop = asyncio.Event()
             task = asyncio.create_task(bridge.run(stop))
             acked = asyncio.create_task(source.all_acked.wait())

@@ -34,6 +34,7 @@ class FakeSource:
         self.taken = 0
         self.most_held = 0  # the most messages taken and not yet acked at any time
         self.acked: list[int] = []
+        self.published: list[tuple[str, bytes]] = []
         self.reconnects = 0
         self.last_error = ""
 
@@ -53,7 +54,8 @@ class FakeSource:
         return True
 
     def publish(self, topic: str, payload: bytes) -> bool:
-        return False
+        self.published.append((topic, payload))
+        return True
 
 
 @dataclass
@@ -238,3 +240,32 @@ async def test_a_site_over_its_rate_ceiling_is_dead_lettered_undecoded_and_the_o
     assert {dict(h or [])["reason"] for _, _, _, h in letters} == {b"rate_limit"}
     assert bridge.stats.rejected_by_reason == {"rate_limit": 50 - passing}
     assert bridge.stats.refused_readings == {}
+
+
+async def test_sparkplug_rebirth_requests_go_out_on_mqtt_and_births_to_their_compacted_topic() -> None:
+    from portpulse.codecs.sparkplug import Payload
+    from portpulse.contract.catalogue import load_catalogue
+    from portpulse.ingest.sparkplug import SparkplugHost, SparkplugMapping
+
+    birth = Payload(timestamp=T0_MS, seq=0)
+    birth.metrics.add(name="bdSeq", datatype=8, long_value=0)
+    data = Payload(timestamp=T0_MS, seq=1)
+    data.metrics.add(alias=1, double_value=1.0)
+    now = T0_MS * 10**6
+    source = FakeSource([
+        Inbound(Message("spBv1.0/quai/NBIRTH/gw", birth.SerializeToString(), now), mid=1, qos=1, generation=0),
+        Inbound(Message("spBv1.0/quai/DDATA/gw/crane-9", data.SerializeToString(), now), mid=2, qos=1, generation=0),
+    ])  # fmt: skip
+    kafka = FakeKafka(auto=True)
+    assert "crane" in load_catalogue(settings().processor.catalogue).domains()
+    host = SparkplugHost(SparkplugMapping(domain="crane"), max_future_ns=10**12, max_past_ns=10**18)
+    bridge = Bridge(settings(), source, kafka, sparkplug=host)
+    stop = asyncio.Event()
+    task = asyncio.create_task(bridge.run(stop))
+    await until(lambda: source.acked == [1, 2], "both acks")
+    stop.set()
+    await task
+    assert [topic for topic, _ in source.published] == ["spBv1.0/quai/NCMD/gw"]  # DDATA of a device never born
+    births = [(topic, key) for d in kafka.deliveries for topic, key, _, _ in d.others if topic.endswith("births")]
+    assert births == [("portpulse.sparkplug.births", b"quai/gw")]
+    assert bridge.stats.rejected_by_reason == {"sparkplug_data_before_birth": 1}

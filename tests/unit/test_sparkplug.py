@@ -440,3 +440,19 @@ def test_the_simulated_edge_node_reads_back_through_the_host() -> None:
     assert reasons(gap) == {0: ["sparkplug_seq_gap"]}
     death = Payload.FromString(node.death())
     assert [(m.name, m.long_value) for m in death.metrics] == [("bdSeq", 0)]
+
+
+def test_a_replay_decodes_with_the_births_held_now_and_changes_nothing() -> None:
+    live = host()
+    early = ddata("sts-1", [{"alias": 2, "timestamp": NOW_MS - 9000, "double_value": 7.0}], seq=9)
+    assert reasons(decode(live, early)) == {0: ["sparkplug_data_before_birth"]}  # dead-lettered, then born:
+    born(live)
+    replay = host()
+    replay.live = False
+    replay.restore(dict(live.birth_records))
+    before = replay.nodes[(GROUP, NODE)].seq
+    batch = decode(replay, early, early, dbirth("sts-1", CRANE[:1], seq=77), ndeath(bd_seq=0))
+    assert batch.problems == {} and replay.commands == [] and replay.birth_records == []
+    assert [(m, v) for _, _, m, _, v in readings(batch)] == [("trolley_position", 7.0)] * 2 + [("hoist_load", 12.5)]
+    node = replay.nodes[(GROUP, NODE)]
+    assert node.online and node.seq == before and set(node.devices) == {"sts-1"}
