@@ -195,6 +195,7 @@ def decode_messages(
     out = _Out()
     problems: dict[int, list[Problem]] = {}
     refused = refused or {}
+    for_sparkplug: list[tuple[int, str, bytes, int]] = []
     for i, msg in enumerate(messages):
         if i in refused:
             problems[i] = [refused[i]]
@@ -206,24 +207,11 @@ def decode_messages(
                     Problem("payload_too_large", f"{len(msg.payload)} bytes > limit {limits.max_payload_bytes}")
                 )
             else:
-                sparkplug.take(i, msg.topic, msg.payload, msg.received_ns)
+                for_sparkplug.append((i, msg.topic, msg.payload, msg.received_ns))
         else:
             _decode_one(i, msg, limits, out, found)
         if found:
             problems[i] = found
-    if sparkplug is not None:
-        rows, sparkplug_problems = sparkplug.finish()
-        for i, found_there in sparkplug_problems.items():
-            problems.setdefault(i, []).extend(Problem(*p) for p in found_there)
-        n = len(rows.message)
-        out.message += rows.message
-        out.sensor += rows.sensor
-        out.site += rows.site
-        out.domain += [sparkplug.mapping.domain] * n
-        out.metric += rows.metric
-        out.ts += rows.ts
-        out.value += rows.value
-        out.flags += rows.flags
     readings = ReadingColumns(
         sensor_id=str_array(out.sensor),
         site=str_array(out.site),
@@ -233,7 +221,18 @@ def decode_messages(
         value=np.array(out.value, dtype=np.float64),
         flags=np.array(out.flags, dtype=np.uint8),
     )
-    return DecodedBatch(readings, np.array(out.message, dtype=np.int64), problems)
+    message_index = np.array(out.message, dtype=np.int64)
+    if for_sparkplug:
+        assert sparkplug is not None
+        decoded, sparkplug_problems = sparkplug.decode(for_sparkplug)
+        for i, found_there in sparkplug_problems.items():
+            problems.setdefault(i, []).extend(Problem(*p) for p in found_there)
+        if len(readings):
+            readings = ReadingColumns.concat([readings, decoded.readings])
+            message_index = np.concatenate([message_index, decoded.message])
+        else:
+            readings, message_index = decoded.readings, decoded.message
+    return DecodedBatch(readings, message_index, problems)
 
 
 def _scaled(ts: npt.NDArray[np.int64], runs: list[tuple[int, int, int]]) -> npt.NDArray[np.int64]:

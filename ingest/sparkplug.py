@@ -36,12 +36,13 @@ from portpulse.codecs.sparkplug import (
     DecodeError,
     MetricColumns,
     Payload,
-    parse_metrics,
-    split_payload,
+    PayloadColumns,
+    parse_metric_spans,
+    parse_payloads,
 )
 from portpulse.contract.catalogue import Catalogue
 from portpulse.contract.errors import ConfigError
-from portpulse.contract.schema import FLAG_TS_FROM_RECEIVE
+from portpulse.contract.schema import FLAG_TS_FROM_RECEIVE, ReadingColumns, str_array
 from portpulse.contract.topics import ID_RE
 
 __all__ = [
@@ -225,12 +226,26 @@ class _Data(NamedTuple):
     message: int  # the message's index in the delivery
     node: NodeStatus
     birth: Birth
-    first: int  # its metrics' rows in the delivery's parsed metrics
+    first: int  # its metrics in the delivery's PayloadColumns (first_metric[i] .. first_metric[i + 1])
     stop: int
     payload_ts: int | None  # ms
     received_ns: int
     site: str
     sensor: str
+
+
+class _TopLevel:
+    """A delivery's :class:`PayloadColumns` as Python lists, for the per-message pass (a list
+    index costs a tenth of a numpy scalar's); None where a payload lacks timestamp or seq."""
+
+    def __init__(self, p: PayloadColumns) -> None:
+        self.malformed: list[bool] = p.malformed.tolist()
+        pairs = zip(p.timestamp.tolist(), p.has_timestamp.tolist(), strict=True)
+        self.timestamp: list[int | None] = [t if has else None for t, has in pairs]
+        self.seq: list[int | None] = [
+            s if has else None for s, has in zip(p.seq.tolist(), p.has_seq.tolist(), strict=True)
+        ]
+        self.first_metric: list[int] = p.first_metric.tolist()
 
 
 class Problem(NamedTuple):
@@ -239,20 +254,18 @@ class Problem(NamedTuple):
 
 
 class Rows(NamedTuple):
-    """Readings decoded from Sparkplug messages (equal-length lists, ``ts`` in ns)."""
+    """Readings decoded from Sparkplug messages, with the index of each one's message (int64 ``(n,)``)."""
 
-    message: list[int]
-    site: list[str]
-    sensor: list[str]
-    metric: list[str]
-    ts: list[int]
-    value: list[float]
-    flags: list[int]
+    readings: ReadingColumns
+    message: npt.NDArray[np.int64]
+
+    @classmethod
+    def empty(cls) -> Rows:
+        return cls(ReadingColumns.empty(), np.zeros(0, dtype=np.int64))
 
 
 class SparkplugHost:
-    """Sparkplug host application state: feed a delivery's messages with :meth:`take` in receive
-    order, then :meth:`finish` for its readings and problems."""
+    """Sparkplug host application state: :meth:`decode` a delivery's messages at a time."""
 
     def __init__(
         self,
@@ -273,8 +286,9 @@ class SparkplugHost:
         self._rebirth_interval_s = rebirth_interval_s
         self._valid_id = valid_id
         self.nodes: dict[tuple[str, str], NodeStatus] = {}
+        #: topic -> what :meth:`_resolve` made of it: a fleet's topics recur in every delivery
+        self._topics: dict[str, tuple[SparkplugTopic | str, str, str | None]] = {}
         self._pending: list[_Data] = []
-        self._blobs: list[bytes] = []
         self._problems: dict[int, list[Problem]] = {}
         #: (topic, payload) of the rebirth requests to publish (QoS 0, as commands are)
         self.commands: list[tuple[str, bytes]] = []
@@ -306,6 +320,14 @@ class SparkplugHost:
             taken += 1
         return taken
 
+    def _resolve(self, topic: str) -> tuple[SparkplugTopic | str, str, str | None]:
+        """(the parsed topic or why not, site, sensor id or None when the ids are not valid)."""
+        where = parse_sparkplug_topic(topic)
+        if isinstance(where, str):
+            return where, "", None
+        site, sensor = self.mapping.ids(where.group, where.edge_node, where.device)
+        return where, site, sensor if self._valid_id(site) and self._valid_id(sensor) else None
+
     def _node(self, group: str, edge_node: str) -> NodeStatus:
         node = self.nodes.get((group, edge_node))
         if node is None:
@@ -314,20 +336,41 @@ class SparkplugHost:
 
     # ------------------------------------------------------------ per message
 
-    def take(self, index: int, topic: str, payload: bytes, received_ns: int) -> None:
-        """Follow one message (receive order); its readings and problems come from :meth:`finish`."""
-        where = parse_sparkplug_topic(topic)
+    def decode(self, messages: list[tuple[int, str, bytes, int]]) -> tuple[Rows, dict[int, list[Problem]]]:
+        """Follow a delivery's Sparkplug messages ``(index, topic, payload, received ns)`` in receive
+        order; their readings, and the problems per message index."""
+        payloads = parse_payloads([payload for _, _, payload, _ in messages])
+        top = _TopLevel(payloads)
+        for k, (index, topic, payload, received_ns) in enumerate(messages):
+            self._take(index, topic, payload, received_ns, top, k)
+        pending, problems = self._pending, self._problems
+        self._pending, self._problems = [], {}
+        if not pending:
+            return Rows.empty(), problems
+        # The metrics of the messages that carry readings, in their order, parsed together.
+        first = np.array([d.first for d in pending], dtype=np.int64)
+        counts = np.array([d.stop - d.first for d in pending], dtype=np.int64)
+        picked = np.repeat(first - (np.cumsum(counts) - counts), counts) + np.arange(int(counts.sum()))
+        columns = parse_metric_spans(payloads.buffer, payloads.metric_start[picked], payloads.metric_stop[picked])
+        return self._decode(pending, columns, problems), problems
+
+    def _take(self, index: int, topic: str, payload: bytes, received_ns: int, top: _TopLevel, k: int) -> None:
+        known_topic = self._topics.get(topic)
+        if known_topic is None:
+            known_topic = self._topics[topic] = self._resolve(topic)
+            if len(self._topics) > 100_000:  # bounded: a flood of distinct topics only costs re-parsing
+                self._topics.clear()
+        where, site, sensor = known_topic
         if isinstance(where, str):
             self._problem(index, "bad_topic", f"{topic!r}: {where}")
             return
         if where.kind in ("STATE", "NCMD", "DCMD"):
             self.counts["commands_ignored"] += 1  # host state and commands: not telemetry
             return
-        try:
-            payload_ts, seq, blobs = split_payload(payload)
-        except DecodeError as exc:
-            self._problem(index, "sparkplug_bad_protobuf", f"{where.kind}: {exc}")
+        if top.malformed[k]:
+            self._problem(index, "sparkplug_bad_protobuf", f"{where.kind}: not a Sparkplug B protobuf Payload")
             return
+        payload_ts, seq = top.timestamp[k], top.seq[k]
         node = self._node(where.group, where.edge_node)
         now_s = received_ns / 1e9
         birth: Birth | None
@@ -365,13 +408,11 @@ class SparkplugHost:
                 self._problem(index, "sparkplug_data_before_birth", f"{where.kind} before its {what}")
                 self._ask_rebirth(node, now_s)
                 return
-        site, sensor = self.mapping.ids(where.group, where.edge_node, where.device)
-        if not (self._valid_id(site) and self._valid_id(sensor)):
-            self._problem(index, "bad_sensor_id", f"site {site!r} / sensor {sensor!r} from the topic {topic!r}")
+        if sensor is None:
+            self._problem(index, "bad_sensor_id", f"site {site!r} / sensor from the topic {topic!r} not valid ids")
             return
-        first = len(self._blobs)
-        self._blobs += blobs
-        self._pending.append(_Data(index, node, birth, first, len(self._blobs), payload_ts, received_ns, site, sensor))
+        first, stop = top.first_metric[k], top.first_metric[k + 1]
+        self._pending.append(_Data(index, node, birth, first, stop, payload_ts, received_ns, site, sensor))
 
     def _node_birth(self, index: int, node: NodeStatus, payload: bytes, seq: int | None, now_s: float) -> Birth | None:
         birth = self._parse_birth(index, SparkplugTopic(node.group, "NBIRTH", node.edge_node, None), payload)
@@ -446,132 +487,99 @@ class SparkplugHost:
 
     # ------------------------------------------------------------ per delivery
 
-    def finish(self) -> tuple[Rows, dict[int, list[Problem]]]:
-        """The readings and per-message problems of the messages taken since the last call."""
-        pending, blobs, problems = self._pending, self._blobs, self._problems
-        self._pending, self._blobs, self._problems = [], [], {}
-        rows = Rows([], [], [], [], [], [], [])
-        if pending:
-            columns = parse_metrics(blobs)
-            for data in pending:
-                self._decode(data, columns, rows, problems)
-        return rows, problems
-
-    def _decode(self, data: _Data, c: MetricColumns, rows: Rows, problems: dict[int, list[Problem]]) -> None:
-        span = slice(data.first, data.stop)
-        found: list[Problem] = []
-        if c.malformed[span].any():
-            bad = np.flatnonzero(c.malformed[span])
-            problems.setdefault(data.message, []).append(
+    def _decode(self, pending: list[_Data], c: MetricColumns, problems: dict[int, list[Problem]]) -> Rows:
+        """Every metric of the delivery at once: each row looked up in the birth its message was
+        decoded against, checked and converted in whole-array steps; Python loops run only over
+        messages with a problem and over metrics sent by name."""
+        per_message = np.array([d.stop - d.first for d in pending], dtype=np.int64)
+        owner = np.repeat(np.arange(len(pending)), per_message)  # row -> index into pending
+        row_of = np.cumsum(per_message) - per_message  # each message's first row
+        table = _BirthTable([d.birth for d in pending])
+        # Which birth entry each row is: by alias (birth, alias) in one sorted search; else by name.
+        at, known = table.find(table.birth_of[owner], c.alias, c.has_alias)
+        for row in np.flatnonzero(~known).tolist():
+            name = c.name(row)
+            birth = pending[owner[row]].birth
+            if name is not None and name in birth.by_name:
+                at[row], known[row] = table.start[table.index[id(birth)]] + birth.by_name[name], True
+        bad_message = np.zeros(len(pending), dtype=np.bool_)
+        bad_message[owner[c.malformed]] = True
+        usable = ~bad_message[owner]
+        datatype = np.where(known, table.datatypes[at], 0)
+        null = (c.is_null | (c.value_field == 0)) & known  # a metric without a value counts as null
+        mapped = known & table.stored[at]
+        expected = _VALUE_FIELD_OF[np.clip(datatype, 0, len(_VALUE_FIELD_OF) - 1)]
+        stated = c.has_datatype & (c.datatype.astype(np.int64) != datatype)
+        unsupported = mapped & ~null & (expected < 0)
+        mismatch = mapped & ~null & ~unsupported & ((c.value_field != expected) | stated)
+        use = usable & mapped & ~null & ~unsupported & ~mismatch
+        self.counts["null"] += int((null & usable).sum())
+        self.counts["unmapped"] += int((usable & known & ~mapped & ~null & ~table.control[at]).sum())
+        found: dict[int, list[Problem]] = {}
+        values = _values(c, datatype, use, owner, found)
+        use &= ~np.isnan(values)
+        values *= table.scale[at]
+        # Event time: the metric's, else the payload's, else the bridge's receive time.
+        payload_ts = np.array([-1 if d.payload_ts is None else d.payload_ts for d in pending], dtype=np.int64)[owner]
+        received = np.array([d.received_ns for d in pending], dtype=np.int64)[owner]
+        from_receive = ~c.has_timestamp & (payload_ts < 0)
+        ts_ms = np.where(
+            c.has_timestamp, np.minimum(c.timestamp, np.uint64(2**62 // 10**6)).astype(np.int64), payload_ts
+        )
+        ts = np.where(from_receive, received, ts_ms * 10**6)
+        future = use & (ts > received + self._max_future_ns)
+        past = use & (ts < received - self._max_past_ns)
+        use &= ~future & ~past
+        self.counts["historical"] += int((use & c.is_historical).sum())
+        # Problems, per message: the loops run over the messages concerned only.
+        for m in np.flatnonzero(bad_message).tolist():
+            bad = np.flatnonzero(c.malformed[row_of[m] : row_of[m] + per_message[m]])
+            found.setdefault(m, []).append(
                 Problem("sparkplug_bad_protobuf", f"metrics {bad[:10].tolist()} are not Sparkplug metrics")
             )
-            return
-        birth = data.birth
-        # Which birth entry each metric is: by alias, else by name.
-        alias, has_alias = c.alias[span], c.has_alias[span]
-        at = np.searchsorted(birth.aliases, alias).clip(0, max(len(birth.aliases) - 1, 0))
-        known = has_alias & (birth.aliases[at] == alias) if len(birth.aliases) else np.zeros(len(alias), bool)
-        for k in np.flatnonzero(~known).tolist():
-            name = c.name(data.first + k)
-            if name is not None and name in birth.by_name:
-                at[k], known[k] = birth.by_name[name], True
-        if not known.all():
-            unknown = np.flatnonzero(~known)
-            labels = [f"alias {int(alias[k])}" if has_alias[k] else repr(c.name(data.first + k)) for k in unknown[:10]]
-            found.append(Problem("sparkplug_unknown_alias", f"never born: {', '.join(labels)}; rebirth requested"))
-            self._ask_rebirth(data.node, data.received_ns / 1e9)
-        datatype = np.where(known, birth.datatypes[at] if len(birth.datatypes) else 0, 0)
-        stated = c.has_datatype[span] & (c.datatype[span].astype(np.int64) != datatype) & known
-        null = c.is_null[span]
-        self.counts["null"] += int((null & known).sum())
-        metric = birth.metric[at] if len(birth.metric) else np.empty(len(alias), dtype=object)
-        mapped = known & (birth.stored[at] if len(birth.stored) else False)
-        control = birth.control[at] if len(birth.control) else np.zeros(len(alias), bool)
-        self.counts["unmapped"] += int((known & ~mapped & ~null & ~control).sum())
-        expected = np.array([NUMERIC_VALUE_FIELD.get(d, -1) for d in datatype.tolist()], dtype=np.int64)
-        field_no = c.value_field[span]
-        unsupported = mapped & ~null & (expected < 0)
-        mismatch = mapped & ~null & ~unsupported & ((field_no != expected) | stated)
+        for m, rows_of in _by_message(owner, usable & ~known):
+            names = [f"alias {int(c.alias[r])}" if c.has_alias[r] else repr(c.name(r)) for r in rows_of[:10]]
+            found.setdefault(m, []).append(
+                Problem("sparkplug_unknown_alias", f"never born: {', '.join(names)}; rebirth requested")
+            )
+            self._ask_rebirth(pending[m].node, pending[m].received_ns / 1e9)
         for kind, mask, text in (
-            ("sparkplug_unsupported_type", unsupported, f"datatypes PortPulse does not store ({_UNSUPPORTED})"),
-            ("sparkplug_datatype_mismatch", mismatch, "value not of the datatype the birth announced"),
+            (
+                "sparkplug_unsupported_type",
+                usable & unsupported,
+                f"datatypes PortPulse does not store ({_UNSUPPORTED})",
+            ),
+            ("sparkplug_datatype_mismatch", usable & mismatch, "value not of the datatype the birth announced"),
         ):
-            if mask.any():
-                where = [f"{birth.metric[at[k]]} ({DATATYPES.get(int(datatype[k]), datatype[k])})"
-                         for k in np.flatnonzero(mask)[:10]]  # fmt: skip
-                found.append(Problem(kind, f"{text}: {', '.join(where)}"))
-        use = mapped & ~null & ~unsupported & ~mismatch
-        values = self._values(c, span, datatype, use, found, data.first)
-        use &= ~np.isnan(values)
-        if len(birth.scale):
-            values *= birth.scale[at]
-        # Event time: the metric's, else the payload's, else the bridge's receive time.
-        ts_ms = np.where(c.has_timestamp[span], c.timestamp[span], np.uint64(data.payload_ts or 0))
-        from_receive = ~c.has_timestamp[span] & (data.payload_ts is None)
-        ts_ms = np.minimum(ts_ms, np.uint64(2**62 // 10**6)).astype(np.int64)
-        ts = np.where(from_receive, data.received_ns, ts_ms * 10**6)
-        future = use & (ts > data.received_ns + self._max_future_ns)
-        past = use & (ts < data.received_ns - self._max_past_ns)
+            for m, rows_of in _by_message(owner, mask):
+                where = [f"{table.metric[at[r]]} ({DATATYPES.get(int(datatype[r]), int(datatype[r]))})"
+                         for r in rows_of[:10]]  # fmt: skip
+                found.setdefault(m, []).append(Problem(kind, f"{text}: {', '.join(where)}"))
         for kind, mask, word in (("ts_too_far_future", future, "ahead of"), ("ts_too_far_past", past, "behind")):
-            if mask.any():
-                gap = np.abs(ts[mask] - data.received_ns).max() / 1e9
-                found.append(Problem(kind, f"{int(mask.sum())} metrics up to {gap:.0f}s {word} the bridge clock"))
-        use &= ~future & ~past
-        self.counts["historical"] += int((use & c.is_historical[span]).sum())
-        if found:
-            problems.setdefault(data.message, []).extend(found)
+            for m, rows_of in _by_message(owner, mask):
+                gap = np.abs(ts[rows_of] - received[rows_of]).max() / 1e9
+                found.setdefault(m, []).append(
+                    Problem(kind, f"{len(rows_of)} metrics up to {gap:.0f}s {word} the bridge clock")
+                )
+        for m, found_there in found.items():
+            problems.setdefault(pending[m].message, []).extend(found_there)
         keep = np.flatnonzero(use)
-        n = len(keep)
-        if not n:
-            return
-        data.node.sensors.add((data.site, data.sensor))
-        rows.message.extend([data.message] * n)
-        rows.site.extend([data.site] * n)
-        rows.sensor.extend([data.sensor] * n)
-        rows.metric.extend(metric[keep].tolist())
-        rows.ts.extend(ts[keep].tolist())
-        rows.value.extend(values[keep].tolist())
-        rows.flags.extend((from_receive[keep] * int(FLAG_TS_FROM_RECEIVE)).tolist())
-
-    @staticmethod
-    def _values(
-        c: MetricColumns,
-        span: slice,
-        datatype: npt.NDArray[np.int64],
-        use: npt.NDArray[np.bool_],
-        found: list[Problem],
-        first: int,
-    ) -> npt.NDArray[np.float64]:
-        """float64 values (NaN where not used or not numeric) by datatype."""
-        raw = c.int_value[span]
-        values = np.full(len(raw), np.nan)
-        # Int8/16/32 in a uint32: some encoders sign-extend to 32 bits (Tahu), others keep the
-        # type's width (pysparkplug: Int16 -5 is 65531); the low bits read as signed fit both.
-        for code, bits in ((1, 8), (2, 16), (3, 32)):
-            signed = use & (datatype == code)
-            low = (raw[signed] & np.uint64(2**bits - 1)).astype(np.int64)
-            values[signed] = np.where(low >= 2 ** (bits - 1), low - 2**bits, low)
-        unsigned = use & (((datatype >= 5) & (datatype <= 8)) | (datatype == 13) | (datatype == 11))
-        values[unsigned] = raw[unsigned]
-        values[datatype == 11] = values[datatype == 11] != 0
-        signed = use & (datatype == 4)
-        values[signed] = raw[signed].view(np.int64)
-        floats = use & ((datatype == 9) | (datatype == 10))
-        values[floats] = c.float_value[span][floats]
-        bad = []
-        for k in np.flatnonzero(use & ((datatype == 12) | (datatype == 14))).tolist():
-            text = c.text(first + k)
-            try:
-                values[k] = float(text)
-            except ValueError:
-                bad.append(text[:40])
-        infinite = use & ~np.isfinite(values) & ~np.isnan(values)
-        if infinite.any():
-            found.append(Problem("non_finite_value", f"{int(infinite.sum())} metrics are infinite"))
-            values[infinite] = np.nan
-        if bad:
-            found.append(Problem("non_numeric_value", f"string metrics that are not numbers: {bad[:10]}"))
-        return values
+        kept_owner = owner[keep]
+        for m in np.flatnonzero(np.bincount(kept_owner, minlength=len(pending))).tolist():
+            pending[m].node.sensors.add((pending[m].site, pending[m].sensor))
+        message = np.array([d.message for d in pending], dtype=np.int64)
+        site = str_array([d.site for d in pending])
+        sensor = str_array([d.sensor for d in pending])
+        readings = ReadingColumns(
+            sensor_id=sensor[kept_owner],
+            site=site[kept_owner],
+            domain=str_array([self.mapping.domain]).repeat(len(keep)),
+            metric=table.metric[at[keep]],
+            ts_ns=ts[keep],
+            value=values[keep],
+            flags=(from_receive[keep] * FLAG_TS_FROM_RECEIVE).astype(np.uint8),
+        )
+        return Rows(readings, message[kept_owner])
 
     # ------------------------------------------------------------ status
 
@@ -590,6 +598,110 @@ class SparkplugHost:
             if not node.online:
                 for site, sensor in sorted(node.sensors):
                     yield node, site, sensor
+
+
+#: The Metric value field each datatype code is carried in (-1: a type PortPulse does not store).
+_VALUE_FIELD_OF = np.full(22, -1, dtype=np.int64)
+_VALUE_FIELD_OF[list(NUMERIC_VALUE_FIELD)] = list(NUMERIC_VALUE_FIELD.values())
+
+
+class _BirthTable:
+    """The births a delivery's messages decode against, concatenated: row ``start[k] + j`` is
+    entry ``j`` of birth ``k``; ``find`` looks up (birth, alias) pairs with one sorted search."""
+
+    def __init__(self, births: list[Birth]) -> None:
+        self.index: dict[int, int] = {}
+        distinct: list[Birth] = []
+        owners = []
+        for birth in births:
+            k = self.index.get(id(birth))
+            if k is None:
+                k = self.index[id(birth)] = len(distinct)
+                distinct.append(birth)
+            owners.append(k)
+        self.birth_of = np.array(owners, dtype=np.int64)  # per message of the delivery
+        sizes = np.array([len(b.aliases) for b in distinct], dtype=np.int64)
+        self.start = np.cumsum(sizes) - sizes
+        join = np.concatenate
+        # One extra entry at the end: what unknown rows point at (no metric, not stored).
+        self.datatypes = join([*(b.datatypes for b in distinct), [0]]).astype(np.int64)
+        self.metric = join([*(b.metric for b in distinct), np.array([None], dtype=object)])
+        self.scale = join([*(b.scale for b in distinct), [1.0]])
+        self.stored = join([*(b.stored for b in distinct), [False]]).astype(np.bool_)
+        self.control = join([*(b.control for b in distinct), [False]]).astype(np.bool_)
+        aliases = join([*(b.aliases for b in distinct), np.zeros(0, dtype=np.uint64)]).astype(np.uint64)
+        owner = np.repeat(np.arange(len(distinct)), sizes)
+        # (birth, alias) as one uint64 where the alias fits in 40 bits (aliases are small in
+        # practice; a name-only birth's placeholders do not fit and are never looked up by alias).
+        fits = aliases < 2**40
+        keys = (owner[fits].astype(np.uint64) << np.uint64(40)) | aliases[fits]
+        order = np.argsort(keys, kind="stable")
+        self._keys = keys[order]
+        self._rows = np.flatnonzero(fits)[order]
+        self._none = len(self.datatypes) - 1
+
+    def find(
+        self, birth: npt.NDArray[np.int64], alias: npt.NDArray[np.uint64], has_alias: npt.NDArray[np.bool_]
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_]]:
+        """(row of each (birth, alias) in the table, found); unknown rows point at the empty entry."""
+        fits = has_alias & (alias < 2**40)
+        keys = (birth.astype(np.uint64) << np.uint64(40)) | np.where(fits, alias, 0).astype(np.uint64)
+        pos = np.searchsorted(self._keys, keys).clip(0, max(len(self._keys) - 1, 0))
+        found = fits & (self._keys[pos] == keys) if len(self._keys) else np.zeros(len(keys), dtype=np.bool_)
+        rows = np.where(found, self._rows[pos] if len(self._rows) else 0, self._none)
+        return rows.astype(np.int64), found
+
+
+def _by_message(owner: npt.NDArray[np.int64], mask: npt.NDArray[np.bool_]) -> list[tuple[int, npt.NDArray[np.int64]]]:
+    """(message, its rows) for the rows of ``mask``, grouped by message (empty when none)."""
+    rows = np.flatnonzero(mask)
+    if not rows.size:
+        return []
+    starts = np.flatnonzero(np.diff(owner[rows], prepend=-1))
+    return [(int(owner[rows[a]]), rows[a:b]) for a, b in zip(starts, [*starts[1:], len(rows)], strict=True)]
+
+
+def _values(
+    c: MetricColumns,
+    datatype: npt.NDArray[np.int64],
+    use: npt.NDArray[np.bool_],
+    owner: npt.NDArray[np.int64],
+    found: dict[int, list[Problem]],
+) -> npt.NDArray[np.float64]:
+    """float64 values by datatype (NaN where not used or not a number); problems per message."""
+    raw = c.int_value
+    values = np.full(len(raw), np.nan)
+    # Int8/16/32 in a uint32: some encoders sign-extend to 32 bits (Tahu), others keep the
+    # type's width (pysparkplug: Int16 -5 is 65531); the low bits read as signed fit both.
+    for code, bits in ((1, 8), (2, 16), (3, 32)):
+        signed = use & (datatype == code)
+        low = (raw[signed] & np.uint64(2**bits - 1)).astype(np.int64)
+        values[signed] = np.where(low >= 2 ** (bits - 1), low - 2**bits, low)
+    unsigned = use & (((datatype >= 5) & (datatype <= 8)) | (datatype == 13))
+    values[unsigned] = raw[unsigned]
+    boolean = use & (datatype == 11)
+    values[boolean] = raw[boolean] != 0
+    signed64 = use & (datatype == 4)
+    values[signed64] = raw[signed64].view(np.int64)
+    floats = use & ((datatype == 9) | (datatype == 10))
+    values[floats] = c.float_value[floats]
+    text = use & ((datatype == 12) | (datatype == 14))
+    for m, rows in _by_message(owner, text):
+        bad = []
+        for r in rows.tolist():
+            try:
+                values[r] = float(c.text(r))
+            except ValueError:
+                bad.append(c.text(r)[:40])
+        if bad:
+            found.setdefault(m, []).append(
+                Problem("non_numeric_value", f"string metrics that are not numbers: {bad[:10]}")
+            )
+    infinite = use & np.isinf(values)
+    for m, rows in _by_message(owner, infinite):
+        found.setdefault(m, []).append(Problem("non_finite_value", f"{len(rows)} metrics are infinite"))
+    values[infinite] = np.nan
+    return values
 
 
 def rebirth_request(group: str, edge_node: str, now_ms: int) -> tuple[str, bytes]:

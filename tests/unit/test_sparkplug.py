@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from portpulse.codecs.mqttwire import encode_connect, encode_publish
-from portpulse.codecs.sparkplug import Metric, Payload, parse_metrics, split_payload
+from portpulse.codecs.sparkplug import Metric, Payload, parse_metrics, parse_payloads
 from portpulse.contract.catalogue import load_catalogue
 from portpulse.contract.errors import ConfigError
 from portpulse.contract.schema import FLAG_TS_FROM_RECEIVE
@@ -78,9 +78,11 @@ def test_parse_metrics_reads_what_upb_reads(metrics: list[tuple[dict[str, Any], 
             setattr(m, value[0], value[1])
     data = payload.SerializeToString()
     reference = Payload.FromString(data)
-    ts, seq, blobs = split_payload(data)
-    c = parse_metrics(blobs)
-    assert (ts, seq, len(c)) == (NOW_MS, 7, len(metrics))
+    top = parse_payloads([b"", data])  # an empty payload first: offsets are per payload
+    assert top.malformed.tolist() == [False, False] and top.first_metric.tolist() == [0, 0, len(metrics)]
+    assert (int(top.timestamp[1]), int(top.seq[1]), top.has_seq.tolist()) == (NOW_MS, 7, [False, True])
+    c = parse_metrics([top.buffer[a:b] for a, b in zip(top.metric_start, top.metric_stop, strict=True)])
+    assert len(c) == len(metrics)
     assert not c.malformed.any()
     for k, m in enumerate(reference.metrics):
         for name in ("alias", "timestamp", "datatype"):
@@ -111,6 +113,21 @@ def test_parse_metrics_flags_what_is_not_a_metric_and_never_raises(blobs: list[b
             upb_accepts = False
         if not upb_accepts:
             assert c.malformed[k], blob
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.binary(max_size=40), max_size=10))
+def test_parse_payloads_flags_what_is_not_a_payload_and_never_raises(payloads: list[bytes]) -> None:
+    top = parse_payloads(payloads)
+    for k, payload in enumerate(payloads):
+        try:
+            reference = Payload.FromString(payload)
+        except Exception:
+            assert top.malformed[k], payload
+            continue
+        if not top.malformed[k]:  # where both accept it, both read the same
+            assert top.first_metric[k + 1] - top.first_metric[k] == len(reference.metrics)
+            assert (bool(top.has_seq[k]), int(top.seq[k])) == (reference.HasField("seq"), reference.seq)
 
 
 def test_a_truncated_metric_is_malformed_and_its_neighbours_are_not() -> None:
@@ -230,6 +247,7 @@ def test_what_cannot_be_a_reading_is_dead_lettered_and_the_rest_of_the_message_s
     h = host(mapping=mapping)
     born_as = [("A", 1, 10), ("B", 2, 12), ("C", 3, 16), ("D", 4, 10), ("E", 5, 10), ("F", 6, 10)]
     decode(h, nbirth(), dbirth("sts-1", [(name, alias, datatype, None) for name, alias, datatype in born_as], seq=1))
+    h.counts["null"] = 0  # the birth announced them without values
     batch = decode(h, ddata("sts-1", [
         {"alias": 1, "double_value": 1.5},  # stored
         {"alias": 2, "string_value": "open"},  # String that is no number
