@@ -8,8 +8,9 @@
 2. End to end (real Mosquitto, Kafka, InfluxDB 1.8): ``portpulse run`` as Sparkplug host, a crane
    fleet of 4 edge nodes x 50 cranes born, then DDATA published at QoS 1 as fast as the broker
    takes them, until InfluxDB holds every value; once with one report (6 metrics) per DDATA, once
-   with 8 reports (48 metrics, an edge node batching), and the same values as JSON gateway batches
-   in the same run. CPU seconds of every process from /proc.
+   with 8 reports (48 metrics, an edge node batching), each beside the same values as JSON with
+   as many values per message (single readings; gateway batches of 8), and as the simulators'
+   gateway batches of 100 readings, in the same run. CPU seconds of every process from /proc.
 
 ``python -m benchmarks.bench_sparkplug [--json PATH]``
 """
@@ -177,10 +178,10 @@ def end_to_end(env: dict[str, str], reports: int, per_ddata: int) -> dict[str, A
         budget.start()
         started = time.monotonic()
         publish(host, port, messages, qos=1)
-        run.wait(lambda: run.influx.count("crane", "hoist_load") * 6 >= values, 600, "stored")
+        run.wait(lambda: stored_values(run) >= values, 600, "stored")
         elapsed = time.monotonic() - started
         cpu = budget.stop()
-        stored = sum(run.influx.count("crane", m) for m in CRANE_METRICS)
+        stored = stored_values(run)
         per_value = {k: v / values * 1e6 for k, v in cpu.items()}
         return {"shape": f"Sparkplug DDATA, {per_ddata} report(s) = {6 * per_ddata} metrics",
                 "messages": len(messages), "values": values, "stored": stored, "elapsed_s": elapsed,
@@ -189,31 +190,42 @@ def end_to_end(env: dict[str, str], reports: int, per_ddata: int) -> dict[str, A
         run.stop()
 
 
-def json_end_to_end(env: dict[str, str], reports: int) -> dict[str, Any]:
-    """The same crane values as JSON gateway batches (100 readings x 6 metrics per message)."""
-    run = Pipeline(env, "json gateway batches")
+def json_end_to_end(env: dict[str, str], reports: int, per_message: int) -> dict[str, Any]:
+    """The same crane values as JSON: ``per_message`` readings (6 metrics each) per message, a
+    single reading on ``sensors/crane/{site}/{sensor}`` when 1, else a gateway batch."""
+    run = Pipeline(env, f"json per_message={per_message}")
     try:
         t0_ms = int(time.time() * 1000) - (reports + 120) * 1000
         readings = [(f"sts-{c:03d}", t0_ms + r * 1000) for r in range(reports) for c in range(200)]
         body = {m: 20.0 for m in CRANE_METRICS} | {"spreader_locked": 1.0, "move_counter": 1000.0}
-        messages = [(f"{run.prefix}/crane/terminal", json.dumps({"readings": [
-            {"sensor_id": s, "ts": ts, "metrics": body} for s, ts in readings[k:k + 100]]}).encode())
-            for k in range(0, len(readings), 100)]  # fmt: skip
+        if per_message == 1:
+            messages = [(f"{run.prefix}/crane/terminal/{s}", json.dumps({"ts": ts, "metrics": body}).encode())
+                        for s, ts in readings]  # fmt: skip
+        else:
+            messages = [(f"{run.prefix}/crane/terminal", json.dumps({"readings": [
+                {"sensor_id": s, "ts": ts, "metrics": body} for s, ts in readings[k:k + per_message]]}).encode())
+                for k in range(0, len(readings), per_message)]  # fmt: skip
         values = len(readings) * 6
         host, port = env["PORTPULSE_MQTT__HOST"], int(env["PORTPULSE_MQTT__PORT"])
         budget = CpuBudget({"portpulse run": run.procs[0].pid, "benchmark (publisher)": os.getpid()})
         budget.start()
         started = time.monotonic()
         publish(host, port, messages, qos=1)
-        run.wait(lambda: run.influx.count("crane", "hoist_load") * 6 >= values, 600, "stored")
+        run.wait(lambda: stored_values(run) >= values, 600, "stored")
         elapsed = time.monotonic() - started
         cpu = budget.stop()
-        stored = sum(run.influx.count("crane", m) for m in CRANE_METRICS)
-        return {"shape": "JSON gateway batches, 100 readings x 6 metrics", "messages": len(messages),
-                "values": values, "stored": stored, "elapsed_s": elapsed, "values_per_s": values / elapsed,
+        shape = "JSON single readings, 6 metrics" if per_message == 1 else (
+            f"JSON gateway batches, {per_message} readings x 6 metrics")  # fmt: skip
+        return {"shape": shape, "messages": len(messages), "values": values, "stored": stored_values(run),
+                "elapsed_s": elapsed, "values_per_s": values / elapsed,
                 "cpu_us_per_value": {k: v / values * 1e6 for k, v in cpu.items()}}  # fmt: skip
     finally:
         run.stop()
+
+
+def stored_values(run: Pipeline) -> int:
+    """Raw crane values InfluxDB holds for this run (every metric)."""
+    return sum(run.influx.count("crane", m) for m in CRANE_METRICS)
 
 
 def main() -> None:
@@ -230,8 +242,10 @@ def main() -> None:
               f"{row['upb_python_values_per_s']:>12,.0f} upb from Python   "
               f"{row['json_gateway_batch_values_per_s']:>12,.0f} JSON gateway batches")  # fmt: skip
     env = service_env()
-    results["end_to_end"] = [end_to_end(env, args.reports, 1), end_to_end(env, args.reports, 8),
-                             json_end_to_end(env, args.reports)]  # fmt: skip
+    # Each Sparkplug shape beside JSON carrying as many values per message.
+    results["end_to_end"] = [end_to_end(env, args.reports, 1), json_end_to_end(env, args.reports, 1),
+                             end_to_end(env, args.reports, 8), json_end_to_end(env, args.reports, 8),
+                             json_end_to_end(env, args.reports, 100)]  # fmt: skip
     print("end to end through portpulse run (200 cranes, InfluxDB 1.8 on the same 2 cores):")
     for row in results["end_to_end"]:
         cpu = ", ".join(f"{k} {v:.1f}" for k, v in row["cpu_us_per_value"].items())

@@ -136,6 +136,8 @@ def main() -> None:
         ("Event time per series: memory, correction latency, a backlog's cost (#16)",
          ["benchmarks.bench_corrections", "--series", "30000" if q else "100000", "--probes", "20" if q else "40",
           "--backlog-s", "600" if q else "3600"], 1500),
+        ("Sparkplug B: decoding beside JSON gateway batches and upb; a crane fleet end to end (#19)",
+         ["benchmarks.bench_sparkplug", "--reports", "120" if q else "600"], 900),
         ("End to end: MQTT -> bridge -> Kafka -> processor -> InfluxDB (#7)",
          ["benchmarks.bench_pipeline", "--messages", "15000" if q else "40000", "--batch-messages",
           "1000" if q else "3000", "--latency-seconds", "10" if q else "20", "--json", str(pipeline_json)], 1500),
