@@ -490,6 +490,9 @@ async def start_sparkplug_host(settings: Settings, live: bool = True) -> Sparkpl
         live=live,
     )
     restored = host.restore(await read_compacted(settings.kafka, births_topic(settings.kafka.topic_prefix)))
+    if live:
+        for node in host.nodes.values():
+            INGEST_METRICS.sparkplug_online.labels(node.group, node.edge_node).set(int(node.online))
     log.info(
         "Sparkplug host%s: %d metrics mapped from %s; %d births read back",
         f" {sp.host_id!r} (primary: STATE published)" if sp.host_id else "",
