@@ -1,0 +1,222 @@
+"""PortPulse beside Telegraf on the same Mosquitto, Kafka and InfluxDB 1.8, the same loads.
+
+    .venv/bin/python -m benchmarks.bench_telegraf [--runs 3] [--messages 100000] [--batches 5000]
+
+Telegraf is built from its Go module with only the plugins it needs (``scripts/services build
+telegraf``: once, cached) and runs the equivalent pipeline as its users would, two agents:
+
+- bridge: ``inputs.mqtt_consumer`` (QoS 1, persistent session, line protocol) -> ``outputs.kafka``
+- processor: ``inputs.kafka_consumer`` -> ``aggregators.basicstats`` (60 s windows, a grace for
+  readings behind the clock, raw points kept) -> ``outputs.influxdb``
+
+with batch sizes and buffers raised so that it drops nothing. PortPulse is ``portpulse run``
+with 1 minute windows. Both get the same bytes: InfluxDB line protocol published at QoS 1 by one
+pipelined publisher, one metric per line (the loads below), each pipeline in turn, ``--runs``
+times. The figures: wall time from the first publish until InfluxDB holds every raw value
+(stored = published is checked for both), CPU per reading of every process from /proc.
+
+Loads: ``--messages`` single-line messages from 1 000 sensors; ``--batches`` messages of 100
+lines. Event time: each sensor reports once a second, ending about now.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from benchmarks.bench_pipeline import Influx, Pipeline
+from benchmarks.common import SERVICES, CpuBudget, publish, service_env, stop_process
+
+SENSORS = 1000
+
+
+def telegraf_exe() -> Path:
+    out = subprocess.run([str(SERVICES), "build", "telegraf"], check=True, capture_output=True, text=True)
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+def lines(prefix: str, n: int, per_message: int, t0_ms: int) -> list[tuple[str, bytes]]:
+    """``n`` messages of ``per_message`` NO2 lines (line protocol, ns timestamps) on
+    ``{prefix}/air/quai``: sensor ``i % 1000`` reports once per second of event time."""
+    out = []
+    for m in range(n):
+        body = []
+        for k in range(m * per_message, (m + 1) * per_message):
+            ts_ns = (t0_ms + (k // SENSORS) * 1000) * 10**6
+            body.append(f"air,sensor_id=no2-{k % SENSORS:04d},site=quai no2={40.0 + (k // SENSORS) % 5 * 0.5} {ts_ns}")
+        out.append((f"{prefix}/air/quai", "\n".join(body).encode()))
+    return out
+
+
+class Telegraf:
+    """Telegraf's two agents on this run's topic, consumer group and database."""
+
+    def __init__(self, exe: Path, env: dict[str, str], prefix: str) -> None:
+        self.prefix = prefix
+        self.influx = Influx(env, prefix)
+        self.influx.query(f'CREATE DATABASE "{prefix}"')
+        user, _, password = env.get("PORTPULSE_INFLUX__TOKEN", "").partition(":")
+        kafka = json.dumps(env["PORTPULSE_KAFKA__BOOTSTRAP_SERVERS"].split(","))
+        mqtt = f"tcp://{env['PORTPULSE_MQTT__HOST']}:{env['PORTPULSE_MQTT__PORT']}"
+        agent = """
+[agent]
+  interval = "1s"
+  flush_interval = "100ms"
+  metric_batch_size = 20000
+  metric_buffer_limit = 5000000
+  omit_hostname = true
+"""
+        bridge = (
+            agent
+            + f"""
+[[inputs.mqtt_consumer]]
+  servers = ["{mqtt}"]
+  topics = ["{prefix}/#"]
+  qos = 1
+  client_id = "{prefix}-telegraf"
+  persistent_session = true
+  max_undelivered_messages = 20000
+  data_format = "influx"
+
+[[outputs.kafka]]
+  brokers = {kafka}
+  topic = "{prefix}.telegraf"
+  data_format = "influx"
+"""
+        )
+        processor = (
+            agent
+            + f"""
+[[inputs.kafka_consumer]]
+  brokers = {kafka}
+  topics = ["{prefix}.telegraf"]
+  consumer_group = "{prefix}-telegraf"
+  offset = "oldest"
+  max_undelivered_messages = 20000
+  data_format = "influx"
+
+[[aggregators.basicstats]]
+  period = "60s"
+  grace = "1h"
+  drop_original = false
+  stats = ["count", "min", "max", "mean", "sum"]
+
+[[outputs.influxdb]]
+  urls = ["{env["PORTPULSE_INFLUX__URL"]}"]
+  database = "{prefix}"
+  skip_database_creation = true
+  username = "{user}"
+  password = "{password}"
+"""
+        )
+        self.dir = Path(tempfile.mkdtemp(prefix=f"{prefix}-telegraf-"))
+        self.log = open(self.dir / "telegraf.log", "wb")  # noqa: SIM115 (closed in stop)
+        self.procs: list[subprocess.Popen[bytes]] = []
+        for name, config in (("bridge", bridge), ("processor", processor)):
+            path = self.dir / f"{name}.conf"
+            path.write_text(config)
+            self.procs.append(subprocess.Popen([str(exe), "--config", str(path)], stdout=self.log, stderr=self.log))
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            stop_process(proc)
+        self.log.close()
+        self.influx.query(f'DROP DATABASE "{self.prefix}"')
+
+
+def wait_for(condition: Any, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise SystemExit(f"not {what} within {timeout_s:.0f} s")
+
+
+def run_once(env: dict[str, str], exe: Path, peer: str, n: int, per_message: int) -> dict[str, Any]:
+    """One pipeline, one load: values/s from the first publish until stored = published."""
+    host, port = env["PORTPULSE_MQTT__HOST"], int(env["PORTPULSE_MQTT__PORT"])
+    t0_ms = int(time.time() * 1000) - (n * per_message // SENSORS + 120) * 1000
+    if peer == "telegraf":
+        pipe: Any = Telegraf(exe, env, f"tg{uuid.uuid4().hex[:8]}")
+        pids = {"telegraf bridge": pipe.procs[0].pid, "telegraf processor": pipe.procs[1].pid}
+        measurement = "air"
+    else:
+        pipe = Pipeline(env, "portpulse", processor_args=["--windows", "1m", "--lateness", "2", "--idle-timeout", "5"])
+        pids = {"portpulse run": pipe.procs[0].pid}
+        measurement = "air"
+    try:
+        # warm-up: connected, subscribed, topics made, first write done
+        warm = lines(pipe.prefix, 1, 1, t0_ms - 1000)
+        wait_for(lambda: _try_publish(host, port, warm) and pipe.influx.count(measurement, "no2") >= 1, 180, "warm")
+        messages = lines(pipe.prefix, n, per_message, t0_ms)
+        readings = n * per_message
+        budget = CpuBudget(pids | {"benchmark (publisher)": os.getpid()})
+        budget.start()
+        started = time.monotonic()
+        publish(host, port, messages, qos=1)
+        wait_for(lambda: pipe.influx.count(measurement, "no2") - 1 >= readings, 900, "stored")
+        elapsed = time.monotonic() - started
+        cpu = budget.stop()
+        stored = pipe.influx.count(measurement, "no2") - 1
+        per_reading = {k: v / readings * 1e6 for k, v in cpu.items()}
+        return {"peer": peer, "readings": readings, "stored": stored, "elapsed_s": elapsed,
+                "readings_per_s": readings / elapsed, "cpu_us": per_reading}  # fmt: skip
+    finally:
+        pipe.stop()
+
+
+def _try_publish(host: str, port: int, messages: list[tuple[str, bytes]]) -> bool:
+    publish(host, port, messages, qos=1)
+    time.sleep(0.5)
+    return True
+
+
+def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    rates = [r["readings_per_s"] for r in rows]
+    pipeline = [sum(v for k, v in r["cpu_us"].items() if k.startswith(("telegraf", "portpulse"))) for r in rows]
+    every = [sum(r["cpu_us"].values()) for r in rows]
+    return {"median_readings_per_s": statistics.median(rates), "min": min(rates), "max": max(rates),
+            "pipeline_cpu_us": statistics.median(pipeline), "all_cpu_us": statistics.median(every),
+            "stored_equals_published": all(r["stored"] == r["readings"] for r in rows)}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--messages", type=int, default=100_000, help="single-line messages")
+    parser.add_argument("--batches", type=int, default=5_000, help="messages of 100 lines")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    exe = telegraf_exe()
+    env = service_env()
+    results: dict[str, Any] = {}
+    for load, n, per_message in (("singles", args.messages, 1), ("batches of 100", args.batches, 100)):
+        rows: dict[str, list[dict[str, Any]]] = {"telegraf": [], "portpulse": []}
+        for _ in range(args.runs):
+            for peer in ("telegraf", "portpulse"):  # alternating: the machine's drift falls on both
+                rows[peer].append(run_once(env, exe, peer, n, per_message))
+        results[load] = {peer: {"runs": r, **summary(r)} for peer, r in rows.items()}
+        t, p = results[load]["telegraf"], results[load]["portpulse"]
+        print(f"{load}: {n * per_message:,} readings, {args.runs} alternating runs each (medians, ranges)")
+        for peer, s in (("Telegraf 1.37.2", t), ("PortPulse", p)):
+            print(f"  {peer:16} {s['median_readings_per_s']:>10,.0f} readings/s ({s['min']:,.0f}-{s['max']:,.0f}); "
+                  f"CPU us/reading: pipeline {s['pipeline_cpu_us']:.1f}, all processes {s['all_cpu_us']:.1f}; "
+                  f"stored = published: {s['stored_equals_published']}")  # fmt: skip
+        print(f"  ratio: wall {p['median_readings_per_s'] / t['median_readings_per_s']:.2f}x, "
+              f"pipeline CPU {t['pipeline_cpu_us'] / p['pipeline_cpu_us']:.2f}x less, "
+              f"all CPU {t['all_cpu_us'] / p['all_cpu_us']:.2f}x less")  # fmt: skip
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
