@@ -36,6 +36,9 @@ from benchmarks.bench_pipeline import Influx, Pipeline
 from benchmarks.common import SERVICES, CpuBudget, publish, service_env, stop_process
 
 SENSORS = 1000
+#: The Kafka protocol version Telegraf's client (sarama) speaks: its default is older than Kafka 4
+#: accepts (the connection ends in EOF).
+KAFKA_PROTOCOL = "3.9.0"
 
 
 def telegraf_exe() -> Path:
@@ -88,6 +91,7 @@ class Telegraf:
 
 [[outputs.kafka]]
   brokers = {kafka}
+  version = "{KAFKA_PROTOCOL}"
   topic = "{prefix}.telegraf"
   data_format = "influx"
 """
@@ -97,6 +101,7 @@ class Telegraf:
             + f"""
 [[inputs.kafka_consumer]]
   brokers = {kafka}
+  version = "{KAFKA_PROTOCOL}"
   topics = ["{prefix}.telegraf"]
   consumer_group = "{prefix}-telegraf"
   offset = "oldest"
