@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from itertools import chain, repeat
-from operator import attrgetter
+from operator import attrgetter, itemgetter
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeGuard, TypeVar
 
 import msgspec
@@ -572,9 +572,118 @@ def _pairs(parts: list[str], parse: Callable[[str], T]) -> dict[str, T] | None:
     return out
 
 
+_PLAIN_FIELD = re.compile(r"([^=,]+)=([^,]+)")
+_FIRST, _SECOND = itemgetter(0), itemgetter(1)
+#: Besides "\n", what ``str.splitlines``/``str.strip`` treat as line breaks or blanks in ASCII text,
+#: and what line protocol escapes or quotes: text holding one of these takes the per-line path.
+_NOT_PLAIN = re.compile('[\\\\"#\r\t\x0b\x0c\x1c-\x1f]')
+#: measurement and tag set text -> (sensor_id or None, site or None), for names already validated
+_TAG_SETS: dict[str, tuple[str | None, str | None]] = {}
+
+
+def _tag_set(head: str) -> tuple[str | None, str | None] | None:
+    """``sensor_id`` and ``site`` (first-seen objects) of a plain ``measurement[,tags]`` whose names
+    are known; None for anything else (an empty measurement, a new name, a malformed pair, a
+    repeated key): the per-line path decides."""
+    known = _TAG_SETS.get(head)
+    if known is not None:
+        return known
+    measurement, _, text = head.partition(",")
+    if not measurement:
+        return None
+    pairs = [pair.partition("=") for pair in text.split(",")] if text else []
+    tags = {k: v for k, eq, v in pairs if eq and k and v}
+    if len(tags) != len(pairs):
+        return None
+    sensor, site = tags.get("sensor_id"), tags.get("site")
+    if (sensor is not None and sensor not in _IDS.known) or (site is not None and site not in _IDS.known):
+        return None
+    if len(_TAG_SETS) >= 200_000:
+        _TAG_SETS.clear()
+    found = _TAG_SETS[head] = (_IDS.known[sensor] if sensor else None, _IDS.known[site] if site else None)
+    return found
+
+
+def _plain_lines(i: int, text: str, topic: MqttTopic, received_ns: int, limits: DecodeLimits, out: _Out) -> bool:
+    """Add every reading of a line-protocol message at once when every line is plain: nothing
+    escaped or quoted, ``measurement[,tags] fields timestamp`` with names already validated,
+    fields that are finite floats, integer timestamps of one unit within the limits. Otherwise add
+    nothing and return False: the per-line path then says exactly what is wrong (and learns new
+    names).
+
+    The work per line runs in C: splits, a cached parse per distinct tag set, one regular
+    expression over the joined field sets, ``float`` and ``int`` mapped over them; what the
+    per-line path would judge differently is left to it."""
+    if not text.isascii() or _NOT_PLAIN.search(text):
+        return False
+    lines = list(map(str.split, filter(None, text.split("\n")), repeat(" ")))
+    if not lines or len(lines) > _MAX_READINGS_PER_MESSAGE or set(map(len, lines)) != {3}:
+        return False
+    heads, field_texts, stamp_texts = zip(*lines, strict=True)
+    if not all(stamp_texts) or not "".join(stamp_texts).isdigit() or not all(field_texts):
+        return False
+    tags: list[Any] = list(map(_TAG_SETS.get, heads))
+    if None in tags:
+        tags = list(map(_tag_set, heads))
+        if None in tags:
+            return False
+    sensors: list[Any] = list(map(_FIRST, tags))
+    sites: list[Any] = list(map(_SECOND, tags))
+    if None in sensors:  # lines without a sensor_id tag: the topic's
+        sensors = [topic.sensor_id if s is None else s for s in sensors]
+    if None in sites:
+        sites = [topic.site if s is None else s for s in sites]
+    canonical_sensors, canonical_sites = _IDS.canonical(sensors), _IDS.canonical(sites)
+    if canonical_sensors is None or canonical_sites is None:
+        return False
+    fields = ",".join(field_texts)
+    pairs = _PLAIN_FIELD.findall(fields)
+    counts = [1] * len(lines) if len(pairs) == len(lines) else [f.count(",") + 1 for f in field_texts]
+    if len(pairs) != fields.count(",") + 1:
+        return False
+    metrics, raw_values = zip(*pairs, strict=True)
+    names = _METRICS.canonical(list(metrics))
+    if names is None:
+        return False
+    n = len(names)
+    if n != len(lines) and len(set(zip(_repeated(list(range(len(lines))), counts), names, strict=True))) != n:
+        return False  # a field repeated in a line: the per-line path keeps the last value
+    try:
+        values = list(map(float, raw_values))
+    except ValueError:  # integers (1i), booleans, anything float() refuses: the per-line path
+        return False
+    if not all(map(math.isfinite, values)):
+        return False
+    stamps = list(map(int, stamp_texts))
+    lo, hi = min(stamps), max(stamps)
+    if hi >= 10**19:
+        return False
+    unit = _ns_per_unit(hi)
+    if unit != _ns_per_unit(lo) or hi * unit >= 2**63:
+        return False
+    if lo * unit < received_ns - limits.max_past_ns or hi * unit > received_ns + limits.max_future_ns:
+        return False
+    if n != len(lines):
+        canonical_sensors, canonical_sites = _repeated(canonical_sensors, counts), _repeated(canonical_sites, counts)
+        stamps = _repeated(stamps, counts)
+    out.message += [i] * n
+    out.sensor += canonical_sensors
+    out.site += canonical_sites
+    out.domain += [topic.domain] * n
+    out.metric += names
+    if unit != 1:
+        out.scaled.append((len(out.ts), len(out.ts) + n, unit))
+    out.ts += stamps
+    out.value += values
+    out.flags += [0] * n
+    return True
+
+
 def _decode_line_protocol(
     i: int, text: str, topic: MqttTopic, received_ns: int, limits: DecodeLimits, out: _Out, problems: list[Problem]
 ) -> None:
+    if _plain_lines(i, text, topic, received_ns, limits, out):
+        return
     lines = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
     if not lines:  # only comments: nothing to store, and it must not vanish silently
         problems.append(Problem("missing_metrics", "line protocol with comment lines only"))

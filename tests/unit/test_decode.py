@@ -412,3 +412,57 @@ def test_the_whole_batch_path_only_changes_speed(payload: str, topic: str) -> No
     assert fast.readings.rows() == general.readings.rows()
     assert fast.message_index.tolist() == general.message_index.tolist()
     assert fast.problems == general.problems
+
+
+_LP_SENSORS = st.sampled_from(["gw-1", "gw-2", "s-7", "new-sensor", "bad id", "ü"])
+_LP_VALUES = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True).map(repr),
+    st.integers(-(10**6), 10**6).map(str),
+    st.sampled_from(["1i", "2u", "t", "false", "1_000", "+3.5", "0x10", '"text"', "1e400", "nan", "-0.0"]),
+)
+
+
+@st.composite
+def _lp_line(draw: st.DrawFn) -> str:
+    measurement = draw(st.sampled_from(["air", "air2", "a=b"]))
+    tags = draw(st.lists(st.sampled_from([f"sensor_id={draw(_LP_SENSORS)}", "site=berth-9", "site=quai", "x=1",
+                                          "sensor_id=gw-2", "bad", "k="]), max_size=3))  # fmt: skip
+    fields = draw(st.lists(st.tuples(st.sampled_from(["no2", "pm25", "o3", "no2", "bad-name", ""]), _LP_VALUES),
+                           min_size=1, max_size=3))  # fmt: skip
+    unit = draw(st.sampled_from([10**9, 10**6, 10**3, 1]))
+    ts = (NOW + draw(st.integers(-(10**15), 10**12))) // unit
+    stamp = draw(st.sampled_from([str(ts), str(ts), f"-{ts}", "", "12x"]))
+    head = ",".join([measurement, *tags])
+    line = f"{head} {','.join(f'{k}={v}' for k, v in fields)}" + (f" {stamp}" if stamp else "")
+    return draw(st.sampled_from([line, line, line, " " + line, line + " ", line.replace(" ", "  ", 1)]))
+
+
+@settings(max_examples=500, deadline=None)
+@given(lines=st.lists(_lp_line(), min_size=1, max_size=5), sep=st.sampled_from(["\n", "\n", "\r\n", "\n\n"]),
+       topic=st.sampled_from(["sensors/air/quai", "sensors/air/quai/s-7"]))  # fmt: skip
+def test_the_whole_message_line_protocol_path_only_changes_speed(lines: list[str], sep: str, topic: str) -> None:
+    """Whatever a gateway sends as line protocol, the whole-message path gives exactly the
+    readings and the reasons of the per-line path it stands in front of."""
+    message = [Message(topic, sep.join(lines).encode(), NOW)]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("portpulse.ingest.decode._plain_lines", lambda *args: False)
+        general = decode_messages(message, DecodeLimits())  # also learns the valid names
+    fast = decode_messages(message, DecodeLimits())
+    assert fast.readings.rows() == general.readings.rows()
+    assert fast.message_index.tolist() == general.message_index.tolist()
+    assert fast.problems == general.problems
+
+
+def test_plain_line_protocol_takes_the_whole_message_path() -> None:
+    """The fast path is taken for what fleets send (else the test above proves little)."""
+    from portpulse.contract.topics import MqttTopic, parse_mqtt_topic
+    from portpulse.ingest import decode as module
+
+    body = "\n".join(f"air,sensor_id=gw-{k % 2 + 1},site=quai no2={k}.5,pm25=1 {NOW + k}" for k in range(10))
+    decode_messages([Message("sensors/air/quai", body.encode(), NOW)], DecodeLimits())  # learns the names
+    topic = parse_mqtt_topic("sensors/air/quai")
+    assert isinstance(topic, MqttTopic)
+    out = module._Out()
+    assert module._plain_lines(0, body, topic, NOW, DecodeLimits(), out)
+    assert len(out.value) == 20 and out.value[:4] == [0.5, 1.0, 1.5, 1.0] and out.ts[:3] == [NOW, NOW, NOW + 1]
+    assert out.sensor[:3] == ["gw-1", "gw-1", "gw-2"] and out.metric[:2] == ["no2", "pm25"]
