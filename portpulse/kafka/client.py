@@ -7,6 +7,7 @@ import asyncio
 import logging
 import random
 import ssl
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -215,13 +216,17 @@ class BatchSender:
         from aiokafka.errors import KafkaError, KafkaTimeoutError
 
         retries = 0
+        last_error: Exception | None = None
+        # A producer that keeps failing for as long as a batch may stay unacknowledged is replaced
+        # too (after a broker restart aiokafka can keep answering from stale metadata for good).
+        replace_at = time.monotonic() + self._delivery_timeout_s
         while True:
             failed = pending[:0]
             try:
                 sent = await send(pending)
             except KafkaError as exc:
                 self._refused(exc)
-                sent, failed = [], pending
+                sent, failed, last_error = [], pending, exc
                 self._failed(exc)
             if sent:
                 await asyncio.wait([fut for _, fut in sent], timeout=self._delivery_timeout_s)
@@ -235,11 +240,18 @@ class BatchSender:
                     fut.result()
                 except KafkaError as exc:
                     self._refused(exc)
-                    failed = join(failed, members)
+                    failed, last_error = join(failed, members), exc
                     self._failed(exc)
             if stalled:
                 self._failed(KafkaTimeoutError(f"no acknowledgement within {self._delivery_timeout_s:g} s"))
                 await self._replace_producer()
+                replace_at = time.monotonic() + self._delivery_timeout_s
+            elif len(failed) and time.monotonic() >= replace_at:
+                log.warning(
+                    "Kafka sends still failing after %d retries (%r): replacing the producer", retries, last_error
+                )
+                await self._replace_producer()
+                replace_at = time.monotonic() + self._delivery_timeout_s
             if not len(failed):
                 if self._on_recovery is not None:
                     self._on_recovery(retries)

@@ -216,3 +216,33 @@ async def test_batches_a_stalled_producer_never_acknowledges_are_sent_again_by_a
     assert len(stalled.sent) == len(fresh.sent) > 0
     await asyncio.sleep(0)
     assert stalled.stop_called
+
+
+class FailingProducer(FakeProducer):
+    """A producer that answers every batch with an error at once (stale metadata after a broker
+    restart), never stalling: only the time spent failing can tell it is wedged."""
+
+    async def send_batch(self, batch: Any, topic: str, *, partition: int) -> asyncio.Future[None]:
+        from aiokafka.errors import LeaderNotAvailableError
+
+        self.sent.append((topic, partition, batch))
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        future.set_exception(LeaderNotAvailableError())
+        return future
+
+
+@pytest.mark.usefixtures("fresh_check")
+async def test_a_producer_that_keeps_failing_is_replaced_after_the_delivery_timeout() -> None:
+    records = _outgoing()
+    failing, fresh = FailingProducer(), FakeProducer()
+    failures: list[Exception] = []
+
+    async def new_producer() -> FakeProducer:
+        return fresh
+
+    sender = BatchSender(failing, on_failure=failures.append, delivery_timeout_s=0.3, new_producer=new_producer)
+    retries = await asyncio.wait_for(sender.send_columns(records), 10)
+    assert sender.producer is fresh and retries >= 2  # it retried the failing one first
+    assert {type(f).__name__ for f in failures} == {"LeaderNotAvailableError"}
+    want = sorted((t, k, v) for t, k, v in records.as_tuples())
+    assert sorted((t, k, v) for t, _, k, v, _ in fresh.records()) == want
