@@ -172,6 +172,31 @@ class _Out:
         # one numpy step rather than one Python multiplication per reading.
         self.scaled: list[tuple[int, int, int]] = []
 
+    def extend(
+        self,
+        msg: int,
+        sensors: list[str],
+        sites: list[str],
+        domain: str,
+        metrics: list[str],
+        stamps: list[int],
+        values: list[float],
+        unit: int,
+    ) -> None:
+        """Add the readings of one message decoded whole (equal-length columns, no flags);
+        ``stamps`` in ``unit`` ns each, scaled to ns with the rest at the end."""
+        n = len(metrics)
+        self.message += [msg] * n
+        self.sensor += sensors
+        self.site += sites
+        self.domain += [domain] * n
+        self.metric += metrics
+        if unit != 1:
+            self.scaled.append((len(self.ts), len(self.ts) + n, unit))
+        self.ts += stamps
+        self.value += values
+        self.flags += [0] * n
+
     def add(self, msg: int, sensor: str, site: str, domain: str, metric: str, ts: int, value: float, flag: int) -> None:
         self.message.append(msg)
         self.sensor.append(sensor)
@@ -429,16 +454,7 @@ def _plain_batch(i: int, text: str, topic: MqttTopic, received_ns: int, limits: 
         counts = list(map(len, fields))
         sensors, sites = _repeated(sensors, counts), _repeated(sites, counts)
         stamps = _repeated(stamps, counts)
-    out.message += [i] * n
-    out.sensor += sensors
-    out.site += sites
-    out.domain += [topic.domain] * n
-    out.metric += metrics
-    if unit != 1:
-        out.scaled.append((len(out.ts), len(out.ts) + n, unit))
-    out.ts += stamps
-    out.value += values
-    out.flags += [0] * n
+    out.extend(i, sensors, sites, topic.domain, metrics, stamps, values, unit)
     return True
 
 
@@ -666,16 +682,7 @@ def _plain_lines(i: int, text: str, topic: MqttTopic, received_ns: int, limits: 
     if n != len(lines):
         canonical_sensors, canonical_sites = _repeated(canonical_sensors, counts), _repeated(canonical_sites, counts)
         stamps = _repeated(stamps, counts)
-    out.message += [i] * n
-    out.sensor += canonical_sensors
-    out.site += canonical_sites
-    out.domain += [topic.domain] * n
-    out.metric += names
-    if unit != 1:
-        out.scaled.append((len(out.ts), len(out.ts) + n, unit))
-    out.ts += stamps
-    out.value += values
-    out.flags += [0] * n
+    out.extend(i, canonical_sensors, canonical_sites, topic.domain, names, stamps, values, unit)
     return True
 
 
