@@ -101,7 +101,7 @@ class EdgeNode:
         self._next_seq()
 
     def death(self) -> bytes:
-        """The NDEATH (the MQTT will of this session): bdSeq only."""
+        """The NDEATH, the MQTT will of the current connection: its bdSeq only."""
         payload = Payload()
         payload.metrics.add(name="bdSeq", datatype=_UINT64, long_value=self.bd_seq)
         return bytes(payload.SerializeToString())
