@@ -8,7 +8,7 @@ from typing import TypeVar
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["distinct_codes", "factorise", "group_starts", "stable_order", "stable_sort"]
+__all__ = ["distinct_codes", "factorise", "group_starts", "pair_lines", "stable_order", "stable_sort"]
 
 H = TypeVar("H", bound=Hashable)
 
@@ -96,3 +96,25 @@ def distinct_codes(key: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.int64], n
     codes = np.empty(n, dtype=np.int64)
     codes[order] = rank[group]
     return first[by_first], codes
+
+
+def pair_lines(
+    point: npt.NDArray[np.int64], ts: npt.NDArray[np.int64]
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Rows sharing a ``(point, ts)`` pair (int64 ``(n,)`` each) as one line: each row's line
+    ``(n,)`` and the first row of every line ``(k,)``, lines in ``(point, ts)`` order.
+
+    This is how values of one sensor and instant (several metrics) become one stored point."""
+    n = len(point)
+    if n == 0:
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
+    by_ts = stable_order(ts)
+    order = by_ts[stable_order(point[by_ts])]
+    p, t = point[order], ts[order]
+    new = np.empty(n, dtype=bool)
+    new[0] = True
+    np.not_equal(p[1:], p[:-1], out=new[1:])
+    new[1:] |= t[1:] != t[:-1]
+    line = np.empty(n, dtype=np.int64)
+    line[order] = np.cumsum(new) - 1
+    return line, order[new]

@@ -35,7 +35,7 @@ from typing import NamedTuple
 import numpy as np
 import numpy.typing as npt
 
-from portpulse.arrays import distinct_codes, group_starts, stable_order
+from portpulse.arrays import distinct_codes, factorise, group_starts, pair_lines, stable_order
 from portpulse.contract.catalogue import Catalogue, MetricSpec
 from portpulse.contract.points import Categorical, PointColumns, SeriesRange, StoredReadings
 from portpulse.processors.clean import (
@@ -231,11 +231,16 @@ class ProcessorEngine:
         self._limit_arrays: _Limits | None = None
         # (domain, sensor, site, metric as sent) -> (series id, unit factor): resolved once.
         self._resolved: dict[tuple[str, str, str, str], tuple[int, float]] = {}
-        # Raw-point groups: one per (domain, metric); the group of each series.
-        self._groups: dict[tuple[str, str], int] = {}
-        self._group_keys: list[tuple[str, str]] = []
-        self._series_group: list[int] = []
-        self._series_group_array = np.empty(0, dtype=np.int64)
+        # Stored points: one per (domain, sensor, site) and instant, holding every metric of that
+        # sensor as a field. The point of each series, and how many live series each point has.
+        self._points: dict[tuple[str, str, str], int] = {}
+        self._point_key: list[tuple[str, str, str]] = []
+        self._point_users: list[int] = []
+        self._free_points: list[int] = []
+        self._domain_codes: dict[str, int] = {}
+        self._series_point: list[int] = []
+        self._series_point_array = np.empty(0, dtype=np.int64)
+        self._point_domain_array = np.empty(0, dtype=np.int64)
         self._history = History.empty(0, settings.hampel_window + settings.reorder_slack)
         # Per series: the partition that last carried it (a revoked partition's series forget
         # their state), its newest event time, the newest event time of its readings replayed
@@ -267,22 +272,20 @@ class ProcessorEngine:
         known = self._series.get(key)
         if known is not None:
             return known
-        group = self._groups.setdefault((domain, base), len(self._group_keys))
-        if group == len(self._group_keys):
-            self._group_keys.append((domain, base))
+        point = self._point_of(domain, sensor, site)
         limits = (spec.min if spec else -np.inf, spec.max if spec else np.inf,
                   spec.max_rate_per_s if spec else np.inf, _spike_floor(spec))  # fmt: skip
         if self._free:  # a slot an evicted series left: its arrays were reset then
             sid = self._free.pop()
             self._series_domain[sid], self._series_sensor[sid], self._series_site[sid] = domain, sensor, site
-            self._series_metric[sid], self._series_group[sid] = base, group
+            self._series_metric[sid], self._series_point[sid] = base, point
             for column, limit in zip((self._lo, self._hi, self._rate, self._floor), limits, strict=True):
                 column[sid] = limit
             if self._limit_arrays is not None and sid < len(self._limit_arrays[0]):
                 for array, limit in zip(self._limit_arrays, limits, strict=True):
                     array[sid] = limit
-            if sid < len(self._series_group_array):
-                self._series_group_array[sid] = group
+            if sid < len(self._series_point_array):
+                self._series_point_array[sid] = point
         else:
             sid = len(self._series_domain)
             self._series_domain.append(domain)
@@ -291,9 +294,35 @@ class ProcessorEngine:
             self._series_metric.append(base)
             for column, limit in zip((self._lo, self._hi, self._rate, self._floor), limits, strict=True):
                 column.append(limit)
-            self._series_group.append(group)
+            self._series_point.append(point)
         self._series[key] = sid
         return sid
+
+    def _point_of(self, domain: str, sensor: str, site: str) -> int:
+        """The stored point a new series of ``(domain, sensor, site)`` writes its values into."""
+        key = (domain, sensor, site)
+        point = self._points.get(key)
+        if point is None:
+            point = self._free_points.pop() if self._free_points else len(self._point_key)
+            if point == len(self._point_key):
+                self._point_key.append(key)
+                self._point_users.append(0)
+            else:
+                self._point_key[point] = key
+            self._points[key] = point
+            if point < len(self._point_domain_array):
+                self._point_domain_array[point] = self._domain_codes.setdefault(domain, len(self._domain_codes))
+        self._point_users[point] += 1
+        return point
+
+    def _point_arrays(self) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """Each series' point and each point's domain code, as arrays (extended when series were added)."""
+        if len(self._series_point_array) != len(self._series_point):
+            self._series_point_array = np.array(self._series_point, dtype=np.int64)
+        if len(self._point_domain_array) != len(self._point_key):
+            codes = [self._domain_codes.setdefault(domain, len(self._domain_codes)) for domain, _, _ in self._point_key]
+            self._point_domain_array = np.array(codes, dtype=np.int64)
+        return self._series_point_array, self._point_domain_array
 
     def _limits(self) -> _Limits:
         """Per-series lo, hi, max rate and spike floor as arrays, rebuilt only when series were added."""
@@ -442,6 +471,11 @@ class ProcessorEngine:
         gone = set(ids.tolist())
         for sid in ids.tolist():
             self._series.pop((self._series_domain[sid], self._series_sensor[sid], self._series_metric[sid]), None)
+            point = self._series_point[sid]
+            self._point_users[point] -= 1
+            if self._point_users[point] == 0:
+                del self._points[self._point_key[point]]
+                self._free_points.append(point)
         self._resolved = {key: hit for key, hit in self._resolved.items() if hit[0] not in gone}
         self._history = self._history.forget(stale)
         self._series_part[ids] = -1
@@ -651,31 +685,58 @@ class ProcessorEngine:
         out: EngineOutput,
     ) -> None:
         """Raw points (``reason`` None) to ``{domain}``, or rejected readings to ``{domain}_rejected``
-        with field ``{metric}_reason`` (the value too, where finite): one group per (domain, metric)."""
+        with field ``{metric}_reason`` (the value too, where finite): one line per sensor and
+        instant, its metrics as fields (a metric without a value there is absent from the line)."""
         if not len(series):
             return
-        if len(self._series_group_array) != len(self._series_group):
-            self._series_group_array = np.array(self._series_group, dtype=np.int64)
-        group = self._series_group_array[series]
-        order = stable_order(group)
-        starts = group_starts(group[order])
-        ends = np.append(starts[1:], len(order))
-        for begin, end in zip(starts.tolist(), ends.tolist(), strict=True):
-            idx = order[begin:end]
-            domain, metric = self._group_keys[int(group[idx[0]])]
-            tags = self._tags(series[idx])
-            if reason is None:
-                out.points.append(("raw", PointColumns(domain, tags, {metric: value[idx]}, ts[idx])))
-                continue
-            names = np.array(REASON_NAMES, dtype=object)[reason[idx]]
-            finite = np.where(np.isfinite(value[idx]), value[idx], np.nan)
-            fields = {metric: finite, f"{metric}_reason": names}
-            out.points.append(("rejected", PointColumns(f"{domain}_rejected", tags, fields, ts[idx])))
+        names = None if reason is None else np.array(REASON_NAMES, dtype=object)[reason]
+        for domain, rows, line, point, lines in self._lines(series, ts):
+            fields: dict[str, npt.NDArray[np.float64] | npt.NDArray[np.object_]] = {}
+            for metric, of_metric in self._by_metric(series[rows]):
+                column = np.full(len(point), np.nan)
+                column[line[of_metric]] = value[rows[of_metric]]
+                fields[metric] = column
+                if names is not None:
+                    reasons = np.full(len(point), None, dtype=object)
+                    reasons[line[of_metric]] = names[rows[of_metric]]
+                    fields[f"{metric}_reason"] = reasons
+            kind, measurement = ("raw", domain) if names is None else ("rejected", f"{domain}_rejected")
+            out.points.append((kind, PointColumns(measurement, self._point_tags(point), fields, lines)))
 
-    def _tags(self, series: npt.NDArray[np.int64]) -> dict[str, npt.NDArray[np.object_] | Categorical]:
+    def _lines(
+        self, series: npt.NDArray[np.int64], ts: npt.NDArray[np.int64]
+    ) -> Iterable[
+        tuple[str, npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]
+    ]:
+        """Rows of ``series`` and ``ts`` ``(n,)`` as lines, one per point and instant, per domain:
+        ``(domain, rows (r,), each row's line (r,), each line's point (k,) and time (k,))``."""
+        series_point, point_domain = self._point_arrays()
+        point = series_point[series]
+        domain_code = point_domain[point]
+        domains = {code: name for name, code in self._domain_codes.items()}
+        order = stable_order(domain_code)
+        starts = group_starts(domain_code[order])
+        for begin, end in zip(starts.tolist(), np.append(starts[1:], len(order)).tolist(), strict=True):
+            rows = order[begin:end]
+            line, first = pair_lines(point[rows], ts[rows])
+            yield domains[int(domain_code[rows[0]])], rows, line, point[rows][first], ts[rows][first]
+
+    def _by_metric(self, series: npt.NDArray[np.int64]) -> Iterable[tuple[str, npt.NDArray[np.int64]]]:
+        """The metrics of ``series`` ``(n,)`` (one domain's) and the positions of each."""
         uniq, inverse = np.unique(series, return_inverse=True)
-        sensors = np.array([self._series_sensor[s] for s in uniq.tolist()], dtype=object)
-        sites = np.array([self._series_site[s] for s in uniq.tolist()], dtype=object)
+        codes, metrics = factorise([self._series_metric[sid] for sid in uniq.tolist()])
+        metric = codes[inverse.reshape(-1)]
+        order = stable_order(metric)
+        starts = group_starts(metric[order])
+        for begin, end in zip(starts.tolist(), np.append(starts[1:], len(order)).tolist(), strict=True):
+            yield metrics[int(metric[order[begin]])], order[begin:end]
+
+    def _point_tags(self, point: npt.NDArray[np.int64]) -> dict[str, npt.NDArray[np.object_] | Categorical]:
+        """The ``sensor_id`` and ``site`` tags of lines of ``point`` ``(k,)``."""
+        uniq, inverse = np.unique(point, return_inverse=True)
+        keys = [self._point_key[p] for p in uniq.tolist()]
+        sensors = np.array([sensor for _, sensor, _ in keys], dtype=object)
+        sites = np.array([site for _, _, site in keys], dtype=object)
         inv = inverse.astype(np.int64).reshape(-1)
         return {"sensor_id": Categorical(inv, sensors), "site": Categorical(inv, sites)}
 
@@ -784,27 +845,28 @@ class ProcessorEngine:
         agg: Aggregates,
         out: EngineOutput,
     ) -> None:
-        """Window aggregates ``(m,)`` (one per spec, series, start) as points of ``{domain}_{window}``."""
+        """Window aggregates ``(m,)`` (one per spec, series, start) as points of ``{domain}_{window}``:
+        one line per sensor and window, with fields ``{metric}_{statistic}`` for each of its metrics."""
         out.windows_emitted += len(agg)
-        domains = np.array(self._series_domain, dtype=object)[series]
-        metrics = np.array(self._series_metric, dtype=object)[series]
-        groups: dict[tuple[int, str, str], list[int]] = {}
-        for j, g in enumerate(zip(spec.tolist(), domains.tolist(), metrics.tolist(), strict=True)):
-            groups.setdefault(g, []).append(j)
-        for (spec_i, domain, metric), rows in groups.items():
-            idx = np.array(rows, dtype=np.int64)
-            fields = {
-                f"{metric}_count": agg.count[idx].astype(np.float64),
-                f"{metric}_rejected": agg.rejected[idx].astype(np.float64),
-                f"{metric}_mean": agg.mean[idx],
-                f"{metric}_min": agg.min[idx],
-                f"{metric}_max": agg.max[idx],
-                f"{metric}_last": agg.last[idx],
-                f"{metric}_stddev": agg.stddev[idx],
-                f"{metric}_p95": agg.p95[idx],
-            }
-            name = self._s.windows[spec_i].name
-            out.points.append((name, PointColumns(f"{domain}_{name}", self._tags(series[idx]), fields, start[idx])))
+        statistics = {
+            "count": agg.count.astype(np.float64), "rejected": agg.rejected.astype(np.float64), "mean": agg.mean,
+            "min": agg.min, "max": agg.max, "last": agg.last, "stddev": agg.stddev, "p95": agg.p95,
+        }  # fmt: skip
+        order = stable_order(spec)
+        starts = group_starts(spec[order])
+        for begin, end in zip(starts.tolist(), np.append(starts[1:], len(order)).tolist(), strict=True):
+            of_spec = order[begin:end]
+            name = self._s.windows[int(spec[of_spec[0]])].name
+            for domain, rows, line, point, lines in self._lines(series[of_spec], start[of_spec]):
+                taken = of_spec[rows]
+                fields: dict[str, npt.NDArray[np.float64] | npt.NDArray[np.object_]] = {}
+                for metric, of_metric in self._by_metric(series[taken]):
+                    at = line[of_metric]
+                    for statistic, values in statistics.items():
+                        column = np.full(len(point), np.nan)
+                        column[at] = values[taken[of_metric]]
+                        fields[f"{metric}_{statistic}"] = column
+                out.points.append((name, PointColumns(f"{domain}_{name}", self._point_tags(point), fields, lines)))
 
     # ------------------------------------------------------------ recomputing from the store
 

@@ -36,6 +36,7 @@ __all__ = [
     "escape_key",
     "escape_measurement",
     "escape_string_field",
+    "one_field_per_line",
 ]
 
 Precision = Literal["ns", "us", "ms", "s"]
@@ -478,3 +479,37 @@ def encode_lines(points: PointColumns, precision: Precision = "ns") -> EncodedLi
         line_ends=np.cumsum(np.concatenate(line_lengths)).astype(np.int64),
         rejected=dict(sorted(rejected.items())),
     )
+
+
+def one_field_per_line(line: bytes) -> list[bytes]:
+    """One line of line protocol (ending in ``\\n``) as one line per field, same key and time.
+
+    How a point InfluxDB refused is narrowed to the field it refused (a type conflict is per
+    field). Reads lines :func:`encode_lines` wrote: a backslash escapes the next byte, and a
+    string field value is quoted."""
+    body = line.rstrip(b"\n")
+    pieces: list[bytes] = []  # series key, then each field; the timestamp follows the last space
+    begin, i, quoted, after_key = 0, 0, False, False
+    while i < len(body):
+        c = body[i]
+        if c == 0x5C:  # backslash
+            i += 2
+            continue
+        if c == 0x22 and after_key:  # '"'
+            quoted = not quoted
+        elif not quoted and c == 0x20:  # ' ' ends the key, then the field set
+            pieces.append(body[begin:i])
+            begin = i + 1
+            if after_key:
+                break
+            after_key = True
+        elif not quoted and c == 0x2C and after_key:  # ',' between fields
+            pieces.append(body[begin:i])
+            begin = i + 1
+        i += 1
+    timestamp = body[begin:] if after_key and i < len(body) else b""
+    if not after_key or i >= len(body):  # no timestamp: the rest is the last field
+        pieces.append(body[begin:])
+    key, fields = pieces[0], pieces[1:]
+    tail = b" " + timestamp + b"\n" if timestamp else b"\n"
+    return [key + b" " + f + tail for f in fields]

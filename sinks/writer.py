@@ -5,7 +5,9 @@ caller slows down, nothing is dropped) and returns a :class:`WriteTicket` that c
 every point is stored in InfluxDB or, if InfluxDB refused it as invalid, in the dead-letter
 topic with the server's message. Retriable failures (connection, timeout, 429, 5xx) are retried
 forever with exponential backoff and jitter, honouring ``Retry-After``; meanwhile the writer
-reports itself unhealthy. A 400/413/422 is bisected until the offending lines are isolated.
+reports itself unhealthy. A 400/413/422 is bisected until the offending lines are isolated, and a
+refused line of several fields is split into one line per field: only the field InfluxDB refused
+(a type conflict) is dead-lettered.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from portpulse.contract.deadletter import DeadLetter, DeadLetterSink
 from portpulse.contract.errors import PortPulseError
 from portpulse.contract.points import SeriesRange, StoredReadings
 from portpulse.contract.settings import InfluxSettings, SinkSettings
-from portpulse.sinks.lineprotocol import Categorical, EncodedLines, PointColumns, encode_lines
+from portpulse.sinks.lineprotocol import Categorical, EncodedLines, PointColumns, encode_lines, one_field_per_line
 from portpulse.sinks.metrics import SINK_METRICS
 from portpulse.sinks.retry import Outcome, backoff_s, classify
 
@@ -449,7 +451,12 @@ class InfluxWriter:
                 return
             if outcome is Outcome.SPLIT:
                 if len(batch) == 1:
-                    await self._dead_letter(batch, result)
+                    fields = one_field_per_line(batch.body)
+                    if len(fields) > 1:  # InfluxDB refuses a point for one field: store the others
+                        ends = np.cumsum([len(f) for f in fields], dtype=np.int64)
+                        await self._deliver(_Batch(b"".join(fields), ends, source=batch.source))
+                    else:
+                        await self._dead_letter(batch, result)
                     return
                 first, second = batch.split()
                 await self._deliver(first)

@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from portpulse.contract.catalogue import load_catalogue
-from portpulse.contract.points import MemoryPointSink
+from portpulse.contract.points import Categorical, MemoryPointSink
 from portpulse.processors.engine import EngineOutput, EngineSettings, PartitionPosition, ProcessorEngine, Readings
 from portpulse.processors.window import parse_windows
 
@@ -480,3 +480,58 @@ def test_a_new_reading_that_conflicts_with_a_replayed_one_is_the_duplicate() -> 
     assert stored[("air_rejected", "s0", "no2_reason", rows[11][2])] == "duplicate"
     assert_same(second.aggregates(), batch_computation(second.store))
     assert second.aggregates()[("s0", T0)]["count"] == 12
+
+
+def test_a_report_is_one_line_with_its_metrics_as_fields_and_a_rejected_metric_is_absent() -> None:
+    """Three metrics of two sensors at two instants: one raw line per sensor and instant; the
+    out-of-range value is only in the rejected line; one window line per sensor with every metric."""
+    run = Run()
+    rows = [  # (sensor, metric, seconds, value)
+        (sensor, metric, t, v)
+        for t in (1, 2)
+        for sensor in ("s0", "s1")
+        for metric, v in (("no2", 40.0 + t), ("pm25", 8.0 + t), ("o3", 60.0 + t))
+    ]
+    rows[4] = ("s1", "pm25", 1, -3.0)  # below the catalogue's minimum
+    n = len(rows)
+    readings = Readings(
+        np.array(["air"] * n, dtype=object),
+        np.array([r[0] for r in rows], dtype=object),
+        np.array(["quai"] * n, dtype=object),
+        np.array([r[1] for r in rows], dtype=object),
+        np.array([T0 + r[2] * S for r in rows], dtype=np.int64),
+        np.array([r[3] for r in rows], dtype=np.float64),
+        np.zeros(n, dtype=np.int64),
+        np.arange(n, dtype=np.int64),
+    )
+    out = run.engine.ingest(readings, 0.0, frozenset({0}))
+    raw = [points for kind, points in out.points if kind == "raw"]
+    assert len(raw) == 1 and len(raw[0]) == 4  # 2 sensors x 2 instants
+    sensor_tag = raw[0].tags["sensor_id"]
+    assert isinstance(sensor_tag, Categorical)
+    sensors = sensor_tag.categories[sensor_tag.codes].tolist()
+    lines = {
+        (sensor, int(ts)): {name: float(column[i]) for name, column in raw[0].fields.items()}
+        for i, (sensor, ts) in enumerate(zip(sensors, raw[0].ts_ns.tolist(), strict=True))
+    }
+    assert lines[("s0", T0 + S)] == {"no2": 41.0, "pm25": 9.0, "o3": 61.0}
+    assert lines[("s1", T0 + 2 * S)] == {"no2": 42.0, "pm25": 10.0, "o3": 62.0}
+    s1_first = lines[("s1", T0 + S)]
+    assert s1_first["no2"] == 41.0 and s1_first["o3"] == 61.0 and math.isnan(s1_first["pm25"])
+    rejected = [points for kind, points in out.points if kind == "rejected"]
+    assert len(rejected) == 1 and len(rejected[0]) == 1
+    assert rejected[0].fields["pm25_reason"].tolist() == ["out_of_range"]
+    assert rejected[0].fields["pm25"].tolist() == [-3.0]
+    assert sorted(rejected[0].fields) == ["pm25", "pm25_reason"]
+    run._store(out, 0.0)
+    run.offsets[0] = n
+    run.settle(1_000.0)
+    stored = run.store.stored()
+    for sensor, (pm25_count, pm25_rejected) in {"s0": (2.0, 0.0), "s1": (1.0, 1.0)}.items():
+        assert stored[("air_1m", sensor, "no2_count", T0)] == 2.0
+        assert stored[("air_1m", sensor, "o3_mean", T0)] == 61.5
+        assert stored[("air_1m", sensor, "pm25_count", T0)] == pm25_count
+        assert stored[("air_1m", sensor, "pm25_rejected", T0)] == pm25_rejected
+    window_writes = [points for source, points in run.store.writes if source == "processor:1m"]
+    assert sum(len(points) for points in window_writes) == 2  # one line per sensor, 24 fields each
+    assert all(len(points.fields) == 24 for points in window_writes)

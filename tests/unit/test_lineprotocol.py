@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from portpulse.sinks.lineprotocol import Categorical, PointColumns, encode_lines
+from portpulse.sinks.lineprotocol import Categorical, PointColumns, encode_lines, one_field_per_line
 
 
 def _split_unescaped(text: str, sep: str, quotes: bool = False) -> list[str]:
@@ -123,6 +123,11 @@ def test_encoded_lines_parse_back_to_the_input(
         assert fields == expected  # floats compare exactly: the text round-trips bit for bit
         assert ts == rows[i][5]
         assert encoded.line_slice(i, i + 1).decode() == line + "\n"
+        # The writer's narrowing of a refused point: each field alone, same key and time.
+        singles = [parse_line(one.decode().rstrip("\n")) for one in one_field_per_line((line + "\n").encode())]
+        assert [(sm, st_, sts) for sm, st_, _, sts in singles] == [(m, tags, ts)] * len(expected)
+        assert all(len(sf) == 1 for _, _, sf, _ in singles)
+        assert {k: v for _, _, sf, _ in singles for k, v in sf.items()} == expected
 
 
 @settings(max_examples=100, deadline=None)

@@ -116,3 +116,25 @@ async def test_backpressure_holds_the_caller_while_the_queue_is_full() -> None:
         await asyncio.wait_for(task, 10)
         await writer.flush()
     assert len(server.stored) == 200 and handed == 20
+
+
+async def test_a_refused_line_of_several_fields_dead_letters_only_the_refused_field() -> None:
+    n = 8
+    poison = np.full(n, np.nan)
+    poison[3] = 7.0
+    columns = PointColumns(
+        "air",
+        {"sensor_id": np.array([f"s{i}" for i in range(n)], dtype=object), "site": np.array(["q"] * n, dtype=object)},
+        {"no2": np.arange(n, dtype=np.float64), "o3": np.arange(n, dtype=np.float64) + 0.5, "poison": poison},
+        T0 + np.arange(n, dtype=np.int64),
+    )
+    server, letters = FakeInflux(), MemoryDeadLetters()
+    async with InfluxWriter(INFLUX, sink(), letters, transport=server, rng=random.Random(1)) as writer:
+        ticket = await writer.write(columns)
+        await writer.flush()
+        assert ticket.done()
+    stored = {(line.split(",")[1], line.split(" ")[1]) for line in server.stored}
+    assert ("sensor_id=s3", "no2=3") in stored and ("sensor_id=s3", "o3=3.5") in stored
+    assert ("sensor_id=s2", "no2=2,o3=2.5") in stored  # the others stay one line each
+    assert len(server.stored) == 7 + 2
+    assert [letter.payload for letter in letters.letters] == [f"air,sensor_id=s3,site=q poison=7 {T0 + 3}\n".encode()]
