@@ -1,7 +1,8 @@
 """End-to-end benchmark: MQTT publish -> bridge -> Kafka -> processor -> InfluxDB, all on this machine.
 
     .venv/bin/python -m benchmarks.bench_pipeline [--messages 150000] [--batch-messages 10000]
-                                                  [--latency-sensors 1000] [--topology run|split] [--json FILE]
+                                                  [--latency-sensors 1000] [--latency-load 0.8]
+                                                  [--topology run|split] [--json FILE]
 
 ``--topology run`` (default): ``portpulse run`` as its own process (bridge + processor + sink on
 one event loop). ``--topology split``: ``portpulse bridge`` and ``portpulse process`` as two
@@ -11,8 +12,8 @@ both. For single-reading messages and for gateway batches of 100 readings it mea
 * throughput: N messages published at QoS 1 as fast as the broker takes them; readings/s from
   the first publish until the pipeline has processed all of them and its sink queue is empty
   (then the raw point count in InfluxDB is checked: every reading stored exactly once);
-* latency: at half that rate (from ``--latency-sensors`` sensors, 1000 as in the throughput run;
-  every sensor reports once before the clock starts, since a running port's series exist in
+* latency: at ``--latency-load`` (0.8) of that rate (from ``--latency-sensors`` sensors, 1000 as
+  in the throughput run; every sensor reports once before the clock starts, since a running port's series exist in
   InfluxDB already), probe readings with unique sensor ids are published every 0.25 s and
   InfluxDB is polled (InfluxQL, every 20 ms) until each is queryable; p50/p99 of publish ->
   queryable.
@@ -375,6 +376,9 @@ def main() -> None:
         default=1000,
         help="sensors behind the latency run's load, as in the throughput run (0: one per reading per second)",
     )
+    parser.add_argument(
+        "--latency-load", type=float, default=0.8, help="the latency run's load, a fraction of the throughput"
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument(
         "--topology", choices=sorted(TOPOLOGIES), default="run",
@@ -400,7 +404,7 @@ def main() -> None:
             + f"; all together {sum(cpu.values()) / seconds:.2f} of {os.cpu_count()} cores busy",
             flush=True,
         )
-        rate = max(1.0, 0.5 * t["messages_per_s"])
+        rate = max(1.0, args.latency_load * t["messages_per_s"])
         lat = latency(env, rate, batch, args.latency_seconds, args.topology, args.latency_sensors)
         print(
             f"{name:9} latency at {lat.get('load_readings_per_s', 0):,.0f} readings/s: "

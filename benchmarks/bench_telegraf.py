@@ -17,6 +17,15 @@ times. The figures: wall time from the first publish until InfluxDB holds every 
 
 Loads: ``--messages`` single-line messages from 1 000 sensors; ``--batches`` messages of 100
 lines. Event time: each sensor reports once a second, ending about now.
+
+Fleet loads (``--fleet-sensors``, 0 to skip): the simulators' air, crane and cell fleets, every
+sensor reporting its 6-7 metrics once a second for ``--fleet-seconds`` of event time, as line
+protocol gateway batches of 100 reports (both pipelines), JSON gateway batches and JSON single
+reports (PortPulse; Telegraf would need a json_v2 mapping per domain). Event time is *paced*:
+the fleet is large enough that one second of its event time is about as many values as the
+pipelines store per second of wall time, so windows close and aggregates are written at about
+the real-time rate of a fleet that size (the report prints event seconds per wall second). Stored
+= published counts every metric of every report (PortPulse: raw plus rejected by cleaning).
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ from typing import Any
 
 from benchmarks.bench_pipeline import Influx, Pipeline
 from benchmarks.common import SERVICES, CpuBudget, publish, service_env, stop_process
+from portpulse.simulators.fleet import DOMAIN_METRICS
 
 SENSORS = 1000
 #: The Kafka protocol version Telegraf's client (sarama) speaks: its default is older than Kafka 4
@@ -187,6 +197,82 @@ def _try_publish(host: str, port: int, messages: list[tuple[str, bytes]]) -> boo
     return True
 
 
+def fleet_messages(
+    prefix: str, fmt: str, sensors: int, seconds: float, start_ns: int
+) -> tuple[list[tuple[str, bytes]], int, int]:
+    """The simulated fleets' reports as ``fmt`` messages on ``{prefix}/...``: the messages, the
+    reports and the metric values they hold."""
+    from portpulse.simulators.stream import StreamConfig, generate
+
+    config = StreamConfig(sensors=sensors, rate=float(sensors), duration_s=seconds, start_ns=start_ns, fmt=fmt,
+                          batch_size=100, topic_prefix=prefix)  # fmt: skip
+    messages = [(m.topic, m.payload) for block in generate(config) for m in block.messages]
+    reports = values = 0
+    for _, payload in messages:
+        if fmt == "line":
+            found = [line.split(b" ")[1].count(b",") + 1 for line in payload.split(b"\n") if line]
+        else:
+            body = json.loads(payload)
+            found = [len(r["metrics"]) for r in body["readings"]] if fmt == "json-batch" else [len(body["metrics"])]
+        reports += len(found)
+        values += sum(found)
+    return messages, reports, values
+
+
+def _counts(influx: Influx, measurement: str, fields: list[str]) -> int:
+    columns = ",".join(f'count("{f}")' for f in fields)
+    series = influx.query(f'SELECT {columns} FROM "{measurement}"')["results"][0].get("series")  # noqa: S608
+    return int(sum(series[0]["values"][0][1:])) if series else 0
+
+
+def fleet_stored(influx: Influx, rejected_too: bool, last_metric_only: bool = False) -> int:
+    """Metric values the fleets' measurements hold as raw points (and, for PortPulse, as readings
+    rejected by cleaning); ``last_metric_only``: of each domain's last metric, i.e. the reports
+    stored so far (a report's metrics travel together)."""
+    total = 0
+    for domain, all_metrics in DOMAIN_METRICS.items():
+        metrics = list(all_metrics[-1:] if last_metric_only else all_metrics)
+        total += _counts(influx, domain, metrics)
+        if rejected_too:
+            total += _counts(influx, f"{domain}_rejected", [f"{m}_reason" for m in metrics])
+    return total
+
+
+def run_fleet(env: dict[str, str], exe: Path, peer: str, fmt: str, sensors: int, seconds: float) -> dict[str, Any]:
+    """One pipeline, one fleet load: metric values/s from the first publish until stored = published."""
+    host, port = env["PORTPULSE_MQTT__HOST"], int(env["PORTPULSE_MQTT__PORT"])
+    if peer == "telegraf":
+        pipe: Any = Telegraf(exe, env, f"tg{uuid.uuid4().hex[:8]}")
+        pids = {"telegraf bridge": pipe.procs[0].pid, "telegraf processor": pipe.procs[1].pid}
+    else:
+        budgets = {f"PORTPULSE_ADMISSION__{k}": "0" for k in
+                   ("SITE_NEW_PER_HOUR", "SITE_NEW_PER_DAY", "DOMAIN_NEW_PER_HOUR", "DOMAIN_NEW_PER_DAY")}  # fmt: skip
+        pipe = Pipeline(env, "portpulse", settings=budgets,
+                        processor_args=["--windows", "1m", "--lateness", "2", "--idle-timeout", "5"])  # fmt: skip
+        pids = {"portpulse run": pipe.procs[0].pid}
+    rejected_too = peer == "portpulse"
+    try:
+        warm = lines(pipe.prefix, 1, 1, time.time_ns() // 10**6 - int(seconds + 60) * 1000)
+        wait_for(lambda: _try_publish(host, port, warm) and pipe.influx.count("air", "no2") >= 1, 180, "warm")
+        # Event time ends when publishing starts: paced, it keeps up with the wall clock from there.
+        messages, reports, values = fleet_messages(
+            pipe.prefix, fmt, sensors, seconds, time.time_ns() + 2 * 10**9 - int(seconds * 1e9)
+        )
+        budget = CpuBudget(pids | {"benchmark (publisher)": os.getpid()})
+        budget.start()
+        started = time.monotonic()
+        publish(host, port, messages, qos=1)
+        wait_for(lambda: fleet_stored(pipe.influx, rejected_too, last_metric_only=True) >= reports, 900, "stored")
+        elapsed = time.monotonic() - started
+        cpu = budget.stop()
+        stored = fleet_stored(pipe.influx, rejected_too) - 1  # the warm-up reading
+        return {"peer": peer, "format": fmt, "reports": reports, "readings": values, "stored": stored,
+                "elapsed_s": elapsed, "readings_per_s": values / elapsed, "event_s_per_wall_s": seconds / elapsed,
+                "cpu_us": {k: v / values * 1e6 for k, v in cpu.items()}}  # fmt: skip
+    finally:
+        pipe.stop()
+
+
 def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     rates = [r["readings_per_s"] for r in rows]
     pipeline = [sum(v for k, v in r["cpu_us"].items() if k.startswith(("telegraf", "portpulse"))) for r in rows]
@@ -196,16 +282,66 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "stored_equals_published": all(r["stored"] == r["readings"] for r in rows)}  # fmt: skip
 
 
+FLEET_LOADS = (  # (name, simulator format, peers)
+    ("line protocol, batches of 100 reports", "line", ("telegraf", "portpulse")),
+    ("JSON gateway batches of 100 reports", "json-batch", ("portpulse",)),
+    ("JSON single reports", "json", ("portpulse",)),
+)
+
+
+def fleet_loads(env: dict[str, str], exe: Path, runs: int, sensors: int, seconds: float) -> dict[str, Any]:
+    """The fleet loads, each peer in turn ``runs`` times; prints and returns the figures."""
+    results: dict[str, Any] = {}
+    for load, fmt, peers in FLEET_LOADS:
+        rows: dict[str, list[dict[str, Any]]] = {peer: [] for peer in peers}
+        for _ in range(runs):
+            for peer in peers:
+                rows[peer].append(run_fleet(env, exe, peer, fmt, sensors, seconds))
+        results[load] = {peer: {"runs": r, **summary(r)} for peer, r in rows.items()}
+        first = rows[peers[0]][0]
+        print(f"fleet, {load}: {sensors:,} sensors x {seconds:g} s = {first['reports']:,} reports, "
+              f"{first['readings']:,} metric values, {runs} run(s) each (medians, ranges)")  # fmt: skip
+        for peer in peers:
+            s = results[load][peer]
+            pace = statistics.median(r["event_s_per_wall_s"] for r in rows[peer])
+            print(f"  {PEER_NAMES[peer]:16} {s['median_readings_per_s']:>10,.0f} values/s "
+                  f"({s['min']:,.0f}-{s['max']:,.0f}); "
+                  f"CPU us/value: pipeline {s['pipeline_cpu_us']:.2f}, all processes {s['all_cpu_us']:.2f} "
+                  f"({_by_process(rows[peer])}); event time {pace:.2f} s per wall s; "
+                  f"stored = published: {s['stored_equals_published']}")  # fmt: skip
+        if len(peers) == 2:
+            _print_ratio(results[load]["telegraf"], results[load]["portpulse"])
+    return results
+
+
+PEER_NAMES = {"telegraf": "Telegraf 1.37.2", "portpulse": "PortPulse"}
+
+
+def _by_process(rows: list[dict[str, Any]]) -> str:
+    names = rows[0]["cpu_us"]
+    return ", ".join(f"{k} {statistics.median(r['cpu_us'][k] for r in rows):.2f}" for k in names)
+
+
+def _print_ratio(t: dict[str, Any], p: dict[str, Any]) -> None:
+    print(f"  ratio: wall {p['median_readings_per_s'] / t['median_readings_per_s']:.2f}x, "
+          f"pipeline CPU {t['pipeline_cpu_us'] / p['pipeline_cpu_us']:.2f}x less, "
+          f"all CPU {t['all_cpu_us'] / p['all_cpu_us']:.2f}x less")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--messages", type=int, default=100_000, help="single-line messages")
     parser.add_argument("--batches", type=int, default=5_000, help="messages of 100 lines")
+    parser.add_argument("--fleet-sensors", type=int, default=12_000, help="sensors of the fleet loads (0: skip them)")
+    parser.add_argument("--fleet-seconds", type=float, default=30.0, help="event time of the fleet loads")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     exe = telegraf_exe()
     env = service_env()
     results: dict[str, Any] = {}
+    if args.fleet_sensors:
+        results["fleet"] = fleet_loads(env, exe, args.runs, args.fleet_sensors, args.fleet_seconds)
     for load, n, per_message in (("singles", args.messages, 1), ("batches of 100", args.batches, 100)):
         rows: dict[str, list[dict[str, Any]]] = {"telegraf": [], "portpulse": []}
         for _ in range(args.runs):
@@ -218,9 +354,7 @@ def main() -> None:
             print(f"  {peer:16} {s['median_readings_per_s']:>10,.0f} readings/s ({s['min']:,.0f}-{s['max']:,.0f}); "
                   f"CPU us/reading: pipeline {s['pipeline_cpu_us']:.1f}, all processes {s['all_cpu_us']:.1f}; "
                   f"stored = published: {s['stored_equals_published']}")  # fmt: skip
-        print(f"  ratio: wall {p['median_readings_per_s'] / t['median_readings_per_s']:.2f}x, "
-              f"pipeline CPU {t['pipeline_cpu_us'] / p['pipeline_cpu_us']:.2f}x less, "
-              f"all CPU {t['all_cpu_us'] / p['all_cpu_us']:.2f}x less")  # fmt: skip
+        _print_ratio(t, p)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -459,7 +459,14 @@ def _plain_batch(i: int, text: str, topic: MqttTopic, received_ns: int, limits: 
 
 
 def _repeated(column: list[T], counts: list[int]) -> list[T]:
-    """Each ``column[k]`` ``counts[k]`` times, in order (in C)."""
+    """Each ``column[k]`` ``counts[k]`` times, in order (in C). Equal counts (a fleet's reports)
+    take one slice assignment per count instead of an iterator per item."""
+    width = counts[0] if counts else 0
+    if counts.count(width) == len(counts) and width < 64:
+        out: list[T] = column * width
+        for j in range(width):
+            out[j::width] = column
+        return out
     return list(chain.from_iterable(map(repeat, column, counts)))
 
 
@@ -588,11 +595,10 @@ def _pairs(parts: list[str], parse: Callable[[str], T]) -> dict[str, T] | None:
     return out
 
 
-_PLAIN_FIELD = re.compile(r"([^=,]+)=([^,]+)")
 _FIRST, _SECOND = itemgetter(0), itemgetter(1)
 #: Besides "\n", what ``str.splitlines``/``str.strip`` treat as line breaks or blanks in ASCII text,
 #: and what line protocol escapes or quotes: text holding one of these takes the per-line path.
-_NOT_PLAIN = re.compile('[\\\\"#\r\t\x0b\x0c\x1c-\x1f]')
+_NOT_PLAIN = ("\\", '"', "#", "\r", "\t", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x1f")
 #: measurement and tag set text -> (sensor_id or None, site or None), for names already validated
 _TAG_SETS: dict[str, tuple[str | None, str | None]] = {}
 
@@ -627,10 +633,11 @@ def _plain_lines(i: int, text: str, topic: MqttTopic, received_ns: int, limits: 
     nothing and return False: the per-line path then says exactly what is wrong (and learns new
     names).
 
-    The work per line runs in C: splits, a cached parse per distinct tag set, one regular
-    expression over the joined field sets, ``float`` and ``int`` mapped over them; what the
-    per-line path would judge differently is left to it."""
-    if not text.isascii() or _NOT_PLAIN.search(text):
+    The work per line runs in C: splits, a cached parse per distinct tag set, one split of the
+    joined field sets, ``float`` and ``int`` mapped over them; names are checked once per message
+    when every line has the same fields. What the per-line path would judge differently is left
+    to it."""
+    if not text.isascii() or any(map(text.__contains__, _NOT_PLAIN)):
         return False
     lines = list(map(str.split, filter(None, text.split("\n")), repeat(" ")))
     if not lines or len(lines) > _MAX_READINGS_PER_MESSAGE or set(map(len, lines)) != {3}:
@@ -653,22 +660,36 @@ def _plain_lines(i: int, text: str, topic: MqttTopic, received_ns: int, limits: 
     if canonical_sensors is None or canonical_sites is None:
         return False
     fields = ",".join(field_texts)
-    pairs = _PLAIN_FIELD.findall(fields)
-    counts = [1] * len(lines) if len(pairs) == len(lines) else [f.count(",") + 1 for f in field_texts]
-    if len(pairs) != fields.count(",") + 1:
+    # "name=value,name=value": split at both separators, names and values alternate. One "=" per
+    # field means every piece is in its place (a value holding "=" or "," takes the per-line path).
+    parts = fields.replace("=", ",").split(",")
+    n = len(parts) // 2
+    if len(parts) % 2 or fields.count("=") != n or fields.count(",") != n - 1:
         return False
-    metrics, raw_values = zip(*pairs, strict=True)
-    names = _METRICS.canonical(list(metrics))
-    if names is None:
-        return False
-    n = len(names)
-    if n != len(lines) and len(set(zip(_repeated(list(range(len(lines))), counts), names, strict=True))) != n:
-        return False  # a field repeated in a line: the per-line path keeps the last value
+    metrics, raw_values = parts[0::2], parts[1::2]
+    commas = list(map(str.count, field_texts, repeat(",")))
+    width = commas[0] + 1
+    uniform = commas.count(width - 1) == len(lines) and metrics == metrics[:width] * len(lines)
+    if uniform:
+        # Every line holds the same fields in the same order (a gateway's reports): their names
+        # are checked once.
+        head = _METRICS.canonical(metrics[:width])
+        if head is None or len(set(head)) != width:
+            return False  # a field repeated in a line: the per-line path keeps the last value
+        names = head * len(lines)
+    else:
+        found = _METRICS.canonical(metrics)
+        if found is None:
+            return False
+        names = found
+        counts = [c + 1 for c in commas]
+        if len(set(zip(_repeated(list(range(len(lines))), counts), names, strict=True))) != n:
+            return False
     try:
         values = list(map(float, raw_values))
     except ValueError:  # integers (1i), booleans, anything float() refuses: the per-line path
         return False
-    if not all(map(math.isfinite, values)):
+    if not math.isfinite(sum(values)) and not all(map(math.isfinite, values)):  # inf and nan propagate
         return False
     stamps = list(map(int, stamp_texts))
     lo, hi = min(stamps), max(stamps)
@@ -679,7 +700,8 @@ def _plain_lines(i: int, text: str, topic: MqttTopic, received_ns: int, limits: 
         return False
     if lo * unit < received_ns - limits.max_past_ns or hi * unit > received_ns + limits.max_future_ns:
         return False
-    if n != len(lines):
+    if n != len(lines):  # several fields per line: repeat the line's columns
+        counts = [c + 1 for c in commas]
         canonical_sensors, canonical_sites = _repeated(canonical_sensors, counts), _repeated(canonical_sites, counts)
         stamps = _repeated(stamps, counts)
     out.extend(i, canonical_sensors, canonical_sites, topic.domain, names, stamps, values, unit)

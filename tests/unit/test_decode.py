@@ -418,17 +418,20 @@ _LP_SENSORS = st.sampled_from(["gw-1", "gw-2", "s-7", "new-sensor", "bad id", "Ã
 _LP_VALUES = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True).map(repr),
     st.integers(-(10**6), 10**6).map(str),
-    st.sampled_from(["1i", "2u", "t", "false", "1_000", "+3.5", "0x10", '"text"', "1e400", "nan", "-0.0"]),
+    st.sampled_from(["1i", "2u", "t", "false", "1_000", "+3.5", "0x10", '"text"', "1e400", "nan", "-0.0", "1.5e308"]),
 )
 
 
+_LP_FIELD_NAMES = st.lists(st.sampled_from(["no2", "pm25", "o3", "no2", "bad-name", ""]), min_size=1, max_size=3)
+
+
 @st.composite
-def _lp_line(draw: st.DrawFn) -> str:
+def _lp_line(draw: st.DrawFn, names: list[str] | None = None) -> str:
+    """A line of line protocol; with ``names``, its fields are those (a gateway's uniform reports)."""
     measurement = draw(st.sampled_from(["air", "air2", "a=b"]))
     tags = draw(st.lists(st.sampled_from([f"sensor_id={draw(_LP_SENSORS)}", "site=berth-9", "site=quai", "x=1",
                                           "sensor_id=gw-2", "bad", "k="]), max_size=3))  # fmt: skip
-    fields = draw(st.lists(st.tuples(st.sampled_from(["no2", "pm25", "o3", "no2", "bad-name", ""]), _LP_VALUES),
-                           min_size=1, max_size=3))  # fmt: skip
+    fields = [(name, draw(_LP_VALUES)) for name in (names if names is not None else draw(_LP_FIELD_NAMES))]
     unit = draw(st.sampled_from([10**9, 10**6, 10**3, 1]))
     ts = (NOW + draw(st.integers(-(10**15), 10**12))) // unit
     stamp = draw(st.sampled_from([str(ts), str(ts), f"-{ts}", "", "12x"]))
@@ -437,8 +440,14 @@ def _lp_line(draw: st.DrawFn) -> str:
     return draw(st.sampled_from([line, line, line, " " + line, line + " ", line.replace(" ", "  ", 1)]))
 
 
-@settings(max_examples=500, deadline=None)
-@given(lines=st.lists(_lp_line(), min_size=1, max_size=5), sep=st.sampled_from(["\n", "\n", "\r\n", "\n\n"]),
+_LP_MESSAGES = st.one_of(
+    st.lists(_lp_line(), min_size=1, max_size=5),
+    _LP_FIELD_NAMES.flatmap(lambda names: st.lists(_lp_line(names), min_size=1, max_size=5)),
+)
+
+
+@settings(max_examples=800, deadline=None)
+@given(lines=_LP_MESSAGES, sep=st.sampled_from(["\n", "\n", "\r\n", "\n\n"]),
        topic=st.sampled_from(["sensors/air/quai", "sensors/air/quai/s-7"]))  # fmt: skip
 def test_the_whole_message_line_protocol_path_only_changes_speed(lines: list[str], sep: str, topic: str) -> None:
     """Whatever a gateway sends as line protocol, the whole-message path gives exactly the
