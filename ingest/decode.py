@@ -639,6 +639,8 @@ def _plain_lines(i: int, text: str, topic: MqttTopic, received_ns: int, limits: 
     to it."""
     if not text.isascii() or any(map(text.__contains__, _NOT_PLAIN)):
         return False
+    if "\n" not in text[:-1]:
+        return _plain_line(i, text, topic, received_ns, limits, out)
     lines = list(map(str.split, filter(None, text.split("\n")), repeat(" ")))
     if not lines or len(lines) > _MAX_READINGS_PER_MESSAGE or set(map(len, lines)) != {3}:
         return False
@@ -705,6 +707,58 @@ def _plain_lines(i: int, text: str, topic: MqttTopic, received_ns: int, limits: 
         canonical_sensors, canonical_sites = _repeated(canonical_sensors, counts), _repeated(canonical_sites, counts)
         stamps = _repeated(stamps, counts)
     out.extend(i, canonical_sensors, canonical_sites, topic.domain, names, stamps, values, unit)
+    return True
+
+
+def _plain_line(i: int, text: str, topic: MqttTopic, received_ns: int, limits: DecodeLimits, out: _Out) -> bool:
+    """:func:`_plain_lines` for a message of one line (a sensor's own report, checked plain by the
+    caller): the same checks on one line, without the per-line lists."""
+    sections = text.rstrip("\n").split(" ")
+    if len(sections) != 3:
+        return False
+    head, fields, stamp = sections
+    if not stamp.isdigit() or not fields:
+        return False
+    tags = _tag_set(head)
+    if tags is None:
+        return False
+    sensor = _IDS.known.get(topic.sensor_id if tags[0] is None else tags[0])
+    site = _IDS.known.get(topic.site if tags[1] is None else tags[1])
+    if sensor is None or site is None:
+        return False
+    ts = int(stamp)
+    if ts >= 10**19:
+        return False
+    ts_ns = ts * _ns_per_unit(ts)
+    if ts_ns >= 2**63 or not received_ns - limits.max_past_ns <= ts_ns <= received_ns + limits.max_future_ns:
+        return False
+    if "," not in fields:  # one field: the usual single report of one metric
+        name, _, raw = fields.partition("=")
+        metric = _METRICS.known.get(name)
+        if metric is None or "=" in raw:
+            return False
+        try:
+            value = float(raw)
+        except ValueError:
+            return False
+        if not math.isfinite(value):
+            return False
+        out.add(i, sensor, site, topic.domain, metric, ts_ns, value, 0)
+        return True
+    parts = fields.replace("=", ",").split(",")
+    n = len(parts) // 2
+    if len(parts) % 2 or fields.count("=") != n:
+        return False
+    names = _METRICS.canonical(parts[0::2])
+    if names is None or len(set(names)) != n:
+        return False  # a new name, or a field repeated: the per-line path
+    try:
+        values = list(map(float, parts[1::2]))
+    except ValueError:
+        return False
+    if not math.isfinite(sum(values)) and not all(map(math.isfinite, values)):
+        return False
+    out.extend(i, [sensor] * n, [site] * n, topic.domain, names, [ts_ns] * n, values, 1)
     return True
 
 

@@ -475,3 +475,11 @@ def test_plain_line_protocol_takes_the_whole_message_path() -> None:
     assert module._plain_lines(0, body, topic, NOW, DecodeLimits(), out)
     assert len(out.value) == 20 and out.value[:4] == [0.5, 1.0, 1.5, 1.0] and out.ts[:3] == [NOW, NOW, NOW + 1]
     assert out.sensor[:3] == ["gw-1", "gw-1", "gw-2"] and out.metric[:2] == ["no2", "pm25"]
+    for line, metrics, values, ts in (
+        (f"air,sensor_id=gw-2 no2=7.25 {NOW // 10**6}\n", ["no2"], [7.25], NOW // 10**6 * 10**6),
+        (f"air,sensor_id=gw-1 pm25=1,no2=-3e2 {NOW}", ["pm25", "no2"], [1.0, -300.0], NOW),
+    ):
+        one = module._Out()
+        assert module._plain_lines(0, line, topic, NOW, DecodeLimits(), one)  # a sensor's own report
+        assert one.metric == metrics and one.value == values and one.sensor == [line[14:18]] * len(values)
+        assert one.ts == [ts] * len(values) and one.scaled == []
