@@ -222,7 +222,7 @@ def fleet_messages(
 def _counts(influx: Influx, measurement: str, fields: list[str]) -> int:
     columns = ",".join(f'count("{f}")' for f in fields)
     series = influx.query(f'SELECT {columns} FROM "{measurement}"')["results"][0].get("series")  # noqa: S608
-    return int(sum(series[0]["values"][0][1:])) if series else 0
+    return int(sum(v or 0 for v in series[0]["values"][0][1:])) if series else 0  # null: a field never written
 
 
 def fleet_stored(influx: Influx, rejected_too: bool, last_metric_only: bool = False) -> int:
@@ -297,6 +297,7 @@ def fleet_loads(env: dict[str, str], exe: Path, runs: int, sensors: int, seconds
         for _ in range(runs):
             for peer in peers:
                 rows[peer].append(run_fleet(env, exe, peer, fmt, sensors, seconds))
+                print(f"  ({peer}, {fmt}: {rows[peer][-1]['readings_per_s']:,.0f} values/s)", flush=True)
         results[load] = {peer: {"runs": r, **summary(r)} for peer, r in rows.items()}
         first = rows[peers[0]][0]
         print(f"fleet, {load}: {sensors:,} sensors x {seconds:g} s = {first['reports']:,} reports, "

@@ -15,10 +15,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import TracebackType
 from typing import Any, Protocol
 
@@ -36,6 +37,11 @@ from portpulse.sinks.retry import Outcome, backoff_s, classify
 __all__ = ["InfluxTransport", "InfluxWriter", "LineTransport", "WriteResult", "WriteTicket", "rejection_reason"]
 
 log = logging.getLogger("portpulse.sink")
+
+#: Sensors per read-back query (see :meth:`InfluxWriter.read`).
+READBACK_SENSORS = 100
+#: A request that timed out is split in two while it holds at least twice this many lines.
+_SPLIT_ON_TIMEOUT_LINES = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +182,7 @@ class InfluxWriter:
         self._queue: asyncio.Queue[_Batch] = asyncio.Queue(maxsize=sink.max_pending_batches)
         self._pending: list[tuple[EncodedLines, int, int, WriteTicket]] = []
         self._pending_lines = 0
+        self._pending_values = 0.0
         self._pending_since = 0.0
         self._tasks: list[asyncio.Task[None]] = []
         self._reader: Any = None  # influxdb-client's async client for read-backs, made on first use
@@ -246,16 +253,20 @@ class InfluxWriter:
             await self._dead_letters.send(letters)
             ticket.dead_lettered += len(letters)
             SINK_METRICS.rejected.inc(len(letters))
+        per_line = _values(points) / max(len(points), 1)
         start = 0
         while start < len(encoded):
-            take = min(len(encoded) - start, self._sink.batch_lines - self._pending_lines)
+            room = min(self._sink.batch_lines - self._pending_lines,
+                       math.ceil((self._sink.batch_values - self._pending_values) / per_line))  # fmt: skip
+            take = min(len(encoded) - start, max(room, 1))
             if not self._pending:
                 self._pending_since = time.monotonic()
             ticket._add()
             self._pending.append((encoded, start, start + take, ticket))
             self._pending_lines += take
+            self._pending_values += take * per_line
             start += take
-            if self._pending_lines >= self._sink.batch_lines:
+            if self._pending_lines >= self._sink.batch_lines or self._pending_values >= self._sink.batch_values:
                 await self._enqueue_pending(source)
         ticket._finish()
         return ticket
@@ -271,7 +282,19 @@ class InfluxWriter:
         processor's window recomputation. Connection errors, timeouts and 5xx are retried with
         backoff for as long as they last, like writes (a correction must not be dropped; the
         processor commits nothing past it meanwhile), with ``healthy`` false; a refusal (4xx:
-        token, bucket, query) raises :class:`PortPulseError` naming it."""
+        token, bucket, query) raises :class:`PortPulseError` naming it.
+
+        A range over many sensors is read ``READBACK_SENSORS`` at a time: Flux evaluates the
+        filter's ``or`` of sensor ids per row, so one query over thousands of sensors (a fleet's
+        windows recomputed together) takes longer than any timeout, and retrying it never ends."""
+        sensors = query.sensor_ids
+        parts = [
+            await self._read_range(replace(query, sensor_ids=sensors[i : i + READBACK_SENSORS]))
+            for i in range(0, max(len(sensors), 1), READBACK_SENSORS)
+        ]
+        return StoredReadings.concat(query.domain, parts)
+
+    async def _read_range(self, query: SeriesRange) -> StoredReadings:
         import csv
 
         from influxdb_client.domain.dialect import Dialect
@@ -401,7 +424,7 @@ class InfluxWriter:
     # ------------------------------------------------------------ internals
 
     async def _enqueue_pending(self, source: str) -> None:
-        parts, self._pending, self._pending_lines = self._pending, [], 0
+        parts, self._pending, self._pending_lines, self._pending_values = self._pending, [], 0, 0.0
         bodies, ends, offset = [], [], 0
         tickets = []
         for encoded, start, stop, ticket in parts:
@@ -462,6 +485,13 @@ class InfluxWriter:
                 await self._deliver(first)
                 await self._deliver(second)
                 return
+            if result.status == 0 and "Timeout" in result.message and len(batch) >= 2 * _SPLIT_ON_TIMEOUT_LINES:
+                # A request InfluxDB cannot finish within the timeout may never finish: halves
+                # (idempotent, each retried on its own) make progress where the whole would not.
+                first, second = batch.split()
+                await self._deliver(first)
+                await self._deliver(second)
+                return
             # RETRY: the server is away or overloaded, or a configuration problem (auth, bucket)
             # that an operator must fix; the points are kept either way.
             self._healthy = False
@@ -498,6 +528,15 @@ def rejection_reason(message: str) -> str:
     """The dead-letter reason of a point InfluxDB refused with ``message``: ``cardinality_limit``
     for its cardinality guards, ``influx_rejected`` for anything else (bad type, bad syntax)."""
     return "cardinality_limit" if any(r in message for r in _CARDINALITY_REFUSALS) else "influx_rejected"
+
+
+def _values(points: PointColumns) -> int:
+    """Field values ``points`` holds (a NaN or None field is absent from its line)."""
+    return sum(
+        int(np.count_nonzero(np.isfinite(column))) if column.dtype != np.object_
+        else sum(value is not None for value in column.tolist())
+        for column in points.fields.values()
+    )  # fmt: skip
 
 
 def _describe_row(points: PointColumns, row: int) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -114,6 +114,18 @@ class StoredReadings:
             reason == "",
             reason,
         )
+
+    @staticmethod
+    def concat(domain: str, parts: list[StoredReadings]) -> StoredReadings:
+        """The rows of ``parts`` (of one domain) one after the other."""
+        if len(parts) <= 1:
+            return parts[0] if parts else StoredReadings.of(domain, [])
+
+        def joined(column: str) -> Any:
+            return np.concatenate([getattr(part, column) for part in parts])
+
+        return StoredReadings(domain, joined("sensor_id"), joined("metric"), joined("ts_ns"), joined("value"),
+                              joined("accepted"), joined("reason"))  # fmt: skip
 
 
 class PointStore(PointSink, Protocol):

@@ -157,6 +157,8 @@ class SinkSettings(_Section):
     """InfluxDB writer: batching, backpressure and retries."""
 
     batch_lines: int = Field(50_000, ge=1)
+    # A request also closes at this many field values: lines of a multi-metric report hold several.
+    batch_values: int = Field(50_000, ge=1)
     flush_interval_ms: int = Field(250, ge=1)
     max_pending_batches: int = Field(8, ge=1)
     concurrency: int = Field(2, ge=1, le=32)

@@ -138,3 +138,46 @@ async def test_a_refused_line_of_several_fields_dead_letters_only_the_refused_fi
     assert ("sensor_id=s2", "no2=2,o3=2.5") in stored  # the others stay one line each
     assert len(server.stored) == 7 + 2
     assert [letter.payload for letter in letters.letters] == [f"air,sensor_id=s3,site=q poison=7 {T0 + 3}\n".encode()]
+
+
+class SlowInflux(FakeInflux):
+    """Times out on any request of more than ``most`` lines (as InfluxDB does on one it cannot
+    finish within the client's timeout)."""
+
+    def __init__(self, most: int) -> None:
+        super().__init__()
+        self.most = most
+
+    async def write(self, body: bytes, precision: str) -> WriteResult:
+        if body.count(b"\n") > self.most:
+            self.requests.append(body.count(b"\n"))
+            return WriteResult(0, "TimeoutError: ")
+        return await super().write(body, precision)
+
+
+async def test_a_request_that_times_out_is_split_until_its_halves_get_through() -> None:
+    server, letters = SlowInflux(most=1500), MemoryDeadLetters()
+    async with InfluxWriter(INFLUX, sink(), letters, transport=server) as writer:
+        ticket = await writer.write(points([f"s{i}" for i in range(5000)]))
+        await writer.flush()
+        assert ticket.done() and writer.healthy
+    assert len(server.stored) == len(set(server.stored)) == 5000
+    assert server.requests == [5000, 2500, 1250, 1250, 2500, 1250, 1250]  # halves, each half retried whole first
+    assert letters.letters == []
+
+
+async def test_a_request_closes_at_batch_values_when_lines_hold_several_fields() -> None:
+    n = 1000
+    columns = PointColumns(
+        "air",
+        {"sensor_id": np.array([f"s{i}" for i in range(n)], dtype=object)},
+        {name: np.full(n, 1.5) for name in ("no2", "pm25", "pm10", "o3", "so2", "temperature", "humidity")},
+        T0 + np.arange(n, dtype=np.int64),
+    )
+    server = FakeInflux()
+    settings = SinkSettings(batch_lines=50_000, batch_values=700, concurrency=1)
+    async with InfluxWriter(INFLUX, settings, MemoryDeadLetters(), transport=server) as writer:
+        await writer.write(columns)
+        await writer.flush()
+    assert server.requests == [100] * 10  # 700 values: 100 lines of 7 fields
+    assert len(set(server.stored)) == n
