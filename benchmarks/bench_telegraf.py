@@ -147,14 +147,14 @@ class Telegraf:
         self.influx.query(f'DROP DATABASE "{self.prefix}"')
 
 
-def wait_for(condition: Any, timeout_s: float, what: str) -> None:
-    """Poll every 0.5 s: a COUNT over hundreds of thousands of points costs InfluxDB real CPU,
-    which a tighter loop would take from both pipelines."""
+def wait_for(condition: Any, timeout_s: float, what: str, every_s: float = 0.5) -> None:
+    """Poll every ``every_s``: a COUNT over hundreds of thousands of points costs InfluxDB real
+    CPU, which a tighter loop would take from both pipelines."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if condition():
             return
-        time.sleep(0.5)
+        time.sleep(every_s)
     raise SystemExit(f"not {what} within {timeout_s:.0f} s")
 
 
@@ -241,6 +241,11 @@ def fleet_stored(influx: Influx, rejected_too: bool, last_metric_only: bool = Fa
 def run_fleet(env: dict[str, str], exe: Path, peer: str, fmt: str, sensors: int, seconds: float) -> dict[str, Any]:
     """One pipeline, one fleet load: metric values/s from the first publish until stored = published."""
     host, port = env["PORTPULSE_MQTT__HOST"], int(env["PORTPULSE_MQTT__PORT"])
+    # A freshly started InfluxDB for each run: after a database of millions of values is
+    # dropped, InfluxDB 1.8 keeps compacting and deleting for minutes (measured: its CPU per
+    # value doubled on the next run), which would land on whichever pipeline runs next.
+    for action in ("down", "up"):
+        subprocess.run([str(SERVICES), action, "influx"], check=True, capture_output=True)
     if peer == "telegraf":
         pipe: Any = Telegraf(exe, env, f"tg{uuid.uuid4().hex[:8]}")
         pids = {"telegraf bridge": pipe.procs[0].pid, "telegraf processor": pipe.procs[1].pid}
@@ -262,7 +267,7 @@ def run_fleet(env: dict[str, str], exe: Path, peer: str, fmt: str, sensors: int,
         budget.start()
         started = time.monotonic()
         publish(host, port, messages, qos=1)
-        wait_for(lambda: fleet_stored(pipe.influx, rejected_too, last_metric_only=True) >= reports, 900, "stored")
+        wait_for(lambda: fleet_stored(pipe.influx, rejected_too, last_metric_only=True) >= reports, 900, "stored", 1.0)
         elapsed = time.monotonic() - started
         cpu = budget.stop()
         stored = fleet_stored(pipe.influx, rejected_too) - 1  # the warm-up reading
