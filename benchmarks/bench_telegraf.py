@@ -219,9 +219,10 @@ def fleet_messages(
     return messages, reports, values
 
 
-def _counts(influx: Influx, measurement: str, fields: list[str]) -> int:
+def _counts(influx: Influx, measurement: str, fields: list[str], where: str = "") -> int:
     columns = ",".join(f'count("{f}")' for f in fields)
-    series = influx.query(f'SELECT {columns} FROM "{measurement}"')["results"][0].get("series")  # noqa: S608
+    q = f'SELECT {columns} FROM "{measurement}"{where}'  # noqa: S608 (our own names)
+    series = influx.query(q)["results"][0].get("series")
     return int(sum(v or 0 for v in series[0]["values"][0][1:])) if series else 0  # null: a field never written
 
 
@@ -233,8 +234,11 @@ def fleet_stored(influx: Influx, rejected_too: bool, last_metric_only: bool = Fa
     for domain, all_metrics in DOMAIN_METRICS.items():
         metrics = list(all_metrics[-1:] if last_metric_only else all_metrics)
         total += _counts(influx, domain, metrics)
-        if rejected_too:
-            total += _counts(influx, f"{domain}_rejected", [f"{m}_reason" for m in metrics])
+        if rejected_too:  # "reinstated": a rejection withdrawn, the raw point counted above
+            for m in metrics:
+                total += _counts(
+                    influx, f"{domain}_rejected", [f"{m}_reason"], f" WHERE \"{m}_reason\" != 'reinstated'"
+                )
     return total
 
 
