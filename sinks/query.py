@@ -6,6 +6,7 @@ as an escaped Flux string literal, so no argument can change the query's shape.
 from __future__ import annotations
 
 import calendar
+import functools
 import re
 import time
 from dataclasses import dataclass
@@ -138,8 +139,14 @@ def influxql_delete(measurement: str, sensor_id: str | None, start_ns: int, stop
 def flux_time_ns(text: str) -> int:
     """Flux's ``2023-11-14T22:13:20.123456789Z`` -> ns since the epoch, exactly (no float)."""
     whole, _, frac = text.rstrip("Z").partition(".")
-    seconds = calendar.timegm(time.strptime(whole, "%Y-%m-%dT%H:%M:%S"))
-    return seconds * 1_000_000_000 + int((frac or "0").ljust(9, "0")[:9])
+    return _epoch_seconds(whole) * 1_000_000_000 + int((frac or "0").ljust(9, "0")[:9])
+
+
+@functools.lru_cache(maxsize=65_536)
+def _epoch_seconds(whole: str) -> int:
+    """``2023-11-14T22:13:20`` (UTC) -> s since the epoch. Cached: a read-back's rows share
+    their seconds (a fleet reports on the same ones), and ``strptime`` costs microseconds."""
+    return calendar.timegm(time.strptime(whole, "%Y-%m-%dT%H:%M:%S"))
 
 
 def parse_readback(query: SeriesRange, csv_rows: list[list[str]]) -> StoredReadings:

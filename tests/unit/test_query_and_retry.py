@@ -163,3 +163,20 @@ def test_influxql_delete_names_one_point_and_escapes_what_could_end_a_literal() 
     assert influxql_delete("air", "s-1", 5) == 'DELETE FROM "air" WHERE "sensor_id" = \'s-1\' AND time = 5'
     hostile = influxql_delete('a"ir', "x' OR time > 0 --\\", 7)
     assert hostile == 'DELETE FROM "a\\"ir" WHERE "sensor_id" = \'x\\\' OR time > 0 --\\\\\' AND time = 7'
+
+
+def test_flux_times_are_read_to_the_nanosecond() -> None:
+    from datetime import UTC, datetime
+
+    from portpulse.sinks.query import flux_time_ns
+
+    cases = {
+        "2026-11-30T20:30:41.123456789Z": 123_456_789,
+        "2026-11-30T20:30:41Z": 0,
+        "2026-11-30T20:30:41.5Z": 500_000_000,
+        "1970-01-01T00:00:00.000000001Z": 1,
+    }
+    for text, fraction_ns in cases.items():
+        whole = datetime.strptime(text[:19], "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC)
+        assert flux_time_ns(text) == int(whole.timestamp()) * 10**9 + fraction_ns
+        assert flux_time_ns(text) == flux_time_ns(text)  # the cached seconds give the same answer
