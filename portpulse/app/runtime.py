@@ -91,13 +91,28 @@ def setup_logging(ops: OpsSettings) -> None:
 
 
 def run_until_signal(main: Callable[[asyncio.Event], Awaitable[T]]) -> T:
-    """Run ``main(stop)``; SIGINT/SIGTERM set ``stop`` so it can drain and return."""
+    """Run ``main(stop)``; SIGINT/SIGTERM set ``stop`` so it can drain and return. A second
+    signal stops it without draining (a drain can wait on InfluxDB or Kafka for as long as they
+    are away) and raises :class:`KeyboardInterrupt`: nothing is lost, as what was not committed
+    is read again at the next start."""
 
     async def runner() -> T:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+
+        def on_signal() -> None:
+            if not stop.is_set():
+                stop.set()
+            elif task is not None:
+                logging.getLogger("portpulse").warning("second signal: stopping without draining")
+                task.cancel()
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal)
         return await main(stop)
 
-    return asyncio.run(runner())
+    try:
+        return asyncio.run(runner())
+    except asyncio.CancelledError:
+        raise KeyboardInterrupt from None

@@ -238,3 +238,28 @@ async def test_with_a_token_only_liveness_and_readiness_are_open(self_signed: tu
             refused = await get(server.port, path)
             assert refused.startswith(b"HTTP/1.1 401") and b'WWW-Authenticate: Basic realm="PortPulse"' in refused
             assert (await get(server.port, path, "Bearer s3cret")).startswith(b"HTTP/1.1 200"), path
+
+
+def test_a_first_signal_asks_for_a_drain_and_a_second_stops_without_it() -> None:
+    """``main`` stands for a drain that never ends (InfluxDB away): the first SIGTERM sets its
+    stop event, the second ends the run with KeyboardInterrupt (exit 130 from the CLI)."""
+    import os
+    import signal
+
+    from portpulse.app.runtime import run_until_signal
+
+    seen: list[str] = []
+
+    async def main(stop: asyncio.Event) -> str:
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.05, os.kill, os.getpid(), signal.SIGTERM)
+        await asyncio.wait_for(stop.wait(), 10)
+        seen.append("stop set")
+        loop.call_later(0.05, os.kill, os.getpid(), signal.SIGTERM)
+        await asyncio.sleep(30)  # the drain that does not finish
+        seen.append("drained")
+        return "drained"
+
+    with pytest.raises(KeyboardInterrupt):
+        run_until_signal(main)
+    assert seen == ["stop set"]  # the drain was cut short, not completed
