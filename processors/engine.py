@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import NamedTuple
 
 import numpy as np
@@ -38,6 +39,7 @@ import numpy.typing as npt
 from portpulse.arrays import distinct_codes, factorise, group_starts, pair_lines, stable_order
 from portpulse.contract.catalogue import Catalogue, MetricSpec
 from portpulse.contract.points import Categorical, PointColumns, SeriesRange, StoredReadings
+from portpulse.contract.schema import str_array
 from portpulse.processors.clean import (
     NO_OFFSET,
     OK,
@@ -241,6 +243,8 @@ class ProcessorEngine:
         self._series_point: list[int] = []
         self._series_point_array = np.empty(0, dtype=np.int64)
         self._point_domain_array = np.empty(0, dtype=np.int64)
+        self._point_sensor_array = np.empty(0, dtype=object)
+        self._point_site_array = np.empty(0, dtype=object)
         self._history = History.empty(0, settings.hampel_window + settings.reorder_slack)
         # Per series: the partition that last carried it (a revoked partition's series forget
         # their state), its newest event time, the newest event time of its readings replayed
@@ -312,6 +316,7 @@ class ProcessorEngine:
             self._points[key] = point
             if point < len(self._point_domain_array):
                 self._point_domain_array[point] = self._domain_codes.setdefault(domain, len(self._domain_codes))
+                self._point_sensor_array[point], self._point_site_array[point] = sensor, site
         self._point_users[point] += 1
         return point
 
@@ -322,6 +327,8 @@ class ProcessorEngine:
         if len(self._point_domain_array) != len(self._point_key):
             codes = [self._domain_codes.setdefault(domain, len(self._domain_codes)) for domain, _, _ in self._point_key]
             self._point_domain_array = np.array(codes, dtype=np.int64)
+            self._point_sensor_array = str_array([sensor for _, sensor, _ in self._point_key])
+            self._point_site_array = str_array([site for _, _, site in self._point_key])
         return self._series_point_array, self._point_domain_array
 
     def _limits(self) -> _Limits:
@@ -362,20 +369,27 @@ class ProcessorEngine:
             distinct = list(dict.fromkeys(keys))
             position = {key: j for j, key in enumerate(distinct)}
             codes = np.fromiter(map(position.__getitem__, keys), dtype=np.int64, count=len(keys))
-        ids = np.empty(len(distinct), dtype=np.int64)
-        factors = np.ones(len(distinct))
-        for j, key in enumerate(distinct):
-            hit = self._resolved.get(key)
-            if hit is None:
-                sid = self._register(*key)
-                metric = key[3]
-                factor = 1.0
-                if self._series_metric[sid] != metric:
-                    spec = self._catalogue.get(key[0], self._series_metric[sid])
-                    factor = spec.convert[metric.rpartition("_")[2]] if spec else 1.0
-                hit = self._resolved[key] = (sid, factor)
-            ids[j], factors[j] = hit
+        # A fleet's step holds about one reading per series: the lookups run in C (map), Python
+        # runs only for series seen for the first time.
+        hits: list[tuple[int, float] | None] = list(map(self._resolved.get, distinct))
+        if None in hits:
+            for j, key in enumerate(distinct):
+                if hits[j] is None:
+                    hits[j] = self._resolve(key)
+        ids = np.fromiter(map(itemgetter(0), hits), dtype=np.int64, count=len(hits))  # type: ignore[arg-type]
+        factors = np.fromiter(map(itemgetter(1), hits), dtype=np.float64, count=len(hits))  # type: ignore[arg-type]
         return ids[codes], factors[codes]
+
+    def _resolve(self, key: tuple[str, str, str, str]) -> tuple[int, float]:
+        """Series id and unit factor of a (domain, sensor, site, metric as sent) not resolved yet."""
+        sid = self._register(*key)
+        metric = key[3]
+        factor = 1.0
+        if self._series_metric[sid] != metric:
+            spec = self._catalogue.get(key[0], self._series_metric[sid])
+            factor = spec.convert[metric.rpartition("_")[2]] if spec else 1.0
+        hit = self._resolved[key] = (sid, factor)
+        return hit
 
     # ------------------------------------------------------------ main step
 
@@ -734,11 +748,9 @@ class ProcessorEngine:
     def _point_tags(self, point: npt.NDArray[np.int64]) -> dict[str, npt.NDArray[np.object_] | Categorical]:
         """The ``sensor_id`` and ``site`` tags of lines of ``point`` ``(k,)``."""
         uniq, inverse = np.unique(point, return_inverse=True)
-        keys = [self._point_key[p] for p in uniq.tolist()]
-        sensors = np.array([sensor for _, sensor, _ in keys], dtype=object)
-        sites = np.array([site for _, _, site in keys], dtype=object)
         inv = inverse.astype(np.int64).reshape(-1)
-        return {"sensor_id": Categorical(inv, sensors), "site": Categorical(inv, sites)}
+        return {"sensor_id": Categorical(inv, self._point_sensor_array[uniq]),
+                "site": Categorical(inv, self._point_site_array[uniq])}  # fmt: skip
 
     def _advance(
         self, series: npt.NDArray[np.int64], r: Readings, replayed: npt.NDArray[np.bool_], now_s: float
