@@ -196,17 +196,28 @@ class StalledProducer(FakeProducer):
         await asyncio.Event().wait()
 
 
-@pytest.mark.usefixtures("fresh_check")
-async def test_batches_a_stalled_producer_never_acknowledges_are_sent_again_by_a_new_one() -> None:
+async def _send_until_replaced(
+    producer: FakeProducer, delivery_timeout_s: float
+) -> tuple[Any, BatchSender, FakeProducer, list[Exception], int]:
+    """Send a delivery through ``producer``, with a fresh fake producer to replace it: the records,
+    the sender, the fresh producer, the failures reported and the retries counted."""
     records = _outgoing()
-    stalled, fresh = StalledProducer(), FakeProducer()
+    fresh = FakeProducer()
     failures: list[Exception] = []
 
     async def new_producer() -> FakeProducer:
         return fresh
 
-    sender = BatchSender(stalled, on_failure=failures.append, delivery_timeout_s=0.05, new_producer=new_producer)
+    sender = BatchSender(producer, on_failure=failures.append, delivery_timeout_s=delivery_timeout_s,
+                         new_producer=new_producer)  # fmt: skip
     retries = await asyncio.wait_for(sender.send_columns(records), 10)
+    return records, sender, fresh, failures, retries
+
+
+@pytest.mark.usefixtures("fresh_check")
+async def test_batches_a_stalled_producer_never_acknowledges_are_sent_again_by_a_new_one() -> None:
+    stalled = StalledProducer()
+    records, sender, fresh, failures, retries = await _send_until_replaced(stalled, delivery_timeout_s=0.05)
     assert retries == 1
     assert sender.producer is fresh
     assert [type(f).__name__ for f in failures] == ["KafkaTimeoutError"]
@@ -233,15 +244,7 @@ class FailingProducer(FakeProducer):
 
 @pytest.mark.usefixtures("fresh_check")
 async def test_a_producer_that_keeps_failing_is_replaced_after_the_delivery_timeout() -> None:
-    records = _outgoing()
-    failing, fresh = FailingProducer(), FakeProducer()
-    failures: list[Exception] = []
-
-    async def new_producer() -> FakeProducer:
-        return fresh
-
-    sender = BatchSender(failing, on_failure=failures.append, delivery_timeout_s=0.3, new_producer=new_producer)
-    retries = await asyncio.wait_for(sender.send_columns(records), 10)
+    records, sender, fresh, failures, retries = await _send_until_replaced(FailingProducer(), delivery_timeout_s=0.3)
     assert sender.producer is fresh and retries >= 2  # it retried the failing one first
     assert {type(f).__name__ for f in failures} == {"LeaderNotAvailableError"}
     want = sorted((t, k, v) for t, k, v in records.as_tuples())
