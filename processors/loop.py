@@ -76,6 +76,7 @@ class ProcessorStats:
     replayed: int = 0
     bad_records: int = 0
     commits: int = 0
+    resumed: int = 0  # partitions handed back by a rebalance and resumed from memory
 
 
 def decode_fetch(
@@ -271,6 +272,10 @@ class Processor:
         self._late_producer: Any = None
         self._late_sender: BatchSender | None = None
         self._failure: BaseException | None = None  # raised by the next step: see _assigned
+        # Engine partition ids revoked, until the next assignment says whether they come back,
+        # and per partition the (offset, metadata) this member committed last.
+        self._kept: set[int] = set()
+        self._committed: dict[int, tuple[int, str] | None] = {}
 
     async def __aenter__(self) -> Processor:
         from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
@@ -405,7 +410,7 @@ class Processor:
         return {
             self._tps[p]: OffsetAndMetadata(at.commit, commit_metadata(self.engine, at.consumed_until, at.closed))
             for p, at in positions.items()
-            if p in self._tps and at.commit >= 0
+            if p in self._tps and p not in self._kept and at.commit >= 0
         }
 
     async def _commit(self, offsets: dict[Any, Any]) -> None:
@@ -417,9 +422,12 @@ class Processor:
             return
         try:
             await self._consumer.commit(offsets)
-            self.stats.commits += 1
         except KafkaError as exc:
             log.info("commit skipped (%s); the next one covers it", type(exc).__name__)
+            return
+        for tp, at in offsets.items():
+            self._committed[self._part_ids[(tp.topic, tp.partition)]] = (at.offset, at.metadata)
+        self.stats.commits += 1
 
     async def _wait_pending(self) -> None:
         for receipts, _ in self._pending:
@@ -427,18 +435,32 @@ class Processor:
                 await r.wait()
 
     async def _revoked(self, revoked: Any) -> None:
+        """Commit what is safe, and keep the state of the revoked partitions aside: an eager
+        rebalance (a member joins, a new domain's topic appears) revokes every partition and
+        mostly hands each back to the same member, which then resumes where it was instead of
+        replaying and recomputing every open window of a fleet from the store."""
         async with self._lock:
             await self._sink.flush()
             await self._wait_pending()
-            await self._commit(self._safe_commit())  # allowed inside the rebalance callback
-            ids = [
-                self._part_ids[(tp.topic, tp.partition)] for tp in revoked if (tp.topic, tp.partition) in self._part_ids
-            ]
-            self.engine.drop(ids)
+            # Refused when the subscription itself changed (a new topic matched the pattern):
+            # aiokafka has already dropped the assignment. The kept state then stays ahead of
+            # the group's commit, which is still the one we made last.
+            await self._commit(self._safe_commit())
             for tp in revoked:
-                with contextlib.suppress(KeyError):
-                    PROCESSOR_METRICS.consumer_lag.remove(tp.topic, str(tp.partition))
+                pid = self._part_ids.get((tp.topic, tp.partition))
+                if pid is not None:
+                    self._kept.add(pid)
         log.info("partitions revoked: %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in revoked))
+
+    def _forget(self, pid: int) -> None:
+        """Drop a partition's state (now someone else's, or stale)."""
+        self.engine.drop([pid])
+        self._kept.discard(pid)
+        self._committed.pop(pid, None)
+        tp = self._tps.get(pid)
+        if tp is not None:
+            with contextlib.suppress(KeyError):
+                PROCESSOR_METRICS.consumer_lag.remove(tp.topic, str(tp.partition))
 
     async def _assigned(self, assigned: Any) -> None:
         async with self._lock:
@@ -450,19 +472,37 @@ class Processor:
                 # would only log an exception raised here and go on).
                 self._failure = exc
                 return
+            kept, self._kept = self._kept, set()
+            resumed = []
             for tp in assigned:
                 pid = self._part_ids.setdefault((tp.topic, tp.partition), len(self._part_ids))
                 self._tps[pid] = tp
-                # Consumption restarts at the committed offset: any state of ours is stale.
-                self.engine.drop([pid])
                 entry = committed.get(tp)
-                if entry is not None and not restore(self.engine, pid, entry.metadata or ""):
-                    # Committed without metadata we can read: whatever was emitted is unknown,
-                    # so every window recomputes from the store (exact, only slower).
-                    log.warning("%s[%d]: commit metadata unreadable; windows recompute from the store",
-                                tp.topic, tp.partition)  # fmt: skip
-                    self.engine.restore(pid, entry.offset, {name: 2**63 - 1 for name in self.engine.window_names()})
-        log.info("partitions assigned: %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))
+                group_commit = None if entry is None else (entry.offset, entry.metadata)
+                kept.discard(pid)
+                if self.engine.next_offset(pid) >= 0 and group_commit == self._committed.get(pid):
+                    # Nobody has committed since we last did: whoever held it in between (if
+                    # anyone) read the same records and wrote the same points, so our state is
+                    # still the group's; go on from where it stands instead of replaying.
+                    self._consumer.seek(tp, self.engine.next_offset(pid))
+                    resumed.append(tp)
+                    continue
+                # Consumption restarts at the committed offset: any state of ours is stale.
+                self._forget(pid)
+                if entry is not None:
+                    self._committed[pid] = group_commit
+                    if not restore(self.engine, pid, entry.metadata or ""):
+                        # Committed without metadata we can read: whatever was emitted is unknown,
+                        # so every window recomputes from the store (exact, only slower).
+                        log.warning("%s[%d]: commit metadata unreadable; windows recompute from the store",
+                                    tp.topic, tp.partition)  # fmt: skip
+                        self.engine.restore(pid, entry.offset,
+                                            {name: 2**63 - 1 for name in self.engine.window_names()})  # fmt: skip
+            for pid in kept:  # revoked and now someone else's
+                self._forget(pid)
+            self.stats.resumed += len(resumed)
+        log.info("partitions assigned: %s (%d resumed from memory)",
+                 sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned), len(resumed))  # fmt: skip
 
 
 async def run_processor(

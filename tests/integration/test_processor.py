@@ -269,6 +269,46 @@ async def test_processor_joining_mid_stream_changes_no_window(kafka: KafkaEndpoi
     assert_windows_equal(windows_of(sinks[0].shared), expected)  # the store's final state
 
 
+async def test_a_new_domain_topic_mid_stream_resumes_partitions_from_memory(kafka: KafkaEndpoint, unique: str) -> None:
+    """A topic of a new domain appears while the processor is mid-stream: the pattern
+    subscription rebalances the group, which revokes every partition and hands each back. The
+    processor resumes them from memory (nothing replayed, no window recomputed from the store)
+    and the windows stay exact."""
+    from portpulse.processors.loop import Processor
+
+    rows, settings, sinks, expected, stop = await two_member_setup(kafka, unique)
+    sink = sinks[0]
+    await produce(kafka, unique, rows[:200])
+    async with Processor(settings, sink, "1m", allowed_lateness_s=2, idle_timeout_s=1) as processor:
+        task = asyncio.create_task(processor.run(stop))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 60
+        while loop.time() < deadline and processor.stats.readings < 200 and not task.done():
+            await asyncio.sleep(0.05)
+        assert processor.stats.readings == 200 and processor.stats.windows > 0
+        await create_topic(kafka, f"{unique}.readings.berth", 1)
+        deadline = loop.time() + 60  # the consumer's metadata refresh (5 s), then a rebalance
+        while loop.time() < deadline and processor.stats.resumed == 0 and not task.done():
+            await asyncio.sleep(0.1)
+        await produce(kafka, unique, rows[200:])
+        await wait_for_all_windows(sinks, expected)
+        stop.set()
+        stats = await asyncio.wait_for(task, 60)
+    # every air partition with records consumed before the rebalance came back from memory
+    air_partitions = len({hash_partition(sensor, 4) for sensor, *_ in rows[:200]})
+    assert stats.resumed == air_partitions
+    # replaying from the commit would have handed the engine records it had already read
+    assert stats.replayed == 0 and stats.readings == len(rows)
+    assert_windows_equal(windows_of(sink.shared), expected)
+
+
+def hash_partition(key: str, partitions: int) -> int:
+    """The partition Kafka's default partitioner gives ``key``."""
+    from aiokafka.partitioner import murmur2
+
+    return int(murmur2(key.encode()) & 0x7FFFFFFF) % partitions
+
+
 @pytest.mark.parametrize("compression", ["lz4", "zstd", None])
 async def test_columnar_fetch_reads_exactly_what_was_sent(
     kafka: KafkaEndpoint, unique: str, compression: str | None
