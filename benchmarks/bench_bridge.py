@@ -210,7 +210,7 @@ async def kafka_stats(env: dict[str, str], topics: list[str], expect: int, timeo
         while count < expect and time.monotonic() < deadline:
             for records in (await consumer.getmany(timeout_ms=500, max_records=50_000)).values():
                 for r in records:
-                    count += len(decode_value(r.value))  # a record holds a series' readings of a delivery
+                    count += len(decode_value(r.value))  # a record holds a sensor's readings of a delivery
                     if r.key == PROBE_KEY:
                         continue
                     lo = r.timestamp if lo is None else min(lo, r.timestamp)

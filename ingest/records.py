@@ -1,4 +1,4 @@
-"""Pure: decoded readings -> Kafka records (one per series of a delivery) and dead letters."""
+"""Pure: decoded readings -> Kafka records (one per sensor of a delivery) and dead letters."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ __all__ = ["OutRecords", "SeriesCodes", "build_dead_letters", "build_records"]
 
 HEADERS = encode_headers([VERSION_HEADER])  # every record's header block
 #: Readings per record at most: 74 KB values, far below Kafka's 1 MB message limit, however many
-#: readings of one series a 2 MiB delivery brings.
+#: readings of one sensor a 2 MiB delivery brings.
 MAX_READINGS_PER_RECORD = 4096
 
 
@@ -78,16 +78,23 @@ class SeriesCodes:
         return key
 
 
-def build_records(batch: DecodedBatch, topic_prefix: str, codes: SeriesCodes | None = None) -> OutRecords:
-    """Encode the readings of one delivery as one record per (domain, sensor, site, metric).
+#: Metric names per record at most: a record's name table is a bitmask over one block of this
+#: many of the delivery's distinct metric names (a sensor reporting more spans several records).
+METRICS_PER_RECORD = 62
 
-    A stable sort by those codes gathers each series' readings in arrival order, whichever MQTT
+
+def build_records(batch: DecodedBatch, topic_prefix: str, codes: SeriesCodes | None = None) -> OutRecords:
+    """Encode the readings of one delivery as one record per (domain, sensor, site), all its
+    metrics in it.
+
+    A stable sort by those codes gathers each sensor's readings in arrival order, whichever MQTT
     messages they came in (a delivery's messages are acknowledged together, after Kafka has every
-    record). Records are few and hold many readings when gateways report often: the gateway
-    benchmark's 28 000 readings of 1 000 sensors per delivery become 1 000 records instead of
-    28 000, so the record framing, Kafka's and the processor's per-record work shrink with them.
-    No value is encoded one by one: each is three slices of one buffer, the cached header of its
-    (site, metric), its count, and its run of 18-byte rows (:func:`encode_rows`, in sorted order).
+    record). A fleet's report of 7 metrics is one record, not 7, and a gateway reporting often
+    puts many reports of a sensor in one: the record framing, Kafka's and the processor's
+    per-record work shrink with them. Each record's name table lists the metrics it holds (a
+    bitmask of the delivery's metric codes, so equal sets share one cached header) and each row
+    indexes it. No value is encoded one by one: each is three slices of one buffer, the header,
+    its count, and its run of 18-byte rows (:func:`encode_rows`, in sorted order).
     """
     r = batch.readings
     n = len(r)
@@ -104,41 +111,64 @@ def build_records(batch: DecodedBatch, topic_prefix: str, codes: SeriesCodes | N
         codes.sites,
     )
     metric, metrics = factorise(r.metric.tolist())
-    key = domain  # the series code: one int64 per reading
-    for column, size in ((sensor, len(sensors)), (site, len(sites)), (metric, len(metrics))):
+    block, bit = np.divmod(metric, METRICS_PER_RECORD)
+    blocks = len(metrics) // METRICS_PER_RECORD + 1
+    key = domain  # the record code: one int64 per reading
+    for column, size in ((sensor, len(sensors)), (site, len(sites)), (block, blocks)):
         if (int(key.max()) + 1) * size >= 2**62:  # too wide to extend (hostile input): renumber first
             key = distinct_codes(key)[1]
         key = key * size + column
     order, ordered = stable_sort(key)
     starts = group_starts(ordered)
     counts = np.diff(np.append(starts, n))
-    if (counts > MAX_READINGS_PER_RECORD).any():  # one chatty series: several records, in order
+    first = order[starts]  # each sensor's first (earliest) reading
+
+    # Each sensor's metric set as a bitmask; a row's index into its name table is the number of
+    # the set's bits below its own.
+    row_bit = bit[order]
+    row_mask = np.left_shift(np.int64(1), row_bit)
+    mask = np.bitwise_or.reduceat(row_mask, starts)
+    local = np.bitwise_count(np.repeat(mask, counts) & (row_mask - 1))
+    block_of = block[first]
+    _, mask_code = distinct_codes(mask)
+    place = site[first] * blocks + block_of
+    head_first, head_code = distinct_codes(mask_code * (int(place.max()) + 1) + place)
+    heads = [
+        value_header(
+            sites[site_of],
+            tuple(metrics[b * METRICS_PER_RECORD + j] for j in range(METRICS_PER_RECORD) if m >> j & 1),
+        )
+        for site_of, b, m in zip(
+            site[first[head_first]].tolist(), block_of[head_first].tolist(), mask[head_first].tolist(), strict=True
+        )
+    ]
+
+    if (counts > MAX_READINGS_PER_RECORD).any():  # one chatty sensor: several records, in order
         long = np.flatnonzero(counts > MAX_READINGS_PER_RECORD).tolist()
         extra = [
             np.arange(starts[i] + MAX_READINGS_PER_RECORD, starts[i] + counts[i], MAX_READINGS_PER_RECORD) for i in long
         ]
-        starts = np.sort(np.concatenate([starts, *extra]))
+        chunks = np.sort(np.concatenate([starts, *extra]))
+        head_code = head_code[np.searchsorted(starts, chunks, side="right") - 1]
+        starts = chunks
         counts = np.diff(np.append(starts, n))
-    first = order[starts]  # each record's first (earliest) reading
+        first = order[starts]
 
-    # The buffer: distinct keys | headers of the (site, metric) pairs | counts | rows.
+    # The buffer: distinct keys | headers | counts | rows.
     keys = [name.encode() for name in sensors]
     key_blob = b"".join(keys)
     key_start = np.cumsum([0] + [len(k) for k in keys[:-1]], dtype=np.int64)
-    pair = site[first] * len(metrics) + metric[first]
-    distinct_pairs, pair_code = np.unique(pair, return_inverse=True)
-    heads = [value_header(sites[p // len(metrics)], (metrics[p % len(metrics)],)) for p in distinct_pairs.tolist()]
     head_blob = b"".join(heads)
     head_start = len(key_blob) + np.cumsum([0] + [len(h) for h in heads[:-1]], dtype=np.int64)
     head_len = np.array([len(h) for h in heads], dtype=np.int64)
     count_bytes = counts.astype("<u4").view(np.uint8)
-    rows = encode_rows(r.ts_ns[order], r.value[order], r.flags[order])
+    rows = encode_rows(r.ts_ns[order], r.value[order], r.flags[order], local)
     count_base = len(key_blob) + len(head_blob)
     row_base = count_base + len(count_bytes)
     data = np.concatenate([np.frombuffer(key_blob + head_blob, np.uint8), count_bytes, rows.ravel()])
     width = rows.shape[1]
     value_parts = (
-        (head_start[pair_code], head_len[pair_code]),
+        (head_start[head_code], head_len[head_code]),
         (count_base + 4 * np.arange(len(starts), dtype=np.int64), np.full(len(starts), 4, dtype=np.int64)),
         (row_base + width * starts, width * counts),
     )

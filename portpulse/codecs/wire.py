@@ -1,8 +1,8 @@
 """The compact Kafka value encoding of readings (pure; version 1).
 
-The bridge writes one Kafka record per series (sensor, site, metric) and delivery: up to
-``MAX_READINGS_PER_RECORD`` readings (``portpulse.ingest.records``), from however many MQTT
-messages; the format itself allows several metrics per record. The record key is the sensor_id, the topic
+The bridge writes one Kafka record per sensor (and site) and delivery, with every metric it
+reported: up to ``MAX_READINGS_PER_RECORD`` readings (``portpulse.ingest.records``), from
+however many MQTT messages. The record key is the sensor_id, the topic
 ``portpulse.readings.{domain}`` gives the domain, and the header ``pp-v`` the encoding version
 (``b"1"``). Value layout, little-endian::
 
@@ -100,14 +100,18 @@ def encode_value(
 
 
 def encode_rows(
-    ts_ns: npt.NDArray[np.int64], value: npt.NDArray[np.float64], flags: npt.NDArray[np.uint8]
+    ts_ns: npt.NDArray[np.int64],
+    value: npt.NDArray[np.float64],
+    flags: npt.NDArray[np.uint8],
+    metric_index: npt.NDArray[np.integer] | int = 0,
 ) -> npt.NDArray[np.uint8]:
-    """The reading rows of :func:`encode_value` (metric index 0) as a byte matrix ``(n, 18)``: a
-    one-metric value is ``value_header(site, (metric,))``, its count as ``<u4``, then its rows."""
+    """The reading rows of :func:`encode_value` as a byte matrix ``(n, 18)``: a value is
+    ``value_header(site, metrics)``, its count as ``<u4``, then its rows (``metric_index``
+    into ``metrics``, per row or one for all)."""
     rows = np.empty(len(ts_ns), dtype=_RECORD)
     rows["ts_ns"] = ts_ns
     rows["value"] = value
-    rows["metric"] = 0
+    rows["metric"] = metric_index
     rows["flags"] = flags
     return rows.view(np.uint8).reshape(len(ts_ns), _RECORD.itemsize)
 

@@ -191,28 +191,28 @@ def test_records_group_by_message_and_sensor_and_dead_letters_keep_the_payload()
     messages = [Message("sensors/air/quai", good, NOW), Message("sensors/air/quai/s9", bad, NOW)]
     batch = decode_messages(messages, LIMITS)
     records = build_records(batch, "pp")
-    # One record per series (sensor, metric) of the delivery, its readings in arrival order.
+    # One record per sensor of the delivery, all its metrics in it, in arrival order.
     rows = records.records.as_tuples()
     assert [
         (topic, key, m, n) for (topic, key, _), m, n in zip(rows, records.message, records.readings, strict=True)
     ] == [
-        ("pp.readings.air", b"a", 0, 2),
-        ("pp.readings.air", b"a", 0, 1),
+        ("pp.readings.air", b"a", 0, 3),
         ("pp.readings.air", b"b", 0, 1),
     ]
     a = decode_value(rows[0][2])
-    assert a.metrics == ("no2",) and a.site == "quai" and a.value.tolist() == [1.0, 4.0]
-    assert a.ts_ns.tolist() == [NOW, NOW + 2 * 10**9]
-    pm25 = decode_value(rows[1][2])
-    assert pm25.metrics == ("pm25",) and pm25.value.tolist() == [2.0] and pm25.ts_ns.tolist() == [NOW]
-    # A series spread over several messages of one delivery is one record, in message order.
+    assert a.metrics == ("no2", "pm25") and a.site == "quai"
+    assert [a.metrics[i] for i in a.metric_index] == ["no2", "pm25", "no2"]
+    assert a.value.tolist() == [1.0, 2.0, 4.0] and a.ts_ns.tolist() == [NOW, NOW, NOW + 2 * 10**9]
+    b = decode_value(rows[1][2])
+    assert b.metrics == ("no2",) and b.value.tolist() == [3.0] and b.ts_ns.tolist() == [NOW + 10**9]
+    # A sensor spread over several messages of one delivery is one record, in message order.
     later = Message("sensors/air/quai", json.dumps({"readings": [{"sensor_id": "a", "ts": 1764000003,
                                                                   "metrics": {"no2": 5}}]}).encode(), NOW)  # fmt: skip
     merged = build_records(decode_messages([messages[0], later], LIMITS), "pp")
     first = decode_value(merged.records.as_tuples()[0][2])
-    assert merged.readings.tolist() == [3, 1, 1] and first.value.tolist() == [1.0, 4.0, 5.0]
-    assert first.ts_ns.tolist() == [NOW, NOW + 2 * 10**9, NOW + 3 * 10**9]
-    # However many readings a series brings, no record outgrows MAX_READINGS_PER_RECORD.
+    assert merged.readings.tolist() == [4, 1] and first.value.tolist() == [1.0, 2.0, 4.0, 5.0]
+    assert first.ts_ns.tolist() == [NOW, NOW, NOW + 2 * 10**9, NOW + 3 * 10**9]
+    # However many readings a sensor brings, no record outgrows MAX_READINGS_PER_RECORD.
     chatty = [{"sensor_id": "a", "ts": 1763990000 + k, "metrics": {"no2": k}} for k in range(10_000)]
     big = Message("sensors/air/quai", json.dumps({"readings": chatty}).encode(), NOW)
     split = build_records(decode_messages([big], DecodeLimits(max_payload_bytes=2**20)), "pp")
@@ -222,6 +222,70 @@ def test_records_group_by_message_and_sensor_and_dead_letters_keep_the_payload()
     assert [(i, letter.payload, letter.reason, letter.source) for i, letter in letters] == [
         (1, bad, "non_numeric_value", "sensors/air/quai/s9")
     ]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["air", "crane"]),
+            st.sampled_from(["a", "b", "c"]),
+            st.sampled_from(["quai", "gate"]),
+            st.integers(0, 69),  # metric names: more than one record's name table holds
+            st.integers(0, 2**62),
+            st.floats(allow_nan=False, width=64),
+        ),
+        max_size=60,
+    ),
+    st.sampled_from([0, 0, 0, 4500]),  # readings of one sensor beyond what a record holds
+)
+def test_records_hold_each_sensors_readings_in_arrival_order_one_record_per_name_table(
+    rows: list[tuple[str, str, str, int, int, float]], chatty: int
+) -> None:
+    """Against the readings themselves: per (domain, sensor, site) the records, read back one
+    value at a time, give exactly its readings in arrival order; one record per sensor unless
+    it reports more metrics than a name table holds or more readings than a record holds."""
+    from portpulse.contract.schema import ReadingColumns, str_array
+    from portpulse.ingest.decode import DecodedBatch
+    from portpulse.ingest.records import MAX_READINGS_PER_RECORD, METRICS_PER_RECORD
+
+    rows = rows + [("air", "a", "quai", 1, k, float(k)) for k in range(chatty)]
+    n = len(rows)
+    readings = ReadingColumns(
+        str_array([s for _, s, _, _, _, _ in rows]), str_array([w for _, _, w, _, _, _ in rows]),
+        str_array([d for d, _, _, _, _, _ in rows]), str_array([f"m{m}" for _, _, _, m, _, _ in rows]),
+        np.array([t for *_, t, _ in rows], dtype=np.int64), np.array([v for *_, v in rows]),
+        np.arange(n, dtype=np.uint8),
+    )  # fmt: skip
+    out = build_records(DecodedBatch(readings, np.arange(n, dtype=np.int64) // 7), "pp")
+    got: dict[tuple[str, str, str], list[tuple[str, int, float, int]]] = {}
+    records: dict[tuple[str, str, str], int] = {}
+    for (topic, key, value), count in zip(out.records.as_tuples(), out.readings.tolist(), strict=True):
+        one = decode_value(value)
+        assert len(one) == count <= MAX_READINGS_PER_RECORD and len(one.metrics) <= METRICS_PER_RECORD
+        sensor = (topic.removeprefix("pp.readings."), (key or b"").decode(), one.site)
+        records[sensor] = records.get(sensor, 0) + 1
+        names = [one.metrics[i] for i in one.metric_index.tolist()]
+        got.setdefault(sensor, []).extend(
+            zip(names, one.ts_ns.tolist(), one.value.tolist(), one.flags.tolist(), strict=True)
+        )
+    want: dict[tuple[str, str, str], list[tuple[str, int, float, int]]] = {}
+    for i, (d, s, w, m, t, v) in enumerate(rows):
+        want.setdefault((d, s, w), []).append((f"m{m}", t, v, i % 256))
+    # A name table holds one block of metric codes (first-seen order): within the sensor, the
+    # readings of one block keep their order, and blocks follow one another.
+    blocks = {
+        name: code // METRICS_PER_RECORD for code, name in enumerate(dict.fromkeys(f"m{m}" for *_, m, _, _ in rows))
+    }
+    for sensor, readings_of in want.items():
+        assert got[sensor] == sorted(readings_of, key=lambda x: blocks[x[0]]), sensor
+        names = {name for name, *_ in readings_of}
+        tables = len({blocks[name] for name in names})
+        assert records[sensor] == tables + sum(
+            -(-len([x for x in readings_of if blocks[x[0]] == b]) // MAX_READINGS_PER_RECORD) - 1
+            for b in {blocks[name] for name in names}
+        )
+    assert sorted(got) == sorted(want) and int(out.readings.sum()) == n
 
 
 @settings(max_examples=200, deadline=None)
