@@ -39,7 +39,9 @@ def no_leaked_threads() -> Iterator[None]:
 
 @pytest.fixture(autouse=True)
 async def no_leaked_tasks() -> AsyncIterator[None]:
-    """Fail a test that leaves asyncio tasks pending on its loop."""
+    """Fail a test that leaves asyncio tasks pending on its loop; then join the loop's default
+    executor (``asyncio.to_thread`` workers, aiokafka's name lookups), whose idle threads would
+    otherwise count as leaked."""
     yield
     me = asyncio.current_task()
     deadline = time.monotonic() + THREAD_GRACE_S
@@ -51,6 +53,7 @@ async def no_leaked_tasks() -> AsyncIterator[None]:
         for task in pending:
             task.cancel()
         pytest.fail(f"test left asyncio tasks pending: {[t.get_coro() for t in pending]}")
+    await asyncio.get_running_loop().shutdown_default_executor()
 
 
 @pytest.fixture

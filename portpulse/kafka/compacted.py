@@ -26,7 +26,8 @@ async def ensure_topics(kafka: KafkaSettings, topics: Iterable[str], horizon_s: 
     and :func:`topic_configs` (retention and cleanup by kind). With ``horizon_s`` (the correction
     horizon, s), check the retention of those that existed: a readings topic keeping less raises
     :class:`ConfigError`; a DLQ or late topic keeping less than configured is logged. Returns the
-    topics created (another client creating one at the same moment is fine)."""
+    topics this call created (another client creating one at the same moment is fine: that one
+    is not listed, so a bridge and a processor starting together log each topic once)."""
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
     from aiokafka.errors import TopicAlreadyExistsError, for_code
 
@@ -38,12 +39,16 @@ async def ensure_topics(kafka: KafkaSettings, topics: Iterable[str], horizon_s: 
         missing = sorted(wanted - existing)
         new = [NewTopic(t, kafka.partitions, kafka.replication_factor, topic_configs=topic_configs(t, kafka))
                for t in missing]  # fmt: skip
+        created: list[str] = []
         if new:
             with contextlib.suppress(TopicAlreadyExistsError):
                 response = await admin.create_topics(new)
                 for topic, code, *_ in response.topic_errors:
+                    if not code:
+                        created.append(topic)
+                        continue
                     error = for_code(code)
-                    if code and (refused := kafka_refused(kafka, error(), f"creating topic {topic}")) is not None:
+                    if (refused := kafka_refused(kafka, error(), f"creating topic {topic}")) is not None:
                         raise refused
         if horizon_s is not None and existing:
             for topic, retention_ms in (await _retentions(admin, sorted(existing))).items():
@@ -52,7 +57,7 @@ async def ensure_topics(kafka: KafkaSettings, topics: Iterable[str], horizon_s: 
                     raise ConfigError(problem)
                 if problem:
                     log.warning("%s", problem)
-        return missing
+        return sorted(created)
     finally:
         await admin.close()
 

@@ -136,10 +136,7 @@ async def dead_letters(kafka: KafkaEndpoint, topic: str, expect: int, timeout_s:
 async def test_a_rogue_gateway_minting_ids_is_held_to_its_budget_and_the_fleet_is_untouched(
     mqtt: MqttEndpoint, kafka: KafkaEndpoint, influx: InfluxEndpoint, influx_bucket: str, unique: str, tmp_path: Path
 ) -> None:
-    try:
-        await rogue_beside_fleet(mqtt, kafka, influx, influx_bucket, unique, tmp_path)
-    finally:
-        await asyncio.get_running_loop().shutdown_default_executor()  # the to_thread workers
+    await rogue_beside_fleet(mqtt, kafka, influx, influx_bucket, unique, tmp_path)
 
 
 async def rogue_beside_fleet(
@@ -253,10 +250,7 @@ CEILING, BUCKET_S = 500, 2  # readings/s per site, and the bucket in seconds of 
 async def test_a_site_over_its_rate_ceiling_is_dead_lettered_and_the_others_are_stored_exactly(
     mqtt: MqttEndpoint, kafka: KafkaEndpoint, influx: InfluxEndpoint, influx_bucket: str, unique: str, tmp_path: Path
 ) -> None:
-    try:
-        await flood_beside_fleet(mqtt, kafka, influx, influx_bucket, unique, tmp_path)
-    finally:
-        await asyncio.get_running_loop().shutdown_default_executor()  # the to_thread workers
+    await flood_beside_fleet(mqtt, kafka, influx, influx_bucket, unique, tmp_path)
 
 
 async def flood_beside_fleet(

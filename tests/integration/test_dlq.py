@@ -50,10 +50,7 @@ def stored_raw(influx: InfluxEndpoint, bucket: str) -> list[tuple[str, str, floa
 async def test_dead_letters_are_summarised_shown_and_replayed_once_the_cause_is_fixed(
     mqtt: MqttEndpoint, kafka: KafkaEndpoint, influx: InfluxEndpoint, influx_bucket: str, unique: str, tmp_path: Path
 ) -> None:
-    try:
-        await summarise_show_replay(mqtt, kafka, influx, influx_bucket, unique, tmp_path)
-    finally:
-        await asyncio.get_running_loop().shutdown_default_executor()  # the to_thread workers
+    await summarise_show_replay(mqtt, kafka, influx, influx_bucket, unique, tmp_path)
 
 
 async def summarise_show_replay(

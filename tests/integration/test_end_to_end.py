@@ -100,8 +100,6 @@ async def running_pipeline(settings: Settings, options: ProcessorOptions) -> Asy
     finally:
         stop.set()
         await asyncio.wait_for(task, 90)
-        # to_thread's worker threads outlive the test otherwise (the leak guard counts them).
-        await asyncio.get_running_loop().shutdown_default_executor()
 
 
 def stream(unique: str, sensors: int, seconds: float, faults: dict[str, float]) -> StreamConfig:

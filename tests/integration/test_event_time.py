@@ -187,7 +187,6 @@ async def test_aggregates_equal_a_batch_computation_over_the_raw_points_under_sk
         assert await pipeline.stop() == 0, pipeline.log.read_text()[-3000:]
     finally:
         await pipeline.stop()
-        await asyncio.get_running_loop().shutdown_default_executor()
     raw = raw_frame(influx, influx_bucket, "air")
     got_raw = {(s, int(ts), f): float(v) for ts, s, f, v in raw.itertuples(index=False)}
     assert got_raw == {k: v for k, v in sent.items() if v >= 0}, "raw points differ from what was sent"

@@ -245,7 +245,6 @@ async def test_no_acknowledged_reading_is_lost(
         if publisher.is_alive():
             publisher.join(300)
         await pipeline.stop()
-        await asyncio.get_running_loop().shutdown_default_executor()
 
     lost = readings - raw
     records = await consume(kafka, topics, expect=len(messages), timeout_s=60, idle_s=2)

@@ -18,7 +18,6 @@ import os
 import subprocess
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,13 +78,6 @@ class Broker:
     @property
     def service(self) -> str:
         return SERVICE_NAME[self.name]
-
-
-@pytest.fixture(autouse=True)
-async def threads_joined() -> AsyncIterator[None]:
-    """The tests wait for blocking things (publishing, polls) in the loop's executor: join it."""
-    yield
-    await asyncio.get_running_loop().shutdown_default_executor()
 
 
 @pytest.fixture(scope="session")

@@ -61,10 +61,7 @@ def widened_catalogue(path: Path) -> Path:
 async def test_reprocess_after_a_catalogue_change_stores_the_rejected_readings_once(
     mqtt: MqttEndpoint, kafka: KafkaEndpoint, influx: InfluxEndpoint, influx_bucket: str, unique: str, tmp_path: Path
 ) -> None:
-    try:
-        await widen_and_reprocess(mqtt, kafka, influx, influx_bucket, unique, tmp_path)
-    finally:
-        await asyncio.get_running_loop().shutdown_default_executor()  # the to_thread workers
+    await widen_and_reprocess(mqtt, kafka, influx, influx_bucket, unique, tmp_path)
 
 
 async def widen_and_reprocess(

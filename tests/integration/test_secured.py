@@ -83,10 +83,7 @@ def influx_rows(secured: SecuredServices, q: str) -> list[list[Any]]:
 async def test_every_hop_secured_delivers_exactly_and_keeps_its_secrets(
     secured: SecuredServices, unique: str, tmp_path: Path
 ) -> None:
-    try:
-        await deliver_secured(secured, unique, tmp_path)
-    finally:
-        await asyncio.get_running_loop().shutdown_default_executor()  # the to_thread workers
+    await deliver_secured(secured, unique, tmp_path)
 
 
 async def deliver_secured(secured: SecuredServices, unique: str, tmp_path: Path) -> None:
@@ -259,10 +256,7 @@ REFUSALS = {
 async def test_a_refusing_hop_stops_start_up_with_one_clear_error(
     secured: SecuredServices, unique: str, tmp_path: Path, case: str
 ) -> None:
-    try:
-        await refused(secured, unique, tmp_path, case)
-    finally:
-        await asyncio.get_running_loop().shutdown_default_executor()  # the to_thread workers
+    await refused(secured, unique, tmp_path, case)
 
 
 async def refused(secured: SecuredServices, unique: str, tmp_path: Path, case: str) -> None:
@@ -305,10 +299,7 @@ async def refused(secured: SecuredServices, unique: str, tmp_path: Path, case: s
 async def test_client_certificates_replaced_on_disk_are_used_on_the_next_reconnect(
     secured: SecuredServices, unique: str, tmp_path: Path
 ) -> None:
-    try:
-        await rotate(secured, unique, tmp_path)
-    finally:
-        await asyncio.get_running_loop().shutdown_default_executor()  # the to_thread workers
+    await rotate(secured, unique, tmp_path)
 
 
 async def rotate(secured: SecuredServices, unique: str, tmp_path: Path) -> None:
@@ -378,10 +369,7 @@ def restart_secured_mqtt() -> None:
 async def test_kafka_plain_over_tls_creates_topics_and_takes_records(secured: SecuredServices, unique: str) -> None:
     """SASL PLAIN (user portpulse-plain) on the same SASL_SSL listener: what the pipeline does
     first, creating its topics and producing, works; the record is read back as written."""
-    try:
-        await plain_over_tls(secured, unique)
-    finally:
-        await asyncio.get_running_loop().shutdown_default_executor()  # aiokafka's name lookups
+    await plain_over_tls(secured, unique)
 
 
 async def plain_over_tls(secured: SecuredServices, unique: str) -> None:

@@ -119,12 +119,9 @@ class RetainedState:
 async def test_a_pysparkplug_edge_node_is_stored_exactly_and_its_death_seen(
     mqtt: MqttEndpoint, kafka: KafkaEndpoint, influx: InfluxEndpoint, influx_bucket: str, unique: str, tmp_path: Path
 ) -> None:
-    try:
-        await _a_pysparkplug_edge_node_is_stored_exactly_and_its_death_seen(
-            mqtt, kafka, influx, influx_bucket, unique, tmp_path
-        )
-    finally:
-        await asyncio.get_running_loop().shutdown_default_executor()  # the to_thread workers
+    await _a_pysparkplug_edge_node_is_stored_exactly_and_its_death_seen(
+        mqtt, kafka, influx, influx_bucket, unique, tmp_path
+    )
 
 
 async def _a_pysparkplug_edge_node_is_stored_exactly_and_its_death_seen(
@@ -223,12 +220,9 @@ def simulate(env: dict[str, str], manifest: Path, *args: str) -> subprocess.Pope
 async def test_simulated_cranes_with_gaps_an_outage_and_a_bridge_restart_lose_nothing(
     mqtt: MqttEndpoint, kafka: KafkaEndpoint, influx: InfluxEndpoint, influx_bucket: str, unique: str, tmp_path: Path
 ) -> None:
-    try:
-        await _simulated_cranes_with_gaps_an_outage_and_a_bridge_restart_lose_nothing(
-            mqtt, kafka, influx, influx_bucket, unique, tmp_path
-        )
-    finally:
-        await asyncio.get_running_loop().shutdown_default_executor()  # the to_thread workers
+    await _simulated_cranes_with_gaps_an_outage_and_a_bridge_restart_lose_nothing(
+        mqtt, kafka, influx, influx_bucket, unique, tmp_path
+    )
 
 
 async def _simulated_cranes_with_gaps_an_outage_and_a_bridge_restart_lose_nothing(

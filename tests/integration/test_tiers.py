@@ -55,10 +55,7 @@ def measurements(influx: InfluxEndpoint, bucket: str) -> set[str]:
 async def test_each_tier_has_its_retention_policy_and_query_finds_it(
     mqtt: MqttEndpoint, kafka: KafkaEndpoint, influx: InfluxEndpoint, influx_bucket: str, unique: str, tmp_path: Path
 ) -> None:
-    try:
-        await check_tiers(mqtt, kafka, influx, influx_bucket, unique, tmp_path)
-    finally:
-        await asyncio.get_running_loop().shutdown_default_executor()  # the to_thread workers
+    await check_tiers(mqtt, kafka, influx, influx_bucket, unique, tmp_path)
 
 
 async def check_tiers(

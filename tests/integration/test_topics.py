@@ -35,10 +35,7 @@ async def topic_settings(kafka: KafkaEndpoint, topics: list[str]) -> dict[str, d
 async def test_topics_are_created_with_their_retention_and_a_short_readings_retention_stops_start_up(
     mqtt: MqttEndpoint, kafka: KafkaEndpoint, influx: InfluxEndpoint, influx_bucket: str, unique: str, tmp_path: Path
 ) -> None:
-    try:
-        await check_topics(mqtt, kafka, influx, influx_bucket, unique, tmp_path)
-    finally:
-        await asyncio.get_running_loop().shutdown_default_executor()  # the to_thread workers
+    await check_topics(mqtt, kafka, influx, influx_bucket, unique, tmp_path)
 
 
 async def check_topics(
@@ -84,3 +81,18 @@ async def check_topics(
             "correction horizon of 7 days (ingest.max_past_s)"
         ) in done.stderr, done.stderr[-2000:]
         assert f"--entity-name {other}.readings.air --add-config retention.ms={8 * DAY_MS}" in done.stderr
+
+
+async def test_clients_creating_the_same_topics_at_once_each_report_only_their_own(
+    kafka: KafkaEndpoint, unique: str
+) -> None:
+    """A bridge and a processor starting together both create the pipeline's topics: every
+    topic is reported created by exactly one of them (one log line per topic)."""
+    from portpulse.contract.settings import KafkaSettings
+    from portpulse.kafka.compacted import ensure_topics
+
+    settings = KafkaSettings(bootstrap_servers=kafka.bootstrap_servers, topic_prefix=unique)
+    topics = [f"{unique}.readings.d{k}" for k in range(6)]
+    reports = await asyncio.gather(*[ensure_topics(settings, topics) for _ in range(3)])
+    assert sorted(t for report in reports for t in report) == topics
+    assert await ensure_topics(settings, topics) == []  # they all exist now

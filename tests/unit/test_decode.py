@@ -279,11 +279,9 @@ def test_records_hold_each_sensors_readings_in_arrival_order_one_record_per_name
     }
     for sensor, readings_of in want.items():
         assert got[sensor] == sorted(readings_of, key=lambda x: blocks[x[0]]), sensor
-        names = {name for name, *_ in readings_of}
-        tables = len({blocks[name] for name in names})
-        assert records[sensor] == tables + sum(
-            -(-len([x for x in readings_of if blocks[x[0]] == b]) // MAX_READINGS_PER_RECORD) - 1
-            for b in {blocks[name] for name in names}
+        sensor_blocks = {blocks[name] for name, *_ in readings_of}
+        assert records[sensor] == len(sensor_blocks) + sum(
+            -(-len([x for x in readings_of if blocks[x[0]] == b]) // MAX_READINGS_PER_RECORD) - 1 for b in sensor_blocks
         )
     assert sorted(got) == sorted(want) and int(out.readings.sum()) == n
 
