@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.bench_pipeline import Influx, Pipeline
-from benchmarks.common import SERVICES, CpuBudget, publish, service_env, stop_process
+from benchmarks.common import SERVICES, CpuBudget, publish, service_env, stop_process, wait_until_quiet
 from portpulse.simulators.fleet import DOMAIN_METRICS
 
 SENSORS = 1000
@@ -250,6 +250,7 @@ def run_fleet(env: dict[str, str], exe: Path, peer: str, fmt: str, sensors: int,
     # value doubled on the next run), which would land on whichever pipeline runs next.
     for action in ("down", "up"):
         subprocess.run([str(SERVICES), action, "influx"], check=True, capture_output=True)
+    wait_until_quiet()
     if peer == "telegraf":
         pipe: Any = Telegraf(exe, env, f"tg{uuid.uuid4().hex[:8]}")
         pids = {"telegraf bridge": pipe.procs[0].pid, "telegraf processor": pipe.procs[1].pid}

@@ -59,6 +59,20 @@ class CpuBudget:
         return self.used
 
 
+def wait_until_quiet(max_share: float = 0.1, window_s: float = 2.0, timeout_s: float = 120.0) -> float:
+    """Wait (bounded) until the local services together use at most ``max_share`` of one core
+    over ``window_s``: a restarted InfluxDB loads its shards and a broker settles, and a run
+    started meanwhile measures their start-up, not the load. Returns the seconds waited."""
+    started = time.monotonic()
+    budget = CpuBudget({})
+    while time.monotonic() - started < timeout_s:
+        budget.start()
+        time.sleep(window_s)
+        if sum(budget.stop().values()) <= max_share * window_s:
+            break
+    return time.monotonic() - started
+
+
 def stop_process(proc: subprocess.Popen[bytes], timeout_s: float = 60.0) -> None:
     """SIGTERM (PortPulse drains and commits), SIGKILL if it has not exited within ``timeout_s``."""
     if proc.poll() is None:
