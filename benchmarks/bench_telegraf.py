@@ -276,9 +276,12 @@ def run_fleet(env: dict[str, str], exe: Path, peer: str, fmt: str, sensors: int,
         elapsed = time.monotonic() - started
         cpu = budget.stop()
         stored = fleet_stored(pipe.influx, rejected_too) - 1  # the warm-up reading
+        # What a disturbed run shows first: windows recomputed from the store (read-backs).
+        totals = pipe.totals() if peer == "portpulse" else {}
+        work = {k: totals[k] for k in ("rejected", "repeated", "windows_corrected") if k in totals}
         return {"peer": peer, "format": fmt, "reports": reports, "readings": values, "stored": stored,
                 "elapsed_s": elapsed, "readings_per_s": values / elapsed, "event_s_per_wall_s": seconds / elapsed,
-                "cpu_us": {k: v / values * 1e6 for k, v in cpu.items()}}  # fmt: skip
+                "cpu_us": {k: v / values * 1e6 for k, v in cpu.items()}, "pipeline": work}  # fmt: skip
     finally:
         pipe.stop()
 
@@ -307,7 +310,10 @@ def fleet_loads(env: dict[str, str], exe: Path, runs: int, sensors: int, seconds
         for _ in range(runs):
             for peer in peers:
                 rows[peer].append(run_fleet(env, exe, peer, fmt, sensors, seconds))
-                print(f"  ({peer}, {fmt}: {rows[peer][-1]['readings_per_s']:,.0f} values/s)", flush=True)
+                last = rows[peer][-1]
+                work = ", ".join(f"{k} {v:,.0f}" for k, v in last["pipeline"].items())
+                print(f"  ({peer}, {fmt}: {last['readings_per_s']:,.0f} values/s{'; ' + work if work else ''})",
+                      flush=True)  # fmt: skip
         results[load] = {peer: {"runs": r, **summary(r)} for peer, r in rows.items()}
         first = rows[peers[0]][0]
         print(f"fleet, {load}: {sensors:,} sensors x {seconds:g} s = {first['reports']:,} reports, "
