@@ -463,6 +463,8 @@ class Processor:
                 PROCESSOR_METRICS.consumer_lag.remove(tp.topic, str(tp.partition))
 
     async def _assigned(self, assigned: Any) -> None:
+        from aiokafka.errors import IllegalStateError
+
         async with self._lock:
             k = self._settings.kafka
             try:
@@ -484,9 +486,13 @@ class Processor:
                     # Nobody has committed since we last did: whoever held it in between (if
                     # anyone) read the same records and wrote the same points, so our state is
                     # still the group's; go on from where it stands instead of replaying.
-                    self._consumer.seek(tp, self.engine.next_offset(pid))
-                    resumed.append(tp)
-                    continue
+                    try:
+                        self._consumer.seek(tp, self.engine.next_offset(pid))
+                    except IllegalStateError:  # reassigned again meanwhile: replay, as below
+                        pass
+                    else:
+                        resumed.append(tp)
+                        continue
                 # Consumption restarts at the committed offset: any state of ours is stale.
                 self._forget(pid)
                 if entry is not None:
