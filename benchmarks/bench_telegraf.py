@@ -255,9 +255,7 @@ def run_fleet(env: dict[str, str], exe: Path, peer: str, fmt: str, sensors: int,
         pipe: Any = Telegraf(exe, env, f"tg{uuid.uuid4().hex[:8]}")
         pids = {"telegraf bridge": pipe.procs[0].pid, "telegraf processor": pipe.procs[1].pid}
     else:
-        budgets = {f"PORTPULSE_ADMISSION__{k}": "0" for k in
-                   ("SITE_NEW_PER_HOUR", "SITE_NEW_PER_DAY", "DOMAIN_NEW_PER_HOUR", "DOMAIN_NEW_PER_DAY")}  # fmt: skip
-        pipe = Pipeline(env, "portpulse", settings=budgets,
+        pipe = Pipeline(env, "portpulse",
                         processor_args=["--windows", "1m", "--lateness", "2", "--idle-timeout", "5"])  # fmt: skip
         pids = {"portpulse run": pipe.procs[0].pid}
     rejected_too = peer == "portpulse"
