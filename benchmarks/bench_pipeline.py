@@ -169,9 +169,7 @@ class Pipeline:
         return total
 
     def stop(self) -> None:
-        for proc in self.procs:
-            proc.terminate()
-        for proc in self.procs:
+        for proc in self.procs:  # one SIGTERM each: a second one stops PortPulse without draining
             stop_process(proc)
         self.log.close()
         self.influx.query(f'DROP DATABASE "{self.prefix}"')
