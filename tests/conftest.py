@@ -38,10 +38,11 @@ def no_leaked_threads() -> Iterator[None]:
 
 
 @pytest.fixture(autouse=True)
-async def no_leaked_tasks() -> AsyncIterator[None]:
+async def no_leaked_tasks(no_leaked_threads: None) -> AsyncIterator[None]:
     """Fail a test that leaves asyncio tasks pending on its loop; then join the loop's default
     executor (``asyncio.to_thread`` workers, aiokafka's name lookups), whose idle threads would
-    otherwise count as leaked."""
+    otherwise count as leaked. It requests ``no_leaked_threads`` so that the thread check is torn
+    down after this join (async fixtures are otherwise finalised after the sync ones)."""
     yield
     me = asyncio.current_task()
     deadline = time.monotonic() + THREAD_GRACE_S
