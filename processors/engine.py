@@ -322,13 +322,20 @@ class ProcessorEngine:
 
     def _point_arrays(self) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
         """Each series' point and each point's domain code, as arrays (extended when series were added)."""
-        if len(self._series_point_array) != len(self._series_point):
-            self._series_point_array = np.array(self._series_point, dtype=np.int64)
-        if len(self._point_domain_array) != len(self._point_key):
-            codes = [self._domain_codes.setdefault(domain, len(self._domain_codes)) for domain, _, _ in self._point_key]
-            self._point_domain_array = np.array(codes, dtype=np.int64)
-            self._point_sensor_array = str_array([sensor for _, sensor, _ in self._point_key])
-            self._point_site_array = str_array([site for _, _, site in self._point_key])
+        # Only the new entries are appended: a fleet's first minutes add series every step, and
+        # reused slots are kept current where they are reused (_register, _point_of).
+        have = len(self._series_point_array)
+        if have != len(self._series_point):
+            new_points = np.array(self._series_point[have:], dtype=np.int64)
+            self._series_point_array = np.concatenate([self._series_point_array, new_points])
+        have = len(self._point_domain_array)
+        if have != len(self._point_key):
+            added = self._point_key[have:]
+            codes = [self._domain_codes.setdefault(domain, len(self._domain_codes)) for domain, _, _ in added]
+            self._point_domain_array = np.concatenate([self._point_domain_array, np.array(codes, dtype=np.int64)])
+            self._point_sensor_array = np.concatenate([self._point_sensor_array,
+                                                       str_array([sensor for _, sensor, _ in added])])  # fmt: skip
+            self._point_site_array = np.concatenate([self._point_site_array, str_array([site for _, _, site in added])])
         return self._series_point_array, self._point_domain_array
 
     def _limits(self) -> _Limits:

@@ -295,18 +295,18 @@ async def test_a_new_domain_topic_mid_stream_resumes_partitions_from_memory(kafk
         stop.set()
         stats = await asyncio.wait_for(task, 60)
     # every air partition with records consumed before the rebalance came back from memory
-    air_partitions = len({hash_partition(sensor, 4) for sensor, *_ in rows[:200]})
+    air_partitions = len({hash_partition(sensor.encode(), 4) for sensor, *_ in rows[:200]})
     assert stats.resumed == air_partitions
     # replaying from the commit would have handed the engine records it had already read
     assert stats.replayed == 0 and stats.readings == len(rows)
     assert_windows_equal(windows_of(sink.shared), expected)
 
 
-def hash_partition(key: str, partitions: int) -> int:
+def hash_partition(key: bytes, partitions: int) -> int:
     """The partition Kafka's default partitioner gives ``key``."""
     from aiokafka.partitioner import murmur2
 
-    return int(murmur2(key.encode()) & 0x7FFFFFFF) % partitions
+    return int(murmur2(key) & 0x7FFFFFFF) % partitions
 
 
 @pytest.mark.parametrize("compression", ["lz4", "zstd", None])
@@ -365,7 +365,6 @@ async def test_columns_written_by_portpulse_arrive_in_key_order_on_murmur2_parti
     producer) through the real broker: split into many small batches, every record arrives once,
     each key on the partition Kafka's own clients would choose, in the order it was sent."""
     from aiokafka import AIOKafkaConsumer
-    from aiokafka.partitioner import murmur2
 
     from portpulse.codecs.recordbatch import OutgoingRecords, encode_headers
     from portpulse.kafka import BatchSender, start_producer
@@ -405,6 +404,6 @@ async def test_columns_written_by_portpulse_arrive_in_key_order_on_murmur2_parti
     assert {tuple(tuple(h) for h in r.headers) for r in got} == {(("pp-v", b"1"),)}
     for k, key in enumerate(keys):
         mine = [r for r in got if r.key == key]
-        assert {r.partition for r in mine} == {(murmur2(key) & 0x7FFFFFFF) % 3}
+        assert {r.partition for r in mine} == {hash_partition(key, 3)}
         assert [r.value for r in mine] == [values[i] for i in range(3000) if key_of[i] == k]
     assert sorted(r.value for r in got if r.key is None) == sorted(values[i] for i in range(3000) if key_of[i] < 0)
