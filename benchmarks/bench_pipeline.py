@@ -110,7 +110,8 @@ class Pipeline:
         self.log = open(Path(tempfile.gettempdir()) / f"{self.prefix}.log", "wb")  # noqa: SIM115 (closed in stop)
         self.ops: list[int] = []
         self.procs: list[subprocess.Popen[bytes]] = []
-        commands = [[args[0], *(processor_args if processor_args is not None else args[1:])]
+        # ``processor_args`` replace the processor's arguments (``run`` or ``process``), not the bridge's.
+        commands = [[args[0], *(processor_args if processor_args is not None and args[0] != "bridge" else args[1:])]
                     for args in TOPOLOGIES[topology]]  # fmt: skip
         for args in commands:
             port = free_port()

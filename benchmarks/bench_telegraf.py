@@ -9,10 +9,11 @@ telegraf``: once, cached) and runs the equivalent pipeline as its users would, t
 - processor: ``inputs.kafka_consumer`` -> ``aggregators.basicstats`` (60 s windows, a grace for
   readings behind the clock, raw points kept) -> ``outputs.influxdb``
 
-with batch sizes and buffers raised so that it drops nothing. PortPulse is ``portpulse run``
-with 1 minute windows. Both get the same bytes: InfluxDB line protocol published at QoS 1 by one
-pipelined publisher, one metric per line (the loads below), each pipeline in turn, ``--runs``
-times. The figures: wall time from the first publish until InfluxDB holds every raw value
+with batch sizes and buffers raised so that it drops nothing. PortPulse runs with 1 minute
+windows in two topologies: ``portpulse run`` (bridge, processor and sink on one event loop, one
+process) and ``portpulse bridge`` + ``portpulse process`` (two processes, like Telegraf's two
+agents). All get the same bytes: InfluxDB line protocol published at QoS 1 by one pipelined
+publisher, one metric per line (the loads below), each pipeline in turn, ``--runs`` times. The figures: wall time from the first publish until InfluxDB holds every raw value
 (stored = published is checked for both), CPU per reading of every process from /proc.
 
 Loads: ``--messages`` single-line messages from 1 000 sensors; ``--batches`` messages of 100
@@ -20,7 +21,7 @@ lines. Event time: each sensor reports once a second, ending about now.
 
 Fleet loads (``--fleet-sensors``, 0 to skip): the simulators' air, crane and cell fleets, every
 sensor reporting its 6-7 metrics once a second for ``--fleet-seconds`` of event time, as line
-protocol gateway batches of 100 reports (both pipelines), JSON gateway batches and JSON single
+protocol gateway batches of 100 reports (every peer), JSON gateway batches and JSON single
 reports (PortPulse; Telegraf would need a json_v2 mapping per domain). Event time is *paced*:
 the fleet is large enough that one second of its event time is about as many values as the
 pipelines store per second of wall time, so windows close and aggregates are written at about
@@ -41,7 +42,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from benchmarks.bench_pipeline import Influx, Pipeline
+from benchmarks.bench_pipeline import TOPOLOGIES, Influx, Pipeline
 from benchmarks.common import SERVICES, CpuBudget, publish, service_env, stop_process, wait_until_quiet
 from portpulse.simulators.fleet import DOMAIN_METRICS
 
@@ -158,18 +159,35 @@ def wait_for(condition: Any, timeout_s: float, what: str, every_s: float = 0.5) 
     raise SystemExit(f"not {what} within {timeout_s:.0f} s")
 
 
+#: The peers: Telegraf's two agents, and PortPulse as ``portpulse run`` (bridge, processor and sink
+#: on one event loop: one process, one core) or as ``portpulse bridge`` + ``portpulse process``
+#: (two processes, as Telegraf's two agents: each gets a core).
+PEER_NAMES = {
+    "telegraf": "Telegraf 1.37.2",
+    "portpulse": "PortPulse run",
+    "portpulse-split": "PortPulse bridge+process",
+}
+PORTPULSE_TOPOLOGY = {"portpulse": "run", "portpulse-split": "split"}
+PORTPULSE_PEERS = tuple(PORTPULSE_TOPOLOGY)
+
+
+def start_peer(env: dict[str, str], exe: Path, peer: str) -> tuple[Any, dict[str, int]]:
+    """``peer`` running on this run's topic, group and database, and its processes' pids by name."""
+    if peer == "telegraf":
+        tg = Telegraf(exe, env, f"tg{uuid.uuid4().hex[:8]}")
+        return tg, {"telegraf bridge": tg.procs[0].pid, "telegraf processor": tg.procs[1].pid}
+    topology = PORTPULSE_TOPOLOGY[peer]
+    pipe = Pipeline(env, peer, topology, processor_args=["--windows", "1m", "--lateness", "2", "--idle-timeout", "5"])
+    names = [f"portpulse {args[0]}" for args in TOPOLOGIES[topology]]
+    return pipe, {name: proc.pid for name, proc in zip(names, pipe.procs, strict=True)}
+
+
 def run_once(env: dict[str, str], exe: Path, peer: str, n: int, per_message: int) -> dict[str, Any]:
     """One pipeline, one load: values/s from the first publish until stored = published."""
     host, port = env["PORTPULSE_MQTT__HOST"], int(env["PORTPULSE_MQTT__PORT"])
     t0_ms = int(time.time() * 1000) - (n * per_message // SENSORS + 120) * 1000
-    if peer == "telegraf":
-        pipe: Any = Telegraf(exe, env, f"tg{uuid.uuid4().hex[:8]}")
-        pids = {"telegraf bridge": pipe.procs[0].pid, "telegraf processor": pipe.procs[1].pid}
-        measurement = "air"
-    else:
-        pipe = Pipeline(env, "portpulse", processor_args=["--windows", "1m", "--lateness", "2", "--idle-timeout", "5"])
-        pids = {"portpulse run": pipe.procs[0].pid}
-        measurement = "air"
+    pipe, pids = start_peer(env, exe, peer)
+    measurement = "air"
     try:
         # warm-up: connected, subscribed, topics made, first write done
         warm = lines(pipe.prefix, 1, 1, t0_ms - 1000)
@@ -251,14 +269,8 @@ def run_fleet(env: dict[str, str], exe: Path, peer: str, fmt: str, sensors: int,
     for action in ("down", "up"):
         subprocess.run([str(SERVICES), action, "influx"], check=True, capture_output=True)
     wait_until_quiet()
-    if peer == "telegraf":
-        pipe: Any = Telegraf(exe, env, f"tg{uuid.uuid4().hex[:8]}")
-        pids = {"telegraf bridge": pipe.procs[0].pid, "telegraf processor": pipe.procs[1].pid}
-    else:
-        pipe = Pipeline(env, "portpulse",
-                        processor_args=["--windows", "1m", "--lateness", "2", "--idle-timeout", "5"])  # fmt: skip
-        pids = {"portpulse run": pipe.procs[0].pid}
-    rejected_too = peer == "portpulse"
+    pipe, pids = start_peer(env, exe, peer)
+    rejected_too = peer != "telegraf"
     try:
         warm = lines(pipe.prefix, 1, 1, time.time_ns() // 10**6 - int(seconds + 60) * 1000)
         wait_for(lambda: _try_publish(host, port, warm) and pipe.influx.count("air", "no2") >= 1, 180, "warm")
@@ -275,7 +287,7 @@ def run_fleet(env: dict[str, str], exe: Path, peer: str, fmt: str, sensors: int,
         cpu = budget.stop()
         stored = fleet_stored(pipe.influx, rejected_too) - 1  # the warm-up reading
         # What a disturbed run shows first: windows recomputed from the store (read-backs).
-        totals = pipe.totals() if peer == "portpulse" else {}
+        totals = pipe.totals() if peer != "telegraf" else {}
         work = {k: totals[k] for k in ("rejected", "repeated", "windows_corrected") if k in totals}
         return {"peer": peer, "format": fmt, "reports": reports, "readings": values, "stored": stored,
                 "elapsed_s": elapsed, "readings_per_s": values / elapsed, "event_s_per_wall_s": seconds / elapsed,
@@ -294,9 +306,9 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 FLEET_LOADS = (  # (name, simulator format, peers)
-    ("line protocol, batches of 100 reports", "line", ("telegraf", "portpulse")),
-    ("JSON gateway batches of 100 reports", "json-batch", ("portpulse",)),
-    ("JSON single reports", "json", ("portpulse",)),
+    ("line protocol, batches of 100 reports", "line", ("telegraf", *PORTPULSE_PEERS)),
+    ("JSON gateway batches of 100 reports", "json-batch", PORTPULSE_PEERS),
+    ("JSON single reports", "json", PORTPULSE_PEERS),
 )
 
 
@@ -319,17 +331,15 @@ def fleet_loads(env: dict[str, str], exe: Path, runs: int, sensors: int, seconds
         for peer in peers:
             s = results[load][peer]
             pace = statistics.median(r["event_s_per_wall_s"] for r in rows[peer])
-            print(f"  {PEER_NAMES[peer]:16} {s['median_readings_per_s']:>10,.0f} values/s "
+            print(f"  {PEER_NAMES[peer]:24} {s['median_readings_per_s']:>10,.0f} values/s "
                   f"({s['min']:,.0f}-{s['max']:,.0f}); "
                   f"CPU us/value: pipeline {s['pipeline_cpu_us']:.2f}, all processes {s['all_cpu_us']:.2f} "
                   f"({_by_process(rows[peer])}); event time {pace:.2f} s per wall s; "
                   f"stored = published: {s['stored_equals_published']}")  # fmt: skip
-        if len(peers) == 2:
-            _print_ratio(results[load]["telegraf"], results[load]["portpulse"])
+        if "telegraf" in peers:
+            for peer in PORTPULSE_PEERS:
+                _print_ratio(peer, results[load]["telegraf"], results[load][peer])
     return results
-
-
-PEER_NAMES = {"telegraf": "Telegraf 1.37.2", "portpulse": "PortPulse"}
 
 
 def _by_process(rows: list[dict[str, Any]]) -> str:
@@ -337,8 +347,8 @@ def _by_process(rows: list[dict[str, Any]]) -> str:
     return ", ".join(f"{k} {statistics.median(r['cpu_us'][k] for r in rows):.2f}" for k in names)
 
 
-def _print_ratio(t: dict[str, Any], p: dict[str, Any]) -> None:
-    print(f"  ratio: wall {p['median_readings_per_s'] / t['median_readings_per_s']:.2f}x, "
+def _print_ratio(peer: str, t: dict[str, Any], p: dict[str, Any]) -> None:
+    print(f"  {PEER_NAMES[peer]} / Telegraf: wall {p['median_readings_per_s'] / t['median_readings_per_s']:.2f}x, "
           f"pipeline CPU {t['pipeline_cpu_us'] / p['pipeline_cpu_us']:.2f}x less, "
           f"all CPU {t['all_cpu_us'] / p['all_cpu_us']:.2f}x less")  # fmt: skip
 
@@ -360,18 +370,19 @@ def main() -> None:
     for load, n, per_message in (("singles", args.messages, 1), ("batches of 100", args.batches, 100)):
         if n == 0:
             continue
-        rows: dict[str, list[dict[str, Any]]] = {"telegraf": [], "portpulse": []}
+        rows: dict[str, list[dict[str, Any]]] = {peer: [] for peer in PEER_NAMES}
         for _ in range(args.runs):
-            for peer in ("telegraf", "portpulse"):  # alternating: the machine's drift falls on both
+            for peer in PEER_NAMES:  # alternating: the machine's drift falls on every peer
                 rows[peer].append(run_once(env, exe, peer, n, per_message))
         results[load] = {peer: {"runs": r, **summary(r)} for peer, r in rows.items()}
-        t, p = results[load]["telegraf"], results[load]["portpulse"]
         print(f"{load}: {n * per_message:,} readings, {args.runs} alternating runs each (medians, ranges)")
-        for peer, s in (("Telegraf 1.37.2", t), ("PortPulse", p)):
-            print(f"  {peer:16} {s['median_readings_per_s']:>10,.0f} readings/s ({s['min']:,.0f}-{s['max']:,.0f}); "
-                  f"CPU us/reading: pipeline {s['pipeline_cpu_us']:.1f}, all processes {s['all_cpu_us']:.1f}; "
+        for peer, s in results[load].items():
+            print(f"  {PEER_NAMES[peer]:24} {s['median_readings_per_s']:>10,.0f} readings/s "
+                  f"({s['min']:,.0f}-{s['max']:,.0f}); CPU us/reading: pipeline {s['pipeline_cpu_us']:.1f}, "
+                  f"all processes {s['all_cpu_us']:.1f}; "
                   f"stored = published: {s['stored_equals_published']}")  # fmt: skip
-        _print_ratio(t, p)
+        for peer in PORTPULSE_PEERS:
+            _print_ratio(peer, results[load]["telegraf"], results[load][peer])
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 
