@@ -13,8 +13,9 @@ with batch sizes and buffers raised so that it drops nothing. PortPulse runs wit
 windows in two topologies: ``portpulse run`` (bridge, processor and sink on one event loop, one
 process) and ``portpulse bridge`` + ``portpulse process`` (two processes, like Telegraf's two
 agents). All get the same bytes: InfluxDB line protocol published at QoS 1 by one pipelined
-publisher, one metric per line (the loads below), each pipeline in turn, ``--runs`` times. The figures: wall time from the first publish until InfluxDB holds every raw value
-(stored = published is checked for both), CPU per reading of every process from /proc.
+publisher, one metric per line (the loads below), each pipeline in turn, ``--runs`` times. The
+figures: wall time from the first publish until InfluxDB holds every raw value (stored =
+published is checked for every peer), CPU per reading of every process from /proc.
 
 Loads: ``--messages`` single-line messages from 1 000 sensors; ``--batches`` messages of 100
 lines. Event time: each sensor reports once a second, ending about now.

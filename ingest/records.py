@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from portpulse.arrays import distinct_codes, factorise, group_starts, stable_sort
+from portpulse.arrays import distinct_codes, factorise, factorise_column, group_starts, stable_sort
 from portpulse.codecs.recordbatch import OutgoingRecords, encode_headers
 from portpulse.codecs.wire import VERSION_HEADER, encode_rows, value_header
 from portpulse.contract.deadletter import DeadLetter
@@ -58,9 +58,9 @@ class SeriesCodes:
 
     @classmethod
     def of(cls, readings: ReadingColumns) -> SeriesCodes:
-        domain, domains = factorise(readings.domain.tolist())
-        sensor, sensors = factorise(readings.sensor_id.tolist())
-        site, sites = factorise(readings.site.tolist())
+        domain, domains = factorise_column(readings.domain)
+        sensor, sensors = factorise_column(readings.sensor_id)
+        site, sites = factorise_column(readings.site)
         return cls(domain, domains, sensor, sensors, site, sites)
 
     def take(self, index: npt.NDArray[np.bool_] | npt.NDArray[np.int64]) -> SeriesCodes:

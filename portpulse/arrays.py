@@ -8,7 +8,15 @@ from typing import TypeVar
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["distinct_codes", "factorise", "group_starts", "pair_lines", "stable_order", "stable_sort"]
+__all__ = [
+    "distinct_codes",
+    "factorise",
+    "factorise_column",
+    "group_starts",
+    "pair_lines",
+    "stable_order",
+    "stable_sort",
+]
 
 H = TypeVar("H", bound=Hashable)
 
@@ -21,6 +29,21 @@ def factorise(items: Sequence[H]) -> tuple[npt.NDArray[np.int64], list[H]]:
         return np.zeros(len(items), dtype=np.int64), [items[0]]
     table = {item: code for code, item in enumerate(dict.fromkeys(items))}
     return np.fromiter(map(table.__getitem__, items), dtype=np.int64, count=len(items)), list(table)
+
+
+def factorise_column(column: npt.NDArray[np.object_]) -> tuple[npt.NDArray[np.int64], list[object]]:
+    """:func:`factorise` of an object array ``(n,)``. Where equal items come in runs (a report's
+    metrics share its sensor, site and domain) each run is hashed once: comparing neighbours (an
+    identity check for the decoder's shared name objects) costs less than hashing every item."""
+    n = len(column)
+    if n < 4:
+        return factorise(column.tolist())
+    starts = np.flatnonzero(column[1:] != column[:-1]) + 1
+    if len(starts) * 2 > n:  # mostly runs of one: hash every item
+        return factorise(column.tolist())
+    starts = np.concatenate(([0], starts))
+    codes, distinct = factorise(column[starts].tolist())
+    return np.repeat(codes, np.diff(np.append(starts, n))), distinct
 
 
 def stable_order(key: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:

@@ -339,6 +339,18 @@ def test_factorise_codes_index_the_distinct_items_in_first_seen_order(items: lis
     assert [distinct[c] for c in codes.tolist()] == items and codes.dtype == np.int64
 
 
+@given(st.lists(st.tuples(st.sampled_from(["a", "b", "c", "dd", ""]), st.integers(1, 9)), max_size=30))
+def test_factorise_column_of_runs_equals_factorise_of_every_item(runs: list[tuple[str, int]]) -> None:
+    from portpulse.arrays import factorise, factorise_column
+
+    items = [name for name, length in runs for _ in range(length)]
+    fresh = np.array(["".join(list(s)) for s in items], dtype=object)  # equal, not identical: compared by value
+    codes, distinct = factorise_column(fresh)
+    assert distinct == list(dict.fromkeys(items))
+    assert [distinct[c] for c in codes.tolist()] == items and codes.dtype == np.int64
+    assert factorise(items)[0].tolist() == codes.tolist()
+
+
 def test_late_records_are_json_with_every_field_and_never_fail_on_odd_values() -> None:
     import json
 
