@@ -36,7 +36,7 @@ from typing import NamedTuple
 import numpy as np
 import numpy.typing as npt
 
-from portpulse.arrays import distinct_codes, factorise, group_starts, pair_lines, stable_order
+from portpulse.arrays import distinct_codes, group_starts, pair_lines, stable_order
 from portpulse.contract.catalogue import Catalogue, MetricSpec
 from portpulse.contract.points import Categorical, PointColumns, SeriesRange, StoredReadings
 from portpulse.contract.schema import str_array
@@ -226,6 +226,11 @@ class ProcessorEngine:
         self._series_sensor: list[str] = []
         self._series_site: list[str] = []
         self._series_metric: list[str] = []
+        # Each series' metric as a code into _metric_names (a list, and an array extended lazily).
+        self._metric_codes: dict[str, int] = {}
+        self._metric_names: list[str] = []
+        self._series_metric_code: list[int] = []
+        self._series_metric_array = np.empty(0, dtype=np.int64)
         self._lo: list[float] = []
         self._hi: list[float] = []
         self._rate: list[float] = []
@@ -277,12 +282,19 @@ class ProcessorEngine:
         if known is not None:
             return known
         point = self._point_of(domain, sensor, site)
+        metric_code = self._metric_codes.get(base)
+        if metric_code is None:
+            metric_code = self._metric_codes[base] = len(self._metric_names)
+            self._metric_names.append(base)
         limits = (spec.min if spec else -np.inf, spec.max if spec else np.inf,
                   spec.max_rate_per_s if spec else np.inf, _spike_floor(spec))  # fmt: skip
         if self._free:  # a slot an evicted series left: its arrays were reset then
             sid = self._free.pop()
             self._series_domain[sid], self._series_sensor[sid], self._series_site[sid] = domain, sensor, site
             self._series_metric[sid], self._series_point[sid] = base, point
+            self._series_metric_code[sid] = metric_code
+            if sid < len(self._series_metric_array):
+                self._series_metric_array[sid] = metric_code
             for column, limit in zip((self._lo, self._hi, self._rate, self._floor), limits, strict=True):
                 column[sid] = limit
             if self._limit_arrays is not None and sid < len(self._limit_arrays[0]):
@@ -296,6 +308,7 @@ class ProcessorEngine:
             self._series_sensor.append(sensor)
             self._series_site.append(site)
             self._series_metric.append(base)
+            self._series_metric_code.append(metric_code)
             for column, limit in zip((self._lo, self._hi, self._rate, self._floor), limits, strict=True):
                 column.append(limit)
             self._series_point.append(point)
@@ -744,13 +757,15 @@ class ProcessorEngine:
 
     def _by_metric(self, series: npt.NDArray[np.int64]) -> Iterable[tuple[str, npt.NDArray[np.int64]]]:
         """The metrics of ``series`` ``(n,)`` (one domain's) and the positions of each."""
-        uniq, inverse = np.unique(series, return_inverse=True)
-        codes, metrics = factorise([self._series_metric[sid] for sid in uniq.tolist()])
-        metric = codes[inverse.reshape(-1)]
+        have = len(self._series_metric_array)
+        if have != len(self._series_metric_code):  # series added since: append theirs
+            added = np.array(self._series_metric_code[have:], dtype=np.int64)
+            self._series_metric_array = np.concatenate([self._series_metric_array, added])
+        metric = self._series_metric_array[series]
         order = stable_order(metric)
         starts = group_starts(metric[order])
         for begin, end in zip(starts.tolist(), np.append(starts[1:], len(order)).tolist(), strict=True):
-            yield metrics[int(metric[order[begin]])], order[begin:end]
+            yield self._metric_names[int(metric[order[begin]])], order[begin:end]
 
     def _point_tags(self, point: npt.NDArray[np.int64]) -> dict[str, npt.NDArray[np.object_] | Categorical]:
         """The ``sensor_id`` and ``site`` tags of lines of ``point`` ``(k,)``."""
