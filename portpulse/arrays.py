@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -31,7 +31,7 @@ def factorise(items: Sequence[H]) -> tuple[npt.NDArray[np.int64], list[H]]:
     return np.fromiter(map(table.__getitem__, items), dtype=np.int64, count=len(items)), list(table)
 
 
-def factorise_column(column: npt.NDArray[np.object_]) -> tuple[npt.NDArray[np.int64], list[object]]:
+def factorise_column(column: npt.NDArray[np.object_]) -> tuple[npt.NDArray[np.int64], list[Any]]:
     """:func:`factorise` of an object array ``(n,)``. Where equal items come in runs (a report's
     metrics share its sensor, site and domain) each run is hashed once: comparing neighbours (an
     identity check for the decoder's shared name objects) costs less than hashing every item."""
