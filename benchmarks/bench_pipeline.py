@@ -12,7 +12,10 @@ both. For single-reading messages and for gateway batches of 100 readings it mea
 * throughput: N messages published at QoS 1 as fast as the broker takes them; readings/s from
   the first publish until the pipeline has processed all of them and its sink queue is empty
   (then the raw point count in InfluxDB is checked: every reading stored exactly once);
-* latency: at ``--latency-load`` (0.8) of that rate (from ``--latency-sensors`` sensors, 1000 as
+* saturation: the highest rate the pipeline *sustains* (15 s of live load from the latency
+  run's sensors, at most 1 s of it unprocessed when the publisher is done), searched down from
+  the throughput (a burst drained) in steps of 15 %;
+* latency: at ``--latency-load`` (0.8) of the saturation rate (from ``--latency-sensors`` sensors, 1000 as
   in the throughput run; every sensor reports once before the clock starts, since a running port's series exist in
   InfluxDB already), probe readings with unique sensor ids are published every 0.25 s and
   InfluxDB is polled (InfluxQL, every 20 ms) until each is queryable; p50/p99 of publish ->
@@ -275,6 +278,67 @@ def warm_up(run: Pipeline, host: str, port: int, ts_ms: int) -> None:
     run.wait(lambda: run.influx.count("air", "no2") >= 1, 120, "warmed up")
 
 
+def roster(run: Pipeline, host: str, port: int, sensors: int, batch: int) -> float:
+    """Warm ``run`` up, then every sensor once before the clock starts: a running port's series
+    exist in InfluxDB already, and creating tens of thousands of new series (about 10 k/s here)
+    would otherwise be what is measured. Returns the roster's time (s), reported apart."""
+    warm_up(run, host, port, int(time.time() * 1000) - 1_000)
+    started = time.monotonic()
+    messages = payloads(run.prefix, -(-sensors // batch), batch, int(time.time() * 1000) - 1_000, sensors=sensors)
+    publish(host, port, messages, 1)
+    stored = len(messages) * batch + 1  # and the warm-up reading
+    run.wait(lambda: run.influx.count("air", "no2") >= stored, 600, f"{stored} roster readings stored")
+    return time.monotonic() - started
+
+
+def live_payloads(prefix: str, n: int, batch: int, sensors: int, step_ms: int) -> list[tuple[str, bytes]]:
+    """:func:`payloads` whose event time starts when they are returned, like live gateways: stamped
+    from a moment far enough ahead to build them, then waited for. (Stamped "now" and published
+    seconds later, a load runs behind the wall clock and the processor sends much of it to the
+    late topic.)"""
+    sample_s = time.monotonic()
+    payloads(prefix, max(1, n // 50), batch, 0, sensors=sensors, step_ms=step_ms)
+    start_ms = int(time.time() * 1000) + int(1000 * (1.0 + 1.5 * 50 * (time.monotonic() - sample_s)))
+    load = payloads(prefix, n, batch, start_ms, sensors=sensors, step_ms=step_ms)
+    time.sleep(max(0.0, start_ms / 1000 - time.time()))
+    return load
+
+
+#: How long a rate must be kept up to count as sustained (s).
+SATURATION_S = 15.0
+
+
+def sustained_rate(
+    env: dict[str, str], burst_msgs: float, batch: int, topology: str, sensors: int, tries: int = 6
+) -> dict[str, Any]:
+    """The saturation rate: the highest message rate the pipeline keeps up with for
+    :data:`SATURATION_S` of live load (event time keeping pace with the wall clock, ``sensors`` sensors whose series
+    exist), searched downwards from the burst-drain rate ``burst_msgs`` in steps of 15 %. Keeping
+    up: when the publisher has sent the load, at most one second of it is not processed yet."""
+    run = Pipeline(env, f"saturation batch={batch}", topology)
+    host, port = env["PORTPULSE_MQTT__HOST"], int(env["PORTPULSE_MQTT__PORT"])
+    try:
+        roster(run, host, port, sensors, batch)
+        steps: list[dict[str, float]] = []
+        rate = burst_msgs
+        for _ in range(tries):
+            n = max(1, int(rate * SATURATION_S))
+            step_ms = max(1, round(1000 * sensors / (rate * batch)))
+            load = live_payloads(run.prefix, n, batch, sensors, step_ms)
+            before = run.totals().get("processed", 0.0)
+            publish_s = publish(host, port, load, 1, rate)
+            behind = n * batch - (run.totals().get("processed", 0.0) - before)
+            steps.append({"rate_msgs_per_s": rate, "published_msgs_per_s": n / publish_s,
+                          "behind_readings": behind, "behind_s": behind / (rate * batch)})  # fmt: skip
+            run.wait(lambda: run.totals().get("processed", 0.0) - before >= n * batch, 600, "caught up")  # noqa: B023
+            if behind <= rate * batch:
+                return {"rate_msgs_per_s": rate, "readings_per_s": rate * batch, "steps": steps}
+            rate *= 0.85
+        return {"rate_msgs_per_s": None, "readings_per_s": None, "steps": steps}
+    finally:
+        run.stop()
+
+
 def latency(
     env: dict[str, str], rate_msgs: float, batch: int, seconds: float, topology: str, sensors: int = 0
 ) -> dict[str, Any]:
@@ -288,24 +352,8 @@ def latency(
         # and the probes' (stamped "now"), so nothing is late and windows close as they would.
         sensors = sensors or max(1, int(rate_msgs * batch))
         step_ms = max(1, round(1000 * sensors / (rate_msgs * batch)))
-        warm_up(run, host, port, int(time.time() * 1000) - 1_000)
-        # Every sensor once before the clock starts: a running port's series exist in InfluxDB
-        # already, and creating tens of thousands of new series (about 10 k/s here) would
-        # otherwise be what the probes wait for. Reported apart as the roster's time.
-        roster_s = time.monotonic()
-        roster = payloads(run.prefix, -(-sensors // batch), batch, int(time.time() * 1000) - 1_000, sensors=sensors)
-        publish(host, port, roster, 1)
-        stored = len(roster) * batch + 1  # and the warm-up reading
-        run.wait(lambda: run.influx.count("air", "no2") >= stored, 600, f"{stored} roster readings stored")
-        roster_s = time.monotonic() - roster_s
-        # The load's event time starts when its publishing does: stamped from a moment far enough
-        # ahead to build it, then waited for. (Stamped "now" and published seconds later, the load
-        # ran behind the probes' clock and the processor sent much of it to the late topic.)
-        sample_s = time.monotonic()
-        payloads(run.prefix, max(1, n // 50), batch, 0, sensors=sensors, step_ms=step_ms)
-        start_ms = int(time.time() * 1000) + int(1000 * (1.0 + 1.5 * 50 * (time.monotonic() - sample_s)))
-        load = payloads(run.prefix, n, batch, start_ms, sensors=sensors, step_ms=step_ms)
-        time.sleep(max(0.0, start_ms / 1000 - time.time()))
+        roster_s = roster(run, host, port, sensors, batch)
+        load = live_payloads(run.prefix, n, batch, sensors, step_ms)
         late_before = run.totals().get("late", 0.0)
         loader = threading.Thread(target=publish, args=(host, port, load, 1, rate_msgs), daemon=True)
         sent: dict[str, float] = {}
@@ -407,7 +455,15 @@ def main() -> None:
             + f"; all together {sum(cpu.values()) / seconds:.2f} of {os.cpu_count()} cores busy",
             flush=True,
         )
-        rate = max(1.0, args.latency_load * t["messages_per_s"])
+        sensors = args.latency_sensors or 1000
+        sat = sustained_rate(env, t["messages_per_s"], batch, args.topology, sensors)
+        steps = "; ".join(
+            f"{st['rate_msgs_per_s'] * batch:,.0f}/s: {st['behind_s']:.1f} s behind" for st in sat["steps"]
+        )
+        print(f"{name:9} saturation (sustained {SATURATION_S:.0f} s, at most 1 s behind): "
+              f"{sat['readings_per_s'] or 0:,.0f} readings/s ({steps})", flush=True)  # fmt: skip
+        base = sat["rate_msgs_per_s"] or min(st["rate_msgs_per_s"] for st in sat["steps"])
+        rate = max(1.0, args.latency_load * base)
         lat = latency(env, rate, batch, args.latency_seconds, args.topology, args.latency_sensors)
         print(
             f"{name:9} latency at {lat.get('load_readings_per_s', 0):,.0f} readings/s: "
@@ -418,7 +474,8 @@ def main() -> None:
             flush=True,
         )
         results[name] = {
-            "throughput": t, "latency": lat, "target_readings_per_s": target, "topology": args.topology,
+            "throughput": t, "saturation": sat, "latency": lat, "target_readings_per_s": target,
+            "topology": args.topology,
         }  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
