@@ -173,6 +173,11 @@ def main() -> None:
             summary.append(
                 f"| end to end ({deployment}), {label}: readings/s | {t['readings_per_s']:,.0f} | >= {target:,} |"
             )
+            sustained = pipe[name].get("saturation", {}).get("readings_per_s")
+            summary.append(
+                f"| end to end ({deployment}), {label}: saturation (the rate sustained 15 s) | "
+                f"{f'{sustained:,.0f}' if sustained else 'none of the rates tried'} | - |"
+            )
             summary.append(
                 f"| end to end ({deployment}), {label}: p50 / p99 publish -> queryable at "
                 f"{lat.get('load_readings_per_s', 0):,.0f}/s | {lat.get('p50_ms', float('nan')):.0f} / "
