@@ -38,12 +38,14 @@ def reference_clean(
     hist: Hist,
     k_sigma: float,
     window: int = W,
+    kept: int | None = None,
 ) -> tuple[list[int], Hist, set[tuple[int, int, int]]]:
     """One batch, exactly as documented: checks 1-3 one reading at a time in (series, ts, arrival)
     order; then every reading that passed them, and every history reading with one of them among
     the ``window`` readings before it, is judged against the ``window`` readings before it in
     event time (history and batch). Returns the reasons, the history (the ``window`` newest) and
-    the history readings whose verdict changed (series, ts, new verdict)."""
+    the history readings whose verdict changed (series, ts, new verdict). The history holds the
+    ``kept`` newest (default ``window``): the engine keeps a slack beyond the window."""
     hist = {s: list(h) for s, h in hist.items()}
     order = sorted(range(len(readings)), key=lambda i: (readings[i][0], readings[i][1], i))
     reasons = [OK] * len(readings)
@@ -86,7 +88,7 @@ def reference_clean(
                 flips.add((s, t, verdict))
             judged.append((t, v, verdict))
         hist[s] = judged
-    return reasons, {s: h[-window:] for s, h in hist.items()}, flips
+    return reasons, {s: h[-(kept or window) :] for s, h in hist.items()}, flips
 
 
 values = st.one_of(
@@ -101,16 +103,20 @@ values = st.one_of(
         st.lists(st.tuples(st.integers(0, 3), st.integers(0, 40), values), max_size=40), min_size=1, max_size=3
     ),
     window=st.sampled_from([W, 7, 2]),
+    slack=st.sampled_from([0, 0, 3, 8]),
 )
-def test_clean_equals_reference(batches: list[list[tuple[int, int, float]]], window: int) -> None:
+def test_clean_equals_reference(batches: list[list[tuple[int, int, float]]], window: int, slack: int) -> None:
     k = 4
     lo, hi = [0.0, -10.0, 0.0, -math.inf], [100.0, 50.0, 100.0, math.inf]
     rate, floor = [5.0, 1e9, 20.0, math.inf], [1.0, 0.5, 2.0, 0.0]
-    history = History.empty(k, window)
+    # The engine's shape: a history ``slack`` readings longer than the Hampel window.
+    history = History.empty(k, window + slack)
     ref_hist: Hist = {}
     for batch in batches:
         readings = [(s, t * 1_000_000_000, v) for s, t, v in batch]
-        expected, ref_hist, flips = reference_clean(readings, lo, hi, rate, floor, ref_hist, 4.0, window)
+        expected, ref_hist, flips = reference_clean(
+            readings, lo, hi, rate, floor, ref_hist, 4.0, window, kept=window + slack
+        )
         got, history, rejudged = clean(
             np.array([r[0] for r in readings], dtype=np.int64),
             np.array([r[1] for r in readings], dtype=np.int64),
@@ -120,6 +126,7 @@ def test_clean_equals_reference(batches: list[list[tuple[int, int, float]]], win
             np.array(rate),
             np.array(floor),
             history,
+            window=window,
         )
         assert got.tolist() == expected
         assert set(zip(rejudged.series.tolist(), rejudged.ts_ns.tolist(), rejudged.verdict.tolist(),
