@@ -13,8 +13,8 @@ both. For single-reading messages and for gateway batches of 100 readings it mea
   the first publish until the pipeline has processed all of them and its sink queue is empty
   (then the raw point count in InfluxDB is checked: every reading stored exactly once);
 * saturation: the highest rate the pipeline *sustains* (15 s of live load from the latency
-  run's sensors, at most 1 s of it not yet queryable in InfluxDB when the publisher is done), searched down from
-  the throughput (a burst drained) in steps of 15 %;
+  run's sensors, 1000 when that is 0; at most 1 s of it not yet queryable in InfluxDB when the
+  publisher is done), searched down from the throughput (a burst drained) in steps of 15 %;
 * latency: at ``--latency-load`` (0.8) of the saturation rate (from ``--latency-sensors`` sensors, 1000 as
   in the throughput run; every sensor reports once before the clock starts, since a running port's series exist in
   InfluxDB already), probe readings with unique sensor ids are published every 0.25 s and
@@ -290,11 +290,13 @@ def roster(run: Pipeline, host: str, port: int, sensors: int, batch: int) -> flo
     return time.monotonic() - started
 
 
-def live_payloads(prefix: str, n: int, batch: int, sensors: int, step_ms: int) -> list[tuple[str, bytes]]:
-    """:func:`payloads` whose event time starts when they are returned, like live gateways: stamped
-    from a moment far enough ahead to build them, then waited for. (Stamped "now" and published
-    seconds later, a load runs behind the wall clock and the processor sends much of it to the
-    late topic.)"""
+def live_payloads(prefix: str, n: int, batch: int, sensors: int, rate_msgs: float) -> list[tuple[str, bytes]]:
+    """:func:`payloads` to publish at ``rate_msgs`` messages/s (each of ``sensors`` sensors
+    reporting at the pace that gives), whose event time starts when they are returned, like live
+    gateways: stamped from a moment far enough ahead to build them, then waited for. (Stamped
+    "now" and published seconds later, a load runs behind the wall clock and the processor sends
+    much of it to the late topic.)"""
+    step_ms = max(1, round(1000 * sensors / (rate_msgs * batch)))
     sample_s = time.monotonic()
     payloads(prefix, max(1, n // 50), batch, 0, sensors=sensors, step_ms=step_ms)
     start_ms = int(time.time() * 1000) + int(1000 * (1.0 + 1.5 * 50 * (time.monotonic() - sample_s)))
@@ -317,8 +319,8 @@ def sustained_rate(
     env: dict[str, str], burst_msgs: float, batch: int, topology: str, sensors: int, tries: int = 6
 ) -> dict[str, Any]:
     """The saturation rate: the highest message rate the pipeline keeps up with for
-    :data:`SATURATION_S` of live load (event time keeping pace with the wall clock, ``sensors`` sensors whose series
-    exist), searched downwards from the burst-drain rate ``burst_msgs`` in steps of 15 %. Keeping
+    :data:`SATURATION_S` of live load (event time keeping pace with the wall clock, ``sensors``
+    sensors whose series exist), searched downwards from the burst-drain rate ``burst_msgs`` in steps of 15 %. Keeping
     up: when the publisher has sent the load, at most one second of it is not queryable in
     InfluxDB yet."""
     run = Pipeline(env, f"saturation batch={batch}", topology)
@@ -329,8 +331,7 @@ def sustained_rate(
         rate = burst_msgs
         for _ in range(tries):
             n = max(1, int(rate * SATURATION_S))
-            step_ms = max(1, round(1000 * sensors / (rate * batch)))
-            load = live_payloads(run.prefix, n, batch, sensors, step_ms)
+            load = live_payloads(run.prefix, n, batch, sensors, rate)
             before, stored_before = run.totals().get("processed", 0.0), run.influx.count("air", "no2")
             publish_s = publish(host, port, load, 1, rate)
             # Behind: readings not queryable yet (a processor keeping up in front of a sink that
@@ -362,9 +363,8 @@ def latency(
         # Live event time, like real gateways: the load's timestamps keep pace with the wall clock
         # and the probes' (stamped "now"), so nothing is late and windows close as they would.
         sensors = sensors or max(1, int(rate_msgs * batch))
-        step_ms = max(1, round(1000 * sensors / (rate_msgs * batch)))
         roster_s = roster(run, host, port, sensors, batch)
-        load = live_payloads(run.prefix, n, batch, sensors, step_ms)
+        load = live_payloads(run.prefix, n, batch, sensors, rate_msgs)
         late_before = run.totals().get("late", 0.0)
         loader = threading.Thread(target=publish, args=(host, port, load, 1, rate_msgs), daemon=True)
         sent: dict[str, float] = {}

@@ -226,10 +226,9 @@ class ProcessorEngine:
         self._series_sensor: list[str] = []
         self._series_site: list[str] = []
         self._series_metric: list[str] = []
-        # Each series' metric as a code into _metric_names (a list, and an array extended lazily).
+        # Each series' metric as a code into _metric_names, as an array (extended in _by_metric).
         self._metric_codes: dict[str, int] = {}
         self._metric_names: list[str] = []
-        self._series_metric_code: list[int] = []
         self._series_metric_array = np.empty(0, dtype=np.int64)
         self._lo: list[float] = []
         self._hi: list[float] = []
@@ -282,9 +281,8 @@ class ProcessorEngine:
         if known is not None:
             return known
         point = self._point_of(domain, sensor, site)
-        metric_code = self._metric_codes.get(base)
-        if metric_code is None:
-            metric_code = self._metric_codes[base] = len(self._metric_names)
+        if base not in self._metric_codes:
+            self._metric_codes[base] = len(self._metric_names)
             self._metric_names.append(base)
         limits = (spec.min if spec else -np.inf, spec.max if spec else np.inf,
                   spec.max_rate_per_s if spec else np.inf, _spike_floor(spec))  # fmt: skip
@@ -292,9 +290,8 @@ class ProcessorEngine:
             sid = self._free.pop()
             self._series_domain[sid], self._series_sensor[sid], self._series_site[sid] = domain, sensor, site
             self._series_metric[sid], self._series_point[sid] = base, point
-            self._series_metric_code[sid] = metric_code
             if sid < len(self._series_metric_array):
-                self._series_metric_array[sid] = metric_code
+                self._series_metric_array[sid] = self._metric_codes[base]
             for column, limit in zip((self._lo, self._hi, self._rate, self._floor), limits, strict=True):
                 column[sid] = limit
             if self._limit_arrays is not None and sid < len(self._limit_arrays[0]):
@@ -308,7 +305,6 @@ class ProcessorEngine:
             self._series_sensor.append(sensor)
             self._series_site.append(site)
             self._series_metric.append(base)
-            self._series_metric_code.append(metric_code)
             for column, limit in zip((self._lo, self._hi, self._rate, self._floor), limits, strict=True):
                 column.append(limit)
             self._series_point.append(point)
@@ -758,8 +754,8 @@ class ProcessorEngine:
     def _by_metric(self, series: npt.NDArray[np.int64]) -> Iterable[tuple[str, npt.NDArray[np.int64]]]:
         """The metrics of ``series`` ``(n,)`` (one domain's) and the positions of each."""
         have = len(self._series_metric_array)
-        if have != len(self._series_metric_code):  # series added since: append theirs
-            added = np.array(self._series_metric_code[have:], dtype=np.int64)
+        if have != len(self._series_metric):  # series added since: append theirs
+            added = np.fromiter(map(self._metric_codes.__getitem__, self._series_metric[have:]), dtype=np.int64)
             self._series_metric_array = np.concatenate([self._series_metric_array, added])
         metric = self._series_metric_array[series]
         order = stable_order(metric)
