@@ -27,16 +27,16 @@ recomputed from the store when it closes instead of from memory, which is exact 
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable, Iterator
 from dataclasses import dataclass, field
-from operator import itemgetter
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
-from portpulse.arrays import distinct_codes, group_starts, pair_lines, stable_order
+from portpulse.arrays import distinct_codes, factorise_column, group_starts, pair_lines, stable_order
 from portpulse.contract.catalogue import Catalogue, MetricSpec
 from portpulse.contract.points import Categorical, PointColumns, SeriesRange, StoredReadings
 from portpulse.contract.schema import str_array
@@ -58,6 +58,7 @@ __all__ = [
     "Deferred",
     "EngineOutput",
     "EngineSettings",
+    "KeyCodes",
     "LateReading",
     "PartitionPosition",
     "ProcessorEngine",
@@ -67,6 +68,7 @@ __all__ = [
 
 _NEG = np.iinfo(np.int64).min
 _POS = np.iinfo(np.int64).max
+_K = TypeVar("_K", bound=Hashable)
 _Limits = tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64]]
 
 
@@ -117,6 +119,26 @@ class Readings:
         e = np.empty(0, dtype=object)
         i = np.empty(0, dtype=np.int64)
         return Readings(e, e, e, e, i, np.empty(0, dtype=np.float64), i, i)
+
+
+class KeyCodes(NamedTuple):
+    """Labels of the readings' series keys, int64 ``(n,)`` each: readings with equal ``source``
+    have equal (domain, sensor_id, site), readings with equal ``metric`` the same metric name.
+    Unequal labels may still name equal keys. A decoder knows them cheaply (a Kafka key, a
+    value's header); :meth:`of` computes them from the columns."""
+
+    source: npt.NDArray[np.int64]
+    metric: npt.NDArray[np.int64]
+
+    def take(self, rows: npt.NDArray[np.int64] | npt.NDArray[np.bool_]) -> KeyCodes:
+        return KeyCodes(self.source[rows], self.metric[rows])
+
+    @staticmethod
+    def of(r: Readings) -> KeyCodes:
+        domain, _ = factorise_column(r.domain)
+        sensor, sensors = factorise_column(r.sensor_id)
+        site, sites = factorise_column(r.site)
+        return KeyCodes((domain * len(sensors) + sensor) * len(sites) + site, factorise_column(r.metric)[0])
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,8 +257,16 @@ class ProcessorEngine:
         self._rate: list[float] = []
         self._floor: list[float] = []
         self._limit_arrays: _Limits | None = None
-        # (domain, sensor, site, metric as sent) -> (series id, unit factor): resolved once.
-        self._resolved: dict[tuple[str, str, str, str], tuple[int, float]] = {}
+        # Each (domain, sensor, site, metric as sent) is resolved once to its series id and unit
+        # factor. Sources (domain, sensor, site) and metric names get ids; the resolved keys
+        # (source id << 32 | metric id) are kept sorted, so a step finds its readings' series with
+        # one searchsorted, and Python runs per distinct source only.
+        self._source_ids: dict[tuple[str, str, str], int] = {}
+        self._metric_ids: dict[str, int] = {}
+        self._fresh_ids = itertools.count()
+        self._resolved_key = np.empty(0, dtype=np.int64)
+        self._resolved_series = np.empty(0, dtype=np.int64)
+        self._resolved_factor = np.empty(0, dtype=np.float64)
         # Stored points: one per (domain, sensor, site) and instant, holding every metric of that
         # sensor as a field. The point of each series, and how many live series each point has.
         self._points: dict[tuple[str, str, str], int] = {}
@@ -370,42 +400,52 @@ class ProcessorEngine:
             self._arrival = np.concatenate([self._arrival, np.full(more, -np.inf)])
             self._closed = np.hstack([self._closed, np.full((len(self._s.windows), more), _NEG, dtype=np.int64)])
 
-    def _series_ids(
-        self, r: Readings, key_code: npt.NDArray[np.int64] | None
-    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
-        """Series id and unit factor of every reading ``(n,)``: Python work per distinct key only.
-        ``key_code`` (optional, int64 ``(n,)``): readings with equal codes have equal (domain,
-        sensor_id, site, metric); it spares building a key tuple per reading."""
-        if key_code is not None:
-            first, codes = distinct_codes(key_code)
-            distinct = list(zip(*(getattr(r, f)[first].tolist() for f in ("domain", "sensor_id", "site", "metric")),
-                                strict=True))  # fmt: skip
-        else:
-            keys = list(zip(r.domain.tolist(), r.sensor_id.tolist(), r.site.tolist(), r.metric.tolist(), strict=True))
-            distinct = list(dict.fromkeys(keys))
-            position = {key: j for j, key in enumerate(distinct)}
-            codes = np.fromiter(map(position.__getitem__, keys), dtype=np.int64, count=len(keys))
-        # A fleet's step holds about one reading per series: the lookups run in C (map), Python
-        # runs only for series seen for the first time.
-        hits: list[tuple[int, float] | None] = list(map(self._resolved.get, distinct))
-        if None in hits:
-            for j, key in enumerate(distinct):
-                if hits[j] is None:
-                    hits[j] = self._resolve(key)
-        ids = np.fromiter(map(itemgetter(0), hits), dtype=np.int64, count=len(hits))  # type: ignore[arg-type]
-        factors = np.fromiter(map(itemgetter(1), hits), dtype=np.float64, count=len(hits))  # type: ignore[arg-type]
-        return ids[codes], factors[codes]
+    def _series_ids(self, r: Readings, codes: KeyCodes | None) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
+        """Series id and unit factor of every reading ``(n,)``. ``codes``: labels of the readings'
+        keys (None: computed from the columns)."""
+        if codes is None:
+            codes = KeyCodes.of(r)
+        first, source = distinct_codes(codes.source)
+        sources = zip(r.domain[first].tolist(), r.sensor_id[first].tolist(), r.site[first].tolist(), strict=True)
+        source_ids = _interned(self._source_ids, list(sources), self._fresh_ids)
+        first, metric = distinct_codes(codes.metric)
+        metric_ids = _interned(self._metric_ids, r.metric[first].tolist(), self._fresh_ids)
+        key = (source_ids << 32)[source] | metric_ids[metric]
+        at = self._resolved_at(key)
+        if (at < 0).any():
+            self._resolve_new(r, key, at < 0)
+            at = self._resolved_at(key)
+        return self._resolved_series[at], self._resolved_factor[at]
 
-    def _resolve(self, key: tuple[str, str, str, str]) -> tuple[int, float]:
+    def _resolved_at(self, key: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+        """The index in the resolved keys of each of ``key`` ``(n,)``; -1 where not resolved yet."""
+        if not len(self._resolved_key):
+            return np.full(len(key), -1, dtype=np.int64)
+        at = np.minimum(np.searchsorted(self._resolved_key, key), len(self._resolved_key) - 1)
+        return np.where(self._resolved_key[at] == key, at, -1)
+
+    def _resolve_new(self, r: Readings, key: npt.NDArray[np.int64], new: npt.NDArray[np.bool_]) -> None:
+        """Resolve the keys of the readings at ``new`` (mask ``(n,)``) and add them, kept sorted."""
+        rows = np.flatnonzero(new)
+        rows = rows[distinct_codes(key[rows])[0]]
+        columns = (r.domain[rows].tolist(), r.sensor_id[rows].tolist(), r.site[rows].tolist(), r.metric[rows].tolist())
+        hits = [self._resolve(*k) for k in zip(*columns, strict=True)]
+        keys = np.concatenate([self._resolved_key, key[rows]])
+        order = np.argsort(keys, kind="stable")
+        self._resolved_key = keys[order]
+        series = np.array([sid for sid, _ in hits], dtype=np.int64)
+        self._resolved_series = np.concatenate([self._resolved_series, series])[order]
+        factor = np.array([f for _, f in hits], dtype=np.float64)
+        self._resolved_factor = np.concatenate([self._resolved_factor, factor])[order]
+
+    def _resolve(self, domain: str, sensor: str, site: str, metric: str) -> tuple[int, float]:
         """Series id and unit factor of a (domain, sensor, site, metric as sent) not resolved yet."""
-        sid = self._register(*key)
-        metric = key[3]
+        sid = self._register(domain, sensor, site, metric)
         factor = 1.0
         if self._series_metric[sid] != metric:
-            spec = self._catalogue.get(key[0], self._series_metric[sid])
+            spec = self._catalogue.get(domain, self._series_metric[sid])
             factor = spec.convert[metric.rpartition("_")[2]] if spec else 1.0
-        hit = self._resolved[key] = (sid, factor)
-        return hit
+        return sid, factor
 
     # ------------------------------------------------------------ main step
 
@@ -414,13 +454,13 @@ class ProcessorEngine:
         r: Readings,
         now_s: float,
         caught_up: frozenset[int] = frozenset(),
-        key_code: npt.NDArray[np.int64] | None = None,
+        codes: KeyCodes | None = None,
         wall_ns: int | None = None,
     ) -> EngineOutput:
         """Clean ``r``, add it to windows, close what each series' event time (or idleness) allows;
         returns what to send. ``now_s``: processing time (s, monotonic); ``wall_ns``: the wall
-        clock (ns) for the correction horizon (None: no horizon). ``key_code``: optional labels
-        of the readings' series keys (see :meth:`_series_ids`).
+        clock (ns) for the correction horizon (None: no horizon). ``codes``: optional labels
+        of the readings' series keys (see :class:`KeyCodes`).
 
         ``caught_up``: partitions with nothing more to read (no lag). Only their series can be
         idle: a partition that merely was not fetched for a while (a rebalance, a slow sink)
@@ -431,7 +471,7 @@ class ProcessorEngine:
         if now_s - self._evicted_at >= min(60.0, self._s.series_ttl_s / 10):
             self._evict(now_s)
         if len(r):
-            series, factor = self._series_ids(r, key_code)
+            series, factor = self._series_ids(r, codes)
             if wall_ns is not None:
                 beyond = r.ts_ns < wall_ns - self._s.horizon_ns
                 if beyond.any():
@@ -498,7 +538,6 @@ class ProcessorEngine:
             latest = self._closed[:, mine].max(axis=1).tolist()
             before = state.closed_before or tuple([_NEG] * len(latest))
             state.closed_before = tuple(max(a, int(b)) for a, b in zip(before, latest, strict=True))
-        gone = set(ids.tolist())
         for sid in ids.tolist():
             self._series.pop((self._series_domain[sid], self._series_sensor[sid], self._series_metric[sid]), None)
             point = self._series_point[sid]
@@ -506,7 +545,7 @@ class ProcessorEngine:
             if self._point_users[point] == 0:
                 del self._points[self._point_key[point]]
                 self._free_points.append(point)
-        self._resolved = {key: hit for key, hit in self._resolved.items() if hit[0] not in gone}
+        self._forget_resolved(ids)
         self._history = self._history.forget(stale)
         self._series_part[ids] = -1
         self._max_ts[ids] = _NEG
@@ -514,6 +553,18 @@ class ProcessorEngine:
         self._arrival[ids] = -np.inf
         self._closed[:, ids] = _NEG
         self._free.extend(ids.tolist())
+
+    def _forget_resolved(self, ids: npt.NDArray[np.int64]) -> None:
+        """Drop the resolved keys of the evicted series ``ids``, and the source and metric ids no
+        resolved key uses any more (a fleet that renames its sensors does not grow them)."""
+        keep = ~np.isin(self._resolved_series, ids)
+        self._resolved_key = self._resolved_key[keep]
+        self._resolved_series = self._resolved_series[keep]
+        self._resolved_factor = self._resolved_factor[keep]
+        sources = set((self._resolved_key >> 32).tolist())
+        self._source_ids = {k: i for k, i in self._source_ids.items() if i in sources}
+        metrics = set((self._resolved_key & 0xFFFFFFFF).tolist())
+        self._metric_ids = {k: i for k, i in self._metric_ids.items() if i in metrics}
 
     def _replayed(self, r: Readings) -> npt.NDArray[np.bool_]:
         """Readings consumed before a restart (below the committed ``next``): their verdicts are in
@@ -1066,6 +1117,14 @@ class ProcessorEngine:
         window closing trails real time for a typical series."""
         seen = self._max_ts[self._max_ts > _NEG]
         return max(0, wall_ns - int(np.median(seen))) if len(seen) else 0
+
+
+def _interned(table: dict[_K, int], keys: list[_K], fresh: Iterator[int]) -> npt.NDArray[np.int64]:
+    """The id of each of ``keys`` in ``table``, new keys taking ids from ``fresh``; int64 ``(n,)``."""
+    ids = list(map(table.get, keys))
+    if None in ids:
+        ids = [table.setdefault(key, next(fresh)) if i is None else i for key, i in zip(keys, ids, strict=True)]
+    return np.array(ids, dtype=np.int64)
 
 
 def _pair(a: npt.NDArray[np.int64], b: npt.NDArray[np.int64]) -> npt.NDArray[np.void]:

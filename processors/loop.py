@@ -45,6 +45,7 @@ from portpulse.kafka import (
 from portpulse.processors.engine import (
     EngineOutput,
     EngineSettings,
+    KeyCodes,
     LateReading,
     PartitionPosition,
     ProcessorEngine,
@@ -81,10 +82,9 @@ class ProcessorStats:
 
 def decode_fetch(
     records_by_tp: dict[Any, list[Any]], part_ids: dict[tuple[str, int], int], prefix: str
-) -> tuple[Readings, npt.NDArray[np.int64], int, int]:
+) -> tuple[Readings, KeyCodes, int, int]:
     """A fetch -> reading columns (one vectorised decode for all partitions); returns the columns,
-    their series-key codes (see ``ProcessorEngine.ingest``), the count of records and the count
-    of undecodable records."""
+    labels of their series keys, the count of records and the count of undecodable records."""
     head = f"{prefix}.readings."
     columns = []
     domains: list[str] = []
@@ -106,10 +106,10 @@ def decode_fetch(
         str_array(domains)[of_tp], names[key_codes[r]], wire.site, wire.metric, wire.ts_ns, wire.value,
         np.array(parts, dtype=np.int64)[of_tp], cols.offset[r],
     )  # fmt: skip
-    key_code = (of_tp * len(distinct) + key_codes[r]) * (
-        int(wire.name_code.max()) + 1 if len(r) else 1
-    ) + wire.name_code
-    return readings, key_code, len(cols), len(wire.bad)
+    # A record's key names its sensor within its topic (domain); its value's header, the site.
+    headers = int(wire.header.max()) + 1 if len(r) else 1
+    codes = KeyCodes((of_tp * len(distinct) + key_codes[r]) * headers + wire.header, wire.name_code)
+    return readings, codes, len(cols), len(wire.bad)
 
 
 class Emitter:
@@ -358,13 +358,13 @@ class Processor:
         engine, stats = self.engine, self.stats
         started = time.perf_counter()
         before = engine.safe_offsets()
-        readings, key_code, records, bad = decode_fetch(batch, self._part_ids, self._settings.kafka.topic_prefix)
+        readings, codes, records, bad = decode_fetch(batch, self._part_ids, self._settings.kafka.topic_prefix)
         for tp in batch:
             self._tps[self._part_ids[(tp.topic, tp.partition)]] = tp
         stats.records += records
         stats.readings += len(readings)
         stats.bad_records += bad
-        out = engine.ingest(readings, time.monotonic(), self._caught_up(owned), key_code, time.time_ns())
+        out = engine.ingest(readings, time.monotonic(), self._caught_up(owned), codes, time.time_ns())
         receipts = await self._emitter.emit(out, len(readings))
         PROCESSOR_METRICS.batch_seconds.observe(time.perf_counter() - started)
         PROCESSOR_METRICS.event_time_lag.set(engine.event_time_lag_ns(time.time_ns()) / 1e9)

@@ -290,12 +290,12 @@ async def _rewrite(
         batch = await consumer.getmany(*remaining, timeout_ms=1000)
         if batch:
             deadline = time.monotonic() + stall_timeout_s
-        readings, key_code, records, _bad = decode_fetch(batch, part_ids, settings.kafka.topic_prefix)
+        readings, codes, records, _bad = decode_fetch(batch, part_ids, settings.kafka.topic_prefix)
         keep = (
             (readings.offset < end_table[readings.partition])
             & (readings.ts_ns >= plan.start_ns) & (readings.ts_ns < plan.stop_ns)
         )  # fmt: skip
-        readings, key_code = readings.take(keep), key_code[keep]
+        readings, codes = readings.take(keep), codes.take(keep)
         report.records += records
         report.readings += len(readings)
         for tp in list(remaining):
@@ -304,7 +304,7 @@ async def _rewrite(
                 remaining.discard(tp)
                 consumer.pause(tp)
         finished = frozenset(part_ids[(tp.topic, tp.partition)] for tp in starts if tp not in remaining)
-        out = engine.ingest(readings, time.monotonic(), finished, key_code)
+        out = engine.ingest(readings, time.monotonic(), finished, codes)
         receipts += await emitter.emit(out, len(readings))
         receipts = [r for r in receipts if not r.done()]
         if on_progress is not None and time.monotonic() - last_report >= progress_every_s:

@@ -168,7 +168,8 @@ def decode_value(data: bytes) -> WireRecord:
 class WireBatch:
     """Readings of many Kafka values, as columns over all readings ``(n,)``: ``record`` (index of
     the value each reading came from), ``site`` and ``metric`` (object arrays of str), ``ts_ns``,
-    ``value``, ``flags``; ``bad``: indices of the values that did not decode. ``name_code`` int64:
+    ``value``, ``flags``; ``bad``: indices of the values that did not decode. ``header`` int64:
+    readings with equal codes have equal site (their values share a header); ``name_code`` int64:
     readings with equal codes have equal site and metric."""
 
     record: npt.NDArray[np.int64]
@@ -178,6 +179,7 @@ class WireBatch:
     value: npt.NDArray[np.float64]
     flags: npt.NDArray[np.uint8]
     bad: list[int]
+    header: npt.NDArray[np.int64]
     name_code: npt.NDArray[np.int64]
 
     def __len__(self) -> int:
@@ -276,5 +278,6 @@ def decode_columns(
         value=records["value"][keep],
         flags=records["flags"][keep],
         bad=np.flatnonzero(~decoded).tolist(),
+        header=header,
         name_code=header * table.shape[1] + local,
     )

@@ -19,7 +19,14 @@ from hypothesis import strategies as st
 
 from portpulse.contract.catalogue import load_catalogue
 from portpulse.contract.points import Categorical, MemoryPointSink
-from portpulse.processors.engine import EngineOutput, EngineSettings, PartitionPosition, ProcessorEngine, Readings
+from portpulse.processors.engine import (
+    EngineOutput,
+    EngineSettings,
+    KeyCodes,
+    PartitionPosition,
+    ProcessorEngine,
+    Readings,
+)
 from portpulse.processors.window import parse_windows
 
 T = TypeVar("T")
@@ -535,3 +542,55 @@ def test_a_report_is_one_line_with_its_metrics_as_fields_and_a_rejected_metric_i
     window_writes = [points for source, points in run.store.writes if source == "processor:1m"]
     assert sum(len(points) for points in window_writes) == 2  # one line per sensor, 24 fields each
     assert all(len(points.fields) == 24 for points in window_writes)
+
+
+def test_series_resolve_by_source_and_metric_labels_whatever_labels_the_decoder_gives() -> None:
+    """Readings are resolved to series through (domain, sensor, site) and metric labels. Labels
+    that split equal keys, labels computed from the columns and a metric sent in another unit
+    name the same series; forgetting the series forgets what was resolved for them."""
+    settings = EngineSettings(parse_windows("1m"), 2 * S, 5.0, series_ttl_s=100.0)
+    rows = [  # (sensor, site, metric as sent, seconds, value)
+        ("s0", "quai", "no2", 1, 40.0),
+        ("s0", "quai", "no2_ppb", 2, 20.0),  # 20 ppb = 37.6 µg/m³, the same series
+        ("s1", "quai", "no2", 1, 50.0),
+        ("s1", "digue", "o3", 2, 60.0),
+        ("s0", "quai", "no2", 3, 41.0),
+    ]
+    n = len(rows)
+    readings = Readings(
+        np.array(["air"] * n, dtype=object),
+        np.array([r[0] for r in rows], dtype=object),
+        np.array([r[1] for r in rows], dtype=object),
+        np.array([r[2] for r in rows], dtype=object),
+        np.array([T0 + r[3] * S for r in rows], dtype=np.int64),
+        np.array([r[4] for r in rows], dtype=np.float64),
+        np.zeros(n, dtype=np.int64),
+        np.arange(n, dtype=np.int64),
+    )
+    split = KeyCodes(np.arange(n, dtype=np.int64), np.arange(n, dtype=np.int64) * 7)  # every label distinct
+    raws = []
+    for codes in (None, split, KeyCodes.of(readings)):
+        engine = ProcessorEngine(settings, load_catalogue())
+        out = engine.ingest(readings, 0.0, frozenset({0}), codes)
+        raw = [points for kind, points in out.points if kind == "raw"]
+        assert len(raw) == 1
+        sensor = raw[0].tags["sensor_id"]
+        assert isinstance(sensor, Categorical)
+        raws.append(
+            sorted(
+                (s, (int(t) - T0) // S, name, round(float(column[i]), 6))
+                for name, column in raw[0].fields.items()
+                for i, (s, t) in enumerate(zip(sensor.categories[sensor.codes].tolist(), raw[0].ts_ns, strict=True))
+                if not math.isnan(column[i])
+            )
+        )
+        assert engine.series_count == 3  # s0 no2 (twice in µg/m³, once in ppb), s1 no2, s1 o3
+    assert raws[0] == raws[1] == raws[2]
+    assert raws[0] == [("s0", 1, "no2", 40.0), ("s0", 2, "no2", 37.6), ("s0", 3, "no2", 41.0),
+                       ("s1", 1, "no2", 50.0), ("s1", 2, "o3", 60.0)]  # fmt: skip
+    engine.ingest(Readings.empty(), 10_000.0, frozenset({0}))  # every window closes (idle)
+    engine.ingest(Readings.empty(), 10_200.0, frozenset({0}))  # every series is forgotten
+    assert engine.series_count == 0
+    assert engine._source_ids == {} and engine._metric_ids == {} and len(engine._resolved_key) == 0
+    again = engine.ingest(readings.take(np.array([1])), 10_201.0, frozenset({0}))
+    assert [p.fields["no2"].tolist() for kind, p in again.points if kind == "raw"] == [[20.0 * 1.88]]
