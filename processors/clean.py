@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -135,6 +135,31 @@ class History:
             out.offsets[sid] = np.concatenate([out.offsets[sid], offsets[mine]])[order]
             out.verdict[sid] = np.concatenate([out.verdict[sid], verdict[mine]])[order]
         return out
+
+    def append(
+        self,
+        series: npt.NDArray[np.int64],
+        counts: npt.NDArray[np.int64],
+        readings: tuple[npt.NDArray[np.float64], npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.uint8]],
+    ) -> None:
+        """Append, in place, readings newer than everything their series holds: ``series`` ``(g,)``
+        distinct, ``counts`` ``(g,)`` readings each; ``readings``: values, ts, offsets and
+        verdicts ``(sum(counts),)``, grouped by series in that order, each group in time order.
+        Every row keeps its ``H`` newest.
+
+        Rows are moved whole, a group of equal counts at a time: a fleet's series mostly bring
+        the same number of readings per batch."""
+        h = self.values.shape[1]
+        first = np.cumsum(counts) - counts
+        columns: tuple[npt.NDArray[Any], ...] = (self.values, self.ts, self.offsets, self.verdict)
+        added: tuple[npt.NDArray[Any], ...] = readings
+        for c in np.unique(counts).tolist():
+            group = np.flatnonzero(counts == c)
+            rows = series[group]
+            newest = first[group][:, None] + np.arange(max(c - h, 0), c)[None, :]  # (len(group), min(c, h))
+            for array, new in zip(columns, added, strict=True):
+                block = new[newest]
+                array[rows] = np.concatenate([array[rows, c:], block], axis=1) if c < h else block
 
     def forget(self, series: npt.NDArray[np.bool_]) -> History:
         """The same history with the series where ``series`` (bool ``(k,)``) is true emptied."""
@@ -437,7 +462,9 @@ class _Ext:
     """Per series of a batch, its history and candidates as one sequence in event time: values,
     ts, offsets and verdicts (candidates' are placeholders) ``(total,)``; each sequence's start
     and length ``(g,)``; every candidate's position ``(m,)``; whether the sequences are the
-    history then the candidates (no candidate older than its series' history)."""
+    history then the candidates (no candidate older than its series' history). In that case the
+    sequences hold only the last ``window`` readings of the history, and no offsets or verdicts
+    (empty arrays): judging needs no more, and the history is appended to directly."""
 
     v: npt.NDArray[np.float64]
     t: npt.NDArray[np.int64]
@@ -465,15 +492,18 @@ def _extended(
     start and length, and the position of every candidate (in candidate order).
 
     In the usual batch every candidate is newer than its series' history: the sequence is the
-    history block then the candidates. Otherwise ``window`` empty slots go first, so the window
-    before any position stays inside its own sequence, and each sequence is sorted by time.
+    last ``window`` readings of the history then the candidates. Otherwise ``window`` empty slots
+    go first, so the window before any position stays inside its own sequence, and each sequence
+    is sorted by time.
     """
-    kept = history.values.shape[1]
-    hist_t = history.ts[uniq]
     cv, ct, co = (v, t, o) if every else (v[cand], t[cand], o[cand])
     first = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    in_order = bool(np.all(ct[first] > hist_t[:, -1])) if len(first) else True
-    pad = 0 if in_order else window
+    in_order = bool(np.all(ct[first] > history.ts[uniq, -1])) if len(first) else True
+    if in_order:
+        return _history_then_candidates(history, uniq, counts, cv, ct, first, window)
+    kept = history.values.shape[1]
+    hist_t = history.ts[uniq]
+    pad = window
     ext_len = pad + kept + counts
     ext_off = np.concatenate([[0], np.cumsum(ext_len)[:-1]])
     total = int(ext_len.sum())
@@ -490,13 +520,37 @@ def _extended(
     pos = np.arange(len(cv), dtype=np.int64)
     pos += np.repeat(ext_off + pad + kept - first, counts)
     ext_v[pos], ext_t[pos], ext_o[pos] = cv, ct, co
-    if in_order:
-        return _Ext(ext_v, ext_t, ext_o, ext_d, ext_off, ext_len, pos, True)
     group = np.repeat(np.arange(len(uniq), dtype=np.int64), ext_len)
     order = np.lexsort((ext_t, group))  # empty slots (int64 min) first in each group
     where = np.empty(total, dtype=np.int64)
     where[order] = np.arange(total, dtype=np.int64)
     return _Ext(ext_v[order], ext_t[order], ext_o[order], ext_d[order], ext_off, ext_len, where[pos], False)
+
+
+def _history_then_candidates(
+    history: History,
+    uniq: npt.NDArray[np.int64],
+    counts: npt.NDArray[np.int64],
+    cv: npt.NDArray[np.float64],
+    ct: npt.NDArray[np.int64],
+    first: npt.NDArray[np.int64],
+    window: int,
+) -> _Ext:
+    """:func:`_extended` when every candidate is newer than its series' history: per series its
+    last ``window`` history values and times (whole rows, moved at once) then its candidates."""
+    ext_len = window + counts
+    ext_off = np.cumsum(ext_len) - ext_len
+    total = int(ext_len.sum())
+    ext_v = np.empty(total)
+    ext_t = np.empty(total, dtype=np.int64)
+    hist_pos = ext_off[:, None] + np.arange(window)[None, :]
+    ext_v[hist_pos] = history.values[uniq, -window:]
+    ext_t[hist_pos] = history.ts[uniq, -window:]
+    pos = np.arange(len(cv), dtype=np.int64)
+    pos += np.repeat(ext_off + window - first, counts)
+    ext_v[pos], ext_t[pos] = cv, ct
+    none = np.empty(0, dtype=np.int64)
+    return _Ext(ext_v, ext_t, none, none.astype(np.uint8), ext_off, ext_len, pos, True)
 
 
 def clean(
@@ -587,15 +641,18 @@ def clean(
         ext_series = np.repeat(uniq, ext.length)
         verdict = _judge_windows(ext.v, ext.t, ext_series, ext.pos, window, spike_floor, max_rate_per_s, k_sigma)
         r[cand] = verdict
-        ext.d[ext.pos] = verdict
-        if not ext.in_order:
+        if ext.in_order:
+            newest = (v, t, o, verdict) if len(cand) == n else (v[cand], t[cand], o[cand], verdict)
+            new_history.append(uniq, counts, newest)
+        else:
+            ext.d[ext.pos] = verdict
             rejudged = _rejudge(ext, ext_series, window, spike_floor, max_rate_per_s, k_sigma)
-        # The new history: the last H values of each extended sequence (the newest in event time).
-        tail = (ext.off + ext.length - kept)[:, None] + np.arange(kept)[None, :]
-        new_history.values[uniq] = ext.v[tail]
-        new_history.ts[uniq] = ext.t[tail]
-        new_history.offsets[uniq] = ext.o[tail]
-        new_history.verdict[uniq] = ext.d[tail]
+            # The new history: the last H values of each extended sequence (the newest in event time).
+            tail = (ext.off + ext.length - kept)[:, None] + np.arange(kept)[None, :]
+            new_history.values[uniq] = ext.v[tail]
+            new_history.ts[uniq] = ext.t[tail]
+            new_history.offsets[uniq] = ext.o[tail]
+            new_history.verdict[uniq] = ext.d[tail]
     if presorted:
         return r, new_history, rejudged
     reason[order] = r

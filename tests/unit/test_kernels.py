@@ -104,16 +104,21 @@ values = st.one_of(
     ),
     window=st.sampled_from([W, 7, 2]),
     slack=st.sampled_from([0, 0, 3, 8]),
+    advancing=st.booleans(),
 )
-def test_clean_equals_reference(batches: list[list[tuple[int, int, float]]], window: int, slack: int) -> None:
+def test_clean_equals_reference(
+    batches: list[list[tuple[int, int, float]]], window: int, slack: int, advancing: bool
+) -> None:
     k = 4
     lo, hi = [0.0, -10.0, 0.0, -math.inf], [100.0, 50.0, 100.0, math.inf]
     rate, floor = [5.0, 1e9, 20.0, math.inf], [1.0, 0.5, 2.0, 0.0]
     # The engine's shape: a history ``slack`` readings longer than the Hampel window.
     history = History.empty(k, window + slack)
     ref_hist: Hist = {}
-    for batch in batches:
-        readings = [(s, t * 1_000_000_000, v) for s, t, v in batch]
+    for b, batch in enumerate(batches):
+        # Advancing: each batch newer than the last (a live fleet), so the history is appended to.
+        shift = 41 * b if advancing else 0
+        readings = [(s, (t + shift) * 1_000_000_000, v) for s, t, v in batch]
         expected, ref_hist, flips = reference_clean(
             readings, lo, hi, rate, floor, ref_hist, 4.0, window, kept=window + slack
         )
