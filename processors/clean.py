@@ -153,7 +153,8 @@ class History:
         first = np.cumsum(counts) - counts
         columns: tuple[npt.NDArray[Any], ...] = (self.values, self.ts, self.offsets, self.verdict)
         added: tuple[npt.NDArray[Any], ...] = readings
-        for c in np.unique(counts).tolist():
+        equal = len(counts) and counts.min() == counts.max()
+        for c in [int(counts[0])] if equal else np.unique(counts).tolist():
             group = np.flatnonzero(counts == c)
             rows = series[group]
             newest = first[group][:, None] + np.arange(max(c - h, 0), c)[None, :]  # (len(group), min(c, h))

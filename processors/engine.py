@@ -596,13 +596,15 @@ class ProcessorEngine:
     ) -> None:
         """Readings with their verdicts: counted (those ``counted`` marks; default all), stored (raw
         or rejected), into the windows."""
-        tally = reason if counted is None else reason[counted]
-        for code, count in zip(*np.unique(tally, return_counts=True), strict=True):
+        tally = np.bincount(reason if counted is None else reason[counted], minlength=len(REASON_NAMES))
+        for code, count in enumerate(tally.tolist()):
+            if not count or code == OK:
+                continue
             if code == REPEAT:
-                out.repeated += int(count)
-            elif code != OK:
-                name = REASON_NAMES[int(code)]
-                out.rejected[name] = out.rejected.get(name, 0) + int(count)
+                out.repeated += count
+            else:
+                name = REASON_NAMES[code]
+                out.rejected[name] = out.rejected.get(name, 0) + count
         ok = reason == OK
         self._stored_points(series[ok], r.ts_ns[ok], value[ok], None, out)
         self._consumed(r.partition, r.offset)
@@ -753,7 +755,7 @@ class ProcessorEngine:
         """Each partition's consumed offset, over every reading taken from it (a repeat too: a
         partition whose last records repeat earlier ones is caught up, and its quiet series may
         close)."""
-        for p in np.unique(partition).tolist():
+        for p in partition[distinct_codes(partition)[0]].tolist():
             state = self._parts.setdefault(p, _Partition())
             state.next_offset = max(state.next_offset, int(offset[partition == p].max()) + 1)
 
@@ -816,8 +818,8 @@ class ProcessorEngine:
 
     def _point_tags(self, point: npt.NDArray[np.int64]) -> dict[str, npt.NDArray[np.object_] | Categorical]:
         """The ``sensor_id`` and ``site`` tags of lines of ``point`` ``(k,)``."""
-        uniq, inverse = np.unique(point, return_inverse=True)
-        inv = inverse.astype(np.int64).reshape(-1)
+        first, inv = distinct_codes(point)
+        uniq = point[first]
         return {"sensor_id": Categorical(inv, self._point_sensor_array[uniq]),
                 "site": Categorical(inv, self._point_site_array[uniq])}  # fmt: skip
 
