@@ -287,6 +287,8 @@ class ProcessorEngine:
         self._max_ts = np.full(0, _NEG, dtype=np.int64)
         self._replayed_ts = np.full(0, _NEG, dtype=np.int64)
         self._arrival = np.full(0, -np.inf)
+        # Series whose event time moved since the last close: only they and idle ones close more.
+        self._advanced: list[npt.NDArray[np.int64]] = []
         # Per window spec and series: windows ending at or before this were emitted.
         self._closed = np.full((len(settings.windows), 0), _NEG, dtype=np.int64)
         self._parts: dict[int, _Partition] = {}
@@ -835,6 +837,7 @@ class ProcessorEngine:
         uniq = series[last]
         self._max_ts[uniq] = np.maximum(self._max_ts[uniq], r.ts_ns[last])
         self._arrival[uniq] = now_s
+        self._advanced.append(uniq)
         if replayed.any():
             np.maximum.at(self._replayed_ts, series[replayed], r.ts_ns[replayed])
 
@@ -886,20 +889,26 @@ class ProcessorEngine:
         holds once idle) and emit the windows that closed."""
         if not len(self._max_ts):
             return
-        seen = self._max_ts > _NEG
-        watermark = np.where(seen, self._max_ts - self._s.allowed_lateness_ns, _NEG // 2)  # no wrap-around below
-        idle = seen & (now_s - self._arrival >= self._s.idle_timeout_s)
+        # A series' target moves only with its event time, or when it turns idle (arrived before
+        # now - idle timeout, on a caught-up partition): the others are left as they are.
+        idle = self._arrival <= now_s - self._s.idle_timeout_s
+        idle &= self._max_ts > _NEG
         if caught_up:
             idle &= np.isin(self._series_part, np.fromiter(caught_up, dtype=np.int64, count=len(caught_up)))
         else:
             idle[:] = False
+        rows = np.concatenate([*self._advanced, np.flatnonzero(idle)])
+        self._advanced = []
+        max_ts, idle = self._max_ts[rows], idle[rows]
+        seen = max_ts > _NEG
+        watermark = np.where(seen, max_ts - self._s.allowed_lateness_ns, _NEG // 2)  # no wrap-around below
         for spec_i, spec in enumerate(self._s.windows):
             # The latest window end at or before the watermark; once idle, the end of every
             # window holding the series' newest reading.
             by_time = np.where(seen, (watermark - spec.size_ns) // spec.step_ns * spec.step_ns + spec.size_ns, _NEG)
-            by_idle = self._max_ts // spec.step_ns * spec.step_ns + spec.size_ns
+            by_idle = max_ts // spec.step_ns * spec.step_ns + spec.size_ns
             target = np.where(idle, np.maximum(by_time, by_idle), by_time)
-            np.maximum(self._closed[spec_i], target, out=self._closed[spec_i])
+            self._closed[spec_i, rows] = np.maximum(self._closed[spec_i, rows], target)
         closed = self._open.close([w.size_ns for w in self._s.windows], self._closed)
         if closed is None:
             return
