@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Literal
 
 import numpy as np
@@ -170,18 +171,22 @@ def _format_ints(values: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.uint8], 
     return out, keep
 
 
-def _format_floats(values: npt.NDArray[np.float64]) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.bool_] | None]:
-    """Finite float64 values as decimal text that parses back to exactly the same float64.
+def _common_decimals(values: npt.NDArray[np.float64]) -> int | None:
+    """The fewest decimals (at most ``_MAX_DECIMALS``) that write every one of ``values`` exactly,
+    or None."""
+    for k in range(_MAX_DECIMALS + 1):
+        scale = 10.0**k
+        if np.array_equal(np.rint(values * scale) / scale, values):
+            return k
+    return None
 
-    Returns an (n, w) byte matrix and its keep-mask, None when every byte is kept.
 
-    Values with at most ``_MAX_DECIMALS`` decimals (the usual sensor reading) take an integer
-    path with one common number of decimals ``k`` for the batch; the rest use ``repr``.
-    """
+def _most_decimals(values: npt.NDArray[np.float64], small: npt.NDArray[np.bool_]) -> tuple[int, npt.NDArray[np.bool_]]:
+    """For ``values`` that need different numbers of decimals: the most that any ``small`` value
+    written exactly needs, and which values some number up to ``_MAX_DECIMALS`` writes exactly."""
     n = len(values)
     scaled_ok = np.zeros(n, dtype=bool)
     k_needed = np.full(n, -1, dtype=np.int64)
-    small = np.abs(values) < _MAX_EXACT / 10**_MAX_DECIMALS
     for k in range(_MAX_DECIMALS + 1):
         todo = small & ~scaled_ok
         if not todo.any():
@@ -191,7 +196,24 @@ def _format_floats(values: npt.NDArray[np.float64]) -> tuple[npt.NDArray[np.uint
         idx = np.flatnonzero(todo)[exact]
         scaled_ok[idx] = True
         k_needed[idx] = k
-    k = int(k_needed[scaled_ok].max()) if scaled_ok.any() else 0
+    return (int(k_needed[scaled_ok].max()) if scaled_ok.any() else 0), scaled_ok
+
+
+def _format_floats(values: npt.NDArray[np.float64]) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.bool_] | None]:
+    """Finite float64 values as decimal text that parses back to exactly the same float64.
+
+    Returns an (n, w) byte matrix and its keep-mask, None when every byte is kept.
+
+    Values with at most ``_MAX_DECIMALS`` decimals (the usual sensor reading) take an integer
+    path with one common number of decimals ``k`` for the batch; the rest use ``repr``.
+    """
+    n = len(values)
+    small = np.abs(values) < _MAX_EXACT / 10**_MAX_DECIMALS
+    common = _common_decimals(values if small.all() else values[small])
+    if common is not None:  # the usual batch: one number of decimals writes every small value
+        k, scaled_ok = common, small
+    else:
+        k, scaled_ok = _most_decimals(values, small)
     m_all = np.rint(np.where(scaled_ok, values, 0.0) * 10.0**k)
     fast = scaled_ok & (m_all / 10.0**k == values)
     m = m_all.astype(np.int64)
@@ -350,6 +372,12 @@ def _key_text(full: tuple[object, ...], escaped_tag_names: tuple[str, ...]) -> t
     return ",".join(parts).encode(), reason
 
 
+def _cached_key_text(key: tuple[tuple[str, ...], tuple[object, ...]]) -> tuple[bytes, str | None]:
+    """:func:`_key_text` of ``key`` = (escaped tag names, (measurement, *tag values)), cached."""
+    hit = _KEY_CACHE[key] = _key_text(key[1], key[0])
+    return hit
+
+
 def _key_texts(
     keys: list[tuple[object, ...]],
     const_measurement: str | None,
@@ -358,21 +386,16 @@ def _key_texts(
     rejected: dict[int, str],
 ) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
     """Escaped key text per distinct series ``keys[i]`` (measurement first unless constant)."""
-    texts: list[bytes] = []
-    bad_series: dict[int, str] = {}
     escaped_tag_names = tuple(escape_key(t) for t in tag_names)
     if len(_KEY_CACHE) > _KEY_CACHE_MAX:
         _KEY_CACHE.clear()
-    for code, key in enumerate(keys):
-        full = (const_measurement, *key) if const_measurement is not None else key
-        cache_key = (escaped_tag_names, full)
-        hit = _KEY_CACHE.get(cache_key)
-        if hit is None:
-            hit = _KEY_CACHE[cache_key] = _key_text(full, escaped_tag_names)
-        text, reason = hit
-        if reason:
-            bad_series[code] = reason
-        texts.append(text)
+    fulls = keys if const_measurement is None else [(const_measurement, *key) for key in keys]
+    cache_keys = list(zip(repeat(escaped_tag_names), fulls))
+    # Known keys are looked up in C (map); only new ones are built.
+    found = list(map(_KEY_CACHE.get, cache_keys))
+    hits = [hit or _cached_key_text(key) for key, hit in zip(cache_keys, found, strict=True)]
+    texts = [text for text, _ in hits]
+    bad_series = {code: reason for code, (_, reason) in enumerate(hits) if reason}
     if bad_series:
         bad_codes = np.fromiter(bad_series, dtype=np.int64)
         for row in np.flatnonzero(np.isin(series, bad_codes)).tolist():

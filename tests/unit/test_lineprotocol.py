@@ -130,8 +130,14 @@ def test_encoded_lines_parse_back_to_the_input(
         assert {k: v for _, _, sf, _ in singles for k, v in sf.items()} == expected
 
 
-@settings(max_examples=100, deadline=None)
-@given(st.lists(st.floats(allow_nan=False, allow_infinity=False, width=64), min_size=1, max_size=300))
+# Sensor readings: a few decimals each (one common count writes them all), or any float.
+readings = st.builds(round, st.floats(-1e6, 1e6), st.integers(0, 7))
+any_float = st.floats(allow_nan=False, allow_infinity=False, width=64)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.one_of(st.lists(any_float, min_size=1, max_size=300), st.lists(readings, min_size=1, max_size=300),
+                 st.lists(st.one_of(readings, any_float), min_size=1, max_size=300)))  # fmt: skip
 def test_float_text_round_trips_exactly(values: list[float]) -> None:
     points = PointColumns("m", {}, {"v": np.array(values)}, np.arange(len(values), dtype=np.int64))
     texts = [line.split(" ")[1].removeprefix("v=") for line in encode_lines(points).body.decode().splitlines()]
