@@ -131,11 +131,17 @@ def pair_lines(
     n = len(point)
     if n == 0:
         return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
+    new = np.empty(n, dtype=bool)
+    new[0] = True
+    np.not_equal(point[1:], point[:-1], out=new[1:])
+    if bool(np.all(new[1:] | (ts[1:] >= ts[:-1])) and np.all(point[1:] >= point[:-1])):
+        # Already in (point, ts) order (a step of one reading per series, series of a sensor
+        # side by side): no sort.
+        new[1:] |= ts[1:] != ts[:-1]
+        return np.cumsum(new) - 1, np.flatnonzero(new)
     by_ts = stable_order(ts)
     order = by_ts[stable_order(point[by_ts])]
     p, t = point[order], ts[order]
-    new = np.empty(n, dtype=bool)
-    new[0] = True
     np.not_equal(p[1:], p[:-1], out=new[1:])
     new[1:] |= t[1:] != t[:-1]
     line = np.empty(n, dtype=np.int64)

@@ -92,11 +92,13 @@ class History:
         return History(self.values.copy(), self.ts.copy(), self.offsets.copy(), self.verdict.copy())
 
     def grow(self, series: int) -> History:
-        """The same history with room for ``series`` series (new ones empty)."""
+        """The same history with room for at least ``series`` series (new rows empty). It grows
+        by half again at least: a fleet's first minutes add series every batch, and copying
+        every row each time would cost more than judging them."""
         k, w = self.values.shape
         if series <= k:
             return self
-        more = History.empty(series - k, w)
+        more = History.empty(max(series, k + k // 2) - k, w)
         return History(
             np.vstack([self.values, more.values]),
             np.vstack([self.ts, more.ts]),
@@ -163,9 +165,11 @@ class History:
                 array[rows] = np.concatenate([array[rows, c:], block], axis=1) if c < h else block
 
     def forget(self, series: npt.NDArray[np.bool_]) -> History:
-        """The same history with the series where ``series`` (bool ``(k,)``) is true emptied."""
+        """The same history with the series where ``series`` (bool, one per series id: at most as
+        many as the history has rows) is true emptied."""
         out = self.copy()
-        out.values[series], out.ts[series], out.offsets[series], out.verdict[series] = np.nan, _NO_TS, NO_OFFSET, OK
+        rows = np.flatnonzero(series)
+        out.values[rows], out.ts[rows], out.offsets[rows], out.verdict[rows] = np.nan, _NO_TS, NO_OFFSET, OK
         return out
 
 

@@ -1065,8 +1065,8 @@ class ProcessorEngine:
             return {}
         size = max(parts) + 1
         need = np.full(size, NO_OFFSET, dtype=np.int64)
-        owned = (self._series_part >= 0) & (self._series_part < size)
-        np.minimum.at(need, self._series_part[owned], self._history.offsets.min(axis=1)[owned])
+        owned = np.flatnonzero((self._series_part >= 0) & (self._series_part < size))
+        np.minimum.at(need, self._series_part[owned], self._history.offsets[owned].min(axis=1))
         for p, replay_from in self._open.replay_from().items():
             if p < size:
                 need[p] = min(int(need[p]), replay_from)

@@ -363,6 +363,19 @@ def test_factorise_column_of_runs_equals_factorise_of_every_item(runs: list[tupl
     assert factorise(items)[0].tolist() == codes.tolist()
 
 
+@given(st.lists(st.tuples(st.integers(0, 4), st.integers(0, 3)), max_size=40), st.booleans())
+def test_pair_lines_makes_one_line_per_point_and_instant(rows: list[tuple[int, int]], presorted: bool) -> None:
+    from portpulse.arrays import pair_lines
+
+    rows = sorted(rows) if presorted else rows  # sorted: the path that skips the sorts
+    point = np.array([p for p, _ in rows], dtype=np.int64)
+    ts = np.array([t for _, t in rows], dtype=np.int64)
+    line, first = pair_lines(point, ts)
+    pairs = sorted(set(rows))  # lines in (point, ts) order
+    assert line.tolist() == [pairs.index(row) for row in rows]
+    assert first.tolist() == [rows.index(pair) for pair in pairs]  # each line's first row
+
+
 def test_late_records_are_json_with_every_field_and_never_fail_on_odd_values() -> None:
     import json
 
