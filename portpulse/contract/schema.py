@@ -119,6 +119,5 @@ class ReadingColumns:
 
 def str_array(values: Sequence[str]) -> StrArray:
     """A 1-d object array of ``values`` (``np.array`` would make a fixed-width unicode array)."""
-    out = np.empty(len(values), dtype=object)
-    out[:] = values
+    out: StrArray = np.fromiter(values, dtype=object, count=len(values))
     return out
