@@ -642,26 +642,56 @@ def clean(
     new_history = history  # updated in place: the caller hands its history on
     rejudged = Rejudged.none()
     if len(cand):
-        ext = _extended(history, uniq, counts, v, t, o, cand, len(cand) == n, window)
-        ext_series = np.repeat(uniq, ext.length)
-        verdict = _judge_windows(ext.v, ext.t, ext_series, ext.pos, window, spike_floor, max_rate_per_s, k_sigma)
-        r[cand] = verdict
-        if ext.in_order:
-            newest = (v, t, o, verdict) if len(cand) == n else (v[cand], t[cand], o[cand], verdict)
-            new_history.append(uniq, counts, newest)
+        judge = functools.partial(_judge_candidates, history, r, v, t, o, window, spike_floor, max_rate_per_s, k_sigma)
+        # Series whose candidates are all newer than their history (the usual case) take the
+        # short path; one late reading sends only its own series down the long one.
+        newer = t[cand[first]] > history.ts[uniq, -1]
+        if newer.all() or not newer.any():
+            rejudged = judge(uniq, counts, cand, len(cand) == n)
         else:
-            ext.d[ext.pos] = verdict
-            rejudged = _rejudge(ext, ext_series, window, spike_floor, max_rate_per_s, k_sigma)
-            # The new history: the last H values of each extended sequence (the newest in event time).
-            tail = (ext.off + ext.length - kept)[:, None] + np.arange(kept)[None, :]
-            new_history.values[uniq] = ext.v[tail]
-            new_history.ts[uniq] = ext.t[tail]
-            new_history.offsets[uniq] = ext.o[tail]
-            new_history.verdict[uniq] = ext.d[tail]
+            judge(uniq[newer], counts[newer], cand[np.repeat(newer, counts)], False)
+            rejudged = judge(uniq[~newer], counts[~newer], cand[np.repeat(~newer, counts)], False)
     if presorted:
         return r, new_history, rejudged
     reason[order] = r
     return reason, new_history, rejudged
+
+
+def _judge_candidates(
+    history: History,
+    r: npt.NDArray[np.uint8],
+    v: npt.NDArray[np.float64],
+    t: npt.NDArray[np.int64],
+    o: npt.NDArray[np.int64],
+    window: int,
+    spike_floor: npt.NDArray[np.float64],
+    max_rate: npt.NDArray[np.float64],
+    k_sigma: float,
+    uniq: npt.NDArray[np.int64],
+    counts: npt.NDArray[np.int64],
+    cand: npt.NDArray[np.int64],
+    every: bool,
+) -> Rejudged:
+    """Checks 4-5 for the candidates ``cand`` (rows of ``v``, ``t``, ``o`` in (series, ts) order;
+    ``every``: all rows) of series ``uniq`` with ``counts`` each: their verdicts into ``r``, the
+    history updated in place; returns the history's readings whose verdict changed."""
+    kept = history.values.shape[1]
+    ext = _extended(history, uniq, counts, v, t, o, cand, every, window)
+    ext_series = np.repeat(uniq, ext.length)
+    verdict = _judge_windows(ext.v, ext.t, ext_series, ext.pos, window, spike_floor, max_rate, k_sigma)
+    r[cand] = verdict
+    if ext.in_order:
+        history.append(uniq, counts, (v, t, o, verdict) if every else (v[cand], t[cand], o[cand], verdict))
+        return Rejudged.none()
+    ext.d[ext.pos] = verdict
+    rejudged = _rejudge(ext, ext_series, window, spike_floor, max_rate, k_sigma)
+    # The new history: the last H values of each extended sequence (the newest in event time).
+    tail = (ext.off + ext.length - kept)[:, None] + np.arange(kept)[None, :]
+    history.values[uniq] = ext.v[tail]
+    history.ts[uniq] = ext.t[tail]
+    history.offsets[uniq] = ext.o[tail]
+    history.verdict[uniq] = ext.d[tail]
+    return rejudged
 
 
 def _rejudge(
