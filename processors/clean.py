@@ -491,19 +491,19 @@ def _extended(
     cand: npt.NDArray[np.int64],
     every: bool,
     window: int,
+    in_order: bool,
 ) -> _Ext:
     """Per series of the batch (``uniq``, with ``counts`` candidates each), one sequence of its
     history and its candidates in event-time order; returns values, ts, offsets, each sequence's
     start and length, and the position of every candidate (in candidate order).
 
-    In the usual batch every candidate is newer than its series' history: the sequence is the
-    last ``window`` readings of the history then the candidates. Otherwise ``window`` empty slots
-    go first, so the window before any position stays inside its own sequence, and each sequence
-    is sorted by time.
+    When every candidate is newer than its series' history (``in_order``, the usual batch) the
+    sequence is the last ``window`` readings of the history then the candidates. Otherwise
+    ``window`` empty slots go first, so the window before any position stays inside its own
+    sequence, and each sequence is sorted by time.
     """
     cv, ct, co = (v, t, o) if every else (v[cand], t[cand], o[cand])
-    first = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    in_order = bool(np.all(ct[first] > history.ts[uniq, -1])) if len(first) else True
+    first = np.cumsum(counts) - counts
     if in_order:
         return _history_then_candidates(history, uniq, counts, cv, ct, first, window)
     kept = history.values.shape[1]
@@ -647,10 +647,10 @@ def clean(
         # short path; one late reading sends only its own series down the long one.
         newer = t[cand[first]] > history.ts[uniq, -1]
         if newer.all() or not newer.any():
-            rejudged = judge(uniq, counts, cand, len(cand) == n)
+            rejudged = judge(uniq, counts, cand, len(cand) == n, bool(newer[0]))
         else:
-            judge(uniq[newer], counts[newer], cand[np.repeat(newer, counts)], False)
-            rejudged = judge(uniq[~newer], counts[~newer], cand[np.repeat(~newer, counts)], False)
+            judge(uniq[newer], counts[newer], cand[np.repeat(newer, counts)], False, True)
+            rejudged = judge(uniq[~newer], counts[~newer], cand[np.repeat(~newer, counts)], False, False)
     if presorted:
         return r, new_history, rejudged
     reason[order] = r
@@ -671,12 +671,14 @@ def _judge_candidates(
     counts: npt.NDArray[np.int64],
     cand: npt.NDArray[np.int64],
     every: bool,
+    in_order: bool,
 ) -> Rejudged:
     """Checks 4-5 for the candidates ``cand`` (rows of ``v``, ``t``, ``o`` in (series, ts) order;
-    ``every``: all rows) of series ``uniq`` with ``counts`` each: their verdicts into ``r``, the
-    history updated in place; returns the history's readings whose verdict changed."""
+    ``every``: all rows) of series ``uniq`` with ``counts`` each (``in_order``: all newer than
+    their series' history): their verdicts into ``r``, the history updated in place; returns the
+    history's readings whose verdict changed."""
     kept = history.values.shape[1]
-    ext = _extended(history, uniq, counts, v, t, o, cand, every, window)
+    ext = _extended(history, uniq, counts, v, t, o, cand, every, window, in_order)
     ext_series = np.repeat(uniq, ext.length)
     verdict = _judge_windows(ext.v, ext.t, ext_series, ext.pos, window, spike_floor, max_rate, k_sigma)
     r[cand] = verdict
