@@ -166,6 +166,11 @@ class BatchSender:
     ``on_failure`` / ``on_recovery(retries)``. ``compression`` and ``max_batch_bytes`` (records
     before compression) apply to :meth:`send_columns`; :meth:`send_all` uses the producer's.
 
+    Concurrent sends (the bridge keeps a second delivery in flight under load) hand their
+    batches to the producer one send at a time, in call order: aiokafka queues one batch per
+    partition and wakes the sends waiting for it later than a send arriving meanwhile finds the
+    slot free, so two sends queuing side by side could swap a key's records.
+
     A batch not acknowledged within ``delivery_timeout_s`` counts as failed and is sent again.
     aiokafka can leave a batch's future pending for good after a long broker outage (aiokafka
     #1101), so with ``new_producer`` such a stall also replaces the producer: the new one is
@@ -197,6 +202,7 @@ class BatchSender:
         self._partition_of: dict[str, dict[bytes, int]] = {}  # topic -> key -> partition
         self._key_hashes: dict[bytes, int] = {}  # key -> murmur2 (positive)
         self._rng = random.Random()
+        self._queuing = asyncio.Lock()  # one send at a time hands batches to the producer (FIFO)
 
     async def send_all(self, records: list[KafkaOut]) -> int:
         """Send ``(topic, key, value, headers)`` tuples; returns the number of retries it took."""
@@ -223,7 +229,8 @@ class BatchSender:
         while True:
             failed = pending[:0]
             try:
-                sent = await send(pending)
+                async with self._queuing:
+                    sent = await send(pending)
             except KafkaError as exc:
                 self._refused(exc)
                 sent, failed, last_error = [], pending, exc

@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -138,9 +138,10 @@ class FakeProducer:
         return out
 
 
-def _outgoing() -> OutgoingRecords:
+def _outgoing(values: bytes = b"abcdefghij") -> OutgoingRecords:
+    """Ten records of three keys over two topics, one byte of ``values`` each."""
     keys = [b"crane-1", b"crane-2", b"crane-3"]
-    data = np.frombuffer(b"".join(keys) + b"abcdefghij", dtype=np.uint8)
+    data = np.frombuffer(b"".join(keys) + values, dtype=np.uint8)
     n = 10
     return OutgoingRecords(
         data=data,
@@ -178,6 +179,63 @@ async def test_batch_sender_sends_the_same_records_with_and_without_framed_batch
         assert all(len(parts) == 1 for parts in by_key.values())
     placed = {how: sorted((t, p, k) for t, p, k, _, _ in got) for how, got in sent.items()}
     assert placed["framed"] == placed["public"]  # murmur2 partitions either way
+
+
+class QueueingProducer(FakeProducer):
+    """aiokafka's accumulator at the seam: one batch queued per partition; a send that finds one
+    waits (``asyncio.wait``, as aiokafka's ``wait_drain``) until the sender drains it, here
+    ``drain_s`` after it was queued. ``on_drain`` (optional) runs after the first drain."""
+
+    def __init__(self, drain_s: float) -> None:
+        super().__init__()
+        self.drain_s = drain_s
+        self.queued: dict[tuple[str, int], asyncio.Future[None]] = {}
+        self.on_drain: Callable[[], None] | None = None
+
+    async def send_batch(self, batch: Any, topic: str, *, partition: int) -> asyncio.Future[None]:
+        loop = asyncio.get_running_loop()
+        tp = (topic, partition)
+        while tp in self.queued:
+            await asyncio.wait([self.queued[tp]])
+        drained = self.queued[tp] = loop.create_future()
+        self.sent.append((topic, partition, batch))
+
+        def drain() -> None:
+            del self.queued[tp]
+            drained.set_result(None)
+            hook, self.on_drain = self.on_drain, None
+            if hook is not None:
+                hook()
+
+        loop.call_later(self.drain_s, drain)
+        return await super().send_batch(batch, topic, partition=partition)
+
+
+@pytest.mark.usefixtures("fresh_check")
+async def test_concurrent_sends_keep_each_partition_in_call_order() -> None:
+    """A send waiting for a partition's queued batch is woken a loop turn after the drain; a send
+    starting in that turn finds the partition free. Sends still queue in call order, so a key's
+    records stay in order across concurrent deliveries."""
+    producer = QueueingProducer(drain_s=0.01)
+    sender = BatchSender(producer)
+    deliveries = {b"0123456789": "first", b"abcdefghij": "second", b"ABCDEFGHIJ": "third"}
+    tasks = [asyncio.create_task(sender.send_columns(_outgoing(b"0123456789")))]
+    await asyncio.sleep(0)  # the first delivery's batches are queued
+    tasks.append(asyncio.create_task(sender.send_columns(_outgoing(b"abcdefghij"))))  # waits on a partition
+    producer.on_drain = lambda: tasks.append(asyncio.create_task(sender.send_columns(_outgoing(b"ABCDEFGHIJ"))))
+    for _ in range(200):  # bounded: every delivery is acknowledged well within 2 s
+        await asyncio.sleep(0.01)
+        if len(tasks) == 3 and all(t.done() for t in tasks):
+            break
+    assert [t.result() for t in tasks] == [0, 0, 0]
+    order: dict[tuple[str, int], list[str]] = {}
+    for topic, partition, _key, value, _ in producer.records():
+        delivery = next(name for data, name in deliveries.items() if value is not None and value in data)
+        sequence = order.setdefault((topic, partition), [])
+        if not sequence or sequence[-1] != delivery:
+            sequence.append(delivery)
+    assert len(order) >= 2
+    assert all(sequence == ["first", "second", "third"] for sequence in order.values()), order
 
 
 class StalledProducer(FakeProducer):
