@@ -432,13 +432,15 @@ class ProcessorEngine:
         rows = rows[distinct_codes(key[rows])[0]]
         columns = (r.domain[rows].tolist(), r.sensor_id[rows].tolist(), r.site[rows].tolist(), r.metric[rows].tolist())
         hits = [self._resolve(*k) for k in zip(*columns, strict=True)]
-        keys = np.concatenate([self._resolved_key, key[rows]])
-        order = np.argsort(keys, kind="stable")
-        self._resolved_key = keys[order]
-        series = np.array([sid for sid, _ in hits], dtype=np.int64)
-        self._resolved_series = np.concatenate([self._resolved_series, series])[order]
-        factor = np.array([f for _, f in hits], dtype=np.float64)
-        self._resolved_factor = np.concatenate([self._resolved_factor, factor])[order]
+        # Inserted where they sort (a merge, O(resolved)): a fleet's first steps add keys every step.
+        order = np.argsort(key[rows])
+        added = key[rows][order]
+        at = np.searchsorted(self._resolved_key, added)
+        self._resolved_key = np.insert(self._resolved_key, at, added)
+        series = np.array([sid for sid, _ in hits], dtype=np.int64)[order]
+        self._resolved_series = np.insert(self._resolved_series, at, series)
+        factor = np.array([f for _, f in hits], dtype=np.float64)[order]
+        self._resolved_factor = np.insert(self._resolved_factor, at, factor)
 
     def _resolve(self, domain: str, sensor: str, site: str, metric: str) -> tuple[int, float]:
         """Series id and unit factor of a (domain, sensor, site, metric as sent) not resolved yet."""
