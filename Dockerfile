@@ -1,13 +1,18 @@
 # PortPulse as an image (compose.yaml builds it for the pipeline and the simulators).
 FROM python:3.11-slim
 WORKDIR /app
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY portpulse ./portpulse
 COPY ingest ./ingest
 COPY processors ./processors
 COPY sinks ./sinks
 COPY simulators ./simulators
-RUN pip install --no-cache-dir . && useradd --system --uid 10001 portpulse
+# gcc builds the compiled line-protocol tokenizer (setup.py) and is removed again.
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && pip install --no-cache-dir . \
+    && apt-get purge -y gcc libc6-dev && apt-get autoremove -y && rm -rf /var/lib/apt/lists/* \
+    && cd / && python -c "from portpulse.ingest.decode import LINE_TOKENIZER as t; assert t == 'compiled', t" \
+    && useradd --system --uid 10001 portpulse
 USER portpulse
 ENTRYPOINT ["portpulse"]
 CMD ["run"]

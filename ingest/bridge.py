@@ -35,7 +35,7 @@ from portpulse.ingest.admission import (
     encode_registry_record,
     load_registry_file,
 )
-from portpulse.ingest.decode import DecodedBatch, DecodeLimits, Message, Problem, decode_messages
+from portpulse.ingest.decode import LINE_TOKENIZER, DecodedBatch, DecodeLimits, Message, Problem, decode_messages
 from portpulse.ingest.metrics import INGEST_METRICS
 from portpulse.ingest.mqtt import Inbound, MqttSource, PahoMqttSource, Presence, subscription_filters
 from portpulse.ingest.mqtt_asyncio import AsyncioMqttSource
@@ -436,13 +436,19 @@ async def run_bridge(
 
             health.add("mqtt", mqtt_probe)
         log.info(
-            "bridge up: MQTT %s:%d %s (QoS %d) -> Kafka %s",
+            "bridge up: MQTT %s:%d %s (QoS %d) -> Kafka %s; line-protocol tokenizer: %s",
             settings.mqtt.host,
             settings.mqtt.port,
             subscription_filters(mqtt),
             settings.mqtt.qos,
             settings.kafka.bootstrap_servers,
+            LINE_TOKENIZER,
         )
+        if LINE_TOKENIZER != "compiled":
+            log.warning(
+                "the compiled line-protocol tokenizer is not built (no C compiler at install time?): "
+                "line protocol decodes about twice as slowly; reinstall with gcc to build it"
+            )
         domains = load_catalogue(settings.processor.catalogue).domains()
         await sink.ensure_topics(pipeline_topics(settings.kafka.topic_prefix, domains))
         bridge = Bridge(settings, source, sink, await load_admission(settings), sparkplug)

@@ -155,9 +155,10 @@ class DecodedBatch:
 
 
 class _Out:
-    """Column builders shared by the per-format decoders."""
+    """Column builders shared by the per-format decoders: readings added one at a time or by the
+    list (``add``, ``extend``) and whole column chunks (``extend_columns``), kept in call order."""
 
-    __slots__ = ("domain", "flags", "message", "metric", "scaled", "sensor", "site", "ts", "value")
+    __slots__ = ("chunks", "domain", "flags", "message", "metric", "scaled", "sensor", "site", "ts", "value")
 
     def __init__(self) -> None:
         self.sensor: list[str] = []
@@ -171,6 +172,8 @@ class _Out:
         # (start, stop, ns per unit): runs of ``ts`` still in s/ms/us, scaled to ns at the end in
         # one numpy step rather than one Python multiplication per reading.
         self.scaled: list[tuple[int, int, int]] = []
+        #: finished chunks: (readings, message index), in the order they were added
+        self.chunks: list[tuple[ReadingColumns, npt.NDArray[np.int64]]] = []
 
     def extend(
         self,
@@ -207,6 +210,39 @@ class _Out:
         self.value.append(value)
         self.flags.append(flag)
 
+    def extend_columns(self, msg: int, readings: ReadingColumns) -> None:
+        """Add the readings of one message as columns (after whatever was added before)."""
+        self._flush()
+        self.chunks.append((readings, np.full(len(readings), msg, dtype=np.int64)))
+
+    def _flush(self) -> None:
+        """Turn the readings added one at a time or by the list into a chunk."""
+        if not self.message:
+            return
+        readings = ReadingColumns(
+            sensor_id=str_array(self.sensor),
+            site=str_array(self.site),
+            domain=str_array(self.domain),
+            metric=str_array(self.metric),
+            ts_ns=_scaled(np.array(self.ts, dtype=np.int64), self.scaled),
+            value=np.array(self.value, dtype=np.float64),
+            flags=np.array(self.flags, dtype=np.uint8),
+        )
+        self.chunks.append((readings, np.array(self.message, dtype=np.int64)))
+        for column in (self.sensor, self.site, self.domain, self.metric, self.ts, self.value, self.flags):
+            column.clear()
+        self.message, self.scaled = [], []
+
+    def columns(self) -> tuple[ReadingColumns, npt.NDArray[np.int64]]:
+        """Every reading added, as columns, and the index of its message."""
+        self._flush()
+        if len(self.chunks) == 1:
+            return self.chunks[0]
+        if not self.chunks:
+            return ReadingColumns.empty(), np.zeros(0, dtype=np.int64)
+        readings, messages = zip(*self.chunks, strict=True)
+        return ReadingColumns.concat(list(readings)), np.concatenate(messages)
+
 
 def decode_messages(
     messages: Sequence[Message],
@@ -237,16 +273,7 @@ def decode_messages(
             _decode_one(i, msg, limits, out, found)
         if found:
             problems[i] = found
-    readings = ReadingColumns(
-        sensor_id=str_array(out.sensor),
-        site=str_array(out.site),
-        domain=str_array(out.domain),
-        metric=str_array(out.metric),
-        ts_ns=_scaled(np.array(out.ts, dtype=np.int64), out.scaled),
-        value=np.array(out.value, dtype=np.float64),
-        flags=np.array(out.flags, dtype=np.uint8),
-    )
-    message_index = np.array(out.message, dtype=np.int64)
+    readings, message_index = out.columns()
     if for_sparkplug:
         assert sparkplug is not None
         decoded, sparkplug_problems = sparkplug.decode(for_sparkplug)
@@ -626,27 +653,104 @@ def _tag_set(head: str) -> tuple[str | None, str | None] | None:
     return found
 
 
-def _plain_lines(i: int, text: str, topic: MqttTopic, received_ns: int, limits: DecodeLimits, out: _Out) -> bool:
-    """Add every reading of a line-protocol message at once when every line is plain: nothing
-    escaped or quoted, ``measurement[,tags] fields timestamp`` with names already validated,
-    fields that are finite floats, integer timestamps of one unit within the limits. Otherwise add
-    nothing and return False: the per-line path then says exactly what is wrong (and learns new
-    names).
+def _compiled() -> Callable[[str], tuple[list[str], list[str], bytearray, bytearray] | None] | None:
+    try:
+        from portpulse.ingest._lineproto import tokenize
+    except ImportError:  # installed where no C compiler was at hand: the Python tokenizer does it all
+        return None
+    return tokenize
 
-    The work per line runs in C: splits, a cached parse per distinct tag set, one split of the
-    joined field sets, ``float`` and ``int`` mapped over them; names are checked once per message
-    when every line has the same fields. What the per-line path would judge differently is left
-    to it."""
+
+_compiled_tokenize = _compiled()
+
+#: the line-protocol tokenizer this install runs: "compiled" or "python" (logged at start-up)
+LINE_TOKENIZER = "python" if _compiled_tokenize is None else "compiled"
+
+
+class _Tokens(NamedTuple):
+    """Plain line protocol cut into its parts (see :func:`_tokenize`)."""
+
+    heads: list[str]  #: measurement and tag set of each line, as written
+    names: list[str]  #: field names: of one line when ``counts`` is None, else of every value
+    counts: list[int] | None  #: fields per line; None when every line has ``names`` in that order
+    values: npt.NDArray[np.float64]  #: every field value, line by line, shape (values,)
+    stamps: npt.NDArray[np.int64]  #: each line's timestamp as written (unit not applied), shape (lines,)
+
+
+def _tokenize_python(text: str) -> _Tokens | None:
+    """``text`` cut into :class:`_Tokens` when it is plain: ASCII, nothing escaped or quoted, every
+    line ``head fields timestamp`` with single spaces, every field ``name=value`` with a finite
+    float value (as ``float`` reads it), timestamps of digits below 2**63. None otherwise.
+
+    The work per line runs in C: splits, one split of the joined field sets, ``float`` and ``int``
+    mapped over them."""
     if not text.isascii() or any(map(text.__contains__, _NOT_PLAIN)):
-        return False
-    if "\n" not in text[:-1]:
-        return _plain_line(i, text, topic, received_ns, limits, out)
+        return None
     lines = list(map(str.split, filter(None, text.split("\n")), repeat(" ")))
-    if not lines or len(lines) > _MAX_READINGS_PER_MESSAGE or set(map(len, lines)) != {3}:
-        return False
+    if not lines or set(map(len, lines)) != {3}:
+        return None
     heads, field_texts, stamp_texts = zip(*lines, strict=True)
     if not all(stamp_texts) or not "".join(stamp_texts).isdigit() or not all(field_texts):
+        return None
+    fields = ",".join(field_texts)
+    # "name=value,name=value": split at both separators, names and values alternate. One "=" per
+    # field means every piece is in its place (a value holding "=" or "," takes the per-line path).
+    parts = fields.replace("=", ",").split(",")
+    n = len(parts) // 2
+    if len(parts) % 2 or fields.count("=") != n or fields.count(",") != n - 1:
+        return None
+    names, raw_values = parts[0::2], parts[1::2]
+    commas = list(map(str.count, field_texts, repeat(",")))
+    width = commas[0] + 1
+    uniform = commas.count(width - 1) == len(lines) and names == names[:width] * len(lines)
+    try:
+        values = list(map(float, raw_values))
+    except ValueError:  # integers (1i), booleans, anything float() refuses: the per-line path
+        return None
+    if not math.isfinite(sum(values)) and not all(map(math.isfinite, values)):  # inf and nan propagate
+        return None
+    stamps = list(map(int, stamp_texts))
+    if max(stamps) >= 2**63:
+        return None
+    return _Tokens(
+        list(heads),
+        names[:width] if uniform else names,
+        None if uniform else [c + 1 for c in commas],
+        np.array(values, dtype=np.float64),
+        np.array(stamps, dtype=np.int64),
+    )
+
+
+def _tokenize(text: str) -> _Tokens | None:
+    """:func:`_tokenize_python`, through the compiled tokenizer when it is built: it takes the
+    usual case (every line with the same fields) and leaves the rest to the Python one."""
+    if _compiled_tokenize is not None:
+        found = _compiled_tokenize(text)
+        if found is not None:
+            heads, names, values, stamps = found
+            return _Tokens(
+                heads, names, None, np.frombuffer(values, dtype=np.float64), np.frombuffer(stamps, dtype=np.int64)
+            )
+    return _tokenize_python(text)
+
+
+def _plain_lines(i: int, text: str, topic: MqttTopic, received_ns: int, limits: DecodeLimits, out: _Out) -> bool:
+    """Add every reading of a line-protocol message at once when every line is plain (see
+    :func:`_tokenize`), with names already validated and integer timestamps of one unit within
+    the limits. Otherwise add nothing and return False: the per-line path then says exactly what
+    is wrong (and learns new names).
+
+    Tag sets are parsed once per distinct text and cached; field names are checked once per
+    message when every line has the same fields. What the per-line path would judge differently
+    is left to it."""
+    if "\n" not in text[:-1]:
+        if not text.isascii() or any(map(text.__contains__, _NOT_PLAIN)):
+            return False
+        return _plain_line(i, text, topic, received_ns, limits, out)
+    tokens = _tokenize(text)
+    if tokens is None or len(tokens.heads) > _MAX_READINGS_PER_MESSAGE:
         return False
+    heads = tokens.heads
     tags: list[Any] = list(map(_TAG_SETS.get, heads))
     if None in tags:
         tags = list(map(_tag_set, heads))
@@ -661,52 +765,38 @@ def _plain_lines(i: int, text: str, topic: MqttTopic, received_ns: int, limits: 
     canonical_sensors, canonical_sites = _IDS.canonical(sensors), _IDS.canonical(sites)
     if canonical_sensors is None or canonical_sites is None:
         return False
-    fields = ",".join(field_texts)
-    # "name=value,name=value": split at both separators, names and values alternate. One "=" per
-    # field means every piece is in its place (a value holding "=" or "," takes the per-line path).
-    parts = fields.replace("=", ",").split(",")
-    n = len(parts) // 2
-    if len(parts) % 2 or fields.count("=") != n or fields.count(",") != n - 1:
+    names = _METRICS.canonical(tokens.names)
+    if names is None:
         return False
-    metrics, raw_values = parts[0::2], parts[1::2]
-    commas = list(map(str.count, field_texts, repeat(",")))
-    width = commas[0] + 1
-    uniform = commas.count(width - 1) == len(lines) and metrics == metrics[:width] * len(lines)
-    if uniform:
-        # Every line holds the same fields in the same order (a gateway's reports): their names
-        # are checked once.
-        head = _METRICS.canonical(metrics[:width])
-        if head is None or len(set(head)) != width:
+    if tokens.counts is None:
+        if len(set(names)) != len(names):
             return False  # a field repeated in a line: the per-line path keeps the last value
-        names = head * len(lines)
+        counts: list[int] | int = len(names)
+        metric = np.tile(str_array(names), len(heads))
     else:
-        found = _METRICS.canonical(metrics)
-        if found is None:
+        counts = tokens.counts
+        if len(set(zip(_repeated(list(range(len(heads))), counts), names, strict=True))) != len(names):
             return False
-        names = found
-        counts = [c + 1 for c in commas]
-        if len(set(zip(_repeated(list(range(len(lines))), counts), names, strict=True))) != n:
-            return False
-    try:
-        values = list(map(float, raw_values))
-    except ValueError:  # integers (1i), booleans, anything float() refuses: the per-line path
-        return False
-    if not math.isfinite(sum(values)) and not all(map(math.isfinite, values)):  # inf and nan propagate
-        return False
-    stamps = list(map(int, stamp_texts))
-    lo, hi = min(stamps), max(stamps)
-    if hi >= 10**19:
-        return False
+        metric = str_array(names)
+    lo, hi = int(tokens.stamps.min()), int(tokens.stamps.max())
     unit = _ns_per_unit(hi)
     if unit != _ns_per_unit(lo) or hi * unit >= 2**63:
         return False
     if lo * unit < received_ns - limits.max_past_ns or hi * unit > received_ns + limits.max_future_ns:
         return False
-    if n != len(lines):  # several fields per line: repeat the line's columns
-        counts = [c + 1 for c in commas]
-        canonical_sensors, canonical_sites = _repeated(canonical_sensors, counts), _repeated(canonical_sites, counts)
-        stamps = _repeated(stamps, counts)
-    out.extend(i, canonical_sensors, canonical_sites, topic.domain, names, stamps, values, unit)
+    n = len(tokens.values)
+    domain = np.empty(n, dtype=object)
+    domain[:] = topic.domain  # np.full takes five times as long for an object
+    readings = ReadingColumns(
+        sensor_id=np.repeat(str_array(canonical_sensors), counts),
+        site=np.repeat(str_array(canonical_sites), counts),
+        domain=domain,
+        metric=metric,
+        ts_ns=np.repeat(tokens.stamps * unit, counts),
+        value=tokens.values,
+        flags=np.zeros(n, dtype=np.uint8),
+    )
+    out.extend_columns(i, readings)
     return True
 
 

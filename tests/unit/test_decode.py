@@ -508,17 +508,23 @@ _LP_MESSAGES = st.one_of(
 )
 
 
+@pytest.mark.parametrize("tokenizer", ["compiled", "python"])
 @settings(max_examples=800, deadline=None)
 @given(lines=_LP_MESSAGES, sep=st.sampled_from(["\n", "\n", "\r\n", "\n\n"]),
        topic=st.sampled_from(["sensors/air/quai", "sensors/air/quai/s-7"]))  # fmt: skip
-def test_the_whole_message_line_protocol_path_only_changes_speed(lines: list[str], sep: str, topic: str) -> None:
+def test_the_whole_message_line_protocol_path_only_changes_speed(
+    tokenizer: str, lines: list[str], sep: str, topic: str
+) -> None:
     """Whatever a gateway sends as line protocol, the whole-message path gives exactly the
-    readings and the reasons of the per-line path it stands in front of."""
+    readings and the reasons of the per-line path it stands in front of, with either tokenizer."""
     message = [Message(topic, sep.join(lines).encode(), NOW)]
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr("portpulse.ingest.decode._plain_lines", lambda *args: False)
         general = decode_messages(message, DecodeLimits())  # also learns the valid names
-    fast = decode_messages(message, DecodeLimits())
+    with pytest.MonkeyPatch.context() as patch:
+        if tokenizer == "python":
+            patch.setattr("portpulse.ingest.decode._compiled_tokenize", None)
+        fast = decode_messages(message, DecodeLimits())
     assert fast.readings.rows() == general.readings.rows()
     assert fast.message_index.tolist() == general.message_index.tolist()
     assert fast.problems == general.problems
@@ -535,8 +541,13 @@ def test_plain_line_protocol_takes_the_whole_message_path() -> None:
     assert isinstance(topic, MqttTopic)
     out = module._Out()
     assert module._plain_lines(0, body, topic, NOW, DecodeLimits(), out)
-    assert len(out.value) == 20 and out.value[:4] == [0.5, 1.0, 1.5, 1.0] and out.ts[:3] == [NOW, NOW, NOW + 1]
-    assert out.sensor[:3] == ["gw-1", "gw-1", "gw-2"] and out.metric[:2] == ["no2", "pm25"]
+    readings, messages = out.columns()
+    assert len(readings) == 20 and readings.value[:4].tolist() == [0.5, 1.0, 1.5, 1.0]
+    assert readings.ts_ns[:3].tolist() == [NOW, NOW, NOW + 1] and messages.tolist() == [0] * 20
+    assert readings.sensor_id[:3].tolist() == ["gw-1", "gw-1", "gw-2"] and readings.metric[:2].tolist() == [
+        "no2",
+        "pm25",
+    ]
     for line, metrics, values, ts in (
         (f"air,sensor_id=gw-2 no2=7.25 {NOW // 10**6}\n", ["no2"], [7.25], NOW // 10**6 * 10**6),
         (f"air,sensor_id=gw-1 pm25=1,no2=-3e2 {NOW}", ["pm25", "no2"], [1.0, -300.0], NOW),
@@ -545,3 +556,100 @@ def test_plain_line_protocol_takes_the_whole_message_path() -> None:
         assert module._plain_lines(0, line, topic, NOW, DecodeLimits(), one)  # a sensor's own report
         assert one.metric == metrics and one.value == values and one.sensor == [line[14:18]] * len(values)
         assert one.ts == [ts] * len(values) and one.scaled == []
+
+
+def test_the_compiled_line_protocol_tokenizer_is_built() -> None:
+    """``make install`` builds it (setup.py): an install that silently fell back to the Python
+    tokenizer would decode line protocol at half the speed."""
+    from portpulse.ingest import decode as module
+
+    assert module.LINE_TOKENIZER == "compiled"
+    assert module._compiled_tokenize is not None
+    found = module._compiled_tokenize("a,s=1 x=1.5,y=-2e3 17\na,s=2 x=.25,y=4 18\n")
+    assert found is not None
+    heads, names, values, stamps = found
+    assert heads == ["a,s=1", "a,s=2"] and names == ["x", "y"]
+    assert np.frombuffer(values).tolist() == [1.5, -2000.0, 0.25, 4.0]
+    assert np.frombuffer(stamps, dtype=np.int64).tolist() == [17, 18]
+
+
+_DECIMALS = st.from_regex(r"[+-]?([0-9]{0,24}(\.[0-9]{0,24})?|\.[0-9]{1,24})([eE][+-]?[0-9]{1,4})?", fullmatch=True)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(text=st.one_of(_DECIMALS, st.floats(allow_nan=False, allow_infinity=False).map(repr)))
+def test_compiled_values_are_the_floats_python_reads(text: str) -> None:
+    """Bit for bit what ``float`` gives (its fast path and its fallback alike), or refused when
+    ``float`` refuses or the value is not finite."""
+    from portpulse.ingest import decode as module
+
+    assert module._compiled_tokenize is not None
+    found = module._compiled_tokenize(f"m x={text} 1\nm x=0 2")
+    try:
+        want: float | None = float(text)
+    except ValueError:
+        want = None
+    if want is None or not np.isfinite(want):
+        assert found is None
+    else:
+        assert found is not None
+        assert found[2][:8] == np.float64(want).tobytes()
+
+
+@st.composite
+def _plain_lp_line(draw: st.DrawFn) -> str:
+    """A line the compiled tokenizer may take: plain floats, fields from a small set in any order."""
+    names = draw(st.lists(st.sampled_from(["no2", "so2", "co2", "pm25"]), min_size=1, max_size=3, unique=True))
+    values = st.one_of(st.floats(allow_nan=False, allow_infinity=False).map(repr), st.integers(-999, 999).map(str))
+    fields = ",".join(f"{name}={draw(values)}" for name in names)
+    return f"air,sensor_id=gw-{draw(st.integers(1, 3))} {fields} {draw(st.integers(0, 2**63 + 9))}"
+
+
+@settings(max_examples=800, deadline=None)
+@given(lines=st.one_of(_LP_MESSAGES, st.lists(_plain_lp_line(), min_size=1, max_size=4)),
+       sep=st.sampled_from(["\n", "\n", "\r\n", "\n\n"]))  # fmt: skip
+def test_the_compiled_tokenizer_cuts_what_it_takes_as_the_python_one_does(lines: list[str], sep: str) -> None:
+    """What the compiled tokenizer takes (uniform lines of plain floats), the Python tokenizer
+    cuts into the same parts; it leaves the rest to it."""
+    from portpulse.ingest import decode as module
+
+    text = sep.join(lines)
+    assert module._compiled_tokenize is not None
+    compiled = module._compiled_tokenize(text)
+    python = module._tokenize_python(text)
+    if compiled is None:
+        return
+    assert python is not None and python.counts is None
+    heads, names, values, stamps = compiled
+    assert heads == python.heads and names == python.names
+    assert values == python.values.tobytes() and stamps == python.stamps.tobytes()
+
+
+def test_the_compiled_tokenizer_takes_what_fleets_send_and_leaves_the_rest() -> None:
+    from portpulse.ingest import decode as module
+
+    assert module._compiled_tokenize is not None
+    fleet = "".join(f"air,sensor_id=air-{k},site=quai no2={k}.25,pm25=3,o3=-1e-2 {NOW + k}\n" for k in range(50))
+    assert module._compiled_tokenize(fleet) is not None
+    for other in (
+        "a x=1,y=2 1\na y=2,x=1 2",  # fields in another order: the Python tokenizer
+        "a x=1 1\na x=1,y=2 2",  # another number of fields
+        "a x=1_0 1\na x=2 2",  # an underscore float() reads
+        "a x=1i 1\na x=2 2",  # an integer field
+        "a x=nan 1\na x=2 2",
+        "a x=1e309 1\na x=2 2",  # not finite
+        'a x="s" 1\na x=2 2',
+        "a\\,b x=1 1\na x=2 2",
+        "a x=1 1\r\na x=2 2",
+        "a x=1 1 \na x=2 2",  # a trailing space
+        "a x=1\na x=2 2",  # no timestamp
+        "a x=1 9223372036854775808\na x=2 2",  # 2**63
+        "a x=1 -5\na x=2 2",
+        "a x=1, 5\na x=2 2",
+        "a x==1 5\na x=2 2",
+        "a =1 5\na =2 2",
+        " x=1 5\n x=2 2",
+        "a x=1 5\na\tx=2 2",
+        "a x=é 5\na x=2 2",
+    ):
+        assert module._compiled_tokenize(other) is None, other

@@ -104,10 +104,10 @@ def test_a_wheel_holds_only_the_portpulse_namespace(tmp_path: Path) -> None:
     """Built without network from a copy of the checkout (setuptools builds in its source tree):
     every file under ``portpulse/``, stages included."""
     src = tmp_path / "src"
-    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "*.so")
     for name in ("portpulse", *STAGES):
         shutil.copytree(ROOT / name, src / name, symlinks=True, ignore=ignore)
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "setup.py", "README.md"):
         shutil.copy(ROOT / name, src / name)
     out = subprocess.run(
         [
@@ -136,6 +136,7 @@ def test_a_wheel_holds_only_the_portpulse_namespace(tmp_path: Path) -> None:
         assert want and want <= set(names), stage
     assert "portpulse/contract/catalogue.toml" in names
     assert "portpulse/app/dashboard.html" in names
+    assert [n for n in names if n.startswith("portpulse/ingest/_lineproto.") and n.endswith(".so")], "not compiled"
 
 
 def test_the_console_script_and_python_dash_m_run_the_same_command_line() -> None:
