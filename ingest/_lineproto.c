@@ -1,6 +1,7 @@
 /* Tokenizer for plain InfluxDB line protocol: the compiled half of ingest/decode.py's fast path.
  *
  * tokenize(text: str) -> (heads, names, values, stamps) | None
+ * tokenize_line(text: str) -> (head, names, values, stamp) | None
  *
  * For text of lines ``measurement[,tags] name=value[,name=value...] timestamp`` where
  *   - the text is ASCII with no control character but "\n" (so nothing escaped, quoted or
@@ -14,9 +15,11 @@
  *   names:  list[str], the field names of a line;
  *   values: bytearray, float64 in native order, len(heads) * len(names) of them, line by line;
  *   stamps: bytearray, int64 in native order, one per line (as written, unit not applied).
+ * tokenize_line takes text of one line (empty lines aside) and returns its head (str), names
+ * (list[str]), values (list[float]) and stamp (int): a sensor's own report, without arrays.
  * Anything else returns None, and the Python tokenizer (which accepts more: underscores in
- * numbers, lines of differing fields) decides. Values are converted by PyOS_string_to_double,
- * the conversion float() uses, so both tokenizers give bit-identical values.
+ * numbers, lines of differing fields) decides. Values are correctly rounded, as float() rounds
+ * them (see plain_float), so both tokenizers give bit-identical values.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -196,44 +199,51 @@ static PyObject *spans_to_list(const char *text, const Span *spans, Py_ssize_t n
     return list;
 }
 
-static PyObject *tokenize(PyObject *module, PyObject *arg) {
-    (void)module;
+/* Cuts ``arg`` into ``t`` (freed by the caller). Returns 1 when every line is plain and uniform,
+ * 0 when not (or when it holds no line), -1 with an exception set. */
+static int cut(PyObject *arg, const char **text_out, Tokens *t) {
     if (!PyUnicode_Check(arg)) {
-        PyErr_SetString(PyExc_TypeError, "tokenize() takes a str");
-        return NULL;
+        PyErr_SetString(PyExc_TypeError, "expected a str");
+        return -1;
     }
-    if (!PyUnicode_IS_ASCII(arg)) Py_RETURN_NONE;
+    if (!PyUnicode_IS_ASCII(arg)) return 0;
     const char *text = (const char *)PyUnicode_1BYTE_DATA(arg);
     Py_ssize_t size = PyUnicode_GET_LENGTH(arg);
+    *text_out = text;
 
     Py_ssize_t newlines = 0, equals = 0;
     for (Py_ssize_t k = 0; k < size; k++) {
         unsigned char c = (unsigned char)text[k];
-        if (not_plain[c]) Py_RETURN_NONE;
+        if (not_plain[c]) return 0;
         newlines += c == '\n';
         equals += c == '=';
     }
-    Tokens t = {0};
-    t.values = malloc(sizeof(double) * (size_t)(equals + 1));
-    t.stamps = malloc(sizeof(int64_t) * (size_t)(newlines + 1));
-    t.heads = malloc(sizeof(Span) * (size_t)(newlines + 1));
-    t.names = malloc(sizeof(Span) * (size_t)(equals + 1));
-    if (!t.values || !t.stamps || !t.heads || !t.names) {
-        free_tokens(&t);
-        return PyErr_NoMemory();
+    t->values = malloc(sizeof(double) * (size_t)(equals + 1));
+    t->stamps = malloc(sizeof(int64_t) * (size_t)(newlines + 1));
+    t->heads = malloc(sizeof(Span) * (size_t)(newlines + 1));
+    t->names = malloc(sizeof(Span) * (size_t)(equals + 1));
+    if (!t->values || !t->stamps || !t->heads || !t->names) {
+        PyErr_NoMemory();
+        return -1;
     }
     Py_ssize_t at = 0;
     while (at < size) {
         const char *newline = memchr(text + at, '\n', (size_t)(size - at));
         Py_ssize_t end = newline ? newline - text : size;
-        if (end > at && !take_line(text, at, end - at, &t, equals + 1)) {
-            free_tokens(&t);
-            Py_RETURN_NONE;
-        }
+        if (end > at && !take_line(text, at, end - at, t, equals + 1)) return 0;
         at = end + 1;
     }
-    if (t.n_lines == 0) {
+    return t->n_lines > 0;
+}
+
+static PyObject *tokenize(PyObject *module, PyObject *arg) {
+    (void)module;
+    const char *text = NULL;
+    Tokens t = {0};
+    int found = cut(arg, &text, &t);
+    if (found <= 0) {
         free_tokens(&t);
+        if (found < 0) return NULL;
         Py_RETURN_NONE;
     }
     PyObject *heads = spans_to_list(text, t.heads, t.n_lines);
@@ -250,9 +260,43 @@ static PyObject *tokenize(PyObject *module, PyObject *arg) {
     return Py_BuildValue("(NNNN)", heads, names, values, stamps);
 }
 
+static PyObject *tokenize_line(PyObject *module, PyObject *arg) {
+    (void)module;
+    const char *text = NULL;
+    Tokens t = {0};
+    int found = cut(arg, &text, &t);
+    if (found <= 0 || t.n_lines != 1) {
+        free_tokens(&t);
+        if (found < 0) return NULL;
+        Py_RETURN_NONE;
+    }
+    PyObject *head = PyUnicode_DecodeASCII(text + t.heads[0].start, t.heads[0].len, NULL);
+    PyObject *names = head ? spans_to_list(text, t.names, t.width) : NULL;
+    PyObject *values = names ? PyList_New(t.n_values) : NULL;
+    for (Py_ssize_t k = 0; values && k < t.n_values; k++) {
+        PyObject *value = PyFloat_FromDouble(t.values[k]);
+        if (value == NULL) {
+            Py_CLEAR(values);
+            break;
+        }
+        PyList_SET_ITEM(values, k, value);
+    }
+    PyObject *stamp = values ? PyLong_FromLongLong(t.stamps[0]) : NULL;
+    free_tokens(&t);
+    if (stamp == NULL) {
+        Py_XDECREF(head);
+        Py_XDECREF(names);
+        Py_XDECREF(values);
+        return NULL;
+    }
+    return Py_BuildValue("(NNNN)", head, names, values, stamp);
+}
+
 static PyMethodDef methods[] = {
     {"tokenize", tokenize, METH_O,
      "tokenize(text) -> (heads, names, values, stamps) or None: plain line protocol of uniform lines."},
+    {"tokenize_line", tokenize_line, METH_O,
+     "tokenize_line(text) -> (head, names, values, stamp) or None: one plain line, as Python objects."},
     {NULL, NULL, 0, NULL},
 };
 

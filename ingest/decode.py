@@ -653,15 +653,19 @@ def _tag_set(head: str) -> tuple[str | None, str | None] | None:
     return found
 
 
-def _compiled() -> Callable[[str], tuple[list[str], list[str], bytearray, bytearray] | None] | None:
+_CompiledTokenize = Callable[[str], tuple[list[str], list[str], bytearray, bytearray] | None]
+_CompiledTokenizeLine = Callable[[str], tuple[str, list[str], list[float], int] | None]
+
+
+def _compiled() -> tuple[_CompiledTokenize | None, _CompiledTokenizeLine | None]:
     try:
-        from portpulse.ingest._lineproto import tokenize
+        from portpulse.ingest._lineproto import tokenize, tokenize_line
     except ImportError:  # installed where no C compiler was at hand: the Python tokenizer does it all
-        return None
-    return tokenize
+        return None, None
+    return tokenize, tokenize_line
 
 
-_compiled_tokenize = _compiled()
+_compiled_tokenize, _compiled_tokenize_line = _compiled()
 
 #: the line-protocol tokenizer this install runs: "compiled" or "python" (logged at start-up)
 LINE_TOKENIZER = "python" if _compiled_tokenize is None else "compiled"
@@ -744,8 +748,6 @@ def _plain_lines(i: int, text: str, topic: MqttTopic, received_ns: int, limits: 
     message when every line has the same fields. What the per-line path would judge differently
     is left to it."""
     if "\n" not in text[:-1]:
-        if not text.isascii() or any(map(text.__contains__, _NOT_PLAIN)):
-            return False
         return _plain_line(i, text, topic, received_ns, limits, out)
     tokens = _tokenize(text)
     if tokens is None or len(tokens.heads) > _MAX_READINGS_PER_MESSAGE:
@@ -800,15 +802,25 @@ def _plain_lines(i: int, text: str, topic: MqttTopic, received_ns: int, limits: 
     return True
 
 
+def _tokenize_line(text: str) -> tuple[str, list[str], list[float], int] | None:
+    """:func:`_tokenize` for text of one line, as Python objects: (head, names, values, stamp)."""
+    if _compiled_tokenize_line is not None:
+        found = _compiled_tokenize_line(text)
+        if found is not None:
+            return found
+    tokens = _tokenize_python(text)
+    if tokens is None or len(tokens.heads) != 1:
+        return None
+    return tokens.heads[0], tokens.names, tokens.values.tolist(), int(tokens.stamps[0])
+
+
 def _plain_line(i: int, text: str, topic: MqttTopic, received_ns: int, limits: DecodeLimits, out: _Out) -> bool:
-    """:func:`_plain_lines` for a message of one line (a sensor's own report, checked plain by the
-    caller): the same checks on one line, without the per-line lists."""
-    sections = text.rstrip("\n").split(" ")
-    if len(sections) != 3:
+    """:func:`_plain_lines` for a message of one line (a sensor's own report): the same checks
+    on one line, without arrays."""
+    found = _tokenize_line(text)
+    if found is None:
         return False
-    head, fields, stamp = sections
-    if not stamp.isdigit() or not fields:
-        return False
+    head, fields, values, ts = found
     tags = _tag_set(head)
     if tags is None:
         return False
@@ -816,38 +828,19 @@ def _plain_line(i: int, text: str, topic: MqttTopic, received_ns: int, limits: D
     site = _IDS.known.get(topic.site if tags[1] is None else tags[1])
     if sensor is None or site is None:
         return False
-    ts = int(stamp)
-    if ts >= 10**19:
-        return False
     ts_ns = ts * _ns_per_unit(ts)
     if ts_ns >= 2**63 or not received_ns - limits.max_past_ns <= ts_ns <= received_ns + limits.max_future_ns:
         return False
-    if "," not in fields:  # one field: the usual single report of one metric
-        name, _, raw = fields.partition("=")
-        metric = _METRICS.known.get(name)
-        if metric is None or "=" in raw:
+    if len(fields) == 1:  # the usual single report of one metric
+        metric = _METRICS.known.get(fields[0])
+        if metric is None:
             return False
-        try:
-            value = float(raw)
-        except ValueError:
-            return False
-        if not math.isfinite(value):
-            return False
-        out.add(i, sensor, site, topic.domain, metric, ts_ns, value, 0)
+        out.add(i, sensor, site, topic.domain, metric, ts_ns, values[0], 0)
         return True
-    parts = fields.replace("=", ",").split(",")
-    n = len(parts) // 2
-    if len(parts) % 2 or fields.count("=") != n:
-        return False
-    names = _METRICS.canonical(parts[0::2])
+    names = _METRICS.canonical(fields)
+    n = len(fields)
     if names is None or len(set(names)) != n:
         return False  # a new name, or a field repeated: the per-line path
-    try:
-        values = list(map(float, parts[1::2]))
-    except ValueError:
-        return False
-    if not math.isfinite(sum(values)) and not all(map(math.isfinite, values)):
-        return False
     out.extend(i, [sensor] * n, [site] * n, topic.domain, names, [ts_ns] * n, values, 1)
     return True
 

@@ -524,6 +524,7 @@ def test_the_whole_message_line_protocol_path_only_changes_speed(
     with pytest.MonkeyPatch.context() as patch:
         if tokenizer == "python":
             patch.setattr("portpulse.ingest.decode._compiled_tokenize", None)
+            patch.setattr("portpulse.ingest.decode._compiled_tokenize_line", None)
         fast = decode_messages(message, DecodeLimits())
     assert fast.readings.rows() == general.readings.rows()
     assert fast.message_index.tolist() == general.message_index.tolist()
@@ -617,6 +618,11 @@ def test_the_compiled_tokenizer_cuts_what_it_takes_as_the_python_one_does(lines:
     assert module._compiled_tokenize is not None
     compiled = module._compiled_tokenize(text)
     python = module._tokenize_python(text)
+    assert module._compiled_tokenize_line is not None
+    line = module._compiled_tokenize_line(text)
+    if line is not None:  # a sensor's own report
+        assert compiled is not None and python is not None and len(python.heads) == 1
+        assert line == (python.heads[0], python.names, python.values.tolist(), int(python.stamps[0]))
     if compiled is None:
         return
     assert python is not None and python.counts is None
@@ -631,6 +637,14 @@ def test_the_compiled_tokenizer_takes_what_fleets_send_and_leaves_the_rest() -> 
     assert module._compiled_tokenize is not None
     fleet = "".join(f"air,sensor_id=air-{k},site=quai no2={k}.25,pm25=3,o3=-1e-2 {NOW + k}\n" for k in range(50))
     assert module._compiled_tokenize(fleet) is not None
+    assert module._compiled_tokenize_line is not None
+    assert module._compiled_tokenize_line(f"air,sensor_id=s-1 no2=7.25 {NOW}\n") == (
+        "air,sensor_id=s-1",
+        ["no2"],
+        [7.25],
+        NOW,
+    )
+    assert module._compiled_tokenize_line(fleet) is None  # more than one line
     for other in (
         "a x=1,y=2 1\na y=2,x=1 2",  # fields in another order: the Python tokenizer
         "a x=1 1\na x=1,y=2 2",  # another number of fields
