@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed-stamp
 
 .PHONY: install services brokers secure services-down tools lint unit integration test demo bench clean
 
-$(STAMP): pyproject.toml setup.py ingest/_lineproto.c
+$(STAMP): pyproject.toml setup.py ingest/_lineproto.c portpulse/codecs/_mqttsplit.c
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "PortPulse needs Python >= 3.11")'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip

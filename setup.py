@@ -1,9 +1,15 @@
-"""The one thing pyproject.toml cannot declare stably: the compiled line-protocol tokenizer.
+"""The one thing pyproject.toml cannot declare stably: the compiled halves of two hot loops, the
+line-protocol tokenizer and the MQTT packet splitter.
 
-Optional: where no C compiler is at hand the install still succeeds and ingest/decode.py uses its
-Python tokenizer (the bridge logs which one it runs).
+Optional: where no C compiler is at hand the install still succeeds and the Python halves run
+(the bridge logs which ones it runs).
 """
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("portpulse.ingest._lineproto", ["ingest/_lineproto.c"], optional=True)])
+setup(
+    ext_modules=[
+        Extension("portpulse.ingest._lineproto", ["ingest/_lineproto.c"], optional=True),
+        Extension("portpulse.codecs._mqttsplit", ["portpulse/codecs/_mqttsplit.c"], optional=True),
+    ]
+)

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from portpulse.codecs.mqttwire import PACKET_SPLITTER
 from portpulse.codecs.recordbatch import OutgoingRecords
 from portpulse.contract.catalogue import load_catalogue
 from portpulse.contract.deadletter import DeadLetter, dead_letter_headers
@@ -436,18 +437,19 @@ async def run_bridge(
 
             health.add("mqtt", mqtt_probe)
         log.info(
-            "bridge up: MQTT %s:%d %s (QoS %d) -> Kafka %s; line-protocol tokenizer: %s",
+            "bridge up: MQTT %s:%d %s (QoS %d) -> Kafka %s; line-protocol tokenizer %s, MQTT packet splitter %s",
             settings.mqtt.host,
             settings.mqtt.port,
             subscription_filters(mqtt),
             settings.mqtt.qos,
             settings.kafka.bootstrap_servers,
             LINE_TOKENIZER,
+            PACKET_SPLITTER,
         )
-        if LINE_TOKENIZER != "compiled":
+        if "python" in (LINE_TOKENIZER, PACKET_SPLITTER):
             log.warning(
-                "the compiled line-protocol tokenizer is not built (no C compiler at install time?): "
-                "line protocol decodes about twice as slowly; reinstall with gcc to build it"
+                "the bridge's compiled parts are not built (no C compiler at install time?): line protocol "
+                "and MQTT input cost up to twice the CPU; reinstall with gcc to build them (setup.py)"
             )
         domains = load_catalogue(settings.processor.catalogue).domains()
         await sink.ensure_topics(pipeline_topics(settings.kafka.topic_prefix, domains))

@@ -18,6 +18,7 @@ Every packet (big-endian; MQTT 3.1.1 section 2, MQTT 5 section 2)::
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -292,6 +293,91 @@ def _varint(buf: bytes | bytearray, pos: int) -> tuple[int, int]:
     raise MalformedPacketError("variable byte integer longer than 4 bytes")
 
 
+_Split = tuple[list[Publish], list[tuple[int, bytes]], int, int]
+
+
+def _split_python(buf: bytes, v5: bool) -> _Split:
+    """The complete packets at the start of ``buf``: (PUBLISHes parsed, other packets as (type,
+    body), where the first incomplete packet starts, the bytes it needs in total or 0 when its
+    length is not known yet). Raises MalformedPacketError for bytes that are not MQTT."""
+    publishes: list[Publish] = []
+    control: list[tuple[int, bytes]] = []
+    pos, end, need = 0, len(buf), 0
+    unpack_id = _ID.unpack_from
+    while pos < end:
+        first = buf[pos]
+        # Remaining length, inlined for the common 1- and 2-byte cases.
+        if pos + 1 >= end:
+            break
+        b1 = buf[pos + 1]
+        if b1 < 0x80:
+            length, start = b1, pos + 2
+        else:
+            try:
+                length, start = _varint(buf, pos + 1)
+            except IndexError:
+                break
+        stop = start + length
+        if stop > end:
+            need = stop - pos
+            break
+        kind = first >> 4
+        if kind == PUBLISH:
+            qos = (first >> 1) & 3
+            if qos == 3 or length < 2:
+                raise MalformedPacketError("PUBLISH with QoS 3 or no topic")
+            try:
+                topic_len = unpack_id(buf, start)[0]
+                at = start + 2 + topic_len
+                topic = buf[start + 2 : at].decode("utf-8", "replace")
+                packet_id = 0
+                if qos:
+                    packet_id = unpack_id(buf, at)[0]
+                    at += 2
+                if v5:
+                    props = buf[at]
+                    if props < 0x80:
+                        at += 1 + props
+                    else:
+                        props, at = _varint(buf, at)
+                        at += props
+            except (IndexError, struct.error):
+                at = stop + 1
+            if at > stop:
+                raise MalformedPacketError("PUBLISH header longer than the packet")
+            publishes.append(Publish(topic, buf[at:stop], qos, packet_id))
+        elif kind == 0 or (kind == 15 and not v5):
+            raise MalformedPacketError(f"unexpected packet type {kind}")
+        else:
+            control.append((kind, buf[start:stop]))
+        pos = stop
+    return publishes, control, pos, need
+
+
+def _compiled_split() -> Callable[[bytes, bool, type], _Split] | None:
+    try:
+        from portpulse.codecs._mqttsplit import split
+    except ImportError:  # installed where no C compiler was at hand: the Python loop does it
+        return None
+    return split
+
+
+_COMPILED_SPLIT = _compiled_split()
+#: the MQTT packet splitter this install runs: "compiled" or "python" (logged at start-up)
+PACKET_SPLITTER = "python" if _COMPILED_SPLIT is None else "compiled"
+
+
+def split_packets(buf: bytes, v5: bool) -> _Split:
+    """:func:`_split_python`, compiled when the extension is built (one call per read rather than
+    a Python step per packet)."""
+    if _COMPILED_SPLIT is None:
+        return _split_python(buf, v5)
+    try:
+        return _COMPILED_SPLIT(buf, v5, Publish)
+    except ValueError as exc:
+        raise MalformedPacketError(str(exc)) from None
+
+
 class PacketReader:
     """Incremental reader: ``feed`` bytes as they arrive, get back every complete packet.
 
@@ -317,59 +403,9 @@ class PacketReader:
             buf = bytes(self._pending)
             self._pending.clear()
         else:
-            buf = data
-        publishes: list[Publish] = []
-        control: list[tuple[int, bytes]] = []
-        pos, end, v5 = 0, len(buf), self._v5
-        unpack_id = _ID.unpack_from
+            buf = bytes(data) if type(data) is not bytes else data
         self._need = 0
-        while pos < end:
-            first = buf[pos]
-            # Remaining length, inlined for the common 1- and 2-byte cases.
-            if pos + 1 >= end:
-                break
-            b1 = buf[pos + 1]
-            if b1 < 0x80:
-                length, start = b1, pos + 2
-            else:
-                try:
-                    length, start = _varint(buf, pos + 1)
-                except IndexError:
-                    break
-            stop = start + length
-            if stop > end:
-                self._need = stop - pos
-                break
-            kind = first >> 4
-            if kind == PUBLISH:
-                qos = (first >> 1) & 3
-                if qos == 3 or length < 2:
-                    raise MalformedPacketError("PUBLISH with QoS 3 or no topic")
-                try:
-                    topic_len = unpack_id(buf, start)[0]
-                    at = start + 2 + topic_len
-                    topic = buf[start + 2 : at].decode("utf-8", "replace")
-                    packet_id = 0
-                    if qos:
-                        packet_id = unpack_id(buf, at)[0]
-                        at += 2
-                    if v5:
-                        props = buf[at]
-                        if props < 0x80:
-                            at += 1 + props
-                        else:
-                            props, at = _varint(buf, at)
-                            at += props
-                except (IndexError, struct.error):
-                    at = stop + 1
-                if at > stop:
-                    raise MalformedPacketError("PUBLISH header longer than the packet")
-                publishes.append(Publish(topic, buf[at:stop], qos, packet_id))
-            elif kind == 0 or (kind == 15 and not v5):
-                raise MalformedPacketError(f"unexpected packet type {kind}")
-            else:
-                control.append((kind, buf[start:stop]))
-            pos = stop
-        if pos < end:
+        publishes, control, pos, self._need = split_packets(buf, self._v5)
+        if pos < len(buf):
             self._pending += buf[pos:]
         return publishes, control

@@ -136,7 +136,8 @@ def test_a_wheel_holds_only_the_portpulse_namespace(tmp_path: Path) -> None:
         assert want and want <= set(names), stage
     assert "portpulse/contract/catalogue.toml" in names
     assert "portpulse/app/dashboard.html" in names
-    assert [n for n in names if n.startswith("portpulse/ingest/_lineproto.") and n.endswith(".so")], "not compiled"
+    for compiled in ("portpulse/ingest/_lineproto.", "portpulse/codecs/_mqttsplit."):
+        assert [n for n in names if n.startswith(compiled) and n.endswith(".so")], f"{compiled} not compiled"
 
 
 def test_the_console_script_and_python_dash_m_run_the_same_command_line() -> None:
