@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from itertools import chain, repeat
 from operator import attrgetter, itemgetter
-from typing import TYPE_CHECKING, Any, NamedTuple, TypeGuard, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeGuard, TypeVar, cast
 
 import msgspec
 import numpy as np
@@ -210,10 +210,13 @@ class _Out:
         self.value.append(value)
         self.flags.append(flag)
 
-    def extend_columns(self, msg: int, readings: ReadingColumns) -> None:
-        """Add the readings of one message as columns (after whatever was added before)."""
+    def extend_columns(self, msg: int | npt.NDArray[np.int64], readings: ReadingColumns) -> None:
+        """Add readings as columns (after whatever was added before), of message ``msg`` or of the
+        messages ``msg`` gives for each reading."""
         self._flush()
-        self.chunks.append((readings, np.full(len(readings), msg, dtype=np.int64)))
+        if isinstance(msg, int):
+            msg = np.full(len(readings), msg, dtype=np.int64)
+        self.chunks.append((readings, msg))
 
     def _flush(self) -> None:
         """Turn the readings added one at a time or by the list into a chunk."""
@@ -257,6 +260,13 @@ def decode_messages(
     problems: dict[int, list[Problem]] = {}
     refused = refused or {}
     for_sparkplug: list[tuple[int, str, bytes, int]] = []
+    if (
+        len(messages) > 1
+        and not refused
+        and (sparkplug is None or not any(m.topic.startswith(_SPARKPLUG_PREFIX) for m in messages))
+        and _plain_reports(messages, limits, out)
+    ):
+        messages = ()  # every message decoded at once
     for i, msg in enumerate(messages):
         if i in refused:
             problems[i] = [refused[i]]
@@ -740,66 +750,123 @@ def _tokenize(text: str) -> _Tokens | None:
 
 def _plain_lines(i: int, text: str, topic: MqttTopic, received_ns: int, limits: DecodeLimits, out: _Out) -> bool:
     """Add every reading of a line-protocol message at once when every line is plain (see
-    :func:`_tokenize`), with names already validated and integer timestamps of one unit within
-    the limits. Otherwise add nothing and return False: the per-line path then says exactly what
-    is wrong (and learns new names).
-
-    Tag sets are parsed once per distinct text and cached; field names are checked once per
-    message when every line has the same fields. What the per-line path would judge differently
-    is left to it."""
+    :func:`_tokenize` and :func:`_plain_columns`). Otherwise add nothing and return False: the
+    per-line path then says exactly what is wrong (and learns new names)."""
     if "\n" not in text[:-1]:
         return _plain_line(i, text, topic, received_ns, limits, out)
     tokens = _tokenize(text)
     if tokens is None or len(tokens.heads) > _MAX_READINGS_PER_MESSAGE:
         return False
+    readings = _plain_columns(tokens, topic, received_ns, limits)
+    if readings is None:
+        return False
+    out.extend_columns(i, readings)
+    return True
+
+
+def _plain_reports(messages: Sequence[Message], limits: DecodeLimits, out: _Out) -> bool:
+    """Add the readings of a delivery of one-line reports (each message one plain line, as
+    sensors send their own readings) at once: the lines tokenized together and turned into
+    columns in one go, instead of a Python pass per message. Add nothing and return False when
+    one message is anything else (JSON, several lines, a bad topic, a doubt of
+    :func:`_plain_columns`): the caller decodes them one by one."""
+    payloads = [m.payload for m in messages]
+    if max(map(len, payloads)) > limits.max_payload_bytes:
+        return False
+    joined = b"\n".join(payloads)
+    if joined.count(b"\n") != len(messages) - 1:  # a payload of several lines, or a trailing newline
+        return False
+    try:
+        text = joined.decode()
+    except UnicodeDecodeError:
+        return False
+    tokens = _tokenize(text)
+    if tokens is None or len(tokens.heads) != len(messages):  # an empty payload
+        return False
+    parsed = list(map(parse_mqtt_topic, map(_TOPIC, messages), repeat(limits.topic_prefix)))
+    if set(map(type, parsed)) != {MqttTopic}:  # a bad topic
+        return False
+    topics = cast(list[MqttTopic], parsed)
+    received = np.fromiter(map(_RECEIVED, messages), dtype=np.int64, count=len(messages))
+    readings = _plain_columns(tokens, topics, received, limits)
+    if readings is None:
+        return False
+    counts = len(tokens.names) if tokens.counts is None else tokens.counts
+    out.extend_columns(np.repeat(np.arange(len(messages), dtype=np.int64), counts), readings)
+    return True
+
+
+_TOPIC, _RECEIVED = attrgetter("topic"), attrgetter("received_ns")
+
+
+def _plain_columns(
+    tokens: _Tokens,
+    topic: MqttTopic | list[MqttTopic],
+    received_ns: int | npt.NDArray[np.int64],
+    limits: DecodeLimits,
+) -> ReadingColumns | None:
+    """The readings of plain lines that came on ``topic`` (one for all, or one per line: its
+    sensor and site stand in for missing tags, its domain is theirs) at ``received_ns`` (one, or
+    one per line), when every name is already validated and every timestamp has one unit and is
+    within the limits; None otherwise.
+
+    Tag sets are parsed once per distinct text and cached; field names are checked once when
+    every line has the same fields. What the per-line path would judge differently is left to
+    it."""
     heads = tokens.heads
     tags: list[Any] = list(map(_TAG_SETS.get, heads))
     if None in tags:
         tags = list(map(_tag_set, heads))
         if None in tags:
-            return False
+            return None
     sensors: list[Any] = list(map(_FIRST, tags))
     sites: list[Any] = list(map(_SECOND, tags))
+    line_topics = topic if isinstance(topic, list) else [topic] * len(heads)
     if None in sensors:  # lines without a sensor_id tag: the topic's
-        sensors = [topic.sensor_id if s is None else s for s in sensors]
+        sensors = [t.sensor_id if s is None else s for s, t in zip(sensors, line_topics, strict=True)]
     if None in sites:
-        sites = [topic.site if s is None else s for s in sites]
+        sites = [t.site if s is None else s for s, t in zip(sites, line_topics, strict=True)]
     canonical_sensors, canonical_sites = _IDS.canonical(sensors), _IDS.canonical(sites)
     if canonical_sensors is None or canonical_sites is None:
-        return False
+        return None
     names = _METRICS.canonical(tokens.names)
     if names is None:
-        return False
+        return None
     if tokens.counts is None:
         if len(set(names)) != len(names):
-            return False  # a field repeated in a line: the per-line path keeps the last value
+            return None  # a field repeated in a line: the per-line path keeps the last value
         counts: list[int] | int = len(names)
         metric = np.tile(str_array(names), len(heads))
     else:
         counts = tokens.counts
         if len(set(zip(_repeated(list(range(len(heads))), counts), names, strict=True))) != len(names):
-            return False
+            return None
         metric = str_array(names)
     lo, hi = int(tokens.stamps.min()), int(tokens.stamps.max())
     unit = _ns_per_unit(hi)
     if unit != _ns_per_unit(lo) or hi * unit >= 2**63:
-        return False
-    if lo * unit < received_ns - limits.max_past_ns or hi * unit > received_ns + limits.max_future_ns:
-        return False
+        return None
+    stamps = tokens.stamps * unit
+    if isinstance(received_ns, int):
+        if lo * unit < received_ns - limits.max_past_ns or hi * unit > received_ns + limits.max_future_ns:
+            return None
+    elif ((stamps < received_ns - limits.max_past_ns) | (stamps > received_ns + limits.max_future_ns)).any():
+        return None
     n = len(tokens.values)
-    domain = np.empty(n, dtype=object)
-    domain[:] = topic.domain  # np.full takes five times as long for an object
-    readings = ReadingColumns(
+    if isinstance(topic, list):
+        domain = np.repeat(str_array([t.domain for t in topic]), counts)
+    else:
+        domain = np.empty(n, dtype=object)
+        domain[:] = topic.domain  # np.full takes five times as long for an object
+    return ReadingColumns(
         sensor_id=np.repeat(str_array(canonical_sensors), counts),
         site=np.repeat(str_array(canonical_sites), counts),
         domain=domain,
         metric=metric,
-        ts_ns=np.repeat(tokens.stamps * unit, counts),
+        ts_ns=np.repeat(stamps, counts),
         value=tokens.values,
         flags=np.zeros(n, dtype=np.uint8),
     )
-    out.extend_columns(i, readings)
-    return True
 
 
 def _tokenize_line(text: str) -> tuple[str, list[str], list[float], int] | None:

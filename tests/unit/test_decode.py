@@ -667,3 +667,49 @@ def test_the_compiled_tokenizer_takes_what_fleets_send_and_leaves_the_rest() -> 
         "a x=é 5\na x=2 2",
     ):
         assert module._compiled_tokenize(other) is None, other
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    reports=st.lists(
+        st.tuples(
+            st.one_of(_lp_line(["no2"]), _lp_line(["no2", "pm25"]), _lp_line(), _plain_lp_line(),
+                      st.sampled_from(['{"metrics": {"no2": 1.5}}', "", "air no2=1 1\nair no2=2 2"])),
+            st.sampled_from(["sensors/air/quai", "sensors/air/quai/s-7", "sensors/crane/berth-9/c-1", "bad/topic"]),
+            st.sampled_from([0, 0, 10**9, -(10**18), 10**16]),  # received: now, later, long before, long after
+        ),
+        min_size=2,
+        max_size=6,
+    )
+)  # fmt: skip
+def test_a_delivery_of_one_line_reports_decoded_at_once_gives_what_one_by_one_gives(
+    reports: list[tuple[str, str, int]],
+) -> None:
+    """A sensor's own reports, a delivery at a time: the same readings, message indices and
+    reasons as each message decoded on its own (which also learns the names first)."""
+    messages = [Message(topic, line.encode(), NOW + shift) for line, topic, shift in reports]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("portpulse.ingest.decode._plain_reports", lambda *args: False)
+        one_by_one = decode_messages(messages, DecodeLimits())
+    at_once = decode_messages(messages, DecodeLimits())
+    assert at_once.readings.rows() == one_by_one.readings.rows()
+    assert at_once.message_index.tolist() == one_by_one.message_index.tolist()
+    assert at_once.problems == one_by_one.problems
+
+
+def test_one_line_reports_of_a_delivery_are_decoded_at_once() -> None:
+    """The delivery-wide path is taken for what sensors send (else the test above proves little)."""
+    from portpulse.ingest import decode as module
+
+    lines = [f"air,sensor_id=s-{k},site=quai no2={k}.5 {NOW + k}" for k in range(3)] + [f"crane hoist_load=7 {NOW}"]
+    topics = ["sensors/air/quai"] * 3 + ["sensors/crane/berth-9/c-1"]
+    messages = [Message(t, line.encode(), NOW) for t, line in zip(topics, lines, strict=True)]
+    decode_messages(messages, DecodeLimits())  # learns the names
+    out = module._Out()
+    assert module._plain_reports(messages, DecodeLimits(), out)
+    readings, index = out.columns()
+    assert readings.sensor_id.tolist() == ["s-0", "s-1", "s-2", "c-1"] and index.tolist() == [0, 1, 2, 3]
+    assert readings.domain.tolist() == ["air"] * 3 + ["crane"] and readings.site.tolist()[-1] == "berth-9"
+    assert readings.value.tolist() == [0.5, 1.5, 2.5, 7.0] and readings.ts_ns.tolist() == [NOW, NOW + 1, NOW + 2, NOW]
+    for other in ([*lines[:3], "crane hoist_load=7"], [*lines[:3], ""], [lines[0] + "\n", lines[1]]):
+        assert not module._plain_reports([Message(topics[0], o.encode(), NOW) for o in other], DecodeLimits(), out)
