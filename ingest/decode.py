@@ -771,8 +771,9 @@ def _plain_reports(messages: Sequence[Message], limits: DecodeLimits, out: _Out)
     one message is anything else (JSON, several lines, a bad topic, a doubt of
     :func:`_plain_columns`): the caller decodes them one by one."""
     payloads = [m.payload for m in messages]
-    if max(map(len, payloads)) > limits.max_payload_bytes:
-        return False
+    first = payloads[0]
+    if first[:1] in (b"{", b"[") or b"\n" in first or max(map(len, payloads)) > limits.max_payload_bytes:
+        return False  # JSON or a gateway's lines, as the rest of a delivery most likely is too
     joined = b"\n".join(payloads)
     if joined.count(b"\n") != len(messages) - 1:  # a payload of several lines, or a trailing newline
         return False
