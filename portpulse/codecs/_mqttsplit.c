@@ -4,8 +4,8 @@
  * split(buf: bytes, v5: bool, publish: type) -> (publishes, control, pos, need)
  *
  * Exactly what mqttwire._split_python does, and with the same messages on malformed input:
- *   publishes: list of ``publish(topic, payload, qos, packet_id)`` (a tuple subclass, made
- *              without calling its constructor) for every complete PUBLISH;
+ *   publishes: list of ``publish(topic, payload, qos, packet_id)`` (a tuple subclass, made as
+ *              tuple.__new__ makes it, without its Python constructor) for every complete PUBLISH;
  *   control:   list of (packet type, body bytes) for every other complete packet;
  *   pos:       where the first incomplete packet starts (len(buf) when none);
  *   need:      the bytes that packet needs in total, 0 when its length is not known yet.
@@ -40,18 +40,17 @@ static PyObject *make_publish(PyTypeObject *type, const unsigned char *buf, Py_s
     PyObject *payload = topic ? PyBytes_FromStringAndSize((const char *)buf + at, stop - at) : NULL;
     PyObject *qos_obj = payload ? PyLong_FromLong(qos) : NULL;
     PyObject *id_obj = qos_obj ? PyLong_FromLong(packet_id) : NULL;
-    PyObject *publish = id_obj ? type->tp_alloc(type, 4) : NULL;
-    if (publish == NULL) {
-        Py_XDECREF(topic);
-        Py_XDECREF(payload);
-        Py_XDECREF(qos_obj);
-        Py_XDECREF(id_obj);
-        return NULL;
-    }
-    PyTuple_SET_ITEM(publish, 0, topic);
-    PyTuple_SET_ITEM(publish, 1, payload);
-    PyTuple_SET_ITEM(publish, 2, qos_obj);
-    PyTuple_SET_ITEM(publish, 3, id_obj);
+    /* tuple.__new__(type, (topic, payload, qos, packet_id)): the tuple type makes the instance of
+     * its subclass, so whatever a tuple holds besides its items is set up as for any tuple. */
+    PyObject *items = id_obj ? PyTuple_Pack(4, topic, payload, qos_obj, id_obj) : NULL;
+    PyObject *args = items ? PyTuple_Pack(1, items) : NULL;
+    PyObject *publish = args ? PyTuple_Type.tp_new(type, args, NULL) : NULL;
+    Py_XDECREF(topic);
+    Py_XDECREF(payload);
+    Py_XDECREF(qos_obj);
+    Py_XDECREF(id_obj);
+    Py_XDECREF(items);
+    Py_XDECREF(args);
     return publish;
 }
 
