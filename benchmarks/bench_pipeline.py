@@ -16,8 +16,8 @@ both. For single-reading messages and for gateway batches of 100 readings it mea
   run's sensors, 1000 when that is 0; at most 1 s of it not yet queryable in InfluxDB when the
   publisher is done), searched down from the throughput (a burst drained) in steps of 15 %;
 * latency: at ``--latency-load`` (0.8) of the saturation rate (from ``--latency-sensors`` sensors, 1000 as
-  in the throughput run; every sensor reports once before the clock starts, since a running port's series exist in
-  InfluxDB already), probe readings with unique sensor ids are published every 0.25 s and
+  in the throughput run; every sensor reports once before the clock starts, stamped an hour back, since a running
+  port's series exist in InfluxDB already), probe readings with unique sensor ids are published every 0.25 s and
   InfluxDB is polled (InfluxQL, every 20 ms) until each is queryable; p50/p99 of publish ->
   queryable.
 """
@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -277,13 +278,23 @@ def warm_up(run: Pipeline, host: str, port: int, ts_ms: int) -> None:
     run.wait(lambda: run.influx.count("air", "no2") >= 1, 120, "warmed up")
 
 
+#: How long before the load the roster's readings are stamped (ms).
+ROSTER_AHEAD_MS = 3_600_000
+
+
 def roster(run: Pipeline, host: str, port: int, sensors: int, batch: int) -> float:
     """Warm ``run`` up, then every sensor once before the clock starts: a running port's series
     exist in InfluxDB already, and creating tens of thousands of new series (about 10 k/s here)
-    would otherwise be what is measured. Returns the roster's time (s), reported apart."""
-    warm_up(run, host, port, int(time.time() * 1000) - 1_000)
+    would otherwise be what is measured. Returns the roster's time (s), reported apart.
+
+    The roster is stamped an hour back: a running port's sensors report without pause, whereas
+    here they pause between the roster and the load for longer than the idle timeout, and a load
+    resuming inside the windows that pause closed would measure sensors coming back after an
+    outage (a window opened again once per series), not the steady state."""
+    warm_up(run, host, port, int(time.time() * 1000) - ROSTER_AHEAD_MS)
     started = time.monotonic()
-    messages = payloads(run.prefix, -(-sensors // batch), batch, int(time.time() * 1000) - 1_000, sensors=sensors)
+    messages = payloads(run.prefix, -(-sensors // batch), batch, int(time.time() * 1000) - ROSTER_AHEAD_MS,
+                        sensors=sensors)  # fmt: skip
     publish(host, port, messages, 1)
     stored = len(messages) * batch + 1  # and the warm-up reading
     run.wait(lambda: run.influx.count("air", "no2") >= stored, 600, f"{stored} roster readings stored")
@@ -412,13 +423,14 @@ def latency(
         stop.set()
         loader.join(120)
         poller.join(120)
-        lat = sorted(seen[s] - sent[s] for s in seen)
+        # A probe never seen (within a minute of the last one sent) counts as infinitely late.
+        lat = sorted(seen[s] - sent[s] for s in seen) + [math.inf] * (len(sent) - len(seen))
         first = min(sent.values(), default=0.0)
         over_time = sorted((sent[s] - first, seen[s] - sent[s]) for s in seen)
-        if not lat:
+        if not seen:
             return {"probes": len(sent), "seen": 0}
         return {
-            "probes": len(sent), "seen": len(lat), "p50_ms": 1000 * statistics.median(lat),
+            "probes": len(sent), "seen": len(seen), "p50_ms": 1000 * statistics.median(lat),
             "p99_ms": 1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))], "max_ms": 1000 * lat[-1],
             "load_msgs_per_s": rate_msgs, "load_readings_per_s": rate_msgs * batch, "latency_over_time": over_time,
             "sensors": sensors, "roster_s": roster_s, "late": run.totals().get("late", 0.0) - late_before,

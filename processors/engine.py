@@ -12,7 +12,10 @@ clock runs ahead, or a gateway that delivers a backlog, moves only its own windo
 A reading for a window that was already emitted is a correction: the window is listed in
 :attr:`EngineOutput.recompute`, the loop makes sure the window's raw points are stored, reads them
 back and :meth:`ProcessorEngine.recomputed` turns them into the corrected aggregate (the same
-series and timestamp, so the store overwrites the old point). The raw points are the truth; a
+series and timestamp, so the store overwrites the old point). A series that resumes inside
+windows it closed on the idle timeout (its own event time has not passed them) opens them again
+instead: they take its readings in memory and are recomputed from the store once, when they
+close again, rather than read back at every step while it reports. The raw points are the truth; a
 window aggregated in memory equals the same computation over them, because the engine holds every
 reading of a window until it closes (exact p95) and the store keeps one point per series and time
 like :func:`processors.window.aggregate` does.
@@ -52,7 +55,15 @@ from portpulse.processors.clean import (
     clean,
     series_time_order,
 )  # fmt: skip
-from portpulse.processors.window import Aggregates, OpenWindows, WindowSpec, aggregate, assign
+from portpulse.processors.window import (
+    Aggregates,
+    ClosedRows,
+    OpenWindows,
+    WindowSpec,
+    aggregate,
+    assign,
+    concat_rows,
+)  # fmt: skip
 
 __all__ = [
     "Deferred",
@@ -141,25 +152,38 @@ class KeyCodes(NamedTuple):
         return KeyCodes((domain * len(sensors) + sensor) * len(sites) + site, factorise_column(r.metric)[0])
 
 
+_Windows = tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]
+
+
 @dataclass(frozen=True, slots=True)
 class Recompute:
-    """Windows to recompute from the store, as columns ``(m,)`` of int64: window spec index,
-    series id, window start (ns); distinct, sorted."""
+    """Windows to recompute, as columns ``(m,)`` of int64: window spec index, series id, window
+    start (ns) and ``upto`` (ns); distinct windows, sorted. A window's readings at or before
+    ``upto`` are read from the store, the later ones are in ``held`` (rows of windows opened again
+    when their series resumed, which memory holds from then on); ``upto`` is at or past the end of
+    a window read from the store whole."""
 
     spec: npt.NDArray[np.int64]
     series: npt.NDArray[np.int64]
     start: npt.NDArray[np.int64]
+    upto: npt.NDArray[np.int64]
+    held: ClosedRows | None = None
 
     def __len__(self) -> int:
         return len(self.spec)
 
     @staticmethod
-    def of(parts: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]]) -> Recompute:
+    def of(parts: list[_Windows], held: list[ClosedRows] | None = None) -> Recompute:
+        """Windows ``(spec, series, start, upto)`` from ``parts``; a window named twice keeps the
+        latest ``upto`` (more of it from the store: exact whatever memory holds)."""
+        kept = concat_rows([h for h in held or [] if len(h.spec)])
         if not parts:
             e = np.empty(0, dtype=np.int64)
-            return Recompute(e, e, e)
+            return Recompute(e, e, e, e, kept)
         stacked = np.unique(np.stack([np.concatenate(c) for c in zip(*parts, strict=True)]), axis=1)
-        return Recompute(stacked[0], stacked[1], stacked[2])
+        last = np.ones(stacked.shape[1], dtype=bool)
+        last[:-1] = np.any(stacked[:3, 1:] != stacked[:3, :-1], axis=0)
+        return Recompute(stacked[0, last], stacked[1, last], stacked[2, last], stacked[3, last], kept)
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,14 +244,15 @@ class EngineOutput:
         self.rejudged += other.rejudged
         self.retract += other.retract
         if len(other.recompute):
-            self.add_recompute([(other.recompute.spec, other.recompute.series, other.recompute.start)])
+            theirs = other.recompute
+            self.add_recompute([(theirs.spec, theirs.series, theirs.start, theirs.upto)], theirs.held)
 
-    def add_recompute(
-        self, windows: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]]
-    ) -> None:
-        """Add windows ``(spec, series, start)`` to those to recompute from the store."""
-        mine = [(self.recompute.spec, self.recompute.series, self.recompute.start)] if len(self.recompute) else []
-        self.recompute = Recompute.of([*mine, *windows])
+    def add_recompute(self, windows: list[_Windows], held: ClosedRows | None = None) -> None:
+        """Add windows ``(spec, series, start, upto)`` (and the rows memory holds of them) to
+        those to recompute (see :class:`Recompute`)."""
+        mine = self.recompute
+        parts = [(mine.spec, mine.series, mine.start, mine.upto)] if len(mine) else []
+        self.recompute = Recompute.of([*parts, *windows], [h for h in (mine.held, held) if h is not None])
 
 
 @dataclass(slots=True)
@@ -289,8 +314,15 @@ class ProcessorEngine:
         self._arrival = np.full(0, -np.inf)
         # Series whose event time moved since the last close: only they and idle ones close more.
         self._advanced: list[npt.NDArray[np.int64]] = []
-        # Per window spec and series: windows ending at or before this were emitted.
+        # Per window spec and series: windows ending at or before this are closed (a reading for
+        # one is a correction), and windows ending at or before this may have been emitted. They
+        # differ for a series that resumed inside windows closed on the idle timeout: those open
+        # again and are recomputed from the store when they close (see _add_to_windows).
         self._closed = np.full((len(settings.windows), 0), _NEG, dtype=np.int64)
+        self._emitted = np.full((len(settings.windows), 0), _NEG, dtype=np.int64)
+        # Per series: its newest event time when it last resumed inside such windows. The store
+        # holds their readings up to it; memory holds all the later ones.
+        self._resumed_after = np.full(0, _NEG, dtype=np.int64)
         self._parts: dict[int, _Partition] = {}
         self._open = OpenWindows()
         # Slots of evicted series, reused by new ones; when the last eviction pass ran (s).
@@ -400,7 +432,9 @@ class ProcessorEngine:
             self._max_ts = np.concatenate([self._max_ts, np.full(more, _NEG, dtype=np.int64)])
             self._replayed_ts = np.concatenate([self._replayed_ts, np.full(more, _NEG, dtype=np.int64)])
             self._arrival = np.concatenate([self._arrival, np.full(more, -np.inf)])
+            self._resumed_after = np.concatenate([self._resumed_after, np.full(more, _NEG, dtype=np.int64)])
             self._closed = np.hstack([self._closed, np.full((len(self._s.windows), more), _NEG, dtype=np.int64)])
+            self._emitted = np.hstack([self._emitted, np.full((len(self._s.windows), more), _NEG, dtype=np.int64)])
 
     def _series_ids(self, r: Readings, codes: KeyCodes | None) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
         """Series id and unit factor of every reading ``(n,)``. ``codes``: labels of the readings'
@@ -539,7 +573,7 @@ class ProcessorEngine:
             if state is None:
                 continue
             mine = ids[self._series_part[ids] == p]
-            latest = self._closed[:, mine].max(axis=1).tolist()
+            latest = self._emitted[:, mine].max(axis=1).tolist()
             before = state.closed_before or tuple([_NEG] * len(latest))
             state.closed_before = tuple(max(a, int(b)) for a, b in zip(before, latest, strict=True))
         for sid in ids.tolist():
@@ -555,7 +589,9 @@ class ProcessorEngine:
         self._max_ts[ids] = _NEG
         self._replayed_ts[ids] = _NEG
         self._arrival[ids] = -np.inf
+        self._resumed_after[ids] = _NEG
         self._closed[:, ids] = _NEG
+        self._emitted[:, ids] = _NEG
         self._free.extend(ids.tolist())
 
     def _forget_resolved(self, ids: npt.NDArray[np.int64]) -> None:
@@ -620,8 +656,9 @@ class ProcessorEngine:
             r = r.take(judged)
             series, value, ok, replay_from = series[judged], value[judged], ok[judged], replay_from[judged]
         replayed = self._replayed(r)
+        newest_before = self._max_ts[series]
         self._advance(series, r, replayed, now_s)
-        self._add_to_windows(series, r, value, ok, replay_from, replayed, out)
+        self._add_to_windows(series, r, value, ok, replay_from, replayed, newest_before, out)
 
     def neighbour_ranges(self, deferred: Deferred) -> list[SeriesRange]:
         """What to read back to judge ``deferred`` readings: per domain, their sensors and metrics
@@ -733,7 +770,7 @@ class ProcessorEngine:
         if (~ok).any():
             self._stored_points(series[~ok], ts[~ok], value[~ok], verdict[~ok], out)
             out.retract.append((series[~ok], ts[~ok]))
-        behind = []
+        behind: list[_Windows] = []
         for spec_i, spec in enumerate(self._s.windows):
             rows, starts = assign(ts, spec)
             closed = starts + spec.size_ns <= self._closed[spec_i, series[rows]]
@@ -743,7 +780,7 @@ class ProcessorEngine:
                                   int(ts[row]), bool(ok[row]))  # fmt: skip
             if closed.any():
                 behind.append((np.full(int(closed.sum()), spec_i, dtype=np.int64), series[rows][closed],
-                               starts[closed]))  # fmt: skip
+                               starts[closed], starts[closed] + spec.size_ns))  # fmt: skip
         if behind:
             out.add_recompute(behind)
 
@@ -851,9 +888,12 @@ class ProcessorEngine:
         ok: npt.NDArray[np.bool_],
         replay_from: npt.NDArray[np.int64],
         replayed_rows: npt.NDArray[np.bool_],
+        newest_before: npt.NDArray[np.int64],
         out: EngineOutput,
     ) -> None:
-        behind: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]] = []
+        """The readings into their windows (``newest_before``: each one's series' newest event time
+        before this step)."""
+        behind: list[_Windows] = []
         for spec_i, spec in enumerate(self._s.windows):
             rows, starts = assign(r.ts_ns, spec)
             s_rows = series[rows]
@@ -863,10 +903,26 @@ class ProcessorEngine:
             closed = ends <= self._closed[spec_i, s_rows]
             correction = closed & ~replayed
             out.replayed += int(replayed.sum())
+            # Behind an emitted window: read back now, or taken by a window opened again.
+            out.corrections += int(((ends <= self._emitted[spec_i, s_rows]) & ~replayed).sum())
             if correction.any():
-                out.corrections += int(correction.sum())
+                # A series back inside windows it closed on the idle timeout (its event time has
+                # not passed them): they open again rather than being read back from the store at
+                # every step while it reports; each is recomputed from the store once, when it
+                # closes again (_close), since memory holds only its readings from now on.
+                resumed = correction & (ends > self._max_ts[s_rows] - self._s.allowed_lateness_ns)
+                if resumed.any():
+                    again = s_rows[resumed]
+                    self._resumed_after[again] = np.maximum(self._resumed_after[again], newest_before[rows[resumed]])
+                    ids = np.unique(again)
+                    watermark = self._max_ts[ids] - self._s.allowed_lateness_ns
+                    by_time = (watermark - spec.size_ns) // spec.step_ns * spec.step_ns + spec.size_ns
+                    self._closed[spec_i, ids] = np.minimum(self._closed[spec_i, ids], by_time)
+                    closed = ends <= self._closed[spec_i, s_rows]
+                    correction = closed & ~replayed
+            if correction.any():
                 behind.append((np.full(int(correction.sum()), spec_i, dtype=np.int64), s_rows[correction],
-                               starts[correction]))  # fmt: skip
+                               starts[correction], ends[correction]))  # fmt: skip
             live = ~(closed | replayed)
             rows, starts = rows[live], starts[live]
             self._open.add(spec_i, starts, r.partition[rows], series[rows], r.ts_ns[rows], value[rows], ok[rows],
@@ -911,17 +967,30 @@ class ProcessorEngine:
             by_idle = max_ts // spec.step_ns * spec.step_ns + spec.size_ns
             target = np.where(idle, np.maximum(by_time, by_idle), by_time)
             self._closed[spec_i, rows] = np.maximum(self._closed[spec_i, rows], target)
-        closed = self._open.close([w.size_ns for w in self._s.windows], self._closed)
-        if closed is None:
+        sizes = [w.size_ns for w in self._s.windows]
+        closed = self._open.close(sizes, self._closed)
+        # Windows that may have been emitted before hold only part of their readings: opened
+        # again when their series resumed (they end within what it had emitted), or before a restart.
+        partial = None
+        if closed is not None:
+            ends = closed.start + np.array(sizes, dtype=np.int64)[closed.spec]
+            partial = ends <= self._emitted[closed.spec, closed.series]
+        self._emitted[:, rows] = np.maximum(self._emitted[:, rows], self._closed[:, rows])
+        if closed is None or partial is None:
             return
-        # Windows that may have been emitted before a restart hold only part of their readings.
-        partial = np.zeros(len(closed.spec), dtype=bool)
+        # Read from the store up to when the series resumed, the rest from memory.
+        resumed_after = self._resumed_after[closed.series]
+        upto = np.where(partial & (resumed_after > _NEG), resumed_after, ends)
         for p, state in self._parts.items():
             if state.closed_before:
                 before = np.array(state.closed_before, dtype=np.int64)[closed.spec]
-                partial |= (closed.partition == p) & (closed.start < before)
+                restarted = (closed.partition == p) & (closed.start < before)
+                partial |= restarted
+                upto[restarted] = ends[restarted]  # memory holds only what the replay brought back
         if partial.any():
-            out.add_recompute([(closed.spec[partial], closed.series[partial], closed.start[partial])])
+            held = partial & (upto < ends)
+            out.add_recompute([(closed.spec[partial], closed.series[partial], closed.start[partial], upto[partial])],
+                              closed.take(held) if held.any() else None)  # fmt: skip
         whole = ~partial
         w_spec, w_series, w_start = closed.spec[whole], closed.series[whole], closed.start[whole]
         if not len(w_spec):
@@ -977,8 +1046,13 @@ class ProcessorEngine:
 
     def stored_ranges(self, windows: Recompute) -> list[SeriesRange]:
         """What to read back from the store to recompute ``windows``: one range per domain, over
-        every sensor and metric involved, from the earliest start to the latest end."""
+        every sensor and metric involved, from the earliest start to the latest end (or ``upto``,
+        for windows memory holds the rest of); none for a domain whose windows memory holds whole."""
         ends = windows.start + np.array([w.size_ns for w in self._s.windows], dtype=np.int64)[windows.spec]
+        ends = np.minimum(ends, windows.upto + 1)
+        needed = ends > windows.start
+        windows = Recompute(windows.spec[needed], windows.series[needed], windows.start[needed], windows.upto[needed])
+        ends = ends[needed]
         domains = np.array(self._series_domain, dtype=object)[windows.series]
         out = []
         for domain in sorted(set(domains.tolist())):
@@ -997,8 +1071,8 @@ class ProcessorEngine:
 
     def recomputed(self, windows: Recompute, stored: list[StoredReadings]) -> EngineOutput:
         """The aggregates of ``windows`` over the readings the store holds (``stored``: what
-        :meth:`stored_ranges` asked for), as window points; a window with nothing stored is
-        skipped."""
+        :meth:`stored_ranges` asked for) up to each window's ``upto`` and those memory holds after
+        it, as window points; a window with no reading is skipped."""
         out = EngineOutput()
         if not len(windows):
             return out
@@ -1010,45 +1084,43 @@ class ProcessorEngine:
                                                                      strict=True)),
                 dtype=np.int64, count=len(part.ts_ns),
             )  # fmt: skip
-            ids.append(sid)
-            ts.append(part.ts_ns)
-            val.append(part.value)
-            acc.append(part.accepted)
+            known = sid >= 0
+            ids.append(sid[known])
+            ts.append(part.ts_ns[known])
+            val.append(part.value[known])
+            acc.append(part.accepted[known])
         series = np.concatenate(ids) if ids else np.empty(0, dtype=np.int64)
         ts_ns = np.concatenate(ts) if ts else np.empty(0, dtype=np.int64)
         value = np.concatenate(val) if val else np.empty(0)
         accepted = np.concatenate(acc) if acc else np.empty(0, dtype=bool)
-        rows_spec, rows_series, rows_start, rows_idx = [], [], [], []
+        # Every stored reading in every window of the asked specs, then the rows memory holds.
+        parts: list[ClosedRows] = []
         for spec_i, spec in enumerate(self._s.windows):
-            wanted = windows.spec == spec_i
-            if not wanted.any():
-                continue
-            rows, starts = assign(ts_ns, spec)
-            asked = np.isin(
-                _pair(series[rows], starts), _pair(windows.series[wanted], windows.start[wanted])
-            )  # fmt: skip
-            rows_spec.append(np.full(int(asked.sum()), spec_i, dtype=np.int64))
-            rows_series.append(series[rows][asked])
-            rows_start.append(starts[asked])
-            rows_idx.append(rows[asked])
-        if not rows_spec:
+            if (windows.spec == spec_i).any():
+                rows, starts = assign(ts_ns, spec)
+                parts.append(ClosedRows(np.full(len(rows), spec_i, dtype=np.int64), series[rows], starts, ts_ns[rows],
+                                        value[rows], accepted[rows], np.zeros(len(rows), dtype=np.int64)))  # fmt: skip
+        from_store = sum(len(p.spec) for p in parts)
+        rows_c = concat_rows([*parts, *([windows.held] if windows.held is not None else [])])
+        if rows_c is None or not len(rows_c.spec):
             return out
-        spec_c, series_c, start_c, idx = (np.concatenate(c) for c in (rows_spec, rows_series, rows_start, rows_idx))
-        if not len(idx):
+        m = len(windows)
+        keys = _window_key(np.concatenate([windows.spec, rows_c.spec]), np.concatenate([windows.series, rows_c.series]),
+                           np.concatenate([windows.start, rows_c.start]), self._s.windows)  # fmt: skip
+        asked, key = keys[:m], keys[m:]  # the windows' keys are sorted: they are
+        at = np.minimum(np.searchsorted(asked, key), m - 1)
+        upto = windows.upto[at]
+        stored_row = np.arange(len(key)) < from_store
+        keep = (asked[at] == key) & np.where(stored_row, rows_c.ts_ns <= upto, rows_c.ts_ns > upto)
+        if not keep.any():
             return out
-        key = _window_key(spec_c, series_c, start_c, self._s.windows)
+        rows_c, key = rows_c.take(keep), key[keep]
         # The store keeps one point per instant and has no arrival order: order rows by time.
-        by_time = np.lexsort((ts_ns[idx], key))
-        key, spec_c, series_c, start_c, idx = (
-            key[by_time],
-            spec_c[by_time],
-            series_c[by_time],
-            start_c[by_time],
-            idx[by_time],
-        )
-        agg = aggregate(key, ts_ns[idx], value[idx], accepted[idx])
+        by_time = np.lexsort((rows_c.ts_ns, key))
+        rows_c, key = rows_c.take(by_time), key[by_time]
+        agg = aggregate(key, rows_c.ts_ns, rows_c.value, rows_c.ok)
         first = agg.first_row
-        self._window_points(spec_c[first], series_c[first], start_c[first], agg, out)
+        self._window_points(rows_c.spec[first], rows_c.series[first], rows_c.start[first], agg, out)
         return out
 
     # ------------------------------------------------------------ offsets and rebalances
@@ -1075,7 +1147,7 @@ class ProcessorEngine:
         # Per window spec the latest end any series closed, over all partitions: at least each
         # partition's own (a restart then recomputes a few more windows from the store; exact
         # per partition would cost a scatter over every series at every step).
-        closed = self._closed.max(axis=1).tolist() if self._closed.size else [_NEG] * len(self._s.windows)
+        closed = self._emitted.max(axis=1).tolist() if self._emitted.size else [_NEG] * len(self._s.windows)
         out = {}
         for p in parts:
             state = self._parts[p]
@@ -1108,7 +1180,9 @@ class ProcessorEngine:
             self._max_ts[forget] = _NEG
             self._replayed_ts[forget] = _NEG
             self._arrival[forget] = -np.inf
+            self._resumed_after[forget] = _NEG
             self._closed[:, forget] = _NEG
+            self._emitted[:, forget] = _NEG
         self._open.drop(gone)
 
     @property
@@ -1138,11 +1212,6 @@ def _interned(table: dict[_K, int], keys: list[_K], fresh: Iterator[int]) -> npt
     if None in ids:
         ids = [table.setdefault(key, next(fresh)) if i is None else i for key, i in zip(keys, ids, strict=True)]
     return np.array(ids, dtype=np.int64)
-
-
-def _pair(a: npt.NDArray[np.int64], b: npt.NDArray[np.int64]) -> npt.NDArray[np.void]:
-    """Rows of two int64 columns as one comparable value each (for ``np.isin``)."""
-    return np.stack([a, b], axis=1).copy().view(np.dtype((np.void, 16))).reshape(-1)
 
 
 def _window_key(

@@ -23,7 +23,17 @@ import numpy.typing as npt
 
 from portpulse.arrays import group_starts, stable_order
 
-__all__ = ["Aggregates", "OpenWindows", "WindowSpec", "aggregate", "assign", "duration_ns", "parse_windows"]
+__all__ = [
+    "Aggregates",
+    "ClosedRows",
+    "OpenWindows",
+    "WindowSpec",
+    "aggregate",
+    "assign",
+    "concat_rows",
+    "duration_ns",
+    "parse_windows",
+]
 
 _UNITS = {"s": 10**9, "m": 60 * 10**9, "h": 3600 * 10**9, "d": 86_400 * 10**9}
 
@@ -204,6 +214,19 @@ class ClosedRows:
     value: npt.NDArray[np.float64]
     ok: npt.NDArray[np.bool_]
     partition: npt.NDArray[np.int64]
+
+    def take(self, rows: npt.NDArray[np.bool_] | npt.NDArray[np.int64]) -> ClosedRows:
+        """The rows at ``rows`` (a mask or indices)."""
+        return ClosedRows(*(getattr(self, f)[rows] for f in ClosedRows.__dataclass_fields__))
+
+
+def concat_rows(parts: list[ClosedRows]) -> ClosedRows | None:
+    """``parts`` one after the other; None when there are none."""
+    if not parts:
+        return None
+    if len(parts) == 1:
+        return parts[0]
+    return ClosedRows(*(np.concatenate([getattr(p, f) for p in parts]) for f in ClosedRows.__dataclass_fields__))
 
 
 @dataclass(slots=True)

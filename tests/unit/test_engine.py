@@ -14,6 +14,7 @@ from collections.abc import Coroutine, Iterable
 from typing import Any, TypeVar
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -248,6 +249,37 @@ def test_a_backlog_after_silence_fills_its_windows_without_late_readings() -> No
     assert all(got[(s, T0 + m * MINUTE)]["count"] + got[(s, T0 + m * MINUTE)]["rejected"] == 60
                for s in ("s0", "s1") for m in range(7))  # fmt: skip
     assert_same(got, batch_computation(run.store))
+
+
+@pytest.mark.parametrize("windows", ["1m", "10s,1m", "1m/20s"])
+def test_a_series_resuming_inside_windows_closed_on_idle_reopens_them_and_reads_the_store_once(windows: str) -> None:
+    """A sensor quiet past the idle timeout (its windows emitted with what they had), then
+    reporting again inside them: they take its readings in memory, with no read of the store at
+    each step, and each is recomputed from the store once, at the step whose reading takes its
+    event time past the window's end plus the lateness; every window then holds all its readings."""
+    run = Run(lateness_s=2.0, idle_s=5.0, windows=windows)
+    rows = fleet(1, 150, seed=13)  # one reading a second from T0
+    for t in range(20):
+        run.feed([rows[t]], now_s=float(t))
+    run.settle(30.0)  # quiet past the idle timeout: every window holding T0 + 19 s is emitted
+    name = parse_windows(windows)[-1].name
+    assert sum(run.aggregates(name)[("s0", T0)][k] for k in ("count", "rejected")) == 20
+    resumed = {t: run.feed([rows[t]], now_s=31.0 + t) for t in range(25, 150)}
+    assert all(resumed[t].corrections > 0 for t in range(25, 40))  # inside emitted windows
+    recomputed = [(t, int(out.recompute.spec[k]), int(out.recompute.start[k]))
+                  for t, out in resumed.items() for k in range(len(out.recompute))]  # fmt: skip
+    expected = {"1m": [(62, 0, T0)], "10s,1m": [(62, 1, T0)], "1m/20s": [(42, 0, T0 - 20 * S), (62, 0, T0)]}
+    assert recomputed == expected[windows]
+    # Read back: only what the store held when the sensor resumed (T0 + 19 s); memory holds the rest.
+    reads = [q for t, _, _ in recomputed for q in run.engine.stored_ranges(resumed[t].recompute)]
+    assert reads and all(q.stop_ns == T0 + 19 * S + 1 for q in reads)
+    run.settle(10_000.0)
+    got = run.aggregates(name)
+    assert got[("s0", T0)]["count"] + got[("s0", T0)]["rejected"] == 55  # 20 before the silence, 35 after
+    if "/" in windows:  # the window from T0 - 20 s: 20 readings before, 15 after
+        assert got[("s0", T0 - 20 * S)]["count"] + got[("s0", T0 - 20 * S)]["rejected"] == 35
+    else:
+        assert_same(got, batch_computation(run.store))
 
 
 def test_a_restart_replays_from_the_commit_and_ends_with_the_same_aggregates() -> None:
