@@ -112,6 +112,10 @@ def _sorted_within_groups(
     """
     m, g = len(x), len(starts)
     width = int(sizes.max()) if g else 0
+    if g and int(sizes.min()) == width:  # groups of one size: a matrix as it is
+        whole = x.reshape(g, width).copy()
+        whole.sort(axis=1)
+        return whole.reshape(-1)
     group = np.repeat(np.arange(g, dtype=np.int64), sizes)
     if g * width <= 4 * m + 4096:
         # Flat cell of each row: group g's rows fill cells g * width + 0, 1, ...
@@ -127,14 +131,13 @@ def _sorted_within_groups(
 
 
 def _one_per_instant(
-    k: npt.NDArray[np.int64], t: npt.NDArray[np.int64], a: npt.NDArray[np.bool_]
+    k: npt.NDArray[np.int64], t: npt.NDArray[np.int64], a: npt.NDArray[np.bool_], increasing: bool
 ) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
     """For rows grouped by key ``k`` (arrival order within a key): which accepted rows count (the
     last accepted of each (key, ts)) and which rejected rows count (the first rejected of each
-    (key, ts)), both bool ``(m,)``."""
+    (key, ts)), both bool ``(m,)``. ``increasing``: ts rises strictly within each key."""
     m = len(k)
-    same_key = k[1:] == k[:-1]
-    if not bool(np.any(same_key & (t[1:] <= t[:-1]))):  # strictly increasing ts per key: nothing repeats
+    if increasing:  # nothing repeats
         return a, ~a
     order = np.lexsort((t, k))  # stable: equal (key, ts) keep their arrival order
     ks, ts_, acc = k[order], t[order], a[order]
@@ -150,6 +153,41 @@ def _one_per_instant(
     keep_acc[order[last_acc[last_acc >= 0]]] = True
     keep_rej[order[first_rej[first_rej < m]]] = True
     return keep_acc, keep_rej
+
+
+def _p95(
+    v: npt.NDArray[np.float64], starts: npt.NDArray[np.int64], count: npt.NDArray[np.int64]
+) -> npt.NDArray[np.float64]:
+    """The 95th percentile (linear interpolation) of each group's ``count`` first values of ``v``
+    (ascending within groups); NaN where a group has none."""
+    has = count > 0
+    pos = 0.95 * (count - 1)
+    lo_i = np.floor(pos).astype(np.int64)
+    hi_i = np.minimum(lo_i + 1, np.maximum(count - 1, 0))
+    frac = pos - lo_i
+    with np.errstate(invalid="ignore"):
+        p95: npt.NDArray[np.float64] = np.where(
+            has, v[starts + np.maximum(lo_i, 0)] * (1 - frac) + v[starts + hi_i] * frac, np.nan
+        )
+    return p95
+
+
+def _aggregate_in_order(
+    k: npt.NDArray[np.int64],
+    order: npt.NDArray[np.int64],
+    value_k: npt.NDArray[np.float64],
+    starts: npt.NDArray[np.int64],
+    total: npt.NDArray[np.int64],
+) -> Aggregates:
+    """:func:`aggregate` when every row is accepted and counts (time rises within each key): the
+    same values with the passes that sort out rejections, repeats and the latest instant left out."""
+    v = _sorted_within_groups(value_k, starts, total)
+    mean = np.add.reduceat(v, starts) / total
+    stddev = np.sqrt(np.add.reduceat((v - np.repeat(mean, total)) ** 2, starts) / total)
+    last = starts + total - 1
+    rejected = np.zeros(len(starts), dtype=np.int64)
+    return Aggregates(k[starts], total, rejected, mean, v[starts], v[last], value_k[last], stddev,
+                      _p95(v, starts, total), order[starts])  # fmt: skip
 
 
 def aggregate(
@@ -171,9 +209,13 @@ def aggregate(
     else:
         order = stable_order(key)
         k, a, t, value_k = key[order], accepted[order], ts_ns[order], value[order]
-    a, counted_rejection = _one_per_instant(k, t, a)
+    same_key = k[1:] == k[:-1]
+    increasing = not bool(np.any(same_key & (t[1:] <= t[:-1])))
+    a, counted_rejection = _one_per_instant(k, t, a, increasing)
     starts = group_starts(k)
     total = np.diff(np.append(starts, m))
+    if increasing and bool(a.all()):
+        return _aggregate_in_order(k, order, value_k, starts, total)
     v = _sorted_within_groups(np.where(a, value_k, np.inf), starts, total)
     count = np.add.reduceat(a.astype(np.int64), starts)
     rejected = np.add.reduceat(counted_rejection.astype(np.int64), starts)
@@ -188,12 +230,7 @@ def aggregate(
     has = count > 0
     vmin = np.where(has, v[starts], np.nan)
     vmax = np.where(has, v[np.maximum(starts + count - 1, starts)], np.nan)
-    pos = 0.95 * (count - 1)
-    lo_i = np.floor(pos).astype(np.int64)
-    hi_i = np.minimum(lo_i + 1, np.maximum(count - 1, 0))
-    frac = pos - lo_i
-    with np.errstate(invalid="ignore"):
-        p95 = np.where(has, v[starts + np.maximum(lo_i, 0)] * (1 - frac) + v[starts + hi_i] * frac, np.nan)
+    p95 = _p95(v, starts, count)
     # last: among accepted rows of a key, the value at the greatest ts.
     score_t = np.where(a, t, np.iinfo(np.int64).min)
     max_t = np.maximum.reduceat(score_t, starts)
