@@ -57,6 +57,7 @@ from portpulse.processors.clean import (
 )  # fmt: skip
 from portpulse.processors.window import (
     Aggregates,
+    ClosedBuckets,
     ClosedRows,
     OpenWindows,
     WindowSpec,
@@ -325,6 +326,7 @@ class ProcessorEngine:
         self._resumed_after = np.full(0, _NEG, dtype=np.int64)
         self._parts: dict[int, _Partition] = {}
         self._open = OpenWindows()
+        self._sizes = np.array([w.size_ns for w in settings.windows], dtype=np.int64)
         # Slots of evicted series, reused by new ones; when the last eviction pass ran (s).
         self._free: list[int] = []
         self._evicted_at = -np.inf
@@ -967,38 +969,59 @@ class ProcessorEngine:
             by_idle = max_ts // spec.step_ns * spec.step_ns + spec.size_ns
             target = np.where(idle, np.maximum(by_time, by_idle), by_time)
             self._closed[spec_i, rows] = np.maximum(self._closed[spec_i, rows], target)
-        sizes = [w.size_ns for w in self._s.windows]
-        closed = self._open.close(sizes, self._closed)
-        # Windows that may have been emitted before hold only part of their readings: opened
-        # again when their series resumed (they end within what it had emitted), or before a restart.
-        partial = None
-        if closed is not None:
-            ends = closed.start + np.array(sizes, dtype=np.int64)[closed.spec]
-            partial = ends <= self._emitted[closed.spec, closed.series]
+        closed = self._open.close([w.size_ns for w in self._s.windows], self._closed)
+        partial = None if closed is None else self._emitted_before(closed)
         self._emitted[:, rows] = np.maximum(self._emitted[:, rows], self._closed[:, rows])
         if closed is None or partial is None:
             return
-        # Read from the store up to when the series resumed, the rest from memory.
-        resumed_after = self._resumed_after[closed.series]
-        upto = np.where(partial & (resumed_after > _NEG), resumed_after, ends)
+        bucket = closed.bucket()
+        restarted = self._restarted(closed)
+        partial |= restarted[bucket]
+        if partial.any():
+            at = np.flatnonzero(partial)
+            b = bucket[at]
+            ends = closed.start[b] + self._sizes[closed.spec[b]]
+            # Read from the store up to when the series resumed, the rest from memory; a window
+            # replayed after a restart from the store whole (memory holds only what the replay brought).
+            resumed_after = self._resumed_after[closed.series[at]]
+            upto = np.where((resumed_after > _NEG) & ~restarted[b], resumed_after, ends)
+            held = np.zeros(len(partial), dtype=bool)
+            held[at[upto < ends]] = True
+            out.add_recompute([(closed.spec[b], closed.series[at], closed.start[b], upto)],
+                              closed.rows(held) if held.any() else None)  # fmt: skip
+        # One aggregate over every bucket: key (bucket, series), rows of a key in the order added.
+        width = len(self._series_domain)
+        key = bucket * width + closed.series
+        whole = ~partial
+        if partial.any():
+            key, ts_ns, value, ok = key[whole], closed.ts_ns[whole], closed.value[whole], closed.ok[whole]
+        else:
+            ts_ns, value, ok = closed.ts_ns, closed.value, closed.ok
+        if not len(key):
+            return
+        agg = aggregate(key, ts_ns, value, ok)
+        of = agg.key // width
+        self._window_points(closed.spec[of], agg.key % width, closed.start[of], agg, out)
+
+    def _emitted_before(self, closed: ClosedBuckets) -> npt.NDArray[np.bool_]:
+        """Which closed rows ``(m,)`` are of a window its series may have emitted before (it opened
+        again when the series resumed inside it): it ends within what the series had emitted."""
+        partial = np.empty(len(closed.series), dtype=bool)
+        bounds = closed.bounds.tolist()
+        for j, (spec, start) in enumerate(zip(closed.spec.tolist(), closed.start.tolist(), strict=True)):
+            lo, hi = bounds[j], bounds[j + 1]
+            partial[lo:hi] = self._emitted[spec, closed.series[lo:hi]] >= start + int(self._sizes[spec])
+        return partial
+
+    def _restarted(self, closed: ClosedBuckets) -> npt.NDArray[np.bool_]:
+        """Which closed buckets ``(b,)`` hold windows that may have been emitted before a restart:
+        they start before the latest end their partition's series had closed then."""
+        out = np.zeros(len(closed.spec), dtype=bool)
         for p, state in self._parts.items():
             if state.closed_before:
                 before = np.array(state.closed_before, dtype=np.int64)[closed.spec]
-                restarted = (closed.partition == p) & (closed.start < before)
-                partial |= restarted
-                upto[restarted] = ends[restarted]  # memory holds only what the replay brought back
-        if partial.any():
-            held = partial & (upto < ends)
-            out.add_recompute([(closed.spec[partial], closed.series[partial], closed.start[partial], upto[partial])],
-                              closed.take(held) if held.any() else None)  # fmt: skip
-        whole = ~partial
-        w_spec, w_series, w_start = closed.spec[whole], closed.series[whole], closed.start[whole]
-        if not len(w_spec):
-            return
-        key = _window_key(w_spec, w_series, w_start, self._s.windows)
-        agg = aggregate(key, closed.ts_ns[whole], closed.value[whole], closed.ok[whole])
-        first = agg.first_row
-        self._window_points(w_spec[first], w_series[first], w_start[first], agg, out)
+                out |= (closed.partition == p) & (closed.start < before)
+        return out
 
     def _window_points(
         self,

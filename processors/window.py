@@ -25,6 +25,7 @@ from portpulse.arrays import group_starts, stable_order
 
 __all__ = [
     "Aggregates",
+    "ClosedBuckets",
     "ClosedRows",
     "OpenWindows",
     "WindowSpec",
@@ -257,6 +258,33 @@ class ClosedRows:
         return ClosedRows(*(getattr(self, f)[rows] for f in ClosedRows.__dataclass_fields__))
 
 
+@dataclass(frozen=True, slots=True)
+class ClosedBuckets:
+    """Rows of closed windows, bucket after bucket: bucket j (window spec ``spec[j]``, start
+    ``start[j]``, partition ``partition[j]``, all ``(b,)``) holds rows ``bounds[j]:bounds[j + 1]``
+    (``bounds`` ``(b + 1,)``) of the columns ``series``, ``ts_ns``, ``value``, ``ok`` ``(m,)``, in
+    the order they were added."""
+
+    spec: npt.NDArray[np.int64]
+    start: npt.NDArray[np.int64]
+    partition: npt.NDArray[np.int64]
+    bounds: npt.NDArray[np.int64]
+    series: npt.NDArray[np.int64]
+    ts_ns: npt.NDArray[np.int64]
+    value: npt.NDArray[np.float64]
+    ok: npt.NDArray[np.bool_]
+
+    def bucket(self) -> npt.NDArray[np.int64]:
+        """Each row's bucket ``(m,)``."""
+        return np.repeat(np.arange(len(self.spec), dtype=np.int64), np.diff(self.bounds))
+
+    def rows(self, mask: npt.NDArray[np.bool_]) -> ClosedRows:
+        """The rows at ``mask`` ``(m,)`` with their window spec, start and partition."""
+        bucket = self.bucket()[mask]
+        return ClosedRows(self.spec[bucket], self.series[mask], self.start[bucket], self.ts_ns[mask],
+                          self.value[mask], self.ok[mask], self.partition[bucket])  # fmt: skip
+
+
 def concat_rows(parts: list[ClosedRows]) -> ClosedRows | None:
     """``parts`` one after the other; None when there are none."""
     if not parts:
@@ -344,12 +372,14 @@ class OpenWindows:
             bucket.replay_from = min(bucket.replay_from, earliest)
         self.rows += len(start)
 
-    def close(self, sizes: list[int], closed_until: npt.NDArray[np.int64]) -> ClosedRows | None:
+    def close(self, sizes: list[int], closed_until: npt.NDArray[np.int64]) -> ClosedBuckets | None:
         """Remove the rows of every window whose end (start + ``sizes[spec]``) is at or before its
-        series' ``closed_until[spec, series]`` (int64 ``(specs, k)``); their rows as columns, or
-        None when none closed."""
+        series' ``closed_until[spec, series]`` (int64 ``(specs, k)``); their rows, or None when
+        none closed."""
         latest = closed_until.max(axis=1) if closed_until.size else np.full(len(sizes), np.iinfo(np.int64).min)
-        parts: list[list[Any]] = [[], [], [], [], [], [], []]
+        keys: list[tuple[int, int, int]] = []
+        counts: list[int] = []
+        parts: list[list[Any]] = [[], [], [], []]  # series, ts_ns, value, ok: chunks of every bucket
         for key in [k for k in self._buckets if k[1] + sizes[k[0]] <= latest[k[0]]]:
             spec, start, _ = key
             bucket = self._buckets[key]
@@ -358,26 +388,29 @@ class OpenWindows:
             ready = closed_until[spec, present] >= end
             if not ready.any():
                 continue
-            series, ts_ns, value, ok, replay = (np.concatenate(c) for c in zip(*bucket.chunks, strict=True))
             if ready.all():
                 del self._buckets[key]
-                take = np.ones(len(series), dtype=bool)
+                columns = [[c[k] for c in bucket.chunks] for k in range(4)]  # joined once, with the others
             else:
+                series, ts_ns, value, ok, replay = (np.concatenate(c) for c in zip(*bucket.chunks, strict=True))
                 take = closed_until[spec, series] >= end
                 keep = ~take
                 bucket.chunks = [(series[keep], ts_ns[keep], value[keep], ok[keep], replay[keep])]
                 bucket.series = present[~ready]
                 bucket.replay_from = int(replay[keep].min())
-            m = int(take.sum())
+                columns = [[series[take]], [ts_ns[take]], [value[take]], [ok[take]]]
+            m = sum(len(c) for c in columns[0])
             self.rows -= m
-            for k, v in enumerate(key):
-                parts[(0, 2, 6)[k]].append(np.full(m, v, dtype=np.int64))
-            for k, column in enumerate((series, ts_ns, value, ok)):
-                parts[(1, 3, 4, 5)[k]].append(column[take])
-        if not parts[0]:
+            keys.append(key)
+            counts.append(m)
+            for k in range(4):
+                parts[k] += columns[k]
+        if not keys:
             return None
-        spec_c, series_c, start_c, ts_c, value_c, ok_c, partition_c = (np.concatenate(p) for p in parts)
-        return ClosedRows(spec_c, series_c, start_c, ts_c, value_c, ok_c, partition_c)
+        spec_b, start_b, partition_b = (np.array(c, dtype=np.int64) for c in zip(*keys, strict=True))
+        bounds = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        series_c, ts_c, value_c, ok_c = (np.concatenate(p) for p in parts)
+        return ClosedBuckets(spec_b, start_b, partition_b, bounds, series_c, ts_c, value_c, ok_c)
 
     def set_ok(self, spec: int, start: int, partition: int, series: int, ts_ns: int, ok: bool) -> None:
         """Change the verdict of an open window's reading (one judged again)."""

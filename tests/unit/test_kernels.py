@@ -348,12 +348,17 @@ def test_open_windows_close_exactly_the_rows_added_per_window_and_series_in_orde
         assert store.rows == len(held)
         replay = {p: min(r[4] for r in held if r[2] == p) for p in {r[2] for r in held}}
         assert store.replay_from() == replay
-        closed = store.close(sizes, until)
+        buckets = store.close(sizes, until)
         due = [r for r in held if r[1] + sizes[r[0]] <= until[r[0], r[3]]]
         held = [r for r in held if r not in due]
-        if closed is None:
+        if buckets is None:
             assert not due
             continue
+        # One bucket per (spec, start, partition), its rows between its bounds.
+        keys = list(zip(buckets.spec.tolist(), buckets.start.tolist(), buckets.partition.tolist(), strict=True))
+        assert len(set(keys)) == len(keys) and buckets.bounds[-1] == len(buckets.series)
+        closed = buckets.rows(np.ones(len(buckets.series), dtype=bool))
+        assert (np.diff(buckets.bounds) > 0).all()
         got = sorted(zip(closed.spec.tolist(), closed.start.tolist(), closed.partition.tolist(),
                          closed.series.tolist(), (closed.ts_ns // 10).tolist(), strict=True))  # fmt: skip
         assert got == sorted(due)
