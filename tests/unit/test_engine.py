@@ -14,6 +14,7 @@ from collections.abc import Coroutine, Iterable
 from typing import Any, TypeVar
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -27,8 +28,9 @@ from portpulse.processors.engine import (
     PartitionPosition,
     ProcessorEngine,
     Readings,
+    Recompute,
 )
-from portpulse.processors.window import parse_windows
+from portpulse.processors.window import ClosedRows, parse_windows
 
 T = TypeVar("T")
 S = 10**9
@@ -280,6 +282,27 @@ def test_a_series_resuming_inside_windows_closed_on_idle_reopens_them_and_reads_
         assert got[("s0", T0 - 20 * S)]["count"] + got[("s0", T0 - 20 * S)]["rejected"] == 35
     else:
         assert_same(got, batch_computation(run.store))
+
+
+def test_a_window_asked_twice_is_recomputed_once_from_the_later_point_with_the_rows_memory_holds() -> None:
+    """Windows to recompute merge into one entry per window, keeping the later ``upto`` (reading
+    more of the store is exact whatever memory holds), sorted; held rows are kept with them."""
+
+    def i(*v: int) -> npt.NDArray[np.int64]:
+        return np.array(v, dtype=np.int64)
+
+    held = ClosedRows(i(0), i(7), i(T0), i(T0 + 30 * S), np.array([41.0]), np.array([True]), i(0))
+    out = EngineOutput()
+    out.add_recompute([(i(0, 1), i(7, 3), i(T0, T0), i(T0 + 20 * S, T0 + MINUTE))], held)
+    more = EngineOutput()
+    more.add_recompute([(i(0, 0), i(7, 2), i(T0, T0), i(T0 + MINUTE, T0 + 5 * S))])
+    out.absorb(more)
+    r = out.recompute
+    assert list(zip(r.spec.tolist(), r.series.tolist(), r.start.tolist(), r.upto.tolist(), strict=True)) == [
+        (0, 2, T0, T0 + 5 * S), (0, 7, T0, T0 + MINUTE), (1, 3, T0, T0 + MINUTE)
+    ]  # fmt: skip
+    assert r.held is not None and r.held.ts_ns.tolist() == [T0 + 30 * S]
+    assert len(Recompute.of([])) == 0 and Recompute.of([]).held is None
 
 
 def test_a_restart_replays_from_the_commit_and_ends_with_the_same_aggregates() -> None:
