@@ -969,7 +969,7 @@ class ProcessorEngine:
             by_idle = max_ts // spec.step_ns * spec.step_ns + spec.size_ns
             target = np.where(idle, np.maximum(by_time, by_idle), by_time)
             self._closed[spec_i, rows] = np.maximum(self._closed[spec_i, rows], target)
-        closed = self._open.close([w.size_ns for w in self._s.windows], self._closed)
+        closed = self._open.close(self._sizes.tolist(), self._closed)
         partial = None if closed is None else self._emitted_before(closed)
         self._emitted[:, rows] = np.maximum(self._emitted[:, rows], self._closed[:, rows])
         if closed is None or partial is None:
@@ -1071,22 +1071,20 @@ class ProcessorEngine:
         """What to read back from the store to recompute ``windows``: one range per domain, over
         every sensor and metric involved, from the earliest start to the latest end (or ``upto``,
         for windows memory holds the rest of); none for a domain whose windows memory holds whole."""
-        ends = windows.start + np.array([w.size_ns for w in self._s.windows], dtype=np.int64)[windows.spec]
-        ends = np.minimum(ends, windows.upto + 1)
+        ends = np.minimum(windows.start + self._sizes[windows.spec], windows.upto + 1)
         needed = ends > windows.start
-        windows = Recompute(windows.spec[needed], windows.series[needed], windows.start[needed], windows.upto[needed])
-        ends = ends[needed]
-        domains = np.array(self._series_domain, dtype=object)[windows.series]
+        series, starts, ends = windows.series[needed], windows.start[needed], ends[needed]
+        domains = np.array(self._series_domain, dtype=object)[series]
         out = []
         for domain in sorted(set(domains.tolist())):
             mine = domains == domain
-            ids = np.unique(windows.series[mine]).tolist()
+            ids = np.unique(series[mine]).tolist()
             out.append(
                 SeriesRange(
                     domain,
                     tuple(sorted({self._series_sensor[i] for i in ids})),
                     tuple(sorted({self._series_metric[i] for i in ids})),
-                    int(windows.start[mine].min()),
+                    int(starts[mine].min()),
                     int(ends[mine].max()),
                 )
             )
@@ -1130,7 +1128,7 @@ class ProcessorEngine:
         m = len(windows)
         keys = _window_key(np.concatenate([windows.spec, rows_c.spec]), np.concatenate([windows.series, rows_c.series]),
                            np.concatenate([windows.start, rows_c.start]), self._s.windows)  # fmt: skip
-        asked, key = keys[:m], keys[m:]  # the windows' keys are sorted: they are
+        asked, key = keys[:m], keys[m:]  # sorted, as the windows are (see Recompute.of)
         at = np.minimum(np.searchsorted(asked, key), m - 1)
         upto = windows.upto[at]
         stored_row = np.arange(len(key)) < from_store
