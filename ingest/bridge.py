@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from portpulse.codecs.mqttwire import PACKET_SPLITTER
-from portpulse.codecs.recordbatch import OutgoingRecords
+from portpulse.codecs.recordbatch import RECORD_ENCODER, OutgoingRecords
 from portpulse.contract.catalogue import load_catalogue
 from portpulse.contract.deadletter import DeadLetter, dead_letter_headers
 from portpulse.contract.health import Health
@@ -437,7 +437,8 @@ async def run_bridge(
 
             health.add("mqtt", mqtt_probe)
         log.info(
-            "bridge up: MQTT %s:%d %s (QoS %d) -> Kafka %s; line-protocol tokenizer %s, MQTT packet splitter %s",
+            "bridge up: MQTT %s:%d %s (QoS %d) -> Kafka %s; line-protocol tokenizer %s, MQTT packet splitter %s, "
+            "Kafka record encoder %s",
             settings.mqtt.host,
             settings.mqtt.port,
             subscription_filters(mqtt),
@@ -445,11 +446,12 @@ async def run_bridge(
             settings.kafka.bootstrap_servers,
             LINE_TOKENIZER,
             PACKET_SPLITTER,
+            RECORD_ENCODER,
         )
-        if "python" in (LINE_TOKENIZER, PACKET_SPLITTER):
+        if {LINE_TOKENIZER, PACKET_SPLITTER, RECORD_ENCODER} != {"compiled"}:
             log.warning(
                 "the bridge's compiled parts are not built (no C compiler at install time?): line protocol "
-                "and MQTT input cost up to twice the CPU; reinstall with gcc to build them (setup.py)"
+                "and MQTT input and Kafka output cost up to twice the CPU; reinstall with gcc to build them (setup.py)"
             )
         domains = load_catalogue(settings.processor.catalogue).domains()
         await sink.ensure_topics(pipeline_topics(settings.kafka.topic_prefix, domains))

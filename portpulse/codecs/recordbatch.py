@@ -28,6 +28,7 @@ from portpulse.arrays import distinct_codes
 
 __all__ = [
     "BATCH_HEADER_BYTES",
+    "RECORD_ENCODER",
     "CorruptRecordSetError",
     "OutgoingRecords",
     "RecordColumns",
@@ -423,13 +424,49 @@ def encode_records(
     key_len: _I64,
     value_parts: Sequence[tuple[_I64, _I64]],
     headers: bytes,
-) -> npt.NDArray[np.uint8]:
+) -> bytes:
     """The records section of one v2 batch (uncompressed): record ``i`` (n,) has offset delta
     ``i``, timestamp delta 0, key ``src[key_start:key_start+key_len]`` (``key_len`` -1: null), the
     value the concatenation of its ``value_parts`` (``(start, length)`` columns into ``src``) and
     the header block ``headers`` (:func:`encode_headers`), shared by all.
 
-    Every record is first gathered from ``src`` as segments, then the holes are filled in::
+    Written by the compiled encoder when it is built (one pass, about 10x less CPU), else by
+    :func:`_encode_records_numpy`; both give the same bytes."""
+    if _COMPILED_ENCODE is None:
+        return _encode_records_numpy(src, key_start, key_len, value_parts, headers).tobytes()
+    as_int64 = np.ascontiguousarray
+    return _COMPILED_ENCODE(
+        np.ascontiguousarray(src, dtype=np.uint8),
+        as_int64(key_start, dtype=np.int64),
+        as_int64(key_len, dtype=np.int64),
+        tuple(as_int64(start, dtype=np.int64) for start, _ in value_parts),
+        tuple(as_int64(length, dtype=np.int64) for _, length in value_parts),
+        headers,
+    )
+
+
+def _compiled_encode() -> Callable[..., bytes] | None:
+    try:
+        from portpulse.codecs._records import encode
+    except ImportError:  # installed where no C compiler was at hand: numpy writes the records
+        return None
+    return encode
+
+
+_COMPILED_ENCODE = _compiled_encode()
+#: the Kafka record encoder this install runs: "compiled" or "numpy" (logged at start-up)
+RECORD_ENCODER = "numpy" if _COMPILED_ENCODE is None else "compiled"
+
+
+def _encode_records_numpy(
+    src: npt.NDArray[np.uint8],
+    key_start: _I64,
+    key_len: _I64,
+    value_parts: Sequence[tuple[_I64, _I64]],
+    headers: bytes,
+) -> npt.NDArray[np.uint8]:
+    """:func:`encode_records` with numpy, as a byte array. Every record is first gathered from
+    ``src`` as segments, then the holes are filled in::
 
         | len | attr | tsDelta | offsetDelta | keyLen | key | valueLen | value parts ... | headers |
         '----- segment 0: hole of prefix_len bytes -----'  seg 1  seg 2: hole   seg 3 ..  last: hole
@@ -543,7 +580,7 @@ class OutgoingRecords:
         """The records section of one batch holding ``rows``, in that order."""
         key_start, key_len = self._key_columns(rows)
         parts = [(start[rows], length[rows]) for start, length in self.value_parts]
-        return encode_records(self.data, key_start, key_len, parts, self.headers).tobytes()
+        return encode_records(self.data, key_start, key_len, parts, self.headers)
 
 
 #: aiokafka's "no leader epoch" for produced batches; the broker stamps the real one.

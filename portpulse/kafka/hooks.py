@@ -335,7 +335,7 @@ def _produce_problems() -> list[str]:
     headers = encode_headers([("v", b"1")])
     src = np.frombuffer(b"keyvalue", dtype=np.uint8)
     one = np.array([0], dtype=np.int64)
-    records = encode_records(src, one, np.array([3]), [(np.array([3]), np.array([5]))], headers).tobytes()
+    records = encode_records(src, one, np.array([3]), [(np.array([3]), np.array([5]))], headers)
     fake = SimpleNamespace(_builder=FramedBatch(records, 1, 0), _drain_waiter=SimpleNamespace(done=lambda: False))
     batch_class.set_producer_state(fake, 7, 1, 42)
     read = DefaultRecordBatch(bytearray(batch_class.get_data_buffer(fake)))

@@ -42,7 +42,7 @@ opts = columnar_consumer_options()
 src = np.frombuffer(b"k1v1k2v2", dtype=np.uint8)
 recs = encode_records(src, np.array([0, 4]), np.array([2, 2]), [(np.array([2, 6]), np.array([2, 2]))],
                       encode_headers([]))
-raw = frame_batch(recs.tobytes(), 2, 0, 0, (-1, -1, -1), calc_crc32c)
+raw = frame_batch(recs, 2, 0, 0, (-1, -1, -1), calc_crc32c)
 parts = fetcher.PartitionRecords(None, fetcher.MemoryRecords(raw), None, 0, None, opts["value_deserializer"], True,
                                  fetcher.READ_UNCOMMITTED)
 (cols,) = list(parts)

@@ -1,0 +1,14 @@
+"""Compiled Kafka record encoding for encode_records (portpulse/codecs/_records.c)."""
+
+from typing import Any
+
+def encode(
+    src: Any,
+    key_start: Any,
+    key_len: Any,
+    value_starts: tuple[Any, ...],
+    value_lens: tuple[Any, ...],
+    headers: bytes,
+    /,
+) -> bytes:
+    """The records section of one v2 batch: every record's varints, key, value parts and headers."""
