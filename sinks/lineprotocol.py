@@ -19,8 +19,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from itertools import repeat
-from typing import Literal
+from typing import Literal, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -345,9 +344,11 @@ def _shared_codes(columns: list[npt.NDArray[np.object_] | Categorical]) -> npt.N
     return None
 
 
-# Escaped series keys by (escaped tag names, (measurement, *tag values)): a processor writes the
-# same sensors batch after batch, and escaping + checking each key costs microseconds in Python.
-_KEY_CACHE: dict[tuple[tuple[str, ...], tuple[object, ...]], tuple[bytes, str | None]] = {}
+# Escaped series keys and why they are unusable (or None): per (escaped tag names, measurement or
+# None when it is a column), by the series' values ((*tag values) or (measurement, *tag values)).
+# A processor writes the same sensors batch after batch, and escaping + checking each key costs
+# microseconds in Python; keying by the values alone hashes one short tuple per series.
+_KEY_CACHE: dict[tuple[tuple[str, ...], str | None], dict[tuple[object, ...], tuple[bytes, str | None]]] = {}
 _KEY_CACHE_MAX = 500_000
 
 
@@ -372,12 +373,6 @@ def _key_text(full: tuple[object, ...], escaped_tag_names: tuple[str, ...]) -> t
     return ",".join(parts).encode(), reason
 
 
-def _cached_key_text(key: tuple[tuple[str, ...], tuple[object, ...]]) -> tuple[bytes, str | None]:
-    """:func:`_key_text` of ``key`` = (escaped tag names, (measurement, *tag values)), cached."""
-    hit = _KEY_CACHE[key] = _key_text(key[1], key[0])
-    return hit
-
-
 def _key_texts(
     keys: list[tuple[object, ...]],
     const_measurement: str | None,
@@ -387,15 +382,18 @@ def _key_texts(
 ) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
     """Escaped key text per distinct series ``keys[i]`` (measurement first unless constant)."""
     escaped_tag_names = tuple(escape_key(t) for t in tag_names)
-    if len(_KEY_CACHE) > _KEY_CACHE_MAX:
+    if sum(map(len, _KEY_CACHE.values())) > _KEY_CACHE_MAX:
         _KEY_CACHE.clear()
-    fulls = keys if const_measurement is None else [(const_measurement, *key) for key in keys]
-    cache_keys = list(zip(repeat(escaped_tag_names), fulls))
+    cache = _KEY_CACHE.setdefault((escaped_tag_names, const_measurement), {})
     # Known keys are looked up in C (map); only new ones are built.
-    found = list(map(_KEY_CACHE.get, cache_keys))
-    hits = [hit or _cached_key_text(key) for key, hit in zip(cache_keys, found, strict=True)]
-    texts = [text for text, _ in hits]
-    bad_series = {code: reason for code, (_, reason) in enumerate(hits) if reason}
+    hits = list(map(cache.get, keys))
+    if None in hits:
+        for i in [i for i, hit in enumerate(hits) if hit is None]:
+            full = keys[i] if const_measurement is None else (const_measurement, *keys[i])
+            hits[i] = cache[keys[i]] = _key_text(full, escaped_tag_names)
+    found = cast(list[tuple[bytes, str | None]], hits)
+    texts = [text for text, _ in found]
+    bad_series = {code: reason for code, (_, reason) in enumerate(found) if reason}
     if bad_series:
         bad_codes = np.fromiter(bad_series, dtype=np.int64)
         for row in np.flatnonzero(np.isin(series, bad_codes)).tolist():
