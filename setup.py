@@ -1,5 +1,6 @@
-"""The one thing pyproject.toml cannot declare stably: the compiled halves of three hot loops, the
-line-protocol tokenizer, the MQTT packet splitter and the Kafka record encoder.
+"""The one thing pyproject.toml cannot declare stably: the compiled halves of four hot loops, the
+line-protocol tokenizer, the MQTT packet splitter, the Kafka record encoder and the line-protocol
+encoder.
 
 Optional: where no C compiler is at hand the install still succeeds and the Python halves run
 (the bridge logs which ones it runs).
@@ -12,5 +13,6 @@ setup(
         Extension("portpulse.ingest._lineproto", ["ingest/_lineproto.c"], optional=True),
         Extension("portpulse.codecs._mqttsplit", ["portpulse/codecs/_mqttsplit.c"], optional=True),
         Extension("portpulse.codecs._records", ["portpulse/codecs/_records.c"], optional=True),
+        Extension("portpulse.sinks._lineformat", ["sinks/_lineformat.c"], optional=True),
     ]
 )

@@ -17,7 +17,7 @@ sensor id contains can inject a point or a tag.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal, cast
 
@@ -28,6 +28,7 @@ from portpulse.arrays import factorise
 from portpulse.contract.points import Categorical, PointColumns
 
 __all__ = [
+    "LINE_ENCODER",
     "PRECISION_NS",
     "Categorical",
     "EncodedLines",
@@ -282,13 +283,11 @@ def _factorise(column: npt.NDArray[np.object_] | Categorical, n: int) -> tuple[n
     return factorise(column.tolist())
 
 
-def _series_keys(
-    points: PointColumns, n: int, rejected: dict[int, str]
-) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+def _series_keys(points: PointColumns, n: int, rejected: dict[int, str]) -> tuple[list[bytes], npt.NDArray[np.int64]]:
     """Escaped ``measurement[,tag=value...]`` once per distinct series.
 
-    Returns the distinct keys as a left-aligned (k, w) byte matrix, their lengths ``(k,)`` and
-    each row's series index ``(n,)``; rows of unrepresentable series go to ``rejected``.
+    Returns the distinct keys ``(k,)`` and each row's series index ``(n,)``; rows of
+    unrepresentable series go to ``rejected``.
     """
     tag_names = sorted(points.tags)  # InfluxDB prefers tags sorted by key
     for name in tag_names:
@@ -344,11 +343,13 @@ def _shared_codes(columns: list[npt.NDArray[np.object_] | Categorical]) -> npt.N
     return None
 
 
-# Escaped series keys and why they are unusable (or None): per (escaped tag names, measurement or
-# None when it is a column), by the series' values ((*tag values) or (measurement, *tag values)).
-# A processor writes the same sensors batch after batch, and escaping + checking each key costs
-# microseconds in Python; keying by the values alone hashes one short tuple per series.
-_KEY_CACHE: dict[tuple[tuple[str, ...], str | None], dict[tuple[object, ...], tuple[bytes, str | None]]] = {}
+# Escaped series keys per (escaped tag names, measurement or None when it is a column), by the
+# series' values ((*tag values) or (measurement, *tag values)); unusable ones apart, with the
+# reason. A processor writes the same sensors batch after batch, and escaping + checking each key
+# costs microseconds in Python; keying by the values alone hashes one short tuple per series.
+_KEY_CACHE: dict[
+    tuple[tuple[str, ...], str | None], tuple[dict[tuple[object, ...], bytes], dict[tuple[object, ...], str]]
+] = {}
 _KEY_CACHE_MAX = 500_000
 
 
@@ -379,30 +380,50 @@ def _key_texts(
     tag_names: list[str],
     series: npt.NDArray[np.int64],
     rejected: dict[int, str],
-) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-    """Escaped key text per distinct series ``keys[i]`` (measurement first unless constant)."""
+) -> tuple[list[bytes], npt.NDArray[np.int64]]:
+    """Escaped key text per distinct series ``keys[i]`` (measurement first unless constant), and
+    ``series``."""
     escaped_tag_names = tuple(escape_key(t) for t in tag_names)
-    if sum(map(len, _KEY_CACHE.values())) > _KEY_CACHE_MAX:
+    if sum(len(good) + len(bad) for good, bad in _KEY_CACHE.values()) > _KEY_CACHE_MAX:
         _KEY_CACHE.clear()
-    cache = _KEY_CACHE.setdefault((escaped_tag_names, const_measurement), {})
+    good, bad = _KEY_CACHE.setdefault((escaped_tag_names, const_measurement), ({}, {}))
     # Known keys are looked up in C (map); only new ones are built.
-    hits = list(map(cache.get, keys))
-    if None in hits:
-        for i in [i for i, hit in enumerate(hits) if hit is None]:
-            full = keys[i] if const_measurement is None else (const_measurement, *keys[i])
-            hits[i] = cache[keys[i]] = _key_text(full, escaped_tag_names)
-    found = cast(list[tuple[bytes, str | None]], hits)
-    texts = [text for text, _ in found]
-    bad_series = {code: reason for code, (_, reason) in enumerate(found) if reason}
+    found = list(map(good.get, keys))
+    bad_series: dict[int, str] = {}
+    if None in found:
+        for i in [i for i, text in enumerate(found) if text is None]:
+            reason = bad.get(keys[i])
+            if reason is None:
+                full = keys[i] if const_measurement is None else (const_measurement, *keys[i])
+                text, reason = _key_text(full, escaped_tag_names)
+                if reason is None:
+                    found[i] = good[keys[i]] = text
+                    continue
+                bad[keys[i]] = reason
+            bad_series[i] = reason
+            found[i] = b""
+    texts = cast(list[bytes], found)
     if bad_series:
         bad_codes = np.fromiter(bad_series, dtype=np.int64)
         for row in np.flatnonzero(np.isin(series, bad_codes)).tolist():
             rejected[row] = bad_series[int(series[row])]
-    mat, lengths = _fixed_bytes(texts)
-    return mat, lengths, series
+    return texts, series
 
 
 # ---------------------------------------------------------------- public
+
+
+def _compiled_encode() -> Callable[..., tuple[bytes, bytearray]] | None:
+    try:
+        from portpulse.sinks._lineformat import encode
+    except ImportError:  # installed where no C compiler was at hand: numpy writes every line
+        return None
+    return encode
+
+
+_COMPILED_ENCODE = _compiled_encode()
+#: the line-protocol encoder this install runs: "compiled" or "numpy" (logged at start-up)
+LINE_ENCODER = "numpy" if _COMPILED_ENCODE is None else "compiled"
 
 #: Rows per assembly chunk: keeps the byte matrices in cache and their memory reused.
 CHUNK_ROWS = 32_768
@@ -412,8 +433,15 @@ def encode_lines(points: PointColumns, precision: Precision = "ns") -> EncodedLi
     """Encode ``points`` as line protocol with timestamps in ``precision`` (floored).
 
     Rows that cannot be represented (bad keys, no field left) are listed in ``rejected`` with
-    a reason; all other rows become exactly one line each, in input order.
-    """
+    a reason; all other rows become exactly one line each, in input order. Float fields are
+    written by the compiled encoder when it is built, anything else by numpy (both write every
+    value exactly; their texts differ: numpy pads a chunk's values to one width)."""
+    return _encode(points, precision, compiled=_COMPILED_ENCODE is not None)
+
+
+def _encode(points: PointColumns, precision: Precision, compiled: bool) -> EncodedLines:
+    """:func:`encode_lines`, through the compiled encoder when ``compiled`` and every field is a
+    float column."""
     n = len(points)
     if n == 0:
         return EncodedLines(b"", np.empty(0, np.int64), np.empty(0, np.int64))
@@ -424,7 +452,7 @@ def encode_lines(points: PointColumns, precision: Precision = "ns") -> EncodedLi
         if reason := _bad_key(name):
             raise ValueError(f"field key {name!r}: {reason}")
     rejected: dict[int, str] = {}
-    key_mat, key_len, series = _series_keys(points, n, rejected)
+    key_texts, series = _series_keys(points, n, rejected)
     divisor = PRECISION_NS[precision]
     ts_all = points.ts_ns.astype(np.int64, copy=False)
     if divisor != 1:
@@ -432,6 +460,59 @@ def encode_lines(points: PointColumns, precision: Precision = "ns") -> EncodedLi
     accepted = np.ones(n, dtype=bool)
     if rejected:
         accepted[np.fromiter(rejected, dtype=np.int64)] = False
+    if compiled and all(points.fields[name].dtype != np.object_ for name in field_names):
+        return _encode_compiled(points, field_names, key_texts, series, ts_all, accepted, rejected)
+    return _encode_numpy(points, field_names, key_texts, series, ts_all, accepted, rejected)
+
+
+def _encode_compiled(
+    points: PointColumns,
+    field_names: list[str],
+    key_texts: list[bytes],
+    series: npt.NDArray[np.int64],
+    ts: npt.NDArray[np.int64],
+    accepted: npt.NDArray[np.bool_],
+    rejected: dict[int, str],
+) -> EncodedLines:
+    """:func:`encode_lines` of float fields in one C pass (``_lineformat.c``)."""
+    assert _COMPILED_ENCODE is not None
+    columns = tuple(np.ascontiguousarray(points.fields[name], dtype=np.float64) for name in field_names)
+    any_field = np.zeros(len(points), dtype=bool)
+    for column in columns:
+        any_field |= np.isfinite(column)
+    for row in np.flatnonzero(~any_field).tolist():
+        rejected.setdefault(row, "no finite field value")
+    accepted &= any_field
+    key_ends = np.cumsum(np.fromiter(map(len, key_texts), dtype=np.int64, count=len(key_texts)))
+    body, line_ends = _COMPILED_ENCODE(
+        b"".join(key_texts),
+        key_ends,
+        np.ascontiguousarray(series, dtype=np.int64),
+        np.ascontiguousarray(ts, dtype=np.int64),
+        accepted.view(np.uint8),
+        tuple(escape_key(name).encode() + b"=" for name in field_names),
+        columns,
+    )
+    return EncodedLines(
+        body=body,
+        rows=np.flatnonzero(accepted).astype(np.int64),
+        line_ends=np.frombuffer(line_ends, dtype=np.int64),
+        rejected=dict(sorted(rejected.items())),
+    )
+
+
+def _encode_numpy(
+    points: PointColumns,
+    field_names: list[str],
+    key_texts: list[bytes],
+    series: npt.NDArray[np.int64],
+    ts_all: npt.NDArray[np.int64],
+    accepted: npt.NDArray[np.bool_],
+    rejected: dict[int, str],
+) -> EncodedLines:
+    """:func:`encode_lines` by byte matrices, a chunk of rows at a time (any field type)."""
+    n = len(points)
+    key_mat, key_len = _fixed_bytes(key_texts)
     bodies: list[npt.NDArray[np.uint8]] = []
     line_lengths: list[npt.NDArray[np.int64]] = []
     has_strings = any(points.fields[name].dtype == np.object_ for name in field_names)

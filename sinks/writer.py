@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import random
@@ -30,7 +31,14 @@ from portpulse.contract.deadletter import DeadLetter, DeadLetterSink
 from portpulse.contract.errors import PortPulseError
 from portpulse.contract.points import SeriesRange, StoredReadings
 from portpulse.contract.settings import InfluxSettings, SinkSettings
-from portpulse.sinks.lineprotocol import Categorical, EncodedLines, PointColumns, encode_lines, one_field_per_line
+from portpulse.sinks.lineprotocol import (
+    LINE_ENCODER,
+    Categorical,
+    EncodedLines,
+    PointColumns,
+    encode_lines,
+    one_field_per_line,
+)
 from portpulse.sinks.metrics import SINK_METRICS
 from portpulse.sinks.retry import Outcome, backoff_s, classify
 
@@ -163,6 +171,17 @@ class _Batch:
         )
 
 
+@functools.cache
+def _announce_line_encoder() -> None:
+    """Say once per process which line-protocol encoder runs (and warn when it is not compiled)."""
+    log.info("InfluxDB writer: line-protocol encoder %s", LINE_ENCODER)
+    if LINE_ENCODER != "compiled":
+        log.warning(
+            "the line-protocol encoder is not compiled (no C compiler at install time?): writing to InfluxDB "
+            "costs about twice the CPU; reinstall with gcc to build it (setup.py)"
+        )
+
+
 class InfluxWriter:
     """Async InfluxDB writer; use as ``async with InfluxWriter(...) as writer``."""
 
@@ -193,6 +212,7 @@ class InfluxWriter:
     # ------------------------------------------------------------ lifecycle
 
     async def __aenter__(self) -> InfluxWriter:
+        _announce_line_encoder()
         if self._transport is None:
             self._transport = InfluxTransport(self._influx, self._sink.gzip)
         self._tasks = [

@@ -136,7 +136,12 @@ def test_a_wheel_holds_only_the_portpulse_namespace(tmp_path: Path) -> None:
         assert want and want <= set(names), stage
     assert "portpulse/contract/catalogue.toml" in names
     assert "portpulse/app/dashboard.html" in names
-    for compiled in ("portpulse/ingest/_lineproto.", "portpulse/codecs/_mqttsplit.", "portpulse/codecs/_records."):
+    for compiled in (
+        "portpulse/ingest/_lineproto.",
+        "portpulse/codecs/_mqttsplit.",
+        "portpulse/codecs/_records.",
+        "portpulse/sinks/_lineformat.",
+    ):
         assert [n for n in names if n.startswith(compiled) and n.endswith(".so")], f"{compiled} not compiled"
 
 

@@ -10,7 +10,27 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from portpulse.sinks.lineprotocol import Categorical, PointColumns, encode_lines, one_field_per_line
+from portpulse.sinks.lineprotocol import (
+    LINE_ENCODER,
+    Categorical,
+    EncodedLines,
+    PointColumns,
+    Precision,
+    _encode,
+    encode_lines,
+    one_field_per_line,
+)
+
+# Both encoders: the compiled one (float fields, one C pass) and the numpy one (any field).
+ENCODERS = ["compiled", "numpy"]
+
+
+def encode_with(encoder: str, points: PointColumns, precision: Precision = "ns") -> EncodedLines:
+    return _encode(points, precision, compiled=encoder == "compiled")
+
+
+def test_the_compiled_encoder_is_built() -> None:
+    assert LINE_ENCODER == "compiled", "sinks/_lineformat.c is not compiled (setup.py)"
 
 
 def _split_unescaped(text: str, sep: str, quotes: bool = False) -> list[str]:
@@ -94,16 +114,18 @@ def _obj(values: list[str]) -> np.ndarray:
     ),
     strings=st.lists(st.one_of(st.none(), st.text(max_size=8).filter(lambda s: "\n" not in s and "\r" not in s))),
 )
+@pytest.mark.parametrize("with_strings", [True, False])  # without: float fields only, the compiled encoder
 def test_encoded_lines_parse_back_to_the_input(
-    rows: list[tuple[str, str, str, float, float, int]], strings: list[str | None]
+    rows: list[tuple[str, str, str, float, float, int]], strings: list[str | None], with_strings: bool
 ) -> None:
     n = len(rows)
     string_col = np.empty(n, dtype=object)
-    string_col[:] = [strings[i] if i < len(strings) else None for i in range(n)]
+    string_col[:] = [strings[i] if i < len(strings) and with_strings else None for i in range(n)]
+    floats = {"v,al": np.array([r[3] for r in rows]), "opt": np.array([r[4] for r in rows])}
     points = PointColumns(
         measurement=_obj([r[0] for r in rows]),
         tags={"sensor id": _obj([r[1] for r in rows]), "si=te": _obj([r[2] for r in rows])},
-        fields={"v,al": np.array([r[3] for r in rows]), "opt": np.array([r[4] for r in rows]), "note": string_col},
+        fields=floats | {"note": string_col} if with_strings else floats,
         ts_ns=np.array([r[5] for r in rows], dtype=np.int64),
     )
     encoded = encode_lines(points)
@@ -140,9 +162,27 @@ any_float = st.floats(allow_nan=False, allow_infinity=False, width=64)
                  st.lists(st.one_of(readings, any_float), min_size=1, max_size=300)))  # fmt: skip
 def test_float_text_round_trips_exactly(values: list[float]) -> None:
     points = PointColumns("m", {}, {"v": np.array(values)}, np.arange(len(values), dtype=np.int64))
-    texts = [line.split(" ")[1].removeprefix("v=") for line in encode_lines(points).body.decode().splitlines()]
-    assert [float(t) for t in texts] == values
-    assert all(math.copysign(1, float(t)) == math.copysign(1, v) for t, v in zip(texts, values, strict=True))
+    for encoder in ENCODERS:
+        lines = encode_with(encoder, points).body.decode().splitlines()
+        texts = [line.split(" ")[1].removeprefix("v=") for line in lines]
+        assert [float(t) for t in texts] == values, encoder
+        assert all(math.copysign(1, float(t)) == math.copysign(1, v) for t, v in zip(texts, values, strict=True))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(readings, any_float), min_size=1, max_size=50))
+def test_the_compiled_encoder_writes_the_fewest_decimals_or_repr(values: list[float]) -> None:
+    """Each value alone: with the fewest decimals (0-6) that give it back, else as repr writes it."""
+    points = PointColumns("m", {}, {"v": np.array(values)}, np.arange(len(values), dtype=np.int64))
+    texts = [
+        line.split(" ")[1].removeprefix("v=") for line in encode_with("compiled", points).body.decode().splitlines()
+    ]
+    for text, v in zip(texts, values, strict=True):
+        decimals = next((k for k in range(7) if abs(v) < 2**53 / 1e6 and round(v * 10**k) / 10**k == v), None)
+        if decimals is None:
+            assert text == repr(v)
+        else:
+            assert text == ("-" if math.copysign(1, v) < 0 else "") + f"{abs(v):.{decimals}f}"
 
 
 @pytest.mark.parametrize(
@@ -154,48 +194,54 @@ def test_float_text_round_trips_exactly(values: list[float]) -> None:
         ("esc\\,aped", "backslash"),
     ],
 )
-def test_unrepresentable_tag_values_are_rejected_not_injected(sensor: str, reason: str) -> None:
+@pytest.mark.parametrize("encoder", ENCODERS)
+def test_unrepresentable_tag_values_are_rejected_not_injected(sensor: str, reason: str, encoder: str) -> None:
     points = PointColumns(
         "air",
         {"sensor_id": _obj(["ok-1", sensor, "ok-2"])},
         {"no2": np.array([1.0, 2.0, 3.0])},
         np.array([10, 20, 30], dtype=np.int64),
     )
-    encoded = encode_lines(points)
+    encoded = encode_with(encoder, points)
     assert list(encoded.rejected) == [1] and reason in encoded.rejected[1]
     assert encoded.body == b"air,sensor_id=ok-1 no2=1 10\nair,sensor_id=ok-2 no2=3 30\n"
     assert encoded.rows.tolist() == [0, 2]
 
 
-def test_rows_without_any_finite_field_are_rejected_and_empty_tags_omitted() -> None:
+@pytest.mark.parametrize("encoder", ENCODERS)
+def test_rows_without_any_finite_field_are_rejected_and_empty_tags_omitted(encoder: str) -> None:
     points = PointColumns(
         "air",
         {"site": _obj(["", "quai"])},
         {"no2": np.array([np.nan, 5.5]), "pm25": np.array([np.inf, np.nan])},
         np.array([1, 2], dtype=np.int64),
     )
-    encoded = encode_lines(points)
+    encoded = encode_with(encoder, points)
     assert encoded.rejected == {0: "no finite field value"}
     assert encoded.body == b"air,site=quai no2=5.5 2\n"
+    assert encoded.rows.tolist() == [1] and encoded.line_ends.tolist() == [len(encoded.body)]
 
 
-def test_categorical_tags_encode_like_plain_columns_and_precision_floors() -> None:
+@pytest.mark.parametrize(
+    ("encoder", "body"),
+    [
+        ("numpy", b"air,sensor_id=s-b v=00.1 1\nair,sensor_id=s-a v=-2.0 2\nair,sensor_id=s-b v=3e-07 -1\n"),
+        ("compiled", b"air,sensor_id=s-b v=0.1 1\nair,sensor_id=s-a v=-2 2\nair,sensor_id=s-b v=3e-07 -1\n"),
+    ],
+)
+def test_categorical_tags_encode_like_plain_columns_and_precision_floors(encoder: str, body: bytes) -> None:
     names = _obj(["s-a", "s-b"])
     codes = np.array([1, 0, 1], dtype=np.int64)
     ts = np.array([1_500_000_001, 2_999_999_999, -1], dtype=np.int64)
     plain = PointColumns("air", {"sensor_id": names[codes]}, {"v": np.array([0.1, -2.0, 3e-7])}, ts)
     cat = PointColumns("air", {"sensor_id": Categorical(codes, names)}, plain.fields, ts)
-    assert encode_lines(plain, "s").body == encode_lines(cat, "s").body
-    assert (
-        encode_lines(plain, "s").body
-        == b"air,sensor_id=s-b v=00.1 1\nair,sensor_id=s-a v=-2.0 2\nair,sensor_id=s-b v=3e-07 -1\n"
-    )
+    assert encode_with(encoder, plain, "s").body == encode_with(encoder, cat, "s").body == body
 
 
 def test_floats_of_a_chunk_share_one_zero_padded_width_that_parses_back_exactly() -> None:
     values = np.array([5.5, 123.25, -0.5, 0.0, -0.0, 1e9])
     points = PointColumns("m", {}, {"v": values}, np.arange(len(values), dtype=np.int64))
-    lines = encode_lines(points).body.decode().splitlines()
+    lines = encode_with("numpy", points).body.decode().splitlines()
     texts = [line.split(" ")[1].removeprefix("v=") for line in lines]
     assert texts == ["00000000005.50", "00000000123.25", "-0000000000.50", "00000000000.00", "-0000000000.00",
                      "01000000000.00"]  # fmt: skip
@@ -204,16 +250,18 @@ def test_floats_of_a_chunk_share_one_zero_padded_width_that_parses_back_exactly(
     assert np.signbit(parsed).tolist() == np.signbit(values).tolist()
 
 
-def test_many_rows_cross_chunk_boundaries() -> None:
+@pytest.mark.parametrize("encoder", ENCODERS)
+def test_many_rows_cross_chunk_boundaries(encoder: str) -> None:
     n = 40_000
     rng = np.random.default_rng(7)
     values = rng.normal(40, 5, n).round(1)
     ts = 1_700_000_000_000_000_000 + np.arange(n, dtype=np.int64) * 1_000_000
     sensors = _obj([f"no2-{i % 97}" for i in range(n)])
-    encoded = encode_lines(PointColumns("air", {"sensor_id": sensors}, {"no2": values}, ts))
+    encoded = encode_with(encoder, PointColumns("air", {"sensor_id": sensors}, {"no2": values}, ts))
     lines = encoded.body.decode().splitlines()
     assert len(lines) == n
     for i in (0, 16_383, 16_384, 32_768, n - 1):
-        assert lines[i] == f"air,sensor_id=no2-{i % 97} no2={float(lines[i].split('=')[2].split(' ')[0])!r} {ts[i]}"
-        assert float(lines[i].split("=")[2].split(" ")[0]) == values[i]
+        text = lines[i].split("=")[2].split(" ")[0]
+        assert lines[i] == f"air,sensor_id=no2-{i % 97} no2={text} {ts[i]}"
+        assert float(text) == values[i]
     assert encoded.line_slice(5, 7) == ("\n".join(lines[5:7]) + "\n").encode()

@@ -1,0 +1,209 @@
+/* The compiled half of sinks/lineprotocol.py's encode_lines: lines of float fields written in one
+ * pass, instead of byte matrices per piece assembled and masked by numpy.
+ *
+ * encode(keys, key_ends, series, ts, accepted, names, columns) -> (body, line_ends)
+ *
+ *   keys:      bytes, every distinct series key ("measurement,tag=value...", escaped) joined;
+ *   key_ends:  int64 buffer (k,), where key j ends in ``keys`` (it starts where j - 1 ends);
+ *   series:    int64 buffer (n,), each row's key;
+ *   ts:        int64 buffer (n,), each row's timestamp, precision already applied;
+ *   accepted:  uint8 buffer (n,), the rows to write (each with at least one finite field);
+ *   names:     tuple of bytes, each field's escaped key followed by "=", in line order;
+ *   columns:   tuple of float64 buffers (n,), one per name; NaN and +-inf leave the field out.
+ *
+ * Returns the body (one line per accepted row, in row order, each ending in "\n") and a bytearray
+ * of int64 offsets just past each line's newline. A value is written exactly: with the fewest
+ * decimals (at most 6) whose integer arithmetic gives it back (as recorded by the numpy encoder:
+ * rint(v * 10^k) / 10^k == v, |v| < 2^53 / 10^6), else as repr() writes it (PyOS_double_to_string,
+ * shortest round trip). Raises ValueError for ragged columns or a key index out of range.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define MAX_FIELDS 64
+#define MAX_DECIMALS 6
+/* Longest text of one value: repr of a double is at most 24 characters ("-2.2250738585072014e-308"). */
+#define VALUE_ROOM 32
+
+static const double scales[MAX_DECIMALS + 1] = {1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6};
+static const int64_t powers[MAX_DECIMALS + 1] = {1, 10, 100, 1000, 10000, 100000, 1000000};
+/* |v| below this: v * 10^6 is below 2^53, so the scaled integer is exact. */
+static const double small_limit = 9007199254740992.0 / 1e6;
+
+/* The decimal digits of x at out, returning the end. */
+static char *put_unsigned(char *out, uint64_t x) {
+    char digits[20];
+    int n = 0;
+    do {
+        digits[n++] = (char)('0' + x % 10);
+        x /= 10;
+    } while (x);
+    while (n) *out++ = digits[--n];
+    return out;
+}
+
+static char *put_int64(char *out, int64_t x) {
+    if (x < 0) {
+        *out++ = '-';
+        return put_unsigned(out, (uint64_t)0 - (uint64_t)x);
+    }
+    return put_unsigned(out, (uint64_t)x);
+}
+
+/* Finite v written exactly at out; returns the end, or NULL with MemoryError set. */
+static char *put_float(char *out, double v) {
+    if (fabs(v) < small_limit) {
+        for (int k = 0; k <= MAX_DECIMALS; k++) {
+            double m = nearbyint(v * scales[k]);
+            if (m / scales[k] != v) continue;
+            int64_t whole = (int64_t)fabs(m);
+            if (m < 0 || (m == 0 && signbit(v))) *out++ = '-';
+            out = put_unsigned(out, (uint64_t)(whole / powers[k]));
+            if (k) {
+                *out++ = '.';
+                int64_t fraction = whole % powers[k];
+                for (int d = k - 1; d >= 0; d--) {
+                    out[d] = (char)('0' + fraction % 10);
+                    fraction /= 10;
+                }
+                out += k;
+            }
+            return out;
+        }
+    }
+    char *text = PyOS_double_to_string(v, 'r', 0, Py_DTSF_ADD_DOT_0, NULL);
+    if (text == NULL) return NULL;
+    size_t len = strlen(text);
+    memcpy(out, text, len);
+    PyMem_Free(text);
+    return out + len;
+}
+
+typedef struct {
+    Py_buffer view;
+    int held;
+} Column;
+
+/* A C-contiguous buffer of n items of ``itemsize`` bytes (n < 0: any count, set here). */
+static int take(PyObject *obj, Column *c, Py_ssize_t itemsize, Py_ssize_t *n, const char *what) {
+    if (PyObject_GetBuffer(obj, &c->view, PyBUF_C_CONTIGUOUS) < 0) return -1;
+    c->held = 1;
+    if (c->view.len % itemsize || (c->view.len && c->view.itemsize != itemsize)) {
+        PyErr_Format(PyExc_ValueError, "%s: expected %zd-byte items", what, itemsize);
+        return -1;
+    }
+    Py_ssize_t count = c->view.len / itemsize;
+    if (*n >= 0 && count != *n) {
+        PyErr_Format(PyExc_ValueError, "%s: %zd items, expected %zd", what, count, *n);
+        return -1;
+    }
+    *n = count;
+    return 0;
+}
+
+static PyObject *encode(PyObject *module, PyObject *args) {
+    (void)module;
+    PyObject *keys_obj, *key_ends_obj, *series_obj, *ts_obj, *accepted_obj, *names, *columns_obj;
+    if (!PyArg_ParseTuple(args, "OOOOOO!O!", &keys_obj, &key_ends_obj, &series_obj, &ts_obj, &accepted_obj,
+                          &PyTuple_Type, &names, &PyTuple_Type, &columns_obj))
+        return NULL;
+    Py_ssize_t fields = PyTuple_GET_SIZE(names);
+    if (fields != PyTuple_GET_SIZE(columns_obj) || fields < 1 || fields > MAX_FIELDS) {
+        PyErr_Format(PyExc_ValueError, "%zd field names and %zd columns (1 to %d)", fields,
+                     PyTuple_GET_SIZE(columns_obj), MAX_FIELDS);
+        return NULL;
+    }
+    Column keys = {0}, key_ends = {0}, series = {0}, ts = {0}, accepted = {0}, columns[MAX_FIELDS];
+    memset(columns, 0, sizeof columns);
+    PyObject *body = NULL, *ends = NULL, *result = NULL;
+    Py_ssize_t k = -1, n = -1, any = -1;
+    if (take(keys_obj, &keys, 1, &any, "keys") < 0 || take(key_ends_obj, &key_ends, 8, &k, "key_ends") < 0 ||
+        take(series_obj, &series, 8, &n, "series") < 0 || take(ts_obj, &ts, 8, &n, "ts") < 0 ||
+        take(accepted_obj, &accepted, 1, &n, "accepted") < 0)
+        goto done;
+    for (Py_ssize_t f = 0; f < fields; f++) {
+        if (!PyBytes_Check(PyTuple_GET_ITEM(names, f))) {
+            PyErr_SetString(PyExc_TypeError, "field names must be bytes");
+            goto done;
+        }
+        if (take(PyTuple_GET_ITEM(columns_obj, f), &columns[f], 8, &n, "field column") < 0) goto done;
+    }
+    const char *key_text = keys.view.buf;
+    const int64_t *key_end = key_ends.view.buf, *row_series = series.view.buf, *row_ts = ts.view.buf;
+    const unsigned char *row_accepted = accepted.view.buf;
+    const double *values[MAX_FIELDS];
+    Py_ssize_t names_room = 0;
+    for (Py_ssize_t f = 0; f < fields; f++) {
+        values[f] = columns[f].view.buf;
+        names_room += PyBytes_GET_SIZE(PyTuple_GET_ITEM(names, f)) + 1 + VALUE_ROOM;
+    }
+    for (Py_ssize_t j = 0; j < k; j++) {
+        if (key_end[j] < (j ? key_end[j - 1] : 0) || key_end[j] > keys.view.len) {
+            PyErr_SetString(PyExc_ValueError, "key_ends must rise within keys");
+            goto done;
+        }
+    }
+    /* Room for every accepted line at its longest; the body is cut to what was written. */
+    Py_ssize_t room = 0, lines = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (!row_accepted[i]) continue;
+        int64_t s = row_series[i];
+        if (s < 0 || s >= k) {
+            PyErr_Format(PyExc_ValueError, "row %zd: series %lld outside the %zd keys", i, (long long)s, k);
+            goto done;
+        }
+        room += key_end[s] - (s ? key_end[s - 1] : 0) + names_room + 1 + 21 + 1;
+        lines++;
+    }
+    body = PyBytes_FromStringAndSize(NULL, room);
+    ends = PyByteArray_FromStringAndSize(NULL, lines * 8);
+    if (body == NULL || ends == NULL) goto done;
+    char *start = PyBytes_AS_STRING(body), *out = start;
+    int64_t *line_end = (int64_t *)PyByteArray_AS_STRING(ends);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (!row_accepted[i]) continue;
+        int64_t s = row_series[i];
+        Py_ssize_t key_start = s ? key_end[s - 1] : 0;
+        memcpy(out, key_text + key_start, (size_t)(key_end[s] - key_start));
+        out += key_end[s] - key_start;
+        char separator = ' ';
+        for (Py_ssize_t f = 0; f < fields; f++) {
+            double v = values[f][i];
+            if (!isfinite(v)) continue;
+            *out++ = separator;
+            separator = ',';
+            PyObject *name = PyTuple_GET_ITEM(names, f);
+            memcpy(out, PyBytes_AS_STRING(name), (size_t)PyBytes_GET_SIZE(name));
+            out += PyBytes_GET_SIZE(name);
+            out = put_float(out, v);
+            if (out == NULL) goto done;
+        }
+        *out++ = ' ';
+        out = put_int64(out, row_ts[i]);
+        *out++ = '\n';
+        *line_end++ = out - start;
+    }
+    if (_PyBytes_Resize(&body, out - start) < 0) goto done;
+    result = PyTuple_Pack(2, body, ends);
+done:
+    Py_XDECREF(body);
+    Py_XDECREF(ends);
+    Column *held[] = {&keys, &key_ends, &series, &ts, &accepted};
+    for (size_t c = 0; c < sizeof held / sizeof held[0]; c++)
+        if (held[c]->held) PyBuffer_Release(&held[c]->view);
+    for (Py_ssize_t f = 0; f < fields; f++)
+        if (columns[f].held) PyBuffer_Release(&columns[f].view);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"encode", encode, METH_VARARGS, "Lines of float fields (see the module comment)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_lineformat", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__lineformat(void) { return PyModule_Create(&module); }
