@@ -160,23 +160,18 @@ class History:
             group = np.flatnonzero(counts == c)
             rows = series[group]
             newest = first[group][:, None] + np.arange(max(c - h, 0), c)[None, :]  # (len(group), min(c, h))
-            # Most series moving (a fleet reporting every batch): shifting every row is one
-            # contiguous move, cheaper than gathering and scattering the moving rows; the rows
-            # that stay are put back.
-            staying = None
-            if c < h and 2 * len(rows) > len(self.values):
-                stays = np.ones(len(self.values), dtype=bool)
-                stays[rows] = False
-                staying = np.flatnonzero(stays)
+            every_one = c == 1 and len(group) == len(readings[0])  # one reading per series: in order
             for array, new in zip(columns, added, strict=True):
-                block = new[newest]
-                if staying is not None:
-                    kept = array[staying]
-                    array[:, : h - c] = array[:, c:]
-                    array[staying] = kept
-                    array[rows, h - c :] = block
+                if c < h:
+                    # Two narrower moves beat joining a new row block: the gather on the right is a
+                    # copy, so the overlap is safe.
+                    array[rows, : h - c] = array[rows, c:]
+                    if every_one:
+                        array[rows, h - 1] = new
+                    else:
+                        array[rows, h - c :] = new[newest]
                 else:
-                    array[rows] = np.concatenate([array[rows, c:], block], axis=1) if c < h else block
+                    array[rows] = new[newest]
 
     def forget(self, series: npt.NDArray[np.bool_]) -> History:
         """The same history with the series where ``series`` (bool, one per series id: at most as
