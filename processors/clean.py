@@ -554,6 +554,16 @@ def _history_then_candidates(
     last ``window`` history values and times (whole rows, moved at once) then its candidates."""
     ext_len = window + counts
     ext_off = np.cumsum(ext_len) - ext_len
+    none = np.empty(0, dtype=np.int64)
+    if len(counts) and counts.min() == counts.max():
+        # Every series brings as many candidates (a fleet's batch): the sequences are the rows of
+        # one (series, window + count) matrix, filled by two block copies per column.
+        c = int(counts[0])
+        v_rows, t_rows = np.empty((len(uniq), window + c)), np.empty((len(uniq), window + c), dtype=np.int64)
+        v_rows[:, :window], t_rows[:, :window] = history.values[uniq, -window:], history.ts[uniq, -window:]
+        v_rows[:, window:], t_rows[:, window:] = cv.reshape(-1, c), ct.reshape(-1, c)
+        pos = ((ext_off + window)[:, None] + np.arange(c)[None, :]).reshape(-1)
+        return _Ext(v_rows.reshape(-1), t_rows.reshape(-1), none, none.astype(np.uint8), ext_off, ext_len, pos, True)
     total = int(ext_len.sum())
     ext_v = np.empty(total)
     ext_t = np.empty(total, dtype=np.int64)
@@ -563,7 +573,6 @@ def _history_then_candidates(
     pos = np.arange(len(cv), dtype=np.int64)
     pos += np.repeat(ext_off + window - first, counts)
     ext_v[pos], ext_t[pos] = cv, ct
-    none = np.empty(0, dtype=np.int64)
     return _Ext(ext_v, ext_t, none, none.astype(np.uint8), ext_off, ext_len, pos, True)
 
 
