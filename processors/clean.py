@@ -398,6 +398,20 @@ def _judge_windows(
         verdict, fast = verdict[pos - w], fast[pos - w]
     slow = np.flatnonzero(~fast)
     if len(slow):
+        # A series' first readings: a window in time order whose empty slots (the oldest time
+        # there is) therefore all come first is a full window of its ``c`` filled slots (none
+        # filled: nothing to judge against, OK), judged by size like the full ones.
+        start = pos[slow] - w
+        empty = empty_before[start + w] - empty_before[start]
+        prefix = back_before[start + w] == back_before[start + 1]
+        for c in range(w):
+            of_size = prefix & (empty == w - c)
+            if not of_size.any():
+                continue
+            rows = slow[of_size]
+            verdict[rows] = OK if c == 0 else _judge_full_windows(seq._replace(w=c), pos[rows] - c)
+        slow = slow[~prefix]
+    if len(slow):
         verdict[slow] = _judge_any_windows(seq, pos[slow])
     return verdict
 

@@ -145,6 +145,30 @@ def test_clean_equals_reference(
             assert kept == ref_hist.get(s, [])
 
 
+@settings(max_examples=100, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.sampled_from([7, 5, 2]), st.sampled_from([0.1, 0.3, 0.6]))
+def test_windows_judged_by_their_filled_slots_equal_the_nan_aware_judging(seed: int, w: int, emptiness: float) -> None:
+    """Windows whose empty slots come first and whose filled slots are in time order (a series'
+    first readings) are judged as full windows of their filled slots; every window, whatever its
+    empty slots and time order, gets the verdict of the general NaN-aware path."""
+    from portpulse.processors.clean import _judge_any_windows, _judge_windows, _Sequence
+
+    rng = np.random.default_rng(seed)
+    for _ in range(20):
+        n = int(rng.integers(w + 1, 60))
+        empty = rng.random(n) < emptiness
+        empty[: int(rng.integers(0, w + 1))] = True  # a new series: its first slots empty
+        values = np.where(empty, np.nan, rng.choice([40.0, 41.0, 39.5, 60.0, 40.5], n))
+        step = rng.integers(0, 30, n) if rng.random() < 0.5 else np.arange(n)  # shuffled or in order
+        times = np.where(empty, np.iinfo(np.int64).min, step * 1_000_000_000)
+        series = np.zeros(n, dtype=np.int64)
+        pos = np.flatnonzero(~empty[w:]) + w
+        floor, rate = np.array([0.2]), np.array([1.0])
+        got = _judge_windows(values, times, series, pos, w, floor, rate, 4.0)
+        want = _judge_any_windows(_Sequence(values, times, series, w, floor, rate, 4.0), pos)
+        assert got.tolist() == want.tolist()
+
+
 def test_clean_catches_a_spike_and_keeps_the_next_good_value() -> None:
     t = np.arange(10, dtype=np.int64) * 10**9
     v = np.array([40, 41, 40, 42, 41, 400, 41, 40, 42, 41], dtype=np.float64)
