@@ -370,6 +370,23 @@ def test_batch_decode_fast_paths_still_reject_values_with_a_known_header_and_a_w
     assert batch.metric.tolist() == [*names, "no2", *names, *names]
 
 
+def test_batch_decode_drops_a_value_whose_row_names_a_metric_beyond_its_table() -> None:
+    from portpulse.codecs.wire import decode_values
+
+    names = ["no2", "pm25"]
+    good = encode_value("quai", names, [0, 1], [1, 2], [1.5, 2.5], [0, 3])
+    wild = bytearray(encode_value("quai", names, [0, 1], [7, 8], [7.5, 8.5], [0, 0]))
+    wild[-18 + 16] = 2  # the last row's metric index: one past the name table
+    batch = decode_values([good, bytes(wild), good])
+    assert batch.bad == [1]
+    assert batch.record.tolist() == [0, 0, 2, 2]
+    assert batch.metric.tolist() == names * 2
+    assert batch.ts_ns.tolist() == [1, 2, 1, 2]
+    assert batch.value.tolist() == [1.5, 2.5, 1.5, 2.5]
+    assert batch.flags.tolist() == [0, 3, 0, 3]
+    assert batch.name_code.tolist()[0] != batch.name_code.tolist()[1]
+
+
 def test_plain_gateway_batches_take_the_whole_batch_path_with_the_same_result() -> None:
     """Once its names are known, a clean batch is decoded at once; one bad reading sends the whole
     message back through the per-reading path, which reports it and keeps the rest."""
