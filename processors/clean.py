@@ -160,7 +160,8 @@ class History:
             group = np.flatnonzero(counts == c)
             rows = series[group]
             newest = first[group][:, None] + np.arange(max(c - h, 0), c)[None, :]  # (len(group), min(c, h))
-            every_one = c == 1 and len(group) == len(readings[0])  # one reading per series: in order
+            # One reading for each series in the call: the readings line up with the rows.
+            every_one = c == 1 and len(group) == len(readings[0])
             for array, new in zip(columns, added, strict=True):
                 if c < h:
                     # Two narrower moves beat joining a new row block: the gather on the right is a

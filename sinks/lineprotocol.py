@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal, cast
+from typing import Literal, NamedTuple, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -463,22 +463,30 @@ def _encode(points: PointColumns, precision: Precision, compiled: bool) -> Encod
     accepted = np.ones(n, dtype=bool)
     if rejected:
         accepted[np.fromiter(rejected, dtype=np.int64)] = False
+    lines = _Lines(points, field_names, key_texts, series, ts_all, accepted, rejected)
     if compiled and all(points.fields[name].dtype != np.object_ for name in field_names):
-        return _encode_compiled(points, field_names, key_texts, series, ts_all, accepted, rejected)
-    return _encode_numpy(points, field_names, key_texts, series, ts_all, accepted, rejected)
+        return _encode_compiled(lines)
+    return _encode_numpy(lines)
 
 
-def _encode_compiled(
-    points: PointColumns,
-    field_names: list[str],
-    key_texts: list[bytes],
-    series: npt.NDArray[np.int64],
-    ts: npt.NDArray[np.int64],
-    accepted: npt.NDArray[np.bool_],
-    rejected: dict[int, str],
-) -> EncodedLines:
+class _Lines(NamedTuple):
+    """What both encoders start from: the points, their sorted field names, each distinct
+    series' key text ``(k,)`` and each row's series ``(n,)``, timestamps in the precision
+    ``(n,)``, the rows still accepted ``(n,)`` and the reasons of those that are not (filled in)."""
+
+    points: PointColumns
+    field_names: list[str]
+    key_texts: list[bytes]
+    series: npt.NDArray[np.int64]
+    ts: npt.NDArray[np.int64]
+    accepted: npt.NDArray[np.bool_]
+    rejected: dict[int, str]
+
+
+def _encode_compiled(lines: _Lines) -> EncodedLines:
     """:func:`encode_lines` of float fields in one C pass (``_lineformat.c``)."""
     assert _COMPILED_ENCODE is not None
+    points, field_names, key_texts, series, ts, accepted, rejected = lines
     columns = tuple(np.ascontiguousarray(points.fields[name], dtype=np.float64) for name in field_names)
     any_field = np.zeros(len(points), dtype=bool)
     for column in columns:
@@ -504,16 +512,9 @@ def _encode_compiled(
     )
 
 
-def _encode_numpy(
-    points: PointColumns,
-    field_names: list[str],
-    key_texts: list[bytes],
-    series: npt.NDArray[np.int64],
-    ts_all: npt.NDArray[np.int64],
-    accepted: npt.NDArray[np.bool_],
-    rejected: dict[int, str],
-) -> EncodedLines:
+def _encode_numpy(lines: _Lines) -> EncodedLines:
     """:func:`encode_lines` by byte matrices, a chunk of rows at a time (any field type)."""
+    points, field_names, key_texts, series, ts_all, accepted, rejected = lines
     n = len(points)
     key_mat, key_len = _fixed_bytes(key_texts)
     bodies: list[npt.NDArray[np.uint8]] = []

@@ -434,15 +434,19 @@ def encode_records(
     :func:`_encode_records_numpy`; both give the same bytes."""
     if _COMPILED_ENCODE is None:
         return _encode_records_numpy(src, key_start, key_len, value_parts, headers).tobytes()
-    as_int64 = np.ascontiguousarray
     return _COMPILED_ENCODE(
         np.ascontiguousarray(src, dtype=np.uint8),
-        as_int64(key_start, dtype=np.int64),
-        as_int64(key_len, dtype=np.int64),
-        tuple(as_int64(start, dtype=np.int64) for start, _ in value_parts),
-        tuple(as_int64(length, dtype=np.int64) for _, length in value_parts),
+        _int64s(key_start),
+        _int64s(key_len),
+        tuple(_int64s(start) for start, _ in value_parts),
+        tuple(_int64s(length) for _, length in value_parts),
         headers,
     )
+
+
+def _int64s(column: _I64) -> _I64:
+    """``column`` as the C-contiguous int64 buffer the compiled encoder reads (no copy when it is one)."""
+    return np.ascontiguousarray(column, dtype=np.int64)
 
 
 def _compiled_encode() -> Callable[..., bytes] | None:
