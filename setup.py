@@ -1,6 +1,6 @@
-"""The one thing pyproject.toml cannot declare stably: the compiled halves of four hot loops, the
-line-protocol tokenizer, the MQTT packet splitter, the Kafka record encoder and the line-protocol
-encoder.
+"""The one thing pyproject.toml cannot declare stably: the compiled halves of five hot loops, the
+line-protocol tokenizer, the MQTT packet splitter, the Kafka record encoder, the line-protocol
+encoder and the cleaning kernel's Hampel checks.
 
 Optional: where no C compiler is at hand the install still succeeds and the Python halves run
 (the bridge logs which ones it runs).
@@ -14,5 +14,11 @@ setup(
         Extension("portpulse.codecs._mqttsplit", ["portpulse/codecs/_mqttsplit.c"], optional=True),
         Extension("portpulse.codecs._records", ["portpulse/codecs/_records.c"], optional=True),
         Extension("portpulse.sinks._lineformat", ["sinks/_lineformat.c"], optional=True),
+        Extension(
+            "portpulse.processors._hampel",
+            ["processors/_hampel.c"],
+            extra_compile_args=["-ffp-contract=off"],  # numpy's arithmetic exactly: no fused multiply-add
+            optional=True,
+        ),
     ]
 )

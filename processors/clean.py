@@ -27,6 +27,7 @@ reference in ``tests/unit/test_kernels.py`` exactly.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar
 
@@ -39,6 +40,7 @@ _T = TypeVar("_T", bound=np.generic)
 
 __all__ = [
     "DUPLICATE",
+    "HAMPEL_KERNEL",
     "NON_FINITE",
     "NO_OFFSET",
     "OK",
@@ -690,6 +692,19 @@ def clean(
     return reason, new_history, rejudged
 
 
+def _compiled_judge() -> Callable[..., bool] | None:
+    try:
+        from portpulse.processors._hampel import judge_appended
+    except ImportError:  # installed where no C compiler was at hand: numpy judges every batch
+        return None
+    return judge_appended
+
+
+_COMPILED_JUDGE = _compiled_judge()
+#: what judges checks 4-5 of a batch newer than its history: "compiled" or "numpy" (logged at start-up)
+HAMPEL_KERNEL = "numpy" if _COMPILED_JUDGE is None else "compiled"
+
+
 def _judge_candidates(
     history: History,
     r: npt.NDArray[np.uint8],
@@ -711,6 +726,16 @@ def _judge_candidates(
     their series' history): their verdicts into ``r``, the history updated in place; returns the
     history's readings whose verdict changed."""
     kept = history.values.shape[1]
+    if in_order and _COMPILED_JUDGE is not None:
+        # One C pass judges each candidate against the readings before it and appends them to
+        # the history; it declines (changing nothing) a window out of time order.
+        cv, ct, co = (v, t, o) if every else (v[cand], t[cand], o[cand])
+        verdict = np.empty(len(cv), dtype=np.uint8)
+        limits = np.ascontiguousarray(spike_floor, np.float64), np.ascontiguousarray(max_rate, np.float64)
+        if _COMPILED_JUDGE(history.values, history.ts, history.offsets, history.verdict, uniq, counts,
+                           cv, ct, co, *limits, k_sigma, window, verdict):  # fmt: skip
+            r[cand] = verdict
+            return Rejudged.none()
     ext = _extended(history, uniq, counts, v, t, o, cand, every, window, in_order)
     ext_series = np.repeat(uniq, ext.length)
     verdict = _judge_windows(ext.v, ext.t, ext_series, ext.pos, window, spike_floor, max_rate, k_sigma)

@@ -42,6 +42,7 @@ from portpulse.kafka import (
     start_client,
     start_producer,
 )
+from portpulse.processors.clean import HAMPEL_KERNEL
 from portpulse.processors.engine import (
     EngineOutput,
     EngineSettings,
@@ -523,5 +524,11 @@ async def run_processor(
 ) -> ProcessorStats:
     """A :class:`Processor` run until ``stop`` is set; sets ``ready`` once it has started."""
     processor = Processor(settings, sink, windows, allowed_lateness_s, idle_timeout_s, fetch_max_bytes)
+    log.info("processor: Hampel checks %s", HAMPEL_KERNEL)
+    if HAMPEL_KERNEL != "compiled":
+        log.warning(
+            "the Hampel checks are not compiled (no C compiler at install time?): cleaning costs about three "
+            "times the CPU; reinstall with gcc to build them (setup.py)"
+        )
     async with processor:
         return await processor.run(stop, ready)

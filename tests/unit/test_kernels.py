@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
+from collections.abc import Iterator
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from portpulse.processors import clean as clean_module
 from portpulse.processors.clean import (
     DUPLICATE,
+    HAMPEL_KERNEL,
     NO_OFFSET,
     NON_FINITE,
     OK,
@@ -24,6 +29,23 @@ from portpulse.processors.clean import (
 from portpulse.processors.window import WindowSpec, aggregate, assign, parse_windows
 
 W = 5
+# Both kernels of checks 4-5 for batches newer than their history: the compiled one and numpy's.
+KERNELS = ["compiled", "numpy"]
+
+
+@contextlib.contextmanager
+def hampel_kernel(kernel: str) -> Iterator[None]:
+    """Judge with ``kernel`` inside the block (numpy: as an install without a compiler does)."""
+    built = clean_module._COMPILED_JUDGE
+    clean_module._COMPILED_JUDGE = built if kernel == "compiled" else None
+    try:
+        yield
+    finally:
+        clean_module._COMPILED_JUDGE = built
+
+
+def test_the_compiled_hampel_kernel_is_built() -> None:
+    assert HAMPEL_KERNEL == "compiled", "processors/_hampel.c is not compiled (setup.py)"
 
 
 Hist = dict[int, list[tuple[int, float, int]]]  # series -> [(ts, value, verdict)] in event time
@@ -105,9 +127,10 @@ values = st.one_of(
     window=st.sampled_from([W, 7, 2]),
     slack=st.sampled_from([0, 0, 3, 8]),
     advancing=st.booleans(),
+    kernel=st.sampled_from(KERNELS),
 )
 def test_clean_equals_reference(
-    batches: list[list[tuple[int, int, float]]], window: int, slack: int, advancing: bool
+    batches: list[list[tuple[int, int, float]]], window: int, slack: int, advancing: bool, kernel: str
 ) -> None:
     k = 4
     lo, hi = [0.0, -10.0, 0.0, -math.inf], [100.0, 50.0, 100.0, math.inf]
@@ -122,17 +145,18 @@ def test_clean_equals_reference(
         expected, ref_hist, flips = reference_clean(
             readings, lo, hi, rate, floor, ref_hist, 4.0, window, kept=window + slack
         )
-        got, history, rejudged = clean(
-            np.array([r[0] for r in readings], dtype=np.int64),
-            np.array([r[1] for r in readings], dtype=np.int64),
-            np.array([r[2] for r in readings], dtype=np.float64),
-            np.array(lo),
-            np.array(hi),
-            np.array(rate),
-            np.array(floor),
-            history,
-            window=window,
-        )
+        with hampel_kernel(kernel):
+            got, history, rejudged = clean(
+                np.array([r[0] for r in readings], dtype=np.int64),
+                np.array([r[1] for r in readings], dtype=np.int64),
+                np.array([r[2] for r in readings], dtype=np.float64),
+                np.array(lo),
+                np.array(hi),
+                np.array(rate),
+                np.array(floor),
+                history,
+                window=window,
+            )
         assert got.tolist() == expected
         assert set(zip(rejudged.series.tolist(), rejudged.ts_ns.tolist(), rejudged.verdict.tolist(),
                        strict=True)) == flips  # fmt: skip
@@ -167,6 +191,87 @@ def test_windows_judged_by_their_filled_slots_equal_the_nan_aware_judging(seed: 
         got = _judge_windows(values, times, series, pos, w, floor, rate, 4.0)
         want = _judge_any_windows(_Sequence(values, times, series, w, floor, rate, 4.0), pos)
         assert got.tolist() == want.tolist()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.sampled_from([(7, 8), (5, 0), (2, 3), (1, 2), (4, 1)]))
+def test_the_compiled_hampel_kernel_gives_numpys_verdicts_and_history_bit_for_bit(
+    seed: int, shape: tuple[int, int]
+) -> None:
+    """A fleet's batches (many series, some new, some bringing several readings, values near
+    their thresholds) judged by both kernels: the same reasons and the same history, every bit
+    of every slot (verdicts, values, times, offsets)."""
+    window, slack = shape
+    rng = np.random.default_rng(seed)
+    k = 300
+    limits = (np.full(k, -1e9), np.full(k, 1e9), rng.choice([0.5, 3.0, np.inf], k), rng.choice([0.0, 0.2, 1.0], k))
+    histories = {kernel: History.empty(k, window + slack) for kernel in KERNELS}
+    seen: set[int] = set()
+    for step in range(6):
+        live = np.flatnonzero(rng.random(k) < 0.3 + 0.1 * step)  # series join as the steps go on
+        counts = rng.choice([1, 1, 1, 2, 3, window + slack + 2], len(live))
+        series = np.repeat(live, counts)
+        n = len(series)
+        seconds = step * 100 + np.concatenate([np.sort(rng.choice(90, c, replace=False)) for c in counts])
+        ts = seconds * 10**9 + rng.integers(0, 1000, n) * 10**6  # in time order within a series
+        values = np.round(rng.normal(40, rng.choice([0.1, 1.0, 5.0]), n), int(rng.integers(0, 3)))
+        values[rng.random(n) < 0.02] = 400.0  # spikes
+        offsets = np.arange(step * 10_000, step * 10_000 + n, dtype=np.int64)
+        got = {}
+        for kernel in KERNELS:
+            with hampel_kernel(kernel):
+                reason, histories[kernel], rejudged = clean(
+                    series, ts, values, *limits, histories[kernel], 4.0, offsets, window
+                )
+            assert len(rejudged) == 0  # every batch newer than the history: nothing to judge again
+            got[kernel] = reason
+        assert got["compiled"].tolist() == got["numpy"].tolist()
+        seen |= set(got["numpy"].tolist())
+        a, b = histories["compiled"], histories["numpy"]
+        assert a.values.tobytes() == b.values.tobytes()
+        assert a.ts.tobytes() == b.ts.tobytes()
+        assert a.offsets.tobytes() == b.offsets.tobytes()
+        assert a.verdict.tobytes() == b.verdict.tobytes()
+    assert seen >= ({OK, RATE, SPIKE} if window >= 3 else {OK, RATE})  # each verdict was at stake
+
+
+def test_the_compiled_hampel_kernel_declines_a_window_out_of_time_order_and_refuses_bad_shapes() -> None:
+    """Out of time order it changes nothing and says so (numpy judges); shapes that do not fit
+    together, or a series outside the history, are a ValueError, not memory read astray."""
+    judge = clean_module._COMPILED_JUDGE
+    assert judge is not None
+    history = History.empty(2, 4)
+    history.values[0] = [40.0, 41.0, 40.0, 42.0]
+    history.ts[0] = [1, 3, 2, 4]  # a window out of time order
+    before = history.copy()
+    one = np.array([1], dtype=np.int64)
+    verdict = np.empty(1, dtype=np.uint8)
+    limits = np.zeros(2), np.full(2, np.inf)
+    args = (np.array([0]), one, np.array([40.0]), np.array([9]), np.array([7]), *limits, 4.0, 3, verdict)
+    assert judge(history.values, history.ts, history.offsets, history.verdict, *args) is False
+    for name in ("values", "ts", "offsets", "verdict"):
+        assert getattr(before, name).tobytes() == getattr(history, name).tobytes(), name
+    history.ts[0] = [1, 2, 3, 4]
+    # The third candidate's window (4, 5, 3) is out of order.
+    three = (np.array([0]), np.array([3]), np.full(3, 40.0), np.array([5, 3, 6]), np.zeros(3, np.int64), *limits)
+    held = (history.values, history.ts, history.offsets, history.verdict)
+    assert judge(*held, *three, 4.0, 3, np.empty(3, np.uint8)) is False
+    assert history.ts[0].tolist() == [1, 2, 3, 4]
+    # A candidate no newer than its window's middle (age 0): never too fast, however far it is.
+    far = (np.array([0]), one, np.array([90.0]), np.array([3]), np.array([7]), np.full(2, 1e9), np.full(2, 0.1))
+    assert judge(history.values, history.ts, history.offsets, history.verdict, *far, 4.0, 3, verdict) is True
+    assert verdict.tolist() == [OK] and history.ts[0].tolist() == [2, 3, 4, 3]
+    history.ts[0] = [1, 2, 3, 4]
+    assert judge(history.values, history.ts, history.offsets, history.verdict, *args) is True
+    assert history.ts[0].tolist() == [2, 3, 4, 9] and history.offsets[0].tolist()[-1] == 7
+    # A series outside the history, counts that do not sum to the candidates, a negative count.
+    for series, counts in ((np.array([2]), one), (np.array([0]), np.array([2])), (np.array([0]), np.array([-1]))):
+        with pytest.raises(ValueError):
+            judge(history.values, history.ts, history.offsets, history.verdict, series, counts, *args[2:])
+    with pytest.raises(ValueError):  # a window wider than the history
+        judge(history.values, history.ts, history.offsets, history.verdict, *args[:-3], 4.0, 5, verdict)
+    with pytest.raises(ValueError):  # a history of other shapes
+        judge(history.values, history.ts[:, :3].copy(), history.offsets, history.verdict, *args)
 
 
 def test_clean_catches_a_spike_and_keeps_the_next_good_value() -> None:

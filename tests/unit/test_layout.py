@@ -141,6 +141,7 @@ def test_a_wheel_holds_only_the_portpulse_namespace(tmp_path: Path) -> None:
         "portpulse/codecs/_mqttsplit.",
         "portpulse/codecs/_records.",
         "portpulse/sinks/_lineformat.",
+        "portpulse/processors/_hampel.",
     ):
         assert [n for n in names if n.startswith(compiled) and n.endswith(".so")], f"{compiled} not compiled"
 
