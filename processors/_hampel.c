@@ -20,6 +20,12 @@
  * sorts on the stack: clean.py's numpy path then judges the batch. Raises ValueError for shapes
  * that do not fit together or a series outside the history.
  *
+ * earliest_offsets(offsets, series, out) -> None
+ *
+ *   offsets: the history's int64 (k, H); series: int64 (n,) rows; out: int64 (n,), written: the
+ *   smallest offset of each row (History.earliest_offset), one short pass per row instead of
+ *   numpy's gather of whole rows and a reduction along them.
+ *
  * The arithmetic is clean.py's _judge_full_windows, operation for operation (setup.py turns off
  * fused multiply-add contraction), so the verdicts are the same bit for bit: the median of c values is the middle one (the mean of the middle two for
  * even c); a window with e empty slots (NaN, which in time order come first) is judged as the full
@@ -222,8 +228,44 @@ done:
     return result;
 }
 
+static PyObject *earliest_offsets(PyObject *module, PyObject *args) {
+    (void)module;
+    PyObject *offsets_obj, *series_obj, *out_obj;
+    if (!PyArg_ParseTuple(args, "OOO", &offsets_obj, &series_obj, &out_obj)) return NULL;
+    Column offsets = {0}, series = {0}, out = {0};
+    PyObject *result = NULL;
+    Py_ssize_t cells = -1, n = -1;
+    if (take(offsets_obj, &offsets, 8, &cells, 0, "offsets") < 0 || take(series_obj, &series, 8, &n, 0, "series") < 0 ||
+        take(out_obj, &out, 8, &n, 1, "out") < 0)
+        goto done;
+    if (offsets.view.ndim != 2 || offsets.view.shape[1] < 1) {
+        PyErr_SetString(PyExc_ValueError, "offsets: expected a (series, H) array, H >= 1");
+        goto done;
+    }
+    Py_ssize_t k = offsets.view.shape[0], h = offsets.view.shape[1];
+    const int64_t *held = offsets.view.buf, *rows = series.view.buf;
+    int64_t *earliest = out.view.buf;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (rows[i] < 0 || rows[i] >= k) {
+            PyErr_Format(PyExc_ValueError, "series %lld outside the %zd rows", (long long)rows[i], k);
+            goto done;
+        }
+        const int64_t *row = held + rows[i] * h;
+        int64_t least = row[0];
+        for (Py_ssize_t j = 1; j < h; j++) least = row[j] < least ? row[j] : least;
+        earliest[i] = least;
+    }
+    result = Py_NewRef(Py_None);
+done:
+    if (offsets.held) PyBuffer_Release(&offsets.view);
+    if (series.held) PyBuffer_Release(&series.view);
+    if (out.held) PyBuffer_Release(&out.view);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"judge_appended", judge_appended, METH_VARARGS, "Checks 4-5 and the history append (see the module comment)."},
+    {"earliest_offsets", earliest_offsets, METH_VARARGS, "Each row's smallest offset (see the module comment)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -20,3 +20,6 @@ def judge_appended(
     /,
 ) -> bool:
     """Verdicts into ``out`` and the history appended to; False (nothing changed) to decline."""
+
+def earliest_offsets(offsets: Any, series: Any, out: Any, /) -> None:
+    """Each row's smallest offset into ``out``."""

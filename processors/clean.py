@@ -64,6 +64,19 @@ _NO_TS = np.iinfo(np.int64).min
 NO_OFFSET = np.iinfo(np.int64).max  # an empty history slot
 
 
+def _compiled() -> tuple[Callable[..., bool] | None, Callable[..., None] | None]:
+    try:
+        from portpulse.processors._hampel import earliest_offsets, judge_appended
+    except ImportError:  # installed where no C compiler was at hand: numpy judges every batch
+        return None, None
+    return judge_appended, earliest_offsets
+
+
+_COMPILED_JUDGE, _COMPILED_EARLIEST = _compiled()
+#: what judges checks 4-5 of a batch newer than its history: "compiled" or "numpy" (logged at start-up)
+HAMPEL_KERNEL = "numpy" if _COMPILED_JUDGE is None else "compiled"
+
+
 @dataclass(frozen=True, slots=True)
 class History:
     """Per series, the ``H`` newest readings (in event time) that passed checks 1-3, oldest
@@ -175,6 +188,15 @@ class History:
                         array[rows, h - c :] = new[newest]
                 else:
                     array[rows] = new[newest]
+
+    def earliest_offset(self, series: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+        """The smallest offset each of ``series`` ``(n,)`` holds (``NO_OFFSET`` for an empty
+        history): where a replay must start to rebuild it."""
+        if _COMPILED_EARLIEST is None:
+            return self.offsets[series].min(axis=1)  # type: ignore[no-any-return]
+        out = np.empty(len(series), dtype=np.int64)
+        _COMPILED_EARLIEST(self.offsets, np.ascontiguousarray(series, dtype=np.int64), out)
+        return out
 
     def forget(self, series: npt.NDArray[np.bool_]) -> History:
         """The same history with the series where ``series`` (bool, one per series id: at most as
@@ -690,19 +712,6 @@ def clean(
         return r, new_history, rejudged
     reason[order] = r
     return reason, new_history, rejudged
-
-
-def _compiled_judge() -> Callable[..., bool] | None:
-    try:
-        from portpulse.processors._hampel import judge_appended
-    except ImportError:  # installed where no C compiler was at hand: numpy judges every batch
-        return None
-    return judge_appended
-
-
-_COMPILED_JUDGE = _compiled_judge()
-#: what judges checks 4-5 of a batch newer than its history: "compiled" or "numpy" (logged at start-up)
-HAMPEL_KERNEL = "numpy" if _COMPILED_JUDGE is None else "compiled"
 
 
 def _judge_candidates(

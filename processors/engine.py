@@ -544,7 +544,7 @@ class ProcessorEngine:
                 r = r.take(keep)
                 series, value = series[keep], value[keep]
             # Replaying from here rebuilds the cleaning history these readings were judged with.
-            replay_from = np.minimum(r.offset, self._history.offsets[series].min(axis=1))
+            replay_from = np.minimum(r.offset, self._history.earliest_offset(series))
             reason, self._history, rejudged = clean(
                 series, r.ts_ns, value,
                 *self._limits(),

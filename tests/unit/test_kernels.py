@@ -274,6 +274,27 @@ def test_the_compiled_hampel_kernel_declines_a_window_out_of_time_order_and_refu
         judge(history.values, history.ts[:, :3].copy(), history.offsets, history.verdict, *args)
 
 
+def test_the_earliest_offset_of_a_history_is_the_least_of_its_row_compiled_or_not() -> None:
+    rng = np.random.default_rng(5)
+    history = History.empty(50, 15)
+    filled = rng.random((50, 15)) < 0.7
+    filled[:5] = False  # five series with nothing held yet
+    history.offsets[filled] = rng.integers(0, 10**12, int(filled.sum()))
+    series = rng.integers(0, 50, 400)
+    want = [min(history.offsets[s].tolist()) for s in series.tolist()]  # NO_OFFSET for an empty row
+    assert NO_OFFSET in want and len(set(want)) > 30
+    assert history.earliest_offset(series).tolist() == want
+    built = clean_module._COMPILED_EARLIEST
+    assert built is not None
+    clean_module._COMPILED_EARLIEST = None
+    try:
+        assert history.earliest_offset(series).tolist() == want
+    finally:
+        clean_module._COMPILED_EARLIEST = built
+    with pytest.raises(ValueError):
+        history.earliest_offset(np.array([50]))
+
+
 def test_clean_catches_a_spike_and_keeps_the_next_good_value() -> None:
     t = np.arange(10, dtype=np.int64) * 10**9
     v = np.array([40, 41, 40, 42, 41, 400, 41, 40, 42, 41], dtype=np.float64)
