@@ -313,7 +313,17 @@ class _Bucket:
     def distinct_series(self) -> npt.NDArray[np.int64]:
         """The distinct series with rows here (merged on demand: adding stays proportional to the step)."""
         if self.added:
-            self.series = np.unique(np.concatenate([self.series, *self.added]))
+            parts = [p for p in (self.series, *self.added) if len(p)]
+            top = max(int(p[-1]) for p in parts) + 1 if parts else 0  # each part is ascending
+            if sum(map(len, parts)) >= top // 4:
+                # A window of many steps of a fleet: the same series again and again. Marking them
+                # in a table over the ids costs a write per row; sorting them all costs far more.
+                seen = np.zeros(top, dtype=bool)
+                for p in parts:
+                    seen[p] = True
+                self.series = np.flatnonzero(seen)
+            else:
+                self.series = np.unique(np.concatenate([self.series, *self.added]))
             self.added = []
         return self.series
 

@@ -473,13 +473,15 @@ def test_window_keys_are_one_per_spec_series_start_and_ordered_like_them() -> No
         min_size=1, max_size=6,
     ),
     st.lists(st.lists(st.integers(-1, 12), min_size=16, max_size=16), min_size=6, max_size=6),
+    st.sampled_from([1, 1000]),
 )  # fmt: skip
 def test_open_windows_close_exactly_the_rows_added_per_window_and_series_in_order(
-    steps: list[list[tuple[int, int, int, int]]], closed_until: list[list[int]]
+    steps: list[list[tuple[int, int, int, int]]], closed_until: list[list[int]], spread: int
 ) -> None:
     """Rows (spec, start, partition, series) added over several steps come back once, when their
     window ends at or before their own series' closed-until time, in the order they were added
-    (per window and series); replay offsets and dropped partitions follow."""
+    (per window and series); replay offsets and dropped partitions follow. Series ids ``spread``
+    apart: few series among many ids, as well as all of them."""
     from portpulse.processors.window import OpenWindows
 
     sizes = [2, 5]
@@ -488,17 +490,18 @@ def test_open_windows_close_exactly_the_rows_added_per_window_and_series_in_orde
     offset = 0
     for rows, until_flat in zip(steps, closed_until, strict=False):
         until = np.array(until_flat, dtype=np.int64).reshape(2, 8)
+        until_by_id = np.repeat(until, spread, axis=1)  # series s has id s * spread
         for spec in (0, 1):
             mine = [r for r in rows if r[0] == spec]
             col = [np.array([r[k] for r in mine], dtype=np.int64) for k in range(4)]
             offsets = np.arange(offset, offset + len(mine), dtype=np.int64)
-            store.add(spec, col[1], col[2], col[3], offsets * 10, offsets / 2, offsets % 2 == 0, offsets)
+            store.add(spec, col[1], col[2], col[3] * spread, offsets * 10, offsets / 2, offsets % 2 == 0, offsets)
             held += [(*r, int(o)) for r, o in zip(mine, offsets.tolist(), strict=True)]
             offset += len(mine)
         assert store.rows == len(held)
         replay = {p: min(r[4] for r in held if r[2] == p) for p in {r[2] for r in held}}
         assert store.replay_from() == replay
-        buckets = store.close(sizes, until)
+        buckets = store.close(sizes, until_by_id)
         due = [r for r in held if r[1] + sizes[r[0]] <= until[r[0], r[3]]]
         held = [r for r in held if r not in due]
         if buckets is None:
@@ -510,12 +513,12 @@ def test_open_windows_close_exactly_the_rows_added_per_window_and_series_in_orde
         closed = buckets.rows(np.ones(len(buckets.series), dtype=bool))
         assert (np.diff(buckets.bounds) > 0).all()
         got = sorted(zip(closed.spec.tolist(), closed.start.tolist(), closed.partition.tolist(),
-                         closed.series.tolist(), (closed.ts_ns // 10).tolist(), strict=True))  # fmt: skip
+                         (closed.series // spread).tolist(), (closed.ts_ns // 10).tolist(), strict=True))  # fmt: skip
         assert got == sorted(due)
         assert (closed.value * 20 == closed.ts_ns).all() and (closed.ok == (closed.ts_ns % 20 == 0)).all()
         for key in {r[:4] for r in due}:  # per window and series: the order of adding
             mask = (closed.spec == key[0]) & (closed.start == key[1]) & (closed.partition == key[2])
-            mask &= closed.series == key[3]
+            mask &= closed.series == key[3] * spread
             assert (closed.ts_ns[mask] // 10).tolist() == [r[4] for r in due if r[:4] == key]
     store.drop({0, 1})
     assert store.rows == sum(1 for r in held if r[2] == 2)
