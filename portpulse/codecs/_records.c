@@ -14,6 +14,12 @@
  * varint key length, key, varint value length, value, headers; varints are Kafka's zigzag ones.
  * Exactly the bytes of recordbatch._encode_records_numpy. Raises ValueError for columns of
  * unequal length or a slice outside src.
+ *
+ * key_hashes(keys) -> bytearray
+ *
+ *   keys: a list of bytes. Returns int64 (n,): Kafka's murmur2 of each key with the sign bit
+ *   cleared, what the default partitioner takes modulo the partition count (Java's
+ *   Utils.murmur2, as aiokafka.partitioner.murmur2 computes it in Python).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -153,8 +159,59 @@ done:
     return result;
 }
 
+static uint32_t murmur2(const unsigned char *data, Py_ssize_t length) {
+    const uint32_t m = 0x5bd1e995;
+    uint32_t h = 0x9747b28c ^ (uint32_t)length;
+    Py_ssize_t whole = length & ~(Py_ssize_t)3;
+    for (Py_ssize_t i = 0; i < whole; i += 4) {
+        uint32_t k = (uint32_t)data[i] | (uint32_t)data[i + 1] << 8 | (uint32_t)data[i + 2] << 16 |
+                     (uint32_t)data[i + 3] << 24;
+        k *= m;
+        k ^= k >> 24;
+        k *= m;
+        h *= m;
+        h ^= k;
+    }
+    switch (length & 3) {
+    case 3:
+        h ^= (uint32_t)data[whole + 2] << 16; /* fall through */
+    case 2:
+        h ^= (uint32_t)data[whole + 1] << 8; /* fall through */
+    case 1:
+        h ^= data[whole];
+        h *= m;
+    }
+    h ^= h >> 13;
+    h *= m;
+    h ^= h >> 15;
+    return h;
+}
+
+static PyObject *key_hashes(PyObject *module, PyObject *keys) {
+    (void)module;
+    if (!PyList_Check(keys)) {
+        PyErr_SetString(PyExc_TypeError, "keys must be a list of bytes");
+        return NULL;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(keys);
+    PyObject *out = PyByteArray_FromStringAndSize(NULL, n * 8);
+    if (out == NULL) return NULL;
+    int64_t *hash = (int64_t *)PyByteArray_AS_STRING(out);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *key = PyList_GET_ITEM(keys, i);
+        if (!PyBytes_Check(key)) {
+            Py_DECREF(out);
+            PyErr_Format(PyExc_TypeError, "key %zd is not bytes", i);
+            return NULL;
+        }
+        hash[i] = murmur2((const unsigned char *)PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key)) & 0x7fffffff;
+    }
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"encode", encode, METH_VARARGS, "The records section of one v2 batch (see the module comment)."},
+    {"key_hashes", key_hashes, METH_O, "Kafka's positive murmur2 of each key (see the module comment)."},
     {NULL, NULL, 0, NULL},
 };
 

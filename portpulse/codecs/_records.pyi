@@ -12,3 +12,6 @@ def encode(
     /,
 ) -> bytes:
     """The records section of one v2 batch: every record's varints, key, value parts and headers."""
+
+def key_hashes(keys: list[bytes], /) -> bytearray:
+    """int64 (n,): Kafka's murmur2 of each key, sign bit cleared (the default partitioner's hash)."""

@@ -39,6 +39,7 @@ __all__ = [
     "frame_batch",
     "gather_segments",
     "intern_slices",
+    "key_hashes",
     "parse_record_set",
     "zero_padded",
 ]
@@ -449,15 +450,27 @@ def _int64s(column: _I64) -> _I64:
     return np.ascontiguousarray(column, dtype=np.int64)
 
 
-def _compiled_encode() -> Callable[..., bytes] | None:
+def _compiled() -> tuple[Callable[..., bytes] | None, Callable[[list[bytes]], bytearray] | None]:
     try:
-        from portpulse.codecs._records import encode
+        from portpulse.codecs._records import encode, key_hashes
     except ImportError:  # installed where no C compiler was at hand: numpy writes the records
+        return None, None
+    return encode, key_hashes
+
+
+_COMPILED_ENCODE, _COMPILED_KEY_HASHES = _compiled()
+
+
+def key_hashes(keys: list[bytes]) -> _I64 | None:
+    """Kafka's murmur2 of each key ``(n,)`` with the sign bit cleared: what the default
+    partitioner takes modulo the partition count, so a key's records share its partition with
+    every other client's. None where the compiled half is not built: the caller then hashes
+    with its Kafka client's murmur2."""
+    if _COMPILED_KEY_HASHES is None:
         return None
-    return encode
+    return np.frombuffer(_COMPILED_KEY_HASHES(keys), dtype=np.int64)
 
 
-_COMPILED_ENCODE = _compiled_encode()
 #: the Kafka record encoder this install runs: "compiled" or "numpy" (logged at start-up)
 RECORD_ENCODER = "numpy" if _COMPILED_ENCODE is None else "compiled"
 

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from portpulse.codecs.recordbatch import BATCH_HEADER_BYTES, OutgoingRecords, decode_headers
+from portpulse.codecs.recordbatch import BATCH_HEADER_BYTES, OutgoingRecords, decode_headers, key_hashes
 from portpulse.contract.errors import ConfigError, ServiceUnavailableError
 from portpulse.contract.settings import KafkaSettings
 from portpulse.kafka.hooks import FramedBatch, framed_batches
@@ -354,11 +354,14 @@ class BatchSender:
         partition count; null keys spread at random."""
         from aiokafka.partitioner import murmur2
 
-        known = self._key_hashes
-        if len(known) > 1_000_000:
-            known.clear()
-        hashes = np.array([known.get(k) or known.setdefault(k, murmur2(k) & 0x7FFFFFFF) for k in records.keys] + [0],
-                          dtype=np.int64)  # fmt: skip
+        hashes = key_hashes(records.keys)
+        if hashes is None:  # no compiled half: aiokafka's murmur2 in Python, about 5 us a key, once a key
+            known = self._key_hashes
+            if len(known) > 1_000_000:
+                known.clear()
+            hashes = np.array([known[k] if k in known else known.setdefault(k, murmur2(k) & 0x7FFFFFFF)
+                               for k in records.keys], dtype=np.int64)  # fmt: skip
+        hashes = np.append(hashes, 0)  # a null key's row (-1)
         key = records.key[rows]
         count = counts[records.topic[rows]]
         part = hashes[key] % count

@@ -181,6 +181,23 @@ async def test_batch_sender_sends_the_same_records_with_and_without_framed_batch
     assert placed["framed"] == placed["public"]  # murmur2 partitions either way
 
 
+@pytest.mark.usefixtures("fresh_check")
+async def test_batch_sender_places_keys_alike_with_the_compiled_murmur2_and_aiokafkas(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from portpulse.kafka import client
+
+    records = _outgoing()
+    compiled = FakeProducer()
+    await BatchSender(compiled).send_columns(records)
+    monkeypatch.setattr(client, "key_hashes", lambda keys: None)  # an install without the C half
+    python = FakeProducer()
+    await BatchSender(python).send_columns(records)
+    placed = [sorted((t, p, k) for t, p, k, _, _ in producer.records()) for producer in (compiled, python)]
+    assert placed[0] == placed[1] and len(placed[0]) == 10
+    assert len({p for _, p, _ in placed[0]}) > 1  # the keys spread over partitions
+
+
 class QueueingProducer(FakeProducer):
     """aiokafka's accumulator at the seam: one batch queued per partition; a send that finds one
     waits (``asyncio.wait``, as aiokafka's ``wait_drain``) until the sender drains it, here

@@ -23,6 +23,7 @@ from portpulse.codecs.recordbatch import (
     frame_batch,
     gather_segments,
     intern_slices,
+    key_hashes,
     parse_record_set,
 )
 from portpulse.kafka import fetched_columns
@@ -263,6 +264,31 @@ def test_the_compiled_record_encoder_refuses_slices_outside_its_buffer_and_ragge
         _COMPILED_ENCODE(src, one - 1, three, (np.array([3, 3]),), (five,), b"\x00")
     with pytest.raises(ValueError, match="int64 items"):
         _COMPILED_ENCODE(src, one - 1, three.astype(np.int32), (three,), (five,), b"\x00")
+
+
+# Kafka's own murmur2 cases (clients' UtilsTest.testMurmur2), as Java's signed ints.
+KAFKA_MURMUR2 = {
+    b"21": -973932308,
+    b"foobar": -790332482,
+    b"a-little-bit-long-string": -985981536,
+    b"a-little-bit-longer-string": -1486304829,
+    b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8": -58897971,
+    b"abc": 479470107,
+}
+
+
+@settings(max_examples=200)
+@given(st.lists(st.binary(max_size=70), max_size=40))
+def test_key_hashes_are_kafkas_murmur2_with_the_sign_bit_cleared(keys: list[bytes]) -> None:
+    from aiokafka.partitioner import murmur2
+
+    known = list(KAFKA_MURMUR2)
+    got = key_hashes(known + keys)
+    assert got is not None, "portpulse/codecs/_records.c is not compiled (setup.py)"
+    assert got.tolist()[: len(known)] == [v & 0x7FFFFFFF for v in KAFKA_MURMUR2.values()]
+    assert got.tolist()[len(known) :] == [murmur2(k) & 0x7FFFFFFF for k in keys]
+    with pytest.raises(TypeError):
+        key_hashes([b"s-1", "s-2"])  # type: ignore[list-item]
 
 
 @given(st.lists(st.binary(max_size=40), max_size=50), st.data())
