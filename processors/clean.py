@@ -669,15 +669,18 @@ def clean(
     valid = r == OK
     new_run = np.ones(n, dtype=bool)
     new_run[1:] = (s[1:] != s[:-1]) | (t[1:] != t[:-1])
-    run_start = np.maximum.accumulate(np.where(new_run, np.arange(n), 0))
-    valid_before = np.cumsum(valid) - valid  # valid readings strictly before each position
-    earlier_valid_in_run = valid_before - valid_before[run_start] > 0
-    # The first valid reading of each run: what later ones in the run are compared with.
-    first_valid = np.where(valid, np.arange(n), n)
-    first_valid = np.minimum.reduceat(first_valid, np.flatnonzero(new_run))[np.cumsum(new_run) - 1]
-    same_as_first = v == v[np.minimum(first_valid, n - 1)]
-    repeat = valid & earlier_valid_in_run & same_as_first
-    duplicate = valid & earlier_valid_in_run & ~same_as_first
+    if new_run.all():  # no two readings of a series at one instant (the usual batch)
+        repeat, duplicate = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+    else:
+        run_start = np.maximum.accumulate(np.where(new_run, np.arange(n), 0))
+        valid_before = np.cumsum(valid) - valid  # valid readings strictly before each position
+        earlier_valid_in_run = valid_before - valid_before[run_start] > 0
+        # The first valid reading of each run: what later ones in the run are compared with.
+        first_valid = np.where(valid, np.arange(n), n)
+        first_valid = np.minimum.reduceat(first_valid, np.flatnonzero(new_run))[np.cumsum(new_run) - 1]
+        same_as_first = v == v[np.minimum(first_valid, n - 1)]
+        repeat = valid & earlier_valid_in_run & same_as_first
+        duplicate = valid & earlier_valid_in_run & ~same_as_first
     # Only readings not newer than everything in their series' history can repeat one of its
     # timestamps; where one does, the history's reading is the one kept.
     maybe = np.flatnonzero(valid & (t <= history.ts[s, -1]))  # the newest is the last slot

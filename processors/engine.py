@@ -1161,7 +1161,7 @@ class ProcessorEngine:
         size = max(parts) + 1
         need = np.full(size, NO_OFFSET, dtype=np.int64)
         owned = np.flatnonzero((self._series_part >= 0) & (self._series_part < size))
-        np.minimum.at(need, self._series_part[owned], self._history.offsets[owned].min(axis=1))
+        np.minimum.at(need, self._series_part[owned], self._history.earliest_offset(owned))
         for p, replay_from in self._open.replay_from().items():
             if p < size:
                 need[p] = min(int(need[p]), replay_from)
