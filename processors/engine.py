@@ -39,7 +39,7 @@ from typing import NamedTuple, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from portpulse.arrays import distinct_codes, factorise_column, group_starts, pair_lines, stable_order
+from portpulse.arrays import code_groups, distinct_codes, factorise_column, group_starts, pair_lines
 from portpulse.contract.catalogue import Catalogue, MetricSpec
 from portpulse.contract.points import Categorical, PointColumns, SeriesRange, StoredReadings
 from portpulse.contract.schema import str_array
@@ -840,12 +840,9 @@ class ProcessorEngine:
         point = series_point[series]
         domain_code = point_domain[point]
         domains = {code: name for name, code in self._domain_codes.items()}
-        order = stable_order(domain_code)
-        starts = group_starts(domain_code[order])
-        for begin, end in zip(starts.tolist(), np.append(starts[1:], len(order)).tolist(), strict=True):
-            rows = order[begin:end]
+        for code, rows in code_groups(domain_code):
             line, first = pair_lines(point[rows], ts[rows])
-            yield domains[int(domain_code[rows[0]])], rows, line, point[rows][first], ts[rows][first]
+            yield domains[code], rows, line, point[rows][first], ts[rows][first]
 
     def _by_metric(self, series: npt.NDArray[np.int64]) -> Iterable[tuple[str, npt.NDArray[np.int64]]]:
         """The metrics of ``series`` ``(n,)`` (one domain's) and the positions of each."""
@@ -853,11 +850,8 @@ class ProcessorEngine:
         if have != len(self._series_metric):  # series added since: append theirs
             added = np.fromiter(map(self._metric_codes.__getitem__, self._series_metric[have:]), dtype=np.int64)
             self._series_metric_array = np.concatenate([self._series_metric_array, added])
-        metric = self._series_metric_array[series]
-        order = stable_order(metric)
-        starts = group_starts(metric[order])
-        for begin, end in zip(starts.tolist(), np.append(starts[1:], len(order)).tolist(), strict=True):
-            yield self._metric_names[int(metric[order[begin]])], order[begin:end]
+        for code, rows in code_groups(self._series_metric_array[series]):
+            yield self._metric_names[code], rows
 
     def _point_tags(self, point: npt.NDArray[np.int64]) -> dict[str, npt.NDArray[np.object_] | Categorical]:
         """The ``sensor_id`` and ``site`` tags of lines of ``point`` ``(k,)``."""
@@ -1038,11 +1032,8 @@ class ProcessorEngine:
             "count": agg.count.astype(np.float64), "rejected": agg.rejected.astype(np.float64), "mean": agg.mean,
             "min": agg.min, "max": agg.max, "last": agg.last, "stddev": agg.stddev, "p95": agg.p95,
         }  # fmt: skip
-        order = stable_order(spec)
-        starts = group_starts(spec[order])
-        for begin, end in zip(starts.tolist(), np.append(starts[1:], len(order)).tolist(), strict=True):
-            of_spec = order[begin:end]
-            name = self._s.windows[int(spec[of_spec[0]])].name
+        for spec_i, of_spec in code_groups(spec):
+            name = self._s.windows[spec_i].name
             for domain, rows, line, point, lines in self._lines(series[of_spec], start[of_spec]):
                 taken = of_spec[rows]
                 fields: dict[str, npt.NDArray[np.float64] | npt.NDArray[np.object_]] = {}

@@ -525,6 +525,17 @@ def test_open_windows_close_exactly_the_rows_added_per_window_and_series_in_orde
     assert set(store.replay_from()) <= {2}
 
 
+@given(st.lists(st.integers(0, 40), max_size=200), st.sampled_from([1, 1, 10**6]))
+def test_code_groups_are_the_groups_of_a_stable_sort(codes: list[int], scale: int) -> None:
+    """Few values (one pass each), many, and sparse large ones (the sort): the same groups."""
+    from portpulse.arrays import code_groups
+
+    code = np.array(codes, dtype=np.int64) * scale
+    order = np.argsort(code, kind="stable")
+    want = [(v * scale, order[code[order] == v * scale].tolist()) for v in sorted(set(codes))]
+    assert [(value, rows.tolist()) for value, rows in code_groups(code)] == want
+
+
 @given(st.lists(st.sampled_from(["no2", "pm25", "quai", ""]), max_size=40))
 def test_factorise_codes_index_the_distinct_items_in_first_seen_order(items: list[str]) -> None:
     from portpulse.arrays import factorise
