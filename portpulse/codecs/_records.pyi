@@ -15,3 +15,6 @@ def encode(
 
 def key_hashes(keys: list[bytes], /) -> bytearray:
     """int64 (n,): Kafka's murmur2 of each key, sign bit cleared (the default partitioner's hash)."""
+
+def intern(src: Any, start: Any, length: Any, /) -> tuple[bytearray, list[bytes]]:
+    """int64 codes (n,) of the slices and the distinct ones, in order of first appearance."""

@@ -301,9 +301,18 @@ _TAIL = np.array([(1 << (8 * k)) - 1 for k in range(8)] + [2**64 - 1], dtype=np.
 
 def intern_slices(data: npt.NDArray[np.uint8], start: _I64, length: _I64) -> tuple[_I64, list[bytes]]:
     """Codes ``(n,)`` and the distinct byte strings ``data[start:start+length]`` they index (in
-    order of first appearance). Slices up to 64 bytes are read as 8-byte words, hashed, and the
-    codes verified word for word; longer ones (and the astronomically rare collision) take a dict.
-    A length of -1 (a null) reads as the empty string.
+    order of first appearance). A length of -1 (a null) reads as the empty string. One hash table
+    pass in C (``_records.c``) where it is built, else :func:`_intern_slices_numpy`."""
+    if _COMPILED_INTERN is not None:
+        codes, distinct = _COMPILED_INTERN(data, _int64s(start), _int64s(length))
+        return np.frombuffer(codes, dtype=np.int64), distinct
+    return _intern_slices_numpy(data, start, length)
+
+
+def _intern_slices_numpy(data: npt.NDArray[np.uint8], start: _I64, length: _I64) -> tuple[_I64, list[bytes]]:
+    """:func:`intern_slices` by numpy: slices up to 64 bytes are read as 8-byte words, hashed, and
+    the codes verified word for word; longer ones (and the astronomically rare collision) take a
+    dict.
 
     ``words_at[x]`` is the little-endian u64 starting at byte ``x`` (a stride-1 view over ``data``
     plus 8 zero bytes); slice ``i`` is read as its words ``k = 0, 1, ...``::
@@ -313,6 +322,7 @@ def intern_slices(data: npt.NDArray[np.uint8], start: _I64, length: _I64) -> tup
                        (_TAIL[min(length[i] - 8k, 8)])
     """
     n = len(start)
+    length = np.maximum(length, 0)  # a null is the empty string, not a value of its own
     width = int(length.max()) if n else 0
     if n and width <= _MAX_VECTOR_WIDTH:
         padded = zero_padded(data, 8)
@@ -450,15 +460,19 @@ def _int64s(column: _I64) -> _I64:
     return np.ascontiguousarray(column, dtype=np.int64)
 
 
-def _compiled() -> tuple[Callable[..., bytes] | None, Callable[[list[bytes]], bytearray] | None]:
+def _compiled() -> tuple[
+    Callable[..., bytes] | None,
+    Callable[[list[bytes]], bytearray] | None,
+    Callable[..., tuple[bytearray, list[bytes]]] | None,
+]:
     try:
-        from portpulse.codecs._records import encode, key_hashes
+        from portpulse.codecs._records import encode, intern, key_hashes
     except ImportError:  # installed where no C compiler was at hand: numpy writes the records
-        return None, None
-    return encode, key_hashes
+        return None, None, None
+    return encode, key_hashes, intern
 
 
-_COMPILED_ENCODE, _COMPILED_KEY_HASHES = _compiled()
+_COMPILED_ENCODE, _COMPILED_KEY_HASHES, _COMPILED_INTERN = _compiled()
 
 
 def key_hashes(keys: list[bytes]) -> _I64 | None:

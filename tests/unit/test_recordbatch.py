@@ -117,20 +117,31 @@ def test_columns_of_records_and_concat_keep_every_slice() -> None:
 @given(st.lists(st.one_of(st.sampled_from([b"", b"aq-1", b"aq-10", b"x" * 8, b"x" * 9]), st.binary(max_size=70)),
                 max_size=60))  # fmt: skip
 def test_intern_slices_equals_a_dict(slices: list[bytes]) -> None:
+    from portpulse.codecs.recordbatch import _intern_slices_numpy
+
     data = np.frombuffer(b"".join(slices), dtype=np.uint8)
     length = np.array([len(x) for x in slices], dtype=np.int64)
     start = np.concatenate([[0], np.cumsum(length)[:-1]]).astype(np.int64) if slices else length
-    codes, distinct = intern_slices(data, start, length)
     expected: dict[bytes, int] = {}
-    assert codes.tolist() == [expected.setdefault(x, len(expected)) for x in slices]
-    assert distinct == list(expected)
+    want = [expected.setdefault(x, len(expected)) for x in slices]
+    for intern in (intern_slices, _intern_slices_numpy):  # compiled (when built) and numpy
+        codes, distinct = intern(data, start, length)
+        assert codes.tolist() == want
+        assert distinct == list(expected)
 
 
-def test_intern_slices_reads_nulls_as_empty() -> None:
+def test_intern_slices_reads_nulls_as_empty_and_refuses_slices_outside_the_buffer() -> None:
+    from portpulse.codecs.recordbatch import _COMPILED_INTERN, _intern_slices_numpy
+
     data = np.frombuffer(b"abab", dtype=np.uint8)
-    codes, distinct = intern_slices(data, np.array([0, 2, 0]), np.array([2, 2, -1]))
-    assert codes.tolist() == [0, 0, 1]
-    assert distinct == [b"ab", b""]
+    for intern in (intern_slices, _intern_slices_numpy):
+        codes, distinct = intern(data, np.array([0, 2, 0, 3]), np.array([2, 2, -1, 0]))
+        assert codes.tolist() == [0, 0, 1, 1]
+        assert distinct == [b"ab", b""]
+    assert _COMPILED_INTERN is not None, "portpulse/codecs/_records.c is not compiled (setup.py)"
+    for start, length in ((3, 2), (-1, 2), (0, -2)):
+        with pytest.raises(ValueError, match="outside the buffer"):
+            _COMPILED_INTERN(data, np.array([start]), np.array([length]))
 
 
 @given(st.lists(st.integers(-(2**62), 2**62), max_size=200))
