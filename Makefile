@@ -8,9 +8,9 @@ STAMP  := $(VENV)/.installed-stamp
 
 .PHONY: install services brokers secure services-down tools lint unit integration test demo bench clean
 
-$(STAMP): pyproject.toml setup.py ingest/_lineproto.c portpulse/codecs/_mqttsplit.c portpulse/codecs/_records.c sinks/_lineformat.c processors/_hampel.c
+$(STAMP): pyproject.toml setup.py ingest/_lineproto.c portpulse/codecs/_mqttsplit.c portpulse/codecs/_records.c sinks/_lineformat.c processors/_hampel.c portpulse/_arrays.c
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "PortPulse needs Python >= 3.11")'
-	$(PYTHON) scripts/services compiler  # gcc and Python's headers: setup.py builds five C extensions
+	$(PYTHON) scripts/services compiler  # gcc and Python's headers: setup.py builds six C extensions
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test]'

@@ -1,6 +1,6 @@
-"""The one thing pyproject.toml cannot declare stably: the compiled halves of five hot loops, the
-line-protocol tokenizer, the MQTT packet splitter, the Kafka record encoder, the line-protocol
-encoder and the cleaning kernel's Hampel checks.
+"""The one thing pyproject.toml cannot declare stably: the compiled halves of six hot loops, the
+name factoriser, the line-protocol tokenizer, the MQTT packet splitter, the Kafka record encoder
+(with key hashing and interning), the line-protocol encoder and the cleaning kernel's Hampel checks.
 
 Optional: where no C compiler is at hand the install still succeeds and the Python halves run
 (the bridge logs which ones it runs).
@@ -10,6 +10,7 @@ from setuptools import Extension, setup
 
 setup(
     ext_modules=[
+        Extension("portpulse._arrays", ["portpulse/_arrays.c"], optional=True),
         Extension("portpulse.ingest._lineproto", ["ingest/_lineproto.c"], optional=True),
         Extension("portpulse.codecs._mqttsplit", ["portpulse/codecs/_mqttsplit.c"], optional=True),
         Extension("portpulse.codecs._records", ["portpulse/codecs/_records.c"], optional=True),

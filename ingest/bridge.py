@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from portpulse.arrays import FACTORISER
 from portpulse.codecs.mqttwire import PACKET_SPLITTER
 from portpulse.codecs.recordbatch import RECORD_ENCODER, OutgoingRecords
 from portpulse.contract.catalogue import load_catalogue
@@ -438,7 +439,7 @@ async def run_bridge(
             health.add("mqtt", mqtt_probe)
         log.info(
             "bridge up: MQTT %s:%d %s (QoS %d) -> Kafka %s; line-protocol tokenizer %s, MQTT packet splitter %s, "
-            "Kafka record encoder %s",
+            "Kafka record encoder %s, name factoriser %s",
             settings.mqtt.host,
             settings.mqtt.port,
             subscription_filters(mqtt),
@@ -447,8 +448,9 @@ async def run_bridge(
             LINE_TOKENIZER,
             PACKET_SPLITTER,
             RECORD_ENCODER,
+            FACTORISER,
         )
-        if {LINE_TOKENIZER, PACKET_SPLITTER, RECORD_ENCODER} != {"compiled"}:
+        if {LINE_TOKENIZER, PACKET_SPLITTER, RECORD_ENCODER, FACTORISER} != {"compiled"}:
             log.warning(
                 "the bridge's compiled parts are not built (no C compiler at install time?): line protocol "
                 "and MQTT input and Kafka output cost up to twice the CPU; reinstall with gcc to build them (setup.py)"

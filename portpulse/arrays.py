@@ -1,8 +1,8 @@
-"""Sorting primitives shared by the kernels: pure numpy, no I/O."""
+"""Sorting primitives shared by the kernels: pure numpy (and one compiled half, ``_arrays.c``), no I/O."""
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from itertools import pairwise
 from typing import Any, TypeVar
 
@@ -10,6 +10,7 @@ import numpy as np
 import numpy.typing as npt
 
 __all__ = [
+    "FACTORISER",
     "code_groups",
     "distinct_codes",
     "factorise",
@@ -23,10 +24,28 @@ __all__ = [
 H = TypeVar("H", bound=Hashable)
 
 
+def _compiled_factorise() -> Callable[[list[Any]], tuple[bytearray, list[Any]]] | None:
+    try:
+        from portpulse._arrays import factorise as compiled
+    except ImportError:  # installed where no C compiler was at hand: dicts and maps do it
+        return None
+    return compiled
+
+
+_COMPILED_FACTORISE = _compiled_factorise()
+#: what factorises names: "compiled" or "python" (logged at start-up)
+FACTORISER = "python" if _COMPILED_FACTORISE is None else "compiled"
+
+
 def factorise(items: Sequence[H]) -> tuple[npt.NDArray[np.int64], list[H]]:
     """Codes ``(n,)`` of hashable items (strings: sensor ids, sites, metrics) and the distinct items
-    they index, in first-seen order. Hashing beats sorting strings; the loops run in C (dict,
-    map). One distinct item, the usual case for a batch's domain or site, needs no dict at all."""
+    they index, in first-seen order. Hashing beats sorting strings. Compiled (``_arrays.c``): one
+    pass that finds most items by identity (a batch repeats the same name objects). Otherwise the
+    loops run in C through a dict and map; one distinct item, the usual case for a batch's domain
+    or site, needs no dict at all."""
+    if _COMPILED_FACTORISE is not None:
+        codes, distinct = _COMPILED_FACTORISE(items if isinstance(items, list) else list(items))
+        return np.frombuffer(codes, dtype=np.int64), distinct
     if items and items.count(items[0]) == len(items):  # one object or equal ones (identity first: fast)
         return np.zeros(len(items), dtype=np.int64), [items[0]]
     table = {item: code for code, item in enumerate(dict.fromkeys(items))}
@@ -36,9 +55,10 @@ def factorise(items: Sequence[H]) -> tuple[npt.NDArray[np.int64], list[H]]:
 def factorise_column(column: npt.NDArray[np.object_]) -> tuple[npt.NDArray[np.int64], list[Any]]:
     """:func:`factorise` of an object array ``(n,)``. Where equal items come in runs (a report's
     metrics share its sensor, site and domain) each run is hashed once: comparing neighbours (an
-    identity check for the decoder's shared name objects) costs less than hashing every item."""
+    identity check for the decoder's shared name objects) costs less than hashing every item.
+    The compiled factoriser finds such items by identity itself: it takes the whole column."""
     n = len(column)
-    if n < 4:
+    if n < 4 or _COMPILED_FACTORISE is not None:  # the compiled pass finds a run's items by identity
         return factorise(column.tolist())
     starts = np.flatnonzero(column[1:] != column[:-1]) + 1
     if len(starts) * 2 > n:  # mostly runs of one: hash every item

@@ -536,26 +536,66 @@ def test_code_groups_are_the_groups_of_a_stable_sort(codes: list[int], scale: in
     assert [(value, rows.tolist()) for value, rows in code_groups(code)] == want
 
 
-@given(st.lists(st.sampled_from(["no2", "pm25", "quai", ""]), max_size=40))
-def test_factorise_codes_index_the_distinct_items_in_first_seen_order(items: list[str]) -> None:
+@contextlib.contextmanager
+def factoriser(kind: str) -> Iterator[None]:
+    """Factorise with ``kind`` inside the block (python: as an install without a compiler does)."""
+    from portpulse import arrays
+
+    built = arrays._COMPILED_FACTORISE
+    arrays._COMPILED_FACTORISE = built if kind == "compiled" else None
+    try:
+        yield
+    finally:
+        arrays._COMPILED_FACTORISE = built
+
+
+def test_the_compiled_factoriser_is_built() -> None:
+    from portpulse.arrays import FACTORISER
+
+    assert FACTORISER == "compiled", "portpulse/_arrays.c is not compiled (setup.py)"
+
+
+@given(
+    st.lists(st.sampled_from(["no2", "pm25", "quai", ""]), max_size=40),
+    st.sampled_from(["compiled", "python"]),
+    st.integers(0, 600),
+)
+def test_factorise_codes_index_the_distinct_items_in_first_seen_order(items: list[str], kind: str, more: int) -> None:
     from portpulse.arrays import factorise
 
+    items = items + [f"s-{i % 400}" for i in range(more)]  # more names than the identity table's slots
     fresh = ["".join(list(s)) for s in items]  # equal strings as distinct objects, as a parser makes them
-    codes, distinct = factorise(fresh)
+    with factoriser(kind):
+        codes, distinct = factorise(fresh)
+        shared, shared_distinct = factorise(items * 2)  # the same objects again and again
+        assert factorise(tuple(items))[0].tolist() == codes.tolist()
     assert distinct == list(dict.fromkeys(items))
     assert [distinct[c] for c in codes.tolist()] == items and codes.dtype == np.int64
+    assert shared.tolist() == codes.tolist() * 2 and shared_distinct == distinct
 
 
-@given(st.lists(st.tuples(st.sampled_from(["a", "b", "c", "dd", ""]), st.integers(1, 9)), max_size=30))
-def test_factorise_column_of_runs_equals_factorise_of_every_item(runs: list[tuple[str, int]]) -> None:
+@given(
+    st.lists(st.tuples(st.sampled_from(["a", "b", "c", "dd", ""]), st.integers(1, 9)), max_size=30),
+    st.sampled_from(["compiled", "python"]),
+)
+def test_factorise_column_of_runs_equals_factorise_of_every_item(runs: list[tuple[str, int]], kind: str) -> None:
     from portpulse.arrays import factorise, factorise_column
 
     items = [name for name, length in runs for _ in range(length)]
     fresh = np.array(["".join(list(s)) for s in items], dtype=object)  # equal, not identical: compared by value
-    codes, distinct = factorise_column(fresh)
+    with factoriser(kind):
+        codes, distinct = factorise_column(fresh)
     assert distinct == list(dict.fromkeys(items))
     assert [distinct[c] for c in codes.tolist()] == items and codes.dtype == np.int64
     assert factorise(items)[0].tolist() == codes.tolist()
+
+
+def test_factorise_refuses_unhashable_items_compiled_or_not() -> None:
+    from portpulse.arrays import factorise
+
+    for kind in ("compiled", "python"):
+        with factoriser(kind), pytest.raises(TypeError):
+            factorise(["s-1", ["s-2"]])
 
 
 @given(st.lists(st.tuples(st.integers(0, 4), st.integers(0, 3)), max_size=40), st.booleans())
