@@ -27,6 +27,14 @@
  *   Returns int64 codes (n,) and the distinct slices as bytes, in order of first appearance
  *   (recordbatch.intern_slices): one hash table pass instead of numpy's word hashing and sort.
  *   Raises ValueError for a slice outside src.
+ *
+ * parse(data, ends, counts, base) -> (offset, key_start, key_len, value_start, value_len)
+ *
+ *   data: bytes-like, the record sections of b batches joined; ends, counts, base: int64 (b,),
+ *   where each batch's section ends in data, its record count and its base offset. Returns five
+ *   bytearrays of int64 (n,), n = sum(counts): each record's offset and where its key and value
+ *   are in data (length -1: null), the columns recordbatch._parse_bodies computes with numpy.
+ *   Raises ValueError when a record's framing does not fit its batch.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -269,6 +277,96 @@ done_src:
     return result;
 }
 
+/* The zigzag varint at *pos, bounded by end; moves *pos past it. -1 when it does not fit. */
+static int read_varint(const unsigned char *data, Py_ssize_t end, Py_ssize_t *pos, int64_t *value) {
+    uint64_t z = 0;
+    for (int k = 0; k < 10; k++) {
+        if (*pos >= end) return -1;
+        unsigned char b = data[(*pos)++];
+        z |= (uint64_t)(b & 0x7f) << (7 * k);
+        if (b < 0x80) {
+            *value = (int64_t)(z >> 1) ^ -(int64_t)(z & 1);
+            return 0;
+        }
+    }
+    return -1;
+}
+
+static PyObject *parse(PyObject *module, PyObject *args) {
+    (void)module;
+    PyObject *data_obj, *ends_obj, *counts_obj, *base_obj;
+    if (!PyArg_ParseTuple(args, "OOOO", &data_obj, &ends_obj, &counts_obj, &base_obj)) return NULL;
+    Py_buffer data = {0}, ends = {0}, counts = {0}, base = {0};
+    PyObject *columns[5] = {NULL, NULL, NULL, NULL, NULL}, *result = NULL;
+    Py_ssize_t b = -1, n = 0;
+    if (PyObject_GetBuffer(data_obj, &data, PyBUF_C_CONTIGUOUS) < 0) return NULL;
+    if (int64_column(ends_obj, &ends, &b, "ends") < 0) goto done_data;
+    if (int64_column(counts_obj, &counts, &b, "counts") < 0) goto done_ends;
+    if (int64_column(base_obj, &base, &b, "base") < 0) goto done_counts;
+    const int64_t *end_of = ends.buf, *count_of = counts.buf, *base_of = base.buf;
+    for (Py_ssize_t j = 0; j < b; j++) {
+        if (count_of[j] < 0 || end_of[j] < (j ? end_of[j - 1] : 0) || end_of[j] > data.len) {
+            PyErr_Format(PyExc_ValueError, "batch %zd: bounds or count out of range", j);
+            goto done;
+        }
+        n += count_of[j];
+    }
+    for (int c = 0; c < 5; c++) {
+        columns[c] = PyByteArray_FromStringAndSize(NULL, n * 8);
+        if (columns[c] == NULL) goto done;
+    }
+    int64_t *offset = (int64_t *)PyByteArray_AS_STRING(columns[0]);
+    int64_t *key_start = (int64_t *)PyByteArray_AS_STRING(columns[1]);
+    int64_t *key_len = (int64_t *)PyByteArray_AS_STRING(columns[2]);
+    int64_t *value_start = (int64_t *)PyByteArray_AS_STRING(columns[3]);
+    int64_t *value_len = (int64_t *)PyByteArray_AS_STRING(columns[4]);
+    const unsigned char *bytes = data.buf;
+    Py_ssize_t pos = 0, i = 0;
+    for (Py_ssize_t j = 0; j < b; j++) {
+        Py_ssize_t batch_end = (Py_ssize_t)end_of[j];
+        for (int64_t r = 0; r < count_of[j]; r++, i++) {
+            int64_t length, skipped, delta, klen, vlen;
+            if (read_varint(bytes, batch_end, &pos, &length) < 0 || length < 0 || length > batch_end - pos) {
+                PyErr_SetString(PyExc_ValueError, "record lengths do not add up to the batch");
+                goto done;
+            }
+            Py_ssize_t stop = pos + (Py_ssize_t)length;
+            pos++; /* attributes: unused */
+            if (pos > stop || read_varint(bytes, stop, &pos, &skipped) < 0 || read_varint(bytes, stop, &pos, &delta) < 0 ||
+                read_varint(bytes, stop, &pos, &klen) < 0 || klen < -1 || (klen > 0 && klen > stop - pos)) {
+                PyErr_SetString(PyExc_ValueError, "a record's key or value runs past the record");
+                goto done;
+            }
+            key_start[i] = pos;
+            key_len[i] = klen;
+            pos += klen > 0 ? (Py_ssize_t)klen : 0;
+            if (read_varint(bytes, stop, &pos, &vlen) < 0 || vlen < -1 || (vlen > 0 && vlen > stop - pos)) {
+                PyErr_SetString(PyExc_ValueError, "a record's key or value runs past the record");
+                goto done;
+            }
+            value_start[i] = pos;
+            value_len[i] = vlen;
+            offset[i] = base_of[j] + delta;
+            pos = stop; /* headers: unused */
+        }
+        if (pos != batch_end) {
+            PyErr_SetString(PyExc_ValueError, "record lengths do not add up to the batch");
+            goto done;
+        }
+    }
+    result = PyTuple_Pack(5, columns[0], columns[1], columns[2], columns[3], columns[4]);
+done:
+    for (int c = 0; c < 5; c++) Py_XDECREF(columns[c]);
+    PyBuffer_Release(&base);
+done_counts:
+    PyBuffer_Release(&counts);
+done_ends:
+    PyBuffer_Release(&ends);
+done_data:
+    PyBuffer_Release(&data);
+    return result;
+}
+
 static PyObject *key_hashes(PyObject *module, PyObject *keys) {
     (void)module;
     if (!PyList_Check(keys)) {
@@ -295,6 +393,7 @@ static PyMethodDef methods[] = {
     {"encode", encode, METH_VARARGS, "The records section of one v2 batch (see the module comment)."},
     {"key_hashes", key_hashes, METH_O, "Kafka's positive murmur2 of each key (see the module comment)."},
     {"intern", intern, METH_VARARGS, "Codes and distinct slices (see the module comment)."},
+    {"parse", parse, METH_VARARGS, "Record columns of joined record sections (see the module comment)."},
     {NULL, NULL, 0, NULL},
 };
 

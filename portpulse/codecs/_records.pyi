@@ -18,3 +18,8 @@ def key_hashes(keys: list[bytes], /) -> bytearray:
 
 def intern(src: Any, start: Any, length: Any, /) -> tuple[bytearray, list[bytes]]:
     """int64 codes (n,) of the slices and the distinct ones, in order of first appearance."""
+
+def parse(
+    data: Any, ends: Any, counts: Any, base: Any, /
+) -> tuple[bytearray, bytearray, bytearray, bytearray, bytearray]:
+    """int64 (n,) offset, key_start, key_len, value_start, value_len of joined record sections."""

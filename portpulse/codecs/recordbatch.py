@@ -143,34 +143,37 @@ def parse_record_set(
     raw: bytes,
     fetch_offset: int,
     decompress: Callable[[int, bytes], bytes],
-    check_crc: Callable[[bytes], int] | None = None,
+    check_crc: Callable[[memoryview], int] | None = None,
     legacy: Callable[[bytes], list[tuple[int, bytes | None, bytes | None]]] | None = None,
 ) -> RecordColumns:
     """The records at or after ``fetch_offset`` in a fetch response's record set ``raw``.
 
     ``decompress(codec, payload)`` undoes Kafka compression (codec 1 gzip .. 4 zstd);
-    ``check_crc(bytes) -> crc32c`` validates each batch when given; ``legacy(batch bytes)`` reads a
+    ``check_crc(view) -> crc32c`` validates each batch when given; ``legacy(batch bytes)`` reads a
     pre-v2 batch as ``(offset, key, value)``. Control batches are skipped; a truncated last batch
     (the broker cuts fetches at a size, not a batch) is left for the next fetch.
     """
-    bodies: list[bytes] = []
+    bodies: list[bytes | memoryview] = []
     base: list[int] = []
     counts: list[int] = []
     extra: list[tuple[int, bytes | None, bytes | None]] = []
     next_offset = fetch_offset
     pos, end = 0, len(raw)
+    view = memoryview(raw)  # batches and bodies are views: the one copy is the join of the bodies
     while end - pos >= _HEAD_SIZE:
         head = _BATCH_HEAD.unpack_from(raw, pos)
+        if head[1] < _HEAD_SIZE - 12:  # shorter than its own header: the parse would step back
+            raise CorruptRecordSetError(f"batch length {head[1]} at byte {pos}")
         batch_end = pos + 12 + head[1]
         if batch_end > end:
             break
         base_offset, magic, crc, attributes, last_delta, count = head[0], head[3], head[4], head[5], head[6], head[12]
-        batch = raw[pos:batch_end]
+        batch = view[pos:batch_end]
         pos = batch_end
         if magic < 2:
             if legacy is None:
                 raise CorruptRecordSetError(f"message format v{magic} at offset {base_offset} needs a legacy reader")
-            extra += [r for r in legacy(batch) if r[0] >= fetch_offset]
+            extra += [r for r in legacy(bytes(batch)) if r[0] >= fetch_offset]
             next_offset = max(next_offset, extra[-1][0] + 1 if extra else next_offset)
             continue
         if check_crc is not None and check_crc(batch[_CRC_FROM:]) != crc:
@@ -180,7 +183,7 @@ def parse_record_set(
             continue
         body = batch[_HEAD_SIZE:]
         codec = attributes & _CODEC_MASK
-        bodies.append(decompress(codec, body) if codec else body)
+        bodies.append(decompress(codec, bytes(body)) if codec else body)
         base.append(base_offset)
         counts.append(count)
     cols = _parse_bodies(bodies, base, counts)
@@ -200,7 +203,25 @@ def _columns(data: npt.NDArray[np.uint8], fields: Sequence[_I64], next_offset: i
     return RecordColumns(data, offset, key_start, key_len, value_start, value_len, next_offset)
 
 
-def _parse_bodies(bodies: list[bytes], base: list[int], counts: list[int]) -> RecordColumns:
+def _parse_bodies(bodies: list[bytes | memoryview], base: list[int], counts: list[int]) -> RecordColumns:
+    """The records of the record sections ``bodies`` (with each batch's base offset and record
+    count) as columns: in one C pass where it is built, else :func:`_parse_bodies_numpy`."""
+    if _COMPILED_PARSE is None:
+        return _parse_bodies_numpy(bodies, base, counts)
+    # Padding behind the records (zero_padded then needs no copy), joined in the one copy.
+    joined = b"".join([*bodies, bytes(max(_VARINT_WIDTH, TAIL_PADDING))])
+    ends = np.cumsum(np.fromiter(map(len, bodies), dtype=np.int64, count=len(bodies)))
+    try:
+        columns = _COMPILED_PARSE(joined, ends, np.array(counts, dtype=np.int64), np.array(base, dtype=np.int64))
+    except ValueError as exc:
+        raise CorruptRecordSetError(str(exc)) from None
+    data = np.frombuffer(joined, dtype=np.uint8)[: int(ends[-1]) if len(ends) else 0]
+    offset, key_start, key_len, value_start, value_len = (np.frombuffer(c, dtype=np.int64) for c in columns)
+    return RecordColumns(data, offset, key_start, key_len, value_start, value_len, next_offset=-1)
+
+
+def _parse_bodies_numpy(bodies: list[bytes | memoryview], base: list[int], counts: list[int]) -> RecordColumns:
+    """:func:`_parse_bodies` by a Python hop per record and vectorised varint reads."""
     data_bytes = b"".join(bodies)
     heads: list[int] = []
     shift = 0
@@ -226,6 +247,8 @@ def _parse_bodies(bodies: list[bytes], base: list[int], counts: list[int]) -> Re
     key_len, size = _varints(data, p)
     key_start = p + size
     p = key_start + np.maximum(key_len, 0)
+    if (p > stop).any() or (key_len < -1).any():  # before reading on: a wild length points anywhere
+        raise CorruptRecordSetError("a record's key or value runs past the record")
     value_len, size = _varints(data, p)
     value_start = p + size
     p = value_start + np.maximum(value_len, 0)
@@ -235,7 +258,7 @@ def _parse_bodies(bodies: list[bytes], base: list[int], counts: list[int]) -> Re
     return RecordColumns(data[: len(data_bytes)], offset, key_start, key_len, value_start, value_len, next_offset=-1)
 
 
-def _record_heads(body: bytes, count: int, shift: int, heads: list[int]) -> None:
+def _record_heads(body: bytes | memoryview, count: int, shift: int, heads: list[int]) -> None:
     """Append where each of ``count`` records in ``body`` begins (at its length varint, plus
     ``shift``). The one sequential step of a parse, so it only hops: a negative or overlong length
     is caught by the caller's vectorised check."""
@@ -258,7 +281,7 @@ def _record_heads(body: bytes, count: int, shift: int, heads: list[int]) -> None
         raise CorruptRecordSetError("record batch shorter than its record count") from None
 
 
-def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+def _varint(buf: bytes | memoryview, pos: int) -> tuple[int, int]:
     """One zigzag varint at ``pos``: (value, position after it)."""
     value = shift = 0
     for _ in range(_VARINT_WIDTH):
@@ -464,15 +487,16 @@ def _compiled() -> tuple[
     Callable[..., bytes] | None,
     Callable[[list[bytes]], bytearray] | None,
     Callable[..., tuple[bytearray, list[bytes]]] | None,
+    Callable[..., tuple[bytearray, ...]] | None,
 ]:
     try:
-        from portpulse.codecs._records import encode, intern, key_hashes
-    except ImportError:  # installed where no C compiler was at hand: numpy writes the records
-        return None, None, None
-    return encode, key_hashes, intern
+        from portpulse.codecs._records import encode, intern, key_hashes, parse
+    except ImportError:  # installed where no C compiler was at hand: numpy reads and writes the records
+        return None, None, None, None
+    return encode, key_hashes, intern, parse
 
 
-_COMPILED_ENCODE, _COMPILED_KEY_HASHES, _COMPILED_INTERN = _compiled()
+_COMPILED_ENCODE, _COMPILED_KEY_HASHES, _COMPILED_INTERN, _COMPILED_PARSE = _compiled()
 
 
 def key_hashes(keys: list[bytes]) -> _I64 | None:

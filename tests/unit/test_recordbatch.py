@@ -84,6 +84,42 @@ def test_parse_equals_aiokafkas_reader(batches: list[list[Rec]], codec: int, ts_
     assert cols.next_offset == max(offset, fetch_offset)
 
 
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(st.lists(st.tuples(payload, payload), min_size=1, max_size=12), min_size=1, max_size=3),
+    st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), max_size=3),
+)
+def test_the_compiled_record_parser_reads_and_refuses_what_numpy_does(
+    batches: list[list[Rec]], flips: list[tuple[int, int]]
+) -> None:
+    """Record columns of uncompressed batches, whole or with bytes of their record sections
+    overwritten (no CRC check): both parsers give the same columns, or both refuse."""
+    from portpulse.codecs import recordbatch
+
+    raw, offset = bytearray(), 7
+    for records in batches:
+        raw += batch(records, offset)
+        offset += len(records)
+    if flips:
+        sections = [i for i in range(len(raw)) if i >= 61]  # past the first batch header
+        for at, value in flips:
+            raw[sections[at % len(sections)]] = value
+    outcome: dict[str, list[tuple[int, bytes | None, bytes | None]] | None] = {}
+    built = recordbatch._COMPILED_PARSE
+    assert built is not None, "portpulse/codecs/_records.c is not compiled (setup.py)"
+    for kind in ("compiled", "numpy"):
+        recordbatch._COMPILED_PARSE = built if kind == "compiled" else None
+        try:
+            outcome[kind] = as_tuples(parse_record_set(bytes(raw), 0, decompress))
+        except CorruptRecordSetError:
+            outcome[kind] = None
+        finally:
+            recordbatch._COMPILED_PARSE = built
+    assert outcome["compiled"] == outcome["numpy"]
+    if not flips:
+        assert outcome["compiled"] == reference(bytes(raw), 0)
+
+
 def test_a_truncated_last_batch_is_left_for_the_next_fetch() -> None:
     first = batch([(b"a", b"1"), (b"b", b"2")], 0)
     second = batch([(b"c", b"3")], 2)
@@ -102,6 +138,16 @@ def test_a_corrupt_batch_is_refused_not_misread() -> None:
     framed[61] = 0x7E  # first record's length varint: 63 bytes, past the second record
     with pytest.raises(CorruptRecordSetError):
         parse_record_set(bytes(framed), 0, decompress)
+    # A record count short of the records the batch holds: the records do not end at its end.
+    counted = bytearray(batch([(b"k", b"v"), (b"k", b"v")], 0))
+    counted[57:61] = struct.pack(">i", 1)
+    with pytest.raises(CorruptRecordSetError, match="do not add up"):
+        parse_record_set(bytes(counted), 0, decompress)
+    # A negative batch length would send the parse backwards.
+    backwards = bytearray(batch([(b"k", b"v")], 0))
+    backwards[8:12] = struct.pack(">i", -300)
+    with pytest.raises(CorruptRecordSetError, match="batch length"):
+        parse_record_set(bytes(backwards), 0, decompress)
 
 
 def test_columns_of_records_and_concat_keep_every_slice() -> None:
