@@ -1,6 +1,7 @@
 """The one thing pyproject.toml cannot declare stably: the compiled halves of six hot loops, the
-name factoriser, the line-protocol tokenizer, the MQTT packet splitter, the Kafka record encoder
-(with key hashing and interning), the line-protocol encoder and the cleaning kernel's Hampel checks.
+name factoriser, the line-protocol tokenizer, the MQTT packet splitter, the Kafka record codec
+(encoding, parsing, key hashing and interning), the line-protocol encoder and the cleaning
+kernel's Hampel checks.
 
 Optional: where no C compiler is at hand the install still succeeds and the Python halves run
 (the bridge logs which ones it runs).
@@ -8,16 +9,19 @@ Optional: where no C compiler is at hand the install still succeeds and the Pyth
 
 from setuptools import Extension, setup
 
+COLUMN_H = "portpulse/_column.h"  # the column helper two extensions include
+
 setup(
     ext_modules=[
         Extension("portpulse._arrays", ["portpulse/_arrays.c"], optional=True),
         Extension("portpulse.ingest._lineproto", ["ingest/_lineproto.c"], optional=True),
         Extension("portpulse.codecs._mqttsplit", ["portpulse/codecs/_mqttsplit.c"], optional=True),
         Extension("portpulse.codecs._records", ["portpulse/codecs/_records.c"], optional=True),
-        Extension("portpulse.sinks._lineformat", ["sinks/_lineformat.c"], optional=True),
+        Extension("portpulse.sinks._lineformat", ["sinks/_lineformat.c"], depends=[COLUMN_H], optional=True),
         Extension(
             "portpulse.processors._hampel",
             ["processors/_hampel.c"],
+            depends=[COLUMN_H],
             extra_compile_args=["-ffp-contract=off"],  # numpy's arithmetic exactly: no fused multiply-add
             optional=True,
         ),

@@ -37,31 +37,10 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "../portpulse/_column.h"
+
 #define MAX_WINDOW 64
 enum { OK = 0, SPIKE = 4, RATE = 5 };
-
-typedef struct {
-    Py_buffer view;
-    int held;
-} Column;
-
-/* A C-contiguous buffer of ``itemsize``-byte items: its item count at *n (*n >= 0: must be that). */
-static int take(PyObject *obj, Column *c, Py_ssize_t itemsize, Py_ssize_t *n, int writable, const char *what) {
-    int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0);
-    if (PyObject_GetBuffer(obj, &c->view, flags) < 0) return -1;
-    c->held = 1;
-    if (c->view.len % itemsize || (c->view.len && c->view.itemsize != itemsize)) {
-        PyErr_Format(PyExc_ValueError, "%s: expected %zd-byte items", what, itemsize);
-        return -1;
-    }
-    Py_ssize_t count = c->view.len / itemsize;
-    if (*n >= 0 && count != *n) {
-        PyErr_Format(PyExc_ValueError, "%s: %zd items, expected %zd", what, count, *n);
-        return -1;
-    }
-    *n = count;
-    return 0;
-}
 
 /* Sorts a[0..c) ascending (no NaN: the slots judged are filled). */
 static void sort_small(double *a, int c) {

@@ -23,6 +23,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "../portpulse/_column.h"
+
 #define MAX_FIELDS 64
 #define MAX_DECIMALS 6
 /* Longest text of one value: repr of a double is at most 24 characters ("-2.2250738585072014e-308"). */
@@ -82,28 +84,6 @@ static char *put_float(char *out, double v) {
     return out + len;
 }
 
-typedef struct {
-    Py_buffer view;
-    int held;
-} Column;
-
-/* A C-contiguous buffer of n items of ``itemsize`` bytes (n < 0: any count, set here). */
-static int take(PyObject *obj, Column *c, Py_ssize_t itemsize, Py_ssize_t *n, const char *what) {
-    if (PyObject_GetBuffer(obj, &c->view, PyBUF_C_CONTIGUOUS) < 0) return -1;
-    c->held = 1;
-    if (c->view.len % itemsize || (c->view.len && c->view.itemsize != itemsize)) {
-        PyErr_Format(PyExc_ValueError, "%s: expected %zd-byte items", what, itemsize);
-        return -1;
-    }
-    Py_ssize_t count = c->view.len / itemsize;
-    if (*n >= 0 && count != *n) {
-        PyErr_Format(PyExc_ValueError, "%s: %zd items, expected %zd", what, count, *n);
-        return -1;
-    }
-    *n = count;
-    return 0;
-}
-
 static PyObject *encode(PyObject *module, PyObject *args) {
     (void)module;
     PyObject *keys_obj, *key_ends_obj, *series_obj, *ts_obj, *accepted_obj, *names, *columns_obj;
@@ -120,16 +100,16 @@ static PyObject *encode(PyObject *module, PyObject *args) {
     memset(columns, 0, sizeof columns);
     PyObject *body = NULL, *ends = NULL, *result = NULL;
     Py_ssize_t k = -1, n = -1, any = -1;
-    if (take(keys_obj, &keys, 1, &any, "keys") < 0 || take(key_ends_obj, &key_ends, 8, &k, "key_ends") < 0 ||
-        take(series_obj, &series, 8, &n, "series") < 0 || take(ts_obj, &ts, 8, &n, "ts") < 0 ||
-        take(accepted_obj, &accepted, 1, &n, "accepted") < 0)
+    if (take(keys_obj, &keys, 1, &any, 0, "keys") < 0 || take(key_ends_obj, &key_ends, 8, &k, 0, "key_ends") < 0 ||
+        take(series_obj, &series, 8, &n, 0, "series") < 0 || take(ts_obj, &ts, 8, &n, 0, "ts") < 0 ||
+        take(accepted_obj, &accepted, 1, &n, 0, "accepted") < 0)
         goto done;
     for (Py_ssize_t f = 0; f < fields; f++) {
         if (!PyBytes_Check(PyTuple_GET_ITEM(names, f))) {
             PyErr_SetString(PyExc_TypeError, "field names must be bytes");
             goto done;
         }
-        if (take(PyTuple_GET_ITEM(columns_obj, f), &columns[f], 8, &n, "field column") < 0) goto done;
+        if (take(PyTuple_GET_ITEM(columns_obj, f), &columns[f], 8, &n, 0, "field column") < 0) goto done;
     }
     const char *key_text = keys.view.buf;
     const int64_t *key_end = key_ends.view.buf, *row_series = series.view.buf, *row_ts = ts.view.buf;
