@@ -32,6 +32,11 @@
 
 static const double scales[MAX_DECIMALS + 1] = {1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6};
 static const int64_t powers[MAX_DECIMALS + 1] = {1, 10, 100, 1000, 10000, 100000, 1000000};
+static const uint64_t tens[20] = {1ULL, 10ULL, 100ULL, 1000ULL, 10000ULL, 100000ULL, 1000000ULL, 10000000ULL,
+                                  100000000ULL, 1000000000ULL, 10000000000ULL, 100000000000ULL,
+                                  1000000000000ULL, 10000000000000ULL, 100000000000000ULL,
+                                  1000000000000000ULL, 10000000000000000ULL, 100000000000000000ULL,
+                                  1000000000000000000ULL, 10000000000000000000ULL};
 /* |v| below this: v * 10^6 is below 2^53, so the scaled integer is exact. */
 static const double small_limit = 9007199254740992.0 / 1e6;
 
@@ -55,6 +60,48 @@ static char *put_int64(char *out, int64_t x) {
     return put_unsigned(out, (uint64_t)x);
 }
 
+/* Finite v with 1e-3 <= |v| < 2^52 written at out with 17 or 18 significant digits,
+ * correctly rounded (so it reads back as v), trailing zeros dropped; returns the end. Returns NULL
+ * for any other v. v = M * 2^-s exactly (M < 2^53), so v * 10^k = M * 10^k / 2^s is computed
+ * exactly in 128 bits and rounded half to even once. */
+static char *put_significant(char *out, double v) {
+    double a = fabs(v);
+    if (!(a >= 1e-3 && a < 4503599627370496.0)) return NULL;
+    int e;
+    double f = frexp(a, &e); /* a = f * 2^e, f in [0.5, 1) */
+    uint64_t mantissa = (uint64_t)ldexp(f, 53);
+    int shift = 53 - e; /* 0..62 in this range; 0 is an integer of 53 bits, which repr writes */
+    if (shift < 1) return NULL;
+    int k = 16 - (int)floor(log10(a));
+    for (int attempt = 0; attempt < 2; attempt++, k++) {
+        if (k < 0 || k > 19) return NULL;
+        unsigned __int128 scaled = (unsigned __int128)mantissa * tens[k];
+        unsigned __int128 whole = scaled >> shift, rest = scaled - (whole << shift);
+        unsigned __int128 half = (unsigned __int128)1 << (shift - 1);
+        if (rest > half || (rest == half && (whole & 1))) whole++;
+        if (whole < (unsigned __int128)tens[16]) continue; /* log10 rounded up (just below 10^p): one place more */
+        if (v < 0) *out++ = '-';
+        uint64_t n = (uint64_t)whole, unit = tens[k];
+        out = put_unsigned(out, n / unit);
+        uint64_t fraction = n % unit;
+        int digits = k;
+        while (digits && fraction % 10 == 0) {
+            fraction /= 10;
+            digits--;
+        }
+        if (digits) {
+            *out++ = '.';
+            for (int d = digits - 1; d >= 0; d--) {
+                out[d] = (char)('0' + fraction % 10);
+                fraction /= 10;
+            }
+            out += digits;
+        }
+        return out;
+    }
+    return NULL;
+}
+
 /* Finite v written exactly at out; returns the end, or NULL with MemoryError set. */
 static char *put_float(char *out, double v) {
     if (fabs(v) < small_limit) {
@@ -76,6 +123,8 @@ static char *put_float(char *out, double v) {
             return out;
         }
     }
+    char *end = put_significant(out, v);
+    if (end != NULL) return end;
     char *text = PyOS_double_to_string(v, 'r', 0, Py_DTSF_ADD_DOT_0, NULL);
     if (text == NULL) return NULL;
     size_t len = strlen(text);

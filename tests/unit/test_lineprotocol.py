@@ -169,20 +169,35 @@ def test_float_text_round_trips_exactly(values: list[float]) -> None:
         assert all(math.copysign(1, float(t)) == math.copysign(1, v) for t, v in zip(texts, values, strict=True))
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.lists(st.one_of(readings, any_float), min_size=1, max_size=50))
-def test_the_compiled_encoder_writes_the_fewest_decimals_or_repr(values: list[float]) -> None:
-    """Each value alone: with the fewest decimals (0-6) that give it back, else as repr writes it."""
+# Means, deviations, percentiles: full-precision values where the 17-digit path writes them.
+aggregate_like = st.builds(lambda i, sign: sign * i / 997.0, st.integers(1, 10**15), st.sampled_from([1, -1])) | (
+    # just below a power of ten, where log10 rounds up to it and 17 digits are one place further
+    st.tuples(st.integers(-2, 15), st.integers(1, 40)).map(lambda pj: 10.0 ** pj[0] - pj[1] * math.ulp(10.0 ** pj[0]))
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(readings, any_float, aggregate_like), min_size=1, max_size=50))
+def test_the_compiled_encoder_writes_the_fewest_decimals_or_17_digits_or_repr(values: list[float]) -> None:
+    """Each value alone: with the fewest decimals (0-6) that give it back; else, from 1e-3 to 2^52,
+    rounded correctly to 17 (at most 18) significant digits, trailing zeros dropped, which reads
+    back as the value; else as repr writes it."""
     points = PointColumns("m", {}, {"v": np.array(values)}, np.arange(len(values), dtype=np.int64))
     texts = [
         line.split(" ")[1].removeprefix("v=") for line in encode_with("compiled", points).body.decode().splitlines()
     ]
+    sign = {True: "-", False: ""}
     for text, v in zip(texts, values, strict=True):
         decimals = next((k for k in range(7) if abs(v) < 2**53 / 1e6 and round(v * 10**k) / 10**k == v), None)
-        if decimals is None:
-            assert text == repr(v)
+        if decimals is not None:
+            assert text == sign[math.copysign(1, v) < 0] + f"{abs(v):.{decimals}f}"
+        elif 1e-3 <= abs(v) < 2**52:
+            # v rounded correctly at the places written (no trailing zero), at most 18 digits
+            places = len(text.partition(".")[2])
+            assert text == sign[v < 0] + f"{abs(v):.{places}f}" and not (places and text.endswith("0")), (text, v)
+            assert len(text.lstrip("-").replace(".", "").lstrip("0")) <= 18 and float(text) == v
         else:
-            assert text == ("-" if math.copysign(1, v) < 0 else "") + f"{abs(v):.{decimals}f}"
+            assert text == repr(v)
 
 
 @pytest.mark.parametrize(
