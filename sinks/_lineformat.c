@@ -14,8 +14,9 @@
  * Returns the body (one line per accepted row, in row order, each ending in "\n") and a bytearray
  * of int64 offsets just past each line's newline. A value is written exactly: with the fewest
  * decimals (at most 6) whose integer arithmetic gives it back (as recorded by the numpy encoder:
- * rint(v * 10^k) / 10^k == v, |v| < 2^53 / 10^6), else as repr() writes it (PyOS_double_to_string,
- * shortest round trip). Raises ValueError for ragged columns or a key index out of range.
+ * rint(v * 10^k) / 10^k == v, |v| < 2^53 / 10^6); else, from 1e-3 to 2^52, correctly rounded to 17
+ * significant digits (put_significant); else as repr() writes it (PyOS_double_to_string, shortest
+ * round trip). Raises ValueError for ragged columns or a key index out of range.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>

@@ -2,12 +2,13 @@
 
 Series keys are escaped once per distinct series (and cached across calls). Lines whose fields
 are all floats are written by a C extension in one pass (``_lineformat.c``): each value with the
-fewest decimals, up to 6, whose integer arithmetic gives it back exactly, else as ``repr`` writes
-it. Otherwise (a string field, or no compiler at install time) each line is assembled from
-fixed-width byte matrices (one per piece: series key, each field, timestamp) plus a keep-mask;
-``matrix[mask]`` then yields the concatenated lines in one numpy operation; floats with few
-decimals are formatted with integer arithmetic, zero-padded to one width per chunk, and only the
-remaining floats go through ``repr``. Either way every value parses back to the same float64.
+fewest decimals, up to 6, whose integer arithmetic gives it back exactly, else with 17 correctly
+rounded significant digits (from 1e-3 to 2^52) or as ``repr`` writes it. Otherwise (a string
+field, or no compiler at install time) each line is assembled from fixed-width byte matrices
+(one per piece: series key, each field, timestamp) plus a keep-mask; ``matrix[mask]`` then
+yields the concatenated lines in one numpy operation; floats with few decimals are formatted
+with integer arithmetic, zero-padded to one width per chunk, and only the remaining floats go
+through ``repr``. Either way every value parses back to the same float64.
 
 Escaping follows the InfluxDB line protocol reference: measurement ``,`` and space; tag keys,
 tag values and field keys ``,`` ``=`` and space; string field values ``"`` and ``\\``. Line
