@@ -6,6 +6,7 @@ import contextlib
 import math
 import statistics
 from collections.abc import Iterator
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -34,14 +35,20 @@ KERNELS = ["compiled", "numpy"]
 
 
 @contextlib.contextmanager
-def hampel_kernel(kernel: str) -> Iterator[None]:
-    """Judge with ``kernel`` inside the block (numpy: as an install without a compiler does)."""
-    built = clean_module._COMPILED_JUDGE
-    clean_module._COMPILED_JUDGE = built if kernel == "compiled" else None
+def compiled_half(module: ModuleType, name: str, kind: str) -> Iterator[None]:
+    """Inside the block, ``module.name`` (a compiled half) as built when ``kind`` is "compiled",
+    else None: the Python or numpy half runs, as on an install without a compiler."""
+    built = getattr(module, name)
+    setattr(module, name, built if kind == "compiled" else None)
     try:
         yield
     finally:
-        clean_module._COMPILED_JUDGE = built
+        setattr(module, name, built)
+
+
+def hampel_kernel(kernel: str) -> contextlib.AbstractContextManager[None]:
+    """Judge checks 4-5 with ``kernel`` inside the block."""
+    return compiled_half(clean_module, "_COMPILED_JUDGE", kernel)
 
 
 def test_the_compiled_hampel_kernel_is_built() -> None:
@@ -284,13 +291,9 @@ def test_the_earliest_offset_of_a_history_is_the_least_of_its_row_compiled_or_no
     want = [min(history.offsets[s].tolist()) for s in series.tolist()]  # NO_OFFSET for an empty row
     assert NO_OFFSET in want and len(set(want)) > 30
     assert history.earliest_offset(series).tolist() == want
-    built = clean_module._COMPILED_EARLIEST
-    assert built is not None
-    clean_module._COMPILED_EARLIEST = None
-    try:
+    assert clean_module._COMPILED_EARLIEST is not None
+    with compiled_half(clean_module, "_COMPILED_EARLIEST", "numpy"):
         assert history.earliest_offset(series).tolist() == want
-    finally:
-        clean_module._COMPILED_EARLIEST = built
     with pytest.raises(ValueError):
         history.earliest_offset(np.array([50]))
 
@@ -536,17 +539,11 @@ def test_code_groups_are_the_groups_of_a_stable_sort(codes: list[int], scale: in
     assert [(value, rows.tolist()) for value, rows in code_groups(code)] == want
 
 
-@contextlib.contextmanager
-def factoriser(kind: str) -> Iterator[None]:
-    """Factorise with ``kind`` inside the block (python: as an install without a compiler does)."""
+def factoriser(kind: str) -> contextlib.AbstractContextManager[None]:
+    """Factorise with ``kind`` ("compiled" or "python") inside the block."""
     from portpulse import arrays
 
-    built = arrays._COMPILED_FACTORISE
-    arrays._COMPILED_FACTORISE = built if kind == "compiled" else None
-    try:
-        yield
-    finally:
-        arrays._COMPILED_FACTORISE = built
+    return compiled_half(arrays, "_COMPILED_FACTORISE", kind)
 
 
 def test_the_compiled_factoriser_is_built() -> None:
