@@ -352,10 +352,10 @@ class BatchSender:
     ) -> npt.NDArray[np.int64]:
         """The partition of each row: murmur2 of its key (once per distinct key) modulo its topic's
         partition count; null keys spread at random."""
-        from aiokafka.partitioner import murmur2
-
         hashes = key_hashes(records.keys)
         if hashes is None:  # no compiled half: aiokafka's murmur2 in Python, about 5 us a key, once a key
+            from aiokafka.partitioner import murmur2
+
             known = self._key_hashes
             if len(known) > 1_000_000:
                 known.clear()

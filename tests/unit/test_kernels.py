@@ -5,8 +5,6 @@ from __future__ import annotations
 import contextlib
 import math
 import statistics
-from collections.abc import Iterator
-from types import ModuleType
 
 import numpy as np
 import pytest
@@ -28,22 +26,11 @@ from portpulse.processors.clean import (
     clean,
 )
 from portpulse.processors.window import WindowSpec, aggregate, assign, parse_windows
+from tests.unit.compiled import compiled_half
 
 W = 5
 # Both kernels of checks 4-5 for batches newer than their history: the compiled one and numpy's.
 KERNELS = ["compiled", "numpy"]
-
-
-@contextlib.contextmanager
-def compiled_half(module: ModuleType, name: str, kind: str) -> Iterator[None]:
-    """Inside the block, ``module.name`` (a compiled half) as built when ``kind`` is "compiled",
-    else None: the Python or numpy half runs, as on an install without a compiler."""
-    built = getattr(module, name)
-    setattr(module, name, built if kind == "compiled" else None)
-    try:
-        yield
-    finally:
-        setattr(module, name, built)
 
 
 def hampel_kernel(kernel: str) -> contextlib.AbstractContextManager[None]:

@@ -28,6 +28,7 @@ from portpulse.codecs.recordbatch import (
 )
 from portpulse.kafka import fetched_columns
 from portpulse.kafka.hooks import decompress
+from tests.unit.compiled import compiled_half
 
 Rec = tuple[bytes | None, bytes | None]
 
@@ -105,16 +106,13 @@ def test_the_compiled_record_parser_reads_and_refuses_what_numpy_does(
         for at, value in flips:
             raw[sections[at % len(sections)]] = value
     outcome: dict[str, list[tuple[int, bytes | None, bytes | None]] | None] = {}
-    built = recordbatch._COMPILED_PARSE
-    assert built is not None, "portpulse/codecs/_records.c is not compiled (setup.py)"
+    assert recordbatch._COMPILED_PARSE is not None, "portpulse/codecs/_records.c is not compiled (setup.py)"
     for kind in ("compiled", "numpy"):
-        recordbatch._COMPILED_PARSE = built if kind == "compiled" else None
-        try:
-            outcome[kind] = as_tuples(parse_record_set(bytes(raw), 0, decompress))
-        except CorruptRecordSetError:
-            outcome[kind] = None
-        finally:
-            recordbatch._COMPILED_PARSE = built
+        with compiled_half(recordbatch, "_COMPILED_PARSE", kind):
+            try:
+                outcome[kind] = as_tuples(parse_record_set(bytes(raw), 0, decompress))
+            except CorruptRecordSetError:
+                outcome[kind] = None
     assert outcome["compiled"] == outcome["numpy"]
     if not flips:
         assert outcome["compiled"] == reference(bytes(raw), 0)
