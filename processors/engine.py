@@ -81,6 +81,20 @@ __all__ = [
 _NEG = np.iinfo(np.int64).min
 _POS = np.iinfo(np.int64).max
 _K = TypeVar("_K", bound=Hashable)
+#: a series' lo, hi, max rate (per s) and spike floor, in its base metric's unit
+_SeriesLimits = tuple[float, float, float, float]
+#: (domain, metric as sent) pairs whose kind is cached; the cache starts over beyond this
+_MAX_KINDS = 100_000
+
+
+class _MetricKind(NamedTuple):
+    """How readings of one metric name as sent, in one domain, are kept."""
+
+    base: str  #: the series' metric: the name, or the catalogue's name when it carries a unit suffix
+    factor: float  #: multiplies a value into the base metric's unit
+    limits: _SeriesLimits
+
+
 _Limits = tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64]]
 
 
@@ -270,6 +284,7 @@ class ProcessorEngine:
         self._s = settings
         self._catalogue = catalogue
         self._series: dict[tuple[str, str, str], int] = {}
+        self._kinds: dict[tuple[str, str], _MetricKind] = {}
         self._series_domain: list[str] = []
         self._series_sensor: list[str] = []
         self._series_site: list[str] = []
@@ -333,49 +348,92 @@ class ProcessorEngine:
 
     # ------------------------------------------------------------ series registry
 
-    def _register(self, domain: str, sensor: str, site: str, metric: str) -> int:
-        base = metric
+    def _kind(self, domain: str, metric: str) -> _MetricKind:
+        """How readings of ``metric`` (as sent) in ``domain`` are kept (cached per pair)."""
+        found = self._kinds.get((domain, metric))
+        if found is not None:
+            return found
+        base, factor = metric, 1.0
         spec = self._catalogue.get(domain, metric)
         if spec is None and "_" in metric:
             # Unit normalisation: "no2_ppb" is no2 given in ppb when the catalogue converts ppb.
             name, _, unit = metric.rpartition("_")
             candidate = self._catalogue.get(domain, name)
             if candidate is not None and unit in candidate.convert:
-                spec, base = candidate, name
-        key = (domain, sensor, base)
-        known = self._series.get(key)
-        if known is not None:
-            return known
-        point = self._point_of(domain, sensor, site)
-        if base not in self._metric_codes:
-            self._metric_codes[base] = len(self._metric_names)
-            self._metric_names.append(base)
+                spec, base, factor = candidate, name, candidate.convert[unit]
         limits = (spec.min if spec else -np.inf, spec.max if spec else np.inf,
                   spec.max_rate_per_s if spec else np.inf, _spike_floor(spec))  # fmt: skip
-        if self._free:  # a slot an evicted series left: its arrays were reset then
-            sid = self._free.pop()
-            self._series_domain[sid], self._series_sensor[sid], self._series_site[sid] = domain, sensor, site
-            self._series_metric[sid], self._series_point[sid] = base, point
-            if sid < len(self._series_metric_array):
-                self._series_metric_array[sid] = self._metric_codes[base]
-            for column, limit in zip((self._lo, self._hi, self._rate, self._floor), limits, strict=True):
-                column[sid] = limit
-            if self._limit_arrays is not None and sid < len(self._limit_arrays[0]):
-                for array, limit in zip(self._limit_arrays, limits, strict=True):
-                    array[sid] = limit
-            if sid < len(self._series_point_array):
-                self._series_point_array[sid] = point
-        else:
-            sid = len(self._series_domain)
-            self._series_domain.append(domain)
-            self._series_sensor.append(sensor)
-            self._series_site.append(site)
-            self._series_metric.append(base)
-            for column, limit in zip((self._lo, self._hi, self._rate, self._floor), limits, strict=True):
-                column.append(limit)
-            self._series_point.append(point)
-        self._series[key] = sid
-        return sid
+        if len(self._kinds) >= _MAX_KINDS:  # names sent once each must not grow it without bound
+            self._kinds.clear()
+        found = self._kinds[(domain, metric)] = _MetricKind(base, factor, limits)
+        return found
+
+    def _register(
+        self, domains: list[str], sensors: list[str], sites: list[str], metrics: list[str]
+    ) -> tuple[list[int], list[float]]:
+        """Series id and unit factor of each (domain, sensor, site, metric as sent); series not
+        known yet are added (in bulk: a fleet's first steps bring tens of thousands)."""
+        kinds = [self._kinds.get(pair) or self._kind(*pair) for pair in zip(domains, metrics, strict=True)]
+        keys = [(domain, sensor, kind.base) for domain, sensor, kind in zip(domains, sensors, kinds, strict=True)]
+        ids = [self._series.get(key, -1) for key in keys]
+        appended: list[int] = []  # rows whose series take new slots at the end, in slot order
+        start = len(self._series_domain)
+        for row in [row for row, sid in enumerate(ids) if sid < 0]:
+            key = keys[row]
+            sid = self._series.get(key, -1)  # added by an earlier row: the same series in another unit
+            if sid < 0:
+                if self._free:
+                    sid = self._free.pop()
+                    self._reuse_slot(sid, key, sites[row], kinds[row].limits)
+                else:
+                    sid = start + len(appended)
+                    appended.append(row)
+                self._series[key] = sid
+            ids[row] = sid
+        if appended:
+            self._append_series([keys[row] for row in appended], [sites[row] for row in appended],
+                                [kinds[row].limits for row in appended])  # fmt: skip
+        return ids, [kind.factor for kind in kinds]
+
+    def _metric_code(self, base: str) -> int:
+        code = self._metric_codes.get(base)
+        if code is None:
+            code = self._metric_codes[base] = len(self._metric_names)
+            self._metric_names.append(base)
+        return code
+
+    def _reuse_slot(self, sid: int, key: tuple[str, str, str], site: str, limits: _SeriesLimits) -> None:
+        """Series ``key`` of ``site`` in the slot ``sid`` an evicted series left (its arrays were reset then)."""
+        domain, sensor, base = key
+        point = self._point_of(domain, sensor, site)
+        code = self._metric_code(base)
+        self._series_domain[sid], self._series_sensor[sid], self._series_site[sid] = domain, sensor, site
+        self._series_metric[sid], self._series_point[sid] = base, point
+        if sid < len(self._series_metric_array):
+            self._series_metric_array[sid] = code
+        for column, limit in zip((self._lo, self._hi, self._rate, self._floor), limits, strict=True):
+            column[sid] = limit
+        if self._limit_arrays is not None and sid < len(self._limit_arrays[0]):
+            for array, limit in zip(self._limit_arrays, limits, strict=True):
+                array[sid] = limit
+        if sid < len(self._series_point_array):
+            self._series_point_array[sid] = point
+
+    def _append_series(self, keys: list[tuple[str, str, str]], sites: list[str], limits: list[_SeriesLimits]) -> None:
+        """Series ``keys`` (domain, sensor, base metric) of ``sites``, in new slots at the end."""
+        domains, sensors, bases = (list(column) for column in zip(*keys, strict=True))
+        for base in dict.fromkeys(bases):  # first-seen order, as one at a time would give
+            self._metric_code(base)
+        self._series_point += list(map(self._point_of, domains, sensors, sites))
+        self._series_domain += domains
+        self._series_sensor += sensors
+        self._series_site += sites
+        self._series_metric += bases
+        lo, hi, rate, floor = zip(*limits, strict=True)
+        self._lo += lo
+        self._hi += hi
+        self._rate += rate
+        self._floor += floor
 
     def _point_of(self, domain: str, sensor: str, site: str) -> int:
         """The stored point a new series of ``(domain, sensor, site)`` writes its values into."""
@@ -466,26 +524,16 @@ class ProcessorEngine:
         """Resolve the keys of the readings at ``new`` (mask ``(n,)``) and add them, kept sorted."""
         rows = np.flatnonzero(new)
         rows = rows[distinct_codes(key[rows])[0]]
-        columns = (r.domain[rows].tolist(), r.sensor_id[rows].tolist(), r.site[rows].tolist(), r.metric[rows].tolist())
-        hits = [self._resolve(*k) for k in zip(*columns, strict=True)]
+        ids, factors = self._register(
+            r.domain[rows].tolist(), r.sensor_id[rows].tolist(), r.site[rows].tolist(), r.metric[rows].tolist()
+        )
         # Inserted where they sort (a merge, O(resolved)): a fleet's first steps add keys every step.
         order = np.argsort(key[rows])
         added = key[rows][order]
         at = np.searchsorted(self._resolved_key, added)
         self._resolved_key = np.insert(self._resolved_key, at, added)
-        series = np.array([sid for sid, _ in hits], dtype=np.int64)[order]
-        self._resolved_series = np.insert(self._resolved_series, at, series)
-        factor = np.array([f for _, f in hits], dtype=np.float64)[order]
-        self._resolved_factor = np.insert(self._resolved_factor, at, factor)
-
-    def _resolve(self, domain: str, sensor: str, site: str, metric: str) -> tuple[int, float]:
-        """Series id and unit factor of a (domain, sensor, site, metric as sent) not resolved yet."""
-        sid = self._register(domain, sensor, site, metric)
-        factor = 1.0
-        if self._series_metric[sid] != metric:
-            spec = self._catalogue.get(domain, self._series_metric[sid])
-            factor = spec.convert[metric.rpartition("_")[2]] if spec else 1.0
-        return sid, factor
+        self._resolved_series = np.insert(self._resolved_series, at, np.array(ids, dtype=np.int64)[order])
+        self._resolved_factor = np.insert(self._resolved_factor, at, np.array(factors, dtype=np.float64)[order])
 
     # ------------------------------------------------------------ main step
 

@@ -643,7 +643,16 @@ def test_series_resolve_by_source_and_metric_labels_whatever_labels_the_decoder_
     assert raws[0] == raws[1] == raws[2]
     assert raws[0] == [("s0", 1, "no2", 40.0), ("s0", 2, "no2", 37.6), ("s0", 3, "no2", 41.0),
                        ("s1", 1, "no2", 50.0), ("s1", 2, "o3", 60.0)]  # fmt: skip
-    engine.ingest(Readings.empty(), 10_000.0, frozenset({0}))  # every window closes (idle)
+    closed = engine.ingest(Readings.empty(), 10_000.0, frozenset({0}))  # every window closes (idle)
+    counts = []
+    for kind, p in closed.points:
+        tag = p.tags["sensor_id"]
+        assert kind != "raw" and isinstance(tag, Categorical)
+        sensors = tag.categories[tag.codes].tolist()
+        counts += [(s, name, int(c)) for name, column in p.fields.items() if name.endswith("_count")
+                   for s, c in zip(sensors, column, strict=True) if not math.isnan(c)]  # fmt: skip
+    counts.sort()
+    assert counts == [("s0", "no2_count", 3), ("s1", "no2_count", 1), ("s1", "o3_count", 1)]  # one window each
     engine.ingest(Readings.empty(), 10_200.0, frozenset({0}))  # every series is forgotten
     assert engine.series_count == 0
     assert engine._source_ids == {} and engine._metric_ids == {} and len(engine._resolved_key) == 0
