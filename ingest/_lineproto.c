@@ -1,19 +1,22 @@
 /* Tokenizer for plain InfluxDB line protocol: the compiled half of ingest/decode.py's fast path.
  *
- * tokenize(text: str) -> (heads, names, values, stamps) | None
+ * tokenize(texts: list[str]) -> (heads, names, codes, widths, lines, values, stamps) | None
  * tokenize_line(text: str) -> (head, names, values, stamp) | None
  *
- * For text of lines ``measurement[,tags] name=value[,name=value...] timestamp`` where
- *   - the text is ASCII with no control character but "\n" (so nothing escaped, quoted or
- *     commented: no '\\', '"' or '#'), empty lines skipped;
+ * For texts (a delivery's messages) of lines ``measurement[,tags] name=value[,name=value...] timestamp`` where
+ *   - every text is ASCII with no control character but "\n" (so nothing escaped, quoted or
+ *     commented: no '\\', '"' or '#'), empty lines skipped, and holds at least one line;
  *   - every line has exactly three sections separated by single spaces;
- *   - every line holds the same field names in the same order;
+ *   - every line of a text holds the same field names in the same order, none twice;
  *   - every value is a plain decimal float ([+-]digits[.digits][e[+-]digits]) that is finite;
  *   - every timestamp is 1-19 ASCII digits below 2**63,
- * it returns
+ * tokenize returns
  *   heads:  list[str], one per line (measurement and tag set, as written);
- *   names:  list[str], the field names of a line;
- *   values: bytearray, float64 in native order, len(heads) * len(names) of them, line by line;
+ *   names:  list[str], the distinct field names, first seen first;
+ *   codes:  bytearray, int64 in native order, one per value: its name's index in ``names``;
+ *   widths: bytearray, int64, one per text: the fields of each of its lines;
+ *   lines:  bytearray, int64, one per text: its lines;
+ *   values: bytearray, float64 in native order, every value, text by text and line by line;
  *   stamps: bytearray, int64 in native order, one per line (as written, unit not applied).
  * tokenize_line takes text of one line (empty lines aside) and returns its head (str), names
  * (list[str]), values (list[float]) and stamp (int): a sensor's own report, without arrays.
@@ -29,7 +32,8 @@
 #include <string.h>
 
 typedef struct {
-    Py_ssize_t start, len;
+    const char *start;
+    Py_ssize_t len;
 } Span;
 
 /* Bytes that keep a text off the fast path: control characters other than '\n', non-ASCII,
@@ -112,8 +116,10 @@ typedef struct {
     double *values;
     int64_t *stamps;
     Span *heads;
-    Span *names; /* the first line's field names */
+    Span *names;         /* the current text's first line's field names */
     Py_ssize_t n_values, n_lines, width;
+    Py_ssize_t first_line; /* the current text's first line */
+    Py_ssize_t max_names;
 } Tokens;
 
 static void free_tokens(Tokens *t) {
@@ -123,9 +129,8 @@ static void free_tokens(Tokens *t) {
     free(t->names);
 }
 
-/* One line s[0:n] (no '\n'). Returns 1 when it is plain and matches the first line's names. */
-static int take_line(const char *text, Py_ssize_t at, Py_ssize_t n, Tokens *t, Py_ssize_t max_names) {
-    const char *s = text + at;
+/* One line s[0:n] (no '\n'). Returns 1 when it is plain and matches its text's first line's names. */
+static int take_line(const char *s, Py_ssize_t n, Tokens *t) {
     const char *first_space = memchr(s, ' ', (size_t)n);
     if (first_space == NULL || first_space == s) return 0;
     Py_ssize_t fields_at = first_space - s + 1;
@@ -146,26 +151,30 @@ static int take_line(const char *text, Py_ssize_t at, Py_ssize_t n, Tokens *t, P
     if (stamp > (uint64_t)INT64_MAX) return 0;
 
     /* fields: name=value separated by ',' */
+    int first = t->n_lines == t->first_line;
     Py_ssize_t field = 0, k = fields_at;
     while (k < fields_end) {
         Py_ssize_t name_at = k;
-        while (k < fields_end && s[k] != '=' && s[k] != ',') k++;
-        if (k == fields_end || s[k] != '=' || k == name_at) return 0;
-        Py_ssize_t name_len = k - name_at;
+        if (!first) {
+            /* the name this line must have here: compared whole, not scanned for */
+            if (field >= t->width) return 0;
+            Py_ssize_t len = t->names[field].len;
+            if (len > fields_end - k - 1 || s[k + len] != '=' || memcmp(t->names[field].start, s + k, (size_t)len) != 0)
+                return 0;
+            k += len;
+        } else {
+            while (k < fields_end && s[k] != '=' && s[k] != ',') k++;
+            if (k == fields_end || s[k] != '=' || k == name_at) return 0;
+            if (field >= t->max_names) return 0;
+            t->names[field].start = s + name_at;
+            t->names[field].len = k - name_at;
+        }
         Py_ssize_t value_at = ++k;
         while (k < fields_end && s[k] != ',' && s[k] != '=') k++;
         if (k < fields_end && s[k] == '=') return 0;
         Py_ssize_t value_len = k - value_at;
         double value;
         if (value_len == 0 || !plain_float(s + value_at, value_len, &value) || !isfinite(value)) return 0;
-        if (t->n_lines == 0) {
-            if (field >= max_names) return 0;
-            t->names[field].start = at + name_at;
-            t->names[field].len = name_len;
-        } else if (field >= t->width || t->names[field].len != name_len ||
-                   memcmp(text + t->names[field].start, s + name_at, (size_t)name_len) != 0) {
-            return 0;
-        }
         t->values[t->n_values++] = value;
         field++;
         if (k < fields_end) {
@@ -173,23 +182,23 @@ static int take_line(const char *text, Py_ssize_t at, Py_ssize_t n, Tokens *t, P
             if (k == fields_end) return 0; /* a trailing ',' */
         }
     }
-    if (t->n_lines == 0) {
+    if (first) {
         t->width = field;
     } else if (field != t->width) {
         return 0;
     }
-    t->heads[t->n_lines].start = at;
+    t->heads[t->n_lines].start = s;
     t->heads[t->n_lines].len = first_space - s;
     t->stamps[t->n_lines] = (int64_t)stamp;
     t->n_lines++;
     return 1;
 }
 
-static PyObject *spans_to_list(const char *text, const Span *spans, Py_ssize_t n) {
+static PyObject *spans_to_list(const Span *spans, Py_ssize_t n) {
     PyObject *list = PyList_New(n);
     if (list == NULL) return NULL;
     for (Py_ssize_t k = 0; k < n; k++) {
-        PyObject *item = PyUnicode_DecodeASCII(text + spans[k].start, spans[k].len, NULL);
+        PyObject *item = PyUnicode_DecodeASCII(spans[k].start, spans[k].len, NULL);
         if (item == NULL) {
             Py_DECREF(list);
             return NULL;
@@ -199,79 +208,178 @@ static PyObject *spans_to_list(const char *text, const Span *spans, Py_ssize_t n
     return list;
 }
 
-/* Cuts ``arg`` into ``t`` (freed by the caller). Returns 1 when every line is plain and uniform,
- * 0 when not (or when it holds no line), -1 with an exception set. */
-static int cut(PyObject *arg, const char **text_out, Tokens *t) {
+/* The text of ``arg`` when it is an ASCII str with no byte off the plain path, adding its newlines
+ * and '=' to the counts; NULL when not (with an exception set when ``arg`` is not a str). */
+static const char *plain_text(PyObject *arg, Py_ssize_t *size, Py_ssize_t *newlines, Py_ssize_t *equals) {
     if (!PyUnicode_Check(arg)) {
         PyErr_SetString(PyExc_TypeError, "expected a str");
-        return -1;
+        return NULL;
     }
-    if (!PyUnicode_IS_ASCII(arg)) return 0;
+    if (!PyUnicode_IS_ASCII(arg)) return NULL;
     const char *text = (const char *)PyUnicode_1BYTE_DATA(arg);
-    Py_ssize_t size = PyUnicode_GET_LENGTH(arg);
-    *text_out = text;
-
-    Py_ssize_t newlines = 0, equals = 0;
-    for (Py_ssize_t k = 0; k < size; k++) {
+    *size = PyUnicode_GET_LENGTH(arg);
+    /* no early exit: a branch-free pass the compiler can unroll */
+    unsigned char bad = 0;
+    Py_ssize_t lines = 0, fields = 0;
+    for (Py_ssize_t k = 0; k < *size; k++) {
         unsigned char c = (unsigned char)text[k];
-        if (not_plain[c]) return 0;
-        newlines += c == '\n';
-        equals += c == '=';
+        bad |= not_plain[c];
+        lines += c == '\n';
+        fields += c == '=';
     }
+    *newlines += lines;
+    *equals += fields;
+    return bad ? NULL : text;
+}
+
+static int alloc_tokens(Tokens *t, Py_ssize_t lines, Py_ssize_t equals) {
     t->values = malloc(sizeof(double) * (size_t)(equals + 1));
-    t->stamps = malloc(sizeof(int64_t) * (size_t)(newlines + 1));
-    t->heads = malloc(sizeof(Span) * (size_t)(newlines + 1));
+    t->stamps = malloc(sizeof(int64_t) * (size_t)(lines + 1));
+    t->heads = malloc(sizeof(Span) * (size_t)(lines + 1));
     t->names = malloc(sizeof(Span) * (size_t)(equals + 1));
+    t->max_names = equals + 1;
     if (!t->values || !t->stamps || !t->heads || !t->names) {
         PyErr_NoMemory();
         return -1;
     }
+    return 0;
+}
+
+/* Cuts text[0:size] into ``t`` as a new text. Returns 1 when every line is plain and uniform and
+ * there is one at least, else 0. */
+static int cut(const char *text, Py_ssize_t size, Tokens *t) {
+    t->first_line = t->n_lines;
+    t->width = 0;
     Py_ssize_t at = 0;
     while (at < size) {
         const char *newline = memchr(text + at, '\n', (size_t)(size - at));
         Py_ssize_t end = newline ? newline - text : size;
-        if (end > at && !take_line(text, at, end - at, t, equals + 1)) return 0;
+        if (end > at && !take_line(text + at, end - at, t)) return 0;
         at = end + 1;
     }
-    return t->n_lines > 0;
+    return t->n_lines > t->first_line;
 }
+
+/* The index of s[0:n] among the distinct names (added when new); -1 when the table is full. */
+static Py_ssize_t name_code(Span *distinct, Py_ssize_t *n_distinct, Py_ssize_t capacity, const char *s, Py_ssize_t n) {
+    for (Py_ssize_t d = 0; d < *n_distinct; d++) {
+        if (distinct[d].len == n && memcmp(distinct[d].start, s, (size_t)n) == 0) return d;
+    }
+    if (*n_distinct == capacity) return -1;
+    distinct[*n_distinct].start = s;
+    distinct[*n_distinct].len = n;
+    return (*n_distinct)++;
+}
+
+#define MAX_DISTINCT_NAMES 256
 
 static PyObject *tokenize(PyObject *module, PyObject *arg) {
     (void)module;
-    const char *text = NULL;
-    Tokens t = {0};
-    int found = cut(arg, &text, &t);
-    if (found <= 0) {
-        free_tokens(&t);
-        if (found < 0) return NULL;
-        Py_RETURN_NONE;
+    if (!PyList_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "expected a list of str");
+        return NULL;
     }
-    PyObject *heads = spans_to_list(text, t.heads, t.n_lines);
-    PyObject *names = heads ? spans_to_list(text, t.names, t.width) : NULL;
-    PyObject *values = names ? PyByteArray_FromStringAndSize((const char *)t.values, t.n_values * 8) : NULL;
+    Py_ssize_t n_texts = PyList_GET_SIZE(arg), newlines = 0, equals = 0;
+    if (n_texts == 0) Py_RETURN_NONE;
+    const char **texts = malloc(sizeof(char *) * (size_t)n_texts);
+    Py_ssize_t *sizes = malloc(sizeof(Py_ssize_t) * (size_t)n_texts);
+    int64_t *widths = malloc(sizeof(int64_t) * (size_t)n_texts);
+    int64_t *lines = malloc(sizeof(int64_t) * (size_t)n_texts);
+    Tokens t = {0};
+    int64_t *codes = NULL;
+    Span distinct[MAX_DISTINCT_NAMES];
+    Py_ssize_t n_distinct = 0;
+    PyObject *result = NULL;
+    if (!texts || !sizes || !widths || !lines) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < n_texts; i++) {
+        texts[i] = plain_text(PyList_GET_ITEM(arg, i), &sizes[i], &newlines, &equals);
+        if (texts[i] == NULL) {
+            if (!PyErr_Occurred()) result = Py_NewRef(Py_None);
+            goto done;
+        }
+    }
+    if (alloc_tokens(&t, newlines + n_texts, equals) < 0) goto done;
+    codes = malloc(sizeof(int64_t) * (size_t)(equals + 1));
+    if (codes == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < n_texts; i++) {
+        Py_ssize_t values_before = t.n_values;
+        if (!cut(texts[i], sizes[i], &t)) {
+            result = Py_NewRef(Py_None);
+            goto done;
+        }
+        int64_t text_codes[MAX_DISTINCT_NAMES];
+        if (t.width > MAX_DISTINCT_NAMES) {
+            result = Py_NewRef(Py_None);
+            goto done;
+        }
+        for (Py_ssize_t f = 0; f < t.width; f++) {
+            Py_ssize_t code = name_code(distinct, &n_distinct, MAX_DISTINCT_NAMES, t.names[f].start, t.names[f].len);
+            int repeated = 0;
+            for (Py_ssize_t g = 0; g < f; g++) repeated |= text_codes[g] == code;
+            if (code < 0 || repeated) { /* too many names, or a field twice in a line */
+                result = Py_NewRef(Py_None);
+                goto done;
+            }
+            text_codes[f] = code;
+        }
+        for (Py_ssize_t v = values_before; v < t.n_values; v += t.width) {
+            memcpy(codes + v, text_codes, sizeof(int64_t) * (size_t)t.width);
+        }
+        widths[i] = t.width;
+        lines[i] = t.n_lines - t.first_line;
+    }
+    PyObject *heads = spans_to_list(t.heads, t.n_lines);
+    PyObject *names = heads ? spans_to_list(distinct, n_distinct) : NULL;
+    PyObject *code_bytes = names ? PyByteArray_FromStringAndSize((const char *)codes, t.n_values * 8) : NULL;
+    PyObject *width_bytes = code_bytes ? PyByteArray_FromStringAndSize((const char *)widths, n_texts * 8) : NULL;
+    PyObject *line_bytes = width_bytes ? PyByteArray_FromStringAndSize((const char *)lines, n_texts * 8) : NULL;
+    PyObject *values = line_bytes ? PyByteArray_FromStringAndSize((const char *)t.values, t.n_values * 8) : NULL;
     PyObject *stamps = values ? PyByteArray_FromStringAndSize((const char *)t.stamps, t.n_lines * 8) : NULL;
-    free_tokens(&t);
     if (stamps == NULL) {
         Py_XDECREF(heads);
         Py_XDECREF(names);
+        Py_XDECREF(code_bytes);
+        Py_XDECREF(width_bytes);
+        Py_XDECREF(line_bytes);
         Py_XDECREF(values);
-        return NULL;
+        goto done;
     }
-    return Py_BuildValue("(NNNN)", heads, names, values, stamps);
+    result = Py_BuildValue("(NNNNNNN)", heads, names, code_bytes, width_bytes, line_bytes, values, stamps);
+done:
+    free(texts);
+    free(sizes);
+    free(widths);
+    free(lines);
+    free(codes);
+    free_tokens(&t);
+    return result;
 }
 
 static PyObject *tokenize_line(PyObject *module, PyObject *arg) {
     (void)module;
-    const char *text = NULL;
-    Tokens t = {0};
-    int found = cut(arg, &text, &t);
-    if (found <= 0 || t.n_lines != 1) {
-        free_tokens(&t);
-        if (found < 0) return NULL;
+    Py_ssize_t size = 0, newlines = 0, equals = 0;
+    const char *text = plain_text(arg, &size, &newlines, &equals);
+    if (text == NULL) {
+        if (PyErr_Occurred()) return NULL;
         Py_RETURN_NONE;
     }
-    PyObject *head = PyUnicode_DecodeASCII(text + t.heads[0].start, t.heads[0].len, NULL);
-    PyObject *names = head ? spans_to_list(text, t.names, t.width) : NULL;
+    Tokens t = {0};
+    if (alloc_tokens(&t, newlines + 1, equals) < 0) {
+        free_tokens(&t);
+        return NULL;
+    }
+    if (!cut(text, size, &t) || t.n_lines != 1) {
+        free_tokens(&t);
+        Py_RETURN_NONE;
+    }
+    PyObject *head = PyUnicode_DecodeASCII(t.heads[0].start, t.heads[0].len, NULL);
+    PyObject *names = head ? spans_to_list(t.names, t.width) : NULL;
     PyObject *values = names ? PyList_New(t.n_values) : NULL;
     for (Py_ssize_t k = 0; values && k < t.n_values; k++) {
         PyObject *value = PyFloat_FromDouble(t.values[k]);
@@ -294,7 +402,8 @@ static PyObject *tokenize_line(PyObject *module, PyObject *arg) {
 
 static PyMethodDef methods[] = {
     {"tokenize", tokenize, METH_O,
-     "tokenize(text) -> (heads, names, values, stamps) or None: plain line protocol of uniform lines."},
+     "tokenize(texts) -> (heads, names, codes, widths, lines, values, stamps) or None: plain line protocol, "
+     "each text of uniform lines."},
     {"tokenize_line", tokenize_line, METH_O,
      "tokenize_line(text) -> (head, names, values, stamp) or None: one plain line, as Python objects."},
     {NULL, NULL, 0, NULL},

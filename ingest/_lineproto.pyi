@@ -1,8 +1,13 @@
 """Compiled tokenizer for plain InfluxDB line protocol (ingest/_lineproto.c)."""
 
-def tokenize(text: str, /) -> tuple[list[str], list[str], bytearray, bytearray] | None:
-    """(heads, names, values, stamps) of plain line protocol whose lines hold the same fields, in
-    order; None for anything else. ``values``: float64, line by line; ``stamps``: int64 per line."""
+def tokenize(
+    texts: list[str], /
+) -> tuple[list[str], list[str], bytearray, bytearray, bytearray, bytearray, bytearray] | None:
+    """(heads, names, codes, widths, lines, values, stamps) of plain line protocol texts, each of
+    lines that hold the same fields in order, none twice, and one line at least; None for anything
+    else. ``heads``: per line; ``names``: the distinct field names; ``codes``: int64 per value,
+    into ``names``; ``widths`` and ``lines``: int64 per text, its fields per line and its lines;
+    ``values``: float64 per value, line by line; ``stamps``: int64 per line."""
 
 def tokenize_line(text: str, /) -> tuple[str, list[str], list[float], int] | None:
     """(head, names, values, stamp) of plain line protocol of one line; None for anything else."""

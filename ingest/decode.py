@@ -30,7 +30,7 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 
-from portpulse.contract.schema import FLAG_TS_FROM_RECEIVE, ReadingColumns, str_array
+from portpulse.contract.schema import FLAG_TS_FROM_RECEIVE, ReadingColumns, StrArray, str_array
 from portpulse.contract.topics import ID_RE, MqttTopic, parse_mqtt_topic
 
 if TYPE_CHECKING:
@@ -264,7 +264,7 @@ def decode_messages(
         len(messages) > 1
         and not refused
         and (sparkplug is None or not any(m.topic.startswith(_SPARKPLUG_PREFIX) for m in messages))
-        and _plain_reports(messages, limits, out)
+        and _plain_delivery(messages, limits, out)
     ):
         messages = ()  # every message decoded at once
     for i, msg in enumerate(messages):
@@ -663,7 +663,9 @@ def _tag_set(head: str) -> tuple[str | None, str | None] | None:
     return found
 
 
-_CompiledTokenize = Callable[[str], tuple[list[str], list[str], bytearray, bytearray] | None]
+_CompiledTokenize = Callable[
+    [list[str]], tuple[list[str], list[str], bytearray, bytearray, bytearray, bytearray, bytearray] | None
+]
 _CompiledTokenizeLine = Callable[[str], tuple[str, list[str], list[float], int] | None]
 
 
@@ -681,8 +683,8 @@ _compiled_tokenize, _compiled_tokenize_line = _compiled()
 LINE_TOKENIZER = "python" if _compiled_tokenize is None else "compiled"
 
 
-class _Tokens(NamedTuple):
-    """Plain line protocol cut into its parts (see :func:`_tokenize`)."""
+class _Text(NamedTuple):
+    """One text of plain line protocol cut into its parts (see :func:`_tokenize_python`)."""
 
     heads: list[str]  #: measurement and tag set of each line, as written
     names: list[str]  #: field names: of one line when ``counts`` is None, else of every value
@@ -691,8 +693,21 @@ class _Tokens(NamedTuple):
     stamps: npt.NDArray[np.int64]  #: each line's timestamp as written (unit not applied), shape (lines,)
 
 
-def _tokenize_python(text: str) -> _Tokens | None:
-    """``text`` cut into :class:`_Tokens` when it is plain: ASCII, nothing escaped or quoted, every
+class _Tokens(NamedTuple):
+    """The plain line protocol of several texts (a delivery's messages) cut into its parts (see
+    :func:`_tokenize`): lines text by text, values line by line."""
+
+    heads: list[str]  #: measurement and tag set of each line, as written
+    names: list[str]  #: the distinct field names
+    codes: npt.NDArray[np.int64]  #: each value's field name, as an index into ``names``, shape (values,)
+    counts: npt.NDArray[np.int64]  #: fields of each line, none repeated, shape (lines,)
+    lines: npt.NDArray[np.int64]  #: lines of each text, one at least, shape (texts,)
+    values: npt.NDArray[np.float64]  #: every field value, shape (values,)
+    stamps: npt.NDArray[np.int64]  #: each line's timestamp as written (unit not applied), shape (lines,)
+
+
+def _tokenize_python(text: str) -> _Text | None:
+    """``text`` cut into a :class:`_Text` when it is plain: ASCII, nothing escaped or quoted, every
     line ``head fields timestamp`` with single spaces, every field ``name=value`` with a finite
     float value (as ``float`` reads it), timestamps of digits below 2**63. None otherwise.
 
@@ -726,7 +741,7 @@ def _tokenize_python(text: str) -> _Tokens | None:
     stamps = list(map(int, stamp_texts))
     if max(stamps) >= 2**63:
         return None
-    return _Tokens(
+    return _Text(
         list(heads),
         names[:width] if uniform else names,
         None if uniform else [c + 1 for c in commas],
@@ -735,17 +750,56 @@ def _tokenize_python(text: str) -> _Tokens | None:
     )
 
 
-def _tokenize(text: str) -> _Tokens | None:
-    """:func:`_tokenize_python`, through the compiled tokenizer when it is built: it takes the
-    usual case (every line with the same fields) and leaves the rest to the Python one."""
+def _tokenize_texts_python(texts: list[str]) -> _Tokens | None:
+    """:func:`_tokenize` in Python: each text through :func:`_tokenize_python`, then joined."""
+    cut = list(map(_tokenize_python, texts))
+    if not cut or None in cut:
+        return None
+    names: dict[str, int] = {}
+    codes: list[int] = []
+    counts: list[int] = []
+    for text in cast(list[_Text], cut):
+        per_line = [len(text.names)] * len(text.heads) if text.counts is None else text.counts
+        of_values = text.names * len(text.heads) if text.counts is None else text.names
+        at = 0
+        for count in per_line:
+            if len(set(of_values[at : at + count])) != count:
+                return None  # a field repeated in a line: the per-line path keeps the last value
+            at += count
+        codes += [names.setdefault(name, len(names)) for name in of_values]
+        counts += per_line
+    texts_cut = cast(list[_Text], cut)
+    return _Tokens(
+        [head for text in texts_cut for head in text.heads],
+        list(names),
+        np.array(codes, dtype=np.int64),
+        np.array(counts, dtype=np.int64),
+        np.array([len(text.heads) for text in texts_cut], dtype=np.int64),
+        np.concatenate([text.values for text in texts_cut]),
+        np.concatenate([text.stamps for text in texts_cut]),
+    )
+
+
+def _tokenize(texts: list[str]) -> _Tokens | None:
+    """Plain line protocol of ``texts`` (see :func:`_tokenize_python`, one line in each text at
+    least) cut into :class:`_Tokens`, None when one is not plain. Through the compiled tokenizer
+    when it is built: it takes the usual case (every line of a text with the same fields) and
+    leaves the rest to the Python one."""
     if _compiled_tokenize is not None:
-        found = _compiled_tokenize(text)
+        found = _compiled_tokenize(texts)
         if found is not None:
-            heads, names, values, stamps = found
+            heads, names, codes, widths, lines, values, stamps = found
+            lines_array = np.frombuffer(lines, dtype=np.int64)
             return _Tokens(
-                heads, names, None, np.frombuffer(values, dtype=np.float64), np.frombuffer(stamps, dtype=np.int64)
+                heads,
+                names,
+                np.frombuffer(codes, dtype=np.int64),
+                np.repeat(np.frombuffer(widths, dtype=np.int64), lines_array),
+                lines_array,
+                np.frombuffer(values, dtype=np.float64),
+                np.frombuffer(stamps, dtype=np.int64),
             )
-    return _tokenize_python(text)
+    return _tokenize_texts_python(texts)
 
 
 def _plain_lines(i: int, text: str, topic: MqttTopic, received_ns: int, limits: DecodeLimits, out: _Out) -> bool:
@@ -754,46 +808,41 @@ def _plain_lines(i: int, text: str, topic: MqttTopic, received_ns: int, limits: 
     per-line path then says exactly what is wrong (and learns new names)."""
     if "\n" not in text[:-1]:
         return _plain_line(i, text, topic, received_ns, limits, out)
-    tokens = _tokenize(text)
+    tokens = _tokenize([text])
     if tokens is None or len(tokens.heads) > _MAX_READINGS_PER_MESSAGE:
         return False
-    readings = _plain_columns(tokens, topic, received_ns, limits)
-    if readings is None:
+    found = _plain_columns(tokens, [topic], np.array([received_ns], dtype=np.int64), limits)
+    if found is None:
         return False
-    out.extend_columns(i, readings)
+    out.extend_columns(i, found[0])
     return True
 
 
-def _plain_reports(messages: Sequence[Message], limits: DecodeLimits, out: _Out) -> bool:
-    """Add the readings of a delivery of one-line reports (each message one plain line, as
-    sensors send their own readings) at once: the lines tokenized together and turned into
+def _plain_delivery(messages: Sequence[Message], limits: DecodeLimits, out: _Out) -> bool:
+    """Add the readings of a delivery of plain line-protocol messages (sensors' one-line reports,
+    gateways' batches of lines) at once: every message tokenized in one call and turned into
     columns in one go, instead of a Python pass per message. Add nothing and return False when
-    one message is anything else (JSON, several lines, a bad topic, a doubt of
-    :func:`_plain_columns`): the caller decodes them one by one."""
+    one message is anything else (JSON, a bad topic, a doubt of :func:`_plain_columns`): the
+    caller decodes them one by one."""
     payloads = [m.payload for m in messages]
-    first = payloads[0]
-    if first[:1] in (b"{", b"[") or b"\n" in first or max(map(len, payloads)) > limits.max_payload_bytes:
-        return False  # JSON or a gateway's lines, as the rest of a delivery most likely is too
-    joined = b"\n".join(payloads)
-    if joined.count(b"\n") != len(messages) - 1:  # a payload of several lines, or a trailing newline
-        return False
+    if payloads[0][:1] in (b"{", b"[") or max(map(len, payloads)) > limits.max_payload_bytes:
+        return False  # JSON, as the rest of a delivery most likely is too
     try:
-        text = joined.decode()
+        texts = list(map(bytes.decode, payloads))
     except UnicodeDecodeError:
         return False
-    tokens = _tokenize(text)
-    if tokens is None or len(tokens.heads) != len(messages):  # an empty payload
+    tokens = _tokenize(texts)
+    if tokens is None or int(tokens.lines.max()) > _MAX_READINGS_PER_MESSAGE:
         return False
     parsed = list(map(parse_mqtt_topic, map(_TOPIC, messages), repeat(limits.topic_prefix)))
     if set(map(type, parsed)) != {MqttTopic}:  # a bad topic
         return False
-    topics = cast(list[MqttTopic], parsed)
     received = np.fromiter(map(_RECEIVED, messages), dtype=np.int64, count=len(messages))
-    readings = _plain_columns(tokens, topics, received, limits)
-    if readings is None:
+    found = _plain_columns(tokens, cast(list[MqttTopic], parsed), received, limits)
+    if found is None:
         return False
-    counts = len(tokens.names) if tokens.counts is None else tokens.counts
-    out.extend_columns(np.repeat(np.arange(len(messages), dtype=np.int64), counts), readings)
+    readings, message = found
+    out.extend_columns(message, readings)
     return True
 
 
@@ -801,73 +850,73 @@ _TOPIC, _RECEIVED = attrgetter("topic"), attrgetter("received_ns")
 
 
 def _plain_columns(
-    tokens: _Tokens,
-    topic: MqttTopic | list[MqttTopic],
-    received_ns: int | npt.NDArray[np.int64],
-    limits: DecodeLimits,
-) -> ReadingColumns | None:
-    """The readings of plain lines that came on ``topic`` (one for all, or one per line: its
-    sensor and site stand in for missing tags, its domain is theirs) at ``received_ns`` (one, or
-    one per line), when every name is already validated and every timestamp has one unit and is
-    within the limits; None otherwise.
+    tokens: _Tokens, topics: list[MqttTopic], received_ns: npt.NDArray[np.int64], limits: DecodeLimits
+) -> tuple[ReadingColumns, npt.NDArray[np.int64]] | None:
+    """The readings of plain lines and the index of each one's text, when every name is already
+    validated and every timestamp has one unit and is within the limits; None otherwise. The
+    texts came on ``topics`` (their sensor and site stand in for missing tags, their domain is
+    the lines') at ``received_ns``, one of each per text.
 
-    Tag sets are parsed once per distinct text and cached; field names are checked once when
-    every line has the same fields. What the per-line path would judge differently is left to
-    it."""
+    Tag sets are parsed once per distinct text and cached; field names are checked once each.
+    What the per-line path would judge differently is left to it."""
     heads = tokens.heads
     tags: list[Any] = list(map(_TAG_SETS.get, heads))
     if None in tags:
         tags = list(map(_tag_set, heads))
         if None in tags:
             return None
-    sensors: list[Any] = list(map(_FIRST, tags))
-    sites: list[Any] = list(map(_SECOND, tags))
-    line_topics = topic if isinstance(topic, list) else [topic] * len(heads)
-    if None in sensors:  # lines without a sensor_id tag: the topic's
-        sensors = [t.sensor_id if s is None else s for s, t in zip(sensors, line_topics, strict=True)]
-    if None in sites:
-        sites = [t.site if s is None else s for s, t in zip(sites, line_topics, strict=True)]
-    canonical_sensors, canonical_sites = _IDS.canonical(sensors), _IDS.canonical(sites)
-    if canonical_sensors is None or canonical_sites is None:
-        return None
+    text_of_line = np.repeat(np.arange(len(topics)), tokens.lines)
+    sensors = _tagged(list(map(_FIRST, tags)), [t.sensor_id for t in topics], tokens.lines, text_of_line)
+    sites = _tagged(list(map(_SECOND, tags)), [t.site for t in topics], tokens.lines, text_of_line)
     names = _METRICS.canonical(tokens.names)
-    if names is None:
+    if sensors is None or sites is None or names is None:
         return None
-    if tokens.counts is None:
-        if len(set(names)) != len(names):
-            return None  # a field repeated in a line: the per-line path keeps the last value
-        counts: list[int] | int = len(names)
-        metric = np.tile(str_array(names), len(heads))
-    else:
-        counts = tokens.counts
-        if len(set(zip(_repeated(list(range(len(heads))), counts), names, strict=True))) != len(names):
-            return None
-        metric = str_array(names)
     lo, hi = int(tokens.stamps.min()), int(tokens.stamps.max())
     unit = _ns_per_unit(hi)
     if unit != _ns_per_unit(lo) or hi * unit >= 2**63:
         return None
     stamps = tokens.stamps * unit
-    if isinstance(received_ns, int):
-        if lo * unit < received_ns - limits.max_past_ns or hi * unit > received_ns + limits.max_future_ns:
+    if len(topics) == 1:
+        if lo * unit < received_ns[0] - limits.max_past_ns or hi * unit > received_ns[0] + limits.max_future_ns:
             return None
-    elif ((stamps < received_ns - limits.max_past_ns) | (stamps > received_ns + limits.max_future_ns)).any():
-        return None
-    n = len(tokens.values)
-    if isinstance(topic, list):
-        domain = np.repeat(str_array([t.domain for t in topic]), counts)
     else:
-        domain = np.empty(n, dtype=object)
-        domain[:] = topic.domain  # np.full takes five times as long for an object
-    return ReadingColumns(
-        sensor_id=np.repeat(str_array(canonical_sensors), counts),
-        site=np.repeat(str_array(canonical_sites), counts),
-        domain=domain,
-        metric=metric,
-        ts_ns=np.repeat(stamps, counts),
+        received = received_ns[text_of_line]
+        if ((stamps < received - limits.max_past_ns) | (stamps > received + limits.max_future_ns)).any():
+            return None
+    line_of_value = np.repeat(np.arange(len(heads)), tokens.counts)
+    text_of_value = text_of_line[line_of_value]
+    readings = ReadingColumns(
+        sensor_id=sensors[line_of_value],
+        site=sites[line_of_value],
+        domain=str_array([t.domain for t in topics])[text_of_value],
+        metric=str_array(names)[tokens.codes],
+        ts_ns=stamps[line_of_value],
         value=tokens.values,
-        flags=np.zeros(n, dtype=np.uint8),
+        flags=np.zeros(len(tokens.values), dtype=np.uint8),
     )
+    return readings, text_of_value
+
+
+def _tagged(
+    tagged: list[str | None],
+    of_topic: list[str | None],
+    lines: npt.NDArray[np.int64],
+    text_of_line: npt.NDArray[np.int64],
+) -> StrArray | None:
+    """Each line's name (``tagged``: first-seen objects, None where the line has no tag), its
+    text's topic's (``of_topic``, one per text) where it has none; None when one of those is not
+    a validated name."""
+    if tagged.count(None) == len(tagged):  # the topic names every line's sensor or site
+        known = _IDS.canonical(of_topic)
+        return None if known is None else str_array(known)[text_of_line]
+    if None in tagged:
+        tagged = [
+            _IDS.known.get(topic) if name is None else name  # type: ignore[arg-type]
+            for name, topic in zip(tagged, _repeated(of_topic, lines.tolist()), strict=True)
+        ]
+        if None in tagged:
+            return None
+    return str_array(cast(list[str], tagged))
 
 
 def _tokenize_line(text: str) -> tuple[str, list[str], list[float], int] | None:

@@ -583,12 +583,15 @@ def test_the_compiled_line_protocol_tokenizer_is_built() -> None:
 
     assert module.LINE_TOKENIZER == "compiled"
     assert module._compiled_tokenize is not None
-    found = module._compiled_tokenize("a,s=1 x=1.5,y=-2e3 17\na,s=2 x=.25,y=4 18\n")
+    found = module._compiled_tokenize(["a,s=1 x=1.5,y=-2e3 17\na,s=2 x=.25,y=4 18\n", "\nb z=3,x=-0.5 19"])
     assert found is not None
-    heads, names, values, stamps = found
-    assert heads == ["a,s=1", "a,s=2"] and names == ["x", "y"]
-    assert np.frombuffer(values).tolist() == [1.5, -2000.0, 0.25, 4.0]
-    assert np.frombuffer(stamps, dtype=np.int64).tolist() == [17, 18]
+    heads, names, codes, widths, lines, values, stamps = found
+    assert heads == ["a,s=1", "a,s=2", "b"] and names == ["x", "y", "z"]
+    assert np.frombuffer(codes, dtype=np.int64).tolist() == [0, 1, 0, 1, 2, 0]
+    assert np.frombuffer(widths, dtype=np.int64).tolist() == [2, 2]
+    assert np.frombuffer(lines, dtype=np.int64).tolist() == [2, 1]
+    assert np.frombuffer(values).tolist() == [1.5, -2000.0, 0.25, 4.0, 3.0, -0.5]
+    assert np.frombuffer(stamps, dtype=np.int64).tolist() == [17, 18, 19]
 
 
 _DECIMALS = st.from_regex(r"[+-]?([0-9]{0,24}(\.[0-9]{0,24})?|\.[0-9]{1,24})([eE][+-]?[0-9]{1,4})?", fullmatch=True)
@@ -602,7 +605,7 @@ def test_compiled_values_are_the_floats_python_reads(text: str) -> None:
     from portpulse.ingest import decode as module
 
     assert module._compiled_tokenize is not None
-    found = module._compiled_tokenize(f"m x={text} 1\nm x=0 2")
+    found = module._compiled_tokenize([f"m x={text} 1\nm x=0 2"])
     try:
         want: float | None = float(text)
     except ValueError:
@@ -611,7 +614,7 @@ def test_compiled_values_are_the_floats_python_reads(text: str) -> None:
         assert found is None
     else:
         assert found is not None
-        assert found[2][:8] == np.float64(want).tobytes()
+        assert found[5][:8] == np.float64(want).tobytes()
 
 
 @st.composite
@@ -624,28 +627,31 @@ def _plain_lp_line(draw: st.DrawFn) -> str:
 
 
 @settings(max_examples=800, deadline=None)
-@given(lines=st.one_of(_LP_MESSAGES, st.lists(_plain_lp_line(), min_size=1, max_size=4)),
+@given(messages=st.lists(st.one_of(_LP_MESSAGES, st.lists(_plain_lp_line(), min_size=1, max_size=4)),
+                         min_size=1, max_size=3),
        sep=st.sampled_from(["\n", "\n", "\r\n", "\n\n"]))  # fmt: skip
-def test_the_compiled_tokenizer_cuts_what_it_takes_as_the_python_one_does(lines: list[str], sep: str) -> None:
-    """What the compiled tokenizer takes (uniform lines of plain floats), the Python tokenizer
-    cuts into the same parts; it leaves the rest to it."""
+def test_the_compiled_tokenizer_cuts_what_it_takes_as_the_python_one_does(messages: list[list[str]], sep: str) -> None:
+    """What the compiled tokenizer takes (texts of uniform lines of plain floats), the Python
+    tokenizer cuts into the same parts; it leaves the rest to it."""
     from portpulse.ingest import decode as module
 
-    text = sep.join(lines)
-    assert module._compiled_tokenize is not None
-    compiled = module._compiled_tokenize(text)
-    python = module._tokenize_python(text)
+    texts = [sep.join(lines) for lines in messages]
+    python = module._tokenize_texts_python(texts)
     assert module._compiled_tokenize_line is not None
-    line = module._compiled_tokenize_line(text)
+    line = module._compiled_tokenize_line(texts[0])
     if line is not None:  # a sensor's own report
-        assert compiled is not None and python is not None and len(python.heads) == 1
-        assert line == (python.heads[0], python.names, python.values.tolist(), int(python.stamps[0]))
-    if compiled is None:
+        one = module._tokenize_python(texts[0])
+        assert one is not None and len(one.heads) == 1
+        assert line == (one.heads[0], one.names, one.values.tolist(), int(one.stamps[0]))
+    assert module._compiled_tokenize is not None
+    if module._compiled_tokenize(texts) is None:
         return
-    assert python is not None and python.counts is None
-    heads, names, values, stamps = compiled
-    assert heads == python.heads and names == python.names
-    assert values == python.values.tobytes() and stamps == python.stamps.tobytes()
+    compiled = module._tokenize(texts)
+    assert compiled is not None and python is not None
+    assert compiled.heads == python.heads and compiled.names == python.names
+    for name in ("codes", "counts", "lines", "stamps"):
+        assert getattr(compiled, name).tolist() == getattr(python, name).tolist(), name
+    assert compiled.values.tobytes() == python.values.tobytes()
 
 
 def test_the_compiled_tokenizer_takes_what_fleets_send_and_leaves_the_rest() -> None:
@@ -653,7 +659,9 @@ def test_the_compiled_tokenizer_takes_what_fleets_send_and_leaves_the_rest() -> 
 
     assert module._compiled_tokenize is not None
     fleet = "".join(f"air,sensor_id=air-{k},site=quai no2={k}.25,pm25=3,o3=-1e-2 {NOW + k}\n" for k in range(50))
-    assert module._compiled_tokenize(fleet) is not None
+    cranes = "".join(f"crane,sensor_id=c-{k} hoist_load={k},wind=3.5 {NOW + k}\n" for k in range(5))
+    found = module._compiled_tokenize([fleet, cranes, fleet])  # each text uniform, not the delivery
+    assert found is not None and found[1] == ["no2", "pm25", "o3", "hoist_load", "wind"]
     assert module._compiled_tokenize_line is not None
     assert module._compiled_tokenize_line(f"air,sensor_id=s-1 no2=7.25 {NOW}\n") == (
         "air,sensor_id=s-1",
@@ -665,6 +673,11 @@ def test_the_compiled_tokenizer_takes_what_fleets_send_and_leaves_the_rest() -> 
     for other in (
         "a x=1,y=2 1\na y=2,x=1 2",  # fields in another order: the Python tokenizer
         "a x=1 1\na x=1,y=2 2",  # another number of fields
+        "a x=1,y=2 1\na x=1,x=2 2",  # a field twice
+        "a x=1,x=2 1",
+        "a x=1,xy=2 1\na x=1,x=2 2",
+        "a x=1 1\na xy=1 2",  # a longer name
+        "a xy=1 1\na x=1 2",
         "a x=1_0 1\na x=2 2",  # an underscore float() reads
         "a x=1i 1\na x=2 2",  # an integer field
         "a x=nan 1\na x=2 2",
@@ -683,7 +696,10 @@ def test_the_compiled_tokenizer_takes_what_fleets_send_and_leaves_the_rest() -> 
         "a x=1 5\na\tx=2 2",
         "a x=é 5\na x=2 2",
     ):
-        assert module._compiled_tokenize(other) is None, other
+        assert module._compiled_tokenize([fleet, other]) is None, other
+    assert module._compiled_tokenize([fleet, ""]) is None  # a message without a line
+    assert module._compiled_tokenize([fleet, "\n\n"]) is None
+    assert module._compiled_tokenize([]) is None
 
 
 @settings(max_examples=400, deadline=None)
@@ -691,7 +707,9 @@ def test_the_compiled_tokenizer_takes_what_fleets_send_and_leaves_the_rest() -> 
     reports=st.lists(
         st.tuples(
             st.one_of(_lp_line(["no2"]), _lp_line(["no2", "pm25"]), _lp_line(), _plain_lp_line(),
-                      st.sampled_from(['{"metrics": {"no2": 1.5}}', "", "air no2=1 1\nair no2=2 2"])),
+                      st.lists(st.one_of(_plain_lp_line(), _lp_line(["no2", "pm25"])), min_size=2, max_size=4).map(
+                          "\n".join),  # a gateway's batch
+                      st.sampled_from(['{"metrics": {"no2": 1.5}}', "", "air no2=1 1\nair no2=2 2\n"])),
             st.sampled_from(["sensors/air/quai", "sensors/air/quai/s-7", "sensors/crane/berth-9/c-1", "bad/topic"]),
             st.sampled_from([0, 0, 10**9, -(10**18), 10**16]),  # received: now, later, long before, long after
         ),
@@ -699,14 +717,15 @@ def test_the_compiled_tokenizer_takes_what_fleets_send_and_leaves_the_rest() -> 
         max_size=6,
     )
 )  # fmt: skip
-def test_a_delivery_of_one_line_reports_decoded_at_once_gives_what_one_by_one_gives(
+def test_a_delivery_of_line_protocol_decoded_at_once_gives_what_one_by_one_gives(
     reports: list[tuple[str, str, int]],
 ) -> None:
-    """A sensor's own reports, a delivery at a time: the same readings, message indices and
-    reasons as each message decoded on its own (which also learns the names first)."""
+    """Sensors' own reports and gateways' batches, a delivery at a time: the same readings,
+    message indices and reasons as each message decoded on its own (which also learns the names
+    first)."""
     messages = [Message(topic, line.encode(), NOW + shift) for line, topic, shift in reports]
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("portpulse.ingest.decode._plain_reports", lambda *args: False)
+        patch.setattr("portpulse.ingest.decode._plain_delivery", lambda *args: False)
         one_by_one = decode_messages(messages, DecodeLimits())
     at_once = decode_messages(messages, DecodeLimits())
     assert at_once.readings.rows() == one_by_one.readings.rows()
@@ -714,7 +733,7 @@ def test_a_delivery_of_one_line_reports_decoded_at_once_gives_what_one_by_one_gi
     assert at_once.problems == one_by_one.problems
 
 
-def test_one_line_reports_of_a_delivery_are_decoded_at_once() -> None:
+def test_line_protocol_reports_and_batches_of_a_delivery_are_decoded_at_once() -> None:
     """The delivery-wide path is taken for what sensors send (else the test above proves little)."""
     from portpulse.ingest import decode as module
 
@@ -723,10 +742,28 @@ def test_one_line_reports_of_a_delivery_are_decoded_at_once() -> None:
     messages = [Message(t, line.encode(), NOW) for t, line in zip(topics, lines, strict=True)]
     decode_messages(messages, DecodeLimits())  # learns the names
     out = module._Out()
-    assert module._plain_reports(messages, DecodeLimits(), out)
+    assert module._plain_delivery(messages, DecodeLimits(), out)
     readings, index = out.columns()
     assert readings.sensor_id.tolist() == ["s-0", "s-1", "s-2", "c-1"] and index.tolist() == [0, 1, 2, 3]
     assert readings.domain.tolist() == ["air"] * 3 + ["crane"] and readings.site.tolist()[-1] == "berth-9"
     assert readings.value.tolist() == [0.5, 1.5, 2.5, 7.0] and readings.ts_ns.tolist() == [NOW, NOW + 1, NOW + 2, NOW]
-    for other in ([*lines[:3], "crane hoist_load=7"], [*lines[:3], ""], [lines[0] + "\n", lines[1]]):
-        assert not module._plain_reports([Message(topics[0], o.encode(), NOW) for o in other], DecodeLimits(), out)
+    for other in ([*lines[:3], "crane hoist_load=7"], [*lines[:3], ""], [lines[0], '{"metrics": {"no2": 1}}']):
+        assert not module._plain_delivery([Message(topics[0], o.encode(), NOW) for o in other], DecodeLimits(), out)
+    gateways = ["\n".join(lines[:3]) + "\n", lines[3], "\n".join(lines[1:3])]  # batches of lines, one report
+    out = module._Out()
+    assert module._plain_delivery(
+        [Message(t, g.encode(), NOW) for t, g in zip(topics[2:] + topics[:1], gateways, strict=True)],
+        DecodeLimits(),
+        out,
+    )
+    readings, index = out.columns()
+    assert readings.sensor_id.tolist() == ["s-0", "s-1", "s-2", "c-1", "s-1", "s-2"] and index.tolist() == [
+        0,
+        0,
+        0,
+        1,
+        2,
+        2,
+    ]
+    assert readings.domain.tolist() == ["air"] * 3 + ["crane"] + ["air"] * 2
+    assert readings.metric.tolist() == ["no2"] * 3 + ["hoist_load"] + ["no2"] * 2
