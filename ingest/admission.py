@@ -19,11 +19,12 @@ from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import numpy.typing as npt
 
-from portpulse.arrays import distinct_codes, group_starts, stable_sort
+from portpulse.arrays import code_groups, distinct_codes, group_starts, stable_sort
 from portpulse.contract.errors import ConfigError
 from portpulse.contract.settings import AdmissionSettings
 from portpulse.contract.topics import ID_RE, MqttTopic, parse_mqtt_topic
@@ -82,6 +83,17 @@ class Verdict:
     @property
     def all_admitted(self) -> bool:
         return not self.refusals
+
+
+@dataclass(slots=True, eq=False)  # compared by identity: ``None in entries`` stays in C
+class _Known:
+    """A registered series and when it was first seen, last seen and last written to the
+    registry topic as seen (s)."""
+
+    key: SeriesKey
+    first_s: float
+    last_s: float
+    written_s: float
 
 
 @dataclass(slots=True)
@@ -218,8 +230,12 @@ class Admission:
     ) -> None:
         self._s = settings
         self._allowed = frozenset(allowed) | (frozenset(known or ()) if settings.registry == "strict" else frozenset())
-        # key -> [first seen, last seen, last seen as written to the registry topic] (s)
-        self._known: dict[SeriesKey, list[float]] = {k: [f, s, s] for k, (f, s) in (known or {}).items()}
+        self._known: dict[SeriesKey, _Known] = {}
+        # The same entries by (domain, site), then sensor: a batch's series are looked up per site
+        # by their sensor names, without a key tuple per series.
+        self._by_site: dict[tuple[str, str], dict[str, _Known]] = {}
+        for key, (first_s, last_s) in (known or {}).items():
+            self._add_known(_Known(key, first_s, last_s, last_s))
         self._site_budget = _Budget(settings.site_new_per_hour, settings.site_new_per_day)
         self._domain_budget = _Budget(settings.domain_new_per_hour, settings.domain_new_per_day)
         self._buckets: dict[tuple[str, str], _Bucket] = {}  # (domain, site) -> its readings/s ceiling
@@ -244,6 +260,33 @@ class Admission:
         if now_s - self._swept_s >= SWEEP_EVERY_S:
             self._forget_quiet(now_s)
         first, code = distinct_codes(codes.series())
+        # Known series, the usual case, are looked up per site by their sensor names. A batch
+        # with a new one takes them all in order of first appearance: budgets and the total
+        # admit the first ones when they run out in the middle of a batch.
+        n_sites = len(codes.sites)
+        sensor_of = codes.sensor[first]
+        found: list[_Known | None] = []
+        for place, rows in code_groups(codes.domain[first] * n_sites + codes.site[first]):
+            of_site = self._by_site.get((codes.domains[place // n_sites], codes.sites[place % n_sites]), {})
+            found += map(of_site.get, map(codes.sensors.__getitem__, sensor_of[rows].tolist()))
+        if None in found:
+            return self._admit_in_order(codes, first, code, now_s)
+        self._seen(cast(list[_Known], found), now_s)
+        return Verdict(np.zeros(len(code), dtype=np.int32), [])
+
+    def _seen(self, entries: list[_Known], now_s: float) -> None:
+        changes = self._changes
+        for entry in entries:
+            entry.last_s = now_s
+            if now_s - entry.written_s >= LAST_SEEN_EVERY_S:
+                entry.written_s = now_s
+                changes.append(RegistryChange(entry.key, entry.first_s, now_s))
+
+    def _admit_in_order(
+        self, codes: SeriesCodes, first: npt.NDArray[np.int64], code: npt.NDArray[np.int64], now_s: float
+    ) -> Verdict:
+        """:meth:`admit` one series at a time, in order of first appearance (``first``, the row of
+        each; ``code``, each reading's series)."""
         domains, sites, sensors = codes.domains, codes.sites, codes.sensors
         keys = [
             (domains[d], sites[s], sensors[i])
@@ -252,21 +295,19 @@ class Admission:
         ]  # fmt: skip
         refusals: list[tuple[str, str]] = []
         key_refusal = np.zeros(len(keys), dtype=np.int32)
-        known, changes = self._known, self._changes
         refused_keys: list[tuple[int, SeriesKey]] = []
+        seen: list[_Known] = []
         for j, key in enumerate(keys):
-            entry = known.get(key)
-            if entry is None:
-                problem = self._new_series(key, now_s)
-                if problem is not None:
-                    refusals.append(problem)
-                    key_refusal[j] = len(refusals)
-                    refused_keys.append((j, key))
+            entry = self._known.get(key)
+            if entry is not None:
+                seen.append(entry)
                 continue
-            entry[1] = now_s
-            if now_s - entry[2] >= LAST_SEEN_EVERY_S:
-                entry[2] = now_s
-                changes.append(RegistryChange(key, entry[0], now_s))
+            problem = self._new_series(key, now_s)
+            if problem is not None:
+                refusals.append(problem)
+                key_refusal[j] = len(refusals)
+                refused_keys.append((j, key))
+        self._seen(seen, now_s)
         refusal = key_refusal[code]
         if refused_keys:
             readings = np.bincount(code, minlength=len(keys))
@@ -282,9 +323,14 @@ class Admission:
                 return refusal
             self._site_budget.charge(f"{key[0]}/{key[1]}")
             self._domain_budget.charge(key[0])
-        self._known[key] = [now_s, now_s, now_s]
+        self._add_known(_Known(key, now_s, now_s, now_s))
         self._changes.append(RegistryChange(key, now_s, now_s))
         return None
+
+    def _add_known(self, entry: _Known) -> None:
+        domain, site, sensor = entry.key
+        self._known[entry.key] = entry
+        self._by_site.setdefault((domain, site), {})[sensor] = entry
 
     def _refusal(self, key: SeriesKey, now_s: float) -> tuple[str, str] | None:
         """Why a new series outside the registry file may not enter now, or None."""
@@ -414,18 +460,23 @@ class Admission:
     def _charge_known(self, now_s: float) -> None:
         """Charge the budgets with the known series first seen this hour and day (a restarted
         bridge must not grant a site's hourly budget again)."""
-        for (domain, site, sensor), (first, _, _) in self._known.items():
+        for (domain, site, sensor), entry in self._known.items():
             if (domain, site, sensor) not in self._allowed:
-                self._site_budget.charge(f"{domain}/{site}", first, now_s)
-                self._domain_budget.charge(domain, first, now_s)
+                self._site_budget.charge(f"{domain}/{site}", entry.first_s, now_s)
+                self._domain_budget.charge(domain, entry.first_s, now_s)
 
     def _forget_quiet(self, now_s: float) -> None:
         self._swept_s = now_s
         horizon = now_s - self._s.quiet_after_s
-        quiet = [k for k, entry in self._known.items() if entry[1] < horizon]
-        for key in quiet:
-            first = self._known.pop(key)[0]
-            self._changes.append(RegistryChange(key, first, None))
+        quiet = [entry for entry in self._known.values() if entry.last_s < horizon]
+        for entry in quiet:
+            domain, site, sensor = entry.key
+            del self._known[entry.key]
+            of_site = self._by_site[(domain, site)]
+            del of_site[sensor]
+            if not of_site:
+                del self._by_site[(domain, site)]
+            self._changes.append(RegistryChange(entry.key, entry.first_s, None))
 
     def report(self, now_s: float, within_s: float = 600.0) -> list[dict[str, object]]:
         """Sites whose readings were refused in the last ``within_s`` seconds, most refused first:

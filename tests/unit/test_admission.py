@@ -137,6 +137,8 @@ def test_quiet_series_are_forgotten_with_a_tombstone_and_count_as_new_when_they_
     assert gate.known_series == 1
     # "a" returns in the next hour: new again, within that hour's budget
     assert gate.admit(batch([("air", "harfleur", "a")]), T0 + 3800).admitted.tolist() == [True]
+    assert gate.take_changes() == [RegistryChange(("air", "harfleur", "a"), T0 + 3800, T0 + 3800)]
+    assert gate.known_series == 2
 
 
 def test_registry_records_round_trip_and_foreign_records_are_ignored() -> None:
