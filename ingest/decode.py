@@ -112,6 +112,14 @@ class _Seen:
             return None
         return None if None in found else found  # type: ignore[return-value]
 
+    def learned(self, names: list[str | None]) -> list[str] | None:
+        """:meth:`canonical`, checking (and learning) the names not known yet; None if one of
+        them does not match."""
+        found = self.canonical(names)
+        if found is None and all(map(self.ok, names)):
+            found = self.canonical(names)
+        return found
+
 
 _IDS = _Seen(ID_RE)
 _SPARKPLUG_PREFIX = "spBv1.0/"
@@ -642,8 +650,8 @@ _TAG_SETS: dict[str, tuple[str | None, str | None]] = {}
 
 def _tag_set(head: str) -> tuple[str | None, str | None] | None:
     """``sensor_id`` and ``site`` (first-seen objects) of a plain ``measurement[,tags]`` whose names
-    are known; None for anything else (an empty measurement, a new name, a malformed pair, a
-    repeated key): the per-line path decides."""
+    are valid ids (new ones are learned); None for anything else (an empty measurement, a bad
+    name, a malformed pair, a repeated key): the per-line path decides."""
     known = _TAG_SETS.get(head)
     if known is not None:
         return known
@@ -655,8 +663,8 @@ def _tag_set(head: str) -> tuple[str | None, str | None] | None:
     if len(tags) != len(pairs):
         return None
     sensor, site = tags.get("sensor_id"), tags.get("site")
-    if (sensor is not None and sensor not in _IDS.known) or (site is not None and site not in _IDS.known):
-        return None
+    if (sensor is not None and not _IDS.ok(sensor)) or (site is not None and not _IDS.ok(site)):
+        return None  # the per-line path says which is wrong
     if len(_TAG_SETS) >= 200_000:
         _TAG_SETS.clear()
     found = _TAG_SETS[head] = (_IDS.known[sensor] if sensor else None, _IDS.known[site] if site else None)
@@ -852,8 +860,9 @@ _TOPIC, _RECEIVED = attrgetter("topic"), attrgetter("received_ns")
 def _plain_columns(
     tokens: _Tokens, topics: list[MqttTopic], received_ns: npt.NDArray[np.int64], limits: DecodeLimits
 ) -> tuple[ReadingColumns, npt.NDArray[np.int64]] | None:
-    """The readings of plain lines and the index of each one's text, when every name is already
-    validated and every timestamp has one unit and is within the limits; None otherwise. The
+    """The readings of plain lines and the index of each one's text, when every name is valid
+    (new ones are learned) and every timestamp has one unit and is within the limits; None
+    otherwise. The
     texts came on ``topics`` (their sensor and site stand in for missing tags, their domain is
     the lines') at ``received_ns``, one of each per text.
 
@@ -868,7 +877,7 @@ def _plain_columns(
     text_of_line = np.repeat(np.arange(len(topics)), tokens.lines)
     sensors = _tagged(list(map(_FIRST, tags)), [t.sensor_id for t in topics], tokens.lines, text_of_line)
     sites = _tagged(list(map(_SECOND, tags)), [t.site for t in topics], tokens.lines, text_of_line)
-    names = _METRICS.canonical(tokens.names)
+    names = _METRICS.learned(cast(list[str | None], tokens.names))
     if sensors is None or sites is None or names is None:
         return None
     lo, hi = int(tokens.stamps.min()), int(tokens.stamps.max())
@@ -905,17 +914,17 @@ def _tagged(
 ) -> StrArray | None:
     """Each line's name (``tagged``: first-seen objects, None where the line has no tag), its
     text's topic's (``of_topic``, one per text) where it has none; None when one of those is not
-    a validated name."""
+    a valid id (new ones are learned)."""
     if tagged.count(None) == len(tagged):  # the topic names every line's sensor or site
-        known = _IDS.canonical(of_topic)
+        known = _IDS.learned(of_topic)
         return None if known is None else str_array(known)[text_of_line]
     if None in tagged:
-        tagged = [
-            _IDS.known.get(topic) if name is None else name  # type: ignore[arg-type]
+        filled = [
+            topic if name is None else name
             for name, topic in zip(tagged, _repeated(of_topic, lines.tolist()), strict=True)
         ]
-        if None in tagged:
-            return None
+        known = _IDS.learned(filled)
+        return None if known is None else str_array(known)
     return str_array(cast(list[str], tagged))
 
 

@@ -733,6 +733,47 @@ def test_a_delivery_of_line_protocol_decoded_at_once_gives_what_one_by_one_gives
     assert at_once.problems == one_by_one.problems
 
 
+_FRESH = iter(range(10**9))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    sensors=st.lists(st.sampled_from(["new", "new", "new", "bad id", "é", "s" * 127, "-s"]), min_size=1, max_size=4),
+    metrics=st.lists(st.sampled_from(["m", "m2", "m3", "bad-metric", "n" * 65]), min_size=1, max_size=3, unique=True),
+    site_tag=st.booleans(),
+    one_line=st.booleans(),
+)
+def test_new_names_take_the_delivery_path_and_give_what_the_per_line_path_gives(
+    sensors: list[str], metrics: list[str], site_tag: bool, one_line: bool
+) -> None:
+    """Sensors, sites and metrics never seen before are checked (and learned) by the delivery
+    path itself: valid ones are decoded at once, a bad one sends the delivery to the per-line
+    path, and either way the readings and reasons are the per-line path's."""
+    from portpulse.ingest import decode as module
+
+    fresh = next(_FRESH)
+    names = {"new": f"s-{fresh}", "m": f"m{fresh}", "m2": f"m{fresh}_2", "m3": f"m{fresh}_3"}
+    site = f"site-{fresh}"
+    fields = ",".join(f"{names.get(m, m)}={k}.5" for k, m in enumerate(metrics))
+    lines = [f"air,sensor_id={names.get(s, s)}-{k}{f',site={site}' if site_tag else ''} {fields} {NOW + k}"
+             for k, s in enumerate(sensors)]  # fmt: skip
+    payloads = lines if one_line else ["\n".join(lines), lines[0]]
+    messages = [Message(f"sensors/air/{site}x", p.encode(), NOW) for p in payloads]
+    out = module._Out()
+    taken = module._plain_delivery(messages, DecodeLimits(), out)
+    valid = all(s == "new" for s in sensors) and all(m in names for m in metrics)
+    assert taken == valid
+    at_once = decode_messages(messages, DecodeLimits())
+    with pytest.MonkeyPatch.context() as patch:
+        for path in ("_plain_delivery", "_plain_lines"):
+            patch.setattr(f"portpulse.ingest.decode.{path}", lambda *args: False)
+        per_line = decode_messages(messages, DecodeLimits())
+    assert at_once.readings.rows() == per_line.readings.rows()
+    assert at_once.problems == per_line.problems
+    if valid:
+        assert len(at_once.readings) == len(metrics) * (len(sensors) if one_line else len(sensors) + 1)
+
+
 def test_line_protocol_reports_and_batches_of_a_delivery_are_decoded_at_once() -> None:
     """The delivery-wide path is taken for what sensors send (else the test above proves little)."""
     from portpulse.ingest import decode as module
