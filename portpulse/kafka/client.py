@@ -9,12 +9,18 @@ import random
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
 
-from portpulse.codecs.recordbatch import BATCH_HEADER_BYTES, OutgoingRecords, decode_headers, key_hashes
+from portpulse.codecs.recordbatch import (
+    BATCH_HEADER_BYTES,
+    OutgoingRecords,
+    decode_headers,
+    encode_headers,
+    key_hashes,
+)
 from portpulse.contract.errors import ConfigError, ServiceUnavailableError
 from portpulse.contract.settings import KafkaSettings
 from portpulse.kafka.hooks import FramedBatch, framed_batches
@@ -152,6 +158,27 @@ _CODEC_IDS = {"none": 0, "gzip": 1, "snappy": 2, "lz4": 3, "zstd": 4}
 
 #: Records of one send and the future of their batch's acknowledgement.
 _Sent = list[tuple[Any, Any]]
+#: Records at least in one :meth:`BatchSender.send_all` for it to try them as columns.
+_COLUMNS_FROM = 32
+_NO_HEADERS = encode_headers([])
+
+
+def _as_columns(records: list[KafkaOut]) -> OutgoingRecords | None:
+    """``records`` as columns when every one has a key and a value and no headers, else None."""
+    if any(key is None or value is None or headers for _, key, value, headers in records):
+        return None
+    topics: dict[str, int] = {}
+    topic = np.fromiter((topics.setdefault(t, len(topics)) for t, *_ in records), dtype=np.int64, count=len(records))
+    keys = cast(list[bytes], [key for _, key, _, _ in records])
+    values = cast(list[bytes], [value for _, _, value, _ in records])
+    key_blob = b"".join(keys)
+    key_len = np.fromiter(map(len, keys), dtype=np.int64, count=len(keys))
+    value_len = np.fromiter(map(len, values), dtype=np.int64, count=len(values))
+    key_start = np.cumsum(key_len) - key_len
+    value_start = len(key_blob) + np.cumsum(value_len) - value_len
+    data = np.frombuffer(key_blob + b"".join(values), dtype=np.uint8)
+    rows = np.arange(len(records), dtype=np.int64)
+    return OutgoingRecords(data, list(topics), topic, keys, rows, key_start, ((value_start, value_len),), _NO_HEADERS)
 
 
 class BatchSender:
@@ -205,7 +232,13 @@ class BatchSender:
         self._queuing = asyncio.Lock()  # one send at a time hands batches to the producer (FIFO)
 
     async def send_all(self, records: list[KafkaOut]) -> int:
-        """Send ``(topic, key, value, headers)`` tuples; returns the number of retries it took."""
+        """Send ``(topic, key, value, headers)`` tuples; returns the number of retries it took.
+        Many records that all have a key and a value and no headers (the admission registry's
+        new series) are sent as columns (:meth:`send_columns`)."""
+        if len(records) >= _COLUMNS_FROM and framed_batches():
+            columns = _as_columns(records)
+            if columns is not None:
+                return await self.send_columns(columns)
         return await self._until_acknowledged(records, self._send_batches, list.__add__)
 
     async def send_columns(self, records: OutgoingRecords) -> int:

@@ -182,6 +182,34 @@ async def test_batch_sender_sends_the_same_records_with_and_without_framed_batch
 
 
 @pytest.mark.usefixtures("fresh_check")
+async def test_many_plain_tuples_are_sent_as_columns_and_arrive_as_tuples_would() -> None:
+    """A registry's worth of new series (a key and a value each, no headers) takes the columnar
+    path; Kafka gets the same records in the same partitions as through aiokafka's builder. One
+    tombstone or one record with headers keeps the whole call on the tuple path."""
+    from portpulse.kafka import client
+
+    records: list[client.KafkaOut] = [
+        ("portpulse.registry" if i % 3 else "other", f"air/quai/s-{i}".encode(), b'{"first_seen": %d}' % i, None)
+        for i in range(client._COLUMNS_FROM + 5)
+    ]
+    as_columns, as_tuples = FakeProducer(), FakeProducer()
+    assert await BatchSender(as_columns).send_all(records) == 0
+    assert (
+        await BatchSender(as_tuples)._until_acknowledged(records, BatchSender(as_tuples)._send_batches, list.__add__)
+        == 0
+    )
+    assert not any(isinstance(b, BatchBuilder) for _, _, b in as_columns.sent)
+    got = sorted(as_columns.records())
+    assert got == sorted(as_tuples.records())
+    assert sorted((t, k, v) for t, _, k, v, _ in got) == sorted((t, k, v) for t, k, v, _ in records)
+    for odd in ((records[0][0], records[0][1], None, None), (*records[0][:3], [("h", b"1")])):
+        mixed = FakeProducer()
+        await BatchSender(mixed).send_all([*records, odd])
+        assert all(isinstance(b, BatchBuilder) for _, _, b in mixed.sent)
+        assert len(mixed.records()) == len(records) + 1
+
+
+@pytest.mark.usefixtures("fresh_check")
 async def test_batch_sender_places_keys_alike_with_the_compiled_murmur2_and_aiokafkas(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
