@@ -29,6 +29,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -59,6 +60,15 @@ class Influx:
         with urllib.request.urlopen(req, timeout=30) as r:  # noqa: S310 (loopback)
             result: dict[str, Any] = json.loads(r.read())
         return result
+
+    def drop_leftovers(self) -> list[str]:
+        """Drop the databases earlier benchmark runs left behind (a run stopped before its own
+        drop): InfluxDB would load and compact them during the next runs. Returns their names."""
+        found = self.query("SHOW DATABASES")["results"][0].get("series") or [{"values": []}]
+        stale = [name for (name,) in found[0]["values"] if re.fullmatch(r"bench[0-9a-f]{8}", name) and name != self.db]
+        for name in stale:
+            self.query(f'DROP DATABASE "{name}"')
+        return stale
 
     def count(self, measurement: str, field: str) -> int:
         q = f'SELECT count("{field}") FROM "{measurement}"'  # noqa: S608 (our own names)

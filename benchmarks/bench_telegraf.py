@@ -266,7 +266,9 @@ def run_fleet(env: dict[str, str], exe: Path, peer: str, fmt: str, sensors: int,
     host, port = env["PORTPULSE_MQTT__HOST"], int(env["PORTPULSE_MQTT__PORT"])
     # A freshly started InfluxDB for each run: after a database of millions of values is
     # dropped, InfluxDB 1.8 keeps compacting and deleting for minutes (measured: its CPU per
-    # value doubled on the next run), which would land on whichever pipeline runs next.
+    # value doubled on the next run), which would land on whichever pipeline runs next. The
+    # databases of interrupted runs go first: it would load and compact them too.
+    Influx(env, "").drop_leftovers()
     for action in ("down", "up"):
         subprocess.run([str(SERVICES), action, "influx"], check=True, capture_output=True)
     wait_until_quiet()
