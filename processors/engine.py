@@ -34,7 +34,7 @@ import itertools
 import math
 from collections.abc import Hashable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -118,16 +118,21 @@ class EngineSettings:
     series_ttl_s: float = 6 * 3600.0
 
 
+#: a column of strings: an object array, or dictionary-encoded
+Names = npt.NDArray[np.object_] | Categorical
+
+
 @dataclass(frozen=True, slots=True)
 class Readings:
-    """Decoded Kafka records as columns ``(n,)``: object arrays ``domain``, ``sensor_id``, ``site``,
-    ``metric``; int64 ``ts_ns``; float64 ``value``; int64 ``partition`` (the loop's id for a topic
-    partition) and ``offset`` (the Kafka offset of the record that carried the reading)."""
+    """Decoded Kafka records as columns ``(n,)``: strings ``domain``, ``sensor_id``, ``site``,
+    ``metric`` (object arrays, or dictionary-encoded: taking rows then moves codes, not objects);
+    int64 ``ts_ns``; float64 ``value``; int64 ``partition`` (the loop's id for a topic partition)
+    and ``offset`` (the Kafka offset of the record that carried the reading)."""
 
-    domain: npt.NDArray[np.object_]
-    sensor_id: npt.NDArray[np.object_]
-    site: npt.NDArray[np.object_]
-    metric: npt.NDArray[np.object_]
+    domain: Names
+    sensor_id: Names
+    site: Names
+    metric: Names
     ts_ns: npt.NDArray[np.int64]
     value: npt.NDArray[np.float64]
     partition: npt.NDArray[np.int64]
@@ -138,13 +143,28 @@ class Readings:
 
     def take(self, rows: npt.NDArray[np.int64] | npt.NDArray[np.bool_]) -> Readings:
         """The readings at ``rows`` (indices or a mask)."""
-        return Readings(*(getattr(self, f)[rows] for f in Readings.__dataclass_fields__))
+        return Readings(*(_take(getattr(self, f), rows) for f in Readings.__dataclass_fields__))
 
     @staticmethod
     def empty() -> Readings:
         e = np.empty(0, dtype=object)
         i = np.empty(0, dtype=np.int64)
         return Readings(e, e, e, e, i, np.empty(0, dtype=np.float64), i, i)
+
+
+def _take(column: Any, rows: npt.NDArray[np.int64] | npt.NDArray[np.bool_]) -> Any:
+    return column.take(rows) if isinstance(column, Categorical) else column[rows]
+
+
+def _names_at(column: Names, rows: npt.NDArray[np.int64] | npt.NDArray[np.bool_] | None = None) -> list[str]:
+    """The strings of ``column`` at ``rows`` (all when None)."""
+    picked = column if rows is None else _take(column, rows)
+    return list(picked.tolist())
+
+
+def _names_array(column: Names) -> npt.NDArray[np.object_]:
+    """``column`` as an object array ``(n,)``."""
+    return column.values() if isinstance(column, Categorical) else column
 
 
 class KeyCodes(NamedTuple):
@@ -161,10 +181,12 @@ class KeyCodes(NamedTuple):
 
     @staticmethod
     def of(r: Readings) -> KeyCodes:
-        domain, _ = factorise_column(r.domain)
-        sensor, sensors = factorise_column(r.sensor_id)
-        site, sites = factorise_column(r.site)
-        return KeyCodes((domain * len(sensors) + sensor) * len(sites) + site, factorise_column(r.metric)[0])
+        domain, _ = factorise_column(_names_array(r.domain))
+        sensor, sensors = factorise_column(_names_array(r.sensor_id))
+        site, sites = factorise_column(_names_array(r.site))
+        return KeyCodes(
+            (domain * len(sensors) + sensor) * len(sites) + site, factorise_column(_names_array(r.metric))[0]
+        )
 
 
 _Windows = tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]
@@ -502,10 +524,10 @@ class ProcessorEngine:
         if codes is None:
             codes = KeyCodes.of(r)
         first, source = distinct_codes(codes.source)
-        sources = zip(r.domain[first].tolist(), r.sensor_id[first].tolist(), r.site[first].tolist(), strict=True)
+        sources = zip(_names_at(r.domain, first), _names_at(r.sensor_id, first), _names_at(r.site, first), strict=True)
         source_ids = _interned(self._source_ids, list(sources), self._fresh_ids)
         first, metric = distinct_codes(codes.metric)
-        metric_ids = _interned(self._metric_ids, r.metric[first].tolist(), self._fresh_ids)
+        metric_ids = _interned(self._metric_ids, _names_at(r.metric, first), self._fresh_ids)
         key = (source_ids << 32)[source] | metric_ids[metric]
         at = self._resolved_at(key)
         if (at < 0).any():
@@ -525,7 +547,7 @@ class ProcessorEngine:
         rows = np.flatnonzero(new)
         rows = rows[distinct_codes(key[rows])[0]]
         ids, factors = self._register(
-            r.domain[rows].tolist(), r.sensor_id[rows].tolist(), r.site[rows].tolist(), r.metric[rows].tolist()
+            _names_at(r.domain, rows), _names_at(r.sensor_id, rows), _names_at(r.site, rows), _names_at(r.metric, rows)
         )
         # Inserted where they sort (a merge, O(resolved)): a fleet's first steps add keys every step.
         order = np.argsort(key[rows])
@@ -721,7 +743,7 @@ class ProcessorEngine:
         lookback = np.maximum(3 * w * span // max(kept - 1, 1), 60 * 10**9)
         start = d.readings.ts_ns - np.minimum(lookback, self._s.horizon_ns)
         out = []
-        domains = d.readings.domain
+        domains = _names_array(d.readings.domain)
         for domain in sorted(set(domains.tolist())):
             mine = domains == domain
             ids = np.unique(d.series[mine]).tolist()
@@ -837,8 +859,10 @@ class ProcessorEngine:
     def _beyond_horizon(self, r: Readings, beyond: npt.NDArray[np.bool_], wall_ns: int, out: EngineOutput) -> None:
         """Readings older than the correction horizon: to the late topic with how far behind they are."""
         cutoff = wall_ns - self._s.horizon_ns
-        for i in np.flatnonzero(beyond).tolist():
-            out.late.append(LateReading(int(r.partition[i]), str(r.domain[i]), str(r.sensor_id[i]), str(r.metric[i]),
+        rows = np.flatnonzero(beyond)
+        names = zip(_names_at(r.domain, rows), _names_at(r.sensor_id, rows), _names_at(r.metric, rows), strict=True)
+        for i, (domain, sensor, metric) in zip(rows.tolist(), names, strict=True):
+            out.late.append(LateReading(int(r.partition[i]), str(domain), str(sensor), str(metric),
                                         int(r.ts_ns[i]), float(r.value[i]), cutoff - int(r.ts_ns[i])))  # fmt: skip
         self._consumed(r.partition[beyond], r.offset[beyond])
 

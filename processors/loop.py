@@ -28,7 +28,7 @@ from portpulse.codecs.recordbatch import RecordColumns, concat_columns, intern_s
 from portpulse.codecs.wire import decode_columns
 from portpulse.contract.catalogue import load_catalogue
 from portpulse.contract.errors import ServiceUnavailableError
-from portpulse.contract.points import PointStore, WriteReceipt
+from portpulse.contract.points import Categorical, PointStore, WriteReceipt
 from portpulse.contract.schema import str_array
 from portpulse.contract.settings import Settings
 from portpulse.contract.topics import late_topic, pipeline_topics
@@ -103,9 +103,10 @@ def decode_fetch(
     # Null keys (length -1) and empty ones both name no sensor.
     names = str_array([k.decode(errors="replace") for k in distinct])
     of_tp = np.repeat(np.arange(len(sizes)), sizes)[r]
+    # The names stay dictionary-encoded: the engine reorders and filters rows many times.
     readings = Readings(
-        str_array(domains)[of_tp], names[key_codes[r]], wire.site, wire.metric, wire.ts_ns, wire.value,
-        np.array(parts, dtype=np.int64)[of_tp], cols.offset[r],
+        Categorical(of_tp, str_array(domains)), Categorical(key_codes[r], names), wire.site, wire.metric,
+        wire.ts_ns, wire.value, np.array(parts, dtype=np.int64)[of_tp], cols.offset[r],
     )  # fmt: skip
     # A record's key names its sensor within its topic (domain); its value's header, the site.
     headers = int(wire.header.max()) + 1 if len(r) else 1

@@ -26,6 +26,7 @@ import numpy as np
 import numpy.typing as npt
 
 from portpulse.codecs.recordbatch import intern_slices, zero_padded
+from portpulse.contract.points import Categorical
 
 __all__ = [
     "VERSION",
@@ -169,14 +170,15 @@ def decode_value(data: bytes) -> WireRecord:
 @dataclass(frozen=True, slots=True)
 class WireBatch:
     """Readings of many Kafka values, as columns over all readings ``(n,)``: ``record`` (index of
-    the value each reading came from), ``site`` and ``metric`` (object arrays of str), ``ts_ns``,
-    ``value``, ``flags``; ``bad``: indices of the values that did not decode. ``header`` int64:
-    readings with equal codes have equal site (their values share a header); ``name_code`` int64:
-    readings with equal codes have equal site and metric."""
+    the value each reading came from), ``site`` and ``metric`` (strings, dictionary-encoded),
+    ``ts_ns``, ``value``, ``flags``; ``bad``: indices of the values that did not decode.
+    ``header`` int64: readings with equal codes have equal site (their values share a header), the
+    codes of ``site``; ``name_code`` int64: readings with equal codes have equal site and metric,
+    the codes of ``metric``."""
 
     record: npt.NDArray[np.int64]
-    site: npt.NDArray[np.object_]
-    metric: npt.NDArray[np.object_]
+    site: Categorical
+    metric: Categorical
     ts_ns: npt.NDArray[np.int64]
     value: npt.NDArray[np.float64]
     flags: npt.NDArray[np.uint8]
@@ -276,8 +278,8 @@ def decode_columns(
     name_code = header * table.shape[1] + local
     return WireBatch(
         record=record,
-        site=sites[header],
-        metric=table.reshape(-1)[name_code],
+        site=Categorical(header, sites),
+        metric=Categorical(name_code, table.reshape(-1)),
         ts_ns=np.ndarray((last + 1,), dtype="<i8", buffer=padded, strides=(1,))[body],
         value=np.ndarray((last + 1,), dtype="<f8", buffer=padded, offset=_VALUE_AT, strides=(1,))[body],
         flags=padded[body + _FLAGS_AT],

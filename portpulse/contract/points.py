@@ -29,6 +29,19 @@ class Categorical:
     def __len__(self) -> int:
         return len(self.codes)
 
+    def take(self, rows: npt.NDArray[np.int64] | npt.NDArray[np.bool_]) -> Categorical:
+        """The rows at ``rows`` (indices or a mask): their codes move, the strings stay."""
+        return Categorical(self.codes[rows], self.categories)
+
+    def values(self) -> npt.NDArray[np.object_]:
+        """Every row's string, as an object array ``(n,)``."""
+        out: npt.NDArray[np.object_] = self.categories[self.codes]
+        return out
+
+    def tolist(self) -> list[Any]:
+        """Every row's string."""
+        return list(self.values().tolist())
+
 
 @dataclass(frozen=True, slots=True)
 class PointColumns:
