@@ -18,7 +18,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -81,11 +81,20 @@ class ProcessorStats:
     resumed: int = 0  # partitions handed back by a rebalance and resumed from memory
 
 
+#: Kafka keys decoded to sensor names, kept across fetches (at most this many, then started over)
+_MAX_KEY_NAMES = 1_000_000
+
+
 def decode_fetch(
-    records_by_tp: dict[Any, list[Any]], part_ids: dict[tuple[str, int], int], prefix: str
+    records_by_tp: dict[Any, list[Any]],
+    part_ids: dict[tuple[str, int], int],
+    prefix: str,
+    key_names: dict[bytes, str] | None = None,
 ) -> tuple[Readings, KeyCodes, int, int]:
     """A fetch -> reading columns (one vectorised decode for all partitions); returns the columns,
-    labels of their series keys, the count of records and the count of undecodable records."""
+    labels of their series keys, the count of records and the count of undecodable records.
+    ``key_names``: the sensor names of keys seen before, updated (a fleet's keys recur in every
+    fetch: each is decoded once, and later stages get the same string objects)."""
     head = f"{prefix}.readings."
     columns = []
     domains: list[str] = []
@@ -101,7 +110,16 @@ def decode_fetch(
     r = wire.record
     key_codes, distinct = intern_slices(cols.data, cols.key_start, cols.key_len)
     # Null keys (length -1) and empty ones both name no sensor.
-    names = str_array([k.decode(errors="replace") for k in distinct])
+    known = {} if key_names is None else key_names
+    found = list(map(known.get, distinct))
+    if None in found:
+        if len(known) > _MAX_KEY_NAMES:
+            known.clear()
+        found = [
+            known.setdefault(key, key.decode(errors="replace")) if name is None else name
+            for key, name in zip(distinct, found, strict=True)
+        ]
+    names = str_array(cast(list[str], found))
     of_tp = np.repeat(np.arange(len(sizes)), sizes)[r]
     # The names stay dictionary-encoded: the engine reorders and filters rows many times.
     readings = Readings(
@@ -266,6 +284,7 @@ class Processor:
         self.stats = ProcessorStats()
         self._emitter = Emitter(self.engine, sink, self.stats, self._send_late)
         self._part_ids: dict[tuple[str, int], int] = {}  # (topic, partition) -> the engine's partition id
+        self._key_names: dict[bytes, str] = {}  # Kafka key -> sensor name (see decode_fetch)
         self._tps: dict[int, Any] = {}  # the engine's partition id -> aiokafka TopicPartition
         # Steps whose points are not all stored yet, with the engine's positions before each.
         self._pending: list[tuple[list[WriteReceipt], Positions]] = []
@@ -360,7 +379,9 @@ class Processor:
         engine, stats = self.engine, self.stats
         started = time.perf_counter()
         before = engine.safe_offsets()
-        readings, codes, records, bad = decode_fetch(batch, self._part_ids, self._settings.kafka.topic_prefix)
+        readings, codes, records, bad = decode_fetch(
+            batch, self._part_ids, self._settings.kafka.topic_prefix, self._key_names
+        )
         for tp in batch:
             self._tps[self._part_ids[(tp.topic, tp.partition)]] = tp
         stats.records += records
