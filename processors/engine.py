@@ -311,7 +311,7 @@ class ProcessorEngine:
         self._series_sensor: list[str] = []
         self._series_site: list[str] = []
         self._series_metric: list[str] = []
-        # Each series' metric as a code into _metric_names, as an array (extended in _by_metric).
+        # Each series' metric as a code into _metric_names, as an array (extended in _metrics_of).
         self._metric_codes: dict[str, int] = {}
         self._metric_names: list[str] = []
         self._series_metric_array = np.empty(0, dtype=np.int64)
@@ -889,15 +889,19 @@ class ProcessorEngine:
             return
         names = None if reason is None else np.array(REASON_NAMES, dtype=object)[reason]
         for domain, rows, line, point, lines in self._lines(series, ts):
+            # One (metric, line) table per domain, filled by one scatter: row k is metric k's column.
+            metric, local = self._metrics_of(series[rows])
+            table = np.full((len(metric), len(point)), np.nan)
+            table[local, line] = value[rows]
             fields: dict[str, npt.NDArray[np.float64] | npt.NDArray[np.object_]] = {}
-            for metric, of_metric in self._by_metric(series[rows]):
-                column = np.full(len(point), np.nan)
-                column[line[of_metric]] = value[rows[of_metric]]
-                fields[metric] = column
-                if names is not None:
-                    reasons = np.full(len(point), None, dtype=object)
-                    reasons[line[of_metric]] = names[rows[of_metric]]
-                    fields[f"{metric}_reason"] = reasons
+            if names is None:
+                fields = {self._metric_names[code]: table[k] for k, code in enumerate(metric.tolist())}
+            else:
+                reasons = np.full((len(metric), len(point)), None, dtype=object)
+                reasons[local, line] = names[rows]
+                for k, code in enumerate(metric.tolist()):
+                    fields[self._metric_names[code]] = table[k]
+                    fields[f"{self._metric_names[code]}_reason"] = reasons[k]
             kind, measurement = ("raw", domain) if names is None else ("rejected", f"{domain}_rejected")
             out.points.append((kind, PointColumns(measurement, self._point_tags(point), fields, lines)))
 
@@ -916,14 +920,18 @@ class ProcessorEngine:
             line, first = pair_lines(point[rows], ts[rows])
             yield domains[code], rows, line, point[rows][first], ts[rows][first]
 
-    def _by_metric(self, series: npt.NDArray[np.int64]) -> Iterable[tuple[str, npt.NDArray[np.int64]]]:
-        """The metrics of ``series`` ``(n,)`` (one domain's) and the positions of each."""
+    def _metrics_of(self, series: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """The distinct metrics of ``series`` ``(n,)`` as codes into ``_metric_names`` ``(k,)``,
+        ascending, and each row's index among them ``(n,)`` (a table lookup, no sort)."""
         have = len(self._series_metric_array)
         if have != len(self._series_metric):  # series added since: append theirs
             added = np.fromiter(map(self._metric_codes.__getitem__, self._series_metric[have:]), dtype=np.int64)
             self._series_metric_array = np.concatenate([self._series_metric_array, added])
-        for code, rows in code_groups(self._series_metric_array[series]):
-            yield self._metric_names[code], rows
+        code = self._series_metric_array[series]
+        present = np.flatnonzero(np.bincount(code, minlength=1))
+        index = np.zeros(len(self._metric_names), dtype=np.int64)
+        index[present] = np.arange(len(present))
+        return present, index[code]
 
     def _point_tags(self, point: npt.NDArray[np.int64]) -> dict[str, npt.NDArray[np.object_] | Categorical]:
         """The ``sensor_id`` and ``site`` tags of lines of ``point`` ``(k,)``."""
@@ -1108,13 +1116,16 @@ class ProcessorEngine:
             name = self._s.windows[spec_i].name
             for domain, rows, line, point, lines in self._lines(series[of_spec], start[of_spec]):
                 taken = of_spec[rows]
-                fields: dict[str, npt.NDArray[np.float64] | npt.NDArray[np.object_]] = {}
-                for metric, of_metric in self._by_metric(series[taken]):
-                    at = line[of_metric]
-                    for statistic, values in statistics.items():
-                        column = np.full(len(point), np.nan)
-                        column[at] = values[taken[of_metric]]
-                        fields[f"{metric}_{statistic}"] = column
+                metric, local = self._metrics_of(series[taken])
+                tables = {}
+                for statistic, values in statistics.items():  # a (metric, line) table each, one scatter
+                    tables[statistic] = np.full((len(metric), len(point)), np.nan)
+                    tables[statistic][local, line] = values[taken]
+                fields: dict[str, npt.NDArray[np.float64] | npt.NDArray[np.object_]] = {
+                    f"{self._metric_names[code]}_{statistic}": table[k]
+                    for k, code in enumerate(metric.tolist())
+                    for statistic, table in tables.items()
+                }
                 out.points.append((name, PointColumns(f"{domain}_{name}", self._point_tags(point), fields, lines)))
 
     # ------------------------------------------------------------ recomputing from the store
