@@ -15,6 +15,7 @@ gets the receive time and ``FLAG_TS_FROM_RECEIVE``. Every rejected value is repo
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -760,23 +761,24 @@ def _tokenize_python(text: str) -> _Text | None:
 
 def _tokenize_texts_python(texts: list[str]) -> _Tokens | None:
     """:func:`_tokenize` in Python: each text through :func:`_tokenize_python`, then joined."""
-    cut = list(map(_tokenize_python, texts))
-    if not cut or None in cut:
+    found = list(map(_tokenize_python, texts))
+    if not found or None in found:
         return None
+    texts_cut = cast(list[_Text], found)
     names: dict[str, int] = {}
     codes: list[int] = []
     counts: list[int] = []
-    for text in cast(list[_Text], cut):
-        per_line = [len(text.names)] * len(text.heads) if text.counts is None else text.counts
-        of_values = text.names * len(text.heads) if text.counts is None else text.names
-        at = 0
-        for count in per_line:
-            if len(set(of_values[at : at + count])) != count:
-                return None  # a field repeated in a line: the per-line path keeps the last value
-            at += count
+    for text in texts_cut:
+        if text.counts is None:  # every line has these fields: one line's check holds for all
+            per_line, of_values, lines = [len(text.names)] * len(text.heads), text.names * len(text.heads), [text.names]
+        else:
+            per_line, of_values = text.counts, text.names
+            starts = [0, *itertools.accumulate(per_line)]
+            lines = [of_values[a:b] for a, b in itertools.pairwise(starts)]
+        if any(len(set(line)) != len(line) for line in lines):
+            return None  # a field repeated in a line: the per-line path keeps the last value
         codes += [names.setdefault(name, len(names)) for name in of_values]
         counts += per_line
-    texts_cut = cast(list[_Text], cut)
     return _Tokens(
         [head for text in texts_cut for head in text.heads],
         list(names),
@@ -862,9 +864,8 @@ def _plain_columns(
 ) -> tuple[ReadingColumns, npt.NDArray[np.int64]] | None:
     """The readings of plain lines and the index of each one's text, when every name is valid
     (new ones are learned) and every timestamp has one unit and is within the limits; None
-    otherwise. The
-    texts came on ``topics`` (their sensor and site stand in for missing tags, their domain is
-    the lines') at ``received_ns``, one of each per text.
+    otherwise. The texts came on ``topics`` (their sensor and site stand in for missing tags,
+    their domain is the lines') at ``received_ns``, one of each per text.
 
     Tag sets are parsed once per distinct text and cached; field names are checked once each.
     What the per-line path would judge differently is left to it."""
