@@ -73,7 +73,11 @@ async def running_bridge(settings: Settings) -> AsyncIterator[asyncio.Task[Bridg
 
 
 class Publisher:
-    """A real MQTT client publishing test messages (its own paho thread; use ``with``)."""
+    """A real MQTT client publishing test messages (its own paho thread; use ``with``).
+
+    A broker may drop the connection under load; paho then reconnects and sends again what
+    was not acknowledged, so a QoS 1 message can arrive twice after such a drop, never zero
+    times."""
 
     def __init__(self, mqtt: MqttEndpoint, client_id: str, protocol: str = "5") -> None:
         version = paho.MQTTv5 if protocol == "5" else paho.MQTTv311
@@ -81,6 +85,9 @@ class Publisher:
         self._mqtt = mqtt
         self._connected = threading.Event()
         self._client.on_connect = lambda *_: self._connected.set()
+        self._acked: set[int] = set()
+        self._ack = threading.Condition()
+        self._client.on_publish = self._on_publish
 
     def __enter__(self) -> Publisher:
         self._client.connect(self._mqtt.host, self._mqtt.port)
@@ -93,17 +100,44 @@ class Publisher:
         self._client.disconnect()
         self._client.loop_stop()
 
+    def _on_publish(self, _client: object, _userdata: object, mid: int, *_: object) -> None:
+        with self._ack:
+            self._acked.add(mid)
+            self._ack.notify_all()
+
     def publish(self, messages: Sequence[tuple[str, bytes]], qos: int = 1, per_second: float = 0) -> None:
-        """Publish and wait until the broker acknowledged each; ``per_second`` paces it in
-        chunks of 50 (0: as fast as the broker takes them)."""
-        chunk = 50 if per_second else max(1, len(messages))
+        """Publish and wait until the broker acknowledged each, for at most 60 s without a new
+        acknowledgement; ``per_second`` paces it in chunks of 50 (0: as fast as the broker takes
+        them, in chunks of 1 000 so message ids stay distinct within a chunk)."""
+        chunk = 50 if per_second else 1000
         started = time.monotonic()
         for at in range(0, len(messages), chunk):
-            infos = [self._client.publish(topic, payload, qos=qos) for topic, payload in messages[at : at + chunk]]
-            for info in infos:
-                info.wait_for_publish(60)
+            with self._ack:
+                self._acked.clear()
+            # A message published while the connection is down is queued (QoS > 0) and sent
+            # on reconnect: its ack arrives through on_publish like any other.
+            pending = {
+                self._client.publish(topic, payload, qos=qos).mid for topic, payload in messages[at : at + chunk]
+            }
+            self._wait_acked(pending, 60.0)
             if per_second:
                 time.sleep(max(0.0, started + (at + chunk) / per_second - time.monotonic()))
+
+    def _wait_acked(self, pending: set[int], quiet_s: float) -> None:
+        deadline = time.monotonic() + quiet_s
+        with self._ack:
+            while pending:
+                before = len(pending)
+                pending -= self._acked
+                now = time.monotonic()
+                if len(pending) < before:
+                    deadline = now + quiet_s
+                elif now >= deadline:
+                    raise TimeoutError(
+                        f"{len(pending)} messages not acknowledged within {quiet_s:.0f} s of the last ack"
+                    )
+                if pending:
+                    self._ack.wait(min(1.0, deadline - now))
 
 
 @dataclass(frozen=True)
