@@ -22,7 +22,9 @@ setup(
             "portpulse.processors._hampel",
             ["processors/_hampel.c"],
             depends=[COLUMN_H],
-            extra_compile_args=["-ffp-contract=off"],  # numpy's arithmetic exactly: no fused multiply-add
+            # -ffp-contract=off: numpy's arithmetic exactly (no fused multiply-add);
+            # -fno-tree-loop-distribute-patterns: copies of a few slots stay loops, not memcpy calls.
+            extra_compile_args=["-ffp-contract=off", "-fno-tree-loop-distribute-patterns"],
             optional=True,
         ),
     ]

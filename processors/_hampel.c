@@ -55,6 +55,47 @@ static void sort_small(double *a, int c) {
     }
 }
 
+#ifdef __SSE2__
+#include <emmintrin.h>
+/* minsd / maxsd: compilers otherwise tend to turn a compare-exchange into a branch. */
+static inline double lesser(double x, double y) { return _mm_cvtsd_f64(_mm_min_sd(_mm_set_sd(x), _mm_set_sd(y))); }
+static inline double greater(double x, double y) { return _mm_cvtsd_f64(_mm_max_sd(_mm_set_sd(x), _mm_set_sd(y))); }
+#else
+static inline double lesser(double x, double y) { return x < y ? x : y; }
+static inline double greater(double x, double y) { return x > y ? x : y; }
+#endif
+
+#define EXCHANGE(i, j)                  \
+    do {                                \
+        double x_ = v##i, y_ = v##j;    \
+        v##i = lesser(x_, y_);          \
+        v##j = greater(x_, y_);         \
+    } while (0)
+
+/* Sorts a[0..8) ascending by a branchless 19-comparator network: a window's values are random,
+ * so an insertion sort's branches mispredict about once per element. */
+static void sort8(double *a) {
+    double v0 = a[0], v1 = a[1], v2 = a[2], v3 = a[3], v4 = a[4], v5 = a[5], v6 = a[6], v7 = a[7];
+    EXCHANGE(0, 2); EXCHANGE(1, 3); EXCHANGE(4, 6); EXCHANGE(5, 7);
+    EXCHANGE(0, 4); EXCHANGE(1, 5); EXCHANGE(2, 6); EXCHANGE(3, 7);
+    EXCHANGE(0, 1); EXCHANGE(2, 3); EXCHANGE(4, 5); EXCHANGE(6, 7);
+    EXCHANGE(2, 4); EXCHANGE(3, 5);
+    EXCHANGE(1, 4); EXCHANGE(3, 6);
+    EXCHANGE(1, 2); EXCHANGE(3, 4); EXCHANGE(5, 6);
+    a[0] = v0, a[1] = v1, a[2] = v2, a[3] = v3, a[4] = v4, a[5] = v5, a[6] = v6, a[7] = v7;
+}
+
+/* Sorts a[0..c) ascending, c <= MAX_WINDOW; a has room for at least 8 values. Up to 8 values are
+ * padded with +inf (no value judged is infinite: check 1 rejected those) and sorted by network. */
+static void sort_window(double *a, int c) {
+    if (c > 8) {
+        sort_small(a, c);
+        return;
+    }
+    for (int i = c; i < 8; i++) a[i] = INFINITY;
+    sort8(a);
+}
+
 static double median_sorted(const double *a, int c) {
     return c % 2 ? a[c / 2] : (a[c / 2 - 1] + a[c / 2]) / 2;
 }
@@ -63,8 +104,8 @@ static double median_sorted(const double *a, int c) {
 static unsigned char judge(const double *wv, const int64_t *wt, int c, double x, int64_t t, double floor,
                            double max_rate, double k_sigma) {
     double sorted[MAX_WINDOW];
-    memcpy(sorted, wv, (size_t)c * sizeof(double));
-    sort_small(sorted, c);
+    for (int j = 0; j < c; j++) sorted[j] = wv[j];
+    sort_window(sorted, c);
     double med = median_sorted(sorted, c);
     double age = (double)(t - wt[c - 1 - (c - 1) / 2]);
     if (c % 2 == 0) age = (age + (double)(t - wt[c - 1 - c / 2])) / 2;
@@ -73,12 +114,23 @@ static unsigned char judge(const double *wv, const int64_t *wt, int c, double x,
     if (c >= 3 && dev > k_sigma * floor) {
         double spread[MAX_WINDOW];
         for (int j = 0; j < c; j++) spread[j] = fabs(wv[j] - med);
-        sort_small(spread, c);
+        sort_window(spread, c);
         double scale = 1.4826 * median_sorted(spread, c);
         if (!(scale >= floor)) scale = floor; /* np.maximum, NaN-free here */
         if (dev > k_sigma * scale) verdict = SPIKE;
     }
     return verdict;
+}
+
+/* Rows of the history are scattered over tens of MB: ask for the ones a few groups ahead. */
+#define PREFETCH_AHEAD 8
+static inline void prefetch_row(const void *start, Py_ssize_t bytes) {
+#if defined(__GNUC__)
+    for (Py_ssize_t at = 0; at < bytes; at += 64) __builtin_prefetch((const char *)start + at, 1);
+    __builtin_prefetch((const char *)start + bytes - 1, 1);
+#else
+    (void)start, (void)bytes;
+#endif
 }
 
 static PyObject *judge_appended(PyObject *module, PyObject *args) {
@@ -143,11 +195,18 @@ static PyObject *judge_appended(PyObject *module, PyObject *args) {
     int64_t seq_t[2 * MAX_WINDOW];
     Py_ssize_t first = 0;
     for (Py_ssize_t j = 0; j < g; j++) {
+        if (j + PREFETCH_AHEAD < g) {
+            Py_ssize_t ahead = rows[j + PREFETCH_AHEAD] * h + (h - w);
+            prefetch_row(hv + ahead, w * (Py_ssize_t)sizeof(double));
+            prefetch_row(ht + ahead, w * (Py_ssize_t)sizeof(int64_t));
+        }
         const double *row_v = hv + rows[j] * h + (h - w);
         const int64_t *row_t = ht + rows[j] * h + (h - w);
         /* A sliding copy of the sequence: the history's last w slots, then candidates as they come. */
-        memcpy(seq_v, row_v, (size_t)w * sizeof(double));
-        memcpy(seq_t, row_t, (size_t)w * sizeof(int64_t));
+        for (int q = 0; q < w; q++) { /* a loop, not memcpy: w is a handful of slots */
+            seq_v[q] = row_v[q];
+            seq_t[q] = row_t[q];
+        }
         int empty = 0, back = 0; /* in the current window: NaN slots, pairs falling in time */
         for (int q = 0; q < w; q++) {
             empty += isnan(seq_v[q]) != 0;
@@ -185,19 +244,29 @@ static PyObject *judge_appended(PyObject *module, PyObject *args) {
     /* Append: each row keeps its H newest, oldest first. */
     first = 0;
     for (Py_ssize_t j = 0; j < g; j++) {
+        if (j + PREFETCH_AHEAD < g) {
+            Py_ssize_t ahead = rows[j + PREFETCH_AHEAD] * h;
+            prefetch_row(hv + ahead, h * (Py_ssize_t)sizeof(double));
+            prefetch_row(ht + ahead, h * (Py_ssize_t)sizeof(int64_t));
+            prefetch_row(ho + ahead, h * (Py_ssize_t)sizeof(int64_t));
+            prefetch_row(hd + ahead, h);
+        }
         Py_ssize_t c = count[j], base = rows[j] * h;
         if (c == 0) continue;
         Py_ssize_t keep = c < h ? h - c : 0, from = first + c - (h - keep);
-        if (keep) {
-            memmove(hv + base, hv + base + c, (size_t)keep * sizeof(double));
-            memmove(ht + base, ht + base + c, (size_t)keep * sizeof(int64_t));
-            memmove(ho + base, ho + base + c, (size_t)keep * sizeof(int64_t));
-            memmove(hd + base, hd + base + c, (size_t)keep);
+        /* Loops, not memmove: a row is a handful of slots, shifted by one or two. */
+        for (Py_ssize_t q = 0; q < keep; q++) {
+            hv[base + q] = hv[base + c + q];
+            ht[base + q] = ht[base + c + q];
+            ho[base + q] = ho[base + c + q];
+            hd[base + q] = hd[base + c + q];
         }
-        memcpy(hv + base + keep, x + from, (size_t)(h - keep) * sizeof(double));
-        memcpy(ht + base + keep, t + from, (size_t)(h - keep) * sizeof(int64_t));
-        memcpy(ho + base + keep, o + from, (size_t)(h - keep) * sizeof(int64_t));
-        memcpy(hd + base + keep, verdict + from, (size_t)(h - keep));
+        for (Py_ssize_t q = 0; q < h - keep; q++) {
+            hv[base + keep + q] = x[from + q];
+            ht[base + keep + q] = t[from + q];
+            ho[base + keep + q] = o[from + q];
+            hd[base + keep + q] = verdict[from + q];
+        }
         first += c;
     }
     result = Py_NewRef(Py_True);

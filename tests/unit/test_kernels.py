@@ -188,7 +188,7 @@ def test_windows_judged_by_their_filled_slots_equal_the_nan_aware_judging(seed: 
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.integers(0, 2**32 - 1), st.sampled_from([(7, 8), (5, 0), (2, 3), (1, 2), (4, 1)]))
+@given(st.integers(0, 2**32 - 1), st.sampled_from([(7, 8), (5, 0), (2, 3), (1, 2), (4, 1), (8, 1), (9, 2), (16, 0)]))
 def test_the_compiled_hampel_kernel_gives_numpys_verdicts_and_history_bit_for_bit(
     seed: int, shape: tuple[int, int]
 ) -> None:
