@@ -1,5 +1,5 @@
-/* The compiled half of sinks/lineprotocol.py's encode_lines: lines of float fields written in one
- * pass, instead of byte matrices per piece assembled and masked by numpy.
+/* The compiled half of sinks/lineprotocol.py's encode_lines: lines of float and string fields
+ * written in one pass, instead of byte matrices per piece assembled and masked by numpy.
  *
  * encode(keys, key_ends, series, ts, accepted, names, columns) -> (body, line_ends)
  *
@@ -9,14 +9,16 @@
  *   ts:        int64 buffer (n,), each row's timestamp, precision already applied;
  *   accepted:  uint8 buffer (n,), the rows to write (each with at least one finite field);
  *   names:     tuple of bytes, each field's escaped key followed by "=", in line order;
- *   columns:   tuple of float64 buffers (n,), one per name; NaN and +-inf leave the field out.
+ *   columns:   tuple, one item per name: a float64 buffer (n,), where NaN and +-inf leave the field
+ *              out; or a string column as a pair (codes, texts): an int64 buffer (n,) indexing the
+ *              tuple ``texts`` of bytes (each already quoted and escaped), -1 leaving the field out.
  *
  * Returns the body (one line per accepted row, in row order, each ending in "\n") and a bytearray
  * of int64 offsets just past each line's newline. A value is written exactly: with the fewest
  * decimals (at most 6) whose integer arithmetic gives it back (as recorded by the numpy encoder:
  * rint(v * 10^k) / 10^k == v, |v| < 2^53 / 10^6); else, from 1e-3 to 2^52, correctly rounded to 17
  * significant digits (put_significant); else as repr() writes it (PyOS_double_to_string, shortest
- * round trip). Raises ValueError for ragged columns or a key index out of range.
+ * round trip). Raises ValueError for ragged columns or a key or text index out of range.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -148,6 +150,7 @@ static PyObject *encode(PyObject *module, PyObject *args) {
     }
     Column keys = {0}, key_ends = {0}, series = {0}, ts = {0}, accepted = {0}, columns[MAX_FIELDS];
     memset(columns, 0, sizeof columns);
+    PyObject *texts[MAX_FIELDS] = {NULL}; /* a string column's texts; NULL: a float column */
     PyObject *body = NULL, *ends = NULL, *result = NULL;
     Py_ssize_t k = -1, n = -1, any = -1;
     if (take(keys_obj, &keys, 1, &any, 0, "keys") < 0 || take(key_ends_obj, &key_ends, 8, &k, 0, "key_ends") < 0 ||
@@ -159,16 +162,49 @@ static PyObject *encode(PyObject *module, PyObject *args) {
             PyErr_SetString(PyExc_TypeError, "field names must be bytes");
             goto done;
         }
-        if (take(PyTuple_GET_ITEM(columns_obj, f), &columns[f], 8, &n, 0, "field column") < 0) goto done;
+        PyObject *column = PyTuple_GET_ITEM(columns_obj, f);
+        if (PyTuple_Check(column)) {
+            if (PyTuple_GET_SIZE(column) != 2 || !PyTuple_Check(PyTuple_GET_ITEM(column, 1))) {
+                PyErr_SetString(PyExc_TypeError, "a string column is a pair (codes, tuple of bytes)");
+                goto done;
+            }
+            texts[f] = PyTuple_GET_ITEM(column, 1);
+            for (Py_ssize_t t = 0; t < PyTuple_GET_SIZE(texts[f]); t++) {
+                if (!PyBytes_Check(PyTuple_GET_ITEM(texts[f], t))) {
+                    PyErr_SetString(PyExc_TypeError, "string field texts must be bytes");
+                    goto done;
+                }
+            }
+            column = PyTuple_GET_ITEM(column, 0);
+        }
+        if (take(column, &columns[f], 8, &n, 0, "field column") < 0) goto done;
     }
     const char *key_text = keys.view.buf;
     const int64_t *key_end = key_ends.view.buf, *row_series = series.view.buf, *row_ts = ts.view.buf;
     const unsigned char *row_accepted = accepted.view.buf;
     const double *values[MAX_FIELDS];
+    const int64_t *codes[MAX_FIELDS];
     Py_ssize_t names_room = 0;
     for (Py_ssize_t f = 0; f < fields; f++) {
         values[f] = columns[f].view.buf;
-        names_room += PyBytes_GET_SIZE(PyTuple_GET_ITEM(names, f)) + 1 + VALUE_ROOM;
+        codes[f] = columns[f].view.buf;
+        Py_ssize_t value_room = VALUE_ROOM;
+        if (texts[f] != NULL) {
+            value_room = 0;
+            Py_ssize_t count = PyTuple_GET_SIZE(texts[f]);
+            for (Py_ssize_t t = 0; t < count; t++) {
+                Py_ssize_t len = PyBytes_GET_SIZE(PyTuple_GET_ITEM(texts[f], t));
+                value_room = len > value_room ? len : value_room;
+            }
+            for (Py_ssize_t i = 0; i < n; i++) {
+                if (codes[f][i] < -1 || codes[f][i] >= count) {
+                    PyErr_Format(PyExc_ValueError, "row %zd: text %lld outside the %zd texts", i,
+                                 (long long)codes[f][i], count);
+                    goto done;
+                }
+            }
+        }
+        names_room += PyBytes_GET_SIZE(PyTuple_GET_ITEM(names, f)) + 1 + value_room;
     }
     for (Py_ssize_t j = 0; j < k; j++) {
         if (key_end[j] < (j ? key_end[j - 1] : 0) || key_end[j] > keys.view.len) {
@@ -201,14 +237,19 @@ static PyObject *encode(PyObject *module, PyObject *args) {
         out += key_end[s] - key_start;
         char separator = ' ';
         for (Py_ssize_t f = 0; f < fields; f++) {
-            double v = values[f][i];
-            if (!isfinite(v)) continue;
+            if (texts[f] != NULL ? codes[f][i] < 0 : !isfinite(values[f][i])) continue;
             *out++ = separator;
             separator = ',';
             PyObject *name = PyTuple_GET_ITEM(names, f);
             memcpy(out, PyBytes_AS_STRING(name), (size_t)PyBytes_GET_SIZE(name));
             out += PyBytes_GET_SIZE(name);
-            out = put_float(out, v);
+            if (texts[f] != NULL) {
+                PyObject *text = PyTuple_GET_ITEM(texts[f], codes[f][i]);
+                memcpy(out, PyBytes_AS_STRING(text), (size_t)PyBytes_GET_SIZE(text));
+                out += PyBytes_GET_SIZE(text);
+                continue;
+            }
+            out = put_float(out, values[f][i]);
             if (out == NULL) goto done;
         }
         *out++ = ' ';
@@ -230,7 +271,7 @@ done:
 }
 
 static PyMethodDef methods[] = {
-    {"encode", encode, METH_VARARGS, "Lines of float fields (see the module comment)."},
+    {"encode", encode, METH_VARARGS, "Lines of float and string fields (see the module comment)."},
     {NULL, NULL, 0, NULL},
 };
 

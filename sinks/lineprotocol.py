@@ -1,14 +1,14 @@
 """InfluxDB line protocol from columns. Pure: no I/O, no clocks.
 
-Series keys are escaped once per distinct series (and cached across calls). Lines whose fields
-are all floats are written by a C extension in one pass (``_lineformat.c``): each value with the
-fewest decimals, up to 6, whose integer arithmetic gives it back exactly, else with 17 correctly
-rounded significant digits (from 1e-3 to 2^52) or as ``repr`` writes it. Otherwise (a string
-field, or no compiler at install time) each line is assembled from fixed-width byte matrices
-(one per piece: series key, each field, timestamp) plus a keep-mask; ``matrix[mask]`` then
-yields the concatenated lines in one numpy operation; floats with few decimals are formatted
-with integer arithmetic, zero-padded to one width per chunk, and only the remaining floats go
-through ``repr``. Either way every value parses back to the same float64.
+Series keys are escaped once per distinct series (and cached across calls). Lines are written by
+a C extension in one pass (``_lineformat.c``): each float with the fewest decimals, up to 6, whose
+integer arithmetic gives it back exactly, else with 17 correctly rounded significant digits (from
+1e-3 to 2^52) or as ``repr`` writes it; string fields dictionary-encoded, each distinct string
+escaped once. Without a compiler at install time each line is assembled from fixed-width byte
+matrices (one per piece: series key, each field, timestamp) plus a keep-mask; ``matrix[mask]`` then
+yields the concatenated lines in one numpy operation; floats with few decimals are formatted with
+integer arithmetic, zero-padded to one width per chunk, and only the remaining floats go through
+``repr``. Either way every value parses back to the same float64.
 
 Escaping follows the InfluxDB line protocol reference: measurement ``,`` and space; tag keys,
 tag values and field keys ``,`` ``=`` and space; string field values ``"`` and ``\\``. Line
@@ -28,7 +28,7 @@ from typing import Literal, NamedTuple, cast
 import numpy as np
 import numpy.typing as npt
 
-from portpulse.arrays import factorise
+from portpulse.arrays import factorise, factorise_column
 from portpulse.contract.points import Categorical, PointColumns
 
 __all__ = [
@@ -437,15 +437,14 @@ def encode_lines(points: PointColumns, precision: Precision = "ns") -> EncodedLi
     """Encode ``points`` as line protocol with timestamps in ``precision`` (floored).
 
     Rows that cannot be represented (bad keys, no field left) are listed in ``rejected`` with
-    a reason; all other rows become exactly one line each, in input order. Float fields are
-    written by the compiled encoder when it is built, anything else by numpy (both write every
-    value exactly; their texts differ: numpy pads a chunk's values to one width)."""
+    a reason; all other rows become exactly one line each, in input order. Written by the
+    compiled encoder when it is built, else by numpy (both write every value exactly; their texts
+    differ: numpy pads a chunk's values to one width)."""
     return _encode(points, precision, compiled=_COMPILED_ENCODE is not None)
 
 
 def _encode(points: PointColumns, precision: Precision, compiled: bool) -> EncodedLines:
-    """:func:`encode_lines`, through the compiled encoder when ``compiled`` and every field is a
-    float column."""
+    """:func:`encode_lines`, through the compiled encoder when ``compiled``."""
     n = len(points)
     if n == 0:
         return EncodedLines(b"", np.empty(0, np.int64), np.empty(0, np.int64))
@@ -465,7 +464,7 @@ def _encode(points: PointColumns, precision: Precision, compiled: bool) -> Encod
     if rejected:
         accepted[np.fromiter(rejected, dtype=np.int64)] = False
     lines = _Lines(points, field_names, key_texts, series, ts_all, accepted, rejected)
-    if compiled and all(points.fields[name].dtype != np.object_ for name in field_names):
+    if compiled:
         return _encode_compiled(lines)
     return _encode_numpy(lines)
 
@@ -485,13 +484,22 @@ class _Lines(NamedTuple):
 
 
 def _encode_compiled(lines: _Lines) -> EncodedLines:
-    """:func:`encode_lines` of float fields in one C pass (``_lineformat.c``)."""
+    """:func:`encode_lines` in one C pass (``_lineformat.c``): float columns as they are, string
+    columns dictionary-encoded (each distinct string escaped once)."""
     assert _COMPILED_ENCODE is not None
     points, field_names, key_texts, series, ts, accepted, rejected = lines
-    columns = tuple(np.ascontiguousarray(points.fields[name], dtype=np.float64) for name in field_names)
     any_field = np.zeros(len(points), dtype=bool)
-    for column in columns:
-        any_field |= np.isfinite(column)
+    columns: list[npt.NDArray[np.float64] | tuple[npt.NDArray[np.int64], tuple[bytes, ...]]] = []
+    for name in field_names:
+        column = points.fields[name]
+        if column.dtype == np.object_:
+            codes, texts = _string_codes(cast(npt.NDArray[np.object_], column))
+            any_field |= codes >= 0
+            columns.append((codes, texts))
+        else:
+            floats = np.ascontiguousarray(column, dtype=np.float64)
+            any_field |= np.isfinite(floats)
+            columns.append(floats)
     for row in np.flatnonzero(~any_field).tolist():
         rejected.setdefault(row, "no finite field value")
     accepted &= any_field
@@ -503,7 +511,7 @@ def _encode_compiled(lines: _Lines) -> EncodedLines:
         np.ascontiguousarray(ts, dtype=np.int64),
         accepted.view(np.uint8),
         tuple(escape_key(name).encode() + b"=" for name in field_names),
-        columns,
+        tuple(columns),
     )
     return EncodedLines(
         body=body,
@@ -511,6 +519,16 @@ def _encode_compiled(lines: _Lines) -> EncodedLines:
         line_ends=np.frombuffer(line_ends, dtype=np.int64),
         rejected=dict(sorted(rejected.items())),
     )
+
+
+def _string_codes(column: npt.NDArray[np.object_]) -> tuple[npt.NDArray[np.int64], tuple[bytes, ...]]:
+    """A string field column ``(n,)`` as codes ``(n,)`` (-1 where None: no field) into the
+    distinct strings' escaped texts."""
+    codes, distinct = factorise_column(column)
+    texts = tuple(b"" if value is None else escape_string_field(value).encode() for value in distinct)
+    if None in distinct:
+        codes = np.where(codes == distinct.index(None), -1, codes)
+    return np.ascontiguousarray(codes, dtype=np.int64), texts
 
 
 def _encode_numpy(lines: _Lines) -> EncodedLines:

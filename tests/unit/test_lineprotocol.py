@@ -17,11 +17,10 @@ from portpulse.sinks.lineprotocol import (
     PointColumns,
     Precision,
     _encode,
-    encode_lines,
     one_field_per_line,
 )
 
-# Both encoders: the compiled one (float fields, one C pass) and the numpy one (any field).
+# Both encoders: the compiled one (one C pass) and the numpy one (byte matrices).
 ENCODERS = ["compiled", "numpy"]
 
 
@@ -97,7 +96,7 @@ _hostile = st.text(alphabet=st.sampled_from(list('ab ,="\\=é€🚢xyz0')), min
 _floats = st.floats(allow_nan=False, allow_infinity=False, width=64)
 
 
-def _obj(values: list[str]) -> np.ndarray:
+def _obj(values: list[str | None]) -> np.ndarray:
     out = np.empty(len(values), dtype=object)
     out[:] = values
     return out
@@ -114,9 +113,10 @@ def _obj(values: list[str]) -> np.ndarray:
     ),
     strings=st.lists(st.one_of(st.none(), st.text(max_size=8).filter(lambda s: "\n" not in s and "\r" not in s))),
 )
-@pytest.mark.parametrize("with_strings", [True, False])  # without: float fields only, the compiled encoder
+@pytest.mark.parametrize("with_strings", [True, False])
+@pytest.mark.parametrize("encoder", ENCODERS)
 def test_encoded_lines_parse_back_to_the_input(
-    rows: list[tuple[str, str, str, float, float, int]], strings: list[str | None], with_strings: bool
+    rows: list[tuple[str, str, str, float, float, int]], strings: list[str | None], with_strings: bool, encoder: str
 ) -> None:
     n = len(rows)
     string_col = np.empty(n, dtype=object)
@@ -128,7 +128,7 @@ def test_encoded_lines_parse_back_to_the_input(
         fields=floats | {"note": string_col} if with_strings else floats,
         ts_ns=np.array([r[5] for r in rows], dtype=np.int64),
     )
-    encoded = encode_lines(points)
+    encoded = encode_with(encoder, points)
     assert encoded.rejected == {}
     lines = encoded.body.decode().split("\n")
     assert lines[-1] == ""
@@ -225,16 +225,21 @@ def test_unrepresentable_tag_values_are_rejected_not_injected(sensor: str, reaso
 
 @pytest.mark.parametrize("encoder", ENCODERS)
 def test_rows_without_any_finite_field_are_rejected_and_empty_tags_omitted(encoder: str) -> None:
+    """A row keeps its string field when its floats are absent; one with no field at all is rejected."""
     points = PointColumns(
         "air",
-        {"site": _obj(["", "quai"])},
-        {"no2": np.array([np.nan, 5.5]), "pm25": np.array([np.inf, np.nan])},
-        np.array([1, 2], dtype=np.int64),
+        {"site": _obj(["", "quai", "bassin"])},
+        {
+            "no2": np.array([np.nan, 5.5, np.nan]),
+            "no2_reason": _obj([None, None, 'spike "x"']),
+            "pm25": np.array([np.inf, np.nan, np.nan]),
+        },
+        np.array([1, 2, 3], dtype=np.int64),
     )
     encoded = encode_with(encoder, points)
     assert encoded.rejected == {0: "no finite field value"}
-    assert encoded.body == b"air,site=quai no2=5.5 2\n"
-    assert encoded.rows.tolist() == [1] and encoded.line_ends.tolist() == [len(encoded.body)]
+    assert encoded.body == b'air,site=quai no2=5.5 2\nair,site=bassin no2_reason="spike \\"x\\"" 3\n'
+    assert encoded.rows.tolist() == [1, 2] and encoded.line_ends.tolist() == [24, len(encoded.body)]
 
 
 @pytest.mark.parametrize(
