@@ -43,13 +43,18 @@ static const uint64_t tens[20] = {1ULL, 10ULL, 100ULL, 1000ULL, 10000ULL, 100000
 /* |v| below this: v * 10^6 is below 2^53, so the scaled integer is exact. */
 static const double small_limit = 9007199254740992.0 / 1e6;
 
+/* x / 10 by the multiply-and-shift a compiler emits for speed, written out: in blocks it deems
+ * cold a compiler may emit a hardware divide instead (tens of cycles per digit). */
+static inline uint64_t tenth(uint64_t x) { return (uint64_t)(((unsigned __int128)x * 0xCCCCCCCCCCCCCCCDULL) >> 67); }
+
 /* The decimal digits of x at out, returning the end. */
 static char *put_unsigned(char *out, uint64_t x) {
     char digits[20];
     int n = 0;
     do {
-        digits[n++] = (char)('0' + x % 10);
-        x /= 10;
+        uint64_t q = tenth(x);
+        digits[n++] = (char)('0' + (x - q * 10));
+        x = q;
     } while (x);
     while (n) *out++ = digits[--n];
     return out;
@@ -88,15 +93,16 @@ static char *put_significant(char *out, double v) {
         out = put_unsigned(out, n / unit);
         uint64_t fraction = n % unit;
         int digits = k;
-        while (digits && fraction % 10 == 0) {
-            fraction /= 10;
+        while (digits && fraction - tenth(fraction) * 10 == 0) {
+            fraction = tenth(fraction);
             digits--;
         }
         if (digits) {
             *out++ = '.';
             for (int d = digits - 1; d >= 0; d--) {
-                out[d] = (char)('0' + fraction % 10);
-                fraction /= 10;
+                uint64_t q = tenth(fraction);
+                out[d] = (char)('0' + (fraction - q * 10));
+                fraction = q;
             }
             out += digits;
         }
@@ -116,10 +122,11 @@ static char *put_float(char *out, double v) {
             out = put_unsigned(out, (uint64_t)(whole / powers[k]));
             if (k) {
                 *out++ = '.';
-                int64_t fraction = whole % powers[k];
+                uint64_t fraction = (uint64_t)(whole % powers[k]);
                 for (int d = k - 1; d >= 0; d--) {
-                    out[d] = (char)('0' + fraction % 10);
-                    fraction /= 10;
+                    uint64_t q = tenth(fraction);
+                    out[d] = (char)('0' + (fraction - q * 10));
+                    fraction = q;
                 }
                 out += k;
             }
@@ -135,6 +142,17 @@ static char *put_float(char *out, double v) {
     PyMem_Free(text);
     return out + len;
 }
+
+/* What one field writes: its name (with "="), and its float column or its codes and texts. */
+#define SHORT_NAME 16
+typedef struct {
+    const char *name;
+    Py_ssize_t name_len;
+    char short_name[SHORT_NAME]; /* the name zero-padded, when it fits: copied as one fixed block */
+    const double *values;
+    const int64_t *codes;
+    PyObject *texts; /* NULL: a float column */
+} FieldOut;
 
 static PyObject *encode(PyObject *module, PyObject *args) {
     (void)module;
@@ -182,12 +200,15 @@ static PyObject *encode(PyObject *module, PyObject *args) {
     const char *key_text = keys.view.buf;
     const int64_t *key_end = key_ends.view.buf, *row_series = series.view.buf, *row_ts = ts.view.buf;
     const unsigned char *row_accepted = accepted.view.buf;
-    const double *values[MAX_FIELDS];
-    const int64_t *codes[MAX_FIELDS];
+    FieldOut field_out[MAX_FIELDS];
     Py_ssize_t names_room = 0;
     for (Py_ssize_t f = 0; f < fields; f++) {
-        values[f] = columns[f].view.buf;
-        codes[f] = columns[f].view.buf;
+        PyObject *name = PyTuple_GET_ITEM(names, f);
+        field_out[f] = (FieldOut){.name = PyBytes_AS_STRING(name), .name_len = PyBytes_GET_SIZE(name),
+                                  .values = columns[f].view.buf, .codes = columns[f].view.buf, .texts = texts[f]};
+        memset(field_out[f].short_name, 0, SHORT_NAME);
+        if (field_out[f].name_len <= SHORT_NAME)
+            memcpy(field_out[f].short_name, field_out[f].name, (size_t)field_out[f].name_len);
         Py_ssize_t value_room = VALUE_ROOM;
         if (texts[f] != NULL) {
             value_room = 0;
@@ -197,9 +218,9 @@ static PyObject *encode(PyObject *module, PyObject *args) {
                 value_room = len > value_room ? len : value_room;
             }
             for (Py_ssize_t i = 0; i < n; i++) {
-                if (codes[f][i] < -1 || codes[f][i] >= count) {
+                if (field_out[f].codes[i] < -1 || field_out[f].codes[i] >= count) {
                     PyErr_Format(PyExc_ValueError, "row %zd: text %lld outside the %zd texts", i,
-                                 (long long)codes[f][i], count);
+                                 (long long)field_out[f].codes[i], count);
                     goto done;
                 }
             }
@@ -221,7 +242,7 @@ static PyObject *encode(PyObject *module, PyObject *args) {
             PyErr_Format(PyExc_ValueError, "row %zd: series %lld outside the %zd keys", i, (long long)s, k);
             goto done;
         }
-        room += key_end[s] - (s ? key_end[s - 1] : 0) + names_room + 1 + 21 + 1;
+        room += key_end[s] - (s ? key_end[s - 1] : 0) + names_room + 1 + 24 + 1; /* the time as 24 bytes (see below) */
         lines++;
     }
     body = PyBytes_FromStringAndSize(NULL, room);
@@ -229,6 +250,9 @@ static PyObject *encode(PyObject *module, PyObject *args) {
     if (body == NULL || ends == NULL) goto done;
     char *start = PyBytes_AS_STRING(body), *out = start;
     int64_t *line_end = (int64_t *)PyByteArray_AS_STRING(ends);
+    char last_text[24]; /* the text of the last timestamp written, last_len characters */
+    int64_t last_ts = 0;
+    int last_len = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
         if (!row_accepted[i]) continue;
         int64_t s = row_series[i];
@@ -237,23 +261,46 @@ static PyObject *encode(PyObject *module, PyObject *args) {
         out += key_end[s] - key_start;
         char separator = ' ';
         for (Py_ssize_t f = 0; f < fields; f++) {
-            if (texts[f] != NULL ? codes[f][i] < 0 : !isfinite(values[f][i])) continue;
+            const FieldOut *field = &field_out[f];
+            const char *text;
+            Py_ssize_t text_len;
+            double v = 0;
+            if (field->texts != NULL) {
+                int64_t code = field->codes[i];
+                if (code < 0) continue;
+                PyObject *item = PyTuple_GET_ITEM(field->texts, code);
+                text = PyBytes_AS_STRING(item);
+                text_len = PyBytes_GET_SIZE(item);
+            } else {
+                v = field->values[i];
+                if (!isfinite(v)) continue;
+                text = NULL;
+                text_len = 0;
+            }
             *out++ = separator;
             separator = ',';
-            PyObject *name = PyTuple_GET_ITEM(names, f);
-            memcpy(out, PyBytes_AS_STRING(name), (size_t)PyBytes_GET_SIZE(name));
-            out += PyBytes_GET_SIZE(name);
-            if (texts[f] != NULL) {
-                PyObject *text = PyTuple_GET_ITEM(texts[f], codes[f][i]);
-                memcpy(out, PyBytes_AS_STRING(text), (size_t)PyBytes_GET_SIZE(text));
-                out += PyBytes_GET_SIZE(text);
+            /* A short name as 16 bytes: what follows it is overwritten next, and every line has
+             * room to spare at its end (its time and newline). */
+            if (field->name_len <= SHORT_NAME)
+                memcpy(out, field->short_name, SHORT_NAME);
+            else
+                memcpy(out, field->name, (size_t)field->name_len);
+            out += field->name_len;
+            if (text != NULL) {
+                memcpy(out, text, (size_t)text_len);
+                out += text_len;
                 continue;
             }
-            out = put_float(out, values[f][i]);
+            out = put_float(out, v);
             if (out == NULL) goto done;
         }
         *out++ = ' ';
-        out = put_int64(out, row_ts[i]);
+        if (row_ts[i] != last_ts || last_len == 0) { /* lines of a batch mostly share their time */
+            last_ts = row_ts[i];
+            last_len = (int)(put_int64(last_text, last_ts) - last_text);
+        }
+        memcpy(out, last_text, sizeof last_text); /* fixed size: inlined; the room allows it */
+        out += last_len;
         *out++ = '\n';
         *line_end++ = out - start;
     }

@@ -242,6 +242,20 @@ def test_rows_without_any_finite_field_are_rejected_and_empty_tags_omitted(encod
     assert encoded.rows.tolist() == [1, 2] and encoded.line_ends.tolist() == [24, len(encoded.body)]
 
 
+@pytest.mark.parametrize("encoder", ENCODERS)
+def test_shared_times_and_long_field_names_are_written_whole(encoder: str) -> None:
+    """Times repeated, changed and repeated again (the compiled encoder reuses the last time's
+    text), and field names on either side of its 16-byte short-name copy."""
+    ts = np.array([0, 0, 1_764_000_000_000_000_000, 1_764_000_000_000_000_000, -7, 5], dtype=np.int64)
+    names = ["a" * 15, "b" * 16, "c" * 17, "a_field_name_well_beyond_sixteen_bytes"]
+    fields = {name: np.arange(len(ts), dtype=np.float64) + k / 4 for k, name in enumerate(names)}
+    points = PointColumns("m", {"sensor_id": _obj(["s"] * len(ts))}, fields, ts)
+    lines = encode_with(encoder, points).body.decode().splitlines()
+    parsed = [parse_line(line) for line in lines]
+    assert [p[3] for p in parsed] == ts.tolist()
+    assert [p[2] for p in parsed] == [{name: i + k / 4 for k, name in enumerate(names)} for i in range(len(ts))]
+
+
 @pytest.mark.parametrize(
     ("encoder", "body"),
     [
