@@ -1,7 +1,7 @@
-"""The one thing pyproject.toml cannot declare stably: the compiled halves of six hot loops, the
+"""The one thing pyproject.toml cannot declare stably: the compiled halves of seven hot loops, the
 name factoriser, the line-protocol tokenizer, the MQTT packet splitter, the Kafka record codec
-(encoding, parsing, key hashing and interning), the line-protocol encoder and the cleaning
-kernel's Hampel checks.
+(encoding, parsing, key hashing and interning), the line-protocol encoder, the cleaning kernel's
+Hampel checks and the aggregation of closing windows.
 
 Optional: where no C compiler is at hand the install still succeeds and the Python halves run
 (the bridge logs which ones it runs).
@@ -9,7 +9,7 @@ Optional: where no C compiler is at hand the install still succeeds and the Pyth
 
 from setuptools import Extension, setup
 
-COLUMN_H = "portpulse/_column.h"  # the column helper two extensions include
+COLUMN_H = "portpulse/_column.h"  # the column helper three extensions include
 
 setup(
     ext_modules=[
@@ -25,6 +25,13 @@ setup(
             # -ffp-contract=off: numpy's arithmetic exactly (no fused multiply-add);
             # -fno-tree-loop-distribute-patterns: copies of a few slots stay loops, not memcpy calls.
             extra_compile_args=["-ffp-contract=off", "-fno-tree-loop-distribute-patterns"],
+            optional=True,
+        ),
+        Extension(
+            "portpulse.processors._windows",
+            ["processors/_windows.c"],
+            depends=[COLUMN_H],
+            extra_compile_args=["-ffp-contract=off"],  # numpy's arithmetic exactly: no fused multiply-add
             optional=True,
         ),
     ]

@@ -53,7 +53,7 @@ from portpulse.processors.engine import (
     Readings,
 )
 from portpulse.processors.metrics import PROCESSOR_METRICS
-from portpulse.processors.window import parse_windows
+from portpulse.processors.window import AGGREGATE_KERNEL, parse_windows
 
 __all__ = ["Emitter", "Processor", "ProcessorStats", "decode_fetch", "run_processor"]
 
@@ -546,11 +546,16 @@ async def run_processor(
 ) -> ProcessorStats:
     """A :class:`Processor` run until ``stop`` is set; sets ``ready`` once it has started."""
     processor = Processor(settings, sink, windows, allowed_lateness_s, idle_timeout_s, fetch_max_bytes)
-    log.info("processor: Hampel checks %s", HAMPEL_KERNEL)
+    log.info("processor: Hampel checks %s, window aggregates %s", HAMPEL_KERNEL, AGGREGATE_KERNEL)
     if HAMPEL_KERNEL != "compiled":
         log.warning(
             "the Hampel checks are not compiled (no C compiler at install time?): cleaning costs about three "
             "times the CPU; reinstall with gcc to build them (setup.py)"
+        )
+    if AGGREGATE_KERNEL != "compiled":
+        log.warning(
+            "the window aggregation is not compiled (no C compiler at install time?): closing windows costs "
+            "more CPU; reinstall with gcc to build it (setup.py)"
         )
     async with processor:
         return await processor.run(stop, ready)

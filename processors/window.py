@@ -1,4 +1,4 @@
-"""Event-time window kernels: pure numpy.
+"""Event-time window kernels: pure numpy, and a compiled aggregation of in-order rows.
 
 A window spec (size, step) gives tumbling (step == size) or hopping (step < size) windows
 aligned to the Unix epoch. :func:`assign` maps readings to the windows that contain them;
@@ -15,6 +15,7 @@ timestamp: the later row of equal (key, ts) replaces the earlier.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +24,21 @@ import numpy.typing as npt
 
 from portpulse.arrays import group_starts, stable_order
 
+
+def _compiled() -> Callable[..., tuple[int, bytearray, bytearray] | None] | None:
+    try:
+        from portpulse.processors._windows import aggregate_in_order
+    except ImportError:  # installed where no C compiler was at hand: numpy aggregates every window
+        return None
+    return aggregate_in_order
+
+
+_COMPILED_AGGREGATE = _compiled()
+#: what aggregates closing windows of in-order rows: "compiled" or "numpy" (logged at start-up)
+AGGREGATE_KERNEL = "numpy" if _COMPILED_AGGREGATE is None else "compiled"
+
 __all__ = [
+    "AGGREGATE_KERNEL",
     "Aggregates",
     "ClosedBuckets",
     "ClosedRows",
@@ -173,6 +188,13 @@ def _p95(
     return p95
 
 
+def _sequential_sums(x: npt.NDArray[np.float64], sizes: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:
+    """Per group of consecutive rows (``sizes`` ``(g,)``), the sum of its ``x`` from 0.0, one
+    value after the other (bincount adds in row order): the compiled kernel's order exactly."""
+    group = np.repeat(np.arange(len(sizes), dtype=np.int64), sizes)
+    return np.bincount(group, weights=x, minlength=len(sizes)).astype(np.float64, copy=False)
+
+
 def _aggregate_in_order(
     k: npt.NDArray[np.int64],
     order: npt.NDArray[np.int64],
@@ -182,13 +204,38 @@ def _aggregate_in_order(
 ) -> Aggregates:
     """:func:`aggregate` when every row is accepted and counts (time rises within each key): the
     same values with the passes that sort out rejections, repeats and the latest instant left out."""
-    v = _sorted_within_groups(value_k, starts, total)
-    mean = np.add.reduceat(v, starts) / total
-    stddev = np.sqrt(np.add.reduceat((v - np.repeat(mean, total)) ** 2, starts) / total)
+    v = _sorted_within_groups(value_k + 0.0, starts, total)  # + 0.0: -0.0 sorts as 0.0, whatever comes first
+    mean = _sequential_sums(v, total) / total
+    deviation = v - np.repeat(mean, total)
+    stddev = np.sqrt(_sequential_sums(deviation * deviation, total) / total)
     last = starts + total - 1
     rejected = np.zeros(len(starts), dtype=np.int64)
     return Aggregates(k[starts], total, rejected, mean, v[starts], v[last], value_k[last], stddev,
                       _p95(v, starts, total), order[starts])  # fmt: skip
+
+
+def _aggregate_compiled(
+    key: npt.NDArray[np.int64],
+    ts_ns: npt.NDArray[np.int64],
+    value: npt.NDArray[np.float64],
+    accepted: npt.NDArray[np.bool_],
+) -> Aggregates | None:
+    """:func:`aggregate` of rows whose times rise within each key, by the C kernel
+    (``_windows.c``), or None where it declines (keys too spread, a time not rising, an accepted
+    value not finite)."""
+    assert _COMPILED_AGGREGATE is not None
+    done = _COMPILED_AGGREGATE(
+        np.ascontiguousarray(key, dtype=np.int64),
+        np.ascontiguousarray(ts_ns, dtype=np.int64),
+        np.ascontiguousarray(value, dtype=np.float64),
+        np.ascontiguousarray(accepted, dtype=np.bool_).view(np.uint8),
+    )
+    if done is None:
+        return None
+    g, ints, floats = done
+    key_g, count, rejected, first_row = np.frombuffer(ints, dtype=np.int64).reshape(4, g)
+    mean, vmin, vmax, last, stddev, p95 = np.frombuffer(floats, dtype=np.float64).reshape(6, g)
+    return Aggregates(key_g, count, rejected, mean, vmin, vmax, last, stddev, p95, first_row)
 
 
 def aggregate(
@@ -202,6 +249,10 @@ def aggregate(
     if m == 0:
         e_i, e_f = np.empty(0, np.int64), np.empty(0)
         return Aggregates(e_i, e_i, e_i, e_f, e_f, e_f, e_f, e_f, e_f, e_i)
+    if _COMPILED_AGGREGATE is not None:
+        compiled = _aggregate_compiled(key, ts_ns, value, accepted)
+        if compiled is not None:
+            return compiled
     # Group rows by key (stable), then order each group's values: accepted ascending, rejected
     # (+inf) last. Sums run over that value order, so results do not depend on the input order.
     if bool(np.all(key[1:] >= key[:-1])):  # already grouped (the engine keeps rows sorted)
@@ -217,7 +268,7 @@ def aggregate(
     total = np.diff(np.append(starts, m))
     if increasing and bool(a.all()):
         return _aggregate_in_order(k, order, value_k, starts, total)
-    v = _sorted_within_groups(np.where(a, value_k, np.inf), starts, total)
+    v = _sorted_within_groups(np.where(a, value_k + 0.0, np.inf), starts, total)
     count = np.add.reduceat(a.astype(np.int64), starts)
     rejected = np.add.reduceat(counted_rejection.astype(np.int64), starts)
     # Accepted values are the first `count` of each group in v.
@@ -225,8 +276,9 @@ def aggregate(
     good = in_group < np.repeat(count, total)
     va = np.where(good, v, 0.0)
     with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.add.reduceat(va, starts) / count
-        sq = np.add.reduceat(np.where(good, (va - np.repeat(mean, total)) ** 2, 0.0), starts)
+        mean = _sequential_sums(va, total) / count
+        deviation = va - np.repeat(mean, total)
+        sq = _sequential_sums(np.where(good, deviation * deviation, 0.0), total)
         stddev = np.sqrt(sq / count)
     has = count > 0
     vmin = np.where(has, v[starts], np.nan)

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from portpulse.processors import clean as clean_module
+from portpulse.processors import window as window_module
 from portpulse.processors.clean import (
     DUPLICATE,
     HAMPEL_KERNEL,
@@ -25,7 +26,7 @@ from portpulse.processors.clean import (
     History,
     clean,
 )
-from portpulse.processors.window import WindowSpec, aggregate, assign, parse_windows
+from portpulse.processors.window import AGGREGATE_KERNEL, WindowSpec, aggregate, assign, parse_windows
 from tests.unit.compiled import compiled_half
 
 W = 5
@@ -380,6 +381,70 @@ def test_aggregate_in_time_order_gives_the_bits_of_any_arrival_order(sizes: list
     assert in_order.count.tolist() == sizes and in_order.last.tolist() == [
         float(value[key == k][-1]) for k in range(len(sizes))
     ]
+
+
+def test_the_compiled_window_aggregation_is_built() -> None:
+    assert AGGREGATE_KERNEL == "compiled", "processors/_windows.c is not compiled (setup.py)"
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    steps=st.integers(1, 70),
+    keys=st.integers(1, 60),
+    spread=st.sampled_from([1, 3, 10**6]),
+    decimals=st.integers(0, 3),
+)
+def test_the_compiled_window_aggregation_gives_numpys_aggregates_bit_for_bit(
+    seed: int, steps: int, keys: int, spread: int, decimals: int
+) -> None:
+    """Closing windows as the engine hands them over: step after step, each step's rows grouped by
+    key, a key present in some steps only, values with ties (and -0.0) in any order, some rows
+    rejected (NaN among them), some keys with none accepted. Every field
+    of the compiled kernel's aggregates, first row included, equals numpy's (-0.0 counts as 0.0
+    in min, max and p95, whatever the order it arrived in); keys too spread for its table
+    (``spread``) leave the work to numpy."""
+    rng = np.random.default_rng(seed)
+    parts = []
+    for step in range(steps):
+        present = np.flatnonzero(rng.random(keys) < 0.8)
+        parts.append(np.stack([present * spread, np.full(len(present), step)]))
+    key, step_of = np.concatenate(parts, axis=1) if parts else np.empty((2, 0), dtype=np.int64)
+    key, ts = key.astype(np.int64), (step_of * 10**9 + rng.integers(0, 10**6, len(key))).astype(np.int64)
+    value = np.round(rng.normal(0, rng.choice([0.001, 5.0, 1e6]), len(key)), decimals)
+    value[rng.random(len(key)) < 0.05] = -0.0
+    accepted = rng.random(len(key)) > rng.choice([0.0, 0.1, 0.9])
+    value[~accepted & (rng.random(len(key)) < 0.5)] = np.nan
+    with compiled_half(window_module, "_COMPILED_AGGREGATE", "compiled"):
+        compiled = aggregate(key, ts, value, accepted)
+        taken = window_module._aggregate_compiled(key, ts, value, accepted) if len(key) else None
+    with compiled_half(window_module, "_COMPILED_AGGREGATE", "numpy"):
+        numpy_made = aggregate(key, ts, value, accepted)
+    span = int(key.max() - key.min()) if len(key) else 0
+    assert (taken is not None) == (len(key) > 0 and span < 4 * len(key) + 4096)  # which path ran
+    for name in ("key", "count", "rejected", "mean", "min", "max", "last", "stddev", "p95", "first_row"):
+        assert getattr(compiled, name).tobytes() == getattr(numpy_made, name).tobytes(), name
+
+
+def test_the_compiled_window_aggregation_declines_what_numpy_must_sort_out() -> None:
+    """Times not rising within a key (a repeat, a reading out of order) or an accepted value not
+    finite: the kernel declines and aggregate() gives numpy's answer; a rejected value may be
+    anything; ragged inputs are a ValueError."""
+    kernel = window_module._COMPILED_AGGREGATE
+    assert kernel is not None
+    key = np.array([0, 1, 0, 1], dtype=np.int64)
+    rising = np.array([1, 1, 2, 2], dtype=np.int64)
+    value = np.array([1.0, 2.0, 3.0, 4.0])
+    ok = np.ones(4, dtype=np.uint8)
+    assert kernel(key, rising, value, ok) is not None
+    assert kernel(key, rising, np.array([1.0, np.inf, 3.0, 4.0]), np.array([1, 0, 1, 1], dtype=np.uint8)) is not None
+    for ts, v in ((np.array([1, 1, 1, 2]), value), (np.array([2, 1, 1, 2]), value),
+                  (rising, np.array([1.0, np.inf, 3.0, 4.0]))):  # fmt: skip
+        assert kernel(key, ts.astype(np.int64), v, ok) is None
+    got = aggregate(key, np.array([1, 1, 1, 2], dtype=np.int64), value, np.ones(4, dtype=bool))
+    assert got.count.tolist() == [1, 2] and got.last.tolist() == [3.0, 4.0]  # the later row of an instant
+    with pytest.raises(ValueError, match="items"):
+        kernel(key, rising[:3], value, ok)
 
 
 def test_sorting_network_sorts_every_binary_input_and_random_rows() -> None:
