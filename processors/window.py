@@ -454,13 +454,25 @@ class OpenWindows:
                 del self._buckets[key]
                 columns = [[c[k] for c in bucket.chunks] for k in range(4)]  # joined once, with the others
             else:
-                series, ts_ns, value, ok, replay = (np.concatenate(c) for c in zip(*bucket.chunks, strict=True))
-                take = closed_until[spec, series] >= end
-                keep = ~take
-                bucket.chunks = [(series[keep], ts_ns[keep], value[keep], ok[keep], replay[keep])]
+                # Chunk by chunk: joining the bucket's chunks first would copy every row once more.
+                columns = [[], [], [], []]
+                kept = []
+                for chunk in bucket.chunks:
+                    take = closed_until[spec, chunk[0]] >= end
+                    if take.all():
+                        for k in range(4):
+                            columns[k].append(chunk[k])
+                        continue
+                    if take.any():
+                        for k in range(4):
+                            columns[k].append(chunk[k][take])
+                        keep = ~take
+                        kept.append((chunk[0][keep], chunk[1][keep], chunk[2][keep], chunk[3][keep], chunk[4][keep]))
+                    else:
+                        kept.append(chunk)
+                bucket.chunks = kept
                 bucket.series = present[~ready]
-                bucket.replay_from = int(replay[keep].min())
-                columns = [[series[take]], [ts_ns[take]], [value[take]], [ok[take]]]
+                bucket.replay_from = min(int(c[4].min()) for c in kept)
             m = sum(len(c) for c in columns[0])
             self.rows -= m
             keys.append(key)
