@@ -183,8 +183,11 @@ def pair_lines(
         # side by side): no sort.
         new[1:] |= ts[1:] != ts[:-1]
         return np.cumsum(new) - 1, np.flatnonzero(new)
-    by_ts = stable_order(ts)
-    order = by_ts[stable_order(point[by_ts])]
+    if ts[0] == ts.min() == ts.max():  # one instant (a step of reports sent together): one sort
+        order = stable_order(point)
+    else:
+        by_ts = stable_order(ts)
+        order = by_ts[stable_order(point[by_ts])]
     p, t = point[order], ts[order]
     np.not_equal(p[1:], p[:-1], out=new[1:])
     new[1:] |= t[1:] != t[:-1]

@@ -647,11 +647,17 @@ def test_factorise_refuses_unhashable_items_compiled_or_not() -> None:
             factorise(["s-1", ["s-2"]])
 
 
-@given(st.lists(st.tuples(st.integers(0, 4), st.integers(0, 3)), max_size=40), st.booleans())
-def test_pair_lines_makes_one_line_per_point_and_instant(rows: list[tuple[int, int]], presorted: bool) -> None:
+@given(
+    st.lists(st.tuples(st.integers(0, 4), st.integers(0, 3)), max_size=40),
+    st.sampled_from(["any", "sorted", "one instant"]),
+)
+def test_pair_lines_makes_one_line_per_point_and_instant(rows: list[tuple[int, int]], shape: str) -> None:
     from portpulse.arrays import pair_lines
 
-    rows = sorted(rows) if presorted else rows  # sorted: the path that skips the sorts
+    if shape == "sorted":  # the path that skips the sorts
+        rows = sorted(rows)
+    elif shape == "one instant":  # one sort, by point
+        rows = [(p, 7) for p, _ in rows]
     point = np.array([p for p, _ in rows], dtype=np.int64)
     ts = np.array([t for _, t in rows], dtype=np.int64)
     line, first = pair_lines(point, ts)
