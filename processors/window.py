@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from portpulse.arrays import group_starts, stable_order
+from portpulse.arrays import code_groups, group_starts, stable_order
 
 
 def _compiled() -> Callable[..., tuple[int, bytearray, bytearray] | None] | None:
@@ -384,6 +384,21 @@ class _Bucket:
         return sum(len(c[0]) for c in self.chunks)
 
 
+def _buckets_of(
+    start: npt.NDArray[np.int64], partition: npt.NDArray[np.int64]
+) -> list[tuple[int, int, npt.NDArray[np.int64]]]:
+    """The rows ``(m,)`` of each (window start, partition), rows ascending: ``(start, partition,
+    rows)``. A step's rows mostly share one window start: then a comparison pass per partition,
+    not a sort."""
+    if int(start.min()) == int(start.max()) and int(partition.min()) >= 0:
+        return [(int(start[0]), p, rows) for p, rows in code_groups(partition)]
+    order = np.lexsort((partition, start))  # stable: a bucket's rows keep their order
+    s, p = start[order], partition[order]
+    cut = np.flatnonzero((s[1:] != s[:-1]) | (p[1:] != p[:-1])) + 1
+    bounds = zip([0, *cut.tolist()], [*cut.tolist(), len(order)], strict=True)
+    return [(int(s[a]), int(p[a]), order[a:b]) for a, b in bounds]
+
+
 class OpenWindows:
     """Readings of the windows still open, kept per (spec, window start, partition).
 
@@ -412,13 +427,8 @@ class OpenWindows:
         """Rows ``(m,)`` of window spec ``spec`` starting at ``start``, in order (kept per bucket)."""
         if not len(start):
             return
-        order = np.lexsort((partition, start))  # stable: a bucket's rows keep their order
-        s, p = start[order], partition[order]
-        cut = np.flatnonzero((s[1:] != s[:-1]) | (p[1:] != p[:-1])) + 1
-        bounds = zip([0, *cut.tolist()], [*cut.tolist(), len(order)], strict=True)
-        for a, b in bounds:
-            rows = order[a:b]
-            key = (spec, int(s[a]), int(p[a]))
+        for window_start, p, rows in _buckets_of(start, partition):
+            key = (spec, window_start, p)
             earliest = int(replay_from[rows].min())
             chunk_series = series[rows]
             if bool(np.all(chunk_series[1:] >= chunk_series[:-1])):  # the engine's rows come grouped
