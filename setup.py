@@ -10,6 +10,7 @@ Optional: where no C compiler is at hand the install still succeeds and the Pyth
 from setuptools import Extension, setup
 
 COLUMN_H = "portpulse/_column.h"  # the column helper three extensions include
+SORT_H = "portpulse/_sort.h"  # the small sort two extensions include
 
 setup(
     ext_modules=[
@@ -21,7 +22,7 @@ setup(
         Extension(
             "portpulse.processors._hampel",
             ["processors/_hampel.c"],
-            depends=[COLUMN_H],
+            depends=[COLUMN_H, SORT_H],
             # -ffp-contract=off: numpy's arithmetic exactly (no fused multiply-add);
             # -fno-tree-loop-distribute-patterns: copies of a few slots stay loops, not memcpy calls.
             extra_compile_args=["-ffp-contract=off", "-fno-tree-loop-distribute-patterns"],
@@ -30,7 +31,7 @@ setup(
         Extension(
             "portpulse.processors._windows",
             ["processors/_windows.c"],
-            depends=[COLUMN_H],
+            depends=[COLUMN_H, SORT_H],
             extra_compile_args=["-ffp-contract=off"],  # numpy's arithmetic exactly: no fused multiply-add
             optional=True,
         ),

@@ -38,22 +38,10 @@
 #include <string.h>
 
 #include "../portpulse/_column.h"
+#include "../portpulse/_sort.h"
 
 #define MAX_WINDOW 64
 enum { OK = 0, SPIKE = 4, RATE = 5 };
-
-/* Sorts a[0..c) ascending (no NaN: the slots judged are filled). */
-static void sort_small(double *a, int c) {
-    for (int i = 1; i < c; i++) {
-        double x = a[i];
-        int j = i - 1;
-        while (j >= 0 && a[j] > x) {
-            a[j + 1] = a[j];
-            j--;
-        }
-        a[j + 1] = x;
-    }
-}
 
 #ifdef __SSE2__
 #include <emmintrin.h>
@@ -89,7 +77,7 @@ static void sort8(double *a) {
  * padded with +inf (no value judged is infinite: check 1 rejected those) and sorted by network. */
 static void sort_window(double *a, int c) {
     if (c > 8) {
-        sort_small(a, c);
+        insertion_sort(a, c);
         return;
     }
     for (int i = c; i < 8; i++) a[i] = INFINITY;

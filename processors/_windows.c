@@ -29,20 +29,9 @@
 #include <string.h>
 
 #include "../portpulse/_column.h"
+#include "../portpulse/_sort.h"
 
 #define MORE_KEYS_THAN_ROWS 4 /* a key range up to this many times m (plus a little) is tabled */
-
-static void insertion_sort(double *a, Py_ssize_t n) {
-    for (Py_ssize_t i = 1; i < n; i++) {
-        double x = a[i];
-        Py_ssize_t j = i - 1;
-        while (j >= 0 && a[j] > x) {
-            a[j + 1] = a[j];
-            j--;
-        }
-        a[j + 1] = x;
-    }
-}
 
 /* Sorts a[0..n) ascending (no NaN): quicksort, median of three, small parts by insertion. */
 static void sort_values(double *a, Py_ssize_t n) {
