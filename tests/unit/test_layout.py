@@ -143,6 +143,7 @@ def test_a_wheel_holds_only_the_portpulse_namespace(tmp_path: Path) -> None:
         "portpulse/codecs/_records.",
         "portpulse/sinks/_lineformat.",
         "portpulse/processors/_hampel.",
+        "portpulse/processors/_windows.",
     ):
         assert [n for n in names if n.startswith(compiled) and n.endswith(".so")], f"{compiled} not compiled"
 
