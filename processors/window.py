@@ -24,19 +24,6 @@ import numpy.typing as npt
 
 from portpulse.arrays import code_groups, group_starts, stable_order
 
-
-def _compiled() -> Callable[..., tuple[int, bytearray, bytearray] | None] | None:
-    try:
-        from portpulse.processors._windows import aggregate_in_order
-    except ImportError:  # installed where no C compiler was at hand: numpy aggregates every window
-        return None
-    return aggregate_in_order
-
-
-_COMPILED_AGGREGATE = _compiled()
-#: what aggregates closing windows of in-order rows: "compiled" or "numpy" (logged at start-up)
-AGGREGATE_KERNEL = "numpy" if _COMPILED_AGGREGATE is None else "compiled"
-
 __all__ = [
     "AGGREGATE_KERNEL",
     "Aggregates",
@@ -52,6 +39,19 @@ __all__ = [
 ]
 
 _UNITS = {"s": 10**9, "m": 60 * 10**9, "h": 3600 * 10**9, "d": 86_400 * 10**9}
+
+
+def _compiled() -> Callable[..., tuple[int, bytearray, bytearray] | None] | None:
+    try:
+        from portpulse.processors._windows import aggregate_in_order
+    except ImportError:  # installed where no C compiler was at hand: numpy aggregates every window
+        return None
+    return aggregate_in_order
+
+
+_COMPILED_AGGREGATE = _compiled()
+#: what aggregates closing windows of in-order rows: "compiled" or "numpy" (logged at start-up)
+AGGREGATE_KERNEL = "numpy" if _COMPILED_AGGREGATE is None else "compiled"
 
 
 @dataclass(frozen=True, slots=True)
