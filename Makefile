@@ -8,9 +8,12 @@ STAMP  := $(VENV)/.installed-stamp
 
 .PHONY: install services brokers secure services-down tools lint unit integration test demo bench clean
 
-$(STAMP): pyproject.toml setup.py ingest/_lineproto.c portpulse/codecs/_mqttsplit.c portpulse/codecs/_records.c sinks/_lineformat.c processors/_hampel.c portpulse/_arrays.c portpulse/_column.h
+# Every C source and header of the extensions, so an edit to any of them rebuilds.
+C_SOURCES := $(wildcard ingest/*.c processors/*.c sinks/*.c portpulse/*.c portpulse/*.h portpulse/codecs/*.c)
+
+$(STAMP): pyproject.toml setup.py $(C_SOURCES)
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "PortPulse needs Python >= 3.11")'
-	$(PYTHON) scripts/services compiler  # gcc and Python's headers: setup.py builds six C extensions
+	$(PYTHON) scripts/services compiler  # gcc and Python's headers: setup.py builds seven C extensions
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test]'
