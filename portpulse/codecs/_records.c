@@ -34,7 +34,25 @@
  *   where each batch's section ends in data, its record count and its base offset. Returns five
  *   bytearrays of int64 (n,), n = sum(counts): each record's offset and where its key and value
  *   are in data (length -1: null), the columns recordbatch._parse_bodies computes with numpy.
- *   Raises ValueError when a record's framing does not fit its batch.
+ *   Raises ValueError when a record's framing does not fit its batch. *
+ * wire_headers(data, start, length) -> (good, head_len, body, count)
+ *
+ *   data: bytes-like, the PortPulse wire values (codecs/wire.py) of a fetch joined; start, length:
+ *   int64 (n,), where each value is (length -1: a null value). Walks every value's header (version,
+ *   site, metric names) and returns four bytearrays of int64 (g,) for the g values whose framing
+ *   holds (version 1, names inside the value, exactly N 18-byte readings after the count N): the
+ *   value's index, its header's length from start (site and names: what is interned), where its
+ *   readings start and how many it has. wire._decode_columns_numpy's checks, value by value.
+ *
+ * wire_readings(data, body, count, header, widths, good, table_width)
+ *     -> (record, header, name_code, ts, value, flags, kept)
+ *
+ *   body, count, header, good: int64 (g,), each value's readings (where, how many), its header
+ *   code and its index; widths: int64 (h,), the names each header holds. A value whose readings
+ *   all name a metric within its header's table is kept: its readings become rows (r of them, in
+ *   order), as bytearrays of int64 record (its index), header, name_code (header * table_width +
+ *   the metric index), ts_ns, float64 value and uint8 flags; kept: uint8 (g,). Raises ValueError
+ *   for readings outside data or a header code outside widths.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -389,11 +407,143 @@ static PyObject *key_hashes(PyObject *module, PyObject *keys) {
     return out;
 }
 
+#define WIRE_VERSION 1
+#define WIRE_MIN_VALUE 8 /* version, site length, name count, reading count */
+#define WIRE_READING 18  /* i8 ts_ns, f8 value, u1 metric index, u1 flags */
+
+static PyObject *wire_headers(PyObject *module, PyObject *args) {
+    (void)module;
+    PyObject *src_obj, *start_obj, *length_obj;
+    if (!PyArg_ParseTuple(args, "OOO", &src_obj, &start_obj, &length_obj)) return NULL;
+    Py_buffer src = {0}, start = {0}, length = {0};
+    PyObject *out[4] = {NULL, NULL, NULL, NULL}, *result = NULL;
+    Py_ssize_t n = -1;
+    if (PyObject_GetBuffer(src_obj, &src, PyBUF_C_CONTIGUOUS) < 0) return NULL;
+    if (int64_column(start_obj, &start, &n, "start") < 0) goto done_src;
+    if (int64_column(length_obj, &length, &n, "length") < 0) goto done_start;
+    for (int k = 0; k < 4; k++) {
+        out[k] = PyByteArray_FromStringAndSize(NULL, n * 8);
+        if (out[k] == NULL) goto done;
+    }
+    const unsigned char *data = src.buf;
+    const int64_t *s = start.buf, *len = length.buf;
+    int64_t *good = (int64_t *)PyByteArray_AS_STRING(out[0]), *head = (int64_t *)PyByteArray_AS_STRING(out[1]);
+    int64_t *body = (int64_t *)PyByteArray_AS_STRING(out[2]), *count = (int64_t *)PyByteArray_AS_STRING(out[3]);
+    Py_ssize_t g = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int64_t a = s[i], l = len[i];
+        if (l < WIRE_MIN_VALUE || a < 0 || a + l > src.len || data[a] != WIRE_VERSION) continue;
+        int64_t end = a + l;
+        int64_t pos = a + 4 + (int64_t)(data[a + 1] | data[a + 2] << 8); /* just past the name count */
+        if (pos > end) continue;
+        int names = data[pos - 1];
+        for (int j = 0; j < names && pos < end; j++) pos += 1 + data[pos];
+        if (pos + 4 > end) continue;
+        const unsigned char *c = data + pos;
+        int64_t readings = (int64_t)((uint32_t)c[0] | (uint32_t)c[1] << 8 | (uint32_t)c[2] << 16 | (uint32_t)c[3] << 24);
+        if (end - pos - 4 != readings * WIRE_READING) continue;
+        good[g] = i;
+        head[g] = pos - a;
+        body[g] = pos + 4;
+        count[g] = readings;
+        g++;
+    }
+    for (int k = 0; k < 4; k++)
+        if (PyByteArray_Resize(out[k], g * 8) < 0) goto done;
+    result = PyTuple_Pack(4, out[0], out[1], out[2], out[3]);
+done:
+    for (int k = 0; k < 4; k++) Py_XDECREF(out[k]);
+    PyBuffer_Release(&length);
+done_start:
+    PyBuffer_Release(&start);
+done_src:
+    PyBuffer_Release(&src);
+    return result;
+}
+
+static PyObject *wire_readings(PyObject *module, PyObject *args) {
+    (void)module;
+    PyObject *src_obj, *body_obj, *count_obj, *header_obj, *widths_obj, *good_obj;
+    Py_ssize_t table_width;
+    if (!PyArg_ParseTuple(args, "OOOOOOn", &src_obj, &body_obj, &count_obj, &header_obj, &widths_obj, &good_obj,
+                          &table_width))
+        return NULL;
+    Py_buffer src = {0}, body = {0}, count = {0}, header = {0}, widths = {0}, good = {0};
+    PyObject *out[7] = {NULL}, *result = NULL;
+    Py_ssize_t g = -1, h = -1;
+    if (PyObject_GetBuffer(src_obj, &src, PyBUF_C_CONTIGUOUS) < 0) return NULL;
+    if (int64_column(body_obj, &body, &g, "body") < 0) goto done_src;
+    if (int64_column(count_obj, &count, &g, "count") < 0) goto done_body;
+    if (int64_column(header_obj, &header, &g, "header") < 0) goto done_count;
+    if (int64_column(widths_obj, &widths, &h, "widths") < 0) goto done_header;
+    if (int64_column(good_obj, &good, &g, "good") < 0) goto done_widths;
+    const unsigned char *data = src.buf;
+    const int64_t *at = body.buf, *cnt = count.buf, *hd = header.buf, *width = widths.buf, *index = good.buf;
+    Py_ssize_t rows = 0;
+    for (Py_ssize_t i = 0; i < g; i++) {
+        if (cnt[i] < 0 || at[i] < 0 || cnt[i] > (src.len - at[i]) / WIRE_READING) {
+            PyErr_Format(PyExc_ValueError, "value %zd: readings outside the buffer", i);
+            goto done;
+        }
+        if (hd[i] < 0 || hd[i] >= h) {
+            PyErr_Format(PyExc_ValueError, "value %zd: header %lld outside the widths", i, (long long)hd[i]);
+            goto done;
+        }
+        rows += cnt[i];
+    }
+    static const int size[7] = {8, 8, 8, 8, 8, 1, 1};
+    for (int k = 0; k < 7; k++) {
+        out[k] = PyByteArray_FromStringAndSize(NULL, (k < 6 ? rows : g) * size[k]);
+        if (out[k] == NULL) goto done;
+    }
+    int64_t *record = (int64_t *)PyByteArray_AS_STRING(out[0]), *head = (int64_t *)PyByteArray_AS_STRING(out[1]);
+    int64_t *name = (int64_t *)PyByteArray_AS_STRING(out[2]), *ts = (int64_t *)PyByteArray_AS_STRING(out[3]);
+    double *value = (double *)PyByteArray_AS_STRING(out[4]);
+    unsigned char *flags = (unsigned char *)PyByteArray_AS_STRING(out[5]), *kept = (unsigned char *)PyByteArray_AS_STRING(out[6]);
+    Py_ssize_t r = 0;
+    for (Py_ssize_t i = 0; i < g; i++) {
+        const unsigned char *p = data + at[i];
+        int64_t w = width[hd[i]], c = cnt[i];
+        int fits = 1;
+        for (int64_t j = 0; j < c; j++) fits &= p[j * WIRE_READING + 16] < w;
+        kept[i] = (unsigned char)fits;
+        if (!fits) continue; /* a metric index beyond its name table: the whole value is bad */
+        int64_t base = hd[i] * (int64_t)table_width;
+        for (int64_t j = 0; j < c; j++, r++, p += WIRE_READING) {
+            record[r] = index[i];
+            head[r] = hd[i];
+            name[r] = base + p[16];
+            memcpy(&ts[r], p, 8);
+            memcpy(&value[r], p + 8, 8);
+            flags[r] = p[17];
+        }
+    }
+    for (int k = 0; k < 6; k++)
+        if (PyByteArray_Resize(out[k], r * size[k]) < 0) goto done;
+    result = PyTuple_Pack(7, out[0], out[1], out[2], out[3], out[4], out[5], out[6]);
+done:
+    for (int k = 0; k < 7; k++) Py_XDECREF(out[k]);
+    PyBuffer_Release(&good);
+done_widths:
+    PyBuffer_Release(&widths);
+done_header:
+    PyBuffer_Release(&header);
+done_count:
+    PyBuffer_Release(&count);
+done_body:
+    PyBuffer_Release(&body);
+done_src:
+    PyBuffer_Release(&src);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"encode", encode, METH_VARARGS, "The records section of one v2 batch (see the module comment)."},
     {"key_hashes", key_hashes, METH_O, "Kafka's positive murmur2 of each key (see the module comment)."},
     {"intern", intern, METH_VARARGS, "Codes and distinct slices (see the module comment)."},
     {"parse", parse, METH_VARARGS, "Record columns of joined record sections (see the module comment)."},
+    {"wire_headers", wire_headers, METH_VARARGS, "Where each wire value's header and readings are (see the module comment)."},
+    {"wire_readings", wire_readings, METH_VARARGS, "The readings of wire values as columns (see the module comment)."},
     {NULL, NULL, 0, NULL},
 };
 

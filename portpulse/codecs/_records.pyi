@@ -23,3 +23,12 @@ def parse(
     data: Any, ends: Any, counts: Any, base: Any, /
 ) -> tuple[bytearray, bytearray, bytearray, bytearray, bytearray]:
     """int64 (n,) offset, key_start, key_len, value_start, value_len of joined record sections."""
+
+def wire_headers(data: Any, start: Any, length: Any, /) -> tuple[bytearray, bytearray, bytearray, bytearray]:
+    """int64 (g,) index, header length, readings' start and reading count of each well-framed wire value."""
+
+def wire_readings(
+    data: Any, body: Any, count: Any, header: Any, widths: Any, good: Any, table_width: int, /
+) -> tuple[bytearray, bytearray, bytearray, bytearray, bytearray, bytearray, bytearray]:
+    """The readings of wire values: int64 (r,) record, header, name_code, ts_ns; float64 value;
+    uint8 flags; uint8 (g,) kept."""

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import functools
 import struct
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +32,7 @@ from portpulse.contract.points import Categorical
 __all__ = [
     "VERSION",
     "VERSION_HEADER",
+    "WIRE_DECODER",
     "WireBatch",
     "WireError",
     "WireRecord",
@@ -204,9 +206,88 @@ def decode_columns(
     data: npt.NDArray[np.uint8], start: npt.NDArray[np.int64], length: npt.NDArray[np.int64]
 ) -> WireBatch:
     """Decode the values ``data[start[i] : start[i] + length[i]]`` (a Kafka fetch as columns) at
-    once: headers are walked with vectorised reads, the distinct headers (site + metric names)
-    validated once each, and every reading gathered in one pass. ``record`` indexes the values;
-    malformed ones (a null value has length -1) are listed in ``bad``.
+    once: every value's framing is checked, the distinct headers (site + metric names) validated
+    once each, and every reading gathered in one pass. ``record`` indexes the values; malformed
+    ones (a null value has length -1) are listed in ``bad``. In C (``_records.c``) where it is
+    built, else :func:`_decode_columns_numpy`; both give the same columns."""
+    if _COMPILED_WIRE is None:
+        return _decode_columns_numpy(data, start, length)
+    headers, readings = _COMPILED_WIRE
+    start, length = np.ascontiguousarray(start, dtype=np.int64), np.ascontiguousarray(length, dtype=np.int64)
+    good, head_len, body, count = (np.frombuffer(c, dtype=np.int64) for c in headers(data, start, length))
+    codes, distinct = intern_slices(data, start[good], head_len)
+    valid, sites, table = _header_tables(distinct)
+    keep = valid[codes]
+    if not keep.all():
+        good, body, count, codes = good[keep], body[keep], count[keep], codes[keep]
+    widths = np.array([len(names) for names in table] or [0], dtype=np.int64)
+    width = max(int(widths.max()), 1)
+    record, header, name_code, ts, value, flags, kept = readings(data, body, count, codes, widths, good, width)
+    decoded = np.zeros(len(start), dtype=bool)
+    decoded[good[np.frombuffer(kept, dtype=np.bool_)]] = True
+    header_codes = np.frombuffer(header, dtype=np.int64)
+    name_codes = np.frombuffer(name_code, dtype=np.int64)
+    return WireBatch(
+        record=np.frombuffer(record, dtype=np.int64),
+        site=Categorical(header_codes, sites),
+        metric=Categorical(name_codes, _name_table(table, width)),
+        ts_ns=np.frombuffer(ts, dtype=np.int64),
+        value=np.frombuffer(value, dtype=np.float64),
+        flags=np.frombuffer(flags, dtype=np.uint8),
+        bad=np.flatnonzero(~decoded).tolist(),
+        header=header_codes,
+        name_code=name_codes,
+    )
+
+
+def _header_tables(
+    distinct: list[bytes],
+) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.object_], list[tuple[str, ...]]]:
+    """Each distinct header (site and metric names) parsed once by the strict decoder: whether it
+    is valid ``(h,)``, its site ``(h,)`` ("" when not) and its metric names (none when not)."""
+    valid = np.ones(len(distinct), dtype=bool)
+    sites = np.empty(max(len(distinct), 1), dtype=object)
+    names: list[tuple[str, ...]] = []
+    for h, head_bytes in enumerate(distinct):
+        try:
+            head = decode_value(head_bytes + b"\0\0\0\0")
+            sites[h] = head.site
+            names.append(head.metrics)
+        except WireError:
+            valid[h] = False
+            sites[h] = ""
+            names.append(())
+    return valid, sites, names
+
+
+def _name_table(names: list[tuple[str, ...]], width: int) -> npt.NDArray[np.object_]:
+    """The headers' metric names as one flat table ``(h * width,)``: header h's names from h * width."""
+    table = np.empty((max(len(names), 1), width), dtype=object)
+    for h, row in enumerate(names):
+        table[h, : len(row)] = row
+    return table.reshape(-1)
+
+
+def _compiled_wire() -> tuple[Callable[..., tuple[bytearray, ...]], Callable[..., tuple[bytearray, ...]]] | None:
+    if sys.byteorder != "little":  # the compiled reader copies the readings' numbers as they lie
+        return None
+    try:
+        from portpulse.codecs._records import wire_headers, wire_readings
+    except ImportError:  # installed where no C compiler was at hand: numpy walks the values
+        return None
+    return wire_headers, wire_readings
+
+
+_COMPILED_WIRE = _compiled_wire()
+#: what decodes a fetch's wire values: "compiled" or "numpy" (logged at start-up)
+WIRE_DECODER = "numpy" if _COMPILED_WIRE is None else "compiled"
+
+
+def _decode_columns_numpy(
+    data: npt.NDArray[np.uint8], start: npt.NDArray[np.int64], length: npt.NDArray[np.int64]
+) -> WireBatch:
+    """:func:`decode_columns` with vectorised reads: headers are walked one name per step over
+    all values, and every reading gathered in one pass.
 
     The positions computed for value ``i`` (layout in the module docstring)::
 
@@ -238,18 +319,7 @@ def decode_columns(
     good = np.flatnonzero(ok)
     codes, distinct = intern_slices(data, start[good], pos[good] - start[good])
     # Each distinct header is parsed once by the strict decoder; values with a bad one are bad.
-    header_site: list[str] = []
-    header_names: list[tuple[str, ...]] = []
-    valid = np.ones(len(distinct), dtype=bool)
-    for h, head_bytes in enumerate(distinct):
-        try:
-            head = decode_value(head_bytes + b"\0\0\0\0")
-            header_site.append(head.site)
-            header_names.append(head.metrics)
-        except WireError:
-            valid[h] = False
-            header_site.append("")
-            header_names.append(())
+    valid, sites, header_names = _header_tables(distinct)
     keep_value = valid[codes]
     good, codes = good[keep_value], codes[keep_value]
     counts = count[good]
@@ -267,19 +337,15 @@ def decode_columns(
     if not keep.all():  # a metric index beyond its name table: the whole value is bad
         keep = ~np.isin(record, np.unique(record[~keep]))
         body, record, header, local = body[keep], record[keep], header[keep], local[keep]
-    table = np.empty((len(widths), max(int(widths.max()), 1)), dtype=object)
-    for h, names in enumerate(header_names):
-        table[h, : len(names)] = names
-    sites = np.empty(len(widths), dtype=object)
-    sites[: len(header_site)] = header_site
+    width = max(int(widths.max()), 1)
     decoded = np.zeros(n, dtype=bool)
     decoded[record] = True
     decoded[good[counts == 0]] = True  # an empty value of a good header decodes to nothing
-    name_code = header * table.shape[1] + local
+    name_code = header * width + local
     return WireBatch(
         record=record,
         site=Categorical(header, sites),
-        metric=Categorical(name_code, table.reshape(-1)),
+        metric=Categorical(name_code, _name_table(header_names, width)),
         ts_ns=np.ndarray((last + 1,), dtype="<i8", buffer=padded, strides=(1,))[body],
         value=np.ndarray((last + 1,), dtype="<f8", buffer=padded, offset=_VALUE_AT, strides=(1,))[body],
         flags=padded[body + _FLAGS_AT],

@@ -14,6 +14,7 @@ from portpulse.codecs.wire import WireError, decode_value, decode_values, encode
 from portpulse.contract.schema import FLAG_TS_FROM_RECEIVE, Reading
 from portpulse.ingest.decode import REASONS, DecodeLimits, Message, decode_messages, parse_timestamp_ns
 from portpulse.ingest.records import build_dead_letters, build_records
+from tests.unit.compiled import compiled_half
 
 NOW = 1_764_000_000_000_000_000  # 2025-11-24T16:00:00Z
 LIMITS = DecodeLimits(max_payload_bytes=4096)
@@ -304,9 +305,13 @@ def test_records_hold_each_sensors_readings_in_arrival_order_one_record_per_name
             st.binary(max_size=40),  # garbage values
         ),
         max_size=12,
-    )
+    ),
+    # Damage to one value: (which value, at which byte, set to what; or truncated there).
+    st.lists(st.tuples(st.integers(0, 11), st.integers(0, 200), st.integers(0, 255) | st.none()), max_size=3),
+    st.sampled_from(["compiled", "numpy"]),
 )
-def test_batch_decode_equals_one_value_at_a_time(items: list[Any]) -> None:
+def test_batch_decode_equals_one_value_at_a_time(items: list[Any], damage: list[Any], kind: str) -> None:
+    from portpulse.codecs import wire
     from portpulse.codecs.wire import decode_values
 
     values: list[bytes] = []
@@ -326,7 +331,16 @@ def test_batch_decode_equals_one_value_at_a_time(items: list[Any]) -> None:
                 [1] * len(readings),
             )
         )
-    batch = decode_values(values)
+    for which, at, byte in damage:  # a site or name length too long, a metric index too high, a cut
+        if which < len(values) and at < len(values[which]):
+            damaged = bytearray(values[which])
+            if byte is None:
+                del damaged[at:]
+            else:
+                damaged[at] = byte
+            values[which] = bytes(damaged)
+    with compiled_half(wire, "_COMPILED_WIRE", kind):
+        batch = decode_values(values)
     expected: list[tuple[int, str, str, int, float, int]] = []
     bad = []
     for i, value in enumerate(values):
@@ -356,28 +370,34 @@ def test_batch_decode_equals_one_value_at_a_time(items: list[Any]) -> None:
     assert batch.bad == bad
 
 
-def test_batch_decode_fast_paths_still_reject_values_with_a_known_header_and_a_wrong_length() -> None:
+@pytest.mark.parametrize("kind", ["compiled", "numpy"])
+def test_batch_decode_fast_paths_still_reject_values_with_a_known_header_and_a_wrong_length(kind: str) -> None:
+    from portpulse.codecs import wire
     from portpulse.codecs.wire import decode_values
 
     names = ["no2", "pm25", "o3"]
     good = encode_value("quai", names, [0, 1, 2], [1, 2, 3], [1.0, 2.0, 3.0], [0, 0, 0])
     single = encode_value("quai", ["no2"], [0], [5], [9.0], [0])
     values = [good, good + b"x", good[:-1], single, single[:-1], good, single + single[-18:], good]
-    batch = decode_values(values)
+    with compiled_half(wire, "_COMPILED_WIRE", kind):
+        batch = decode_values(values)
     assert batch.bad == [1, 2, 4, 6]
     assert batch.record.tolist() == [0, 0, 0, 3, 5, 5, 5, 7, 7, 7]
     assert batch.value.tolist() == [1.0, 2.0, 3.0, 9.0, 1.0, 2.0, 3.0, 1.0, 2.0, 3.0]
     assert batch.metric.tolist() == [*names, "no2", *names, *names]
 
 
-def test_batch_decode_drops_a_value_whose_row_names_a_metric_beyond_its_table() -> None:
+@pytest.mark.parametrize("kind", ["compiled", "numpy"])
+def test_batch_decode_drops_a_value_whose_row_names_a_metric_beyond_its_table(kind: str) -> None:
+    from portpulse.codecs import wire
     from portpulse.codecs.wire import decode_values
 
     names = ["no2", "pm25"]
     good = encode_value("quai", names, [0, 1], [1, 2], [1.5, 2.5], [0, 3])
     wild = bytearray(encode_value("quai", names, [0, 1], [7, 8], [7.5, 8.5], [0, 0]))
     wild[-18 + 16] = 2  # the last row's metric index: one past the name table
-    batch = decode_values([good, bytes(wild), good])
+    with compiled_half(wire, "_COMPILED_WIRE", kind):
+        batch = decode_values([good, bytes(wild), good])
     assert batch.bad == [1]
     assert batch.record.tolist() == [0, 0, 2, 2]
     assert batch.metric.tolist() == names * 2
@@ -808,3 +828,22 @@ def test_line_protocol_reports_and_batches_of_a_delivery_are_decoded_at_once() -
     ]
     assert readings.domain.tolist() == ["air"] * 3 + ["crane"] + ["air"] * 2
     assert readings.metric.tolist() == ["no2"] * 3 + ["hoist_load"] + ["no2"] * 2
+
+
+def test_compiled_wire_reader_refuses_readings_outside_its_buffer_and_unknown_headers() -> None:
+    from portpulse.codecs import wire
+
+    if wire._COMPILED_WIRE is None:
+        pytest.skip("the compiled half is not built")
+    _, readings = wire._COMPILED_WIRE
+    data = np.frombuffer(encode_value("quai", ["no2"], [0, 0], [1, 2], [1.0, 2.0], [0, 0]), dtype=np.uint8)
+    one = np.array([1], dtype=np.int64)
+    body = np.array([len(data) - 36], dtype=np.int64)
+    zero = np.zeros(1, dtype=np.int64)
+    columns = readings(data, body, np.array([2], dtype=np.int64), zero, one, zero, 1)
+    assert np.frombuffer(columns[3], dtype=np.int64).tolist() == [1, 2]
+    assert np.frombuffer(columns[4], dtype=np.float64).tolist() == [1.0, 2.0]
+    with pytest.raises(ValueError, match="outside the buffer"):
+        readings(data, body, np.array([3], dtype=np.int64), zero, one, zero, 1)
+    with pytest.raises(ValueError, match="outside the widths"):
+        readings(data, body, np.array([2], dtype=np.int64), one, one, zero, 1)
