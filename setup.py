@@ -1,7 +1,7 @@
 """The one thing pyproject.toml cannot declare stably: the compiled halves of seven hot loops, the
-name factoriser, the line-protocol tokenizer, the MQTT packet splitter, the Kafka record codec
-(encoding, parsing, key hashing and interning), the line-protocol encoder, the cleaning kernel's
-Hampel checks and the aggregation of closing windows.
+name factoriser and line pairing, the line-protocol tokenizer, the MQTT packet splitter, the Kafka
+record codec (encoding, parsing, key hashing and interning, and the wire values' decoding), the
+line-protocol encoder, the cleaning kernel's Hampel checks and the aggregation of closing windows.
 
 Optional: where no C compiler is at hand the install still succeeds and the Python halves run
 (the bridge logs which ones it runs).
@@ -9,12 +9,12 @@ Optional: where no C compiler is at hand the install still succeeds and the Pyth
 
 from setuptools import Extension, setup
 
-COLUMN_H = "portpulse/_column.h"  # the column helper three extensions include
+COLUMN_H = "portpulse/_column.h"  # the column helper four extensions include
 SORT_H = "portpulse/_sort.h"  # the small sort two extensions include
 
 setup(
     ext_modules=[
-        Extension("portpulse._arrays", ["portpulse/_arrays.c"], optional=True),
+        Extension("portpulse._arrays", ["portpulse/_arrays.c"], depends=[COLUMN_H], optional=True),
         Extension("portpulse.ingest._lineproto", ["ingest/_lineproto.c"], optional=True),
         Extension("portpulse.codecs._mqttsplit", ["portpulse/codecs/_mqttsplit.c"], optional=True),
         Extension("portpulse.codecs._records", ["portpulse/codecs/_records.c"], optional=True),

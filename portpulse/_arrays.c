@@ -1,4 +1,4 @@
-/* The compiled half of portpulse/arrays.py's factorise: codes of hashable items in one pass.
+/* The compiled halves of portpulse/arrays.py's factorise and pair_lines.
  *
  * factorise(items) -> (bytearray, list)
  *
@@ -10,12 +10,25 @@
  * of its metrics; the same metric name objects in every report), so each item is first looked up
  * by identity in a small direct-mapped table and only a miss costs a dict lookup (which compares
  * by equality: equal items that are different objects still share a code).
+ *
+ * pair_lines(point, ts) -> None | (bytearray, bytearray)
+ *
+ *   point, ts: int64 (n,). Rows sharing a (point, ts) pair are one line: returns each row's line
+ *   (int64 (n,)) and the first row of every line (int64 (k,)), lines in (point, ts) order, what
+ *   arrays.pair_lines computes with two stable sorts. One counting sort by point (points are slot
+ *   numbers, a dense range), then each point's rows stably ordered by ts: a few rows each, in
+ *   place. None, having kept nothing, when the points span more than a few times n.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <string.h>
+
+#include "_column.h"
 
 #define CACHE_SLOTS 256
+#define MORE_POINTS_THAN_ROWS 4 /* a point range up to this many times n (plus a little) is tabled */
+#define SMALL_RUN 32            /* a point's rows up to this many are ordered by insertion */
 
 static PyObject *factorise(PyObject *module, PyObject *items) {
     (void)module;
@@ -63,8 +76,92 @@ done:
     return result;
 }
 
+/* Orders row[0..m) by ts[row], stably: insertion for a few rows, else a merge sort through tmp. */
+static void order_by_ts(int64_t *row, int64_t *tmp, Py_ssize_t m, const int64_t *ts) {
+    if (m <= SMALL_RUN) {
+        for (Py_ssize_t i = 1; i < m; i++) {
+            int64_t r = row[i], t = ts[r];
+            Py_ssize_t j = i;
+            for (; j > 0 && ts[row[j - 1]] > t; j--) row[j] = row[j - 1];
+            row[j] = r;
+        }
+        return;
+    }
+    Py_ssize_t half = m / 2;
+    order_by_ts(row, tmp, half, ts);
+    order_by_ts(row + half, tmp, m - half, ts);
+    if (ts[row[half - 1]] <= ts[row[half]]) return; /* already in order: rows come in runs */
+    memcpy(tmp, row, (size_t)half * sizeof(int64_t));
+    Py_ssize_t a = 0, b = half, k = 0;
+    while (a < half && b < m) row[k++] = ts[row[b]] < ts[tmp[a]] ? row[b++] : tmp[a++];
+    while (a < half) row[k++] = tmp[a++];
+}
+
+static PyObject *pair_lines(PyObject *module, PyObject *args) {
+    (void)module;
+    PyObject *point_obj, *ts_obj;
+    if (!PyArg_ParseTuple(args, "OO", &point_obj, &ts_obj)) return NULL;
+    Column point = {0}, ts = {0};
+    PyObject *lines_obj = NULL, *first_obj = NULL, *result = NULL;
+    int64_t *start = NULL, *order = NULL, *tmp = NULL;
+    Py_ssize_t n = -1;
+    if (take(point_obj, &point, 8, &n, 0, "point") < 0 || take(ts_obj, &ts, 8, &n, 0, "ts") < 0) goto done;
+    const int64_t *p = point.view.buf, *t = ts.view.buf;
+    if (n == 0) {
+        result = Py_NewRef(Py_None);
+        goto done;
+    }
+    int64_t lo = p[0], hi = p[0];
+    for (Py_ssize_t i = 1; i < n; i++) {
+        lo = p[i] < lo ? p[i] : lo;
+        hi = p[i] > hi ? p[i] : hi;
+    }
+    if ((uint64_t)hi - (uint64_t)lo >= (uint64_t)(MORE_POINTS_THAN_ROWS * n + 4096)) {
+        result = Py_NewRef(Py_None);
+        goto done;
+    }
+    Py_ssize_t span = (Py_ssize_t)(hi - lo) + 1;
+    start = PyMem_Calloc((size_t)span + 1, sizeof(int64_t));
+    order = PyMem_Malloc((size_t)n * sizeof(int64_t));
+    tmp = PyMem_Malloc((size_t)(n / 2 + 1) * sizeof(int64_t));
+    lines_obj = PyByteArray_FromStringAndSize(NULL, n * 8);
+    first_obj = PyByteArray_FromStringAndSize(NULL, n * 8);
+    if (start == NULL || order == NULL || tmp == NULL || lines_obj == NULL || first_obj == NULL) {
+        if (!PyErr_Occurred()) PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) start[p[i] - lo + 1]++;
+    for (Py_ssize_t s = 0; s < span; s++) start[s + 1] += start[s];
+    for (Py_ssize_t i = 0; i < n; i++) order[start[p[i] - lo]++] = i; /* start[s] now ends point s */
+    int64_t *line = (int64_t *)PyByteArray_AS_STRING(lines_obj), *first = (int64_t *)PyByteArray_AS_STRING(first_obj);
+    Py_ssize_t k = 0, from = 0;
+    for (Py_ssize_t s = 0; s < span; s++) {
+        Py_ssize_t to = start[s];
+        if (to == from) continue;
+        order_by_ts(order + from, tmp, to - from, t);
+        for (Py_ssize_t i = from; i < to; i++) {
+            int64_t r = order[i];
+            if (i == from || t[r] != t[order[i - 1]]) first[k++] = r;
+            line[r] = k - 1;
+        }
+        from = to;
+    }
+    if (PyByteArray_Resize(first_obj, k * 8) < 0) goto done;
+    result = PyTuple_Pack(2, lines_obj, first_obj);
+done:
+    PyMem_Free(start);
+    PyMem_Free(order);
+    PyMem_Free(tmp);
+    Py_XDECREF(lines_obj);
+    Py_XDECREF(first_obj);
+    if (point.held) PyBuffer_Release(&point.view);
+    if (ts.held) PyBuffer_Release(&ts.view);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"factorise", factorise, METH_O, "Codes and distinct items (see the module comment)."},
+    {"pair_lines", pair_lines, METH_VARARGS, "Each row's line and each line's first row (see the module comment)."},
     {NULL, NULL, 0, NULL},
 };
 

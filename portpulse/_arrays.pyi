@@ -1,6 +1,10 @@
-"""Compiled factorising of names for arrays.factorise (portpulse/_arrays.c)."""
+"""Compiled factorising of names and pairing of lines for portpulse/arrays.py (portpulse/_arrays.c)."""
 
 from typing import Any
 
 def factorise(items: list[Any], /) -> tuple[bytearray, list[Any]]:
     """int64 codes (n,) of the items and the distinct ones, in order of first appearance."""
+
+def pair_lines(point: Any, ts: Any, /) -> tuple[bytearray, bytearray] | None:
+    """int64 each row's line (n,) and each line's first row (k,), lines in (point, ts) order;
+    None when the points span too wide a range."""

@@ -1,4 +1,5 @@
-/* Shared by the C extensions that read numpy columns (sinks/_lineformat.c, processors/_hampel.c):
+/* Shared by the C extensions that read numpy columns (portpulse/_arrays.c, sinks/_lineformat.c,
+ * processors/_hampel.c, processors/_windows.c):
  * a column is a C-contiguous buffer of fixed-size items, taken with its count checked. */
 #ifndef PORTPULSE_COLUMN_H
 #define PORTPULSE_COLUMN_H

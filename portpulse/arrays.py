@@ -24,15 +24,18 @@ __all__ = [
 H = TypeVar("H", bound=Hashable)
 
 
-def _compiled_factorise() -> Callable[[list[Any]], tuple[bytearray, list[Any]]] | None:
+def _compiled() -> tuple[
+    Callable[[list[Any]], tuple[bytearray, list[Any]]] | None,
+    Callable[[Any, Any], tuple[bytearray, bytearray] | None] | None,
+]:
     try:
-        from portpulse._arrays import factorise as compiled
-    except ImportError:  # installed where no C compiler was at hand: dicts and maps do it
-        return None
-    return compiled
+        from portpulse._arrays import factorise, pair_lines
+    except ImportError:  # installed where no C compiler was at hand: dicts, maps and sorts do it
+        return None, None
+    return factorise, pair_lines
 
 
-_COMPILED_FACTORISE = _compiled_factorise()
+_COMPILED_FACTORISE, _COMPILED_PAIR_LINES = _compiled()
 #: what factorises names: "compiled" or "python" (logged at start-up)
 FACTORISER = "python" if _COMPILED_FACTORISE is None else "compiled"
 
@@ -171,10 +174,18 @@ def pair_lines(
     """Rows sharing a ``(point, ts)`` pair (int64 ``(n,)`` each) as one line: each row's line
     ``(n,)`` and the first row of every line ``(k,)``, lines in ``(point, ts)`` order.
 
-    This is how values of one sensor and instant (several metrics) become one stored point."""
+    This is how values of one sensor and instant (several metrics) become one stored point.
+    In C (``_arrays.c``: a counting sort by point) where it is built and the points are a dense
+    range, else by numpy's stable sorts."""
     n = len(point)
     if n == 0:
         return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
+    if _COMPILED_PAIR_LINES is not None:
+        found = _COMPILED_PAIR_LINES(
+            np.ascontiguousarray(point, dtype=np.int64), np.ascontiguousarray(ts, dtype=np.int64)
+        )
+        if found is not None:
+            return np.frombuffer(found[0], dtype=np.int64), np.frombuffer(found[1], dtype=np.int64)
     new = np.empty(n, dtype=bool)
     new[0] = True
     np.not_equal(point[1:], point[:-1], out=new[1:])

@@ -648,19 +648,25 @@ def test_factorise_refuses_unhashable_items_compiled_or_not() -> None:
 
 
 @given(
-    st.lists(st.tuples(st.integers(0, 4), st.integers(0, 3)), max_size=40),
-    st.sampled_from(["any", "sorted", "one instant"]),
+    st.lists(st.tuples(st.integers(-2, 2), st.integers(0, 3)), max_size=120),
+    st.sampled_from(["any", "sorted", "one instant", "points far apart", "one point"]),
+    st.sampled_from(["compiled", "numpy"]),
 )
-def test_pair_lines_makes_one_line_per_point_and_instant(rows: list[tuple[int, int]], shape: str) -> None:
-    from portpulse.arrays import pair_lines
+def test_pair_lines_makes_one_line_per_point_and_instant(rows: list[tuple[int, int]], shape: str, kind: str) -> None:
+    from portpulse import arrays
 
     if shape == "sorted":  # the path that skips the sorts
         rows = sorted(rows)
     elif shape == "one instant":  # one sort, by point
         rows = [(p, 7) for p, _ in rows]
+    elif shape == "points far apart":  # too wide a range for the compiled counting sort
+        rows = [(p * 10**12, t) for p, t in rows]
+    elif shape == "one point":  # beyond 32 rows: the compiled merge sort
+        rows = [(1, t) for _, t in rows] * 4
     point = np.array([p for p, _ in rows], dtype=np.int64)
     ts = np.array([t for _, t in rows], dtype=np.int64)
-    line, first = pair_lines(point, ts)
+    with compiled_half(arrays, "_COMPILED_PAIR_LINES", kind):
+        line, first = arrays.pair_lines(point, ts)
     pairs = sorted(set(rows))  # lines in (point, ts) order
     assert line.tolist() == [pairs.index(row) for row in rows]
     assert first.tolist() == [rows.index(pair) for pair in pairs]  # each line's first row
