@@ -34,6 +34,7 @@ import itertools
 import math
 from collections.abc import Hashable, Iterable, Iterator
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
@@ -413,7 +414,8 @@ class ProcessorEngine:
                 self._series[key] = sid
             ids[row] = sid
         if appended:
-            self._append_series([keys[row] for row in appended], [sites[row] for row in appended],
+            self._append_series([domains[row] for row in appended], [sensors[row] for row in appended],
+                                [sites[row] for row in appended], [keys[row][2] for row in appended],
                                 [kinds[row].limits for row in appended])  # fmt: skip
         return ids, [kind.factor for kind in kinds]
 
@@ -441,21 +443,31 @@ class ProcessorEngine:
         if sid < len(self._series_point_array):
             self._series_point_array[sid] = point
 
-    def _append_series(self, keys: list[tuple[str, str, str]], sites: list[str], limits: list[_SeriesLimits]) -> None:
-        """Series ``keys`` (domain, sensor, base metric) of ``sites``, in new slots at the end."""
-        domains, sensors, bases = (list(column) for column in zip(*keys, strict=True))
+    def _append_series(
+        self, domains: list[str], sensors: list[str], sites: list[str], bases: list[str], limits: list[_SeriesLimits]
+    ) -> None:
+        """Series of ``domains``, ``sensors``, ``sites`` and base metrics ``bases`` (one of each per
+        series), in new slots at the end."""
         for base in dict.fromkeys(bases):  # first-seen order, as one at a time would give
             self._metric_code(base)
-        self._series_point += list(map(self._point_of, domains, sensors, sites))
+        # A report's metrics come side by side: each run of one (domain, sensor, site) looks its
+        # point up once.
+        points: list[int] = []
+        last: tuple[str, str, str] | None = None
+        point = -1
+        for key in zip(domains, sensors, sites, strict=True):
+            if key == last:
+                self._point_users[point] += 1
+            else:
+                point, last = self._point_of(*key), key
+            points.append(point)
+        self._series_point += points
         self._series_domain += domains
         self._series_sensor += sensors
         self._series_site += sites
         self._series_metric += bases
-        lo, hi, rate, floor = zip(*limits, strict=True)
-        self._lo += lo
-        self._hi += hi
-        self._rate += rate
-        self._floor += floor
+        for column, k in ((self._lo, 0), (self._hi, 1), (self._rate, 2), (self._floor, 3)):
+            column += map(itemgetter(k), limits)
 
     def _point_of(self, domain: str, sensor: str, site: str) -> int:
         """The stored point a new series of ``(domain, sensor, site)`` writes its values into."""
@@ -972,10 +984,13 @@ class ProcessorEngine:
         behind: list[_Windows] = []
         for spec_i, spec in enumerate(self._s.windows):
             rows, starts = assign(r.ts_ns, spec)
-            s_rows = series[rows]
+            tumbling = spec.size_ns == spec.step_ns  # one window per reading: rows are 0..n-1
+            s_rows = series if tumbling else series[rows]
             ends = starts + spec.size_ns
             # Consumed before a restart, into a window its series had closed then: already stored.
-            replayed = replayed_rows[rows] & (ends <= self._replayed_ts[s_rows] - self._s.allowed_lateness_ns)
+            replayed = (replayed_rows if tumbling else replayed_rows[rows]) & (
+                ends <= self._replayed_ts[s_rows] - self._s.allowed_lateness_ns
+            )
             closed = ends <= self._closed[spec_i, s_rows]
             correction = closed & ~replayed
             out.replayed += int(replayed.sum())
@@ -1000,6 +1015,9 @@ class ProcessorEngine:
                 behind.append((np.full(int(correction.sum()), spec_i, dtype=np.int64), s_rows[correction],
                                starts[correction], ends[correction]))  # fmt: skip
             live = ~(closed | replayed)
+            if tumbling and live.all():  # the usual step: every reading into its one window, no gathers
+                self._open.add(spec_i, starts, r.partition, series, r.ts_ns, value, ok, replay_from)
+                continue
             rows, starts = rows[live], starts[live]
             self._open.add(spec_i, starts, r.partition[rows], series[rows], r.ts_ns[rows], value[rows], ok[rows],
                            replay_from[rows])  # fmt: skip
