@@ -1,4 +1,4 @@
-/* The compiled halves of portpulse/arrays.py's factorise and pair_lines.
+/* The compiled halves of portpulse/arrays.py's factorise, distinct_codes and pair_lines.
  *
  * factorise(items) -> (bytearray, list)
  *
@@ -10,6 +10,13 @@
  * of its metrics; the same metric name objects in every report), so each item is first looked up
  * by identity in a small direct-mapped table and only a miss costs a dict lookup (which compares
  * by equality: equal items that are different objects still share a code).
+ *
+ * distinct_codes(key) -> (bytearray, bytearray)
+ *
+ *   key: int64 (n,). Returns the row of each distinct value's first occurrence (int64 (g,)) and
+ *   every row's code (int64 (n,), an index into those rows), distinct values in order of first
+ *   appearance: one pass through a table indexed by value where the values span at most a few
+ *   times n (codes combined from factorised columns), else through an open-addressing hash table.
  *
  * pair_lines(point, ts) -> None | (bytearray, bytearray)
  *
@@ -27,7 +34,7 @@
 #include "_column.h"
 
 #define CACHE_SLOTS 256
-#define MORE_POINTS_THAN_ROWS 4 /* a point range up to this many times n (plus a little) is tabled */
+#define MORE_POINTS_THAN_ROWS 4 /* a value range up to this many times n (plus a little) is tabled */
 #define SMALL_RUN 32            /* a point's rows up to this many are ordered by insertion */
 
 static PyObject *factorise(PyObject *module, PyObject *items) {
@@ -73,6 +80,82 @@ done:
     Py_XDECREF(codes);
     Py_XDECREF(table);
     Py_XDECREF(distinct);
+    return result;
+}
+
+/* A 64-bit mix (splitmix64's finaliser): keys are often small consecutive integers. */
+static inline uint64_t mix64(uint64_t x) {
+    x ^= x >> 30;
+    x *= 0xbf58476d1ce4e5b9ULL;
+    x ^= x >> 27;
+    x *= 0x94d049bb133111ebULL;
+    return x ^ (x >> 31);
+}
+
+static PyObject *distinct_codes(PyObject *module, PyObject *key_obj) {
+    (void)module;
+    Column key = {0};
+    PyObject *first_obj = NULL, *codes_obj = NULL, *result = NULL;
+    int64_t *slot = NULL, *slot_key = NULL;
+    Py_ssize_t n = -1;
+    if (take(key_obj, &key, 8, &n, 0, "key") < 0) goto done;
+    const int64_t *k = key.view.buf;
+    first_obj = PyByteArray_FromStringAndSize(NULL, n * 8);
+    codes_obj = PyByteArray_FromStringAndSize(NULL, n * 8);
+    if (first_obj == NULL || codes_obj == NULL) goto done;
+    int64_t *first = (int64_t *)PyByteArray_AS_STRING(first_obj), *code = (int64_t *)PyByteArray_AS_STRING(codes_obj);
+    Py_ssize_t g = 0;
+    int64_t lo = n ? k[0] : 0, hi = lo;
+    for (Py_ssize_t i = 1; i < n; i++) {
+        lo = k[i] < lo ? k[i] : lo;
+        hi = k[i] > hi ? k[i] : hi;
+    }
+    if (n && (uint64_t)hi - (uint64_t)lo < (uint64_t)(MORE_POINTS_THAN_ROWS * n + 4096)) {
+        /* slot[value - lo]: the value's code, -1 until it is seen */
+        Py_ssize_t span = (Py_ssize_t)(hi - lo) + 1;
+        slot = PyMem_Malloc((size_t)span * sizeof(int64_t));
+        if (slot == NULL) {
+            PyErr_NoMemory();
+            goto done;
+        }
+        memset(slot, 0xff, (size_t)span * sizeof(int64_t));
+        for (Py_ssize_t i = 0; i < n; i++) {
+            int64_t *c = &slot[k[i] - lo];
+            if (*c < 0) {
+                *c = g;
+                first[g++] = i;
+            }
+            code[i] = *c;
+        }
+    } else if (n) {
+        Py_ssize_t size = 16;
+        while (size < 2 * n) size *= 2;
+        slot = PyMem_Malloc((size_t)size * sizeof(int64_t)); /* a code, or -1 for an empty slot */
+        slot_key = PyMem_Malloc((size_t)size * sizeof(int64_t));
+        if (slot == NULL || slot_key == NULL) {
+            PyErr_NoMemory();
+            goto done;
+        }
+        memset(slot, 0xff, (size_t)size * sizeof(int64_t));
+        for (Py_ssize_t i = 0; i < n; i++) {
+            Py_ssize_t at = (Py_ssize_t)(mix64((uint64_t)k[i]) & (uint64_t)(size - 1));
+            while (slot[at] >= 0 && slot_key[at] != k[i]) at = (at + 1) & (size - 1);
+            if (slot[at] < 0) {
+                slot[at] = g;
+                slot_key[at] = k[i];
+                first[g++] = i;
+            }
+            code[i] = slot[at];
+        }
+    }
+    if (PyByteArray_Resize(first_obj, g * 8) < 0) goto done;
+    result = PyTuple_Pack(2, first_obj, codes_obj);
+done:
+    PyMem_Free(slot);
+    PyMem_Free(slot_key);
+    Py_XDECREF(first_obj);
+    Py_XDECREF(codes_obj);
+    if (key.held) PyBuffer_Release(&key.view);
     return result;
 }
 
@@ -161,6 +244,7 @@ done:
 
 static PyMethodDef methods[] = {
     {"factorise", factorise, METH_O, "Codes and distinct items (see the module comment)."},
+    {"distinct_codes", distinct_codes, METH_O, "First rows and codes of distinct values (see the module comment)."},
     {"pair_lines", pair_lines, METH_VARARGS, "Each row's line and each line's first row (see the module comment)."},
     {NULL, NULL, 0, NULL},
 };

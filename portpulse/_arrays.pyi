@@ -8,3 +8,6 @@ def factorise(items: list[Any], /) -> tuple[bytearray, list[Any]]:
 def pair_lines(point: Any, ts: Any, /) -> tuple[bytearray, bytearray] | None:
     """int64 each row's line (n,) and each line's first row (k,), lines in (point, ts) order;
     None when the points span too wide a range."""
+
+def distinct_codes(key: Any, /) -> tuple[bytearray, bytearray]:
+    """int64 first row of each distinct value (g,) and every row's code (n,), first-seen order."""

@@ -26,16 +26,17 @@ H = TypeVar("H", bound=Hashable)
 
 def _compiled() -> tuple[
     Callable[[list[Any]], tuple[bytearray, list[Any]]] | None,
+    Callable[[Any], tuple[bytearray, bytearray]] | None,
     Callable[[Any, Any], tuple[bytearray, bytearray] | None] | None,
 ]:
     try:
-        from portpulse._arrays import factorise, pair_lines
+        from portpulse._arrays import distinct_codes, factorise, pair_lines
     except ImportError:  # installed where no C compiler was at hand: dicts, maps and sorts do it
-        return None, None
-    return factorise, pair_lines
+        return None, None, None
+    return factorise, distinct_codes, pair_lines
 
 
-_COMPILED_FACTORISE, _COMPILED_PAIR_LINES = _compiled()
+_COMPILED_FACTORISE, _COMPILED_DISTINCT_CODES, _COMPILED_PAIR_LINES = _compiled()
 #: what factorises names: "compiled" or "python" (logged at start-up)
 FACTORISER = "python" if _COMPILED_FACTORISE is None else "compiled"
 
@@ -138,10 +139,14 @@ def distinct_codes(key: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.int64], n
     """The distinct values of ``key`` (int64 ``(n,)``) in order of first appearance: the row of
     each one's first occurrence ``(g,)`` and every row's code ``(n,)`` (index into those rows).
     ``np.unique(..., return_index=True, return_inverse=True)`` in a third of the time; without a
-    sort when the values span at most a few times ``n`` (codes combined from factorised columns)."""
+    sort when the values span at most a few times ``n`` (codes combined from factorised columns).
+    In C (``_arrays.c``: one pass through a table or a hash table) where it is built."""
     n = len(key)
     if n == 0:
         return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
+    if _COMPILED_DISTINCT_CODES is not None:
+        found = _COMPILED_DISTINCT_CODES(np.ascontiguousarray(key, dtype=np.int64))
+        return np.frombuffer(found[0], dtype=np.int64), np.frombuffer(found[1], dtype=np.int64)
     lo = int(key.min())
     span = int(key.max()) - lo + 1
     if span <= 4 * n + 1024:

@@ -188,10 +188,17 @@ def test_intern_slices_reads_nulls_as_empty_and_refuses_slices_outside_the_buffe
             _COMPILED_INTERN(data, np.array([start]), np.array([length]))
 
 
-@given(st.lists(st.integers(-(2**62), 2**62), max_size=200))
-def test_distinct_codes_equals_np_unique_in_first_appearance_order(values: list[int]) -> None:
+@given(
+    st.lists(st.integers(-(2**63), 2**63 - 1), max_size=200)  # spread: the hash table (or numpy's sort)
+    | st.lists(st.integers(-5, 40), max_size=200),  # a narrow range: the table by value
+    st.sampled_from(["compiled", "numpy"]),
+)
+def test_distinct_codes_equals_np_unique_in_first_appearance_order(values: list[int], kind: str) -> None:
+    from portpulse import arrays
+
     key = np.array(values, dtype=np.int64)
-    first, codes = distinct_codes(key)
+    with compiled_half(arrays, "_COMPILED_DISTINCT_CODES", kind):
+        first, codes = distinct_codes(key)
     order: dict[int, int] = {}
     assert codes.tolist() == [order.setdefault(v, len(order)) for v in values]
     assert key[first].tolist() == list(order)
