@@ -272,7 +272,7 @@ class Bridge:
     async def _dispatch(self, batch: list[Inbound]) -> None:
         messages = [b.message for b in batch]
         decoded = self._decode(messages)
-        codes = SeriesCodes.of(decoded.readings)
+        codes = decoded.codes or SeriesCodes.of(decoded.readings)
         refused, codes = self._admit(decoded, codes)
         records = build_records(decoded, self._settings.kafka.topic_prefix, codes)
         letters = build_dead_letters(decoded, messages)
@@ -360,11 +360,12 @@ class Bridge:
             decoded.problems.setdefault(message, []).append(Problem(reason, detail))
         keep = verdict.admitted
         decoded.readings, decoded.message_index = decoded.readings.take(keep), decoded.message_index[keep]
+        decoded.codes = codes.take(keep)
         counts = np.bincount(verdict.refusal[refused], minlength=len(verdict.refusals) + 1)
         by_reason: dict[str, int] = {}
         for (reason, _), count in zip(verdict.refusals, counts[1:].tolist(), strict=True):
             by_reason[reason] = by_reason.get(reason, 0) + count
-        return by_reason, codes.take(keep)
+        return by_reason, decoded.codes
 
     def _dead_letter_records(self, letters: list[DeadLetter]) -> list[KafkaOut]:
         return [(self._dlq_topic, None, letter.payload, dead_letter_headers(letter)) for letter in letters]

@@ -31,6 +31,7 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 
+from portpulse.arrays import distinct_codes, factorise, factorise_column
 from portpulse.contract.schema import FLAG_TS_FROM_RECEIVE, ReadingColumns, StrArray, str_array
 from portpulse.contract.topics import ID_RE, MqttTopic, parse_mqtt_topic
 
@@ -153,6 +154,45 @@ class Problem:
     detail: str
 
 
+@dataclass(frozen=True, slots=True)
+class SeriesCodes:
+    """The domain, sensor and site columns of a batch's readings factorised once, for the
+    admission gate and :func:`~portpulse.ingest.records.build_records` alike: codes int64
+    ``(n,)`` into the distinct names (first-seen order); the metric column's too where the
+    decoder had them at hand (None: the record builder factorises it)."""
+
+    domain: npt.NDArray[np.int64]
+    domains: list[str]
+    sensor: npt.NDArray[np.int64]
+    sensors: list[str]
+    site: npt.NDArray[np.int64]
+    sites: list[str]
+    metric: npt.NDArray[np.int64] | None = None
+    metrics: list[str] | None = None
+
+    @classmethod
+    def of(cls, readings: ReadingColumns) -> SeriesCodes:
+        domain, domains = factorise_column(readings.domain)
+        sensor, sensors = factorise_column(readings.sensor_id)
+        site, sites = factorise_column(readings.site)
+        return cls(domain, domains, sensor, sensors, site, sites)
+
+    def take(self, index: npt.NDArray[np.bool_] | npt.NDArray[np.int64]) -> SeriesCodes:
+        """The rows selected by ``index`` (the names stay: some may then be unused)."""
+        return SeriesCodes(self.domain[index], self.domains, self.sensor[index], self.sensors, self.site[index],
+                           self.sites, None if self.metric is None else self.metric[index],
+                           self.metrics)  # fmt: skip
+
+    def series(self) -> npt.NDArray[np.int64]:
+        """One int64 per reading, equal for equal (domain, site, sensor)."""
+        key = self.domain
+        for column, size in ((self.site, len(self.sites)), (self.sensor, len(self.sensors))):
+            if (int(key.max()) + 1) * size >= 2**62:  # too wide to extend (hostile input): renumber first
+                key = distinct_codes(key)[1]
+            key = key * size + column
+        return key
+
+
 @dataclass(slots=True)
 class DecodedBatch:
     """Readings of a batch of messages. ``message_index`` (int64 ``(n,)``) maps each reading to
@@ -161,6 +201,8 @@ class DecodedBatch:
     readings: ReadingColumns
     message_index: npt.NDArray[np.int64]
     problems: dict[int, list[Problem]] = field(default_factory=dict)
+    #: the readings' names factorised, when the decoder had them at hand (a plain delivery)
+    codes: SeriesCodes | None = None
 
 
 class _Out:
@@ -269,13 +311,15 @@ def decode_messages(
     problems: dict[int, list[Problem]] = {}
     refused = refused or {}
     for_sparkplug: list[tuple[int, str, bytes, int]] = []
+    plain = None
     if (
         len(messages) > 1
         and not refused
         and (sparkplug is None or not any(m.topic.startswith(_SPARKPLUG_PREFIX) for m in messages))
-        and _plain_delivery(messages, limits, out)
     ):
-        messages = ()  # every message decoded at once
+        plain = _plain_delivery(messages, limits, out)
+        if plain is not None:
+            messages = ()  # every message decoded at once
     for i, msg in enumerate(messages):
         if i in refused:
             problems[i] = [refused[i]]
@@ -303,7 +347,7 @@ def decode_messages(
             message_index = np.concatenate([message_index, decoded.message])
         else:
             readings, message_index = decoded.readings, decoded.message
-    return DecodedBatch(readings, message_index, problems)
+    return DecodedBatch(readings, message_index, problems, plain)
 
 
 def _scaled(ts: npt.NDArray[np.int64], runs: list[tuple[int, int, int]]) -> npt.NDArray[np.int64]:
@@ -828,32 +872,32 @@ def _plain_lines(i: int, text: str, topic: MqttTopic, received_ns: int, limits: 
     return True
 
 
-def _plain_delivery(messages: Sequence[Message], limits: DecodeLimits, out: _Out) -> bool:
+def _plain_delivery(messages: Sequence[Message], limits: DecodeLimits, out: _Out) -> SeriesCodes | None:
     """Add the readings of a delivery of plain line-protocol messages (sensors' one-line reports,
     gateways' batches of lines) at once: every message tokenized in one call and turned into
-    columns in one go, instead of a Python pass per message. Add nothing and return False when
-    one message is anything else (JSON, a bad topic, a doubt of :func:`_plain_columns`): the
-    caller decodes them one by one."""
+    columns in one go, instead of a Python pass per message; returns their names factorised.
+    Add nothing and return None when one message is anything else (JSON, a bad topic, a doubt of
+    :func:`_plain_columns`): the caller decodes them one by one."""
     payloads = [m.payload for m in messages]
     if payloads[0][:1] in (b"{", b"[") or max(map(len, payloads)) > limits.max_payload_bytes:
-        return False  # JSON, as the rest of a delivery most likely is too
+        return None  # JSON, as the rest of a delivery most likely is too
     try:
         texts = list(map(bytes.decode, payloads))
     except UnicodeDecodeError:
-        return False
+        return None
     tokens = _tokenize(texts)
     if tokens is None or int(tokens.lines.max()) > _MAX_READINGS_PER_MESSAGE:
-        return False
+        return None
     parsed = list(map(parse_mqtt_topic, map(_TOPIC, messages), repeat(limits.topic_prefix)))
     if set(map(type, parsed)) != {MqttTopic}:  # a bad topic
-        return False
+        return None
     received = np.fromiter(map(_RECEIVED, messages), dtype=np.int64, count=len(messages))
     found = _plain_columns(tokens, cast(list[MqttTopic], parsed), received, limits)
     if found is None:
-        return False
-    readings, message = found
+        return None
+    readings, message, codes = found
     out.extend_columns(message, readings)
-    return True
+    return codes
 
 
 _TOPIC, _RECEIVED = attrgetter("topic"), attrgetter("received_ns")
@@ -861,11 +905,12 @@ _TOPIC, _RECEIVED = attrgetter("topic"), attrgetter("received_ns")
 
 def _plain_columns(
     tokens: _Tokens, topics: list[MqttTopic], received_ns: npt.NDArray[np.int64], limits: DecodeLimits
-) -> tuple[ReadingColumns, npt.NDArray[np.int64]] | None:
-    """The readings of plain lines and the index of each one's text, when every name is valid
-    (new ones are learned) and every timestamp has one unit and is within the limits; None
-    otherwise. The texts came on ``topics`` (their sensor and site stand in for missing tags,
-    their domain is the lines') at ``received_ns``, one of each per text.
+) -> tuple[ReadingColumns, npt.NDArray[np.int64], SeriesCodes] | None:
+    """The readings of plain lines, the index of each one's text and their names factorised
+    (line by line, not value by value), when every name is valid (new ones are learned) and every
+    timestamp has one unit and is within the limits; None otherwise. The texts came on
+    ``topics`` (their sensor and site stand in for missing tags, their domain is the lines') at
+    ``received_ns``, one of each per text.
 
     Tag sets are parsed once per distinct text and cached; field names are checked once each.
     What the per-line path would judge differently is left to it."""
@@ -895,16 +940,21 @@ def _plain_columns(
             return None
     line_of_value = np.repeat(np.arange(len(heads)), tokens.counts)
     text_of_value = text_of_line[line_of_value]
+    sensor, sensor_names = factorise_column(sensors)
+    site, site_names = factorise_column(sites)
+    domain, domain_names = factorise([t.domain for t in topics])
     readings = ReadingColumns(
         sensor_id=sensors[line_of_value],
         site=sites[line_of_value],
-        domain=str_array([t.domain for t in topics])[text_of_value],
+        domain=str_array(domain_names)[domain[text_of_value]],
         metric=str_array(names)[tokens.codes],
         ts_ns=stamps[line_of_value],
         value=tokens.values,
         flags=np.zeros(len(tokens.values), dtype=np.uint8),
     )
-    return readings, text_of_value
+    codes = SeriesCodes(domain[text_of_value], domain_names, sensor[line_of_value], sensor_names,
+                        site[line_of_value], site_names, tokens.codes, names)  # fmt: skip
+    return readings, text_of_value, codes
 
 
 def _tagged(

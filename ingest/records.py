@@ -8,13 +8,12 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from portpulse.arrays import distinct_codes, factorise, factorise_column, group_starts, stable_sort
+from portpulse.arrays import distinct_codes, factorise, group_starts, stable_sort
 from portpulse.codecs.recordbatch import OutgoingRecords, encode_headers
 from portpulse.codecs.wire import VERSION_HEADER, encode_rows, value_header
 from portpulse.contract.deadletter import DeadLetter
-from portpulse.contract.schema import ReadingColumns
 from portpulse.contract.topics import readings_topic
-from portpulse.ingest.decode import DecodedBatch, Message
+from portpulse.ingest.decode import DecodedBatch, Message, SeriesCodes
 
 __all__ = ["OutRecords", "SeriesCodes", "build_dead_letters", "build_records"]
 
@@ -43,41 +42,6 @@ class OutRecords:
         return set(self.records.topics)
 
 
-@dataclass(frozen=True, slots=True)
-class SeriesCodes:
-    """The domain, sensor and site columns of a batch's readings factorised once, for the
-    admission gate and :func:`build_records` alike: codes int64 ``(n,)`` into the distinct names
-    (first-seen order)."""
-
-    domain: npt.NDArray[np.int64]
-    domains: list[str]
-    sensor: npt.NDArray[np.int64]
-    sensors: list[str]
-    site: npt.NDArray[np.int64]
-    sites: list[str]
-
-    @classmethod
-    def of(cls, readings: ReadingColumns) -> SeriesCodes:
-        domain, domains = factorise_column(readings.domain)
-        sensor, sensors = factorise_column(readings.sensor_id)
-        site, sites = factorise_column(readings.site)
-        return cls(domain, domains, sensor, sensors, site, sites)
-
-    def take(self, index: npt.NDArray[np.bool_] | npt.NDArray[np.int64]) -> SeriesCodes:
-        """The rows selected by ``index`` (the names stay: some may then be unused)."""
-        return SeriesCodes(self.domain[index], self.domains, self.sensor[index], self.sensors, self.site[index],
-                           self.sites)  # fmt: skip
-
-    def series(self) -> npt.NDArray[np.int64]:
-        """One int64 per reading, equal for equal (domain, site, sensor)."""
-        key = self.domain
-        for column, size in ((self.site, len(self.sites)), (self.sensor, len(self.sensors))):
-            if (int(key.max()) + 1) * size >= 2**62:  # too wide to extend (hostile input): renumber first
-                key = distinct_codes(key)[1]
-            key = key * size + column
-        return key
-
-
 #: Metric names per record at most: a record's name table is a bitmask over one block of this
 #: many of the delivery's distinct metric names (a sensor reporting more spans several records).
 METRICS_PER_RECORD = 62
@@ -101,7 +65,7 @@ def build_records(batch: DecodedBatch, topic_prefix: str, codes: SeriesCodes | N
     empty = np.zeros(0, dtype=np.int64)
     if n == 0:
         return OutRecords(OutgoingRecords.empty(HEADERS), empty, empty)
-    codes = codes or SeriesCodes.of(r)
+    codes = codes or batch.codes or SeriesCodes.of(r)
     domain, domains, sensor, sensors, site, sites = (
         codes.domain,
         codes.domains,
@@ -110,7 +74,10 @@ def build_records(batch: DecodedBatch, topic_prefix: str, codes: SeriesCodes | N
         codes.site,
         codes.sites,
     )
-    metric, metrics = factorise(r.metric.tolist())
+    if codes.metric is not None and codes.metrics is not None:  # the decoder had them at hand
+        metric, metrics = codes.metric, codes.metrics
+    else:
+        metric, metrics = factorise(r.metric.tolist())
     block, bit = np.divmod(metric, METRICS_PER_RECORD)
     blocks = len(metrics) // METRICS_PER_RECORD + 1
     key = domain  # the record code: one int64 per reading

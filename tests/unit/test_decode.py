@@ -12,7 +12,15 @@ from hypothesis import strategies as st
 
 from portpulse.codecs.wire import WireError, decode_value, decode_values, encode_value
 from portpulse.contract.schema import FLAG_TS_FROM_RECEIVE, Reading
-from portpulse.ingest.decode import REASONS, DecodeLimits, Message, decode_messages, parse_timestamp_ns
+from portpulse.ingest.decode import (
+    REASONS,
+    DecodedBatch,
+    DecodeLimits,
+    Message,
+    SeriesCodes,
+    decode_messages,
+    parse_timestamp_ns,
+)
 from portpulse.ingest.records import build_dead_letters, build_records
 from tests.unit.compiled import compiled_half
 
@@ -745,15 +753,31 @@ def test_a_delivery_of_line_protocol_decoded_at_once_gives_what_one_by_one_gives
     first)."""
     messages = [Message(topic, line.encode(), NOW + shift) for line, topic, shift in reports]
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("portpulse.ingest.decode._plain_delivery", lambda *args: False)
+        patch.setattr("portpulse.ingest.decode._plain_delivery", lambda *args: None)
         one_by_one = decode_messages(messages, DecodeLimits())
     at_once = decode_messages(messages, DecodeLimits())
+    assert one_by_one.codes is None
+    _assert_codes_name_the_readings(at_once)
     assert at_once.readings.rows() == one_by_one.readings.rows()
     assert at_once.message_index.tolist() == one_by_one.message_index.tolist()
     assert at_once.problems == one_by_one.problems
 
 
 _FRESH = iter(range(10**9))
+
+
+def _assert_codes_name_the_readings(batch: DecodedBatch) -> None:
+    """The names a plain delivery factorised as it decoded are the readings' own, first-seen
+    order included (what SeriesCodes.of computes from the columns)."""
+    if batch.codes is None:
+        return
+    codes, again = batch.codes, SeriesCodes.of(batch.readings)
+    for column in ("domain", "sensor", "site"):
+        assert getattr(codes, column).tolist() == getattr(again, column).tolist(), column
+        assert getattr(codes, column + "s") == getattr(again, column + "s"), column
+    assert codes.metric is not None and codes.metrics is not None
+    assert [codes.metrics[c] for c in codes.metric.tolist()] == batch.readings.metric.tolist()
+    assert len(set(codes.metrics)) == len(codes.metrics)
 
 
 @settings(max_examples=200, deadline=None)
@@ -780,13 +804,15 @@ def test_new_names_take_the_delivery_path_and_give_what_the_per_line_path_gives(
     payloads = lines if one_line else ["\n".join(lines), lines[0]]
     messages = [Message(f"sensors/air/{site}x", p.encode(), NOW) for p in payloads]
     out = module._Out()
-    taken = module._plain_delivery(messages, DecodeLimits(), out)
+    taken = module._plain_delivery(messages, DecodeLimits(), out) is not None
     valid = all(s == "new" for s in sensors) and all(m in names for m in metrics)
     assert taken == valid
     at_once = decode_messages(messages, DecodeLimits())
+    _assert_codes_name_the_readings(at_once)
+    assert (at_once.codes is not None) == ((valid and not one_line) or (valid and len(messages) > 1))
     with pytest.MonkeyPatch.context() as patch:
-        for path in ("_plain_delivery", "_plain_lines"):
-            patch.setattr(f"portpulse.ingest.decode.{path}", lambda *args: False)
+        patch.setattr("portpulse.ingest.decode._plain_delivery", lambda *args: None)
+        patch.setattr("portpulse.ingest.decode._plain_lines", lambda *args: False)
         per_line = decode_messages(messages, DecodeLimits())
     assert at_once.readings.rows() == per_line.readings.rows()
     assert at_once.problems == per_line.problems
