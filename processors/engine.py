@@ -882,9 +882,15 @@ class ProcessorEngine:
         """Each partition's consumed offset, over every reading taken from it (a repeat too: a
         partition whose last records repeat earlier ones is caught up, and its quiet series may
         close)."""
+        if not len(partition):
+            return
+        # Partition ids are the loop's small numbers: one pass for every partition's newest offset.
+        lo = int(partition.min())
+        newest = np.full(int(partition.max()) - lo + 1, np.iinfo(np.int64).min, dtype=np.int64)
+        np.maximum.at(newest, partition - lo, offset)
         for p in partition[distinct_codes(partition)[0]].tolist():
             state = self._parts.setdefault(p, _Partition())
-            state.next_offset = max(state.next_offset, int(offset[partition == p].max()) + 1)
+            state.next_offset = max(state.next_offset, int(newest[p - lo]) + 1)
 
     def _stored_points(
         self,
