@@ -74,8 +74,9 @@ MAX_DISPATCH = 20_000  # messages per Kafka delivery
 # endpoints, Kafka's acks); 2 MiB is ~50 ms of work and keeps gateway batches (7 KB each) flowing
 # through in overlapping deliveries instead of seconds-long ones.
 MAX_DISPATCH_BYTES = 2 * 1024 * 1024
-BATCH_WAIT_S = 0.005  # idle: wait this long for the first message
-SENDING_WAIT_S = 0.001  # while a delivery is in flight: look back soon to start the next one
+# Longest wait for the first message: the loop wakes at once for a message or a delivery
+# completing, so this only bounds how long a stop request waits (not a polling period).
+IDLE_WAIT_S = 0.1
 
 
 @dataclass
@@ -240,9 +241,7 @@ class Bridge:
                     # broker keeps the rest in the session.
                     await asyncio.wait({self._flights[0].task}, timeout=0.1)
                     continue
-                got = await self._source.get_batch(
-                    min(room, BATCH_MESSAGES), SENDING_WAIT_S if sending else BATCH_WAIT_S
-                )
+                got = await self._next_messages(min(room, BATCH_MESSAGES))
                 if got:
                     self._accumulated += got
                     self._accumulated_bytes += sum(len(i.message.payload) for i in got)
@@ -252,6 +251,25 @@ class Bridge:
             while self._accumulated:
                 await self._dispatch(self._take_dispatch())
             await self._drain(drain_timeout_s)
+
+    async def _next_messages(self, most: int) -> list[Inbound]:
+        """Up to ``most`` messages from the source, waiting at most IDLE_WAIT_S for the first;
+        returns early, maybe with none, when a delivery in flight completes: its messages are then
+        acknowledged and the next delivery starts at once, without polling on a short timer."""
+        flying = [flight.task for flight in self._flights if not flight.task.done()]
+        if not flying:
+            return await self._source.get_batch(most, IDLE_WAIT_S)
+        getter = asyncio.ensure_future(self._source.get_batch(most, IDLE_WAIT_S))
+        await asyncio.wait({getter, *flying}, return_when=asyncio.FIRST_COMPLETED)
+        if not getter.done():
+            getter.cancel()
+        try:
+            return await getter  # taken before the cancellation reached it: never dropped
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # this loop itself is being cancelled
+            return []
 
     def _take_dispatch(self) -> list[Inbound]:
         """The oldest accumulated messages, up to MAX_DISPATCH of them and MAX_DISPATCH_BYTES."""
