@@ -520,10 +520,12 @@ class PahoMqttSource:
             return out
         self._wakeup.clear()
         self._waiting = True
-        if self._queue.empty():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), wait_s)
-        self._waiting = False
+        try:
+            if self._queue.empty():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), wait_s)
+        finally:  # cancelled too (the bridge stops waiting when a delivery completes)
+            self._waiting = False
         try:
             while len(out) < max_messages:
                 out.append(self._queue.get_nowait())

@@ -269,3 +269,46 @@ async def test_sparkplug_rebirth_requests_go_out_on_mqtt_and_births_to_their_com
     births = [(topic, key) for d in kafka.deliveries for topic, key, _, _ in d.others if topic.endswith("births")]
     assert births == [("portpulse.sparkplug.births", b"quai/gw")]
     assert bridge.stats.rejected_by_reason == {"sparkplug_data_before_birth": 1}
+
+
+class StillSource(FakeSource):
+    """A source that hands out nothing until ``release`` is set, however long it is asked to
+    wait; ``keep_when_cancelled``: a cancelled wait still returns what it took (the race of a
+    message arriving as the bridge stops waiting)."""
+
+    def __init__(self, keep_when_cancelled: bool = False) -> None:
+        super().__init__([])
+        self.release = asyncio.Event()
+        self.keep_when_cancelled = keep_when_cancelled
+
+    async def get_batch(self, max_messages: int, wait_s: float) -> list[Inbound]:
+        try:
+            await self.release.wait()
+        except asyncio.CancelledError:
+            if not self.keep_when_cancelled:
+                raise
+        got, self.waiting = self.waiting[:max_messages], self.waiting[max_messages:]
+        return got
+
+
+async def test_the_bridge_wakes_when_a_delivery_completes_and_never_drops_what_a_cancelled_wait_took() -> None:
+    from portpulse.ingest.bridge import _Flight
+
+    for keep in (False, True):
+        source = StillSource(keep_when_cancelled=keep)
+        bridge = Bridge(settings(), source, FakeKafka())
+        landed = asyncio.Event()
+
+        async def delivery(landed: asyncio.Event) -> None:
+            await landed.wait()
+
+        bridge._flights.append(_Flight([], asyncio.create_task(delivery(landed))))
+        source.waiting = [reading(1, T0_MS, 40.0)] if keep else []
+        waiting = asyncio.create_task(bridge._next_messages(10))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not waiting.done()  # no message, no delivery completed: still waiting
+        landed.set()  # the delivery in flight completes: the wait ends without any message
+        got = await asyncio.wait_for(waiting, 5)
+        assert [i.mid for i in got] == ([2] if keep else [])
+        assert source.waiting == []
