@@ -119,8 +119,31 @@ class EngineSettings:
     series_ttl_s: float = 6 * 3600.0
 
 
-#: a column of strings: an object array, or dictionary-encoded
-Names = npt.NDArray[np.object_] | Categorical
+@dataclass(frozen=True, slots=True)
+class _NamesAt:
+    """The rows ``rows`` ``(n,)`` of a column of strings, not gathered yet. A step reorders its
+    readings once, then reads the names of a few of them at most (deferred readings): the name
+    columns keep one shared index instead of a gather each (see :meth:`Readings.reordered`)."""
+
+    column: npt.NDArray[np.object_] | Categorical
+    rows: npt.NDArray[np.int64]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def take(self, rows: npt.NDArray[np.int64] | npt.NDArray[np.bool_]) -> _NamesAt:
+        return _NamesAt(self.column, self.rows[rows])
+
+    def values(self) -> npt.NDArray[np.object_]:
+        """Every row's string, as an object array ``(n,)``."""
+        return _names_array(_take(self.column, self.rows))
+
+    def tolist(self) -> list[Any]:
+        return list(self.values().tolist())
+
+
+#: a column of strings: an object array, dictionary-encoded, or rows of either not gathered yet
+Names = npt.NDArray[np.object_] | Categorical | _NamesAt
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,7 +167,33 @@ class Readings:
 
     def take(self, rows: npt.NDArray[np.int64] | npt.NDArray[np.bool_]) -> Readings:
         """The readings at ``rows`` (indices or a mask)."""
-        return Readings(*(_take(getattr(self, f), rows) for f in Readings.__dataclass_fields__))
+        shared: dict[int, _NamesAt] = {}  # name columns reordered together stay together: one gather
+
+        def one(column: Any) -> Any:
+            if not isinstance(column, _NamesAt):
+                return _take(column, rows)
+            found = shared.get(id(column.rows))
+            if found is None:
+                found = shared[id(column.rows)] = column.take(rows)
+            return _NamesAt(column.column, found.rows)
+
+        return Readings(*(one(getattr(self, f)) for f in Readings.__dataclass_fields__))
+
+    def reordered(self, order: npt.NDArray[np.int64]) -> Readings:
+        """The readings in ``order`` (indices): the numbers gathered, the four name columns left
+        where they are behind one shared index (:class:`_NamesAt`) until a name is read."""
+        shared: dict[int, npt.NDArray[np.int64]] = {}
+
+        def name(column: Names) -> _NamesAt:
+            if not isinstance(column, _NamesAt):
+                return _NamesAt(column, order)
+            rows = shared.get(id(column.rows))
+            if rows is None:
+                rows = shared[id(column.rows)] = column.rows[order]
+            return _NamesAt(column.column, rows)
+
+        return Readings(name(self.domain), name(self.sensor_id), name(self.site), name(self.metric),
+                        self.ts_ns[order], self.value[order], self.partition[order], self.offset[order])  # fmt: skip
 
     @staticmethod
     def empty() -> Readings:
@@ -154,7 +203,7 @@ class Readings:
 
 
 def _take(column: Any, rows: npt.NDArray[np.int64] | npt.NDArray[np.bool_]) -> Any:
-    return column.take(rows) if isinstance(column, Categorical) else column[rows]
+    return column.take(rows) if isinstance(column, Categorical | _NamesAt) else column[rows]
 
 
 def _names_at(column: Names, rows: npt.NDArray[np.int64] | npt.NDArray[np.bool_] | None = None) -> list[str]:
@@ -165,7 +214,7 @@ def _names_at(column: Names, rows: npt.NDArray[np.int64] | npt.NDArray[np.bool_]
 
 def _names_array(column: Names) -> npt.NDArray[np.object_]:
     """``column`` as an object array ``(n,)``."""
-    return column.values() if isinstance(column, Categorical) else column
+    return column.values() if isinstance(column, Categorical | _NamesAt) else column
 
 
 class KeyCodes(NamedTuple):
@@ -606,7 +655,7 @@ class ProcessorEngine:
             # work on grouped rows and skip their own sorts and gathers.
             order, series_sorted, _ = series_time_order(series, r.ts_ns)
             if not np.array_equal(order, np.arange(len(order))):
-                r = r.take(order)
+                r = r.reordered(order)
                 series, factor = series_sorted, factor[order]
             value = r.value * factor
             self._grow()

@@ -19,6 +19,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from portpulse.arrays import factorise_column
 from portpulse.contract.catalogue import load_catalogue
 from portpulse.contract.points import Categorical, MemoryPointSink
 from portpulse.processors.engine import (
@@ -29,6 +30,8 @@ from portpulse.processors.engine import (
     ProcessorEngine,
     Readings,
     Recompute,
+    _names_array,
+    _names_at,
 )
 from portpulse.processors.window import ClosedRows, parse_windows
 
@@ -658,3 +661,34 @@ def test_series_resolve_by_source_and_metric_labels_whatever_labels_the_decoder_
     assert engine._source_ids == {} and engine._metric_ids == {} and len(engine._resolved_key) == 0
     again = engine.ingest(readings.take(np.array([1])), 10_201.0, frozenset({0}))
     assert [p.fields["no2"].tolist() for kind, p in again.points if kind == "raw"] == [[20.0 * 1.88]]
+
+
+@given(
+    st.lists(st.tuples(st.sampled_from(["a", "b", "c"]), st.integers(0, 9)), min_size=1, max_size=30),
+    st.randoms(use_true_random=False),
+    st.booleans(),
+)
+def test_reordered_readings_keep_each_reading_with_its_names(
+    rows: list[tuple[str, int]], rng: Any, categorical: bool
+) -> None:
+    """The step's reorder leaves the name columns ungathered behind one index; whatever is taken
+    from it afterwards (twice, by indices or a mask) still names each reading's own sensor."""
+    n = len(rows)
+    sensors = np.array([f"{s}{t}" for s, t in rows], dtype=object)
+    codes, distinct = factorise_column(sensors)
+    names: Any = Categorical(codes, np.array(distinct, dtype=object)) if categorical else sensors
+    readings = Readings(names, names, names, names, np.arange(n, dtype=np.int64), np.arange(n, dtype=np.float64),
+                        np.zeros(n, dtype=np.int64), np.arange(n, dtype=np.int64))  # fmt: skip
+    order = np.array(rng.sample(range(n), n), dtype=np.int64)
+    again = np.array(rng.sample(range(n), rng.randint(0, n)), dtype=np.int64)
+    mask = np.array([rng.random() < 0.5 for _ in range(len(again))], dtype=bool)
+    last = np.array(rng.sample(range(int(mask.sum())), int(mask.sum())), dtype=np.int64)
+    taken = readings.reordered(order).reordered(again).take(mask).take(last)
+    want = sensors[order][again][mask][last].tolist()
+    ts = taken.ts_ns.tolist()
+    assert [sensors[t] for t in ts] == want
+    for column in (taken.domain, taken.sensor_id, taken.site, taken.metric):
+        assert _names_at(column) == want
+        assert _names_array(column).tolist() == want
+    if len(ts):
+        assert _names_at(taken.sensor_id, np.array([0])) == want[:1]
