@@ -319,7 +319,8 @@ def _uniform_step(
         width, dtype = (8, "<f8") if wire == 1 else (4, "<f4")
         if field in (12, 13):
             raw = buf[at[:, None] + np.arange(width)]
-            cols["float_value"][rows] = np.ascontiguousarray(raw).view(dtype).ravel()
+            with np.errstate(invalid="ignore"):  # a float32 signalling NaN widens to a NaN
+                cols["float_value"][rows] = np.ascontiguousarray(raw).view(dtype).ravel()
         stop = at + width
         bad = stop > end[rows]
     if 10 <= field <= 19:
@@ -394,7 +395,8 @@ def parse_metric_spans(joined: bytes, start: npt.NDArray[np.int64], stop: npt.ND
             stop[w] = at[w] + width
             if w.size:
                 raw = buf[at[w, None] + np.arange(width)]
-                floats = np.ascontiguousarray(raw).view(dtype).ravel().astype(np.float64)
+                with np.errstate(invalid="ignore"):  # a float32 signalling NaN widens to a NaN
+                    floats = np.ascontiguousarray(raw).view(dtype).ravel().astype(np.float64)
                 known = (field[w] == 12) | (field[w] == 13)
                 cols["float_value"][rows[w[known]]] = floats[known]
         # length-delimited (name, string_value, skipped sub-messages and bytes)

@@ -6,12 +6,13 @@ read back through the host."""
 from __future__ import annotations
 
 import json
+import math
 import struct
 from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from portpulse.codecs.mqttwire import encode_connect, encode_publish
@@ -102,6 +103,7 @@ def test_parse_metrics_reads_what_upb_reads(metrics: list[tuple[dict[str, Any], 
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.binary(max_size=40), max_size=20))
+@example([b"e\x00\x01", b"\x80", b"\x7f"])  # a float_value read across blobs: a float32 signalling NaN
 def test_parse_metrics_flags_what_is_not_a_metric_and_never_raises(blobs: list[bytes]) -> None:
     c = parse_metrics(blobs)
     assert len(c) == len(blobs)
@@ -478,3 +480,8 @@ def test_a_replay_decodes_with_the_births_held_now_and_changes_nothing() -> None
     assert [(m, v) for _, _, m, _, v in readings(batch)] == [("trolley_position", 7.0)] * 2 + [("hoist_load", 12.5)]
     node = replay.nodes[(GROUP, NODE)]
     assert node.online and node.seq == before and set(node.devices) == {"sts-1"}
+
+
+def test_a_float_value_that_is_a_signalling_nan_reads_as_nan() -> None:
+    c = parse_metrics([b"e" + bytes.fromhex("0001807f")])  # field 12 (float_value), 0x7f800100
+    assert not c.malformed[0] and math.isnan(float(c.float_value[0]))
