@@ -25,6 +25,17 @@
  *   arrays.pair_lines computes with two stable sorts. One counting sort by point (points are slot
  *   numbers, a dense range), then each point's rows stably ordered by ts: a few rows each, in
  *   place. None, having kept nothing, when the points span more than a few times n.
+ *
+ * key_slots_put(slot_key, slot_row, keys, first_row) -> None
+ *
+ *   slot_key, slot_row: int64 (s,), writable, s a power of two: an open-addressing hash table of
+ *   keys and their rows (row -1: an empty slot). keys: int64 (m,), distinct and not in the table;
+ *   key i goes in with row first_row + i. ValueError, having changed nothing, when s is not a power
+ *   of two, the table would be more than half full, or a key is there already.
+ *
+ * key_slots_find(slot_key, slot_row, keys) -> bytearray
+ *
+ *   Each key's row in that table (int64 (m,)), -1 where it is absent.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -242,10 +253,92 @@ done:
     return result;
 }
 
+/* The slot of key in a table of size slots (a power of two): its own, or the empty one that ends
+ * its probe sequence. The table is at most half full, so the probe ends. */
+static inline Py_ssize_t key_slot(const int64_t *slot_key, const int64_t *slot_row, Py_ssize_t size, int64_t key) {
+    Py_ssize_t at = (Py_ssize_t)(mix64((uint64_t)key) & (uint64_t)(size - 1));
+    while (slot_row[at] >= 0 && slot_key[at] != key) at = (at + 1) & (size - 1);
+    return at;
+}
+
+/* The two table columns and the keys, checked: 0, or -1 with an exception set. */
+static int key_slots(PyObject *args, const char *format, Column *slot_key, Column *slot_row, Column *keys,
+                     Py_ssize_t *size, Py_ssize_t *m, int writable, Py_ssize_t *first_row) {
+    PyObject *slot_key_obj, *slot_row_obj, *keys_obj;
+    if (first_row ? !PyArg_ParseTuple(args, format, &slot_key_obj, &slot_row_obj, &keys_obj, first_row)
+                  : !PyArg_ParseTuple(args, format, &slot_key_obj, &slot_row_obj, &keys_obj))
+        return -1;
+    *size = *m = -1;
+    if (take(slot_key_obj, slot_key, 8, size, writable, "slot_key") < 0 ||
+        take(slot_row_obj, slot_row, 8, size, writable, "slot_row") < 0 || take(keys_obj, keys, 8, m, 0, "keys") < 0)
+        return -1;
+    if (*size == 0 || (*size & (*size - 1))) {
+        PyErr_Format(PyExc_ValueError, "a table of %zd slots: expected a power of two", *size);
+        return -1;
+    }
+    return 0;
+}
+
+static void release(Column *a, Column *b, Column *c) {
+    if (a->held) PyBuffer_Release(&a->view);
+    if (b->held) PyBuffer_Release(&b->view);
+    if (c->held) PyBuffer_Release(&c->view);
+}
+
+static PyObject *key_slots_put(PyObject *module, PyObject *args) {
+    (void)module;
+    Column slot_key = {0}, slot_row = {0}, keys = {0};
+    Py_ssize_t size, m, first_row;
+    PyObject *result = NULL;
+    if (key_slots(args, "OOOn", &slot_key, &slot_row, &keys, &size, &m, 1, &first_row) < 0) goto done;
+    int64_t *sk = slot_key.view.buf, *sr = slot_row.view.buf;
+    const int64_t *k = keys.view.buf;
+    Py_ssize_t held = 0;
+    for (Py_ssize_t s = 0; s < size; s++) held += sr[s] >= 0;
+    if (first_row < 0 || 2 * (held + m) > size) {
+        PyErr_Format(PyExc_ValueError, "%zd keys into a table of %zd slots holding %zd (first row %zd)", m, size,
+                     held, first_row);
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < m; i++) {
+        Py_ssize_t at = key_slot(sk, sr, size, k[i]);
+        if (sr[at] >= 0) {
+            /* Undone newest first: each key's probe sequence is then as it was when it went in. */
+            for (Py_ssize_t j = i - 1; j >= 0; j--) sr[key_slot(sk, sr, size, k[j])] = -1;
+            PyErr_Format(PyExc_ValueError, "key %lld is in the table already", (long long)k[i]);
+            goto done;
+        }
+        sk[at] = k[i];
+        sr[at] = first_row + i;
+    }
+    result = Py_NewRef(Py_None);
+done:
+    release(&slot_key, &slot_row, &keys);
+    return result;
+}
+
+static PyObject *key_slots_find(PyObject *module, PyObject *args) {
+    (void)module;
+    Column slot_key = {0}, slot_row = {0}, keys = {0};
+    Py_ssize_t size, m;
+    PyObject *rows_obj = NULL;
+    if (key_slots(args, "OOO", &slot_key, &slot_row, &keys, &size, &m, 0, NULL) < 0) goto done;
+    const int64_t *sk = slot_key.view.buf, *sr = slot_row.view.buf, *k = keys.view.buf;
+    rows_obj = PyByteArray_FromStringAndSize(NULL, m * 8);
+    if (rows_obj == NULL) goto done;
+    int64_t *row = (int64_t *)PyByteArray_AS_STRING(rows_obj);
+    for (Py_ssize_t i = 0; i < m; i++) row[i] = sr[key_slot(sk, sr, size, k[i])];
+done:
+    release(&slot_key, &slot_row, &keys);
+    return rows_obj;
+}
+
 static PyMethodDef methods[] = {
     {"factorise", factorise, METH_O, "Codes and distinct items (see the module comment)."},
     {"distinct_codes", distinct_codes, METH_O, "First rows and codes of distinct values (see the module comment)."},
     {"pair_lines", pair_lines, METH_VARARGS, "Each row's line and each line's first row (see the module comment)."},
+    {"key_slots_put", key_slots_put, METH_VARARGS, "Keys into a hash table (see the module comment)."},
+    {"key_slots_find", key_slots_find, METH_VARARGS, "The rows of keys in a hash table (see the module comment)."},
     {NULL, NULL, 0, NULL},
 };
 

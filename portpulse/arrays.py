@@ -11,6 +11,7 @@ import numpy.typing as npt
 
 __all__ = [
     "FACTORISER",
+    "KeyIndex",
     "code_groups",
     "distinct_codes",
     "factorise",
@@ -28,17 +29,73 @@ def _compiled() -> tuple[
     Callable[[list[Any]], tuple[bytearray, list[Any]]] | None,
     Callable[[Any], tuple[bytearray, bytearray]] | None,
     Callable[[Any, Any], tuple[bytearray, bytearray] | None] | None,
+    tuple[Callable[[Any, Any, Any, int], None], Callable[[Any, Any, Any], bytearray]] | None,
 ]:
     try:
-        from portpulse._arrays import distinct_codes, factorise, pair_lines
+        from portpulse._arrays import distinct_codes, factorise, key_slots_find, key_slots_put, pair_lines
     except ImportError:  # installed where no C compiler was at hand: dicts, maps and sorts do it
-        return None, None, None
-    return factorise, distinct_codes, pair_lines
+        return None, None, None, None
+    return factorise, distinct_codes, pair_lines, (key_slots_put, key_slots_find)
 
 
-_COMPILED_FACTORISE, _COMPILED_DISTINCT_CODES, _COMPILED_PAIR_LINES = _compiled()
+_COMPILED_FACTORISE, _COMPILED_DISTINCT_CODES, _COMPILED_PAIR_LINES, _COMPILED_KEY_SLOTS = _compiled()
 #: what factorises names: "compiled" or "python" (logged at start-up)
 FACTORISER = "python" if _COMPILED_FACTORISE is None else "compiled"
+
+
+class KeyIndex:
+    """Distinct int64 keys, each with its row: the order it was added in (``keys[row]``). Compiled
+    (``_arrays.c``), an open-addressing hash table at most a quarter full after it grows, so a
+    lookup is about one probe; otherwise a binary search over a sorted copy. A processor resolves
+    every reading's series key through one, each step."""
+
+    def __init__(self) -> None:
+        self.keys = np.empty(0, dtype=np.int64)
+        # compiled: the table's keys and rows (row -1: an empty slot); numpy: the sorted keys and rows
+        self._slot_key = self._slot_row = np.empty(0, dtype=np.int64)
+        self._sorted: tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]] | None = None
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def find(self, key: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+        """The row of each of ``key`` ``(n,)``, -1 where it is not held; int64 ``(n,)``."""
+        if not len(self.keys):
+            return np.full(len(key), -1, dtype=np.int64)
+        if _COMPILED_KEY_SLOTS is not None:
+            rows = _COMPILED_KEY_SLOTS[1](self._slot_key, self._slot_row, np.ascontiguousarray(key, dtype=np.int64))
+            return np.frombuffer(rows, dtype=np.int64)
+        if self._sorted is None:
+            order = np.argsort(self.keys, kind="stable")
+            self._sorted = self.keys[order], order
+        ordered, row = self._sorted
+        at = np.minimum(np.searchsorted(ordered, key), len(ordered) - 1)
+        return np.where(ordered[at] == key, row[at], -1)
+
+    def add(self, key: npt.NDArray[np.int64]) -> None:
+        """Hold ``key`` ``(m,)`` too: distinct keys not held yet, rows ``len(self)`` onwards."""
+        start = len(self.keys)
+        self.keys = np.concatenate([self.keys, np.asarray(key, dtype=np.int64)])
+        self._place(start)
+
+    def keep(self, rows: npt.NDArray[np.bool_]) -> None:
+        """Hold only the keys where ``rows`` (bool ``(len(self),)``) is true, renumbered in order."""
+        self.keys = self.keys[rows]
+        self._slot_key = self._slot_row = np.empty(0, dtype=np.int64)
+        self._place(0)
+
+    def _place(self, start: int) -> None:
+        """The keys from row ``start`` into the lookup structure."""
+        self._sorted = None
+        if _COMPILED_KEY_SLOTS is None:
+            return
+        n = len(self.keys)
+        if not len(self._slot_key) or 2 * n > len(self._slot_key):  # grown fourfold, re-filled: O(1) a key
+            size = 1 << max(4, (4 * n - 1).bit_length())
+            self._slot_key = np.zeros(size, dtype=np.int64)
+            self._slot_row = np.full(size, -1, dtype=np.int64)
+            start = 0
+        _COMPILED_KEY_SLOTS[0](self._slot_key, self._slot_row, self.keys[start:], start)
 
 
 def factorise(items: Sequence[H]) -> tuple[npt.NDArray[np.int64], list[H]]:

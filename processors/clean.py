@@ -107,19 +107,22 @@ class History:
         return History(self.values.copy(), self.ts.copy(), self.offsets.copy(), self.verdict.copy())
 
     def grow(self, series: int) -> History:
-        """The same history with room for at least ``series`` series (new rows empty). It grows
-        by half again at least: a fleet's first minutes add series every batch, and copying
-        every row each time would cost more than judging them."""
+        """The same history with room for at least ``series`` series (new rows empty). It doubles
+        at least: a fleet's first minutes add series every batch, and copying every row each time
+        would cost more than judging them. Each byte of the new arrays is written once."""
         k, w = self.values.shape
         if series <= k:
             return self
-        more = History.empty(max(series, k + k // 2) - k, w)
-        return History(
-            np.vstack([self.values, more.values]),
-            np.vstack([self.ts, more.ts]),
-            np.vstack([self.offsets, more.offsets]),
-            np.vstack([self.verdict, more.verdict]),
-        )
+        rows = max(series, 2 * k)
+
+        def grown(old: npt.NDArray[_T], fill: float) -> npt.NDArray[_T]:
+            array = np.empty((rows, w), dtype=old.dtype)
+            array[:k] = old
+            array[k:] = fill
+            return array
+
+        return History(grown(self.values, np.nan), grown(self.ts, _NO_TS), grown(self.offsets, NO_OFFSET),
+                       grown(self.verdict, 0))  # fmt: skip
 
     def merge(
         self,

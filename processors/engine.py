@@ -40,7 +40,7 @@ from typing import Any, NamedTuple, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from portpulse.arrays import code_groups, distinct_codes, factorise_column, group_starts, pair_lines
+from portpulse.arrays import KeyIndex, code_groups, distinct_codes, factorise_column, group_starts, pair_lines
 from portpulse.contract.catalogue import Catalogue, MetricSpec
 from portpulse.contract.points import Categorical, PointColumns, SeriesRange, StoredReadings
 from portpulse.contract.schema import str_array
@@ -377,7 +377,7 @@ class ProcessorEngine:
         self._source_ids: dict[tuple[str, str, str], int] = {}
         self._metric_ids: dict[str, int] = {}
         self._fresh_ids = itertools.count()
-        self._resolved_key = np.empty(0, dtype=np.int64)
+        self._resolved = KeyIndex()  # (source id << 32 | metric id) -> row of the two below
         self._resolved_series = np.empty(0, dtype=np.int64)
         self._resolved_factor = np.empty(0, dtype=np.float64)
         # Stored points: one per (domain, sensor, site) and instant, holding every metric of that
@@ -590,33 +590,22 @@ class ProcessorEngine:
         first, metric = distinct_codes(codes.metric)
         metric_ids = _interned(self._metric_ids, _names_at(r.metric, first), self._fresh_ids)
         key = (source_ids << 32)[source] | metric_ids[metric]
-        at = self._resolved_at(key)
+        at = self._resolved.find(key)
         if (at < 0).any():
             self._resolve_new(r, key, at < 0)
-            at = self._resolved_at(key)
+            at = self._resolved.find(key)
         return self._resolved_series[at], self._resolved_factor[at]
 
-    def _resolved_at(self, key: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
-        """The index in the resolved keys of each of ``key`` ``(n,)``; -1 where not resolved yet."""
-        if not len(self._resolved_key):
-            return np.full(len(key), -1, dtype=np.int64)
-        at = np.minimum(np.searchsorted(self._resolved_key, key), len(self._resolved_key) - 1)
-        return np.where(self._resolved_key[at] == key, at, -1)
-
     def _resolve_new(self, r: Readings, key: npt.NDArray[np.int64], new: npt.NDArray[np.bool_]) -> None:
-        """Resolve the keys of the readings at ``new`` (mask ``(n,)``) and add them, kept sorted."""
+        """Resolve the keys of the readings at ``new`` (mask ``(n,)``) and add them."""
         rows = np.flatnonzero(new)
         rows = rows[distinct_codes(key[rows])[0]]
         ids, factors = self._register(
             _names_at(r.domain, rows), _names_at(r.sensor_id, rows), _names_at(r.site, rows), _names_at(r.metric, rows)
         )
-        # Inserted where they sort (a merge, O(resolved)): a fleet's first steps add keys every step.
-        order = np.argsort(key[rows])
-        added = key[rows][order]
-        at = np.searchsorted(self._resolved_key, added)
-        self._resolved_key = np.insert(self._resolved_key, at, added)
-        self._resolved_series = np.insert(self._resolved_series, at, np.array(ids, dtype=np.int64)[order])
-        self._resolved_factor = np.insert(self._resolved_factor, at, np.array(factors, dtype=np.float64)[order])
+        self._resolved.add(key[rows])
+        self._resolved_series = np.concatenate([self._resolved_series, np.array(ids, dtype=np.int64)])
+        self._resolved_factor = np.concatenate([self._resolved_factor, np.array(factors, dtype=np.float64)])
 
     # ------------------------------------------------------------ main step
 
@@ -731,12 +720,12 @@ class ProcessorEngine:
         """Drop the resolved keys of the evicted series ``ids``, and the source and metric ids no
         resolved key uses any more (a fleet that renames its sensors does not grow them)."""
         keep = ~np.isin(self._resolved_series, ids)
-        self._resolved_key = self._resolved_key[keep]
+        self._resolved.keep(keep)
         self._resolved_series = self._resolved_series[keep]
         self._resolved_factor = self._resolved_factor[keep]
-        sources = set((self._resolved_key >> 32).tolist())
+        sources = set((self._resolved.keys >> 32).tolist())
         self._source_ids = {k: i for k, i in self._source_ids.items() if i in sources}
-        metrics = set((self._resolved_key & 0xFFFFFFFF).tolist())
+        metrics = set((self._resolved.keys & 0xFFFFFFFF).tolist())
         self._metric_ids = {k: i for k, i in self._metric_ids.items() if i in metrics}
 
     def _replayed(self, r: Readings) -> npt.NDArray[np.bool_]:

@@ -658,7 +658,7 @@ def test_series_resolve_by_source_and_metric_labels_whatever_labels_the_decoder_
     assert counts == [("s0", "no2_count", 3), ("s1", "no2_count", 1), ("s1", "o3_count", 1)]  # one window each
     engine.ingest(Readings.empty(), 10_200.0, frozenset({0}))  # every series is forgotten
     assert engine.series_count == 0
-    assert engine._source_ids == {} and engine._metric_ids == {} and len(engine._resolved_key) == 0
+    assert engine._source_ids == {} and engine._metric_ids == {} and len(engine._resolved) == 0
     again = engine.ingest(readings.take(np.array([1])), 10_201.0, frozenset({0}))
     assert [p.fields["no2"].tolist() for kind, p in again.points if kind == "raw"] == [[20.0 * 1.88]]
 

@@ -269,6 +269,26 @@ def test_the_compiled_hampel_kernel_declines_a_window_out_of_time_order_and_refu
         judge(history.values, history.ts[:, :3].copy(), history.offsets, history.verdict, *args)
 
 
+def test_a_grown_history_keeps_its_rows_and_adds_empty_ones() -> None:
+    """Room for more series: the rows held stay as they were, bit for bit, every new row is empty
+    (as :meth:`History.empty` makes it), and it grows at least by doubling."""
+    rng = np.random.default_rng(11)
+    history = History.empty(3, 4)
+    history.values[:] = rng.random((3, 4))
+    history.ts[:] = rng.integers(0, 10**12, (3, 4))
+    history.offsets[:] = rng.integers(0, 10**6, (3, 4))
+    history.verdict[:] = rng.integers(0, 3, (3, 4))
+    assert history.grow(3) is history
+    for wanted, rows in ((4, 6), (20, 20)):
+        grown = history.grow(wanted)
+        empty = History.empty(rows - 3, 4)
+        for name in ("values", "ts", "offsets", "verdict"):
+            old, new = getattr(history, name), getattr(grown, name)
+            assert new.shape == (rows, 4) and new.dtype == old.dtype, name
+            assert new[:3].tobytes() == old.tobytes(), name
+            assert new[3:].tobytes() == getattr(empty, name).tobytes(), name
+
+
 def test_the_earliest_offset_of_a_history_is_the_least_of_its_row_compiled_or_not() -> None:
     rng = np.random.default_rng(5)
     history = History.empty(50, 15)

@@ -12,7 +12,7 @@ from aiokafka.record.util import calc_crc32c
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from portpulse.arrays import distinct_codes
+from portpulse.arrays import KeyIndex, distinct_codes
 from portpulse.codecs.recordbatch import (
     CorruptRecordSetError,
     OutgoingRecords,
@@ -202,6 +202,66 @@ def test_distinct_codes_equals_np_unique_in_first_appearance_order(values: list[
     order: dict[int, int] = {}
     assert codes.tolist() == [order.setdefault(v, len(order)) for v in values]
     assert key[first].tolist() == list(order)
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.lists(st.integers(0, 2**62) | st.integers(0, 300), max_size=60),  # keys to add (held ones dropped)
+            st.lists(st.booleans(), max_size=400),  # which rows to keep next (missing: kept)
+        ),
+        max_size=8,
+    ),
+    st.lists(st.integers(0, 2**62) | st.integers(0, 300), max_size=80),
+    st.sampled_from(["compiled", "numpy"]),
+)
+def test_a_key_index_finds_the_row_of_every_key_it_holds_through_adds_and_drops(
+    steps: list[tuple[list[int], list[bool]]], queries: list[int], kind: str
+) -> None:
+    """Against a plain list: rows in the order keys were added, renumbered by a drop, -1 for a
+    key not held (the compiled table grows past a quarter full many times over)."""
+    from portpulse import arrays
+
+    with compiled_half(arrays, "_COMPILED_KEY_SLOTS", kind):
+        index, held = KeyIndex(), []
+        for added, kept in steps:
+            new = [k for k in dict.fromkeys(added) if k not in held]
+            index.add(np.array(new, dtype=np.int64))
+            held += new
+            probe = held + queries
+            assert index.find(np.array(probe, dtype=np.int64)).tolist() == [
+                held.index(k) if k in held else -1 for k in probe
+            ]
+            mask = (kept + [True] * len(held))[: len(held)]
+            index.keep(np.array(mask, dtype=bool))
+            held = [k for k, keep in zip(held, mask, strict=True) if keep]
+            assert len(index) == len(held) and index.keys.tolist() == held
+        probe = held + queries
+        assert index.find(np.array(probe, dtype=np.int64)).tolist() == [
+            held.index(k) if k in held else -1 for k in probe
+        ]
+
+
+def test_the_compiled_key_table_refuses_what_would_break_it_and_changes_nothing() -> None:
+    """A size not a power of two, more than half full, a key held already (its batch's earlier
+    keys taken out again)."""
+    from portpulse._arrays import key_slots_find, key_slots_put
+
+    slot_key, slot_row = np.zeros(16, dtype=np.int64), np.full(16, -1, dtype=np.int64)
+    key_slots_put(slot_key, slot_row, np.array([3, 11, 19]), 0)
+    before = slot_key.copy(), slot_row.copy()
+    for table, keys, match in (
+        ((np.zeros(6, np.int64), np.full(6, -1, np.int64)), [1], "power of two"),
+        ((slot_key, slot_row), [1, 2, 4, 5, 6, 7], "holding 3"),
+        ((slot_key, slot_row), [27, 11], "in the table already"),
+        ((slot_key, slot_row), [27, 27], "in the table already"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            key_slots_put(*table, np.array(keys, dtype=np.int64), 3)
+        held = slot_row >= 0
+        assert slot_row.tolist() == before[1].tolist() and slot_key[held].tolist() == before[0][held].tolist()
+    found = np.frombuffer(key_slots_find(slot_key, slot_row, np.array([19, 3, 27, 11])), dtype=np.int64)
+    assert found.tolist() == [2, 0, -1, 1]
 
 
 # ---------------------------------------------------------------- writing
