@@ -148,11 +148,18 @@ def _cmd_pipeline(settings: Settings, stages: tuple[str, ...], args: argparse.Na
     import logging
 
     from portpulse.app.pipeline import ProcessorOptions, run_pipeline
-    from portpulse.app.runtime import keep_heap_for_reuse, run_until_signal, setup_logging, tune_gc_for_streaming
+    from portpulse.app.runtime import (
+        keep_heap_for_reuse,
+        run_until_signal,
+        setup_logging,
+        small_pages_for_arrays,
+        tune_gc_for_streaming,
+    )
 
     setup_logging(settings.ops)
     if "processor" in stages:
         keep_heap_for_reuse()
+    small_pages_for_arrays()
     tune_gc_for_streaming()
     options = ProcessorOptions(
         getattr(args, "windows", "10s,1m,15m"), getattr(args, "lateness", 10.0), getattr(args, "idle_timeout", 30.0)

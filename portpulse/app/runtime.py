@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -13,7 +14,14 @@ from typing import TypeVar
 
 from portpulse.contract.settings import OpsSettings
 
-__all__ = ["JsonFormatter", "keep_heap_for_reuse", "run_until_signal", "setup_logging", "tune_gc_for_streaming"]
+__all__ = [
+    "JsonFormatter",
+    "keep_heap_for_reuse",
+    "run_until_signal",
+    "setup_logging",
+    "small_pages_for_arrays",
+    "tune_gc_for_streaming",
+]
 
 T = TypeVar("T")
 
@@ -45,6 +53,34 @@ def keep_heap_for_reuse(mmap_threshold: int = 32 << 20, trim_threshold: int = 25
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
+
+
+def small_pages_for_arrays() -> bool:
+    """Ask numpy not to advise transparent huge pages for its large arrays, unless the user chose
+    with ``NUMPY_MADVISE_HUGEPAGE`` (numpy's own switch, read when numpy is imported).
+
+    numpy advises huge pages (``madvise``) for every array of 4 MB and more. A step allocates
+    and frees many of them, and while the heap grows (a fleet's first minutes: open windows,
+    cleaning history) each one on fresh memory costs whole 2 MB pages zeroed, in the kernel
+    (measured on the fleet benchmark: the processor's kernel time fell from 0.22 to 0.06 us per
+    value and its peak RSS from 540 to 430 MB; its user time did not change). Returns True
+    when numpy advises no huge pages from now on.
+
+    The switch is numpy's private ``_set_madvise_hugepage``: where it is gone, this logs a
+    warning and changes nothing.
+    """
+    if "NUMPY_MADVISE_HUGEPAGE" in os.environ:
+        return os.environ["NUMPY_MADVISE_HUGEPAGE"] == "0"
+    from numpy._core import multiarray
+
+    switch = getattr(multiarray, "_set_madvise_hugepage", None)
+    if switch is None:
+        logging.getLogger("portpulse").warning(
+            "numpy has no _set_madvise_hugepage: large arrays may take huge pages (set NUMPY_MADVISE_HUGEPAGE=0)"
+        )
+        return False
+    switch(False)
+    return True
 
 
 def tune_gc_for_streaming(first_generation: int = 50_000) -> None:

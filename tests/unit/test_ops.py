@@ -263,3 +263,27 @@ def test_a_first_signal_asks_for_a_drain_and_a_second_stops_without_it() -> None
     with pytest.raises(KeyboardInterrupt):
         run_until_signal(main)
     assert seen == ["stop set"]  # the drain was cut short, not completed
+
+
+@pytest.mark.parametrize(
+    ("chosen", "applied", "numpy_advises"), [(None, True, False), ("1", False, True), ("0", True, False)]
+)
+def test_pipeline_commands_turn_numpys_huge_page_advice_off_unless_the_user_chose(
+    chosen: str | None, applied: bool, numpy_advises: bool
+) -> None:
+    """In a fresh interpreter (numpy reads ``NUMPY_MADVISE_HUGEPAGE`` once, at import): numpy's
+    advice is off afterwards, or as the user's variable set it."""
+    import os
+    import sys
+
+    code = (
+        "from numpy._core import multiarray\n"
+        "from portpulse.app.runtime import small_pages_for_arrays\n"
+        "applied = small_pages_for_arrays()\n"
+        "print(applied, multiarray._set_madvise_hugepage(False))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "NUMPY_MADVISE_HUGEPAGE"}
+    if chosen is not None:
+        env["NUMPY_MADVISE_HUGEPAGE"] = chosen
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.split() == [str(applied), str(numpy_advises)]
