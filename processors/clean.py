@@ -107,13 +107,14 @@ class History:
         return History(self.values.copy(), self.ts.copy(), self.offsets.copy(), self.verdict.copy())
 
     def grow(self, series: int) -> History:
-        """The same history with room for at least ``series`` series (new rows empty). It doubles
-        at least: a fleet's first minutes add series every batch, and copying every row each time
-        would cost more than judging them. Each byte of the new arrays is written once."""
+        """The same history with room for at least ``series`` series (new rows empty). It grows by
+        half again at least: a fleet's first minutes add series every batch, and copying every row
+        each time would cost more than judging them (more would fill rows that may never be
+        used). Each byte of the new arrays is written once."""
         k, w = self.values.shape
         if series <= k:
             return self
-        rows = max(series, 2 * k)
+        rows = max(series, k + k // 2)
 
         def grown(old: npt.NDArray[_T], fill: float) -> npt.NDArray[_T]:
             array = np.empty((rows, w), dtype=old.dtype)

@@ -271,7 +271,7 @@ def test_the_compiled_hampel_kernel_declines_a_window_out_of_time_order_and_refu
 
 def test_a_grown_history_keeps_its_rows_and_adds_empty_ones() -> None:
     """Room for more series: the rows held stay as they were, bit for bit, every new row is empty
-    (as :meth:`History.empty` makes it), and it grows at least by doubling."""
+    (as :meth:`History.empty` makes it), and it grows by half again at least."""
     rng = np.random.default_rng(11)
     history = History.empty(3, 4)
     history.values[:] = rng.random((3, 4))
@@ -279,7 +279,8 @@ def test_a_grown_history_keeps_its_rows_and_adds_empty_ones() -> None:
     history.offsets[:] = rng.integers(0, 10**6, (3, 4))
     history.verdict[:] = rng.integers(0, 3, (3, 4))
     assert history.grow(3) is history
-    for wanted, rows in ((4, 6), (20, 20)):
+    assert History.empty(10, 2).grow(11).values.shape == (15, 2)  # half again: fewer copies as a fleet grows
+    for wanted, rows in ((4, 4), (5, 5), (20, 20)):
         grown = history.grow(wanted)
         empty = History.empty(rows - 3, 4)
         for name in ("values", "ts", "offsets", "verdict"):
