@@ -922,13 +922,15 @@ class ProcessorEngine:
         close)."""
         if not len(partition):
             return
-        # Partition ids are the loop's small numbers: one pass for every partition's newest offset.
+        # Partition ids are the loop's small numbers: one pass for every partition's newest offset
+        # (a Kafka offset is never int64's minimum, so that marks a partition absent).
         lo = int(partition.min())
-        newest = np.full(int(partition.max()) - lo + 1, np.iinfo(np.int64).min, dtype=np.int64)
+        absent = np.iinfo(np.int64).min
+        newest = np.full(int(partition.max()) - lo + 1, absent, dtype=np.int64)
         np.maximum.at(newest, partition - lo, offset)
-        for p in partition[distinct_codes(partition)[0]].tolist():
-            state = self._parts.setdefault(p, _Partition())
-            state.next_offset = max(state.next_offset, int(newest[p - lo]) + 1)
+        for i in np.flatnonzero(newest != absent).tolist():
+            state = self._parts.setdefault(lo + i, _Partition())
+            state.next_offset = max(state.next_offset, int(newest[i]) + 1)
 
     def _stored_points(
         self,
