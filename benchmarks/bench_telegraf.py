@@ -25,8 +25,11 @@ sensor reporting its 6-7 metrics once a second for ``--fleet-seconds`` of event 
 protocol gateway batches of 100 reports (every peer), JSON gateway batches and JSON single
 reports (PortPulse; Telegraf would need a json_v2 mapping per domain). Event time is *paced*:
 the fleet is large enough that one second of its event time is about as many values as the
-pipelines store per second of wall time, so windows close and aggregates are written at about
-the real-time rate of a fleet that size (the report prints event seconds per wall second). Stored
+pipelines store per second of wall time (the report prints event seconds per wall second). The
+60 s of event time span one minute's end (plus the allowed lateness) at their middle, whatever
+the wall clock says: PortPulse closes one 1-minute window of every series in every run, the
+real-time rate of a fleet's minute aggregates. Telegraf's basicstats pushes on the wall clock's
+minutes, so in some of its runs; the report prints the aggregate lines stored in each run. Stored
 = published counts every metric of every report (PortPulse: raw plus rejected by cleaning).
 """
 
@@ -170,6 +173,8 @@ PEER_NAMES = {
 }
 PORTPULSE_TOPOLOGY = {"portpulse": "run", "portpulse-split": "split"}
 PORTPULSE_PEERS = tuple(PORTPULSE_TOPOLOGY)
+#: PortPulse's allowed lateness (s of a series' event time) in these runs.
+FLEET_LATENESS_S = 2
 
 
 def start_peer(env: dict[str, str], exe: Path, peer: str) -> tuple[Any, dict[str, int]]:
@@ -178,7 +183,8 @@ def start_peer(env: dict[str, str], exe: Path, peer: str) -> tuple[Any, dict[str
         tg = Telegraf(exe, env, f"tg{uuid.uuid4().hex[:8]}")
         return tg, {"telegraf bridge": tg.procs[0].pid, "telegraf processor": tg.procs[1].pid}
     topology = PORTPULSE_TOPOLOGY[peer]
-    pipe = Pipeline(env, peer, topology, processor_args=["--windows", "1m", "--lateness", "2", "--idle-timeout", "5"])
+    windows = ["--windows", "1m", "--lateness", str(FLEET_LATENESS_S), "--idle-timeout", "5"]
+    pipe = Pipeline(env, peer, topology, processor_args=windows)
     names = [f"portpulse {args[0]}" for args in TOPOLOGIES[topology]]
     return pipe, {name: proc.pid for name, proc in zip(names, pipe.procs, strict=True)}
 
@@ -245,6 +251,29 @@ def _counts(influx: Influx, measurement: str, fields: list[str], where: str = ""
     return int(sum(v or 0 for v in series[0]["values"][0][1:])) if series else 0  # null: a field never written
 
 
+def fleet_start_ns(now_ns: int, seconds: float) -> int:
+    """Event time (ns) of a fleet load's first report: ``seconds`` of event time whose middle is
+    the end of a minute plus the processor's allowed lateness, ending no later than 2 s after
+    ``now_ns``. PortPulse then closes one 1-minute window of every series in the middle of every
+    run, whatever second of the wall clock the run starts at; a span ending at the wall clock
+    closed windows in some runs and not in others, and InfluxDB's CPU per value doubled in those
+    that did (a window's aggregate line has 56 fields)."""
+    minute = 60 * 10**9
+    half = int(seconds * 1e9) // 2
+    close = (now_ns + 2 * 10**9 - half - FLEET_LATENESS_S * 10**9) // minute * minute + FLEET_LATENESS_S * 10**9
+    return close - half
+
+
+def fleet_aggregates(influx: Influx, peer: str) -> int:
+    """Aggregate lines the fleet's domains hold: PortPulse's 1-minute windows, Telegraf's basicstats
+    (pushed on the wall clock's minutes, so in some of its runs and not in others)."""
+    total = 0
+    for domain, metrics in DOMAIN_METRICS.items():
+        measurement = domain if peer == "telegraf" else f"{domain}_1m"
+        total += _counts(influx, measurement, [f"{metrics[-1]}_count"])
+    return total
+
+
 def fleet_stored(influx: Influx, rejected_too: bool, last_metric_only: bool = False) -> int:
     """Metric values the fleets' measurements hold as raw points (and, for PortPulse, as readings
     rejected by cleaning); ``last_metric_only``: of each domain's last metric, i.e. the reports
@@ -275,12 +304,10 @@ def run_fleet(env: dict[str, str], exe: Path, peer: str, fmt: str, sensors: int,
     pipe, pids = start_peer(env, exe, peer)
     rejected_too = peer != "telegraf"
     try:
-        warm = lines(pipe.prefix, 1, 1, time.time_ns() // 10**6 - int(seconds + 60) * 1000)
+        start_ns = fleet_start_ns(time.time_ns(), seconds)
+        warm = lines(pipe.prefix, 1, 1, start_ns // 10**6 - 60_000)
         wait_for(lambda: _try_publish(host, port, warm) and pipe.influx.count("air", "no2") >= 1, 180, "warm")
-        # Event time ends when publishing starts: paced, it keeps up with the wall clock from there.
-        messages, reports, values = fleet_messages(
-            pipe.prefix, fmt, sensors, seconds, time.time_ns() + 2 * 10**9 - int(seconds * 1e9)
-        )
+        messages, reports, values = fleet_messages(pipe.prefix, fmt, sensors, seconds, start_ns)
         budget = CpuBudget(pids | {"benchmark (publisher)": os.getpid()})
         budget.start()
         started = time.monotonic()
@@ -289,11 +316,13 @@ def run_fleet(env: dict[str, str], exe: Path, peer: str, fmt: str, sensors: int,
         elapsed = time.monotonic() - started
         cpu = budget.stop()
         stored = fleet_stored(pipe.influx, rejected_too) - 1  # the warm-up reading
+        aggregates = fleet_aggregates(pipe.influx, peer)
         # What a disturbed run shows first: windows recomputed from the store (read-backs).
         totals = pipe.totals() if peer != "telegraf" else {}
         work = {k: totals[k] for k in ("rejected", "repeated", "windows_corrected") if k in totals}
         return {"peer": peer, "format": fmt, "reports": reports, "readings": values, "stored": stored,
-                "elapsed_s": elapsed, "readings_per_s": values / elapsed, "event_s_per_wall_s": seconds / elapsed,
+                "aggregates": aggregates, "elapsed_s": elapsed, "readings_per_s": values / elapsed,
+                "event_s_per_wall_s": seconds / elapsed,
                 "cpu_us": {k: v / values * 1e6 for k, v in cpu.items()}, "pipeline": work}  # fmt: skip
     finally:
         pipe.stop()
@@ -338,6 +367,7 @@ def fleet_loads(env: dict[str, str], exe: Path, runs: int, sensors: int, seconds
                   f"({s['min']:,.0f}-{s['max']:,.0f}); "
                   f"CPU us/value: pipeline {s['pipeline_cpu_us']:.2f}, all processes {s['all_cpu_us']:.2f} "
                   f"({_by_process(rows[peer])}); event time {pace:.2f} s per wall s; "
+                  f"aggregate lines stored in each run: {'/'.join(str(r['aggregates']) for r in rows[peer])}; "
                   f"stored = published: {s['stored_equals_published']}")  # fmt: skip
         if "telegraf" in peers:
             for peer in PORTPULSE_PEERS:
@@ -362,7 +392,7 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=100_000, help="single-line messages (0: skip)")
     parser.add_argument("--batches", type=int, default=5_000, help="messages of 100 lines (0: skip)")
     parser.add_argument("--fleet-sensors", type=int, default=12_000, help="sensors of the fleet loads (0: skip them)")
-    parser.add_argument("--fleet-seconds", type=float, default=30.0, help="event time of the fleet loads")
+    parser.add_argument("--fleet-seconds", type=float, default=60.0, help="event time of the fleet loads")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     exe = telegraf_exe()

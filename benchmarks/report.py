@@ -139,7 +139,7 @@ def main() -> None:
         ("PortPulse beside Telegraf 1.37.2, same loads, same services; the simulated fleets (#18)",
          ["benchmarks.bench_telegraf", "--runs", "1" if q else "3", "--messages", "30000" if q else "100000",
           "--batches", "1500" if q else "5000", "--fleet-sensors", "6000" if q else "12000", "--fleet-seconds",
-          "20" if q else "30"], 3600),
+          "30" if q else "60"], 3600),
         ("Sparkplug B: decoding beside JSON gateway batches and upb; a crane fleet end to end (#19)",
          ["benchmarks.bench_sparkplug", "--reports", "120" if q else "600"], 900),
         ("End to end: MQTT -> bridge -> Kafka -> processor -> InfluxDB (#7)",
