@@ -1,7 +1,8 @@
 /* Tokenizer for plain InfluxDB line protocol: the compiled half of ingest/decode.py's fast path.
  *
- * tokenize(texts: list[str]) -> (heads, names, codes, widths, lines, values, stamps) | None
+ * tokenize(texts: list[str]) -> (heads, known, new, names, codes, widths, lines, values, stamps) | None
  * tokenize_line(text: str) -> (head, names, values, stamp) | None
+ * forget_heads() -> None: empties the table of heads
  *
  * For texts (a delivery's messages) of lines ``measurement[,tags] name=value[,name=value...] timestamp`` where
  *   - every text is ASCII with no control character but "\n" (so nothing escaped, quoted or
@@ -11,7 +12,11 @@
  *   - every value is a plain decimal float ([+-]digits[.digits][e[+-]digits]) that is finite;
  *   - every timestamp is 1-19 ASCII digits below 2**63,
  * tokenize returns
- *   heads:  list[str], one per line (measurement and tag set, as written);
+ *   heads:  bytearray, int64 in native order, one per line: the code of its head (measurement and
+ *           tag set, as written) in the module's table of heads, which keeps every head it is
+ *           given until forget_heads() (a fleet's heads recur in every delivery: no str per line);
+ *   known:  int, the heads the table held before this call (0 after forget_heads());
+ *   new:    list[str], the heads this call added, in code order (codes known, known + 1, ...);
  *   names:  list[str], the distinct field names, first seen first;
  *   codes:  bytearray, int64 in native order, one per value: its name's index in ``names``;
  *   widths: bytearray, int64, one per text: the fields of each of its lines;
@@ -30,6 +35,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 typedef struct {
     const char *start;
@@ -273,6 +279,121 @@ static Py_ssize_t name_code(Span *distinct, Py_ssize_t *n_distinct, Py_ssize_t c
 
 #define MAX_DISTINCT_NAMES 256
 
+/* The table of heads: their bytes one after the other in ``arena``, an entry per head (its code
+ * is its index), and open addressing over the entries (-1: an empty slot), at most half full. */
+typedef struct {
+    size_t start;
+    Py_ssize_t len;
+    uint64_t hash;
+} Head;
+
+static struct {
+    char *arena;
+    size_t used, capacity;
+    Head *heads;
+    Py_ssize_t n, max;
+    int64_t *slots;
+    size_t n_slots;
+    uint64_t seed;
+} table;
+
+static void forget(void) {
+    free(table.arena);
+    free(table.heads);
+    free(table.slots);
+    uint64_t seed = table.seed;
+    memset(&table, 0, sizeof(table));
+    table.seed = seed;
+}
+
+/* Not a cryptographic hash: the seed, drawn at import, keeps crafted collisions from being cheap. */
+static uint64_t hash_bytes(const char *s, Py_ssize_t n) {
+    uint64_t h = table.seed ^ ((uint64_t)n * 0x9E3779B97F4A7C15ull);
+    while (n >= 8) {
+        uint64_t w;
+        memcpy(&w, s, 8);
+        h = (h ^ w) * 0xff51afd7ed558ccdull;
+        h ^= h >> 32;
+        s += 8;
+        n -= 8;
+    }
+    uint64_t w = 0;
+    memcpy(&w, s, (size_t)n);
+    h = (h ^ w) * 0xc4ceb9fe1a85ec53ull;
+    return h ^ (h >> 29);
+}
+
+static int grow_slots(size_t n_slots) {
+    int64_t *slots = malloc(sizeof(int64_t) * n_slots);
+    if (slots == NULL) return -1;
+    memset(slots, 0xff, sizeof(int64_t) * n_slots);
+    for (Py_ssize_t code = 0; code < table.n; code++) {
+        size_t at = table.heads[code].hash & (n_slots - 1);
+        while (slots[at] >= 0) at = (at + 1) & (n_slots - 1);
+        slots[at] = code;
+    }
+    free(table.slots);
+    table.slots = slots;
+    table.n_slots = n_slots;
+    return 0;
+}
+
+/* The code of head s[0:n], added to the table when new; -1 when out of memory. */
+static int64_t head_code(const char *s, Py_ssize_t n) {
+    uint64_t hash = hash_bytes(s, n);
+    size_t mask = table.n_slots - 1, at = hash & mask;
+    for (; table.n_slots && table.slots[at] >= 0; at = (at + 1) & mask) {
+        const Head *h = &table.heads[table.slots[at]];
+        if (h->hash == hash && h->len == n && memcmp(table.arena + h->start, s, (size_t)n) == 0)
+            return table.slots[at];
+    }
+    if (table.used + (size_t)n > table.capacity) {
+        size_t capacity = table.capacity ? table.capacity : 1 << 16;
+        while (table.used + (size_t)n > capacity) capacity *= 2;
+        char *arena = realloc(table.arena, capacity);
+        if (arena == NULL) return -1;
+        table.arena = arena;
+        table.capacity = capacity;
+    }
+    if (table.n == table.max) {
+        Py_ssize_t max = table.max ? table.max * 2 : 1024;
+        Head *heads = realloc(table.heads, sizeof(Head) * (size_t)max);
+        if (heads == NULL) return -1;
+        table.heads = heads;
+        table.max = max;
+    }
+    memcpy(table.arena + table.used, s, (size_t)n);
+    table.heads[table.n] = (Head){table.used, n, hash};
+    table.used += (size_t)n;
+    int64_t code = table.n++;
+    if ((size_t)table.n * 2 > table.n_slots) return grow_slots(table.n_slots ? table.n_slots * 2 : 2048) < 0 ? -1 : code;
+    table.slots[at] = code;
+    return code;
+}
+
+/* Each line's head code into ``codes``; the heads added, as str in code order. On failure the
+ * table is emptied (the caller knows it by ``known`` of its next call). */
+static PyObject *intern_heads(const Tokens *t, int64_t *codes, Py_ssize_t known) {
+    for (Py_ssize_t k = 0; k < t->n_lines; k++) {
+        codes[k] = head_code(t->heads[k].start, t->heads[k].len);
+        if (codes[k] < 0) {
+            forget();
+            return PyErr_NoMemory();
+        }
+    }
+    PyObject *added = PyList_New(table.n - known);
+    for (Py_ssize_t code = known; added && code < table.n; code++) {
+        PyObject *head = PyUnicode_DecodeASCII(table.arena + table.heads[code].start, table.heads[code].len, NULL);
+        if (head == NULL) {
+            Py_CLEAR(added);
+            break;
+        }
+        PyList_SET_ITEM(added, code - known, head);
+    }
+    if (added == NULL) forget();
+    return added;
+}
+
 static PyObject *tokenize(PyObject *module, PyObject *arg) {
     (void)module;
     if (!PyList_Check(arg)) {
@@ -286,7 +407,7 @@ static PyObject *tokenize(PyObject *module, PyObject *arg) {
     int64_t *widths = malloc(sizeof(int64_t) * (size_t)n_texts);
     int64_t *lines = malloc(sizeof(int64_t) * (size_t)n_texts);
     Tokens t = {0};
-    int64_t *codes = NULL;
+    int64_t *codes = NULL, *head_codes = NULL;
     Span distinct[MAX_DISTINCT_NAMES];
     Py_ssize_t n_distinct = 0;
     PyObject *result = NULL;
@@ -334,7 +455,14 @@ static PyObject *tokenize(PyObject *module, PyObject *arg) {
         widths[i] = t.width;
         lines[i] = t.n_lines - t.first_line;
     }
-    PyObject *heads = spans_to_list(t.heads, t.n_lines);
+    head_codes = malloc(sizeof(int64_t) * (size_t)(t.n_lines + 1));
+    if (head_codes == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Py_ssize_t known = table.n;
+    PyObject *added = intern_heads(&t, head_codes, known);
+    PyObject *heads = added ? PyByteArray_FromStringAndSize((const char *)head_codes, t.n_lines * 8) : NULL;
     PyObject *names = heads ? spans_to_list(distinct, n_distinct) : NULL;
     PyObject *code_bytes = names ? PyByteArray_FromStringAndSize((const char *)codes, t.n_values * 8) : NULL;
     PyObject *width_bytes = code_bytes ? PyByteArray_FromStringAndSize((const char *)widths, n_texts * 8) : NULL;
@@ -342,6 +470,8 @@ static PyObject *tokenize(PyObject *module, PyObject *arg) {
     PyObject *values = line_bytes ? PyByteArray_FromStringAndSize((const char *)t.values, t.n_values * 8) : NULL;
     PyObject *stamps = values ? PyByteArray_FromStringAndSize((const char *)t.stamps, t.n_lines * 8) : NULL;
     if (stamps == NULL) {
+        if (added != NULL) forget(); /* heads the caller will never learn */
+        Py_XDECREF(added);
         Py_XDECREF(heads);
         Py_XDECREF(names);
         Py_XDECREF(code_bytes);
@@ -350,8 +480,9 @@ static PyObject *tokenize(PyObject *module, PyObject *arg) {
         Py_XDECREF(values);
         goto done;
     }
-    result = Py_BuildValue("(NNNNNNN)", heads, names, code_bytes, width_bytes, line_bytes, values, stamps);
+    result = Py_BuildValue("(NnNNNNNNN)", heads, known, added, names, code_bytes, width_bytes, line_bytes, values, stamps);
 done:
+    free(head_codes);
     free(texts);
     free(sizes);
     free(widths);
@@ -400,10 +531,18 @@ static PyObject *tokenize_line(PyObject *module, PyObject *arg) {
     return Py_BuildValue("(NNNN)", head, names, values, stamp);
 }
 
+static PyObject *forget_heads(PyObject *module, PyObject *unused) {
+    (void)module;
+    (void)unused;
+    forget();
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"tokenize", tokenize, METH_O,
-     "tokenize(texts) -> (heads, names, codes, widths, lines, values, stamps) or None: plain line protocol, "
-     "each text of uniform lines."},
+     "tokenize(texts) -> (heads, known, new, names, codes, widths, lines, values, stamps) or None: plain line "
+     "protocol, each text of uniform lines."},
+    {"forget_heads", forget_heads, METH_NOARGS, "forget_heads() -> None: empties the table of heads."},
     {"tokenize_line", tokenize_line, METH_O,
      "tokenize_line(text) -> (head, names, values, stamp) or None: one plain line, as Python objects."},
     {NULL, NULL, 0, NULL},
@@ -415,5 +554,7 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__lineproto(void) {
     init_tables();
+    table.seed = hash_bytes((const char *)&table, 0) ^ ((uint64_t)(uintptr_t)&table * 0x9E3779B97F4A7C15ull) ^
+                 (uint64_t)time(NULL);
     return PyModule_Create(&module);
 }

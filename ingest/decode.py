@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from itertools import chain, repeat
-from operator import attrgetter, itemgetter
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeGuard, TypeVar, cast
 
 import msgspec
@@ -32,7 +32,7 @@ import numpy.typing as npt
 import orjson
 
 from portpulse.arrays import distinct_codes, factorise, factorise_column
-from portpulse.contract.schema import FLAG_TS_FROM_RECEIVE, ReadingColumns, StrArray, str_array
+from portpulse.contract.schema import FLAG_TS_FROM_RECEIVE, Coded, ReadingColumns, str_array
 from portpulse.contract.topics import ID_RE, MqttTopic, parse_mqtt_topic
 
 if TYPE_CHECKING:
@@ -685,7 +685,6 @@ def _pairs(parts: list[str], parse: Callable[[str], T]) -> dict[str, T] | None:
     return out
 
 
-_FIRST, _SECOND = itemgetter(0), itemgetter(1)
 #: Besides "\n", what ``str.splitlines``/``str.strip`` treat as line breaks or blanks in ASCII text,
 #: and what line protocol escapes or quotes: text holding one of these takes the per-line path.
 _NOT_PLAIN = ("\\", '"', "#", "\r", "\t", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x1f")
@@ -717,20 +716,103 @@ def _tag_set(head: str) -> tuple[str | None, str | None] | None:
 
 
 _CompiledTokenize = Callable[
-    [list[str]], tuple[list[str], list[str], bytearray, bytearray, bytearray, bytearray, bytearray] | None
+    [list[str]],
+    tuple[bytearray, int, list[str], list[str], bytearray, bytearray, bytearray, bytearray, bytearray] | None,
 ]
 _CompiledTokenizeLine = Callable[[str], tuple[str, list[str], list[float], int] | None]
 
 
-def _compiled() -> tuple[_CompiledTokenize | None, _CompiledTokenizeLine | None]:
+def _compiled() -> tuple[_CompiledTokenize | None, _CompiledTokenizeLine | None, Callable[[], None]]:
     try:
-        from portpulse.ingest._lineproto import tokenize, tokenize_line
+        from portpulse.ingest._lineproto import forget_heads, tokenize, tokenize_line
     except ImportError:  # installed where no C compiler was at hand: the Python tokenizer does it all
-        return None, None
-    return tokenize, tokenize_line
+        return None, None, lambda: None
+    return tokenize, tokenize_line, forget_heads
 
 
-_compiled_tokenize, _compiled_tokenize_line = _compiled()
+_compiled_tokenize, _compiled_tokenize_line, _compiled_forget_heads = _compiled()
+
+
+class _Heads:
+    """The tag sets of line-protocol heads (measurement and tags, as written) by head code. A
+    tokenizer interns each line's head and hands over codes, so a fleet's heads, which recur in
+    every delivery, are parsed once and a delivery makes no string per line. The sensor ids and
+    sites they name (and their topics' where a head has no such tag) get codes too, so a delivery
+    factorises them as integers. Bounded: past ``limit`` heads or names the table starts over
+    (``forget`` empties the tokenizer's table too)."""
+
+    def __init__(self, forget: Callable[[], None], limit: int = 200_000) -> None:
+        self._forget, self._limit = forget, limit
+        self.forget()
+
+    def forget(self) -> None:
+        """Start over, with the tokenizer's table."""
+        self._forget()
+        self.size = 0
+        self.valid = np.zeros(0, dtype=bool)  #: a plain tag set of valid names (else the per-line path decides)
+        #: the code of its sensor_id and site tags' names, -1 where it has none
+        self.tag = {"sensor": np.zeros(0, dtype=np.int64), "site": np.zeros(0, dtype=np.int64)}
+        self._codes: dict[str, int] = {}
+        self.names = np.zeros(0, dtype=object)  #: the names by code (first-seen objects)
+
+    def bounded(self) -> None:
+        """Start over once past the limit."""
+        if max(self.size, len(self._codes)) > self._limit:
+            self.forget()
+
+    def learn(self, known: int, added: list[str]) -> None:
+        """The heads ``added`` to the tokenizer's table after its ``known`` ones."""
+        if known != self.size:
+            raise RuntimeError(f"the tokenizer's table held {known} heads, this one {self.size}")
+        n = self.size + len(added)
+        tags = list(map(_tag_set, added))
+        self.valid = _filled(self.valid, self.size, [t is not None for t in tags])
+        for k, column in enumerate(self.tag):
+            self.tag[column] = _filled(self.tag[column], self.size, self._coded([t and t[k] for t in tags]))
+        self.size = n
+
+    def _coded(self, names: Sequence[str | None]) -> list[int]:
+        """The codes of ``names`` (-1 for None), new ones added."""
+        before = len(self._codes)
+        codes = [-1 if name is None else self._codes.setdefault(name, len(self._codes)) for name in names]
+        if len(self._codes) > before:
+            self.names = _filled(self.names, before, list(self._codes)[before:])
+        return codes
+
+    def ids(
+        self, column: str, head: npt.NDArray[np.int64], of_topic: list[str | None], text_of_line: npt.NDArray[np.int64]
+    ) -> npt.NDArray[np.int64] | None:
+        """Each line's sensor id or site (``column``) as its code into :attr:`names`: its head's
+        tag, its text's topic's (``of_topic``, one per text) where the head has none; None when
+        one of those is not a valid id (new ones are learned)."""
+        code = self.tag[column][head]
+        untagged = code < 0
+        if untagged.any():
+            texts = np.unique(text_of_line[untagged]).tolist()
+            known = _IDS.learned([of_topic[i] for i in texts])
+            if known is None:
+                return None
+            of_text = np.full(len(of_topic), -1, dtype=np.int64)
+            of_text[texts] = self._coded(known)
+            code = np.where(untagged, of_text[text_of_line], code)
+        return code
+
+
+def _filled(array: npt.NDArray[Any], size: int, items: Sequence[Any]) -> npt.NDArray[Any]:
+    """``array`` holding ``items`` after its first ``size`` rows: grown (doubled at least) when short."""
+    n = size + len(items)
+    if n > len(array):
+        grown = np.zeros(max(n, 2 * len(array), 1024), dtype=array.dtype)
+        grown[:size] = array[:size]
+        array = grown
+    array[size:n] = items
+    return array
+
+
+#: the heads the compiled tokenizer interned, and those the Python one did (in ``_PYTHON_HEAD_CODES``)
+_COMPILED_HEADS = _Heads(_compiled_forget_heads)
+_PYTHON_HEAD_CODES: dict[str, int] = {}
+_PYTHON_HEADS = _Heads(_PYTHON_HEAD_CODES.clear)
 
 #: the line-protocol tokenizer this install runs: "compiled" or "python" (logged at start-up)
 LINE_TOKENIZER = "python" if _compiled_tokenize is None else "compiled"
@@ -750,7 +832,8 @@ class _Tokens(NamedTuple):
     """The plain line protocol of several texts (a delivery's messages) cut into its parts (see
     :func:`_tokenize`): lines text by text, values line by line."""
 
-    heads: list[str]  #: measurement and tag set of each line, as written
+    heads: _Heads  #: the table of the tokenizer's heads
+    head: npt.NDArray[np.int64]  #: each line's head (measurement and tag set) as its code in ``heads``, shape (lines,)
     names: list[str]  #: the distinct field names
     codes: npt.NDArray[np.int64]  #: each value's field name, as an index into ``names``, shape (values,)
     counts: npt.NDArray[np.int64]  #: fields of each line, none repeated, shape (lines,)
@@ -823,8 +906,13 @@ def _tokenize_texts_python(texts: list[str]) -> _Tokens | None:
             return None  # a field repeated in a line: the per-line path keeps the last value
         codes += [names.setdefault(name, len(names)) for name in of_values]
         counts += per_line
+    heads = [head for text in texts_cut for head in text.heads]
+    known = len(_PYTHON_HEAD_CODES)
+    head = [_PYTHON_HEAD_CODES.setdefault(h, len(_PYTHON_HEAD_CODES)) for h in heads]
+    _PYTHON_HEADS.learn(known, list(_PYTHON_HEAD_CODES)[known:])
     return _Tokens(
-        [head for text in texts_cut for head in text.heads],
+        _PYTHON_HEADS,
+        np.array(head, dtype=np.int64),
         list(names),
         np.array(codes, dtype=np.int64),
         np.array(counts, dtype=np.int64),
@@ -839,13 +927,22 @@ def _tokenize(texts: list[str]) -> _Tokens | None:
     least) cut into :class:`_Tokens`, None when one is not plain. Through the compiled tokenizer
     when it is built: it takes the usual case (every line of a text with the same fields) and
     leaves the rest to the Python one."""
+    _COMPILED_HEADS.bounded()
+    _PYTHON_HEADS.bounded()
     if _compiled_tokenize is not None:
         found = _compiled_tokenize(texts)
+        if found is not None and found[1] != _COMPILED_HEADS.size:
+            # The compiled table started over on an error (or was used without this one): again
+            # from an empty table.
+            _COMPILED_HEADS.forget()
+            found = _compiled_tokenize(texts)
         if found is not None:
-            heads, names, codes, widths, lines, values, stamps = found
+            head, known, added, names, codes, widths, lines, values, stamps = found
+            _COMPILED_HEADS.learn(known, added)
             lines_array = np.frombuffer(lines, dtype=np.int64)
             return _Tokens(
-                heads,
+                _COMPILED_HEADS,
+                np.frombuffer(head, dtype=np.int64),
                 names,
                 np.frombuffer(codes, dtype=np.int64),
                 np.repeat(np.frombuffer(widths, dtype=np.int64), lines_array),
@@ -863,7 +960,7 @@ def _plain_lines(i: int, text: str, topic: MqttTopic, received_ns: int, limits: 
     if "\n" not in text[:-1]:
         return _plain_line(i, text, topic, received_ns, limits, out)
     tokens = _tokenize([text])
-    if tokens is None or len(tokens.heads) > _MAX_READINGS_PER_MESSAGE:
+    if tokens is None or len(tokens.head) > _MAX_READINGS_PER_MESSAGE:
         return False
     found = _plain_columns(tokens, [topic], np.array([received_ns], dtype=np.int64), limits)
     if found is None:
@@ -914,15 +1011,12 @@ def _plain_columns(
 
     Tag sets are parsed once per distinct text and cached; field names are checked once each.
     What the per-line path would judge differently is left to it."""
-    heads = tokens.heads
-    tags: list[Any] = list(map(_TAG_SETS.get, heads))
-    if None in tags:
-        tags = list(map(_tag_set, heads))
-        if None in tags:
-            return None
+    heads, head = tokens.heads, tokens.head
+    if not heads.valid[head].all():
+        return None
     text_of_line = np.repeat(np.arange(len(topics)), tokens.lines)
-    sensors = _tagged(list(map(_FIRST, tags)), [t.sensor_id for t in topics], tokens.lines, text_of_line)
-    sites = _tagged(list(map(_SECOND, tags)), [t.site for t in topics], tokens.lines, text_of_line)
+    sensors = heads.ids("sensor", head, [t.sensor_id for t in topics], text_of_line)
+    sites = heads.ids("site", head, [t.site for t in topics], text_of_line)
     names = _METRICS.learned(cast(list[str | None], tokens.names))
     if sensors is None or sites is None or names is None:
         return None
@@ -938,45 +1032,25 @@ def _plain_columns(
         received = received_ns[text_of_line]
         if ((stamps < received - limits.max_past_ns) | (stamps > received + limits.max_future_ns)).any():
             return None
-    line_of_value = np.repeat(np.arange(len(heads)), tokens.counts)
+    line_of_value = np.repeat(np.arange(len(head)), tokens.counts)
     text_of_value = text_of_line[line_of_value]
-    sensor, sensor_names = factorise_column(sensors)
-    site, site_names = factorise_column(sites)
+    sensor_first, sensor = distinct_codes(sensors)
+    site_first, site = distinct_codes(sites)
+    sensor_names, site_names = heads.names[sensors[sensor_first]], heads.names[sites[site_first]]
     domain, domain_names = factorise([t.domain for t in topics])
+    codes = SeriesCodes(domain[text_of_value], domain_names, sensor[line_of_value], sensor_names.tolist(),
+                        site[line_of_value], site_names.tolist(), tokens.codes, names)  # fmt: skip
+    # The string columns stay coded: the bridge reads the codes only.
     readings = ReadingColumns(
-        sensor_id=sensors[line_of_value],
-        site=sites[line_of_value],
-        domain=str_array(domain_names)[domain[text_of_value]],
-        metric=str_array(names)[tokens.codes],
+        sensor_id=Coded(codes.sensor, sensor_names),
+        site=Coded(codes.site, site_names),
+        domain=Coded(codes.domain, str_array(domain_names)),
+        metric=Coded(tokens.codes, str_array(names)),
         ts_ns=stamps[line_of_value],
         value=tokens.values,
         flags=np.zeros(len(tokens.values), dtype=np.uint8),
     )
-    codes = SeriesCodes(domain[text_of_value], domain_names, sensor[line_of_value], sensor_names,
-                        site[line_of_value], site_names, tokens.codes, names)  # fmt: skip
     return readings, text_of_value, codes
-
-
-def _tagged(
-    tagged: list[str | None],
-    of_topic: list[str | None],
-    lines: npt.NDArray[np.int64],
-    text_of_line: npt.NDArray[np.int64],
-) -> StrArray | None:
-    """Each line's name (``tagged``: first-seen objects, None where the line has no tag), its
-    text's topic's (``of_topic``, one per text) where it has none; None when one of those is not
-    a valid id (new ones are learned)."""
-    if tagged.count(None) == len(tagged):  # the topic names every line's sensor or site
-        known = _IDS.learned(of_topic)
-        return None if known is None else str_array(known)[text_of_line]
-    if None in tagged:
-        filled = [
-            topic if name is None else name
-            for name, topic in zip(tagged, _repeated(of_topic, lines.tolist()), strict=True)
-        ]
-        known = _IDS.learned(filled)
-        return None if known is None else str_array(known)
-    return str_array(cast(list[str], tagged))
 
 
 def _tokenize_line(text: str) -> tuple[str, list[str], list[float], int] | None:

@@ -15,6 +15,7 @@ import numpy.typing as npt
 
 __all__ = [
     "FLAG_TS_FROM_RECEIVE",
+    "Coded",
     "Reading",
     "ReadingColumns",
     "str_array",
@@ -40,27 +41,67 @@ class Reading:
 
 
 @dataclass(frozen=True, slots=True)
+class Coded:
+    """A string column kept dictionary-encoded: ``names[codes]``, made when first read. A decoder
+    that has the codes at hand (the bridge's, for line protocol) spares the per-value gathers of
+    string objects for batches whose names nobody reads as strings."""
+
+    codes: npt.NDArray[np.int64]  #: int64 ``(n,)``, indexes into ``names``
+    names: StrArray  #: the distinct strings
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+
 class ReadingColumns:
     """A batch of readings as columns, all of shape ``(n,)``.
 
-    ``sensor_id``, ``site``, ``domain``, ``metric``: object arrays of ``str``;
-    ``ts_ns``: int64 ns since the Unix epoch (UTC); ``value``: float64 in the metric's
-    canonical unit; ``flags``: uint8 bit set (see ``FLAG_*``).
+    ``sensor_id``, ``site``, ``domain``, ``metric``: object arrays of ``str`` (each given as one,
+    or as :class:`Coded` and made on first read); ``ts_ns``: int64 ns since the Unix epoch (UTC);
+    ``value``: float64 in the metric's canonical unit; ``flags``: uint8 bit set (see ``FLAG_*``).
     """
 
-    sensor_id: StrArray
-    site: StrArray
-    domain: StrArray
-    metric: StrArray
-    ts_ns: npt.NDArray[np.int64]
-    value: npt.NDArray[np.float64]
-    flags: npt.NDArray[np.uint8]
+    __slots__ = ("_strings", "flags", "ts_ns", "value")
 
-    def __post_init__(self) -> None:
-        n = len(self.ts_ns)
-        for name in ("sensor_id", "site", "domain", "metric", "value", "flags"):
-            if len(getattr(self, name)) != n:
-                raise ValueError(f"column {name} has length {len(getattr(self, name))}, expected {n}")
+    def __init__(
+        self,
+        sensor_id: StrArray | Coded,
+        site: StrArray | Coded,
+        domain: StrArray | Coded,
+        metric: StrArray | Coded,
+        ts_ns: npt.NDArray[np.int64],
+        value: npt.NDArray[np.float64],
+        flags: npt.NDArray[np.uint8],
+    ) -> None:
+        self._strings = [sensor_id, site, domain, metric]
+        self.ts_ns, self.value, self.flags = ts_ns, value, flags
+        n = len(ts_ns)
+        for name, column in zip(("sensor_id", "site", "domain", "metric", "value", "flags"),
+                                (*self._strings, value, flags), strict=True):  # fmt: skip
+            if len(column) != n:
+                raise ValueError(f"column {name} has length {len(column)}, expected {n}")
+
+    def _string(self, k: int) -> StrArray:
+        column = self._strings[k]
+        if isinstance(column, Coded):
+            column = self._strings[k] = column.names[column.codes]
+        return column
+
+    @property
+    def sensor_id(self) -> StrArray:
+        return self._string(0)
+
+    @property
+    def site(self) -> StrArray:
+        return self._string(1)
+
+    @property
+    def domain(self) -> StrArray:
+        return self._string(2)
+
+    @property
+    def metric(self) -> StrArray:
+        return self._string(3)
 
     def __len__(self) -> int:
         return len(self.ts_ns)
@@ -97,12 +138,15 @@ class ReadingColumns:
         )
 
     def take(self, index: npt.NDArray[Any]) -> ReadingColumns:
-        """Rows selected by an integer index or boolean mask of shape ``(n,)``."""
+        """Rows selected by an integer index or boolean mask of shape ``(n,)`` (coded columns stay coded)."""
+        sensor_id, site, domain, metric = (
+            Coded(c.codes[index], c.names) if isinstance(c, Coded) else c[index] for c in self._strings
+        )
         return ReadingColumns(
-            sensor_id=self.sensor_id[index],
-            site=self.site[index],
-            domain=self.domain[index],
-            metric=self.metric[index],
+            sensor_id=sensor_id,
+            site=site,
+            domain=domain,
+            metric=metric,
             ts_ns=self.ts_ns[index],
             value=self.value[index],
             flags=self.flags[index],

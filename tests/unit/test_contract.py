@@ -25,6 +25,7 @@ from portpulse import (
     readings_topic,
 )
 from portpulse.app.cli import main
+from portpulse.contract.schema import Coded, str_array
 from portpulse.contract.topics import MqttTopic
 
 
@@ -138,6 +139,37 @@ def test_reading_columns_round_trip_and_length_check() -> None:
     assert cols.take(np.array([False, True])).rows() == rows[1:]
     with pytest.raises(ValueError, match="length"):
         ReadingColumns(cols.sensor_id, cols.site, cols.domain, cols.metric, cols.ts_ns[:1], cols.value, cols.flags)
+
+
+def test_coded_string_columns_read_as_the_strings_they_stand_for() -> None:
+    """A column given as codes into names reads as ``names[codes]``; taking rows keeps it coded
+    and takes the same rows; a coded column of the wrong length is refused like any other."""
+    rows = [
+        Reading(s, "quai", "air", m, t, float(t), 0)
+        for t, (s, m) in enumerate([("a", "no2"), ("b", "no2"), ("a", "o3")])
+    ]
+    plain = ReadingColumns.from_readings(rows)
+    sensors, metrics = (
+        Coded(np.array([0, 1, 0]), str_array(["a", "b"])),
+        Coded(np.array([1, 1, 0]), str_array(["o3", "no2"])),
+    )
+    coded = ReadingColumns(sensors, plain.site, plain.domain, metrics, plain.ts_ns, plain.value, plain.flags)
+    assert coded.rows() == rows and coded.sensor_id.tolist() == ["a", "b", "a"]
+    taken = ReadingColumns(sensors, plain.site, plain.domain, metrics, plain.ts_ns, plain.value, plain.flags).take(
+        np.array([2, 1])
+    )
+    assert isinstance(taken._strings[0], Coded) and taken.rows() == [rows[2], rows[1]]
+    assert ReadingColumns.concat([taken, plain]).rows() == [rows[2], rows[1], *rows]
+    with pytest.raises(ValueError, match="column metric has length 2"):
+        ReadingColumns(
+            plain.sensor_id,
+            plain.site,
+            plain.domain,
+            Coded(np.array([0, 0]), str_array(["no2"])),
+            plain.ts_ns,
+            plain.value,
+            plain.flags,
+        )
 
 
 def test_errors_carry_retriable_and_data() -> None:

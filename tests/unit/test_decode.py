@@ -611,15 +611,23 @@ def test_the_compiled_line_protocol_tokenizer_is_built() -> None:
 
     assert module.LINE_TOKENIZER == "compiled"
     assert module._compiled_tokenize is not None
-    found = module._compiled_tokenize(["a,s=1 x=1.5,y=-2e3 17\na,s=2 x=.25,y=4 18\n", "\nb z=3,x=-0.5 19"])
+    module._COMPILED_HEADS.forget()
+    found = module._compiled_tokenize(
+        ["a,s=1 x=1.5,y=-2e3 17\na,s=2 x=.25,y=4 18\n", "\nb z=3,x=-0.5 19\na,s=1 z=0,x=0 20"]
+    )
     assert found is not None
-    heads, names, codes, widths, lines, values, stamps = found
-    assert heads == ["a,s=1", "a,s=2", "b"] and names == ["x", "y", "z"]
-    assert np.frombuffer(codes, dtype=np.int64).tolist() == [0, 1, 0, 1, 2, 0]
+    heads, known, added, names, codes, widths, lines, values, stamps = found
+    assert np.frombuffer(heads, dtype=np.int64).tolist() == [0, 1, 2, 0] and known == 0
+    assert added == ["a,s=1", "a,s=2", "b"] and names == ["x", "y", "z"]
+    again = module._compiled_tokenize(["b z=1 1\na,s=3 z=2 2"])  # known heads keep their codes
+    assert again is not None and np.frombuffer(again[0], dtype=np.int64).tolist() == [2, 3]
+    assert again[1:3] == (3, ["a,s=3"])
+    module._COMPILED_HEADS.forget()
+    assert np.frombuffer(codes, dtype=np.int64).tolist() == [0, 1, 0, 1, 2, 0, 2, 0]
     assert np.frombuffer(widths, dtype=np.int64).tolist() == [2, 2]
-    assert np.frombuffer(lines, dtype=np.int64).tolist() == [2, 1]
-    assert np.frombuffer(values).tolist() == [1.5, -2000.0, 0.25, 4.0, 3.0, -0.5]
-    assert np.frombuffer(stamps, dtype=np.int64).tolist() == [17, 18, 19]
+    assert np.frombuffer(lines, dtype=np.int64).tolist() == [2, 2]
+    assert np.frombuffer(values).tolist() == [1.5, -2000.0, 0.25, 4.0, 3.0, -0.5, 0.0, 0.0]
+    assert np.frombuffer(stamps, dtype=np.int64).tolist() == [17, 18, 19, 20]
 
 
 _DECIMALS = st.from_regex(r"[+-]?([0-9]{0,24}(\.[0-9]{0,24})?|\.[0-9]{1,24})([eE][+-]?[0-9]{1,4})?", fullmatch=True)
@@ -642,7 +650,7 @@ def test_compiled_values_are_the_floats_python_reads(text: str) -> None:
         assert found is None
     else:
         assert found is not None
-        assert found[5][:8] == np.float64(want).tobytes()
+        assert found[7][:8] == np.float64(want).tobytes()
 
 
 @st.composite
@@ -676,7 +684,14 @@ def test_the_compiled_tokenizer_cuts_what_it_takes_as_the_python_one_does(messag
         return
     compiled = module._tokenize(texts)
     assert compiled is not None and python is not None
-    assert compiled.heads == python.heads and compiled.names == python.names
+
+    def tags(tokens: Any) -> list[tuple[bool, str | None, str | None]]:
+        heads = tokens.heads
+        named = [[heads.names[c] if c >= 0 else None for c in heads.tag[t][tokens.head].tolist()] for t in heads.tag]
+        return list(zip(heads.valid[tokens.head].tolist(), *named, strict=True))
+
+    assert tags(compiled) == tags(python)  # each line's head says the same in both tables
+    assert compiled.names == python.names
     for name in ("codes", "counts", "lines", "stamps"):
         assert getattr(compiled, name).tolist() == getattr(python, name).tolist(), name
     assert compiled.values.tobytes() == python.values.tobytes()
@@ -689,7 +704,7 @@ def test_the_compiled_tokenizer_takes_what_fleets_send_and_leaves_the_rest() -> 
     fleet = "".join(f"air,sensor_id=air-{k},site=quai no2={k}.25,pm25=3,o3=-1e-2 {NOW + k}\n" for k in range(50))
     cranes = "".join(f"crane,sensor_id=c-{k} hoist_load={k},wind=3.5 {NOW + k}\n" for k in range(5))
     found = module._compiled_tokenize([fleet, cranes, fleet])  # each text uniform, not the delivery
-    assert found is not None and found[1] == ["no2", "pm25", "o3", "hoist_load", "wind"]
+    assert found is not None and found[3] == ["no2", "pm25", "o3", "hoist_load", "wind"]
     assert module._compiled_tokenize_line is not None
     assert module._compiled_tokenize_line(f"air,sensor_id=s-1 no2=7.25 {NOW}\n") == (
         "air,sensor_id=s-1",
@@ -873,3 +888,58 @@ def test_compiled_wire_reader_refuses_readings_outside_its_buffer_and_unknown_he
         readings(data, body, np.array([3], dtype=np.int64), zero, one, zero, 1)
     with pytest.raises(ValueError, match="outside the widths"):
         readings(data, body, np.array([2], dtype=np.int64), one, one, zero, 1)
+
+
+@pytest.mark.parametrize("kind", ["compiled", "python"])
+def test_a_fleets_heads_are_read_right_when_the_table_of_heads_starts_over(kind: str) -> None:
+    """The tokenizers intern each line's head (measurement and tags) in a bounded table, and the
+    decoder reads sensor and site by head code. Past its limit the table starts over; the compiled
+    table also starts over when it was used without the decoder's table. Every delivery still
+    names each reading's sensor and site right (untagged lines: their topic's), as the text says."""
+    from portpulse.ingest import decode as module
+
+    def delivery(first: int) -> list[Message]:
+        tagged = "\n".join(
+            f"air,sensor_id=h-{k},site=dock-{k % 3} no2={k}.5,o3=1 {NOW + k}" for k in range(first, first + 4)
+        )
+        untagged = f"air no2=9,o3=2 {NOW}\nair,site=quai no2=8,o3=3 {NOW}"  # the topic names the sensor
+        return [
+            Message("sensors/air/quai", tagged.encode(), NOW),
+            Message("sensors/air/quai/t-9", untagged.encode(), NOW),
+        ]
+
+    def expected(first: int) -> list[tuple[str, str, str, float]]:
+        rows = [
+            (f"h-{k}", f"dock-{k % 3}", m, v)
+            for k in range(first, first + 4)
+            for m, v in (("no2", k + 0.5), ("o3", 1.0))
+        ]
+        return [
+            *rows,
+            ("t-9", "quai", "no2", 9.0),
+            ("t-9", "quai", "o3", 2.0),
+            ("t-9", "quai", "no2", 8.0),
+            ("t-9", "quai", "o3", 3.0),
+        ]
+
+    heads = module._COMPILED_HEADS if kind == "compiled" else module._PYTHON_HEADS
+    with compiled_half(module, "_compiled_tokenize", kind), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(heads, "_limit", 10)  # heads or names
+        heads.forget()
+        decode_messages(delivery(0), DecodeLimits())  # learns the names: 6 heads, 9 names
+        if kind == "compiled":
+            assert module._compiled_tokenize is not None
+            module._compiled_tokenize(["air,sensor_id=behind-its-back no2=1 1"])
+        started_over = 0
+        for first in (0, 2, 10, 20, 0, 30, 40):  # new heads each time but one
+            size = heads.size
+            decoded = decode_messages(delivery(first), DecodeLimits())
+            assert decoded.codes is not None and not decoded.problems  # the delivery-wide path
+            r = decoded.readings
+            got = list(zip(r.sensor_id.tolist(), r.site.tolist(), r.metric.tolist(), r.value.tolist(), strict=True))
+            assert got == expected(first), first
+            assert [decoded.codes.sensors[c] for c in decoded.codes.sensor] == r.sensor_id.tolist()
+            started_over += heads.size < size
+            assert heads.size <= 10 + 6
+        assert started_over >= 3
+    heads.forget()
