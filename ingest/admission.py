@@ -24,7 +24,7 @@ from typing import cast
 import numpy as np
 import numpy.typing as npt
 
-from portpulse.arrays import code_groups, distinct_codes, group_starts, stable_sort
+from portpulse.arrays import code_groups, group_starts, stable_sort
 from portpulse.contract.errors import ConfigError
 from portpulse.contract.settings import AdmissionSettings
 from portpulse.contract.topics import ID_RE, MqttTopic, parse_mqtt_topic
@@ -259,7 +259,7 @@ class Admission:
             self._charge_known(now_s)
         if now_s - self._swept_s >= SWEEP_EVERY_S:
             self._forget_quiet(now_s)
-        first, code = distinct_codes(codes.series())
+        first, code = codes.distinct_series()
         # Known series, the usual case, are looked up per site by their sensor names. A batch
         # with a new one takes them all in order of first appearance: budgets and the total
         # admit the first ones when they run out in the middle of a batch.

@@ -169,6 +169,8 @@ class SeriesCodes:
     sites: list[str]
     metric: npt.NDArray[np.int64] | None = None
     metrics: list[str] | None = None
+    #: :meth:`distinct_series`, when the decoder had it at hand (from lines rather than values)
+    distinct: tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]] | None = None
 
     @classmethod
     def of(cls, readings: ReadingColumns) -> SeriesCodes:
@@ -191,6 +193,11 @@ class SeriesCodes:
                 key = distinct_codes(key)[1]
             key = key * size + column
         return key
+
+    def distinct_series(self) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """The distinct (domain, site, sensor) in order of first appearance: the row of each
+        one's first reading ``(g,)`` and every reading's index into them ``(n,)``."""
+        return distinct_codes(self.series()) if self.distinct is None else self.distinct
 
 
 @dataclass(slots=True)
@@ -1038,8 +1045,14 @@ def _plain_columns(
     site_first, site = distinct_codes(sites)
     sensor_names, site_names = heads.names[sensors[sensor_first]], heads.names[sites[site_first]]
     domain, domain_names = factorise([t.domain for t in topics])
-    codes = SeriesCodes(domain[text_of_value], domain_names, sensor[line_of_value], sensor_names.tolist(),
-                        site[line_of_value], site_names.tolist(), tokens.codes, names)  # fmt: skip
+    sensor_list, site_list = sensor_names.tolist(), site_names.tolist()
+    # A line's readings share its series: the distinct series are found among lines, not values.
+    line_first, line_series = SeriesCodes(domain[text_of_line], domain_names, sensor, sensor_list, site,
+                                          site_list).distinct_series()  # fmt: skip
+    first_value = np.cumsum(tokens.counts) - tokens.counts
+    distinct = first_value[line_first], line_series[line_of_value]
+    codes = SeriesCodes(domain[text_of_value], domain_names, sensor[line_of_value], sensor_list, site[line_of_value],
+                        site_list, tokens.codes, names, distinct)  # fmt: skip
     # The string columns stay coded: the bridge reads the codes only.
     readings = ReadingColumns(
         sensor_id=Coded(codes.sensor, sensor_names),

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from portpulse.arrays import distinct_codes
 from portpulse.codecs.wire import WireError, decode_value, decode_values, encode_value
 from portpulse.contract.schema import FLAG_TS_FROM_RECEIVE, Reading
 from portpulse.ingest.decode import (
@@ -793,6 +794,9 @@ def _assert_codes_name_the_readings(batch: DecodedBatch) -> None:
     assert codes.metric is not None and codes.metrics is not None
     assert [codes.metrics[c] for c in codes.metric.tolist()] == batch.readings.metric.tolist()
     assert len(set(codes.metrics)) == len(codes.metrics)
+    assert codes.distinct is not None  # the distinct series among lines are those among readings
+    first, code = distinct_codes(again.series())
+    assert codes.distinct[0].tolist() == first.tolist() and codes.distinct[1].tolist() == code.tolist()
 
 
 @settings(max_examples=200, deadline=None)
