@@ -220,11 +220,58 @@ static uint32_t murmur2(const unsigned char *data, Py_ssize_t length) {
     return h;
 }
 
-/* FNV-1a over a slice: the table only needs a spread, equal slices are compared byte for byte. */
+/* A slice's hash, a word at a time: the table only needs a spread, equal slices are compared byte
+ * for byte. */
 static uint64_t slice_hash(const unsigned char *p, int64_t len) {
-    uint64_t h = 0xcbf29ce484222325ULL ^ (uint64_t)len;
-    for (int64_t i = 0; i < len; i++) h = (h ^ p[i]) * 0x100000001b3ULL;
+    uint64_t h = 0x9E3779B97F4A7C15ULL ^ ((uint64_t)len * 0xff51afd7ed558ccdULL);
+    while (len >= 8) {
+        uint64_t w;
+        memcpy(&w, p, 8);
+        h = (h ^ w) * 0xff51afd7ed558ccdULL;
+        h ^= h >> 32;
+        p += 8;
+        len -= 8;
+    }
+    uint64_t w = 0;
+    memcpy(&w, p, (size_t)len);
+    h = (h ^ w) * 0xc4ceb9fe1a85ec53ULL;
     return h ^ (h >> 29);
+}
+
+/* The distinct slices seen so far: open addressing over their first rows (-1: empty), at most half
+ * full, grown as they come: sized by the distinct slices (a fetch's keys recur), not by the rows,
+ * so the table stays in the cache. */
+typedef struct {
+    int64_t *slot;
+    Py_ssize_t size;
+    int64_t *first; /* per distinct slice: its first row */
+    uint64_t *hash; /* per distinct slice */
+    Py_ssize_t count, capacity;
+} SliceTable;
+
+static int slice_table_grow(SliceTable *t) {
+    Py_ssize_t size = t->size ? t->size * 2 : 1024, capacity = size / 2;
+    int64_t *slot = PyMem_Malloc((size_t)size * sizeof(int64_t));
+    int64_t *first = PyMem_Realloc(t->first, (size_t)capacity * sizeof(int64_t));
+    if (first != NULL) t->first = first;
+    uint64_t *hash = first ? PyMem_Realloc(t->hash, (size_t)capacity * sizeof(uint64_t)) : NULL;
+    if (hash != NULL) t->hash = hash;
+    if (slot == NULL || first == NULL || hash == NULL) {
+        PyMem_Free(slot);
+        PyErr_NoMemory();
+        return -1;
+    }
+    memset(slot, 0xff, (size_t)size * sizeof(int64_t));
+    for (Py_ssize_t d = 0; d < t->count; d++) {
+        Py_ssize_t at = (Py_ssize_t)(t->hash[d] & (uint64_t)(size - 1));
+        while (slot[at] >= 0) at = (at + 1) & (size - 1);
+        slot[at] = d;
+    }
+    PyMem_Free(t->slot);
+    t->slot = slot;
+    t->size = size;
+    t->capacity = capacity;
+    return 0;
 }
 
 static PyObject *intern(PyObject *module, PyObject *args) {
@@ -233,7 +280,7 @@ static PyObject *intern(PyObject *module, PyObject *args) {
     if (!PyArg_ParseTuple(args, "OOO", &src_obj, &start_obj, &length_obj)) return NULL;
     Py_buffer src = {0}, start = {0}, length = {0};
     PyObject *codes = NULL, *distinct = NULL, *result = NULL;
-    int64_t *slot = NULL;
+    SliceTable table = {0};
     Py_ssize_t n = -1;
     if (PyObject_GetBuffer(src_obj, &src, PyBUF_C_CONTIGUOUS) < 0) return NULL;
     if (int64_column(start_obj, &start, &n, "start") < 0) goto done_src;
@@ -246,26 +293,28 @@ static PyObject *intern(PyObject *module, PyObject *args) {
             goto done;
         }
     }
-    Py_ssize_t size = 16;
-    while (size < 2 * n) size *= 2;
-    slot = PyMem_Malloc((size_t)size * sizeof(int64_t)); /* the first row of each distinct slice, or -1 */
     codes = PyByteArray_FromStringAndSize(NULL, n * 8);
     distinct = PyList_New(0);
-    if (slot == NULL || codes == NULL || distinct == NULL) {
-        if (slot == NULL) PyErr_NoMemory();
-        goto done;
-    }
-    memset(slot, 0xff, (size_t)size * sizeof(int64_t));
+    if (codes == NULL || distinct == NULL || slice_table_grow(&table) < 0) goto done;
     int64_t *code = (int64_t *)PyByteArray_AS_STRING(codes);
     for (Py_ssize_t i = 0; i < n; i++) {
         int64_t li = len[i] > 0 ? len[i] : 0;
         const unsigned char *p = data + (li ? s[i] : 0);
-        Py_ssize_t at = (Py_ssize_t)(slice_hash(p, li) & (uint64_t)(size - 1));
+        uint64_t h = slice_hash(p, li);
+        Py_ssize_t at = (Py_ssize_t)(h & (uint64_t)(table.size - 1));
         for (;;) {
-            int64_t j = slot[at];
-            if (j < 0) {
-                slot[at] = i;
-                code[i] = PyList_GET_SIZE(distinct);
+            int64_t d = table.slot[at];
+            if (d < 0) {
+                if (table.count == table.capacity) {
+                    if (slice_table_grow(&table) < 0) goto done;
+                    at = (Py_ssize_t)(h & (uint64_t)(table.size - 1));
+                    continue; /* the slot to fill, in the grown table */
+                }
+                d = table.count++;
+                table.slot[at] = d;
+                table.first[d] = i;
+                table.hash[d] = h;
+                code[i] = d;
                 PyObject *bytes = PyBytes_FromStringAndSize((const char *)p, li);
                 if (bytes == NULL || PyList_Append(distinct, bytes) < 0) {
                     Py_XDECREF(bytes);
@@ -274,17 +323,19 @@ static PyObject *intern(PyObject *module, PyObject *args) {
                 Py_DECREF(bytes);
                 break;
             }
-            int64_t lj = len[j] > 0 ? len[j] : 0;
-            if (lj == li && (li == 0 || memcmp(data + s[j], p, (size_t)li) == 0)) {
-                code[i] = code[j];
+            int64_t j = table.first[d], lj = len[j] > 0 ? len[j] : 0;
+            if (table.hash[d] == h && lj == li && (li == 0 || memcmp(data + s[j], p, (size_t)li) == 0)) {
+                code[i] = d;
                 break;
             }
-            at = (at + 1) & (size - 1);
+            at = (at + 1) & (table.size - 1);
         }
     }
     result = PyTuple_Pack(2, codes, distinct);
 done:
-    PyMem_Free(slot);
+    PyMem_Free(table.slot);
+    PyMem_Free(table.first);
+    PyMem_Free(table.hash);
     Py_XDECREF(codes);
     Py_XDECREF(distinct);
     PyBuffer_Release(&length);

@@ -174,6 +174,21 @@ def test_intern_slices_equals_a_dict(slices: list[bytes]) -> None:
         assert distinct == list(expected)
 
 
+def test_intern_slices_of_a_fleet_equal_a_dict() -> None:
+    """Thousands of distinct keys among many more rows: the compiled table grows several times
+    as new keys come, and every row keeps its key's code."""
+    rng = np.random.default_rng(7)
+    keys = [f"sensor-{k}".encode() * (1 + k % 3) for k in range(5000)]
+    slices = [keys[k] for k in rng.integers(0, len(keys), 30_000)]
+    data = np.frombuffer(b"".join(slices), dtype=np.uint8)
+    length = np.array([len(x) for x in slices], dtype=np.int64)
+    start = np.concatenate([[0], np.cumsum(length)[:-1]]).astype(np.int64)
+    expected: dict[bytes, int] = {}
+    want = [expected.setdefault(x, len(expected)) for x in slices]
+    codes, distinct = intern_slices(data, start, length)
+    assert codes.tolist() == want and distinct == list(expected) and len(distinct) > 4000
+
+
 def test_intern_slices_reads_nulls_as_empty_and_refuses_slices_outside_the_buffer() -> None:
     from portpulse.codecs.recordbatch import _COMPILED_INTERN, _intern_slices_numpy
 
