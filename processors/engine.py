@@ -663,8 +663,11 @@ class ProcessorEngine:
                 keep = ~behind
                 r = r.take(keep)
                 series, value = series[keep], value[keep]
-            # Replaying from here rebuilds the cleaning history these readings were judged with.
-            replay_from = np.minimum(r.offset, self._history.earliest_offset(series))
+            # Replaying from here rebuilds the cleaning history these readings were judged with
+            # (read once per series: the rows are in series order).
+            starts = group_starts(series)
+            held = self._history.earliest_offset(series[starts])
+            replay_from = np.minimum(r.offset, np.repeat(held, np.diff(np.append(starts, len(series)))))
             reason, self._history, rejudged = clean(
                 series, r.ts_ns, value,
                 *self._limits(),
