@@ -181,9 +181,14 @@ def parse_record_set(
         next_offset = max(next_offset, base_offset + last_delta + 1)
         if attributes & _CONTROL or count <= 0:
             continue
-        body = batch[_HEAD_SIZE:]
+        body: bytes | memoryview = batch[_HEAD_SIZE:]
         codec = attributes & _CODEC_MASK
-        bodies.append(decompress(codec, bytes(body)) if codec else body)
+        if codec:
+            try:
+                body = decompress(codec, bytes(body))
+            except Exception as exc:  # an unknown codec, a body that does not decompress: the batch is corrupt
+                raise CorruptRecordSetError(f"the batch at offset {base_offset} does not decompress: {exc}") from exc
+        bodies.append(body)
         base.append(base_offset)
         counts.append(count)
     cols = _parse_bodies(bodies, base, counts)

@@ -146,6 +146,14 @@ def test_a_corrupt_batch_is_refused_not_misread() -> None:
     backwards[8:12] = struct.pack(">i", -300)
     with pytest.raises(CorruptRecordSetError, match="batch length"):
         parse_record_set(bytes(backwards), 0, decompress)
+    # Compression bits of a codec that does not exist, or a body that does not decompress.
+    for codec, body in ((5, b""), (3, b"not lz4 at all"), (1, b"not gzip")):
+        packed = bytearray(batch([(b"k", b"v")], 0))
+        packed[22] = (packed[22] & ~0x07) | codec  # the attributes' low byte
+        packed[61:] = body
+        packed[8:12] = struct.pack(">i", len(packed) - 12)
+        with pytest.raises(CorruptRecordSetError, match="does not decompress"):
+            parse_record_set(bytes(packed), 0, decompress)
 
 
 def test_columns_of_records_and_concat_keep_every_slice() -> None:
