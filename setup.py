@@ -11,13 +11,14 @@ from setuptools import Extension, setup
 
 COLUMN_H = "portpulse/_column.h"  # the column helper four extensions include
 SORT_H = "portpulse/_sort.h"  # the small sort two extensions include
+HASH_H = "portpulse/_hash.h"  # the byte-string hash two extensions include
 
 setup(
     ext_modules=[
         Extension("portpulse._arrays", ["portpulse/_arrays.c"], depends=[COLUMN_H], optional=True),
-        Extension("portpulse.ingest._lineproto", ["ingest/_lineproto.c"], optional=True),
+        Extension("portpulse.ingest._lineproto", ["ingest/_lineproto.c"], depends=[HASH_H], optional=True),
         Extension("portpulse.codecs._mqttsplit", ["portpulse/codecs/_mqttsplit.c"], optional=True),
-        Extension("portpulse.codecs._records", ["portpulse/codecs/_records.c"], optional=True),
+        Extension("portpulse.codecs._records", ["portpulse/codecs/_records.c"], depends=[HASH_H], optional=True),
         Extension("portpulse.sinks._lineformat", ["sinks/_lineformat.c"], depends=[COLUMN_H], optional=True),
         Extension(
             "portpulse.processors._hampel",

@@ -37,6 +37,8 @@
 #include <string.h>
 #include <time.h>
 
+#include "../portpulse/_hash.h"
+
 typedef struct {
     const char *start;
     Py_ssize_t len;
@@ -306,23 +308,6 @@ static void forget(void) {
     table.seed = seed;
 }
 
-/* Not a cryptographic hash: the seed, drawn at import, keeps crafted collisions from being cheap. */
-static uint64_t hash_bytes(const char *s, Py_ssize_t n) {
-    uint64_t h = table.seed ^ ((uint64_t)n * 0x9E3779B97F4A7C15ull);
-    while (n >= 8) {
-        uint64_t w;
-        memcpy(&w, s, 8);
-        h = (h ^ w) * 0xff51afd7ed558ccdull;
-        h ^= h >> 32;
-        s += 8;
-        n -= 8;
-    }
-    uint64_t w = 0;
-    memcpy(&w, s, (size_t)n);
-    h = (h ^ w) * 0xc4ceb9fe1a85ec53ull;
-    return h ^ (h >> 29);
-}
-
 static int grow_slots(size_t n_slots) {
     int64_t *slots = malloc(sizeof(int64_t) * n_slots);
     if (slots == NULL) return -1;
@@ -340,7 +325,7 @@ static int grow_slots(size_t n_slots) {
 
 /* The code of head s[0:n], added to the table when new; -1 when out of memory. */
 static int64_t head_code(const char *s, Py_ssize_t n) {
-    uint64_t hash = hash_bytes(s, n);
+    uint64_t hash = hash_bytes((const unsigned char *)s, n, table.seed);
     size_t mask = table.n_slots - 1, at = hash & mask;
     for (; table.n_slots && table.slots[at] >= 0; at = (at + 1) & mask) {
         const Head *h = &table.heads[table.slots[at]];
@@ -554,7 +539,7 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__lineproto(void) {
     init_tables();
-    table.seed = hash_bytes((const char *)&table, 0) ^ ((uint64_t)(uintptr_t)&table * 0x9E3779B97F4A7C15ull) ^
-                 (uint64_t)time(NULL);
+    /* Drawn at import: crafted heads cannot count on colliding (the hash is no cryptographic one). */
+    table.seed = ((uint64_t)(uintptr_t)&table * 0x9E3779B97F4A7C15ull) ^ (uint64_t)time(NULL);
     return PyModule_Create(&module);
 }

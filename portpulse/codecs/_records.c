@@ -59,6 +59,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "../_hash.h"
+
 #define MAX_PARTS 8
 
 static Py_ssize_t varint_size(int64_t value) {
@@ -220,24 +222,6 @@ static uint32_t murmur2(const unsigned char *data, Py_ssize_t length) {
     return h;
 }
 
-/* A slice's hash, a word at a time: the table only needs a spread, equal slices are compared byte
- * for byte. */
-static uint64_t slice_hash(const unsigned char *p, int64_t len) {
-    uint64_t h = 0x9E3779B97F4A7C15ULL ^ ((uint64_t)len * 0xff51afd7ed558ccdULL);
-    while (len >= 8) {
-        uint64_t w;
-        memcpy(&w, p, 8);
-        h = (h ^ w) * 0xff51afd7ed558ccdULL;
-        h ^= h >> 32;
-        p += 8;
-        len -= 8;
-    }
-    uint64_t w = 0;
-    memcpy(&w, p, (size_t)len);
-    h = (h ^ w) * 0xc4ceb9fe1a85ec53ULL;
-    return h ^ (h >> 29);
-}
-
 /* The distinct slices seen so far: open addressing over their first rows (-1: empty), at most half
  * full, grown as they come: sized by the distinct slices (a fetch's keys recur), not by the rows,
  * so the table stays in the cache. */
@@ -300,7 +284,7 @@ static PyObject *intern(PyObject *module, PyObject *args) {
     for (Py_ssize_t i = 0; i < n; i++) {
         int64_t li = len[i] > 0 ? len[i] : 0;
         const unsigned char *p = data + (li ? s[i] : 0);
-        uint64_t h = slice_hash(p, li);
+        uint64_t h = hash_bytes(p, li, 0);
         Py_ssize_t at = (Py_ssize_t)(h & (uint64_t)(table.size - 1));
         for (;;) {
             int64_t d = table.slot[at];
