@@ -402,6 +402,10 @@ class ProcessorEngine:
         self._arrival = np.full(0, -np.inf)
         # Series whose event time moved since the last close: only they and idle ones close more.
         self._advanced: list[npt.NDArray[np.int64]] = []
+        # Idle series whose windows the idle timeout has closed since their last reading: nothing
+        # more closes for them until they report again, so an idle fleet is not re-examined at
+        # every step.
+        self._idle_closed = np.zeros(0, dtype=bool)
         # Per window spec and series: windows ending at or before this are closed (a reading for
         # one is a correction), and windows ending at or before this may have been emitted. They
         # differ for a series that resumed inside windows closed on the idle timeout: those open
@@ -575,6 +579,7 @@ class ProcessorEngine:
             self._max_ts = np.concatenate([self._max_ts, np.full(more, _NEG, dtype=np.int64)])
             self._replayed_ts = np.concatenate([self._replayed_ts, np.full(more, _NEG, dtype=np.int64)])
             self._arrival = np.concatenate([self._arrival, np.full(more, -np.inf)])
+            self._idle_closed = np.concatenate([self._idle_closed, np.zeros(more, dtype=bool)])
             self._resumed_after = np.concatenate([self._resumed_after, np.full(more, _NEG, dtype=np.int64)])
             self._closed = np.hstack([self._closed, np.full((len(self._s.windows), more), _NEG, dtype=np.int64)])
             self._emitted = np.hstack([self._emitted, np.full((len(self._s.windows), more), _NEG, dtype=np.int64)])
@@ -714,6 +719,7 @@ class ProcessorEngine:
         self._max_ts[ids] = _NEG
         self._replayed_ts[ids] = _NEG
         self._arrival[ids] = -np.inf
+        self._idle_closed[ids] = False
         self._resumed_after[ids] = _NEG
         self._closed[:, ids] = _NEG
         self._emitted[:, ids] = _NEG
@@ -1013,6 +1019,7 @@ class ProcessorEngine:
         uniq = series[last]
         self._max_ts[uniq] = np.maximum(self._max_ts[uniq], r.ts_ns[last])
         self._arrival[uniq] = now_s
+        self._idle_closed[uniq] = False
         self._advanced.append(uniq)
         if replayed.any():
             np.maximum.at(self._replayed_ts, series[replayed], r.ts_ns[replayed])
@@ -1094,11 +1101,15 @@ class ProcessorEngine:
         # now - idle timeout, on a caught-up partition): the others are left as they are.
         idle = self._arrival <= now_s - self._s.idle_timeout_s
         idle &= self._max_ts > _NEG
-        if caught_up:
-            idle &= np.isin(self._series_part, np.fromiter(caught_up, dtype=np.int64, count=len(caught_up)))
-        else:
-            idle[:] = False
-        rows = np.concatenate([*self._advanced, np.flatnonzero(idle)])
+        idle &= ~self._idle_closed
+        idle_rows = np.flatnonzero(idle) if caught_up else np.empty(0, dtype=np.int64)
+        if len(idle_rows):
+            parts = np.fromiter(caught_up, dtype=np.int64, count=len(caught_up))
+            idle_rows = idle_rows[np.isin(self._series_part[idle_rows], parts)]
+        idle[:] = False
+        idle[idle_rows] = True
+        self._idle_closed[idle_rows] = True
+        rows = np.concatenate([*self._advanced, idle_rows])
         self._advanced = []
         max_ts, idle = self._max_ts[rows], idle[rows]
         seen = max_ts > _NEG
@@ -1342,6 +1353,7 @@ class ProcessorEngine:
             self._max_ts[forget] = _NEG
             self._replayed_ts[forget] = _NEG
             self._arrival[forget] = -np.inf
+            self._idle_closed[forget] = False
             self._resumed_after[forget] = _NEG
             self._closed[:, forget] = _NEG
             self._emitted[:, forget] = _NEG
