@@ -686,6 +686,7 @@ def _values(
     floats = use & ((datatype == 9) | (datatype == 10))
     values[floats] = c.float_value[floats]
     text = use & ((datatype == 12) | (datatype == 14))
+    not_numbers = np.zeros(len(raw), dtype=np.bool_)
     for m, rows in _by_message(owner, text):
         bad = []
         for r in rows.tolist():
@@ -693,14 +694,20 @@ def _values(
                 values[r] = float(c.text(r))
             except ValueError:
                 bad.append(c.text(r)[:40])
+                not_numbers[r] = True
         if bad:
             found.setdefault(m, []).append(
                 Problem("non_numeric_value", f"string metrics that are not numbers: {bad[:10]}")
             )
-    infinite = use & np.isinf(values)
-    for m, rows in _by_message(owner, infinite):
-        found.setdefault(m, []).append(Problem("non_finite_value", f"{len(rows)} metrics are infinite"))
-    values[infinite] = np.nan
+    # NaN as well as infinities: a float metric without a value is sent as null (is_null), and
+    # InfluxDB cannot store either, so the message is dead-lettered with the reason, as JSON's NaN.
+    not_finite = use & ~not_numbers & ~np.isfinite(values)
+    for m, rows in _by_message(owner, not_finite):
+        nan = int(np.isnan(values[rows]).sum())
+        found.setdefault(m, []).append(
+            Problem("non_finite_value", f"{len(rows)} metrics are not finite ({nan} NaN, {len(rows) - nan} infinite)")
+        )
+    values[not_finite] = np.nan
     return values
 
 

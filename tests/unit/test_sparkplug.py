@@ -249,9 +249,9 @@ def test_every_scalar_datatype_decodes_to_its_value(datatype: int, field: str, r
 
 
 def test_what_cannot_be_a_reading_is_dead_lettered_and_the_rest_of_the_message_stored() -> None:
-    mapping = SparkplugMapping(domain="crane", metrics={n: ("motor_temperature", 1.0) for n in "ABCDEF"})
+    mapping = SparkplugMapping(domain="crane", metrics={n: ("motor_temperature", 1.0) for n in "ABCDEFG"})
     h = host(mapping=mapping)
-    born_as = [("A", 1, 10), ("B", 2, 12), ("C", 3, 16), ("D", 4, 10), ("E", 5, 10), ("F", 6, 10)]
+    born_as = [("A", 1, 10), ("B", 2, 12), ("C", 3, 16), ("D", 4, 10), ("E", 5, 10), ("F", 6, 10), ("G", 7, 9)]
     decode(h, nbirth(), dbirth("sts-1", [(name, alias, datatype, None) for name, alias, datatype in born_as], seq=1))
     h.counts["null"] = 0  # the birth announced them without values
     batch = decode(h, ddata("sts-1", [
@@ -261,12 +261,14 @@ def test_what_cannot_be_a_reading_is_dead_lettered_and_the_rest_of_the_message_s
         {"alias": 4, "float_value": 2.0},  # a Double born, a Float sent
         {"alias": 5, "double_value": float("inf")},
         {"alias": 6, "is_null": True},  # null: nothing to store, not an error
+        {"alias": 7, "float_value": float("nan")},  # NaN: not finite either
         {"alias": 99, "double_value": 1.0},  # never born
     ], seq=2))  # fmt: skip
     assert [(m, v) for _, _, m, _, v in readings(batch)] == [("motor_temperature", 1.5)]
     assert sorted(reasons(batch)[0]) == sorted(["sparkplug_unknown_alias", "sparkplug_unsupported_type",
                                                 "sparkplug_datatype_mismatch", "non_finite_value",
                                                 "non_numeric_value"])  # fmt: skip
+    assert "2 metrics are not finite (1 NaN, 1 infinite)" in [p.detail for p in batch.problems[0]]
     assert h.counts["null"] == 1
     assert h.commands == [rebirth_request(GROUP, NODE, NOW_MS)]  # the unknown alias
 
