@@ -780,10 +780,10 @@ class _Heads:
 
     def _coded(self, names: Sequence[str | None]) -> list[int]:
         """The codes of ``names`` (-1 for None), new ones added."""
-        before = len(self._codes)
-        codes = [-1 if name is None else self._codes.setdefault(name, len(self._codes)) for name in names]
-        if len(self._codes) > before:
-            self.names = _filled(self.names, before, list(self._codes)[before:])
+        before, added = len(self._codes), list[str]()
+        codes = _codes_of(names, self._codes, added)
+        if added:
+            self.names = _filled(self.names, before, added)
         return codes
 
     def ids(
@@ -803,6 +803,22 @@ class _Heads:
             of_text[texts] = self._coded(known)
             code = np.where(untagged, of_text[text_of_line], code)
         return code
+
+
+def _codes_of(items: Sequence[str | None], codes: dict[str, int], added: list[str]) -> list[int]:
+    """The code of each item in ``codes`` (-1 for None); new ones are given the next codes and
+    appended to ``added``."""
+    out = []
+    for item in items:
+        if item is None:
+            out.append(-1)
+            continue
+        code = codes.get(item)
+        if code is None:
+            code = codes[item] = len(codes)
+            added.append(item)
+        out.append(code)
+    return out
 
 
 def _filled(array: npt.NDArray[Any], size: int, items: Sequence[Any]) -> npt.NDArray[Any]:
@@ -913,10 +929,9 @@ def _tokenize_texts_python(texts: list[str]) -> _Tokens | None:
             return None  # a field repeated in a line: the per-line path keeps the last value
         codes += [names.setdefault(name, len(names)) for name in of_values]
         counts += per_line
-    heads = [head for text in texts_cut for head in text.heads]
-    known = len(_PYTHON_HEAD_CODES)
-    head = [_PYTHON_HEAD_CODES.setdefault(h, len(_PYTHON_HEAD_CODES)) for h in heads]
-    _PYTHON_HEADS.learn(known, list(_PYTHON_HEAD_CODES)[known:])
+    known, added = len(_PYTHON_HEAD_CODES), list[str]()
+    head = _codes_of([head for text in texts_cut for head in text.heads], _PYTHON_HEAD_CODES, added)
+    _PYTHON_HEADS.learn(known, added)
     return _Tokens(
         _PYTHON_HEADS,
         np.array(head, dtype=np.int64),
@@ -1016,8 +1031,8 @@ def _plain_columns(
     ``topics`` (their sensor and site stand in for missing tags, their domain is the lines') at
     ``received_ns``, one of each per text.
 
-    Tag sets are parsed once per distinct text and cached; field names are checked once each.
-    What the per-line path would judge differently is left to it."""
+    Tag sets are parsed once per head, in the tokenizer's table of heads; field names are
+    checked once each. What the per-line path would judge differently is left to it."""
     heads, head = tokens.heads, tokens.head
     if not heads.valid[head].all():
         return None
