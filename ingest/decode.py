@@ -700,12 +700,23 @@ _TAG_SETS: dict[str, tuple[str | None, str | None]] = {}
 
 
 def _tag_set(head: str) -> tuple[str | None, str | None] | None:
-    """``sensor_id`` and ``site`` (first-seen objects) of a plain ``measurement[,tags]`` whose names
-    are valid ids (new ones are learned); None for anything else (an empty measurement, a bad
-    name, a malformed pair, a repeated key): the per-line path decides."""
+    """:func:`_parse_tag_set`, cached by head text (for the per-line path: the delivery-wide path
+    keeps its parses in its table of heads)."""
     known = _TAG_SETS.get(head)
     if known is not None:
         return known
+    found = _parse_tag_set(head)
+    if found is not None:
+        if len(_TAG_SETS) >= 200_000:
+            _TAG_SETS.clear()
+        _TAG_SETS[head] = found
+    return found
+
+
+def _parse_tag_set(head: str) -> tuple[str | None, str | None] | None:
+    """``sensor_id`` and ``site`` (first-seen objects) of a plain ``measurement[,tags]`` whose names
+    are valid ids (new ones are learned); None for anything else (an empty measurement, a bad
+    name, a malformed pair, a repeated key): the per-line path decides."""
     measurement, _, text = head.partition(",")
     if not measurement:
         return None
@@ -716,10 +727,7 @@ def _tag_set(head: str) -> tuple[str | None, str | None] | None:
     sensor, site = tags.get("sensor_id"), tags.get("site")
     if (sensor is not None and not _IDS.ok(sensor)) or (site is not None and not _IDS.ok(site)):
         return None  # the per-line path says which is wrong
-    if len(_TAG_SETS) >= 200_000:
-        _TAG_SETS.clear()
-    found = _TAG_SETS[head] = (_IDS.known[sensor] if sensor else None, _IDS.known[site] if site else None)
-    return found
+    return (_IDS.known[sensor] if sensor else None, _IDS.known[site] if site else None)
 
 
 _CompiledTokenize = Callable[
@@ -772,7 +780,7 @@ class _Heads:
         if known != self.size:
             raise RuntimeError(f"the tokenizer's table held {known} heads, this one {self.size}")
         n = self.size + len(added)
-        tags = list(map(_tag_set, added))
+        tags = list(map(_parse_tag_set, added))
         self.valid = _filled(self.valid, self.size, [t is not None for t in tags])
         for k, column in enumerate(self.tag):
             self.tag[column] = _filled(self.tag[column], self.size, self._coded([t and t[k] for t in tags]))
