@@ -183,7 +183,10 @@ def start_peer(env: dict[str, str], exe: Path, peer: str) -> tuple[Any, dict[str
         tg = Telegraf(exe, env, f"tg{uuid.uuid4().hex[:8]}")
         return tg, {"telegraf bridge": tg.procs[0].pid, "telegraf processor": tg.procs[1].pid}
     topology = PORTPULSE_TOPOLOGY[peer]
-    windows = ["--windows", "1m", "--lateness", str(FLEET_LATENESS_S), "--idle-timeout", "5"]
+    # The default idle timeout (30 s): a shorter one closes every series' open window on idle
+    # while the run's last values are being counted, and a slower machine then writes a second
+    # aggregate line per series into the next measured interval's InfluxDB.
+    windows = ["--windows", "1m", "--lateness", str(FLEET_LATENESS_S), "--idle-timeout", "30"]
     pipe = Pipeline(env, peer, topology, processor_args=windows)
     names = [f"portpulse {args[0]}" for args in TOPOLOGIES[topology]]
     return pipe, {name: proc.pid for name, proc in zip(names, pipe.procs, strict=True)}
