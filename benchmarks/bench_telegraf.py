@@ -22,8 +22,9 @@ lines. Event time: each sensor reports once a second, ending about now.
 
 Fleet loads (``--fleet-sensors``, 0 to skip): the simulators' air, crane and cell fleets, every
 sensor reporting its 6-7 metrics once a second for ``--fleet-seconds`` of event time, as line
-protocol gateway batches of 100 reports (every peer), JSON gateway batches and JSON single
-reports (PortPulse; Telegraf would need a json_v2 mapping per domain). Event time is *paced*:
+protocol gateway batches of 100 reports, JSON gateway batches and JSON single reports, every
+peer on each (Telegraf reads the JSON through its json_v2 parser, the domain, site and sensor
+from the topic: :data:`TELEGRAF_INPUTS`). Event time is *paced*:
 the fleet is large enough that one second of its event time is about as many values as the
 pipelines store per second of wall time (the report prints event seconds per wall second). The
 60 s of event time span one minute's end (plus the allowed lateness) at their middle, whatever
@@ -74,10 +75,55 @@ def lines(prefix: str, n: int, per_message: int, t0_ms: int) -> list[tuple[str, 
     return out
 
 
-class Telegraf:
-    """Telegraf's two agents on this run's topic, consumer group and database."""
+#: Telegraf's MQTT input for each payload format, as its users configure it: line protocol as
+#: is, a fleet gateway's site taken from its topic (``{prefix}/{domain}/{site}/{gateway}``); the
+#: fleets' JSON through the json_v2 parser, the domain (measurement), site and sensor taken from
+#: the topic (``{prefix}/{domain}/{site}[/{sensor}]``), each report's metrics as fields named as
+#: in the JSON. No ``topic`` tag: both pipelines store the same series.
+TELEGRAF_INPUTS = {
+    "line": """
+  topic_tag = ""
+  data_format = "influx"
+  [[inputs.mqtt_consumer.topic_parsing]]
+    topic = "{prefix}/+/+/+"
+    tags = "_/_/site/_"
+""",
+    "json": """
+  topic_tag = ""
+  data_format = "json_v2"
+  [[inputs.mqtt_consumer.topic_parsing]]
+    topic = "{prefix}/+/+/+"
+    measurement = "_/measurement/_/_"
+    tags = "_/_/site/sensor_id"
+  [[inputs.mqtt_consumer.json_v2]]
+    timestamp_path = "ts"
+    timestamp_format = "unix_ms"
+    [[inputs.mqtt_consumer.json_v2.object]]
+      path = "metrics"
+""",
+    "json-batch": """
+  topic_tag = ""
+  data_format = "json_v2"
+  [[inputs.mqtt_consumer.topic_parsing]]
+    topic = "{prefix}/+/+"
+    measurement = "_/measurement/_"
+    tags = "_/_/site"
+  [[inputs.mqtt_consumer.json_v2]]
+    [[inputs.mqtt_consumer.json_v2.object]]
+      path = "readings"
+      tags = ["sensor_id"]
+      timestamp_key = "ts"
+      timestamp_format = "unix_ms"
+      disable_prepend_keys = true
+""",
+}
 
-    def __init__(self, exe: Path, env: dict[str, str], prefix: str) -> None:
+
+class Telegraf:
+    """Telegraf's two agents on this run's topic, consumer group and database; the bridge reads
+    ``fmt`` payloads (a key of :data:`TELEGRAF_INPUTS`)."""
+
+    def __init__(self, exe: Path, env: dict[str, str], prefix: str, fmt: str = "line") -> None:
         self.prefix = prefix
         self.influx = Influx(env, prefix)
         self.influx.query(f'CREATE DATABASE "{prefix}"')
@@ -102,8 +148,7 @@ class Telegraf:
   client_id = "{prefix}-telegraf"
   persistent_session = true
   max_undelivered_messages = 20000
-  data_format = "influx"
-
+{TELEGRAF_INPUTS[fmt].replace("{prefix}", prefix)}
 [[outputs.kafka]]
   brokers = {kafka}
   version = "{KAFKA_PROTOCOL}"
@@ -177,10 +222,11 @@ PORTPULSE_PEERS = tuple(PORTPULSE_TOPOLOGY)
 FLEET_LATENESS_S = 2
 
 
-def start_peer(env: dict[str, str], exe: Path, peer: str) -> tuple[Any, dict[str, int]]:
-    """``peer`` running on this run's topic, group and database, and its processes' pids by name."""
+def start_peer(env: dict[str, str], exe: Path, peer: str, fmt: str = "line") -> tuple[Any, dict[str, int]]:
+    """``peer`` running on this run's topic, group and database, reading ``fmt`` payloads, and its
+    processes' pids by name."""
     if peer == "telegraf":
-        tg = Telegraf(exe, env, f"tg{uuid.uuid4().hex[:8]}")
+        tg = Telegraf(exe, env, f"tg{uuid.uuid4().hex[:8]}", fmt)
         return tg, {"telegraf bridge": tg.procs[0].pid, "telegraf processor": tg.procs[1].pid}
     topology = PORTPULSE_TOPOLOGY[peer]
     # The default idle timeout (30 s): a shorter one closes every series' open window on idle
@@ -304,21 +350,24 @@ def run_fleet(env: dict[str, str], exe: Path, peer: str, fmt: str, sensors: int,
     for action in ("down", "up"):
         subprocess.run([str(SERVICES), action, "influx"], check=True, capture_output=True)
     wait_until_quiet()
-    pipe, pids = start_peer(env, exe, peer)
+    pipe, pids = start_peer(env, exe, peer, fmt)
     rejected_too = peer != "telegraf"
     try:
         start_ns = fleet_start_ns(time.time_ns(), seconds)
-        warm = lines(pipe.prefix, 1, 1, start_ns // 10**6 - 60_000)
+        # warm-up: a report of the fleet's first sensor of each domain in the load's format, a second
+        # before the load, so inside the window the load's first reports open
+        warm, warm_reports, warm_values = fleet_messages(pipe.prefix, fmt, 3, 1, start_ns - 10**9)
         wait_for(lambda: _try_publish(host, port, warm) and pipe.influx.count("air", "no2") >= 1, 180, "warm")
         messages, reports, values = fleet_messages(pipe.prefix, fmt, sensors, seconds, start_ns)
         budget = CpuBudget(pids | {"benchmark (publisher)": os.getpid()})
         budget.start()
         started = time.monotonic()
         publish(host, port, messages, qos=1)
-        wait_for(lambda: fleet_stored(pipe.influx, rejected_too, last_metric_only=True) >= reports, 900, "stored", 1.0)
+        everything = reports + warm_reports
+        wait_for(lambda: fleet_stored(pipe.influx, rejected_too, True) >= everything, 900, "stored", 1.0)
         elapsed = time.monotonic() - started
         cpu = budget.stop()
-        stored = fleet_stored(pipe.influx, rejected_too) - 1  # the warm-up reading
+        stored = fleet_stored(pipe.influx, rejected_too) - warm_values
         aggregates = fleet_aggregates(pipe.influx, peer)
         # What a disturbed run shows first: windows recomputed from the store (read-backs).
         totals = pipe.totals() if peer != "telegraf" else {}
@@ -342,8 +391,8 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 FLEET_LOADS = (  # (name, simulator format, peers)
     ("line protocol, batches of 100 reports", "line", ("telegraf", *PORTPULSE_PEERS)),
-    ("JSON gateway batches of 100 reports", "json-batch", PORTPULSE_PEERS),
-    ("JSON single reports", "json", PORTPULSE_PEERS),
+    ("JSON gateway batches of 100 reports", "json-batch", ("telegraf", *PORTPULSE_PEERS)),
+    ("JSON single reports", "json", ("telegraf", *PORTPULSE_PEERS)),
 )
 
 
