@@ -463,6 +463,8 @@ def _decode_json(
 ) -> None:
     if '"readings"' in text and _plain_batch(i, text, topic, received_ns, limits, out):
         return
+    if topic.sensor_id and '"readings"' not in text and _plain_single(i, text, topic, received_ns, limits, out):
+        return
     try:
         doc = _parse_json(text)
     except (ValueError, RecursionError) as exc:
@@ -521,7 +523,7 @@ def _plain_batch(i: int, text: str, topic: MqttTopic, received_ns: int, limits: 
     """
     try:
         readings = _GATEWAY_BATCH.decode(text).readings
-    except (msgspec.ValidationError, msgspec.DecodeError):  # any doubt: the general path decides
+    except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):  # any doubt: the general path decides
         return False
     if not readings or len(readings) > _MAX_READINGS_PER_MESSAGE:
         return False
@@ -552,6 +554,39 @@ def _plain_batch(i: int, text: str, topic: MqttTopic, received_ns: int, limits: 
         sensors, sites = _repeated(sensors, counts), _repeated(sites, counts)
         stamps = _repeated(stamps, counts)
     out.extend(i, sensors, sites, topic.domain, metrics, stamps, values, unit)
+    return True
+
+
+class _SingleReport(msgspec.Struct, gc=False):
+    """A sensor's report on its own topic, typed like :class:`_GatewayReading` (other keys are
+    ignored, as the general path does); ``site`` overrides the topic's."""
+
+    ts: int
+    metrics: dict[str, float]
+    site: str | msgspec.UnsetType = msgspec.UNSET
+
+
+_SINGLE_REPORT = msgspec.json.Decoder(_SingleReport)
+
+
+def _plain_single(i: int, text: str, topic: MqttTopic, received_ns: int, limits: DecodeLimits, out: _Out) -> bool:
+    """:func:`_plain_batch` for a sensor's single report: its readings added at once when its
+    names are already validated, its timestamp an integer within the limits and its values finite
+    numbers; otherwise nothing is added and the general path decides (and learns new names)."""
+    try:
+        report = _SINGLE_REPORT.decode(text)
+    except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):  # skipping deep unknown keys recurses
+        return False
+    sensor = _IDS.known.get(topic.sensor_id)
+    site = _IDS.known.get(topic.site if report.site is msgspec.UNSET else report.site)
+    metrics = list(report.metrics)
+    if sensor is None or site is None or not metrics or not all(map(_METRICS.known.__contains__, metrics)):
+        return False
+    ts = report.ts * _ns_per_unit(report.ts)  # a negative one falls before the past limit
+    if ts < received_ns - limits.max_past_ns or ts > received_ns + limits.max_future_ns or ts >= 2**63:
+        return False
+    n = len(metrics)
+    out.extend(i, [sensor] * n, [site] * n, topic.domain, metrics, [ts] * n, list(report.metrics.values()), 1)
     return True
 
 

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from portpulse.arrays import distinct_codes
 from portpulse.codecs.wire import WireError, decode_value, decode_values, encode_value
 from portpulse.contract.schema import FLAG_TS_FROM_RECEIVE, Reading
+from portpulse.contract.topics import parse_mqtt_topic
 from portpulse.ingest.decode import (
     REASONS,
     DecodedBatch,
@@ -153,10 +154,13 @@ def test_every_bad_input_has_a_reason(topic: str, payload: str | bytes, reason: 
 
 
 def test_deep_json_is_a_clear_error_not_a_crash() -> None:
-    rows, reasons = decode(
-        "sensors/air/quai/s1", '{"a":' * 100_000 + "1" + "}" * 100_000, DecodeLimits(max_payload_bytes=10**7)
-    )
+    deep = '{"a":' * 100_000 + "1" + "}" * 100_000
+    rows, reasons = decode("sensors/air/quai/s1", deep, DecodeLimits(max_payload_bytes=10**7))
     assert rows == [] and reasons == ["malformed_json"]
+    # Beside what the typed decoders read (a gateway batch, a single report): the same error.
+    for topic, shape in (("sensors/air/quai", '{"readings": [], '), ("sensors/air/quai/s1", '{"ts": 1, ')):
+        rows, reasons = decode(topic, shape + deep[1:], DecodeLimits(max_payload_bytes=10**7))
+        assert rows == [] and reasons == ["malformed_json"]
 
 
 @settings(max_examples=300, deadline=None)
@@ -520,6 +524,73 @@ def test_the_whole_batch_path_only_changes_speed(payload: str, topic: str) -> No
     assert fast.readings.rows() == general.readings.rows()
     assert fast.message_index.tolist() == general.message_index.tolist()
     assert fast.problems == general.problems
+
+
+@st.composite
+def _single_payloads(draw: st.DrawFn) -> str:
+    """Mostly clean single reports (integer timestamps in some unit), some wild, some with a
+    site of their own, a repeated key or a key the decoder ignores."""
+    report: dict[str, Any] = draw(_CLEAN_READING)
+    report["ts"] = (NOW + draw(st.integers(-(10**15), 10**12))) // draw(st.sampled_from([10**9, 10**6, 10**3, 1]))
+    if draw(st.booleans()):
+        report["site"] = draw(st.sampled_from(["berth-9", "berth-9", "bad id", 5]))
+    if draw(st.integers(0, 3)) == 0:
+        report = draw(_READING)
+    text = json.dumps(report)
+    if draw(st.booleans()):  # a repeated key: the last one counts, for every parser
+        key = draw(st.sampled_from([f'"ts": {NOW // 10**6}', '"metrics": {"no2": 1}', '"site": "quai"', '"ts": null']))
+        text = text[:-1] + (", " if len(text) > 2 else "") + key + "}"
+    extra = draw(st.sampled_from(["", "", '"gateway": "g-1", ', '"gateway": NaN, ']))
+    return "{" + extra + text[1:] if extra and len(text) > 2 else text
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    payload=_single_payloads(),
+    topic=st.sampled_from(["sensors/air/quai/s-7", "sensors/air/quai/new-ü", "sensors/air/quai"]),
+)
+def test_the_single_report_path_only_changes_speed(payload: str, topic: str) -> None:
+    """Whatever a sensor sends as its own report, the typed decoder (msgspec) gives exactly the
+    readings and the reasons of the per-reading path (orjson dicts) it stands in front of."""
+    message = [Message(topic, payload.encode(), NOW)]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("portpulse.ingest.decode._plain_single", lambda *args: False)
+        general = decode_messages(message, DecodeLimits())  # also learns the valid names
+    fast = decode_messages(message, DecodeLimits())
+    assert fast.readings.rows() == general.readings.rows()
+    assert fast.message_index.tolist() == general.message_index.tolist()
+    assert fast.problems == general.problems
+
+
+def test_a_known_sensors_single_reports_are_decoded_whole() -> None:
+    """The typed path takes a known sensor's clean report (its values, site and scaled time as
+    the per-reading path gives them) and leaves a new name, a bad time or a NaN to that path."""
+    from portpulse.ingest import decode
+
+    topic = parse_mqtt_topic("sensors/air/quai/s-7", "sensors")
+    assert not isinstance(topic, str)
+    learn = f'{{"ts": {NOW}, "metrics": {{"no2": 1, "pm25": 2}}}}'.encode()  # s-7, quai, no2, pm25
+    assert len(decode_messages([Message("sensors/air/quai/s-7", learn, NOW)], DecodeLimits()).readings) == 2
+    out = decode._Out()
+    ms = NOW // 10**6
+    clean = f'{{"ts": {ms}, "metrics": {{"no2": 40, "pm25": 12.5}}, "site": "quai"}}'
+    assert decode._plain_single(3, clean, topic, NOW, DecodeLimits(), out)
+    r, message = out.columns()
+    assert [(x.sensor_id, x.site, x.domain, x.metric, x.ts_ns, x.value, x.flags) for x in r.rows()] == [
+        ("s-7", "quai", "air", "no2", ms * 10**6, 40.0, 0),
+        ("s-7", "quai", "air", "pm25", ms * 10**6, 12.5, 0),
+    ]
+    assert message.tolist() == [3, 3]
+    refused = [
+        f'{{"ts": {ms}, "metrics": {{"no3": 1}}}}',  # a metric not validated yet
+        '{"ts": 1, "metrics": {"no2": 1}}',  # 1970
+        f'{{"ts": {ms}, "metrics": {{"no2": NaN}}}}',
+        f'{{"ts": {ms}, "metrics": {{}}}}',
+        f'{{"ts": {ms}, "metrics": {{"no2": 1}}, "site": "pier-new"}}',  # a site not validated yet
+        '{"ts": null, "metrics": {"no2": 1}}',  # the receive time stands in, flagged: the general path
+    ]
+    for text in refused:
+        assert not decode._plain_single(0, text, topic, NOW, DecodeLimits(), decode._Out()), text
 
 
 _LP_SENSORS = st.sampled_from(["gw-1", "gw-2", "s-7", "new-sensor", "bad id", "ü"])
