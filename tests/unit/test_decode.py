@@ -511,19 +511,24 @@ def _gateway_payloads(draw: st.DrawFn) -> str:
     return "{" + extra + '"readings": [' + ", ".join(readings) + "]}"
 
 
+def _assert_same_as_the_general_path(message: Message, typed_path: str) -> None:
+    """``message`` decodes to exactly the readings and problems with the typed path ``typed_path``
+    (a function of ``portpulse.ingest.decode``) as without it."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(f"portpulse.ingest.decode.{typed_path}", lambda *args: False)
+        general = decode_messages([message], DecodeLimits())  # also learns the valid names
+    fast = decode_messages([message], DecodeLimits())
+    assert fast.readings.rows() == general.readings.rows()
+    assert fast.message_index.tolist() == general.message_index.tolist()
+    assert fast.problems == general.problems
+
+
 @settings(max_examples=400, deadline=None)
 @given(payload=_gateway_payloads(), topic=st.sampled_from(["sensors/air/quai", "sensors/air/quai/s-7"]))
 def test_the_whole_batch_path_only_changes_speed(payload: str, topic: str) -> None:
     """Whatever a gateway sends, the typed whole-batch decoder (msgspec) gives exactly the readings
     and the reasons of the per-reading path (orjson dicts) it stands in front of."""
-    message = [Message(topic, payload.encode(), NOW)]
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("portpulse.ingest.decode._plain_batch", lambda *args: False)
-        general = decode_messages(message, DecodeLimits())  # also learns the valid names
-    fast = decode_messages(message, DecodeLimits())
-    assert fast.readings.rows() == general.readings.rows()
-    assert fast.message_index.tolist() == general.message_index.tolist()
-    assert fast.problems == general.problems
+    _assert_same_as_the_general_path(Message(topic, payload.encode(), NOW), "_plain_batch")
 
 
 @st.composite
@@ -552,14 +557,7 @@ def _single_payloads(draw: st.DrawFn) -> str:
 def test_the_single_report_path_only_changes_speed(payload: str, topic: str) -> None:
     """Whatever a sensor sends as its own report, the typed decoder (msgspec) gives exactly the
     readings and the reasons of the per-reading path (orjson dicts) it stands in front of."""
-    message = [Message(topic, payload.encode(), NOW)]
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("portpulse.ingest.decode._plain_single", lambda *args: False)
-        general = decode_messages(message, DecodeLimits())  # also learns the valid names
-    fast = decode_messages(message, DecodeLimits())
-    assert fast.readings.rows() == general.readings.rows()
-    assert fast.message_index.tolist() == general.message_index.tolist()
-    assert fast.problems == general.problems
+    _assert_same_as_the_general_path(Message(topic, payload.encode(), NOW), "_plain_single")
 
 
 def test_a_known_sensors_single_reports_are_decoded_whole() -> None:
