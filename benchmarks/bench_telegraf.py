@@ -79,17 +79,16 @@ def lines(prefix: str, n: int, per_message: int, t0_ms: int) -> list[tuple[str, 
 #: is, a fleet gateway's site taken from its topic (``{prefix}/{domain}/{site}/{gateway}``); the
 #: fleets' JSON through the json_v2 parser, the domain (measurement), site and sensor taken from
 #: the topic (``{prefix}/{domain}/{site}[/{sensor}]``), each report's metrics as fields named as
-#: in the JSON. No ``topic`` tag: both pipelines store the same series.
+#: in the JSON. The input adds no ``topic`` tag (see :class:`Telegraf`): both pipelines store the
+#: same series.
 TELEGRAF_INPUTS = {
     "line": """
-  topic_tag = ""
   data_format = "influx"
   [[inputs.mqtt_consumer.topic_parsing]]
     topic = "{prefix}/+/+/+"
     tags = "_/_/site/_"
 """,
     "json": """
-  topic_tag = ""
   data_format = "json_v2"
   [[inputs.mqtt_consumer.topic_parsing]]
     topic = "{prefix}/+/+/+"
@@ -102,7 +101,6 @@ TELEGRAF_INPUTS = {
       path = "metrics"
 """,
     "json-batch": """
-  topic_tag = ""
   data_format = "json_v2"
   [[inputs.mqtt_consumer.topic_parsing]]
     topic = "{prefix}/+/+"
@@ -148,6 +146,7 @@ class Telegraf:
   client_id = "{prefix}-telegraf"
   persistent_session = true
   max_undelivered_messages = 20000
+  topic_tag = ""
 {TELEGRAF_INPUTS[fmt].replace("{prefix}", prefix)}
 [[outputs.kafka]]
   brokers = {kafka}

@@ -461,9 +461,10 @@ def _parse_json(text: str) -> Any:
 def _decode_json(
     i: int, text: str, topic: MqttTopic, received_ns: int, limits: DecodeLimits, out: _Out, problems: list[Problem]
 ) -> None:
-    if '"readings"' in text and _plain_batch(i, text, topic, received_ns, limits, out):
-        return
-    if topic.sensor_id and '"readings"' not in text and _plain_single(i, text, topic, received_ns, limits, out):
+    if '"readings"' in text:
+        if _plain_batch(i, text, topic, received_ns, limits, out):
+            return
+    elif topic.sensor_id and _plain_single(i, text, topic, received_ns, limits, out):
         return
     try:
         doc = _parse_json(text)
