@@ -591,6 +591,95 @@ def test_a_known_sensors_single_reports_are_decoded_whole() -> None:
         assert not decode._plain_single(0, text, topic, NOW, DecodeLimits(), decode._Out()), text
 
 
+_CLEAN_REPORTS = st.builds(
+    lambda ms, metrics, site: json.dumps({"ts": NOW // 10**6 + ms, "metrics": metrics, **site}),
+    st.integers(-(10**4), 10**4),
+    st.dictionaries(st.sampled_from(["no2", "pm25"]), _FINITE, min_size=1),
+    st.sampled_from([{}, {}, {"site": "berth-9"}]),
+)
+
+
+_SENSOR_TOPICS = st.sampled_from(["sensors/air/quai/s-7", "sensors/crane/berth-9/c-1", "sensors/air/quai/s-8"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    reports=st.lists(st.tuples(_CLEAN_REPORTS, _SENSOR_TOPICS, st.sampled_from([0, 0, 10**9])), min_size=2,
+                     max_size=6)  # a fleet's delivery
+    | st.lists(
+        st.tuples(
+            st.one_of(_CLEAN_REPORTS, _single_payloads(),
+                      st.sampled_from(['{"readings": [{"ts": 1, "metrics": {"no2": 1}}]}', "air no2=1",
+                                       '{"ts": 1764000000000, "metrics": {"no2": 1}, "x": "\\u00e9\\ud800"}'])),
+            _SENSOR_TOPICS | st.sampled_from(["sensors/air/quai", "sensors/air/quai/new-ü", "bad/topic"]),
+            st.sampled_from([0, 0, 0, 10**9, -(10**18), 10**16]),  # received: now, later, long before, long after
+        ),
+        min_size=2,
+        max_size=6,
+    ),
+    not_utf8=st.integers(0, 5),
+)  # fmt: skip
+def test_a_delivery_of_json_reports_decoded_at_once_gives_what_one_by_one_gives(
+    reports: list[tuple[str, str, int]], not_utf8: int
+) -> None:
+    """Sensors' own JSON reports, a delivery at a time: the same readings, message indices and
+    reasons as each message decoded on its own (which also learns the names first)."""
+    messages = [Message(topic, text.encode(), NOW + shift) for text, topic, shift in reports]
+    if not_utf8 == 0:  # bytes that are no UTF-8 inside a string the report's decoder would skip
+        topic, payload, received = messages[-1]
+        messages[-1] = Message(topic, payload[:-1] + b', "x": "\xff"}', received)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("portpulse.ingest.decode._plain_reports", lambda *args: None)
+        one_by_one = decode_messages(messages, DecodeLimits())
+    at_once = decode_messages(messages, DecodeLimits())
+    assert one_by_one.codes is None
+    _assert_codes_name_the_readings(at_once)
+    assert at_once.readings.rows() == one_by_one.readings.rows()
+    assert at_once.message_index.tolist() == one_by_one.message_index.tolist()
+    assert at_once.problems == one_by_one.problems
+
+
+def test_json_reports_of_a_delivery_are_decoded_at_once() -> None:
+    """The delivery-wide path is taken for what a fleet's sensors send (else the test above
+    proves little), and leaves a delivery with anything else in it to the per-message path."""
+    from portpulse.ingest import decode as module
+
+    ms = NOW // 10**6
+    sent = [
+        ("sensors/air/quai/s-7", {"ts": ms, "metrics": {"no2": 40, "pm25": 12.5}}),
+        ("sensors/crane/berth-9/c-1", {"ts": ms + 1, "metrics": {"hoist_load": 7}}),
+        ("sensors/air/quai/s-8", {"ts": ms + 2, "metrics": {"pm25": 3.25}, "site": "berth-9"}),
+    ]
+    messages = [Message(topic, json.dumps(report).encode(), NOW) for topic, report in sent]
+    decode_messages(messages[:1], DecodeLimits())  # learns the names
+    decode_messages(messages[1:], DecodeLimits())
+    out = module._Out()
+    assert module._plain_reports(messages, DecodeLimits(), out) is not None
+    readings, index = out.columns()
+    assert [(r.sensor_id, r.site, r.domain, r.metric, r.ts_ns, r.value) for r in readings.rows()] == [
+        ("s-7", "quai", "air", "no2", ms * 10**6, 40.0),
+        ("s-7", "quai", "air", "pm25", ms * 10**6, 12.5),
+        ("c-1", "berth-9", "crane", "hoist_load", (ms + 1) * 10**6, 7.0),
+        ("s-8", "berth-9", "air", "pm25", (ms + 2) * 10**6, 3.25),
+    ]
+    assert index.tolist() == [0, 0, 1, 2]
+    _assert_codes_name_the_readings(decode_messages(messages, DecodeLimits()))
+    others = [
+        Message("sensors/air/quai", b'{"readings": [{"sensor_id": "s-7", "ts": 1, "metrics": {"no2": 1}}]}', NOW),
+        Message("sensors/air/quai/s-7", f'{{"ts": {ms}, "metrics": {{"no3": 1}}}}'.encode(), NOW),  # a new metric
+        Message("sensors/air/quai/s-7", f'{{"ts": {ms // 1000}, "metrics": {{"no2": 1}}}}'.encode(), NOW),  # in s
+        Message("sensors/air/quai/s-7", f'{{"ts": {ms}, "metrics": {{"no2": 1}}}}'.encode(), NOW - 10**18),
+        Message("sensors/air/quai/s-7", f'{{"ts": {ms}, "metrics": {{"no2": 1}}}}'.encode(), NOW + 10**16),
+        Message("sensors/air/quai/s-7", f'{{"ts": {ms}, "metrics": {{"no2": 1}}, "x": "'.encode() + b'\xff"}', NOW),
+        Message("sensors/air/quai/s-7", f'{{"ts": {ms}, "metrics": {{"no2": 1}}, "site": "new"}}'.encode(), NOW),
+        Message("sensors/air/quai/s-7", f'{{"ts": {ms}, "metrics": {{}}}}'.encode(), NOW),
+        Message("sensors/air/quai/s-7", b"air no2=1", NOW),
+        Message("sensors/air", f'{{"ts": {ms}, "metrics": {{"no2": 1}}}}'.encode(), NOW),
+    ]
+    for other in others:
+        assert module._plain_reports([*messages, other], DecodeLimits(), module._Out()) is None, other
+
+
 _LP_SENSORS = st.sampled_from(["gw-1", "gw-2", "s-7", "new-sensor", "bad id", "ü"])
 _LP_VALUES = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True).map(repr),
