@@ -37,9 +37,18 @@ from portpulse.ingest.admission import (
     encode_registry_record,
     load_registry_file,
 )
-from portpulse.ingest.decode import LINE_TOKENIZER, DecodedBatch, DecodeLimits, Message, Problem, decode_messages
+from portpulse.ingest.decode import (
+    LINE_TOKENIZER,
+    PAYLOAD_OF,
+    TOPIC_OF,
+    DecodedBatch,
+    DecodeLimits,
+    Message,
+    Problem,
+    decode_messages,
+)
 from portpulse.ingest.metrics import INGEST_METRICS
-from portpulse.ingest.mqtt import Inbound, MqttSource, PahoMqttSource, Presence, subscription_filters
+from portpulse.ingest.mqtt import MESSAGE_OF, Inbound, MqttSource, PahoMqttSource, Presence, subscription_filters
 from portpulse.ingest.mqtt_asyncio import AsyncioMqttSource
 from portpulse.ingest.records import OutRecords, SeriesCodes, build_dead_letters, build_records
 from portpulse.ingest.sparkplug import NAMESPACE, SparkplugHost, load_mapping, state_payload
@@ -244,7 +253,7 @@ class Bridge:
                 got = await self._next_messages(min(room, BATCH_MESSAGES))
                 if got:
                     self._accumulated += got
-                    self._accumulated_bytes += sum(len(i.message.payload) for i in got)
+                    self._accumulated_bytes += sum(map(len, map(PAYLOAD_OF, map(MESSAGE_OF, got))))
                     INGEST_METRICS.messages.inc(len(got))
                     self._report_in_flight()
         finally:
@@ -284,11 +293,11 @@ class Bridge:
         else:
             count = min(len(self._accumulated), MAX_DISPATCH)
         batch, self._accumulated = self._accumulated[:count], self._accumulated[count:]
-        self._accumulated_bytes -= sum(len(i.message.payload) for i in batch)
+        self._accumulated_bytes -= sum(map(len, map(PAYLOAD_OF, map(MESSAGE_OF, batch))))
         return batch
 
     async def _dispatch(self, batch: list[Inbound]) -> None:
-        messages = [b.message for b in batch]
+        messages = list(map(MESSAGE_OF, batch))
         decoded = self._decode(messages)
         codes = decoded.codes or SeriesCodes.of(decoded.readings)
         refused, codes = self._admit(decoded, codes)
@@ -347,7 +356,7 @@ class Bridge:
         ``rate_limit`` problems undecoded, so a flooding site costs little more than its reception."""
         if not self.admission.rationing:
             return decode_messages(messages, self._limits, sparkplug=self.sparkplug)
-        sites = self._sites.of([m.topic for m in messages], [len(m.payload) for m in messages])
+        sites = self._sites.of(list(map(TOPIC_OF, messages)), list(map(len, map(PAYLOAD_OF, messages))))
         limited = self.admission.ration(sites, time.time())
         decoded = decode_messages(
             messages, self._limits, {i: Problem(*r) for i, r in limited.items()}, sparkplug=self.sparkplug
@@ -402,11 +411,9 @@ class Bridge:
         while self._flights and self._flights[0].task.done() and not self._flights[0].task.cancelled():
             flight = self._flights.popleft()
             flight.task.result()  # re-raise a bug rather than ack what was not delivered
-            for inbound in flight.inbound:
-                if self._source.ack(inbound):
-                    self.stats.acked += 1
-                else:
-                    self.stats.ack_skipped += 1
+            acked = self._source.ack_all(flight.inbound)
+            self.stats.acked += acked
+            self.stats.ack_skipped += len(flight.inbound) - acked
             self._in_flight -= len(flight.inbound)
         self._report_in_flight()
 

@@ -39,7 +39,10 @@ if TYPE_CHECKING:
     from portpulse.ingest.sparkplug import SparkplugHost
 
 __all__ = [
+    "PAYLOAD_OF",
     "REASONS",
+    "RECEIVED_OF",
+    "TOPIC_OF",
     "DecodeLimits",
     "DecodedBatch",
     "Message",
@@ -146,6 +149,10 @@ class Message(NamedTuple):
     topic: str
     payload: bytes
     received_ns: int
+
+
+#: a Message's fields (a received PUBLISH's too), for passes over a list of them in C (``map``)
+TOPIC_OF, PAYLOAD_OF, RECEIVED_OF = (attrgetter(f) for f in ("topic", "payload", "received_ns"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -1042,7 +1049,7 @@ def _plain_delivery(messages: Sequence[Message], limits: DecodeLimits, out: _Out
     columns in one go, instead of a Python pass per message; returns their names factorised.
     Add nothing and return None when one message is anything else (JSON, a bad topic, a doubt of
     :func:`_plain_columns`): the caller decodes them one by one."""
-    payloads = [m.payload for m in messages]
+    payloads = list(map(PAYLOAD_OF, messages))
     if payloads[0][:1] in (b"{", b"[") or max(map(len, payloads)) > limits.max_payload_bytes:
         return None  # JSON, as the rest of a delivery most likely is too
     try:
@@ -1052,10 +1059,10 @@ def _plain_delivery(messages: Sequence[Message], limits: DecodeLimits, out: _Out
     tokens = _tokenize(texts)
     if tokens is None or int(tokens.lines.max()) > _MAX_READINGS_PER_MESSAGE:
         return None
-    parsed = list(map(parse_mqtt_topic, map(_TOPIC, messages), repeat(limits.topic_prefix)))
+    parsed = list(map(parse_mqtt_topic, map(TOPIC_OF, messages), repeat(limits.topic_prefix)))
     if set(map(type, parsed)) != {MqttTopic}:  # a bad topic
         return None
-    received = np.fromiter(map(_RECEIVED, messages), dtype=np.int64, count=len(messages))
+    received = np.fromiter(map(RECEIVED_OF, messages), dtype=np.int64, count=len(messages))
     found = _plain_columns(tokens, cast(list[MqttTopic], parsed), received, limits)
     if found is None:
         return None
@@ -1064,7 +1071,7 @@ def _plain_delivery(messages: Sequence[Message], limits: DecodeLimits, out: _Out
     return codes
 
 
-_TOPIC, _RECEIVED, _GET_DOMAIN = attrgetter("topic"), attrgetter("received_ns"), attrgetter("domain")
+_GET_DOMAIN = attrgetter("domain")
 
 
 def _plain_reports(messages: Sequence[Message], limits: DecodeLimits, out: _Out) -> SeriesCodes | None:
@@ -1074,10 +1081,10 @@ def _plain_reports(messages: Sequence[Message], limits: DecodeLimits, out: _Out)
     pass per message; returns those codes. Add nothing and return None when one message is
     anything else (a gateway batch, a bad topic, a doubt of those checks, or timestamps in more
     than one unit): the caller decodes them one by one."""
-    payloads = [m.payload for m in messages]
+    payloads = list(map(PAYLOAD_OF, messages))
     if max(map(len, payloads)) > limits.max_payload_bytes:
         return None
-    parsed = list(map(parse_mqtt_topic, map(_TOPIC, messages), repeat(limits.topic_prefix)))
+    parsed = list(map(parse_mqtt_topic, map(TOPIC_OF, messages), repeat(limits.topic_prefix)))
     if set(map(type, parsed)) != {MqttTopic}:  # a bad topic
         return None
     topics = cast(list[MqttTopic], parsed)
@@ -1108,7 +1115,7 @@ def _plain_reports(messages: Sequence[Message], limits: DecodeLimits, out: _Out)
     unit = _ns_per_unit(hi)
     if lo < 0 or unit != _ns_per_unit(lo) or hi * unit >= 2**63:
         return None
-    received: list[int] = list(map(_RECEIVED, messages))
+    received: list[int] = list(map(RECEIVED_OF, messages))
     # Against the delivery's extreme receive times (a few ms apart): a stamp that only passes
     # against its own message's is left to the per-message path.
     if lo * unit < max(received) - limits.max_past_ns or hi * unit > min(received) + limits.max_future_ns:

@@ -22,6 +22,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Container, Sequence
+from operator import attrgetter
 from types import TracebackType
 from typing import Any, NamedTuple, Protocol
 
@@ -68,6 +69,10 @@ class Inbound(NamedTuple):
     mid: int
     qos: int
     generation: int
+
+
+#: an Inbound's fields, for passes over a list of them in C (``map``)
+MESSAGE_OF, MID_OF, QOS_OF, GENERATION_OF = (attrgetter(f) for f in ("message", "mid", "qos", "generation"))
 
 
 def credentials_refused(settings: MqttSettings, last_error: str) -> ConfigError:
@@ -292,12 +297,16 @@ class MqttSource(Protocol):
         """Acknowledge a QoS 1/2 message if it belongs to the current connection; False if skipped."""
         ...
 
+    def ack_all(self, inbound: list[Inbound]) -> int:
+        """:meth:`ack` each message, in order; returns how many were acknowledged."""
+        return sum(map(self.ack, inbound))
+
     def publish(self, topic: str, payload: bytes) -> bool:
         """Publish at QoS 0 (commands: a lost one is asked again); False when not connected."""
         ...
 
 
-class PahoMqttSource:
+class PahoMqttSource(MqttSource):
     """Subscribe with a persistent session and hand messages to asyncio; ``async with`` to run."""
 
     def __init__(

@@ -27,6 +27,8 @@ import contextlib
 import logging
 import ssl
 import time
+from itertools import repeat
+from operator import attrgetter
 from types import TracebackType
 from typing import Any
 
@@ -44,7 +46,9 @@ from portpulse.codecs.mqttwire import (
     ConnAck,
     MalformedPacketError,
     PacketReader,
+    Publish,
     encode_ack,
+    encode_acks,
     encode_connect,
     encode_publish,
     encode_subscribe,
@@ -53,12 +57,16 @@ from portpulse.codecs.mqttwire import (
 )
 from portpulse.contract.errors import ConfigError, ServiceUnavailableError
 from portpulse.contract.settings import MqttSettings
-from portpulse.ingest.decode import Message
+from portpulse.ingest.decode import PAYLOAD_OF, TOPIC_OF, Message
 from portpulse.ingest.metrics import INGEST_METRICS
 from portpulse.ingest.mqtt import (
+    GENERATION_OF,
     MAX_SUBSCRIBE_ATTEMPTS,
+    MID_OF,
+    QOS_OF,
     BrokerShortfalls,
     Inbound,
+    MqttSource,
     Presence,
     credentials_refused,
     mqtt_ssl_context,
@@ -69,6 +77,19 @@ from portpulse.ingest.mqtt import (
 )
 
 __all__ = ["AsyncioMqttSource"]
+
+_PACKET_ID = attrgetter("packet_id")  # a received PUBLISH's
+
+
+def _inbound(publishes: list[Publish], received_ns: int, generation: int) -> list[Inbound]:
+    """The received PUBLISH packets as messages of connection ``generation``, all received at
+    ``received_ns``. The named tuples are made as ``tuple.__new__`` makes them, by ``map`` in C:
+    their Python constructors would take two frames per message."""
+    messages = zip(map(TOPIC_OF, publishes), map(PAYLOAD_OF, publishes), repeat(received_ns))
+    items = zip(map(tuple.__new__, repeat(Message), messages), map(_PACKET_ID, publishes), map(QOS_OF, publishes),
+                repeat(generation))  # fmt: skip
+    return list(map(tuple.__new__, repeat(Inbound), items))
+
 
 log = logging.getLogger("portpulse.mqtt")
 
@@ -113,10 +134,7 @@ class _Connection(asyncio.Protocol):
             control = control[1:]
         if publishes:
             now_ns = time.time_ns()  # one receive time for everything that arrived together
-            generation = self.generation
-            self._owner.deliver(
-                [Inbound(Message(p.topic, p.payload, now_ns), p.packet_id, p.qos, generation) for p in publishes]
-            )
+            self._owner.deliver(_inbound(publishes, now_ns, self.generation))
         if subscribe:
             self._owner.subscribe(self)
         for kind, body in control:
@@ -161,7 +179,7 @@ class _Connection(asyncio.Protocol):
             self.lost.set_result(f"connection lost ({exc})" if exc else "connection closed by the broker")
 
 
-class AsyncioMqttSource:
+class AsyncioMqttSource(MqttSource):
     """Subscribe with a persistent session and hand messages to asyncio; ``async with`` to run."""
 
     def __init__(
@@ -263,17 +281,37 @@ class AsyncioMqttSource:
         if inbound.qos == 1:
             self._broker_ids.discard(inbound.mid)  # a QoS 2 id stays in use until PUBREL
         self._acks.append(encode_ack(PUBACK_TYPE if inbound.qos == 1 else PUBREC_TYPE, inbound.mid))
+        self._schedule_ack_flush()
+        return True
+
+    def ack_all(self, inbound: list[Inbound]) -> int:
+        """:meth:`ack` each message, in order; returns how many were acknowledged. QoS 1
+        messages of the current connection (the usual delivery) are acknowledged in one pass."""
+        n = len(inbound)
+        if (
+            self._connection is None
+            or list(map(QOS_OF, inbound)).count(1) != n
+            or list(map(GENERATION_OF, inbound)).count(self._generation) != n
+        ):
+            return sum(map(self.ack, inbound))
+        ids = list(map(MID_OF, inbound))
+        self._broker_ids.difference_update(ids)
+        self._acks.append(encode_acks(PUBACK_TYPE, ids))
+        self._schedule_ack_flush()
+        return n
+
+    def _schedule_ack_flush(self) -> None:
         if not self._ack_flush_scheduled:
             self._ack_flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush_acks)
-        return True
 
     # ------------------------------------------------------------ internals
 
     def deliver(self, messages: list[Inbound]) -> None:
         """Called by the connection for each read's messages."""
         self._queue.extend(messages)
-        self._broker_ids.update([m.mid for m in messages if m.qos])
+        self._broker_ids.update(map(MID_OF, messages))
+        self._broker_ids.discard(0)  # a QoS 0 message's: no packet id
         self._wakeup.set()
         if len(self._queue) >= self._max_buffered and self._connection is not None:
             self._connection.pause()  # TCP pushes back; the broker keeps the rest in the session

@@ -327,6 +327,8 @@ class Processor:
             fetch_max_bytes=self._fetch_max_bytes,
             max_partition_fetch_bytes=min(self._fetch_max_bytes, 2 * 1024 * 1024),
             metadata_max_age_ms=5000,
+            fetch_min_bytes=self._settings.processor.fetch_min_bytes,
+            fetch_max_wait_ms=self._settings.processor.fetch_wait_ms,
             **columnar_consumer_options(),
         )
         try:

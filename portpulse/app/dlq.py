@@ -199,10 +199,13 @@ class _ListSource:
         return got
 
     def ack(self, inbound: Any) -> bool:
-        self.acked += 1
+        return self.ack_all([inbound]) == 1
+
+    def ack_all(self, inbound: list[Any]) -> int:
+        self.acked += len(inbound)
         if self.acked >= self._total:
             self.all_acked.set()
-        return True
+        return len(inbound)
 
     def publish(self, topic: str, payload: bytes) -> bool:
         return False

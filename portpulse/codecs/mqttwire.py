@@ -178,6 +178,13 @@ def encode_ack(packet_type: int, packet_id: int) -> bytes:
     return _ACK.pack(packet_type, 2, packet_id)
 
 
+def encode_acks(packet_type: int, packet_ids: list[int]) -> bytes:
+    """:func:`encode_ack` of each packet id, one after the other, in one struct call."""
+    fields = [packet_type << 8 | 2] * (2 * len(packet_ids))
+    fields[1::2] = packet_ids
+    return struct.pack(f"!{len(fields)}H", *fields)
+
+
 class Publish(NamedTuple):
     """A received PUBLISH. ``packet_id`` is 0 for QoS 0. A named tuple: one is made per message
     received, and a frozen dataclass takes three times as long to make."""

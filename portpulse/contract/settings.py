@@ -249,6 +249,10 @@ class ProcessorSettings(_Section):
     catalogue: Path | None = None  # a TOML file like portpulse/catalogue.toml; None: the shipped one
     spike_k_sigma: float = Field(4.0, gt=0)  # Hampel: reject |x - median| > k * max(1.4826 MAD, floor)
     series_ttl_s: float = Field(6 * 3600.0, gt=0)  # a series quiet this long (no open window) is forgotten
+    # A fetch from Kafka waits until it has this many bytes or fetch_wait_ms has passed: under load a step
+    # takes many deliveries' records at once, and its fixed work (the commit among it) is paid per fetch.
+    fetch_min_bytes: int = Field(256 * 1024, ge=1)
+    fetch_wait_ms: int = Field(100, ge=0, le=5000)  # the most it adds to the latency when traffic is light
 
 
 class OpsSettings(_Section):

@@ -15,7 +15,7 @@ from portpulse.contract.settings import AdmissionSettings, IngestSettings, Setti
 from portpulse.ingest.admission import FIRST_BYTES_PER_READING
 from portpulse.ingest.bridge import Bridge
 from portpulse.ingest.decode import Message
-from portpulse.ingest.mqtt import Inbound
+from portpulse.ingest.mqtt import Inbound, MqttSource
 from portpulse.kafka import KafkaOut
 
 T0_MS = 1_764_000_000_000
@@ -26,7 +26,7 @@ def reading(sensor: int, ts_ms: int, value: float) -> Inbound:
     return Inbound(Message(f"sensors/air/quai/s{sensor}", payload, T0_MS * 10**6), mid=sensor + 1, qos=1, generation=0)
 
 
-class FakeSource:
+class FakeSource(MqttSource):
     """An MQTT subscription holding ``waiting`` messages; ``acked`` is the PUBACK order."""
 
     def __init__(self, waiting: list[Inbound]) -> None:

@@ -116,6 +116,35 @@ async def test_a_queued_session_flows_before_suback_and_subscribe_avoids_the_bro
     assert source.shortfalls.current == {}
 
 
+async def test_a_delivery_is_acknowledged_at_once_in_order_and_only_on_its_own_connection() -> None:
+    """What one read brings is handed on as it arrived, and a delivery's acks leave in its order;
+    a QoS 0 message needs none and a message of an earlier connection gets none (the broker sends
+    it again on this one)."""
+    source = AsyncioMqttSource(MqttSettings(subscriptions=("s/#",), qos=1), max_in_flight=100)
+    conn, transport = connection(source)
+    sent = [("s/a", b"1", 1, 7), ("s/b", b"22", 1, 300), ("s/c", b"", 0, 0), ("s/d", b"4", 1, 65535)]
+    conn.data_received(
+        connack(True, True) + b"".join(encode_publish(t, p, qos=q, packet_id=i, v5=True) for t, p, q, i in sent)
+    )
+    transport.take()
+    batch = await source.get_batch(10, 0.01)
+    assert [(b.message.topic, b.message.payload, b.qos, b.mid, b.generation) for b in batch] == [
+        (t, p, q, i, 1) for t, p, q, i in sent
+    ]
+    assert len({b.message.received_ns for b in batch}) == 1 and isinstance(batch[0].message.received_ns, int)
+    assert source._broker_ids == {7, 300, 65535}
+    qos1 = [b for b in batch if b.qos == 1]
+    assert source.ack_all(qos1[::-1]) == 3
+    await asyncio.sleep(0)
+    assert transport.take() == [(PUBACK_TYPE, b"\xff\xff"), (PUBACK_TYPE, b"\x01\x2c"), (PUBACK_TYPE, b"\x00\x07")]
+    assert source._broker_ids == set()
+    earlier = qos1[0]._replace(generation=0)
+    assert source.ack_all([earlier, qos1[1]]) == 1
+    assert source.ack_all([batch[2]]) == 1  # QoS 0: acknowledged by taking it
+    await asyncio.sleep(0)
+    assert transport.take() == [(PUBACK_TYPE, b"\x01\x2c")]
+
+
 async def test_a_subscribe_refused_for_its_packet_id_is_sent_again_with_another() -> None:
     source = AsyncioMqttSource(MqttSettings(subscriptions=("s/#",)), max_in_flight=100)
     conn, transport = connection(source)

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from portpulse.codecs.mqttwire import (
     CONNACK,
     PUBACK_TYPE,
+    PUBREC_TYPE,
     SUBACK,
     ConnAck,
     MalformedPacketError,
@@ -18,6 +19,7 @@ from portpulse.codecs.mqttwire import (
     Publish,
     SubAck,
     encode_ack,
+    encode_acks,
     encode_connect,
     encode_publish,
     encode_subscribe,
@@ -53,6 +55,9 @@ def test_subscribe_and_acks() -> None:
     assert encode_subscribe(7, [("a/#", 1)], v5=False) == b"\x82\x08\x00\x07\x00\x03a/#\x01"
     assert encode_subscribe(7, [("a/#", 1)], v5=True) == b"\x82\x09\x00\x07\x00\x00\x03a/#\x01"
     assert encode_ack(PUBACK_TYPE, 258) == b"\x40\x02\x01\x02"
+    ids = [1, 258, 65535, 7]
+    assert encode_acks(PUBACK_TYPE, ids) == b"".join(encode_ack(PUBACK_TYPE, i) for i in ids)
+    assert encode_acks(PUBREC_TYPE, [3]) == b"\x50\x02\x00\x03" and encode_acks(PUBACK_TYPE, []) == b""
 
 
 def test_connack_and_suback_reasons() -> None:
