@@ -236,12 +236,14 @@ class Bridge:
         many small batches queueing behind each other per partition.
         """
         max_in_flight = self._settings.ingest.max_in_flight
+        linger_ns = int(self._settings.ingest.linger_ms * 1e6)
         try:
             while not stop.is_set():
                 self._ack_completed()
                 sending = bool(self._flights) and not self._flights[-1].task.done()
                 full = len(self._accumulated) >= MAX_DISPATCH or self._accumulated_bytes >= MAX_DISPATCH_BYTES
-                if self._accumulated and (not sending or full):
+                linger_s = 0.0 if sending or not self._accumulated else self._linger_s(linger_ns)
+                if self._accumulated and (full or (not sending and linger_s <= 0)):
                     await self._dispatch(self._take_dispatch())
                     continue
                 room = max_in_flight - self.in_flight
@@ -250,7 +252,9 @@ class Bridge:
                     # broker keeps the rest in the session.
                     await asyncio.wait({self._flights[0].task}, timeout=0.1)
                     continue
-                got = await self._next_messages(min(room, BATCH_MESSAGES))
+                if linger_s > 0:  # let messages gather in the source, then take them all at once
+                    await asyncio.sleep(linger_s)
+                got = await self._next_messages(min(room, BATCH_MESSAGES), 0.0 if linger_s > 0 else IDLE_WAIT_S)
                 if got:
                     self._accumulated += got
                     self._accumulated_bytes += sum(map(len, map(PAYLOAD_OF, map(MESSAGE_OF, got))))
@@ -261,14 +265,20 @@ class Bridge:
                 await self._dispatch(self._take_dispatch())
             await self._drain(drain_timeout_s)
 
-    async def _next_messages(self, most: int) -> list[Inbound]:
-        """Up to ``most`` messages from the source, waiting at most IDLE_WAIT_S for the first;
+    def _linger_s(self, linger_ns: int) -> float:
+        """How long the accumulated messages may still wait for others to join them (s, at most
+        ``linger_ns``; <= 0: not at all)."""
+        waited = time.time_ns() - self._accumulated[0].message.received_ns
+        return (linger_ns - max(waited, 0)) / 1e9
+
+    async def _next_messages(self, most: int, wait_s: float) -> list[Inbound]:
+        """Up to ``most`` messages from the source, waiting at most ``wait_s`` for the first;
         returns early, maybe with none, when a delivery in flight completes: its messages are then
         acknowledged and the next delivery starts at once, without polling on a short timer."""
         flying = [flight.task for flight in self._flights if not flight.task.done()]
         if not flying:
-            return await self._source.get_batch(most, IDLE_WAIT_S)
-        getter = asyncio.ensure_future(self._source.get_batch(most, IDLE_WAIT_S))
+            return await self._source.get_batch(most, wait_s)
+        getter = asyncio.ensure_future(self._source.get_batch(most, wait_s))
         await asyncio.wait({getter, *flying}, return_when=asyncio.FIRST_COMPLETED)
         if not getter.done():
             getter.cancel()

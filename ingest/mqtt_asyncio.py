@@ -263,8 +263,11 @@ class AsyncioMqttSource(MqttSource):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), wait_s)
         q = self._queue
-        n = min(max_messages, len(q))
-        out = [q.popleft() for _ in range(n)]
+        if len(q) <= max_messages:
+            out = list(q)
+            q.clear()
+        else:
+            out = list(map(collections.deque.popleft, repeat(q, max_messages)))
         if self._connection is not None and self._connection.paused and len(q) < self._max_buffered // 2:
             self._connection.resume()
         return out

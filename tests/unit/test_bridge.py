@@ -7,7 +7,10 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import time
 from dataclasses import dataclass, field
+
+import pytest
 
 from portpulse.codecs.recordbatch import OutgoingRecords
 from portpulse.codecs.wire import decode_values
@@ -121,6 +124,46 @@ async def test_acks_leave_after_kafka_and_in_receive_order_when_deliveries_finis
     assert sorted(key or b"" for _, key, _ in sent) == [f"s{i}".encode() for i in range(5)]
     assert {topic for topic, _, _ in sent} == {"portpulse.readings.air"}
     assert sorted(decode_values([v for _, _, v in sent]).value.tolist()) == [40.0, 41.0, 42.0, 43.0, 44.0]
+
+
+def fresh(sensor: int) -> Inbound:
+    """:func:`reading`, received just now."""
+    inbound = reading(sensor, T0_MS, 40.0 + sensor)
+    return inbound._replace(message=inbound.message._replace(received_ns=time.time_ns()))
+
+
+@pytest.mark.parametrize("linger_ms", [1000.0, 0.0])
+async def test_with_kafka_idle_a_fresh_message_lingers_for_others_to_join_its_delivery(linger_ms: float) -> None:
+    """A message received just now waits ``ingest.linger_ms`` for company, so a delivery under load
+    holds more reports per sensor (fuller records); with no linger every message leaves as soon as
+    Kafka is free."""
+    source, kafka = FakeSource([fresh(1)]), FakeKafka(auto=True)
+    bridge = Bridge(Settings(ingest=IngestSettings(max_past_s=10**9, linger_ms=linger_ms)), source, kafka)
+    stop = asyncio.Event()
+    task = asyncio.create_task(bridge.run(stop))
+    await until(lambda: source.taken == 1, "the first message")
+    if linger_ms:
+        for _ in range(10):  # the bridge loop goes round: a delivery would have left by now
+            await asyncio.sleep(0.001)
+        assert kafka.deliveries == []  # lingering
+    else:
+        await until(lambda: len(kafka.deliveries) == 1, "the lone message's delivery")
+    source.waiting.append(fresh(2))
+    await until(lambda: source.taken == 2, "the second message")
+    if not linger_ms:
+        await until(lambda: len(kafka.deliveries) == 2, "the second delivery")
+    stop.set()  # a stopping bridge delivers what it holds
+    await task
+    assert [len(d.records) for d in kafka.deliveries] == ([2] if linger_ms else [1, 1])
+    assert source.acked == [2, 3]
+
+
+def test_the_linger_counts_from_the_oldest_message_held() -> None:
+    bridge = Bridge(settings(), FakeSource([]), FakeKafka())
+    bridge._accumulated = [reading(1, T0_MS, 40.0), fresh(2)]  # the first received long ago
+    assert bridge._linger_s(10**9) <= 0  # it leaves at once
+    bridge._accumulated = [fresh(2), reading(1, T0_MS, 40.0)]
+    assert 0.5 < bridge._linger_s(10**9) <= 1.0
 
 
 async def test_while_kafka_does_not_acknowledge_the_bridge_takes_no_more_than_max_in_flight() -> None:
@@ -304,7 +347,7 @@ async def test_the_bridge_wakes_when_a_delivery_completes_and_never_drops_what_a
 
         bridge._flights.append(_Flight([], asyncio.create_task(delivery(landed))))
         source.waiting = [reading(1, T0_MS, 40.0)] if keep else []
-        waiting = asyncio.create_task(bridge._next_messages(10))
+        waiting = asyncio.create_task(bridge._next_messages(10, 0.1))
         for _ in range(5):
             await asyncio.sleep(0)
         assert not waiting.done()  # no message, no delivery completed: still waiting
