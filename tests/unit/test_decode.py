@@ -628,15 +628,7 @@ def test_a_delivery_of_json_reports_decoded_at_once_gives_what_one_by_one_gives(
     if not_utf8 == 0:  # bytes that are no UTF-8 inside a string the report's decoder would skip
         topic, payload, received = messages[-1]
         messages[-1] = Message(topic, payload[:-1] + b', "x": "\xff"}', received)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("portpulse.ingest.decode._plain_reports", lambda *args: None)
-        one_by_one = decode_messages(messages, DecodeLimits())
-    at_once = decode_messages(messages, DecodeLimits())
-    assert one_by_one.codes is None
-    _assert_codes_name_the_readings(at_once)
-    assert at_once.readings.rows() == one_by_one.readings.rows()
-    assert at_once.message_index.tolist() == one_by_one.message_index.tolist()
-    assert at_once.problems == one_by_one.problems
+    _assert_same_at_once_as_one_by_one(messages, "_plain_reports")
 
 
 def test_json_reports_of_a_delivery_are_decoded_at_once() -> None:
@@ -926,8 +918,15 @@ def test_a_delivery_of_line_protocol_decoded_at_once_gives_what_one_by_one_gives
     message indices and reasons as each message decoded on its own (which also learns the names
     first)."""
     messages = [Message(topic, line.encode(), NOW + shift) for line, topic, shift in reports]
+    _assert_same_at_once_as_one_by_one(messages, "_plain_delivery")
+
+
+def _assert_same_at_once_as_one_by_one(messages: list[Message], delivery_path: str) -> None:
+    """``messages`` decode to the same readings, message indices and reasons with the
+    delivery-wide path ``delivery_path`` (a function of ``portpulse.ingest.decode``) as one by
+    one without it (which also learns the names first), and the codes it gives name them."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("portpulse.ingest.decode._plain_delivery", lambda *args: None)
+        patch.setattr(f"portpulse.ingest.decode.{delivery_path}", lambda *args: None)
         one_by_one = decode_messages(messages, DecodeLimits())
     at_once = decode_messages(messages, DecodeLimits())
     assert one_by_one.codes is None
