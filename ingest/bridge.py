@@ -242,11 +242,12 @@ class Bridge:
                 self._ack_completed()
                 sending = bool(self._flights) and not self._flights[-1].task.done()
                 full = len(self._accumulated) >= MAX_DISPATCH or self._accumulated_bytes >= MAX_DISPATCH_BYTES
-                linger_s = 0.0 if sending or not self._accumulated else self._linger_s(linger_ns)
+                room = max_in_flight - self.in_flight
+                # No lingering once the bridge holds all it may: nothing more could join.
+                linger_s = 0.0 if sending or room <= 0 or not self._accumulated else self._linger_s(linger_ns)
                 if self._accumulated and (full or (not sending and linger_s <= 0)):
                     await self._dispatch(self._take_dispatch())
                     continue
-                room = max_in_flight - self.in_flight
                 if room <= 0:
                     # Kafka is slow or away: stop taking messages; the source stops reading and the
                     # broker keeps the rest in the session.

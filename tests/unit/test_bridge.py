@@ -158,6 +158,22 @@ async def test_with_kafka_idle_a_fresh_message_lingers_for_others_to_join_its_de
     assert source.acked == [2, 3]
 
 
+async def test_a_bridge_holding_all_it_may_stops_lingering() -> None:
+    """Messages that fill ``ingest.max_in_flight`` while they linger leave at once (nothing more
+    could join them), and the next ones follow."""
+    source, kafka = FakeSource([fresh(k) for k in range(5)]), FakeKafka(auto=True)
+    ingest = IngestSettings(max_past_s=10**9, max_in_flight=3, linger_ms=300.0)
+    bridge = Bridge(Settings(ingest=ingest), source, kafka)
+    stop = asyncio.Event()
+    task = asyncio.create_task(bridge.run(stop))
+    await until(lambda: len(kafka.deliveries) == 1, "the first delivery")
+    assert len(kafka.deliveries[0].records) == 3
+    await until(lambda: source.acked == [1, 2, 3, 4, 5], "every message")  # the last two after the linger
+    stop.set()
+    await task
+    assert sum(len(d.records) for d in kafka.deliveries) == 5 and source.most_held <= 3
+
+
 def test_the_linger_counts_from_the_oldest_message_held() -> None:
     bridge = Bridge(settings(), FakeSource([]), FakeKafka())
     bridge._accumulated = [reading(1, T0_MS, 40.0), fresh(2)]  # the first received long ago
