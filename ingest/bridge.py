@@ -88,6 +88,11 @@ MAX_DISPATCH_BYTES = 2 * 1024 * 1024
 IDLE_WAIT_S = 0.1
 
 
+def _payload_bytes(inbound: list[Inbound]) -> int:
+    """The MQTT payload bytes of these messages."""
+    return sum(map(len, map(PAYLOAD_OF, map(MESSAGE_OF, inbound))))
+
+
 @dataclass
 class BridgeStats:
     messages: int = 0
@@ -258,7 +263,7 @@ class Bridge:
                 got = await self._next_messages(min(room, BATCH_MESSAGES), 0.0 if linger_s > 0 else IDLE_WAIT_S)
                 if got:
                     self._accumulated += got
-                    self._accumulated_bytes += sum(map(len, map(PAYLOAD_OF, map(MESSAGE_OF, got))))
+                    self._accumulated_bytes += _payload_bytes(got)
                     INGEST_METRICS.messages.inc(len(got))
                     self._report_in_flight()
         finally:
@@ -304,7 +309,7 @@ class Bridge:
         else:
             count = min(len(self._accumulated), MAX_DISPATCH)
         batch, self._accumulated = self._accumulated[:count], self._accumulated[count:]
-        self._accumulated_bytes -= sum(map(len, map(PAYLOAD_OF, map(MESSAGE_OF, batch))))
+        self._accumulated_bytes -= _payload_bytes(batch)
         return batch
 
     async def _dispatch(self, batch: list[Inbound]) -> None:

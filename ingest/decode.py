@@ -1088,11 +1088,14 @@ def _plain_reports(messages: Sequence[Message], limits: DecodeLimits, out: _Out)
     if set(map(type, parsed)) != {MqttTopic}:  # a bad topic
         return None
     topics = cast(list[MqttTopic], parsed)
-    if not all(map(_GET_SENSOR, topics)) or b'"readings"' in b"".join(payloads):  # a gateway's batch
+    joined = b"".join(payloads)
+    if not all(map(_GET_SENSOR, topics)) or b'"readings"' in joined:  # a gateway's batch
         return None
     try:
-        for _ in map(bytes.decode, payloads):  # UTF-8 throughout, as the per-message path checks
-            pass
+        # UTF-8 throughout, as the per-message path checks (msgspec skips ignored keys unchecked).
+        # The payloads are valid one by one when they are together: each one msgspec takes begins
+        # and ends in ASCII, so no character spans two of them.
+        joined.decode()
         reports = list(map(_SINGLE_REPORT.decode, payloads))  # from bytes: msgspec reads them faster than str
     except (UnicodeDecodeError, msgspec.ValidationError, msgspec.DecodeError, RecursionError):
         return None
@@ -1102,7 +1105,7 @@ def _plain_reports(messages: Sequence[Message], limits: DecodeLimits, out: _Out)
     else:
         site, sites = factorise([t.site if s is msgspec.UNSET else s for s, t in zip(given, topics, strict=True)])
     sensor, sensors = factorise(list(map(_GET_SENSOR, topics)))
-    if _IDS.canonical(sensors) is None or _IDS.canonical(sites) is None:
+    if not all(map(_IDS.known.__contains__, chain(sensors, sites))):
         return None
     fields: list[dict[str, float]] = list(map(_GET_METRICS, reports))
     if not all(fields):
