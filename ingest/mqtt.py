@@ -22,7 +22,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Container, Sequence
-from operator import attrgetter
+from operator import itemgetter
 from types import TracebackType
 from typing import Any, NamedTuple, Protocol
 
@@ -72,7 +72,9 @@ class Inbound(NamedTuple):
 
 
 #: an Inbound's fields, for passes over a list of them in C (``map``)
-MESSAGE_OF, MID_OF, QOS_OF, GENERATION_OF = (attrgetter(f) for f in ("message", "mid", "qos", "generation"))
+MESSAGE_OF, MID_OF, QOS_OF, GENERATION_OF = (
+    itemgetter(Inbound._fields.index(f)) for f in ("message", "mid", "qos", "generation")
+)
 
 
 def credentials_refused(settings: MqttSettings, last_error: str) -> ConfigError:

@@ -28,7 +28,6 @@ import logging
 import ssl
 import time
 from itertools import repeat
-from operator import attrgetter
 from types import TracebackType
 from typing import Any
 
@@ -46,7 +45,7 @@ from portpulse.codecs.mqttwire import (
     ConnAck,
     MalformedPacketError,
     PacketReader,
-    Publish,
+    Received,
     encode_ack,
     encode_acks,
     encode_connect,
@@ -57,7 +56,7 @@ from portpulse.codecs.mqttwire import (
 )
 from portpulse.contract.errors import ConfigError, ServiceUnavailableError
 from portpulse.contract.settings import MqttSettings
-from portpulse.ingest.decode import PAYLOAD_OF, TOPIC_OF, Message
+from portpulse.ingest.decode import Message
 from portpulse.ingest.metrics import INGEST_METRICS
 from portpulse.ingest.mqtt import (
     GENERATION_OF,
@@ -78,19 +77,6 @@ from portpulse.ingest.mqtt import (
 
 __all__ = ["AsyncioMqttSource"]
 
-_PACKET_ID = attrgetter("packet_id")  # a received PUBLISH's
-
-
-def _inbound(publishes: list[Publish], received_ns: int, generation: int) -> list[Inbound]:
-    """The received PUBLISH packets as messages of connection ``generation``, all received at
-    ``received_ns``. The named tuples are made as ``tuple.__new__`` makes them, by ``map`` in C:
-    their Python constructors would take two frames per message."""
-    messages = zip(map(TOPIC_OF, publishes), map(PAYLOAD_OF, publishes), repeat(received_ns))
-    items = zip(map(tuple.__new__, repeat(Message), messages), map(_PACKET_ID, publishes), map(QOS_OF, publishes),
-                repeat(generation))  # fmt: skip
-    return list(map(tuple.__new__, repeat(Inbound), items))
-
-
 log = logging.getLogger("portpulse.mqtt")
 
 
@@ -101,6 +87,7 @@ class _Connection(asyncio.Protocol):
         self._owner = owner
         self.generation = generation
         self._reader = PacketReader(v5=owner.v5)
+        self._received = Received(Inbound, Message, generation)  # what its PUBLISH packets become
         self.transport: asyncio.Transport | None = None
         loop = asyncio.get_running_loop()
         self.lost: asyncio.Future[str] = loop.create_future()
@@ -116,7 +103,8 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.last_received = time.monotonic()
         try:
-            publishes, control = self._reader.feed(data)
+            # one receive time for everything that arrived together
+            publishes, control = self._reader.feed_received(data, self._received, time.time_ns())
         except MalformedPacketError as exc:
             self.close(f"malformed packet from the broker: {exc}")
             return
@@ -133,8 +121,7 @@ class _Connection(asyncio.Protocol):
             subscribe = not ack.reason
             control = control[1:]
         if publishes:
-            now_ns = time.time_ns()  # one receive time for everything that arrived together
-            self._owner.deliver(_inbound(publishes, now_ns, self.generation))
+            self._owner.deliver(publishes)
         if subscribe:
             self._owner.subscribe(self)
         for kind, body in control:

@@ -122,12 +122,13 @@ def build_records(batch: DecodedBatch, topic_prefix: str, codes: SeriesCodes | N
         first = order[starts]
 
     # The buffer: distinct keys | headers | counts | rows.
-    keys = [name.encode() for name in sensors]
+    keys = list(map(str.encode, sensors))  # one per sensor: passes in C
     key_blob = b"".join(keys)
-    key_start = np.cumsum([0] + [len(k) for k in keys[:-1]], dtype=np.int64)
+    key_len = np.fromiter(map(len, keys), dtype=np.int64, count=len(keys))
+    key_start = np.cumsum(key_len) - key_len
     head_blob = b"".join(heads)
-    head_start = len(key_blob) + np.cumsum([0] + [len(h) for h in heads[:-1]], dtype=np.int64)
-    head_len = np.array([len(h) for h in heads], dtype=np.int64)
+    head_len = np.fromiter(map(len, heads), dtype=np.int64, count=len(heads))
+    head_start = len(key_blob) + np.cumsum(head_len) - head_len
     count_bytes = counts.astype("<u4").view(np.uint8)
     rows = encode_rows(r.ts_ns[order], r.value[order], r.flags[order], local)
     count_base = len(key_blob) + len(head_blob)

@@ -2,5 +2,13 @@
 
 from typing import Any
 
-def split(buf: bytes, v5: bool, publish: type, /) -> tuple[list[Any], list[tuple[int, bytes]], int, int]:
+def split(
+    buf: bytes,
+    v5: bool,
+    publish: type,
+    message: type = ...,
+    received_ns: int = ...,
+    generation: int = ...,
+    /,
+) -> tuple[list[Any], list[tuple[int, bytes]], int, int]:
     """(publishes, control packets, where the first incomplete packet starts, the bytes it needs)."""

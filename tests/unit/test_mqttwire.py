@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import pytest
 from hypothesis import given, settings
@@ -163,6 +164,19 @@ def test_reader_rejects_what_is_not_mqtt(stream: bytes) -> None:
         PacketReader(v5=False).feed(stream)
 
 
+class _Message(NamedTuple):
+    topic: str
+    payload: bytes
+    received_ns: int
+
+
+class _Inbound(NamedTuple):
+    message: _Message
+    mid: int
+    qos: int
+    generation: int
+
+
 def test_the_compiled_packet_splitter_is_built() -> None:
     """``make install`` builds it (setup.py); its PUBLISHes are :class:`Publish` like the Python
     loop's."""
@@ -173,6 +187,12 @@ def test_the_compiled_packet_splitter_is_built() -> None:
     publishes_, control, pos, need = mqttwire.split_packets(stream + b"\x30\x09\x00", True)
     assert publishes_ == [Publish("a/b", b"x", 1, 7)] and type(publishes_[0]) is Publish
     assert publishes_[0].topic == "a/b" and publishes_[0].packet_id == 7
+    assert control == [(13, b"")] and (pos, need) == (len(stream), 11)
+
+    shape = mqttwire.Received(_Inbound, _Message, 4)
+    received, control, pos, need = mqttwire.split_received(stream + b"\x30\x09\x00", True, shape, 123)
+    assert received == [_Inbound(_Message("a/b", b"x", 123), 7, 1, 4)]
+    assert type(received[0]) is _Inbound and type(received[0].message) is _Message
     assert control == [(13, b"")] and (pos, need) == (len(stream), 11)
 
 
@@ -225,3 +245,9 @@ def test_the_compiled_packet_splitter_does_what_the_python_loop_does(stream: byt
             return str(exc)
 
     assert outcome(mqttwire.split_packets) == outcome(mqttwire._split_python)
+
+    shape = mqttwire.Received(_Inbound, _Message, 2)
+    compiled = outcome(lambda b, v: mqttwire.split_received(b, v, shape, 10**18))
+    assert compiled == outcome(lambda b, v: mqttwire._split_received_python(b, v, shape, 10**18))
+    if isinstance(compiled, tuple):
+        assert all(type(i) is _Inbound and type(i.message) is _Message for i in compiled[0])
