@@ -18,6 +18,7 @@ import tomllib
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 from typing import cast
 
@@ -51,6 +52,9 @@ SeriesKey = tuple[str, str, str]
 LAST_SEEN_EVERY_S = 600.0
 #: How often (s) quiet series are looked for.
 SWEEP_EVERY_S = 60.0
+#: How often (s) the series of the batches since the last time are marked seen: a series in
+#: every batch costs a Python step per interval, not per batch.
+MARK_SEEN_EVERY_S = 1.0
 #: Sample ids kept per refused site, and refused sites tracked (the rest are summed).
 SAMPLES_PER_SITE = 5
 MAX_TRACKED_SITES = 1_000
@@ -241,6 +245,8 @@ class Admission:
         self._buckets: dict[tuple[str, str], _Bucket] = {}  # (domain, site) -> its readings/s ceiling
         self._changes: list[RegistryChange] = []
         self._swept_s = -math.inf
+        self._unmarked: list[list[_Known]] = []  # entries of the batches seen since _marked_s
+        self._unmarked_s = self._marked_s = -math.inf  # when the latest of them came; the last marking
         self.refused: dict[tuple[str, str], _Refused] = {}
 
     @property
@@ -258,6 +264,7 @@ class Admission:
         if self._swept_s == -math.inf:
             self._charge_known(now_s)
         if now_s - self._swept_s >= SWEEP_EVERY_S:
+            self._mark_seen()
             self._forget_quiet(now_s)
         first, code = codes.distinct_series()
         # Known series, the usual case, are looked up per site by their sensor names. A batch
@@ -275,8 +282,18 @@ class Admission:
         return Verdict(np.zeros(len(code), dtype=np.int32), [])
 
     def _seen(self, entries: list[_Known], now_s: float) -> None:
+        self._unmarked.append(entries)
+        self._unmarked_s = now_s
+        if now_s - self._marked_s >= MARK_SEEN_EVERY_S:
+            self._mark_seen()
+
+    def _mark_seen(self) -> None:
+        """Mark the entries of the batches since the last marking, each once, as seen when the
+        latest of those batches came: less than :data:`MARK_SEEN_EVERY_S` after any of them."""
+        now_s = self._marked_s = self._unmarked_s
+        batches, self._unmarked = self._unmarked, []
         changes = self._changes
-        for entry in entries:
+        for entry in dict.fromkeys(chain.from_iterable(batches)):  # by identity, in order
             entry.last_s = now_s
             if now_s - entry.written_s >= LAST_SEEN_EVERY_S:
                 entry.written_s = now_s

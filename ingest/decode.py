@@ -33,7 +33,7 @@ import orjson
 
 from portpulse.arrays import distinct_codes, factorise, factorise_column
 from portpulse.contract.schema import FLAG_TS_FROM_RECEIVE, Coded, ReadingColumns, str_array
-from portpulse.contract.topics import ID_RE, MqttTopic, parse_mqtt_topic
+from portpulse.contract.topics import ID_RE, MqttTopic, parse_mqtt_topic, parse_mqtt_topics
 
 if TYPE_CHECKING:
     from portpulse.ingest.sparkplug import SparkplugHost
@@ -1060,7 +1060,7 @@ def _plain_delivery(messages: Sequence[Message], limits: DecodeLimits, out: _Out
     tokens = _tokenize(texts)
     if tokens is None or int(tokens.lines.max()) > _MAX_READINGS_PER_MESSAGE:
         return None
-    parsed = list(map(parse_mqtt_topic, map(TOPIC_OF, messages), repeat(limits.topic_prefix)))
+    parsed = parse_mqtt_topics(list(map(TOPIC_OF, messages)), limits.topic_prefix)
     if set(map(type, parsed)) != {MqttTopic}:  # a bad topic
         return None
     received = np.fromiter(map(RECEIVED_OF, messages), dtype=np.int64, count=len(messages))
@@ -1086,7 +1086,7 @@ def _plain_reports(messages: Sequence[Message], limits: DecodeLimits, out: _Out)
     payloads = list(map(PAYLOAD_OF, messages))
     if max(map(len, payloads)) > limits.max_payload_bytes:
         return None
-    parsed = list(map(parse_mqtt_topic, map(TOPIC_OF, messages), repeat(limits.topic_prefix)))
+    parsed = parse_mqtt_topics(list(map(TOPIC_OF, messages)), limits.topic_prefix)
     if set(map(type, parsed)) != {MqttTopic}:  # a bad topic
         return None
     topics = cast(list[MqttTopic], parsed)

@@ -125,6 +125,21 @@ def test_a_flooding_site_is_rationed_per_message_and_the_others_are_not() -> Non
     assert [(r["domain"], r["site"], r["refused"]) for r in report] == [("air", "harfleur", {"rate_limit": 25})]
 
 
+def test_series_are_marked_seen_once_a_second_at_their_latest_batch_and_never_later() -> None:
+    gate = Admission(settings(quiet_after_s=3600))
+    a, b = ("air", "harfleur", "a"), ("air", "harfleur", "b")
+    gate.admit(batch([a, b]), T0)
+    gate.take_changes()
+    gate.admit(batch([a]), T0 + 600.2)  # over a second since the last marking: marked now
+    assert gate.take_changes() == [RegistryChange(a, T0, T0 + 600.2)]
+    gate.admit(batch([b]), T0 + 600.4)
+    gate.admit(batch([b, a]), T0 + 600.5)  # both held until a second has passed
+    assert gate.take_changes() == []
+    gate.admit(batch([a]), T0 + 3600.4)  # a sweep: b is marked when it came, so it is not quiet
+    assert gate.take_changes() == [RegistryChange(b, T0, T0 + 600.5), RegistryChange(a, T0, T0 + 3600.4)]
+    assert gate.known_series == 2
+
+
 def test_quiet_series_are_forgotten_with_a_tombstone_and_count_as_new_when_they_return() -> None:
     gate = Admission(settings(quiet_after_s=3600, site_new_per_hour=2))
     gate.admit(batch([("air", "harfleur", "a"), ("air", "harfleur", "b")]), T0)

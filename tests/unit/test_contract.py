@@ -26,7 +26,7 @@ from portpulse import (
 )
 from portpulse.app.cli import main
 from portpulse.contract.schema import Coded, str_array
-from portpulse.contract.topics import MqttTopic
+from portpulse.contract.topics import MqttTopic, parse_mqtt_topics
 
 
 def test_settings_env_nested_and_toml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -122,6 +122,24 @@ def test_parse_mqtt_topic_accepts(topic: str, expected: MqttTopic) -> None:
 def test_parse_mqtt_topic_rejects_with_reason(topic: str, reason: str) -> None:
     result = parse_mqtt_topic(topic)
     assert isinstance(result, str) and reason in result
+
+
+def test_a_delivery_of_topics_is_parsed_like_each_one_under_its_own_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
+    from portpulse.contract import topics
+
+    monkeypatch.setattr(topics, "_PARSED", {})
+    monkeypatch.setattr(topics, "_PARSED_MAX", 3)
+    delivery = [
+        "sensors/air/quai/s1",
+        "sensors/Air/quai/s1",
+        "gw/air/quai/s1",
+        "sensors/air/quai/s1",
+        "sensors/air/q/s2",
+    ]
+    for prefix in ("sensors", "gw", "sensors"):  # the second round reads what the first learned
+        assert parse_mqtt_topics(delivery, prefix) == [parse_mqtt_topic(t, prefix) for t in delivery]
+    assert parse_mqtt_topics(["sensors/cell/port"]) == [MqttTopic("cell", "port", "")]
+    assert len(topics._PARSED["sensors"]) <= 3 + 1  # bounded: started over past _PARSED_MAX
 
 
 def test_kafka_topic_names() -> None:
