@@ -1,12 +1,13 @@
 /* Tokenizer for plain InfluxDB line protocol: the compiled half of ingest/decode.py's fast path.
  *
- * tokenize(texts: list[str]) -> (heads, known, new, names, codes, widths, lines, values, stamps) | None
+ * tokenize(texts: list[str] | list[bytes]) -> (heads, known, new, names, codes, widths, lines, values, stamps) | None
  * tokenize_line(text: str) -> (head, names, values, stamp) | None
  * forget_heads() -> None: empties the table of heads
  *
  * For texts (a delivery's messages) of lines ``measurement[,tags] name=value[,name=value...] timestamp`` where
- *   - every text is ASCII with no control character but "\n" (so nothing escaped, quoted or
- *     commented: no '\\', '"' or '#'), empty lines skipped, and holds at least one line;
+ *   - every text (a str, or bytes as received) is ASCII with no control character but "\n" (so
+ *     nothing escaped, quoted or commented: no '\\', '"' or '#'), empty lines skipped, and holds
+ *     at least one line;
  *   - every line has exactly three sections separated by single spaces;
  *   - every line of a text holds the same field names in the same order, none twice;
  *   - every value is a plain decimal float ([+-]digits[.digits][e[+-]digits]) that is finite;
@@ -219,13 +220,18 @@ static PyObject *spans_to_list(const Span *spans, Py_ssize_t n) {
 /* The text of ``arg`` when it is an ASCII str with no byte off the plain path, adding its newlines
  * and '=' to the counts; NULL when not (with an exception set when ``arg`` is not a str). */
 static const char *plain_text(PyObject *arg, Py_ssize_t *size, Py_ssize_t *newlines, Py_ssize_t *equals) {
-    if (!PyUnicode_Check(arg)) {
-        PyErr_SetString(PyExc_TypeError, "expected a str");
+    const char *text;
+    if (PyBytes_Check(arg)) { /* a payload as received: plain text is ASCII, so it reads the same */
+        text = PyBytes_AS_STRING(arg);
+        *size = PyBytes_GET_SIZE(arg);
+    } else if (PyUnicode_Check(arg)) {
+        if (!PyUnicode_IS_ASCII(arg)) return NULL;
+        text = (const char *)PyUnicode_1BYTE_DATA(arg);
+        *size = PyUnicode_GET_LENGTH(arg);
+    } else {
+        PyErr_SetString(PyExc_TypeError, "expected a str or bytes");
         return NULL;
     }
-    if (!PyUnicode_IS_ASCII(arg)) return NULL;
-    const char *text = (const char *)PyUnicode_1BYTE_DATA(arg);
-    *size = PyUnicode_GET_LENGTH(arg);
     /* no early exit: a branch-free pass the compiler can unroll */
     unsigned char bad = 0;
     Py_ssize_t lines = 0, fields = 0;
@@ -382,7 +388,7 @@ static PyObject *intern_heads(const Tokens *t, int64_t *codes, Py_ssize_t known)
 static PyObject *tokenize(PyObject *module, PyObject *arg) {
     (void)module;
     if (!PyList_Check(arg)) {
-        PyErr_SetString(PyExc_TypeError, "expected a list of str");
+        PyErr_SetString(PyExc_TypeError, "expected a list of str or bytes");
         return NULL;
     }
     Py_ssize_t n_texts = PyList_GET_SIZE(arg), newlines = 0, equals = 0;

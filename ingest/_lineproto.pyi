@@ -1,10 +1,11 @@
 """Compiled tokenizer for plain InfluxDB line protocol (ingest/_lineproto.c)."""
 
 def tokenize(
-    texts: list[str], /
+    texts: list[str] | list[bytes], /
 ) -> tuple[bytearray, int, list[str], list[str], bytearray, bytearray, bytearray, bytearray, bytearray] | None:
     """(heads, known, added, names, codes, widths, lines, values, stamps) of plain line protocol
-    texts, each of lines that hold the same fields in order, none twice, and one line at least;
+    texts (str, or bytes as received: plain text is ASCII), each of lines that hold the same
+    fields in order, none twice, and one line at least;
     None for anything else. ``heads``: int64 per line, its head's code in the module's table of
     heads, which held ``known`` heads before the call and ``added`` (in code order) after them;
     ``names``: the distinct field names; ``codes``: int64 per value, into ``names``; ``widths``

@@ -776,7 +776,7 @@ def _parse_tag_set(head: str) -> tuple[str | None, str | None] | None:
 
 
 _CompiledTokenize = Callable[
-    [list[str]],
+    [list[str] | list[bytes]],
     tuple[bytearray, int, list[str], list[str], bytearray, bytearray, bytearray, bytearray, bytearray] | None,
 ]
 _CompiledTokenizeLine = Callable[[str], tuple[str, list[str], list[float], int] | None]
@@ -997,11 +997,12 @@ def _tokenize_texts_python(texts: list[str]) -> _Tokens | None:
     )
 
 
-def _tokenize(texts: list[str]) -> _Tokens | None:
+def _tokenize(texts: list[str] | list[bytes]) -> _Tokens | None:
     """Plain line protocol of ``texts`` (see :func:`_tokenize_python`, one line in each text at
-    least) cut into :class:`_Tokens`, None when one is not plain. Through the compiled tokenizer
-    when it is built: it takes the usual case (every line of a text with the same fields) and
-    leaves the rest to the Python one."""
+    least; payloads as received are read as they are, plain text being ASCII) cut into
+    :class:`_Tokens`, None when one is not plain. Through the compiled tokenizer when it is
+    built: it takes the usual case (every line of a text with the same fields) and leaves the
+    rest to the Python one."""
     _COMPILED_HEADS.bounded()
     _PYTHON_HEADS.bounded()
     if _compiled_tokenize is not None:
@@ -1025,7 +1026,12 @@ def _tokenize(texts: list[str]) -> _Tokens | None:
                 np.frombuffer(values, dtype=np.float64),
                 np.frombuffer(stamps, dtype=np.int64),
             )
-    return _tokenize_texts_python(texts)
+    if texts and isinstance(texts[0], bytes):
+        try:
+            texts = list(map(bytes.decode, texts))
+        except UnicodeDecodeError:
+            return None
+    return _tokenize_texts_python(cast(list[str], texts))
 
 
 def _plain_lines(i: int, text: str, topic: MqttTopic, received_ns: int, limits: DecodeLimits, out: _Out) -> bool:
@@ -1053,11 +1059,7 @@ def _plain_delivery(messages: Sequence[Message], limits: DecodeLimits, out: _Out
     payloads = list(map(PAYLOAD_OF, messages))
     if payloads[0][:1] in (b"{", b"[") or max(map(len, payloads)) > limits.max_payload_bytes:
         return None  # JSON, as the rest of a delivery most likely is too
-    try:
-        texts = list(map(bytes.decode, payloads))
-    except UnicodeDecodeError:
-        return None
-    tokens = _tokenize(texts)
+    tokens = _tokenize(payloads)
     if tokens is None or int(tokens.lines.max()) > _MAX_READINGS_PER_MESSAGE:
         return None
     parsed = parse_mqtt_topics(list(map(TOPIC_OF, messages)), limits.topic_prefix)
