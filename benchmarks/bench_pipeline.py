@@ -42,7 +42,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import CpuBudget, free_port, publish, service_env, stop_process
+from benchmarks.common import CpuBudget, delete_topics, free_port, publish, service_env, stop_process
 
 
 class Influx:
@@ -98,6 +98,7 @@ class Pipeline:
     ) -> None:
         self.prefix = f"bench{uuid.uuid4().hex[:8]}"
         self.name = name
+        self.env = env
         self.influx = Influx(env, self.prefix)
         self.influx.query(f'CREATE DATABASE "{self.prefix}"')
         base_env = {
@@ -188,6 +189,7 @@ class Pipeline:
             stop_process(proc)
         self.log.close()
         self.influx.query(f'DROP DATABASE "{self.prefix}"')
+        delete_topics(self.env, self.prefix)
 
 
 def payloads(

@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.bench_pipeline import TOPOLOGIES, Influx, Pipeline
-from benchmarks.common import SERVICES, CpuBudget, publish, service_env, stop_process, wait_until_quiet
+from benchmarks.common import SERVICES, CpuBudget, delete_topics, publish, service_env, stop_process, wait_until_quiet
 from portpulse.simulators.fleet import DOMAIN_METRICS
 
 SENSORS = 1000
@@ -123,6 +123,7 @@ class Telegraf:
 
     def __init__(self, exe: Path, env: dict[str, str], prefix: str, fmt: str = "line") -> None:
         self.prefix = prefix
+        self.env = env
         self.influx = Influx(env, prefix)
         self.influx.query(f'CREATE DATABASE "{prefix}"')
         user, _, password = env.get("PORTPULSE_INFLUX__TOKEN", "").partition(":")
@@ -194,6 +195,7 @@ class Telegraf:
             stop_process(proc)
         self.log.close()
         self.influx.query(f'DROP DATABASE "{self.prefix}"')
+        delete_topics(self.env, self.prefix)
 
 
 def wait_for(condition: Any, timeout_s: float, what: str, every_s: float = 0.5) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import socket
@@ -82,6 +83,25 @@ def stop_process(proc: subprocess.Popen[bytes], timeout_s: float = 60.0) -> None
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def delete_topics(env: dict[str, str], prefix: str) -> None:
+    """Delete the Kafka topics ``{prefix}.*`` one run made: the next runs' figures must not depend
+    on how many ran before (a pattern-subscribed consumer reads every topic's metadata)."""
+    asyncio.run(_delete_topics(env["PORTPULSE_KAFKA__BOOTSTRAP_SERVERS"], prefix))
+
+
+async def _delete_topics(bootstrap_servers: str, prefix: str) -> None:
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
+    await admin.start()
+    try:
+        ours = [topic for topic in await admin.list_topics() if topic.startswith(f"{prefix}.")]
+        if ours:
+            await admin.delete_topics(ours)
+    finally:
+        await admin.close()
 
 
 def free_port() -> int:

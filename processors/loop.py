@@ -326,7 +326,8 @@ class Processor:
             auto_offset_reset="earliest",
             fetch_max_bytes=self._fetch_max_bytes,
             max_partition_fetch_bytes=min(self._fetch_max_bytes, 2 * 1024 * 1024),
-            metadata_max_age_ms=5000,
+            # the pattern subscription finds new domains' topics when the metadata is refreshed
+            metadata_max_age_ms=int(self._settings.processor.topic_discovery_s * 1000),
             fetch_min_bytes=self._settings.processor.fetch_min_bytes,
             fetch_max_wait_ms=self._settings.processor.fetch_wait_ms,
             **columnar_consumer_options(),

@@ -257,6 +257,9 @@ class ProcessorSettings(_Section):
     # takes many deliveries' records at once, and its fixed work (the commit among it) is paid per fetch.
     fetch_min_bytes: int = Field(256 * 1024, ge=1)
     fetch_wait_ms: int = Field(100, ge=0, le=5000)  # the most it adds to the latency when traffic is light
+    # How often new domains' topics are looked for: each look reads the metadata of every topic in the
+    # cluster (about 50 us of CPU per topic), and a new domain's readings wait for it at most this long.
+    topic_discovery_s: float = Field(30.0, ge=1, le=3600)
 
 
 class OpsSettings(_Section):

@@ -22,7 +22,7 @@ from portpulse.contract.points import (
     StoredReadings,
     WriteReceipt,
 )
-from portpulse.contract.settings import KafkaSettings, Settings
+from portpulse.contract.settings import KafkaSettings, ProcessorSettings, Settings
 from portpulse.processors.loop import run_processor
 from tests.services import KafkaEndpoint
 
@@ -277,6 +277,7 @@ async def test_a_new_domain_topic_mid_stream_resumes_partitions_from_memory(kafk
     from portpulse.processors.loop import Processor
 
     rows, settings, sinks, expected, stop = await two_member_setup(kafka, unique)
+    settings = Settings(kafka=settings.kafka, processor=ProcessorSettings(topic_discovery_s=2))
     sink = sinks[0]
     await produce(kafka, unique, rows[:200])
     async with Processor(settings, sink, "1m", allowed_lateness_s=2, idle_timeout_s=1) as processor:
@@ -287,7 +288,9 @@ async def test_a_new_domain_topic_mid_stream_resumes_partitions_from_memory(kafk
             await asyncio.sleep(0.05)
         assert processor.stats.readings == 200 and processor.stats.windows > 0
         await create_topic(kafka, f"{unique}.readings.berth", 1)
-        deadline = loop.time() + 60  # the consumer's metadata refresh (5 s), then a rebalance
+        # the consumer's metadata refresh (topic_discovery_s, 2 s), then a rebalance: well within 25 s,
+        # and past it with the default discovery interval (30 s)
+        deadline = loop.time() + 25
         while loop.time() < deadline and processor.stats.resumed == 0 and not task.done():
             await asyncio.sleep(0.1)
         await produce(kafka, unique, rows[200:])
