@@ -1074,8 +1074,7 @@ def _plain_delivery(messages: Sequence[Message], limits: DecodeLimits, out: _Out
     return codes
 
 
-#: an MqttTopic's parts, for passes over a delivery's topics in C
-_GET_DOMAIN, _GET_TOPIC_SENSOR, _GET_TOPIC_SITE = (attrgetter(part) for part in ("domain", "sensor_id", "site"))
+_GET_DOMAIN = attrgetter("domain")
 
 
 def _plain_reports(messages: Sequence[Message], limits: DecodeLimits, out: _Out) -> SeriesCodes | None:
@@ -1187,8 +1186,8 @@ def _plain_columns(
     if not heads.valid[head].all():
         return None
     text_of_line = np.repeat(np.arange(len(topics)), tokens.lines)
-    sensors = heads.ids("sensor", head, list(map(_GET_TOPIC_SENSOR, topics)), text_of_line)
-    sites = heads.ids("site", head, list(map(_GET_TOPIC_SITE, topics)), text_of_line)
+    sensors = heads.ids("sensor", head, list(map(_GET_SENSOR, topics)), text_of_line)
+    sites = heads.ids("site", head, list(map(_GET_SITE, topics)), text_of_line)
     names = _METRICS.learned(cast(list[str | None], tokens.names))
     if sensors is None or sites is None or names is None:
         return None
