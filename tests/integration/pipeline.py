@@ -20,6 +20,17 @@ from portpulse.ingest.bridge import BridgeStats, run_bridge
 from tests.services import KafkaEndpoint, MqttEndpoint
 
 
+async def within_one_hour(need_s: float) -> None:
+    """Return once ``need_s`` s remain before the next UTC hour: wait for that hour if fewer do.
+    The admission budgets count per UTC hour: a test of them must not span an hour's turn."""
+    for _ in range(int(need_s * 10) + 10):  # bounded: need_s + 1 s
+        left_s = 3600 - time.time() % 3600
+        if left_s >= need_s:
+            return
+        await asyncio.sleep(min(left_s, 0.1))
+    raise AssertionError(f"the clock did not reach the next hour within {need_s:g} s")
+
+
 def bridge_settings(
     mqtt: MqttEndpoint,
     kafka: KafkaEndpoint,

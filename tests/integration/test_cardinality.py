@@ -21,7 +21,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 
 from portpulse.simulators.stream import generate
-from tests.integration.pipeline import Publisher
+from tests.integration.pipeline import Publisher, within_one_hour
 from tests.integration.test_end_to_end import (
     Window,
     assert_aggregates_match,
@@ -140,16 +140,6 @@ async def test_a_rogue_gateway_minting_ids_is_held_to_its_budget_and_the_fleet_i
     mqtt: MqttEndpoint, kafka: KafkaEndpoint, influx: InfluxEndpoint, influx_bucket: str, unique: str, tmp_path: Path
 ) -> None:
     await rogue_beside_fleet(mqtt, kafka, influx, influx_bucket, unique, tmp_path)
-
-
-async def within_one_hour(need_s: float) -> None:
-    """Return once ``need_s`` s remain before the next UTC hour: wait for that hour if fewer do."""
-    for _ in range(int(need_s * 10) + 10):  # bounded: need_s + 1 s
-        left_s = 3600 - time.time() % 3600
-        if left_s >= need_s:
-            return
-        await asyncio.sleep(min(left_s, 0.1))
-    raise AssertionError(f"the clock did not reach the next hour within {need_s:g} s")
 
 
 async def rogue_beside_fleet(

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.pipeline import Publisher
+from tests.integration.pipeline import Publisher, within_one_hour
 from tests.integration.test_cardinality import dead_letters
 from tests.integration.test_end_to_end import assert_aggregates_match, stored_aggregates
 from tests.integration.test_faults import PipelineProcess, pipeline_env
@@ -56,6 +56,7 @@ async def test_dead_letters_are_summarised_shown_and_replayed_once_the_cause_is_
 async def summarise_show_replay(
     mqtt: MqttEndpoint, kafka: KafkaEndpoint, influx: InfluxEndpoint, influx_bucket: str, unique: str, tmp_path: Path
 ) -> None:
+    await within_one_hour(120)  # the site's two new series and the refusals after them in one hour
     env = pipeline_env(mqtt, kafka, influx, influx_bucket, unique) | {"PORTPULSE_ADMISSION__SITE_NEW_PER_HOUR": "2"}
     pipeline = PipelineProcess(env, tmp_path / "pipeline.log")
     base = (time.time_ns() - 5 * MINUTE) // MINUTE * MINUTE  # a closed minute, two windows
