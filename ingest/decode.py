@@ -519,7 +519,10 @@ class _GatewayBatch(msgspec.Struct, gc=False):
 
 
 _GATEWAY_BATCH = msgspec.json.Decoder(_GatewayBatch)
-_GET_SENSOR, _GET_SITE, _GET_TS, _GET_METRICS = (attrgetter(name) for name in ("sensor_id", "site", "ts", "metrics"))
+#: fields of a report or a gateway reading, and of an MqttTopic (domain, sensor_id, site)
+_GET_DOMAIN, _GET_SENSOR, _GET_SITE, _GET_TS, _GET_METRICS = (
+    attrgetter(name) for name in ("domain", "sensor_id", "site", "ts", "metrics")
+)
 
 
 def _plain_batch(i: int, text: str, topic: MqttTopic, received_ns: int, limits: DecodeLimits, out: _Out) -> bool:
@@ -1072,9 +1075,6 @@ def _plain_delivery(messages: Sequence[Message], limits: DecodeLimits, out: _Out
     readings, message, codes = found
     out.extend_columns(message, readings)
     return codes
-
-
-_GET_DOMAIN = attrgetter("domain")
 
 
 def _plain_reports(messages: Sequence[Message], limits: DecodeLimits, out: _Out) -> SeriesCodes | None:
