@@ -199,15 +199,22 @@ class Telegraf:
         delete_topics(self.env, self.prefix)
 
 
+def poll(pause_s: Callable[[], float | None], timeout_s: float, what: str) -> None:
+    """Call ``pause_s()`` until it returns None (done), sleeping the seconds it returns between
+    calls; SystemExit past ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        pause = pause_s()
+        if pause is None:
+            return
+        time.sleep(pause)
+    raise SystemExit(f"not {what} within {timeout_s:.0f} s")
+
+
 def wait_for(condition: Any, timeout_s: float, what: str, every_s: float = 0.5) -> None:
     """Poll every ``every_s``: a COUNT over hundreds of thousands of points costs InfluxDB real
     CPU, which a tighter loop would take from both pipelines."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(every_s)
-    raise SystemExit(f"not {what} within {timeout_s:.0f} s")
+    poll(lambda: None if condition() else every_s, timeout_s, what)
 
 
 #: Share of a load stored past which its end is polled faster.
@@ -221,13 +228,12 @@ def wait_for_stored(
     then every ``tail_s`` once :data:`TAIL_FROM` of it is in, so that a run ends when its last
     value is stored rather than at the next slow poll (on average half a period later: 8 % of a
     3-s run), the same way for every peer."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+
+    def pause_s() -> float | None:
         count = stored()
-        if count >= target:
-            return
-        time.sleep(tail_s if count >= TAIL_FROM * target else every_s)
-    raise SystemExit(f"not stored within {timeout_s:.0f} s")
+        return None if count >= target else tail_s if count >= TAIL_FROM * target else every_s
+
+    poll(pause_s, timeout_s, "stored")
 
 
 #: The peers: Telegraf's two agents, and PortPulse as ``portpulse run`` (bridge, processor and sink
