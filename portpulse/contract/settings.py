@@ -78,6 +78,11 @@ class MqttSettings(_Section):
     session_expiry_s: int = Field(3600, ge=0)
     reconnect_min_s: float = Field(0.5, gt=0)
     reconnect_max_s: float = Field(30.0, gt=0)
+    # asyncio client: under a stream of small messages the kernel wakes it once this many bytes
+    # wait (SO_RCVLOWAT), not every few packets; a message then waits at most about
+    # 2 x read_wait_ms longer. 0: woken for every arrival.
+    read_batch_bytes: int = Field(2048, ge=0, le=65536)
+    read_wait_ms: float = Field(2.0, gt=0, le=100)
 
     @model_validator(mode="after")
     def _paho_cannot_hold_qos2(self) -> MqttSettings:

@@ -9,6 +9,9 @@ import time
 import pytest
 from prometheus_client import REGISTRY
 
+from portpulse.contract.settings import MqttSettings
+from portpulse.ingest.mqtt_asyncio import AsyncioMqttSource, _Connection
+from portpulse.simulators.rawmqtt import RawPublisher
 from tests.integration.pipeline import Publisher, bridge_settings, consume, readings_of, running_bridge
 from tests.services import KafkaEndpoint, MqttEndpoint, is_local, local_service_control_async
 
@@ -197,3 +200,57 @@ async def test_a_silent_broker_is_dropped_and_the_session_resumed(
     assert dropped, "the bridge kept a silent connection for 30 s"
     assert {r.metric for r in readings_of(records)} == {f"m{i}" for i in range(100)}
     assert bridge.result().mqtt_reconnects >= 1
+
+
+@pytest.mark.parametrize("read_batch_bytes", [2048, 0])
+async def test_a_stream_of_small_messages_is_read_in_gathered_reads_and_its_tail_arrives_after_silence(
+    mqtt: MqttEndpoint, unique: str, monkeypatch: pytest.MonkeyPatch, read_batch_bytes: int
+) -> None:
+    """The asyncio client lets the kernel gather small packets (``mqtt.read_batch_bytes``, SO_RCVLOWAT):
+    a fast stream arrives in reads of about the mark, and its last messages, which leave less than
+    the mark waiting, still arrive with nothing behind them (keepalive 600 s: no PINGRESP comes to
+    wake the reader)."""
+    reads: list[int] = []
+    data_received = _Connection.data_received
+
+    def counted(self: _Connection, data: bytes) -> None:
+        reads.append(len(data))
+        data_received(self, data)
+
+    monkeypatch.setattr(_Connection, "data_received", counted)
+    settings = MqttSettings(
+        host=mqtt.host, port=mqtt.port, client_id=f"{unique}-sub", subscriptions=(f"{unique}/#",), qos=1,
+        keepalive_s=600, read_batch_bytes=read_batch_bytes,
+    )  # fmt: skip
+    n = 20_000
+    messages = [(f"{unique}/air/q/s{i % 50}", f"air no2={i} {NOW_S * 10**9}".encode()) for i in range(n)]
+    received: list[bytes] = []
+    async with AsyncioMqttSource(settings, max_in_flight=50_000) as source:
+        deadline = time.monotonic() + 30
+        while not source.subscribed and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert source.subscribed
+        publishing = asyncio.create_task(asyncio.to_thread(publish_pipelined, mqtt, f"{unique}-pub", messages))
+        reads.clear()
+        deadline = time.monotonic() + 60
+        while len(received) < n and time.monotonic() < deadline:
+            batch = await source.get_batch(n, 0.5)
+            for inbound in batch:
+                source.ack(inbound)
+            received += [inbound.message.payload for inbound in batch]
+        await publishing
+    assert sorted(received, key=lambda p: int(p.split(b"=")[1].split()[0])) == [p for _, p in messages]
+    if read_batch_bytes:
+        # The stream outruns the mark many times over; only reads at a tick's end are shorter.
+        assert sum(reads) / len(reads) >= read_batch_bytes / 2, f"{len(reads)} reads of {sum(reads)} bytes"
+
+
+def publish_pipelined(mqtt: MqttEndpoint, client_id: str, messages: list[tuple[str, bytes]]) -> None:
+    """Publish at QoS 1 as fast as the broker takes them (acks pipelined) and wait for every ack."""
+    client = RawPublisher(mqtt.host, mqtt.port, client_id, qos=1)
+    try:
+        for topic, payload in messages:
+            client.publish(topic, payload)
+        client.settle(60)
+    finally:
+        client.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from typing import Any
 
 import pytest
@@ -24,14 +25,14 @@ from portpulse.codecs.mqttwire import (
 from portpulse.contract.errors import ConfigError
 from portpulse.contract.settings import MqttSettings
 from portpulse.ingest.mqtt import broker_shortfalls, subscribe_id_refused
-from portpulse.ingest.mqtt_asyncio import AsyncioMqttSource, _Connection
+from portpulse.ingest.mqtt_asyncio import AsyncioMqttSource, ReadCoalescer, _Connection
 
 
 class FakeTransport(asyncio.Transport):
     """Collects what the client writes; the test plays the broker."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, sock: Any = None) -> None:
+        super().__init__({"socket": sock} if sock is not None else None)
         self.written = bytearray()
         self.closed = False
 
@@ -248,3 +249,86 @@ def test_a_refusal_is_about_the_id_when_the_broker_says_so_or_holds_the_id() -> 
     assert not subscribe_id_refused(["unspecified error"], 7, {8})
     assert not subscribe_id_refused(["", ""], 7, {7})  # granted
     assert not subscribe_id_refused(["not authorized"], 7, set())
+
+
+class MarkedSocket:
+    """Records the receive low-water marks set on it; ``closing`` makes setsockopt fail."""
+
+    def __init__(self, closing: bool = False) -> None:
+        self.marks: list[int] = []
+        self.closing = closing
+
+    def setsockopt(self, level: int, option: int, value: int) -> None:
+        assert (level, option) == (socket.SOL_SOCKET, socket.SO_RCVLOWAT)
+        if self.closing:
+            raise OSError("closed")
+        self.marks.append(value)
+
+
+class HandTimers:
+    """``call_later`` whose callbacks the test fires by hand, in order."""
+
+    def __init__(self) -> None:
+        self.pending: list[asyncio.TimerHandle] = []
+
+    def call_later(self, delay: float, callback: Any) -> asyncio.TimerHandle:
+        assert delay == 0.002
+        handle = asyncio.TimerHandle(0.0, callback, (), asyncio.get_running_loop())
+        self.pending.append(handle)
+        return handle
+
+    def fire(self) -> None:
+        handle = self.pending.pop(0)
+        assert not handle.cancelled()
+        handle._run()
+
+    def live(self) -> int:
+        return sum(not h.cancelled() for h in self.pending)
+
+
+async def test_short_reads_raise_the_mark_until_a_tick_passes_without_a_read() -> None:
+    sock, timers = MarkedSocket(), HandTimers()
+    coalescer = ReadCoalescer(sock, 2048, 0.002, timers)  # type: ignore[arg-type]
+    coalescer.read(4096)  # a full read: nothing to gather
+    assert sock.marks == [] and not coalescer.coalescing
+    coalescer.read(100)
+    assert sock.marks == [2048] and coalescer.coalescing and timers.live() == 1
+    coalescer.read(2600)
+    coalescer.read(300)  # short again while coalescing: no second mark, no second tick
+    assert sock.marks == [2048] and timers.live() == 1
+    timers.fire()  # reads since the last tick: keep gathering
+    assert sock.marks == [2048] and coalescer.coalescing and timers.live() == 1
+    timers.fire()  # none: back to one byte, which wakes the reader for what waits
+    assert sock.marks == [2048, 1] and not coalescer.coalescing and timers.live() == 0
+    coalescer.read(60)
+    assert sock.marks == [2048, 1, 2048] and timers.live() == 1
+    coalescer.close()
+    assert timers.live() == 0 and not coalescer.coalescing
+    coalescer.read(60)  # after close: nothing is set on a socket that is gone
+    assert sock.marks == [2048, 1, 2048] and timers.live() == 0
+
+
+async def test_without_a_socket_or_on_a_closing_one_every_arrival_wakes_the_reader() -> None:
+    timers = HandTimers()
+    ReadCoalescer(None, 2048, 0.002, timers).read(10)  # type: ignore[arg-type]
+    closing = MarkedSocket(closing=True)
+    coalescer = ReadCoalescer(closing, 2048, 0.002, timers)  # type: ignore[arg-type]
+    coalescer.read(10)
+    coalescer.read(10)
+    assert timers.live() == 0 and not coalescer.coalescing and closing.marks == []
+
+
+@pytest.mark.parametrize(("read_batch_bytes", "marks"), [(2048, [2048]), (0, [])])
+async def test_a_connection_gathers_reads_as_configured_and_stops_its_tick_when_lost(
+    read_batch_bytes: int, marks: list[int]
+) -> None:
+    source = AsyncioMqttSource(MqttSettings(read_batch_bytes=read_batch_bytes), max_in_flight=100)
+    sock = MarkedSocket()
+    conn = _Connection(source, 1)
+    conn.connection_made(FakeTransport(sock))
+    conn.data_received(connack(False, True))
+    assert sock.marks == marks
+    conn.connection_lost(None)
+    # the tick, if any, is cancelled: a lost connection never touches its socket again
+    await asyncio.sleep(0.01)
+    assert sock.marks == marks
