@@ -18,7 +18,10 @@ figures: wall time from the first publish until InfluxDB holds every raw value (
 published is checked for every peer), CPU per reading of every process from /proc.
 
 Loads: ``--messages`` single-line messages from 1 000 sensors; ``--batches`` messages of 100
-lines. Event time: each sensor reports once a second, ending about now.
+lines. Event time: each sensor reports once a second, ending about now. After each round the
+same load also goes to ``mosquitto_sub -q 1`` (the broker's own client, which only
+acknowledges): the *broker ceiling*, what the publisher and Mosquitto forward on this machine
+with nothing behind them, which bounds every pipeline; the report prints each peer's share of it.
 
 Fleet loads (``--fleet-sensors``, 0 to skip): the simulators' air, crane and cell fleets, every
 sensor reporting its 6-7 metrics once a second for ``--fleet-seconds`` of event time, as line
@@ -294,6 +297,42 @@ def run_once(env: dict[str, str], exe: Path, peer: str, n: int, per_message: int
         pipe.stop()
 
 
+#: The broker's ceiling: what Mosquitto forwards of a load to its own C client, which only acknowledges.
+CEILING = "broker ceiling"
+
+
+def run_ceiling(env: dict[str, str], n: int, per_message: int) -> dict[str, Any]:
+    """The same load to ``mosquitto_sub -q 1``, which only acknowledges and prints: readings/s from
+    the first publish until it has every message, and CPU per reading of the publisher, the broker
+    and ``mosquitto_sub``. No pipeline can forward more than this through the broker here."""
+    host, port = env["PORTPULSE_MQTT__HOST"], str(env["PORTPULSE_MQTT__PORT"])
+    prefix = f"ceiling{uuid.uuid4().hex[:8]}"
+    t0_ms = int(time.time() * 1000) - (n * per_message // SENSORS + 120) * 1000
+    with tempfile.TemporaryFile() as out:
+        sub = subprocess.Popen(
+            ["mosquitto_sub", "-h", host, "-p", port, "-i", prefix, "-t", f"{prefix}/#", "-q", "1", "-C", str(n + 1)],
+            stdout=out,
+        )
+        try:
+            # warm-up: subscribed once it has printed a message
+            warm = lines(prefix, 1, 1, t0_ms - 1000)
+            wait_for(lambda: _try_publish(host, int(port), warm) and os.fstat(out.fileno()).st_size > 0, 60, "warm")
+            messages = lines(prefix, n, per_message, t0_ms)
+            budget = CpuBudget({"mosquitto_sub": sub.pid, "benchmark (publisher)": os.getpid()})
+            budget.start()
+            started = time.monotonic()
+            publish(host, int(port), messages, qos=1)
+            # exited, not reaped: its CPU is still in /proc
+            os.waitid(os.P_PID, sub.pid, os.WEXITED | os.WNOWAIT)
+            elapsed = time.monotonic() - started
+            cpu = budget.stop()
+        finally:
+            stop_process(sub)
+    readings = n * per_message
+    return {"peer": CEILING, "readings": readings, "elapsed_s": elapsed, "readings_per_s": readings / elapsed,
+            "cpu_us": {k: v / readings * 1e6 for k, v in cpu.items() if k not in ("kafka", "influx")}}  # fmt: skip
+
+
 def _try_publish(host: str, port: int, messages: list[tuple[str, bytes]]) -> bool:
     publish(host, port, messages, qos=1)
     time.sleep(0.5)
@@ -468,6 +507,18 @@ def _print_ratio(peer: str, t: dict[str, Any], p: dict[str, Any]) -> None:
           f"all CPU {t['all_cpu_us'] / p['all_cpu_us']:.2f}x less")  # fmt: skip
 
 
+def _print_ceiling(rows: list[dict[str, Any]], peers: dict[str, Any]) -> dict[str, Any]:
+    rates = [r["readings_per_s"] for r in rows]
+    top = statistics.median(rates)
+    shares = ", ".join(f"{PEER_NAMES[p]} {peers[p]['median_readings_per_s'] / top:.0%}" for p in PEER_NAMES)
+    target = 1.5 * peers["telegraf"]["median_readings_per_s"]
+    print(f"  {CEILING} (the same load to mosquitto_sub -q 1, which only acknowledges): {top:,.0f} readings/s "
+          f"({min(rates):,.0f}-{max(rates):,.0f}); CPU us/reading: {_by_process(rows)}")  # fmt: skip
+    print(f"  share of the ceiling: {shares}; 1.5x Telegraf is {target:,.0f} readings/s, "
+          f"{'within' if target <= top else 'above'} the ceiling")  # fmt: skip
+    return {"runs": rows, "median_readings_per_s": top, "min": min(rates), "max": max(rates)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=3)
@@ -486,9 +537,11 @@ def main() -> None:
         if n == 0:
             continue
         rows: dict[str, list[dict[str, Any]]] = {peer: [] for peer in PEER_NAMES}
+        ceiling: list[dict[str, Any]] = []
         for _ in range(args.runs):
             for peer in PEER_NAMES:  # alternating: the machine's drift falls on every peer
                 rows[peer].append(run_once(env, exe, peer, n, per_message))
+            ceiling.append(run_ceiling(env, n, per_message))
         results[load] = {peer: {"runs": r, **summary(r)} for peer, r in rows.items()}
         print(f"{load}: {n * per_message:,} readings, {args.runs} alternating runs each (medians, ranges)")
         for peer, s in results[load].items():
@@ -498,6 +551,7 @@ def main() -> None:
                   f"stored = published: {s['stored_equals_published']}")  # fmt: skip
         for peer in PORTPULSE_PEERS:
             _print_ratio(peer, results[load]["telegraf"], results[load][peer])
+        results[load][CEILING] = _print_ceiling(ceiling, results[load])
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 
