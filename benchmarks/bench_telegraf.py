@@ -21,7 +21,8 @@ Loads: ``--messages`` single-line messages from 1 000 sensors; ``--batches`` mes
 lines. Event time: each sensor reports once a second, ending about now. After each round the
 same load also goes to ``mosquitto_sub -q 1`` (the broker's own client, which only
 acknowledges): the *broker ceiling*, what the publisher and Mosquitto forward on this machine
-with nothing behind them, which bounds every pipeline; the report prints each peer's share of it.
+with nothing behind them. A pipeline near it is paced by them, not by itself (one that batches
+its acks may pass it a little); the report prints each peer's share of it.
 
 Fleet loads (``--fleet-sensors``, 0 to skip): the simulators' air, crane and cell fleets, every
 sensor reporting its 6-7 metrics once a second for ``--fleet-seconds`` of event time, as line
@@ -297,14 +298,14 @@ def run_once(env: dict[str, str], exe: Path, peer: str, n: int, per_message: int
         pipe.stop()
 
 
-#: The broker's ceiling: what Mosquitto forwards of a load to its own C client, which only acknowledges.
+#: What Mosquitto forwards of a load to its own C client, which only acknowledges (one PUBACK per write).
 CEILING = "broker ceiling"
 
 
 def run_ceiling(env: dict[str, str], n: int, per_message: int) -> dict[str, Any]:
     """The same load to ``mosquitto_sub -q 1``, which only acknowledges and prints: readings/s from
     the first publish until it has every message, and CPU per reading of the publisher, the broker
-    and ``mosquitto_sub``. No pipeline can forward more than this through the broker here."""
+    and ``mosquitto_sub``: the pace the publisher and the broker set on this machine."""
     host, port = env["PORTPULSE_MQTT__HOST"], str(env["PORTPULSE_MQTT__PORT"])
     prefix = f"ceiling{uuid.uuid4().hex[:8]}"
     t0_ms = int(time.time() * 1000) - (n * per_message // SENSORS + 120) * 1000
