@@ -265,28 +265,36 @@ class MarkedSocket:
         self.marks.append(value)
 
 
+class HandTimer:
+    def __init__(self, callback: Any) -> None:
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
 class HandTimers:
     """``call_later`` whose callbacks the test fires by hand, in order."""
 
     def __init__(self) -> None:
-        self.pending: list[asyncio.TimerHandle] = []
+        self.pending: list[HandTimer] = []
 
-    def call_later(self, delay: float, callback: Any) -> asyncio.TimerHandle:
+    def call_later(self, delay: float, callback: Any) -> HandTimer:
         assert delay == 0.002
-        handle = asyncio.TimerHandle(0.0, callback, (), asyncio.get_running_loop())
-        self.pending.append(handle)
-        return handle
+        self.pending.append(HandTimer(callback))
+        return self.pending[-1]
 
     def fire(self) -> None:
-        handle = self.pending.pop(0)
-        assert not handle.cancelled()
-        handle._run()
+        timer = self.pending.pop(0)
+        assert not timer.cancelled
+        timer.callback()
 
     def live(self) -> int:
-        return sum(not h.cancelled() for h in self.pending)
+        return sum(not t.cancelled for t in self.pending)
 
 
-async def test_short_reads_raise_the_mark_until_a_tick_passes_without_a_read() -> None:
+def test_short_reads_raise_the_mark_until_a_tick_passes_without_a_read() -> None:
     sock, timers = MarkedSocket(), HandTimers()
     coalescer = ReadCoalescer(sock, 2048, 0.002, timers)  # type: ignore[arg-type]
     coalescer.read(4096)  # a full read: nothing to gather
@@ -308,7 +316,7 @@ async def test_short_reads_raise_the_mark_until_a_tick_passes_without_a_read() -
     assert sock.marks == [2048, 1, 2048] and timers.live() == 0
 
 
-async def test_without_a_socket_or_on_a_closing_one_every_arrival_wakes_the_reader() -> None:
+def test_without_a_socket_or_on_a_closing_one_every_arrival_wakes_the_reader() -> None:
     timers = HandTimers()
     ReadCoalescer(None, 2048, 0.002, timers).read(10)  # type: ignore[arg-type]
     closing = MarkedSocket(closing=True)
