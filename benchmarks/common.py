@@ -8,13 +8,14 @@ import os
 import socket
 import subprocess
 import time
-import uuid
 from pathlib import Path
 
-from portpulse.simulators.rawmqtt import RawPublisher
+from portpulse.simulators.rawmqtt import publish_messages
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVICES = ROOT / "scripts" / "services"
+#: The benchmarks' publisher: pipelined, at QoS 0 or 1, paced to a rate if asked.
+publish = publish_messages
 
 
 def service_env(*services: str) -> dict[str, str]:
@@ -108,22 +109,3 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def publish(host: str, port: int, messages: list[tuple[str, bytes]], qos: int, rate: float | None = None) -> float:
-    """Publish (pipelined, :class:`simulators.rawmqtt.RawPublisher`) at most ``rate`` messages/s
-    and wait for the broker's acks; returns seconds taken."""
-    client = RawPublisher(host, port, f"pub-{uuid.uuid4().hex[:8]}", qos=qos)
-    t0 = time.monotonic()
-    try:
-        for i, (topic, payload) in enumerate(messages):
-            client.publish(topic, payload)
-            if rate and i % 100 == 0:
-                ahead = i / rate - (time.monotonic() - t0)
-                if ahead > 0:
-                    client.flush()
-                    time.sleep(ahead)
-        client.settle(300)
-        return time.monotonic() - t0
-    finally:
-        client.close()

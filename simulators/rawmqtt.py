@@ -11,6 +11,7 @@ from __future__ import annotations
 import select
 import socket
 import time
+import uuid
 
 from portpulse.codecs.mqttwire import (
     CONNACK,
@@ -22,7 +23,7 @@ from portpulse.codecs.mqttwire import (
     parse_connack,
 )
 
-__all__ = ["RawPublisher", "encode_publish"]
+__all__ = ["RawPublisher", "encode_publish", "publish_messages"]
 
 _PUBACK = 4
 
@@ -138,3 +139,24 @@ class RawPublisher:
             self._sock.sendall(DISCONNECT_PACKET)
         finally:
             self._sock.close()
+
+
+def publish_messages(
+    host: str, port: int, messages: list[tuple[str, bytes]], qos: int, rate: float | None = None
+) -> float:
+    """Publish ``messages`` (topic, payload) pipelined, at most ``rate`` messages/s, and wait for
+    the broker's acks (QoS 1); returns the seconds taken."""
+    client = RawPublisher(host, port, f"pub-{uuid.uuid4().hex[:8]}", qos=qos)
+    t0 = time.monotonic()
+    try:
+        for i, (topic, payload) in enumerate(messages):
+            client.publish(topic, payload)
+            if rate and i % 100 == 0:
+                ahead = i / rate - (time.monotonic() - t0)
+                if ahead > 0:
+                    client.flush()
+                    time.sleep(ahead)
+        client.settle(300)
+        return time.monotonic() - t0
+    finally:
+        client.close()

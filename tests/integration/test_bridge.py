@@ -11,7 +11,7 @@ from prometheus_client import REGISTRY
 
 from portpulse.contract.settings import MqttSettings
 from portpulse.ingest.mqtt_asyncio import AsyncioMqttSource, _Connection
-from portpulse.simulators.rawmqtt import RawPublisher
+from portpulse.simulators.rawmqtt import publish_messages
 from tests.integration.pipeline import Publisher, bridge_settings, consume, readings_of, running_bridge
 from tests.services import KafkaEndpoint, MqttEndpoint, is_local, local_service_control_async
 
@@ -230,7 +230,7 @@ async def test_a_stream_of_small_messages_is_read_in_gathered_reads_and_its_tail
         while not source.subscribed and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         assert source.subscribed
-        publishing = asyncio.create_task(asyncio.to_thread(publish_pipelined, mqtt, f"{unique}-pub", messages))
+        publishing = asyncio.create_task(asyncio.to_thread(publish_messages, mqtt.host, mqtt.port, messages, 1))
         reads.clear()
         deadline = time.monotonic() + 60
         while len(received) < n and time.monotonic() < deadline:
@@ -243,14 +243,3 @@ async def test_a_stream_of_small_messages_is_read_in_gathered_reads_and_its_tail
     if read_batch_bytes:
         # The stream outruns the mark many times over; only reads at a tick's end are shorter.
         assert sum(reads) / len(reads) >= read_batch_bytes / 2, f"{len(reads)} reads of {sum(reads)} bytes"
-
-
-def publish_pipelined(mqtt: MqttEndpoint, client_id: str, messages: list[tuple[str, bytes]]) -> None:
-    """Publish at QoS 1 as fast as the broker takes them (acks pipelined) and wait for every ack."""
-    client = RawPublisher(mqtt.host, mqtt.port, client_id, qos=1)
-    try:
-        for topic, payload in messages:
-            client.publish(topic, payload)
-        client.settle(60)
-    finally:
-        client.close()
