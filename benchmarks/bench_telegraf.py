@@ -271,10 +271,15 @@ def start_peer(env: dict[str, str], exe: Path, peer: str, fmt: str = "line") -> 
     return pipe, {name: proc.pid for name, proc in zip(names, pipe.procs, strict=True)}
 
 
+def load_start_ms(n: int, per_message: int) -> int:
+    """Event time (ms) of a NO2 load's first second: its last second falls 2 minutes before now."""
+    return int(time.time() * 1000) - (n * per_message // SENSORS + 120) * 1000
+
+
 def run_once(env: dict[str, str], exe: Path, peer: str, n: int, per_message: int) -> dict[str, Any]:
     """One pipeline, one load: values/s from the first publish until stored = published."""
     host, port = env["PORTPULSE_MQTT__HOST"], int(env["PORTPULSE_MQTT__PORT"])
-    t0_ms = int(time.time() * 1000) - (n * per_message // SENSORS + 120) * 1000
+    t0_ms = load_start_ms(n, per_message)
     pipe, pids = start_peer(env, exe, peer)
     measurement = "air"
     try:
@@ -306,23 +311,21 @@ def run_ceiling(env: dict[str, str], n: int, per_message: int) -> dict[str, Any]
     """The same load to ``mosquitto_sub -q 1``, which only acknowledges and prints: readings/s from
     the first publish until it has every message, and CPU per reading of the publisher, the broker
     and ``mosquitto_sub``: the pace the publisher and the broker set on this machine."""
-    host, port = env["PORTPULSE_MQTT__HOST"], str(env["PORTPULSE_MQTT__PORT"])
+    host, port = env["PORTPULSE_MQTT__HOST"], int(env["PORTPULSE_MQTT__PORT"])
     prefix = f"ceiling{uuid.uuid4().hex[:8]}"
-    t0_ms = int(time.time() * 1000) - (n * per_message // SENSORS + 120) * 1000
+    t0_ms = load_start_ms(n, per_message)
     with tempfile.TemporaryFile() as out:
-        sub = subprocess.Popen(
-            ["mosquitto_sub", "-h", host, "-p", port, "-i", prefix, "-t", f"{prefix}/#", "-q", "1", "-C", str(n + 1)],
-            stdout=out,
-        )
+        argv = ["-h", host, "-p", str(port), "-i", prefix, "-t", f"{prefix}/#", "-q", "1", "-C", str(n + 1)]
+        sub = subprocess.Popen(["mosquitto_sub", *argv], stdout=out)
         try:
             # warm-up: subscribed once it has printed a message
             warm = lines(prefix, 1, 1, t0_ms - 1000)
-            wait_for(lambda: _try_publish(host, int(port), warm) and os.fstat(out.fileno()).st_size > 0, 60, "warm")
+            wait_for(lambda: _try_publish(host, port, warm) and os.fstat(out.fileno()).st_size > 0, 60, "warm")
             messages = lines(prefix, n, per_message, t0_ms)
             budget = CpuBudget({"mosquitto_sub": sub.pid, "benchmark (publisher)": os.getpid()})
             budget.start()
             started = time.monotonic()
-            publish(host, int(port), messages, qos=1)
+            publish(host, port, messages, qos=1)
             # exited, not reaped: its CPU is still in /proc
             os.waitid(os.P_PID, sub.pid, os.WEXITED | os.WNOWAIT)
             elapsed = time.monotonic() - started
@@ -450,13 +453,18 @@ def run_fleet(env: dict[str, str], exe: Path, peer: str, fmt: str, sensors: int,
         pipe.stop()
 
 
-def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+def rate_summary(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """The runs' median readings/s and their range."""
     rates = [r["readings_per_s"] for r in rows]
+    return {"median_readings_per_s": statistics.median(rates), "min": min(rates), "max": max(rates)}
+
+
+def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     pipeline = [sum(v for k, v in r["cpu_us"].items() if k.startswith(("telegraf", "portpulse"))) for r in rows]
     every = [sum(r["cpu_us"].values()) for r in rows]
-    return {"median_readings_per_s": statistics.median(rates), "min": min(rates), "max": max(rates),
-            "pipeline_cpu_us": statistics.median(pipeline), "all_cpu_us": statistics.median(every),
-            "stored_equals_published": all(r["stored"] == r["readings"] for r in rows)}  # fmt: skip
+    stored = all(r["stored"] == r["readings"] for r in rows)
+    return {**rate_summary(rows), "pipeline_cpu_us": statistics.median(pipeline),
+            "all_cpu_us": statistics.median(every), "stored_equals_published": stored}  # fmt: skip
 
 
 FLEET_LOADS = (  # (name, simulator format, peers)
@@ -509,15 +517,15 @@ def _print_ratio(peer: str, t: dict[str, Any], p: dict[str, Any]) -> None:
 
 
 def _print_ceiling(rows: list[dict[str, Any]], peers: dict[str, Any]) -> dict[str, Any]:
-    rates = [r["readings_per_s"] for r in rows]
-    top = statistics.median(rates)
+    rates = rate_summary(rows)
+    top = rates["median_readings_per_s"]
     shares = ", ".join(f"{PEER_NAMES[p]} {peers[p]['median_readings_per_s'] / top:.0%}" for p in PEER_NAMES)
     target = 1.5 * peers["telegraf"]["median_readings_per_s"]
     print(f"  {CEILING} (the same load to mosquitto_sub -q 1, which only acknowledges): {top:,.0f} readings/s "
-          f"({min(rates):,.0f}-{max(rates):,.0f}); CPU us/reading: {_by_process(rows)}")  # fmt: skip
+          f"({rates['min']:,.0f}-{rates['max']:,.0f}); CPU us/reading: {_by_process(rows)}")  # fmt: skip
     print(f"  share of the ceiling: {shares}; 1.5x Telegraf is {target:,.0f} readings/s, "
           f"{'within' if target <= top else 'above'} the ceiling")  # fmt: skip
-    return {"runs": rows, "median_readings_per_s": top, "min": min(rates), "max": max(rates)}
+    return {"runs": rows, **rates}
 
 
 def main() -> None:
